@@ -1,0 +1,37 @@
+"""lora-null: LoRA initialized in the null space of pre-trained knowledge activations (Tang et al., 2025).
+
+Pipeline, one module per stage: data → calibrate → null_space → initialize → export; saving and the CLI on top.
+"""
+
+from .calibrate import Covariances, collect_covariances, run_activation_pass
+from .config import LoraNullConfig
+from .errors import (
+    CalibrationDataError,
+    ConfigError,
+    ExportError,
+    InsufficientCalibrationError,
+    InvalidRankError,
+    LoraNullError,
+    NonFiniteActivationsError,
+    NoTargetModulesError,
+    OutputExistsError,
+    UnsupportedModelError,
+)
+from .export import export_for_original_base, merge_to_full_model
+from .initialize import apply_variant, lora_null_init
+from .leakage import holdout_leakage, leakage_from_covariance
+from .null_space import basis_factors, effective_rank, null_basis, projected_factors
+from .report import InitReport, LayerReport
+from .saving import load_initialized, save_initialized
+from .workflow import init_to_folder
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CalibrationDataError", "ConfigError", "Covariances", "ExportError", "InitReport", "InsufficientCalibrationError",
+    "InvalidRankError", "LayerReport", "LoraNullConfig", "LoraNullError", "NoTargetModulesError",
+    "NonFiniteActivationsError", "OutputExistsError", "UnsupportedModelError", "apply_variant", "basis_factors",
+    "collect_covariances", "effective_rank", "export_for_original_base", "holdout_leakage", "init_to_folder",
+    "leakage_from_covariance", "load_initialized", "lora_null_init", "merge_to_full_model", "null_basis",
+    "projected_factors", "run_activation_pass", "save_initialized",
+]

@@ -1,0 +1,169 @@
+"""The pass over calibration data: hooks on the targeted layers' inputs, and the covariance they feed.
+
+The pass knows nothing of the method; a *visitor* receives each layer's non-padding input tokens. The
+covariance visitor is one; held-out leakage (leakage.py) is another.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import TokenBatch
+from .errors import InsufficientCalibrationError, NonFiniteActivationsError, UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+# visit(module_name, tokens (N, d_in), sample_ids (N,), same_as): same_as names the first module that read the
+# very same input tensor in this forward pass (q/k/v, gate/up), so a visitor can reuse its work.
+Visitor = Callable[[str, torch.Tensor, torch.Tensor, Optional[str]], None]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
+
+
+def run_activation_pass(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    batches: Iterable[TokenBatch],
+    visit: Visitor,
+    desc: str = "calibration",
+) -> None:
+    """Run every batch through `model` (no grad, eval mode) and show `visit` each module's input tokens."""
+    state: dict = {"mask": None, "raw": None, "leader": None, "tokens": None, "ids": None}
+
+    def make_hook(name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            raw = args[0]
+            if raw is state["raw"]:
+                visit(name, state["tokens"], state["ids"], state["leader"])
+                return
+            tokens, ids = non_padding_tokens(raw, state["mask"], name)
+            # Holding `raw` keeps its storage alive, so identity really means "the same tensor".
+            state.update(raw=raw, leader=name, tokens=tokens, ids=ids)
+            visit(name, tokens, ids, None)
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(make_hook(name)) for name, module in modules.items()]
+    was_training = model.training
+    device = model_device(model)
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in tqdm(list(batches), desc=desc, unit="batch", leave=False):
+                state.update(mask=batch.attention_mask.to(device).bool(), raw=None, leader=None)
+                model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        state.clear()
+        model.train(was_training)
+
+
+def non_padding_tokens(raw: torch.Tensor, mask: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, d_in) rows of a layer input that belong to real tokens, and the sample each came from."""
+    batch, seq = mask.shape
+    sample_of = torch.arange(batch, device=mask.device).unsqueeze(1).expand(batch, seq)
+    if raw.dim() == 3 and raw.shape[:2] == mask.shape:
+        return raw[mask], sample_of[mask]
+    if raw.dim() == 2 and raw.shape[0] == batch * seq:
+        flat = mask.reshape(-1)
+        return raw[flat], sample_of.reshape(-1)[flat]
+    raise UnsupportedModelError(
+        f"Input of {name} has shape {tuple(raw.shape)}, which does not line up with the batch {tuple(mask.shape)}, "
+        "so padding cannot be masked. Layers that see packed or reshaped tokens cannot be calibrated; leave them "
+        "out of target_modules."
+    )
+
+
+@dataclass
+class Covariances:
+    """Σ w² x xᵀ per distinct layer input. Layers that read the same tensor share one entry."""
+
+    matrices: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+    samples: dict[str, int] = field(default_factory=dict)
+    group_of: dict[str, str] = field(default_factory=dict)  # module name → key in `matrices`
+
+    def of(self, module_name: str) -> torch.Tensor:
+        return self.matrices[self.group_of[module_name]]
+
+
+class CovarianceCollector:
+    """Visitor accumulating plain fp32/fp64 sums (no running mean: it drifts) with token counts."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32, weighting: str = "token_sum") -> None:
+        self.dtype = dtype
+        self.weighting = weighting
+        self.result = Covariances()
+
+    def __call__(self, name: str, tokens: torch.Tensor, sample_ids: torch.Tensor, same_as: Optional[str]) -> None:
+        groups = self.result.group_of
+        if same_as is not None:
+            if groups.setdefault(name, groups[same_as]) != groups[same_as]:
+                raise UnsupportedModelError(f"{name} changed which input it shares between batches.")
+            return
+        if groups.setdefault(name, name) != name:
+            raise UnsupportedModelError(f"{name} shared its input in one batch but not in another.")
+        x = tokens.to(self.dtype)
+        if self.weighting == "per_sample_max":
+            # The authors' reference scales each sample by 1 / |max(x)| before the outer product.
+            peak = torch.full((int(sample_ids.max()) + 1,), float("-inf"), dtype=x.dtype, device=x.device)
+            peak = peak.scatter_reduce(0, sample_ids, x.amax(dim=1), reduce="amax")
+            x = x / peak.abs().clamp_min(torch.finfo(x.dtype).tiny)[sample_ids].unsqueeze(1)
+        matrix = self.result.matrices.get(name)
+        if matrix is None:
+            matrix = self.result.matrices[name] = torch.zeros(x.shape[1], x.shape[1], dtype=self.dtype, device=x.device)
+            self.result.tokens[name] = self.result.samples[name] = 0
+        matrix.addmm_(x.T, x)
+        self.result.tokens[name] += x.shape[0]
+        self.result.samples[name] += int(sample_ids.unique().numel())
+
+
+def collect_covariances(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    batches: Iterable[TokenBatch],
+    dtype: torch.dtype = torch.float32,
+    weighting: str = "token_sum",
+) -> Covariances:
+    """Input covariance of every module in `modules`, one shared entry per distinct input tensor."""
+    collector = CovarianceCollector(dtype, weighting)
+    run_activation_pass(model, modules, batches, collector)
+    result = collector.result
+    missing = sorted(set(modules) - set(result.group_of))
+    if missing:
+        raise UnsupportedModelError(f"These target modules were never called during calibration: {', '.join(missing)}.")
+    for key, matrix in result.matrices.items():
+        if not torch.isfinite(matrix).all():
+            raise NonFiniteActivationsError(
+                f"Inputs of {key} contain NaN or Inf during calibration. Load the model in float32 or bfloat16 "
+                "(float16 overflows in many models) and check the calibration text."
+            )
+        if weighting == "per_sample_max":
+            matrix /= result.samples[key]
+    logger.info("Collected %d distinct covariances for %d modules.", len(result.matrices), len(modules))
+    return result
+
+
+def check_token_counts(covariances: Covariances, min_tokens_per_dim: float) -> None:
+    """Refuse layers whose covariance cannot have full rank: their null space would be set by rounding."""
+    for key, matrix in covariances.matrices.items():
+        needed = int(min_tokens_per_dim * matrix.shape[0])
+        if covariances.tokens[key] < needed:
+            raise InsufficientCalibrationError(
+                f"{key} has input width {matrix.shape[0]} but calibration gave only {covariances.tokens[key]} "
+                f"tokens (need at least {needed}). Raise num_samples or max_length, or lower min_tokens_per_dim "
+                "(0 disables the check) if a rank-deficient covariance is what you want."
+            )

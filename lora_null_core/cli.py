@@ -1,0 +1,124 @@
+"""`lora-null` command line: init, export, merge, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .config import LoraNullConfig
+from .errors import LoraNullError
+
+logger = logging.getLogger("lora_null_core")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lora-null", description="Knowledge-preserving LoRA initialization.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    init = commands.add_parser("init", help="Calibrate a model and write a LoRA-Null initialized base + adapter.")
+    init.add_argument("--model", required=True, help="Local model folder or hub name.")
+    init.add_argument("--calibration", required=True, help="JSONL/JSON/parquet/CSV/TXT file, saved dataset or hub name.")
+    init.add_argument("--rank", type=int, required=True, help="LoRA rank r (= null-space dimension).")
+    init.add_argument("--variant", choices=("v1", "v2"), default="v2", help="v2 freezes lora_A (default).")
+    init.add_argument("--output", required=True, help="Folder to create: OUT/base, OUT/adapter, OUT/lora_null.json.")
+    init.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: equal to --rank).")
+    init.add_argument("--target-modules", default="all-linear", help="Comma-separated names (default: every linear layer but the LM head).")
+    init.add_argument("--dropout", type=float, default=0.0, help="lora_dropout.")
+    init.add_argument("--rslora", action="store_true", help="Scale by alpha / sqrt(r) (rsLoRA).")
+    init.add_argument("--init", choices=("projected", "basis"), default="projected", help="basis: A = null basis, B = 0, base untouched.")
+    defaults = LoraNullConfig()
+    init.add_argument("--num-samples", type=int, default=defaults.num_samples)
+    init.add_argument("--holdout-samples", type=int, default=defaults.holdout_samples, help="Extra samples for held-out leakage (0: skip).")
+    init.add_argument("--max-length", type=int, default=defaults.max_length)
+    init.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    init.add_argument("--seed", type=int, default=defaults.seed)
+    init.add_argument("--text-field", default=defaults.text_field)
+    init.add_argument("--covariance-weighting", choices=("token_sum", "per_sample_max"), default=defaults.covariance_weighting)
+    init.add_argument("--min-tokens-per-dim", type=float, default=defaults.min_tokens_per_dim)
+    init.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16.")
+    init.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available).")
+    init.add_argument("--trust-remote-code", action="store_true", help="Run the model repo's own code (only if you trust it).")
+    init.add_argument("--overwrite", action="store_true", help="Replace OUT if it exists.")
+
+    export = commands.add_parser("export", help="Turn an adapter trained on OUT/base into a LoRA for the original model.")
+    export.add_argument("--init", required=True, help="The folder `lora-null init` wrote.")
+    export.add_argument("--adapter", required=True, help="The trained PEFT adapter folder.")
+    export.add_argument("--output", required=True)
+    export.add_argument("--overwrite", action="store_true")
+
+    merge = commands.add_parser("merge", help="Write full merged weights of the trained model.")
+    merge.add_argument("--init", required=True)
+    merge.add_argument("--adapter", required=True)
+    merge.add_argument("--output", required=True)
+    merge.add_argument("--dtype", default="auto")
+    merge.add_argument("--overwrite", action="store_true")
+
+    demo = commands.add_parser("demo", help="Run init → train → export on a tiny bundled model (CPU, ~1 min).")
+    demo.add_argument("--output", default="lora-null-demo")
+    demo.add_argument("--steps", type=int, default=40)
+    demo.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def _init(args: argparse.Namespace) -> dict:
+    from peft import LoraConfig
+
+    from .workflow import init_to_folder
+
+    targets = args.target_modules if args.target_modules == "all-linear" else [t.strip() for t in args.target_modules.split(",") if t.strip()]
+    lora_config = LoraConfig(
+        r=args.rank, lora_alpha=args.alpha if args.alpha is not None else args.rank, target_modules=targets,
+        lora_dropout=args.dropout, use_rslora=args.rslora, task_type="CAUSAL_LM",
+    )
+    config = LoraNullConfig(
+        variant=args.variant, init=args.init, num_samples=args.num_samples, holdout_samples=args.holdout_samples,
+        max_length=args.max_length, batch_size=args.batch_size, seed=args.seed, text_field=args.text_field,
+        covariance_weighting=args.covariance_weighting, min_tokens_per_dim=args.min_tokens_per_dim,
+    )
+    report = init_to_folder(
+        args.model, args.calibration, Path(args.output), lora_config, config,
+        dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code, overwrite=args.overwrite,
+    )
+    return {"output": args.output, "layers": len(report.layers), **report.summary()}
+
+
+def _export(args: argparse.Namespace) -> dict:
+    from .export import export_for_original_base
+
+    out = export_for_original_base(args.init, args.adapter, args.output, overwrite=args.overwrite)
+    return {"output": str(out), "r": json.loads((out / "adapter_config.json").read_text())["r"]}
+
+
+def _merge(args: argparse.Namespace) -> dict:
+    from .export import merge_to_full_model
+
+    return {"output": str(merge_to_full_model(args.init, args.adapter, args.output, args.dtype, args.overwrite))}
+
+
+def _demo(args: argparse.Namespace) -> dict:
+    from .demo import run_demo
+
+    return run_demo(Path(args.output), steps=args.steps, overwrite=args.overwrite)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    handler = {"init": _init, "export": _export, "merge": _merge, "demo": _demo}[args.command]
+    try:
+        result = handler(args)
+    except LoraNullError as err:
+        print(f"lora-null {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    for key, value in result.items():
+        print(f"{key:<40} {value:.3g}" if isinstance(value, float) else f"{key:<40} {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The method's own knobs. LoRA's knobs (r, alpha, targets, dropout, rsLoRA) stay in peft's LoraConfig."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+Variant = Literal["v1", "v2"]
+InitMode = Literal["projected", "basis"]
+Weighting = Literal["token_sum", "per_sample_max"]
+
+
+@dataclass(frozen=True)
+class LoraNullConfig:
+    variant: Variant = field(
+        default="v2",
+        metadata={"help": "v1 trains lora_A and lora_B; v2 freezes lora_A so every update stays in the null space."},
+    )
+    init: InitMode = field(
+        default="projected",
+        metadata={
+            "help": "projected: A, B factor the weight projected onto the null space, base becomes W - s·B·A. "
+            "basis: A = null basis, B = 0, base untouched (works on quantized bases)."
+        },
+    )
+    num_samples: int = field(default=256, metadata={"help": "Calibration samples used for the covariance."})
+    holdout_samples: int = field(
+        default=32,
+        metadata={"help": "Further samples, disjoint from calibration, on which leakage is measured (0: skip)."},
+    )
+    max_length: int = field(default=512, metadata={"help": "Tokens per calibration sample (longer ones are cut)."})
+    batch_size: int = field(default=8, metadata={"help": "Calibration samples per forward pass."})
+    seed: int = field(default=0, metadata={"help": "Seed for choosing calibration samples and the random-A baseline."})
+    text_field: str = field(
+        default="text",
+        metadata={"help": "Column holding the text; rows with a 'messages' column use the chat template instead."},
+    )
+    covariance_weighting: Weighting = field(
+        default="token_sum",
+        metadata={
+            "help": "token_sum: plain Σ x xᵀ over tokens. per_sample_max: each sample divided by |max(x)| and "
+            "averaged over samples, as the authors' CorDA-based code does (for exact parity)."
+        },
+    )
+    accumulate_dtype: Literal["float32", "float64"] = field(
+        default="float32", metadata={"help": "Precision of the covariance sums (never lower than float32)."}
+    )
+    min_tokens_per_dim: float = field(
+        default=1.0,
+        metadata={
+            "help": "Refuse a layer whose calibration tokens number fewer than this times its input width: below "
+            "that the covariance is rank-deficient and the null space is chosen by rounding, not by data. 0 disables."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        choices = {
+            "variant": ("v1", "v2"),
+            "init": ("projected", "basis"),
+            "covariance_weighting": ("token_sum", "per_sample_max"),
+            "accumulate_dtype": ("float32", "float64"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}.")
+        for name in ("num_samples", "max_length", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1.")
+        if self.holdout_samples < 0 or self.min_tokens_per_dim < 0:
+            raise ConfigError("holdout_samples and min_tokens_per_dim must not be negative.")
+
+    def replace(self, **changes: Any) -> LoraNullConfig:
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"Unknown LoraNullConfig field(s): {', '.join(sorted(unknown))}.")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

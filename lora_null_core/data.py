@@ -1,0 +1,176 @@
+"""Calibration data: any user source → chosen texts → padded token batches.
+
+The texts should carry the knowledge to preserve (the paper: NQ-open questions). Calibration and held-out
+samples are drawn disjointly from one seeded permutation, so leakage on held-out text is an honest check.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from .errors import CalibrationDataError
+
+logger = logging.getLogger(__name__)
+
+CalibrationSource = Union[str, os.PathLike, Sequence[Any], Any]  # path, hub name, datasets.Dataset, list of rows
+
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    input_ids: torch.Tensor  # (batch, seq), right-padded
+    attention_mask: torch.Tensor  # (batch, seq), 1 on real tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+@dataclass(frozen=True)
+class CalibrationTexts:
+    calibration: list[str]
+    holdout: list[str]
+    source: str
+
+
+def load_rows(source: CalibrationSource) -> Sequence[Any]:
+    """Rows of a local file, a saved `datasets` folder, a hub dataset name, a Dataset or a list."""
+    if isinstance(source, (str, os.PathLike)):
+        return _load_path_or_hub(str(source))
+    if isinstance(source, Mapping):
+        raise CalibrationDataError("Calibration source is a dict; pass a Dataset (pick a split), a path or a list.")
+    if not hasattr(source, "__len__") or not hasattr(source, "__getitem__"):
+        raise CalibrationDataError(
+            f"Calibration source of type {type(source).__name__} is not supported: pass a path "
+            "(.jsonl/.json/.parquet/.csv/.txt), a datasets.Dataset, or a list of strings or rows."
+        )
+    return source
+
+
+def _load_path_or_hub(source: str) -> Sequence[Any]:
+    import datasets
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+            return datasets.load_from_disk(str(path))
+        files = sorted(p for p in path.iterdir() if p.suffix in _FILE_BUILDERS)
+        if not files:
+            raise CalibrationDataError(f"Calibration folder {path} holds no .jsonl/.json/.parquet/.csv/.txt file.")
+        return datasets.load_dataset(_FILE_BUILDERS[files[0].suffix], data_files=[str(f) for f in files], split="train")
+    if path.suffix in _FILE_BUILDERS:
+        if not path.is_file():
+            raise CalibrationDataError(f"Calibration file {path} does not exist.")
+        if path.stat().st_size < 4096 and not path.read_bytes().strip():
+            raise CalibrationDataError(f"Calibration file {path} is empty; it needs at least one text.")
+        try:
+            return datasets.load_dataset(_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
+        except Exception as err:  # noqa: BLE001 - parser errors vary by format and datasets version
+            raise CalibrationDataError(f"Could not read calibration file {path}: {err}") from err
+    # Not a local path: treat it as a dataset on the hub ("org/name" or "org/name:split").
+    name, _, split = source.partition(":")
+    try:
+        return datasets.load_dataset(name, split=split or "train")
+    except Exception as err:  # noqa: BLE001 - datasets raises many types; the user needs one message
+        raise CalibrationDataError(
+            f"Could not load calibration dataset {source!r} (not a local file, and the hub load failed: {err}). "
+            "Pass a local .jsonl/.json/.parquet file, or check the dataset name and your network."
+        ) from err
+
+
+def row_to_text(row: Any, tokenizer: Any, text_field: str) -> str:
+    """One row's text: the text field, or chat messages rendered with the tokenizer's chat template."""
+    if isinstance(row, str):
+        return row
+    if not isinstance(row, Mapping):
+        raise CalibrationDataError(f"Calibration row of type {type(row).__name__} is neither a string nor a mapping.")
+    if text_field in row and isinstance(row[text_field], str):
+        return row[text_field]
+    if "messages" in row and isinstance(row["messages"], list):
+        if not getattr(tokenizer, "chat_template", None):
+            raise CalibrationDataError(
+                "Calibration rows hold 'messages' but the tokenizer has no chat template; set one, or point "
+                "--text-field at a plain-text column."
+            )
+        return tokenizer.apply_chat_template(row["messages"], tokenize=False)
+    raise CalibrationDataError(
+        f"Calibration row has no text field {text_field!r} (columns: {', '.join(map(str, row))}); "
+        "pass --text-field with the column that holds the text, or use a 'messages' column."
+    )
+
+
+def choose_texts(
+    source: CalibrationSource, tokenizer: Any, num_samples: int, holdout_samples: int, seed: int, text_field: str
+) -> CalibrationTexts:
+    """Draw `num_samples` calibration texts and up to `holdout_samples` disjoint held-out texts."""
+    rows = load_rows(source)
+    if len(rows) == 0:
+        raise CalibrationDataError(f"Calibration source {_describe(source)} is empty; it needs at least one text.")
+    chosen: list[str] = []
+    for text in _texts_in_random_order(rows, tokenizer, text_field, seed):
+        chosen.append(text)
+        if len(chosen) == num_samples + holdout_samples:
+            break
+    if not chosen:
+        raise CalibrationDataError(f"Calibration source {_describe(source)} holds only empty texts.")
+    calibration, holdout = chosen[:num_samples], chosen[num_samples:]
+    if len(calibration) < num_samples:
+        logger.warning("Calibration source has %d non-empty texts; asked for %d.", len(calibration), num_samples)
+    if holdout_samples and len(holdout) < holdout_samples:
+        logger.info("Only %d held-out texts left after calibration (asked for %d).", len(holdout), holdout_samples)
+    return CalibrationTexts(calibration, holdout, _describe(source))
+
+
+def _texts_in_random_order(rows: Sequence[Any], tokenizer: Any, text_field: str, seed: int) -> Iterator[str]:
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    for index in order:
+        text = row_to_text(rows[index], tokenizer, text_field)
+        if text.strip():
+            yield text
+
+
+def _describe(source: CalibrationSource) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    return f"<{type(source).__name__} of {len(source) if hasattr(source, '__len__') else '?'} rows>"
+
+
+def tokenize_batches(texts: Sequence[str], tokenizer: Any, max_length: int, batch_size: int) -> list[TokenBatch]:
+    """Tokenize, sort by length (less padding), right-pad into batches with an attention mask."""
+    sequences = []
+    for text in texts:
+        # A rendered chat template already carries its special tokens; adding them again would double BOS.
+        special = not _starts_with_special(text, tokenizer)
+        ids = tokenizer(text, truncation=True, max_length=max_length, add_special_tokens=special)["input_ids"]
+        if ids:
+            sequences.append(list(ids))
+    if not sequences:
+        raise CalibrationDataError("Every calibration text tokenized to zero tokens.")
+    sequences.sort(key=len, reverse=True)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    batches = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start : start + batch_size]
+        width = len(chunk[0])
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, seq in enumerate(chunk):
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = 1
+        batches.append(TokenBatch(ids, mask))
+    return batches
+
+
+def _starts_with_special(text: str, tokenizer: Any) -> bool:
+    bos = getattr(tokenizer, "bos_token", None)
+    return bool(bos) and text.startswith(bos)

@@ -1,0 +1,41 @@
+"""Errors a user can act on: each message names the offending value and the fix."""
+
+
+class LoraNullError(Exception):
+    """Base class for every error lora-null raises on purpose."""
+
+
+class CalibrationDataError(LoraNullError):
+    """The calibration source is missing, empty, or has no usable text."""
+
+
+class InsufficientCalibrationError(LoraNullError):
+    """Too few calibration tokens to estimate a layer's input covariance."""
+
+
+class NonFiniteActivationsError(LoraNullError):
+    """A layer's inputs contain NaN or Inf, so its covariance is meaningless."""
+
+
+class InvalidRankError(LoraNullError):
+    """The LoRA rank leaves no room for a null space in some layer."""
+
+
+class NoTargetModulesError(LoraNullError):
+    """No module of the model matches the requested target modules."""
+
+
+class UnsupportedModelError(LoraNullError):
+    """The model or adapter cannot be rewritten (quantized base, DoRA, unknown layer type)."""
+
+
+class OutputExistsError(LoraNullError):
+    """The output path is already there and overwriting was not asked for."""
+
+
+class ExportError(LoraNullError):
+    """A trained adapter does not match the initialization it claims to come from."""
+
+
+class ConfigError(LoraNullError):
+    """A LoraNullConfig field has a value outside what it accepts."""

@@ -1,0 +1,126 @@
+"""From an adapter trained on the residual base to results that run on the untouched original model.
+
+On the residual base the trained model computes W_res + s·B·A, and W_res = W − s·B₀·A₀, so on the original
+weights it is W + s·(B·A − B₀·A₀):
+- v2 (A frozen, A = A₀): s·(B − B₀)·A₀, a standard LoRA of rank r;
+- v1: s·[B, −B₀]·[A; A₀], a standard LoRA of rank 2r (alpha scaled so s stays the same);
+- basis init (B₀ = 0, base untouched): the trained adapter already is that LoRA.
+Pure tensor work on the adapter files: no model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import ExportError
+from .report import read_metadata
+from .saving import ADAPTER_DIR, BASE_DIR, atomic_output_dir, load_model, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE, CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
+_A, _B = ".lora_A.weight", ".lora_B.weight"
+
+
+def read_adapter(folder: os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """adapter_config.json and the safetensors weights of a PEFT adapter folder (never a pickle)."""
+    folder = Path(folder)
+    weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE
+    if not config.is_file():
+        raise ExportError(f"{folder} is not a PEFT adapter folder: {CONFIG_FILE} is missing.")
+    if not weights.is_file():
+        hint = " It holds a pickled adapter_model.bin, which lora-null will not load;" if (folder / "adapter_model.bin").exists() else ""
+        raise ExportError(f"{weights} is missing.{hint} Save the adapter with safetensors (PEFT's default).")
+    return json.loads(config.read_text()), load_file(str(weights))
+
+
+def export_for_original_base(
+    init_dir: os.PathLike, trained_adapter: os.PathLike, output_dir: os.PathLike, overwrite: bool = False
+) -> Path:
+    """Write a PEFT adapter that, on the original base model, reproduces the trained model exactly."""
+    metadata = read_metadata(Path(init_dir))
+    _, initial = read_adapter(Path(init_dir) / ADAPTER_DIR)
+    config, trained = read_adapter(trained_adapter)
+    weights, rank_factor = convert_weights(initial, trained, metadata)
+    config = scaled_config(config, rank_factor, metadata.get("model", ""))
+    with atomic_output_dir(output_dir, overwrite) as staging:
+        save_file(weights, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    logger.info("Exported a rank-%d adapter for the original base to %s.", config["r"], output_dir)
+    return Path(output_dir)
+
+
+def convert_weights(
+    initial: dict[str, torch.Tensor], trained: dict[str, torch.Tensor], metadata: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Adapter tensors for the original base, and the rank multiplier (1 or 2) they use."""
+    prefixes = sorted(key[: -len(_A)] for key in initial if key.endswith(_A))
+    missing = [p for p in prefixes if p + _A not in trained or p + _B not in trained]
+    if missing:
+        raise ExportError(
+            f"The trained adapter lacks {len(missing)} layer(s) of the initialization, e.g. {missing[0]}; "
+            "--adapter must be a checkpoint of the adapter written by this --init."
+        )
+    for p in prefixes:
+        if trained[p + _A].shape != initial[p + _A].shape or trained[p + _B].shape != initial[p + _B].shape:
+            raise ExportError(f"{p}: trained factors have other shapes than the initialization's (rank changed?).")
+    if metadata["init"] == "basis":
+        return dict(trained), 1
+    # Frozen means unchanged up to the dtype the trainer stored it in (a bf16 copy of A₀ still counts;
+    # the rank-r form then differs from exact by s·B₀·(A − A₀), rounding of A₀ itself).
+    frozen_a = all(torch.equal(trained[p + _A], initial[p + _A].to(trained[p + _A].dtype)) for p in prefixes)
+    if metadata["variant"] == "v2" and not frozen_a:
+        logger.warning("v2 adapter, but lora_A changed in training; exporting the exact rank-2r form instead.")
+    out = {k: v for k, v in trained.items() if not (k.endswith(_A) or k.endswith(_B))}
+    for p in prefixes:
+        a, b, a0, b0 = trained[p + _A], trained[p + _B], initial[p + _A], initial[p + _B]
+        dtype = b.dtype
+        if frozen_a:
+            out[p + _A] = a.clone()
+            out[p + _B] = (b.double() - b0.double()).to(dtype)
+        else:
+            out[p + _A] = torch.cat([a, a0.to(a.dtype)], dim=0).contiguous()
+            out[p + _B] = torch.cat([b, -b0.to(dtype)], dim=1).contiguous()
+    return out, 1 if frozen_a else 2
+
+
+def scaled_config(config: dict[str, Any], rank_factor: int, base_model: str) -> dict[str, Any]:
+    """The trained adapter's config with rank × factor and alpha raised so s = alpha / r (or / √r) is kept."""
+    config = dict(config)
+    alpha_factor = math.sqrt(rank_factor) if config.get("use_rslora") else rank_factor
+    config["r"] = config["r"] * rank_factor
+    config["lora_alpha"] = config["lora_alpha"] * alpha_factor
+    config["rank_pattern"] = {k: v * rank_factor for k, v in (config.get("rank_pattern") or {}).items()}
+    config["alpha_pattern"] = {k: v * alpha_factor for k, v in (config.get("alpha_pattern") or {}).items()}
+    config["init_lora_weights"] = True
+    if base_model:
+        config["base_model_name_or_path"] = base_model
+    return config
+
+
+def merge_to_full_model(
+    init_dir: os.PathLike,
+    trained_adapter: os.PathLike,
+    output_dir: os.PathLike,
+    dtype: str = "auto",
+    overwrite: bool = False,
+) -> Path:
+    """Full weights of the trained model (residual base + trained adapter, merged), with the tokenizer."""
+    from peft import PeftModel
+
+    base_dir = Path(init_dir) / BASE_DIR
+    model = PeftModel.from_pretrained(load_model(str(base_dir), dtype=dtype), str(trained_adapter))
+    merged = model.merge_and_unload()
+    with atomic_output_dir(output_dir, overwrite) as staging:
+        merged.save_pretrained(staging)
+        if (base_dir / "tokenizer_config.json").exists():
+            load_tokenizer(str(base_dir)).save_pretrained(staging)
+    return Path(output_dir)

@@ -1,0 +1,74 @@
+"""Leakage, the number that says the init worked.
+
+leakage(A, X) = ‖A X‖_F / (‖A‖_F ‖X‖_F / sqrt(d_in)). A random A of the same norm scores about 1; an A whose
+rows lie in the null space of X scores near 0. It is scale-free in A, so v1/v2/basis inits compare directly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .calibrate import run_activation_pass
+from .data import TokenBatch
+
+
+def random_like(lora_a: torch.Tensor, seed: int) -> torch.Tensor:
+    """A Gaussian matrix with the Frobenius norm of `lora_a`: the baseline leakage is measured against."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(lora_a.shape, generator=generator, dtype=torch.float64)
+    return (noise * (lora_a.double().norm() / noise.norm())).to(lora_a.device)
+
+
+def leakage_from_covariance(lora_a: torch.Tensor, covariance: torch.Tensor) -> float:
+    """Leakage on the data a covariance Σ x xᵀ summarizes: ‖A X‖² = tr(A C Aᵀ), ‖X‖² = tr(C)."""
+    a = lora_a.to(torch.float64)
+    c = covariance.to(device=a.device, dtype=torch.float64)
+    response = ((a @ c) * a).sum()
+    return _normalize(response, a.square().sum(), torch.trace(c), c.shape[0])
+
+
+def _normalize(response: torch.Tensor, a_energy: torch.Tensor, x_energy: torch.Tensor, d_in: int) -> float:
+    denominator = float(a_energy) * float(x_energy) / d_in
+    if denominator <= 0:
+        return float("nan")
+    return math.sqrt(max(float(response), 0.0) / denominator)
+
+
+class _LeakageCollector:
+    """Visitor summing ‖A x‖², ‖R x‖² (random A) and ‖x‖² per module, without any d_in × d_in matrix."""
+
+    def __init__(self, lora_as: Mapping[str, torch.Tensor], seed: int) -> None:
+        self.a = {name: a.to(torch.float64) for name, a in lora_as.items()}
+        self.random = {name: random_like(a, seed) for name, a in self.a.items()}
+        self.sums = {name: torch.zeros(3, dtype=torch.float64) for name in lora_as}
+
+    def __call__(self, name: str, tokens: torch.Tensor, _ids: torch.Tensor, _same_as: Optional[str]) -> None:
+        x = tokens.to(torch.float64)
+        a, r = self.a[name].to(x.device), self.random[name].to(x.device)
+        self.sums[name] += torch.stack([(x @ a.T).square().sum(), (x @ r.T).square().sum(), x.square().sum()]).cpu()
+
+
+def holdout_leakage(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    lora_as: Mapping[str, torch.Tensor],
+    batches: Iterable[TokenBatch],
+    seed: int = 0,
+) -> dict[str, tuple[float, float]]:
+    """(leakage, random-A leakage) per module on text that did not enter the covariance."""
+    collector = _LeakageCollector(lora_as, seed)
+    run_activation_pass(model, modules, batches, collector, desc="held-out leakage")
+    result = {}
+    for name, (a_response, r_response, x_energy) in collector.sums.items():
+        a = collector.a[name]
+        norm = a.square().sum()
+        result[name] = (
+            _normalize(a_response, norm, x_energy, a.shape[1]),
+            _normalize(r_response, norm, x_energy, a.shape[1]),
+        )
+    return result

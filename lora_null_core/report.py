@@ -1,0 +1,70 @@
+"""What an initialization did, in numbers: written as lora_null.json beside the adapter."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+METADATA_FILE = "lora_null.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LayerReport:
+    name: str
+    d_in: int
+    d_out: int
+    rank: int
+    covariance: str  # the module whose input this layer's covariance was taken at (shared by q/k/v, gate/up)
+    tokens: int
+    leakage: float  # on the calibration activations
+    leakage_random: float  # a random A of the same norm, same activations
+    leakage_holdout: Optional[float] = None
+    leakage_holdout_random: Optional[float] = None
+
+
+@dataclass
+class InitReport:
+    variant: str
+    init: str
+    adapter_name: str
+    model: str
+    lora: dict[str, Any]
+    calibration: dict[str, Any]
+    config: dict[str, Any]
+    function_error: float  # ‖logits_after − logits_before‖ / ‖logits_before‖ on a calibration probe
+    layers: list[LayerReport] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    def summary(self) -> dict[str, float]:
+        """Means over layers, the numbers a person reads first."""
+        def mean(values: list[Optional[float]]) -> Optional[float]:
+            kept = [v for v in values if v is not None]
+            return sum(kept) / len(kept) if kept else None
+
+        return {
+            "function_error": self.function_error,
+            "leakage_mean": mean([layer.leakage for layer in self.layers]),
+            "leakage_random_mean": mean([layer.leakage_random for layer in self.layers]),
+            "leakage_holdout_mean": mean([layer.leakage_holdout for layer in self.layers]),
+            "leakage_holdout_random_mean": mean([layer.leakage_holdout_random for layer in self.layers]),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "summary": self.summary()}
+
+    def write(self, folder: Path) -> Path:
+        path = Path(folder) / METADATA_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+
+def read_metadata(init_dir: Path) -> dict[str, Any]:
+    from .errors import ExportError
+
+    path = Path(init_dir) / METADATA_FILE
+    if not path.is_file():
+        raise ExportError(f"{path} not found: --init must be the output folder of `lora-null init`.")
+    return json.loads(path.read_text())

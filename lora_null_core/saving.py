@@ -1,0 +1,147 @@
+"""Loading models and writing results: atomically, safetensors only, in HF's folder layouts.
+
+An init folder holds `base/` (the residual base model, with the tokenizer), `adapter/` (the PEFT adapter
+that, on that base, computes the original function) and `lora_null.json` (what was done, and measured).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import transformers
+from packaging.version import Version
+from peft import PeftModel
+from torch import nn
+
+from .errors import LoraNullError, OutputExistsError
+from .initialize import apply_variant
+from .report import read_metadata
+
+logger = logging.getLogger(__name__)
+
+BASE_DIR, ADAPTER_DIR = "base", "adapter"
+_DTYPE_KEY = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+def torch_dtype(name: str) -> Any:
+    if name == "auto":
+        return "auto"
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise LoraNullError(f"--dtype {name!r} is not a torch dtype; use auto, float32, bfloat16 or float16.")
+    return dtype
+
+
+def load_model(name_or_path: str, dtype: str = "auto", device: Optional[str] = None, trust_remote_code: bool = False):
+    """A causal LM from a local folder or hub name; remote code runs only when the user asks for it."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {_DTYPE_KEY: torch_dtype(dtype), "trust_remote_code": trust_remote_code}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except OSError as err:
+        raise LoraNullError(f"Could not load model {name_or_path!r}: {err}") from err
+    return model.to(device) if device else model
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; it becomes `path` only if the block finishes."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path} already exists; choose another --output or pass --overwrite.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield staging
+        if path.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            path.rename(trash / "old")
+            staging.rename(path)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            staging.rename(path)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def base_state_dict(peft_model: PeftModel) -> dict[str, torch.Tensor]:
+    """The base model's weights as plain transformers keys: LoRA tensors dropped, `.base_layer` unwrapped."""
+    state = {}
+    for key, tensor in peft_model.get_base_model().state_dict().items():
+        if "lora_" in key:
+            continue
+        state[key.replace(".base_layer.", ".")] = tensor
+    return state
+
+
+def save_initialized(
+    peft_model: PeftModel, output_dir: os.PathLike, tokenizer: Any = None, overwrite: bool = False
+) -> Path:
+    """Write base/, adapter/ and lora_null.json of an initialized model into `output_dir`, atomically."""
+    report = getattr(peft_model, "lora_null_report", None)
+    if report is None:
+        raise LoraNullError("This PeftModel was not initialized by lora_null_init (it has no lora_null_report).")
+    with atomic_output_dir(output_dir, overwrite) as staging:
+        save_adapter(peft_model, staging / ADAPTER_DIR, report.adapter_name)
+        base = peft_model.get_base_model()
+        base.save_pretrained(staging / BASE_DIR, state_dict=base_state_dict(peft_model))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging / BASE_DIR)
+        report.write(staging)
+    logger.info("Wrote %s (base/, adapter/, lora_null.json).", output_dir)
+    return Path(output_dir)
+
+
+def save_adapter(peft_model: PeftModel, folder: Path, adapter_name: str) -> None:
+    """PEFT adapter folder for one adapter, always at `folder` itself (PEFT nests non-default names)."""
+    peft_model.save_pretrained(str(folder), selected_adapters=[adapter_name])
+    nested = folder / adapter_name
+    if adapter_name != "default" and nested.is_dir():
+        for item in nested.iterdir():
+            item.rename(folder / item.name)
+        nested.rmdir()
+
+
+def load_initialized(
+    init_dir: os.PathLike,
+    adapter: Optional[os.PathLike] = None,
+    dtype: str = "auto",
+    device: Optional[str] = None,
+    is_trainable: bool = True,
+) -> PeftModel:
+    """The residual base with the LoRA-Null adapter (or a later checkpoint of it), ready to train.
+
+    For v2 lora_A comes back frozen, which PEFT's own loader cannot know.
+    """
+    init_dir = Path(init_dir)
+    metadata = read_metadata(init_dir)
+    model = load_model(str(init_dir / BASE_DIR), dtype=dtype, device=device)
+    adapter_path = str(adapter or init_dir / ADAPTER_DIR)
+    peft_model = PeftModel.from_pretrained(model, adapter_path, is_trainable=is_trainable)
+    if is_trainable:
+        apply_variant(peft_model, metadata["variant"], "default")
+    return peft_model
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The test suite, from a fresh machine: builds each environment it needs, then runs its tests.
+#   bash scripts/test.sh            # every suite
+#   bash scripts/test.sh core       # one suite: core | core-oldest
+# Environments live in .venvs/<suite> and are reused when their requirements have not changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+suites=("$@")
+[ ${#suites[@]} -gt 0 ] || suites=(core core-oldest)
+
+# torch: the CPU wheel (pip finds it on this disk); a plain `torch` requirement would pull a CUDA build.
+TORCH=${TORCH_SPEC:-torch==2.13.0}
+
+venv() {  # venv NAME REQUIREMENTS...  → creates .venvs/NAME with the requirements and lora-null installed
+  local name=$1; shift
+  local dir=.venvs/$name stamp="$*"
+  if [ ! -f "$dir/.stamp" ] || [ "$(cat "$dir/.stamp")" != "$stamp" ]; then
+    rm -rf "$dir"
+    "$PY" -m venv "$dir"
+    "$dir/bin/pip" install -q --upgrade pip
+    "$dir/bin/pip" install -q "$TORCH"
+    "$dir/bin/pip" install -q "$@"
+    echo "$stamp" > "$dir/.stamp"
+  fi
+  "$dir/bin/pip" install -q --no-deps -e .
+}
+
+status=0
+for suite in "${suites[@]}"; do
+  echo "=== suite: $suite"
+  case $suite in
+    core)        venv core -e ".[test]" ;;
+    core-oldest) venv core-oldest -e ".[test]" "transformers==4.55.4" "peft==0.18.0" "datasets==3.6.0" ;;
+    *) echo "unknown suite $suite"; exit 2 ;;
+  esac
+  .venvs/$suite/bin/python -m pytest -q -p no:cacheprovider tests || status=1
+done
+exit $status

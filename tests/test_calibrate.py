@@ -1,0 +1,70 @@
+import pytest
+import torch
+from torch import nn
+
+from lora_null_core.calibrate import collect_covariances
+from lora_null_core.data import tokenize_batches
+
+
+def linear_layers(model):
+    from transformers.pytorch_utils import Conv1D
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and "lm_head" not in n}
+
+
+def independent_covariances(model, tokenizer, texts):
+    """Σ x xᵀ in float64, one unpadded sample at a time: no masking involved at all."""
+    sums, handles = {}, []
+    for name, module in linear_layers(model).items():
+        def hook(_m, args, name=name):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + x.T @ x
+        handles.append(module.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for text in texts:
+            model(**tokenizer(text, return_tensors="pt"))
+    for h in handles:
+        h.remove()
+    return sums
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_padding_never_enters_the_covariance(make_model, tokenizer, knowledge, architecture):
+    model = make_model(architecture)
+    texts = knowledge[:10] + ["Ada Varga ."]  # one very short sample forces heavy padding in its batch
+    batches = tokenize_batches(texts, tokenizer, max_length=64, batch_size=4)
+    assert any((b.attention_mask == 0).any() for b in batches)
+    got = collect_covariances(model, linear_layers(model), batches)
+    expected = independent_covariances(model, tokenizer, texts)
+    for name, matrix in expected.items():
+        assert torch.allclose(got.of(name).double(), matrix, rtol=1e-4, atol=1e-4 * matrix.abs().max()), name
+    assert got.tokens[got.group_of[next(iter(expected))]] == sum(b.num_tokens for b in batches)
+
+
+def test_layers_reading_one_tensor_share_one_covariance(make_model, tokenizer, knowledge):
+    model = make_model("llama", layers=1)
+    got = collect_covariances(model, linear_layers(model), tokenize_batches(knowledge[:8], tokenizer, 64, 4))
+    g = got.group_of
+    assert g["model.layers.0.self_attn.k_proj"] == g["model.layers.0.self_attn.v_proj"] == g["model.layers.0.self_attn.q_proj"]
+    assert g["model.layers.0.mlp.up_proj"] == g["model.layers.0.mlp.gate_proj"]
+    assert len({g["model.layers.0.self_attn.q_proj"], g["model.layers.0.self_attn.o_proj"],
+                g["model.layers.0.mlp.gate_proj"], g["model.layers.0.mlp.down_proj"]}) == 4
+    assert len(got.matrices) == 4
+
+
+def test_per_sample_max_weighting_matches_the_reference_formula(make_model, tokenizer, knowledge):
+    model = make_model("llama", layers=1)
+    texts = knowledge[:6]
+    name = "model.layers.0.mlp.down_proj"
+    module = dict(model.named_modules())[name]
+    seen = []
+    handle = module.register_forward_pre_hook(lambda _m, args: seen.append(args[0][0].double()))
+    with torch.no_grad():
+        for text in texts:
+            model(**tokenizer(text, return_tensors="pt"))
+    handle.remove()
+    expected = sum((x / x.max().abs()).T @ (x / x.max().abs()) for x in seen) / len(seen)
+    got = collect_covariances(
+        model, {name: module}, tokenize_batches(texts, tokenizer, 64, 3), torch.float64, "per_sample_max"
+    )
+    assert torch.allclose(got.of(name), expected, rtol=1e-4, atol=1e-6)

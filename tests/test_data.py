@@ -1,0 +1,68 @@
+import json
+
+import pytest
+import torch
+
+from lora_null_core.data import choose_texts, load_rows, tokenize_batches
+
+
+@pytest.fixture
+def rows():
+    return [{"text": f"Ada Varga was born in Lisbon . {i}", "id": i} for i in range(30)]
+
+
+def test_every_file_format_and_a_dataset_give_the_same_texts(tmp_path, rows, tokenizer):
+    import datasets
+
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "c.json").write_text(json.dumps(rows))
+    dataset = datasets.Dataset.from_list(rows)
+    dataset.to_parquet(str(tmp_path / "c.parquet"))
+    dataset.save_to_disk(str(tmp_path / "saved"))
+    sources = [rows, dataset, str(tmp_path / "c.jsonl"), str(tmp_path / "c.json"), str(tmp_path / "c.parquet"),
+               str(tmp_path / "saved")]
+    chosen = [choose_texts(s, tokenizer, 20, 5, seed=3, text_field="text") for s in sources]
+    for texts in chosen:
+        assert texts.calibration == chosen[0].calibration and texts.holdout == chosen[0].holdout
+    assert len(chosen[0].calibration) == 20 and len(chosen[0].holdout) == 5
+    assert not set(chosen[0].calibration) & set(chosen[0].holdout)  # disjoint
+    assert choose_texts(rows, tokenizer, 20, 5, 4, "text").calibration != chosen[0].calibration  # seed matters
+
+
+def test_plain_strings_other_fields_and_chat_messages(tokenizer):
+    assert choose_texts(["a b", "c d"], tokenizer, 5, 0, 0, "text").calibration in (["a b", "c d"], ["c d", "a b"])
+    assert choose_texts([{"question": "Where ?"}], tokenizer, 1, 0, 0, "question").calibration == ["Where ?"]
+    chat = [{"messages": [{"role": "user", "content": "Where was Ada Varga born ?"}]}]
+    text = choose_texts(chat, tokenizer, 1, 0, 0, "text").calibration[0]
+    assert text == tokenizer.apply_chat_template(chat[0]["messages"], tokenize=False)
+    ids = tokenize_batches([text], tokenizer, 64, 1)[0].input_ids[0].tolist()
+    assert ids.count(tokenizer.bos_token_id) == 1  # the template's BOS is not doubled
+
+
+def test_batches_are_right_padded_truncated_and_masked(tokenizer):
+    texts = ["Ada Varga was born in Lisbon .", "Ada .", "Hugo Novak studied law . " * 10]
+    batches = tokenize_batches(texts, tokenizer, max_length=12, batch_size=2)
+    assert [b.input_ids.shape[0] for b in batches] == [2, 1]
+    lengths = sorted(int(n) for b in batches for n in b.attention_mask.sum(1))
+    assert lengths == [3, 8, 12]  # BOS + words; the long one cut at 12
+    for b in batches:
+        for row, mask in zip(b.input_ids, b.attention_mask):
+            assert torch.all(row[mask == 0] == tokenizer.pad_token_id)
+            assert mask.tolist() == sorted(mask.tolist(), reverse=True)  # padding only on the right
+
+
+def test_a_hub_name_goes_to_datasets_and_fails_clearly_offline(monkeypatch, tokenizer):
+    import datasets
+
+    from lora_null_core.errors import CalibrationDataError
+
+    calls = []
+
+    def fake_load_dataset(name, split=None, **kwargs):
+        calls.append((name, split))
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    with pytest.raises(CalibrationDataError, match="nq_open"):
+        load_rows("google-research-datasets/nq_open:validation")
+    assert calls == [("google-research-datasets/nq_open", "validation")]

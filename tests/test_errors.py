@@ -1,0 +1,133 @@
+"""Each bad input gets its own error, naming the problem and the fix, and nothing is half-written."""
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig
+from torch import nn
+
+from lora_null_core import (
+    CalibrationDataError,
+    ConfigError,
+    ExportError,
+    InsufficientCalibrationError,
+    InvalidRankError,
+    LoraNullConfig,
+    NonFiniteActivationsError,
+    NoTargetModulesError,
+    OutputExistsError,
+    UnsupportedModelError,
+    export_for_original_base,
+    lora_null_init,
+)
+from lora_null_core.workflow import init_to_folder
+
+SMALL = dict(num_samples=160, holdout_samples=0, batch_size=32)
+
+
+def test_empty_calibration(make_model, tokenizer, tmp_path):
+    with pytest.raises(CalibrationDataError, match="empty"):
+        lora_null_init(make_model(), LoraConfig(r=4), [], tokenizer)
+    with pytest.raises(CalibrationDataError, match="only empty texts"):
+        lora_null_init(make_model(), LoraConfig(r=4), ["", "   "], tokenizer)
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(CalibrationDataError):
+        lora_null_init(make_model(), LoraConfig(r=4), str(tmp_path / "empty.jsonl"), tokenizer)
+    with pytest.raises(CalibrationDataError, match="does not exist"):
+        lora_null_init(make_model(), LoraConfig(r=4), str(tmp_path / "missing.jsonl"), tokenizer)
+
+
+def test_too_few_tokens_for_the_layer_width(make_model, tokenizer, knowledge):
+    with pytest.raises(InsufficientCalibrationError, match=r"input width 64 .* only \d+ tokens"):
+        lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, num_samples=2, holdout_samples=0)
+    # The check can be turned off on purpose.
+    lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, num_samples=2, holdout_samples=0,
+                   min_tokens_per_dim=0)
+
+
+def test_rank_too_large(make_model, tokenizer, knowledge):
+    with pytest.raises(InvalidRankError, match="d_in=64"):
+        lora_null_init(make_model(), LoraConfig(r=64), knowledge, tokenizer, **SMALL)
+    with pytest.raises(InvalidRankError, match="d_out=32"):  # k_proj: 2 kv heads × 16
+        lora_null_init(make_model(), LoraConfig(r=40, target_modules=["k_proj"]), knowledge, tokenizer, **SMALL)
+
+
+def test_no_module_matches_targets(make_model, tokenizer, knowledge):
+    with pytest.raises(NoTargetModulesError, match="q_proj"):  # the message lists what does exist
+        lora_null_init(make_model(), LoraConfig(r=4, target_modules=["query_key_value"]), knowledge, tokenizer)
+
+
+def test_non_finite_activations(make_model, tokenizer, knowledge):
+    model = make_model()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteActivationsError, match="down_proj"):
+        lora_null_init(model, LoraConfig(r=4), knowledge, tokenizer, **SMALL)
+
+
+def test_quantized_base_refuses_projected_init(make_model, tokenizer, knowledge):
+    model = make_model()
+    q_proj = model.model.layers[0].self_attn.q_proj
+    q_proj.weight = nn.Parameter(q_proj.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
+    with pytest.raises(UnsupportedModelError, match="init='basis'"):
+        lora_null_init(model, LoraConfig(r=4), knowledge, tokenizer, **SMALL)
+
+
+def test_dora_and_foreign_inits_are_refused(make_model, tokenizer, knowledge):
+    with pytest.raises(UnsupportedModelError, match="DoRA"):
+        lora_null_init(make_model(), LoraConfig(r=4, use_dora=True), knowledge, tokenizer)
+
+
+def test_missing_text_field_and_chat_template(make_model, tokenizer):
+    with pytest.raises(CalibrationDataError, match="--text-field"):
+        lora_null_init(make_model(), LoraConfig(r=4), [{"question": "x"}], tokenizer)
+    plain = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, pad_token="<pad>")
+    with pytest.raises(CalibrationDataError, match="chat template"):
+        lora_null_init(make_model(), LoraConfig(r=4), [{"messages": [{"role": "user", "content": "hi"}]}], plain)
+
+
+def test_bad_config_values():
+    with pytest.raises(ConfigError, match="variant='v3'"):
+        LoraNullConfig(variant="v3")
+    with pytest.raises(ConfigError, match="Unknown"):
+        LoraNullConfig().replace(rank=3)
+
+
+def test_existing_output_is_not_touched(tmp_path, saved_model, knowledge):
+    out = tmp_path / "init"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        init_to_folder(str(saved_model), knowledge, out, LoraConfig(r=4))
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_a_failure_while_writing_leaves_nothing_behind(tmp_path, saved_model, knowledge, monkeypatch):
+    from lora_null_core import report
+
+    def broken_write(self, folder):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report.InitReport, "write", broken_write)
+    with pytest.raises(OSError, match="disk full"):
+        init_to_folder(str(saved_model), knowledge, tmp_path / "init", LoraConfig(r=4), dtype="float32")
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a staging folder
+
+
+def test_export_refuses_pickles_and_foreign_adapters(tmp_path, saved_model, knowledge):
+    init_to_folder(str(saved_model), knowledge, tmp_path / "init", LoraConfig(r=4), dtype="float32")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text((tmp_path / "init" / "adapter" / "adapter_config.json").read_text())
+    (pickled / "adapter_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ExportError, match="pickled"):
+        export_for_original_base(tmp_path / "init", pickled, tmp_path / "out")
+    with pytest.raises(ExportError, match="lora-null init"):
+        export_for_original_base(tmp_path / "pickled", tmp_path / "init" / "adapter", tmp_path / "out")
+    other = tmp_path / "other"
+    init_to_folder(str(saved_model), knowledge, other, LoraConfig(r=4, target_modules=["q_proj"]), dtype="float32")
+    with pytest.raises(ExportError, match="lacks"):
+        export_for_original_base(tmp_path / "init", other / "adapter", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    json.loads((tmp_path / "init" / "lora_null.json").read_text())  # the init folder is intact

@@ -1,0 +1,82 @@
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel
+
+from lora_null_core import export_for_original_base, merge_to_full_model
+from lora_null_core.data import tokenize_batches
+from lora_null_core.saving import load_initialized, load_model
+from lora_null_core.workflow import init_to_folder
+
+from .conftest import logits, relative_error
+
+
+def train(model, tokenizer, texts, steps=6):
+    batch = tokenize_batches(texts, tokenizer, 32, len(texts))[0]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    model.train()
+    for _ in range(steps):
+        labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return batch
+
+
+@pytest.mark.parametrize(
+    "variant,init,use_rslora,expected_rank",
+    [("v2", "projected", False, 4), ("v1", "projected", False, 8), ("v1", "projected", True, 8), ("v2", "basis", False, 4)],
+)
+def test_export_reproduces_the_trained_model_on_the_original_base(
+    tmp_path, saved_model, tokenizer, knowledge, task, variant, init, use_rslora, expected_rank
+):
+    from lora_null_core import LoraNullConfig
+
+    init_to_folder(
+        str(saved_model), knowledge, tmp_path / "init", LoraConfig(r=4, lora_alpha=8, use_rslora=use_rslora),
+        LoraNullConfig(variant=variant, init=init, num_samples=160, holdout_samples=0, batch_size=32), dtype="float32",
+    )
+    trained = load_initialized(tmp_path / "init", dtype="float32")
+    initial_a = {n: p.detach().clone() for n, p in trained.named_parameters() if "lora_A" in n}
+    batch = train(trained, tokenizer, task[:16])
+    trained.save_pretrained(str(tmp_path / "trained"))
+    for name, param in trained.named_parameters():
+        if "lora_A" in name:
+            assert torch.equal(param, initial_a[name]) == (variant == "v2"), name
+
+    export_for_original_base(tmp_path / "init", tmp_path / "trained", tmp_path / "export")
+    config = json.loads((tmp_path / "export" / "adapter_config.json").read_text())
+    assert config["r"] == expected_rank
+    exported = PeftModel.from_pretrained(load_model(str(saved_model), dtype="float32"), str(tmp_path / "export"))
+    expected = logits(trained, batch.input_ids, batch.attention_mask)
+    assert relative_error(logits(exported, batch.input_ids, batch.attention_mask), expected) < 1e-5
+    original = load_model(str(saved_model), dtype="float32")
+    assert relative_error(logits(original, batch.input_ids, batch.attention_mask), expected) > 1e-3  # it did learn
+
+    merge_to_full_model(tmp_path / "init", tmp_path / "trained", tmp_path / "merged")
+    merged = load_model(str(tmp_path / "merged"), dtype="float32")
+    assert relative_error(logits(merged, batch.input_ids, batch.attention_mask), expected) < 1e-5
+    assert (tmp_path / "merged" / "tokenizer.json").exists()
+
+
+def test_saved_init_folder_is_a_plain_base_plus_peft_adapter(tmp_path, saved_model, knowledge):
+    from safetensors.torch import load_file
+
+    report = init_to_folder(str(saved_model), knowledge, tmp_path / "init", LoraConfig(r=4), dtype="float32")
+    base_keys = set(load_file(str(tmp_path / "init" / "base" / "model.safetensors")))
+    assert not any("lora_" in k or "base_layer" in k for k in base_keys)
+    assert "model.layers.0.self_attn.q_proj.weight" in base_keys
+    metadata = json.loads((tmp_path / "init" / "lora_null.json").read_text())
+    assert metadata["variant"] == "v2" and metadata["lora"]["r"] == 4
+    # 240 texts and 256 asked for: all go to calibration, none are left for held-out leakage.
+    assert (metadata["calibration"]["num_samples"], metadata["calibration"]["holdout_samples"]) == (240, 0)
+    assert len(metadata["layers"]) == len(report.layers) == 14
+    assert all(layer["leakage"] < layer["leakage_random"] for layer in metadata["layers"])
+    # The residual base alone is not the original model; base + adapter is.
+    reloaded = load_initialized(tmp_path / "init", dtype="float32", is_trainable=False)
+    original = load_model(str(saved_model), dtype="float32")
+    ids = torch.tensor([[2, 10, 11, 12, 13]])
+    assert relative_error(logits(reloaded, ids), logits(original, ids)) < 1e-5
+    residual_only = load_model(str(tmp_path / "init" / "base"), dtype="float32")
+    assert relative_error(logits(residual_only, ids), logits(original, ids)) > 1e-3

@@ -1,0 +1,120 @@
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from lora_null_core import LoraNullConfig, lora_null_init
+from lora_null_core.data import choose_texts
+from lora_null_core.initialize import lora_layers, weight_matrix
+from lora_null_core.tiny import ARCHITECTURES
+
+from .conftest import logits, relative_error
+from .test_calibrate import independent_covariances
+
+SMALL = dict(num_samples=160, holdout_samples=40, batch_size=16)
+
+
+def init_and_compare(make_model, tokenizer, knowledge, architecture, **overrides):
+    """Init a fresh model; return the PeftModel, its pre-init probe logits and independent fp64 covariances."""
+    model = make_model(architecture)
+    probe = tokenizer(knowledge[200:204], return_tensors="pt", padding=True)
+    before = logits(model, **probe)
+    original = {n: m.weight.detach().clone() for n, m in model.named_modules() if hasattr(m, "weight")}
+    chosen = choose_texts(knowledge[:200], tokenizer, 160, 40, seed=0, text_field="text").calibration
+    covariances = independent_covariances(model, tokenizer, chosen)
+    peft_model = lora_null_init(model, LoraConfig(r=4, lora_alpha=8), knowledge[:200], tokenizer, **SMALL, **overrides)
+    assert relative_error(logits(peft_model, **probe), before) < 1e-3
+    return peft_model, original, covariances
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_init_preserves_the_function_and_lands_in_the_null_space(make_model, tokenizer, knowledge, architecture):
+    peft_model, original, covariances = init_and_compare(make_model, tokenizer, knowledge, architecture)
+    report = peft_model.lora_null_report
+    assert report.function_error < 1e-5
+    layers = lora_layers(peft_model, "default")
+    assert set(covariances) == set(layers)
+    for name, layer in layers.items():
+        a = layer.lora_A["default"].weight.detach().double()
+        b = layer.lora_B["default"].weight.detach().double()
+        w = weight_matrix(layer).detach().double()
+        w0 = original[name].double().T if layer.fan_in_fan_out else original[name].double()
+        # Residual plus adapter is the original weight.
+        assert torch.allclose(w + layer.scaling["default"] * b @ a, w0, atol=1e-5), name
+        # A's row space holds (nearly) the least calibration energy any 4-dim subspace can: within 1.1× of
+        # the sum of the 4 smallest eigenvalues of an independently computed fp64 covariance.
+        values = torch.linalg.eigvalsh(covariances[name])
+        rows = torch.linalg.qr(a.T)[0]
+        energy = torch.trace(rows.T @ covariances[name] @ rows)
+        assert energy <= 1.1 * values[:4].sum() + 1e-9 * values[-1], name
+    for entry in report.layers:
+        assert entry.leakage < 0.5 * entry.leakage_random
+        assert entry.leakage_holdout < 0.5 * entry.leakage_holdout_random
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma", "gpt2"])
+def test_float64_sums_give_exactly_the_smallest_eigenvectors(make_model, tokenizer, knowledge, architecture):
+    peft_model, _, covariances = init_and_compare(
+        make_model, tokenizer, knowledge, architecture, accumulate_dtype="float64"
+    )
+    for name, layer in lora_layers(peft_model, "default").items():
+        a = layer.lora_A["default"].weight.detach().double()
+        values, vectors = torch.linalg.eigh(covariances[name])
+        # Every eigenvector tied with the 4th counts: layer 0 sees few distinct tokens, so its covariance has
+        # an exactly-zero eigenspace wider than 4, any basis of which is right.
+        vectors = vectors[:, values <= values[3] + 1e-9 * values[-1]]
+        assert torch.linalg.norm(a - a @ vectors @ vectors.T) / torch.linalg.norm(a) < 1e-4, name
+
+
+def test_v2_freezes_lora_a_and_v1_does_not(make_model, tokenizer, knowledge):
+    for variant, a_trainable in (("v1", True), ("v2", False)):
+        peft_model = lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, variant=variant, **SMALL)
+        for name, param in peft_model.named_parameters():
+            if "lora_A" in name:
+                assert param.requires_grad is a_trainable, name
+            elif "lora_B" in name:
+                assert param.requires_grad, name
+            else:
+                assert not param.requires_grad, name
+
+
+def test_rslora_and_alpha_are_honoured(make_model, tokenizer, knowledge):
+    model = make_model()
+    probe = tokenizer(knowledge[:3], return_tensors="pt", padding=True)
+    before = logits(model, **probe)
+    config = LoraConfig(r=4, lora_alpha=32, use_rslora=True)
+    peft_model = lora_null_init(model, config, knowledge, tokenizer, **SMALL)
+    layer = next(iter(lora_layers(peft_model, "default").values()))
+    assert layer.scaling["default"] == pytest.approx(32 / 2)  # alpha / sqrt(r)
+    assert relative_error(logits(peft_model, **probe), before) < 1e-5
+
+
+def test_basis_init_leaves_the_base_untouched(make_model, tokenizer, knowledge):
+    model = make_model()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    peft_model = lora_null_init(model, LoraConfig(r=4), knowledge, tokenizer, init="basis", **SMALL)
+    for name, param in peft_model.get_base_model().named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(param, weights[name.replace(".base_layer", "")]), name
+    for layer in lora_layers(peft_model, "default").values():
+        a = layer.lora_A["default"].weight.detach()
+        assert not layer.lora_B["default"].weight.any()
+        assert torch.allclose(a @ a.T, torch.eye(4), atol=1e-5)  # orthonormal null basis
+    assert all(entry.leakage < 0.5 for entry in peft_model.lora_null_report.layers)
+
+
+def test_an_existing_peft_model_is_initialized_in_place(make_model, tokenizer, knowledge):
+    """What framework plugins do: they hold a PeftModel with a randomly initialized adapter."""
+    model = make_model()
+    probe = tokenizer(knowledge[:3], return_tensors="pt", padding=True)
+    before = logits(model, **probe)
+    peft_model = get_peft_model(model, LoraConfig(r=4, init_lora_weights=True, target_modules=["q_proj", "down_proj"]))
+    same = lora_null_init(peft_model, None, knowledge, tokenizer, **SMALL)
+    assert same is peft_model
+    assert {n.rsplit(".", 1)[-1] for n in lora_layers(same, "default")} == {"q_proj", "down_proj"}
+    assert relative_error(logits(same, **probe), before) < 1e-5
+    assert all(layer.lora_B["default"].weight.any() for layer in lora_layers(same, "default").values())
+
+
+def test_config_overrides_and_defaults():
+    config = LoraNullConfig().replace(variant="v1", num_samples=3)
+    assert (config.variant, config.num_samples, config.init) == ("v1", 3, "projected")

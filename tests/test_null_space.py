@@ -1,0 +1,60 @@
+import math
+
+import pytest
+import torch
+
+from lora_null_core.errors import InvalidRankError
+from lora_null_core.null_space import basis_factors, effective_rank, null_basis, projected_factors
+
+
+def random_covariance(d=24, rank=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(200, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, d, generator=g, dtype=torch.float64)
+    return x.T @ x + 1e-3 * torch.eye(d, dtype=torch.float64)
+
+
+def test_null_basis_spans_the_smallest_eigenvectors():
+    cov = random_covariance()
+    basis = null_basis(cov, 4)
+    values, vectors = torch.linalg.eigh(cov)
+    expected = vectors[:, :4]
+    assert torch.allclose(basis.T @ basis, torch.eye(4, dtype=torch.float64), atol=1e-10)
+    # Same subspace: projecting onto one loses nothing of the other.
+    assert torch.linalg.norm(expected - basis @ (basis.T @ expected)) < 1e-8
+    # And its energy is the minimum any 4-dim subspace can have.
+    assert torch.trace(basis.T @ cov @ basis) == pytest.approx(float(values[:4].sum()), rel=1e-8)
+
+
+@pytest.mark.parametrize("scaling", [1.0, 2.0, 16 / math.sqrt(8)])
+def test_projected_factors_rebuild_the_projected_weight(scaling):
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(20, 24, generator=g, dtype=torch.float64)
+    basis = null_basis(random_covariance(), 6)
+    lora_a, lora_b = projected_factors(weight, basis, scaling)
+    assert lora_a.shape == (6, 24) and lora_b.shape == (20, 6)
+    assert torch.allclose(scaling * lora_b @ lora_a, weight @ basis @ basis.T, atol=1e-10)
+    # A's rows lie in the null basis' span.
+    assert torch.allclose(lora_a @ basis @ basis.T, lora_a, atol=1e-10)
+    # Balanced factors (PiSSA-style): B and A carry equal singular values.
+    assert torch.allclose(lora_b.norm(dim=0), lora_a.norm(dim=1), atol=1e-10)
+
+
+def test_basis_factors_are_the_basis_and_zero():
+    basis = null_basis(random_covariance(), 5)
+    lora_a, lora_b = basis_factors(basis, 7)
+    assert torch.equal(lora_a, basis.T) and lora_b.shape == (7, 5) and not lora_b.any()
+
+
+def test_rank_must_leave_a_null_space():
+    with pytest.raises(InvalidRankError, match="d_in - 1 = 23"):
+        null_basis(random_covariance(), 24)
+    with pytest.raises(InvalidRankError, match="output width 3"):
+        projected_factors(torch.randn(3, 24, dtype=torch.float64), null_basis(random_covariance(), 4), 1.0)
+
+
+def test_effective_rank_matches_hand_computed_values():
+    assert effective_rank(torch.tensor([1.0, 1.0, 0.0, 0.0])) == pytest.approx(2.0)
+    assert effective_rank(torch.ones(7)) == pytest.approx(7.0)
+    # p = (3/4, 1/4): exp(-(3/4 ln 3/4 + 1/4 ln 1/4)) = 1.7548…
+    assert effective_rank(torch.tensor([3.0, 1.0])) == pytest.approx(1.7547654, rel=1e-6)
+    assert effective_rank(torch.diag(torch.tensor([3.0, 1.0]))) == pytest.approx(1.7547654, rel=1e-6)
