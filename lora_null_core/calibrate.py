@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import TokenBatch
+from .distributed import all_reduce_sum_, rank_and_world
 from .errors import InsufficientCalibrationError, NonFiniteActivationsError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ def collect_covariances(
     collector = CovarianceCollector(dtype, weighting)
     run_activation_pass(model, modules, batches, collector)
     result = collector.result
+    _all_reduce(result)
     missing = sorted(set(modules) - set(result.group_of))
     if missing:
         raise UnsupportedModelError(f"These target modules were never called during calibration: {', '.join(missing)}.")
@@ -155,6 +157,20 @@ def collect_covariances(
             matrix /= result.samples[key]
     logger.info("Collected %d distinct covariances for %d modules.", len(result.matrices), len(modules))
     return result
+
+
+def _all_reduce(covariances: Covariances) -> None:
+    """Sum every process's share of the calibration data (no-op in a single process)."""
+    if rank_and_world()[1] == 1:
+        return
+    keys = sorted(covariances.matrices)
+    for key in keys:
+        all_reduce_sum_(covariances.matrices[key])
+    device = covariances.matrices[keys[0]].device
+    counts = torch.tensor([[covariances.tokens[k], covariances.samples[k]] for k in keys], dtype=torch.float64, device=device)
+    all_reduce_sum_(counts)
+    for key, (tokens, samples) in zip(keys, counts.tolist()):
+        covariances.tokens[key], covariances.samples[key] = int(tokens), int(samples)
 
 
 def check_token_counts(covariances: Covariances, min_tokens_per_dim: float) -> None:

@@ -18,10 +18,11 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrate import check_token_counts, collect_covariances, model_device
+from .calibrate import Covariances, check_token_counts, collect_covariances, model_device
 from .config import LoraNullConfig
 from .data import CalibrationSource, TokenBatch, choose_texts, tokenize_batches
-from .errors import InvalidRankError, NoTargetModulesError, UnsupportedModelError
+from .distributed import assign_owners, broadcast_, rank_and_world, shard
+from .errors import InsufficientCalibrationError, InvalidRankError, NoTargetModulesError, UnsupportedModelError
 from .leakage import holdout_leakage, leakage_from_covariance, random_like
 from .null_space import basis_factors, null_basis, projected_factors
 from .report import InitReport, LayerReport
@@ -53,25 +54,27 @@ def lora_null_init(
     texts = choose_texts(
         calibration, tokenizer, config.num_samples, config.holdout_samples, config.seed, config.text_field
     )
-    batches = tokenize_batches(texts.calibration, tokenizer, config.max_length, config.batch_size)
+    # Small enough batches that every process gets at least one.
+    world = rank_and_world()[1]
+    batch_size = min(config.batch_size, -(-len(texts.calibration) // world))
+    batches = tokenize_batches(texts.calibration, tokenizer, config.max_length, batch_size)
+    if len(batches) < world:
+        raise InsufficientCalibrationError(f"{len(texts.calibration)} calibration samples cannot feed {world} processes.")
     probe = _probe(batches)
     bases = {name: layer.get_base_layer() for name, layer in layers.items()}
 
     with peft_model.disable_adapter():
         reference = _logits(peft_model, probe)
         covariances = collect_covariances(
-            peft_model, bases, batches, getattr(torch, config.accumulate_dtype), config.covariance_weighting
+            peft_model, bases, shard(batches), getattr(torch, config.accumulate_dtype), config.covariance_weighting
         )
     check_token_counts(covariances, config.min_tokens_per_dim)
 
+    null_bases = solve_null_bases(covariances, {name: layer.r[adapter_name] for name, layer in layers.items()})
     report_layers = []
-    bases_by_group = {}
     for name, layer in tqdm(layers.items(), desc="null-space init", unit="layer", leave=False):
-        group = covariances.group_of[name]
-        rank = layer.r[adapter_name]
-        if (group, rank) not in bases_by_group:
-            bases_by_group[group, rank] = null_basis(covariances.matrices[group], rank)
-        lora_a = write_adapter(layer, adapter_name, bases_by_group[group, rank], config.init)
+        basis = null_bases[covariances.group_of[name], layer.r[adapter_name]]
+        lora_a = write_adapter(layer, adapter_name, basis, config.init)
         report_layers.append(_layer_report(name, layer, adapter_name, covariances, lora_a, config.seed))
     apply_variant(peft_model, config.variant, adapter_name)
 
@@ -98,6 +101,27 @@ def lora_null_init(
         layers=report_layers,
     )
     return peft_model
+
+
+def solve_null_bases(covariances: Covariances, ranks: Mapping[str, int]) -> dict[tuple[str, int], torch.Tensor]:
+    """Null basis per (covariance, rank) needed by the layers; with several processes each basis is solved by
+    one owner rank and broadcast, so every rank holds bitwise the same bases."""
+    needed = sorted({(covariances.group_of[name], rank) for name, rank in ranks.items()})
+    owners = assign_owners({f"{group}|{rank}": covariances.matrices[group].shape[0] for group, rank in needed})
+    my_rank = rank_and_world()[0]
+    result = {}
+    for group, rank in tqdm(needed, desc="null bases", unit="covariance", leave=False):
+        matrix = covariances.matrices[group]
+        owner = owners[f"{group}|{rank}"]
+        if owner == my_rank:
+            basis = null_basis(matrix, rank)
+        else:
+            basis = torch.empty(matrix.shape[0], rank, dtype=torch.float64, device=matrix.device)
+        result[group, rank] = basis
+    # Broadcasts go after the solves, so owners work in parallel instead of in turn.
+    for (group, rank), basis in result.items():
+        broadcast_(basis, src=owners[f"{group}|{rank}"])
+    return result
 
 
 def as_peft_model(model: nn.Module, lora_config: Optional[LoraConfig], adapter_name: str) -> PeftModel:
@@ -201,6 +225,9 @@ def write_adapter(layer: LoraLayer, adapter_name: str, basis: torch.Tensor, init
         lora_a, lora_b = projected_factors(original, basis, scaling)
     else:
         lora_a, lora_b = basis_factors(basis, original.shape[0])
+    # Rank 0's factors everywhere: identical adapters on every process, whatever the SVD's last bits did.
+    broadcast_(lora_a)
+    broadcast_(lora_b)
     with torch.no_grad():
         lora_a_param.copy_(lora_a.to(lora_a_param.device))
         lora_b_param.copy_(lora_b.to(lora_b_param.device))
@@ -240,7 +267,7 @@ def _add_holdout_leakage(peft_model, layers, adapter_name, texts, tokenizer, con
     lora_as = {name: layer.lora_A[adapter_name].weight.detach() for name, layer in layers.items()}
     # Adapters stay enabled: the initialized model computes the original function, so each layer sees the
     # activations it saw before init.
-    measured = holdout_leakage(peft_model, bases, lora_as, batches, config.seed)
+    measured = holdout_leakage(peft_model, bases, lora_as, shard(batches), config.seed)
     for layer_report in report_layers:
         layer_report.leakage_holdout, layer_report.leakage_holdout_random = measured[layer_report.name]
 

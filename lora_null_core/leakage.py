@@ -15,6 +15,7 @@ from torch import nn
 
 from .calibrate import run_activation_pass
 from .data import TokenBatch
+from .distributed import all_reduce_sum_
 
 
 def random_like(lora_a: torch.Tensor, seed: int) -> torch.Tensor:
@@ -64,7 +65,9 @@ def holdout_leakage(
     collector = _LeakageCollector(lora_as, seed)
     run_activation_pass(model, modules, batches, collector, desc="held-out leakage")
     result = {}
-    for name, (a_response, r_response, x_energy) in collector.sums.items():
+    for name in sorted(collector.sums):
+        device = collector.a[name].device
+        a_response, r_response, x_energy = all_reduce_sum_(collector.sums[name].to(device)).tolist()
         a = collector.a[name]
         norm = a.square().sum()
         result[name] = (

@@ -26,7 +26,7 @@ def null_basis(covariance: torch.Tensor, rank: int) -> torch.Tensor:
     d_in = covariance.shape[0]
     if not 0 < rank < d_in:
         raise InvalidRankError(f"rank {rank} must be between 1 and d_in - 1 = {d_in - 1} to leave a null space.")
-    return eigendecompose(covariance)[1][:, :rank]
+    return eigendecompose(covariance)[1][:, :rank].contiguous()
 
 
 def projected_factors(weight: torch.Tensor, basis: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,14 +41,14 @@ def projected_factors(weight: torch.Tensor, basis: torch.Tensor, scaling: float)
     projected = weight.to(torch.float64) @ basis.to(torch.float64)
     left, singular, right_t = torch.linalg.svd(projected, full_matrices=False)
     root = singular.sqrt() / math.sqrt(scaling)
-    lora_b = left * root
-    lora_a = root.unsqueeze(1) * (right_t @ basis.to(torch.float64).T)
+    lora_b = (left * root).contiguous()
+    lora_a = (root.unsqueeze(1) * (right_t @ basis.to(torch.float64).T)).contiguous()
     return lora_a, lora_b
 
 
 def basis_factors(basis: torch.Tensor, d_out: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The basis init: A = Uᵀ (unit rows in the null space), B = 0, base weight untouched."""
-    return basis.to(torch.float64).T.contiguous(), torch.zeros(d_out, basis.shape[1], dtype=torch.float64)
+    return basis.to(torch.float64).T.contiguous(), basis.new_zeros(d_out, basis.shape[1], dtype=torch.float64)
 
 
 def effective_rank(covariance_or_values: torch.Tensor) -> float:

@@ -1,0 +1,93 @@
+"""Two gloo processes on the CPU stand in for a multi-GPU launch (torchrun / accelerate launch)."""
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+
+from lora_null_core import collect_covariances, lora_null_init
+from lora_null_core.data import tokenize_batches
+from lora_null_core.distributed import assign_owners, shard
+from lora_null_core.initialize import lora_layers
+from lora_null_core.tiny import arithmetic_texts, knowledge_texts, tiny_model, tiny_tokenizer
+
+TEXTS = knowledge_texts(160, seed=5) + arithmetic_texts(80, seed=6)
+
+
+def run_everything(texts):
+    """Covariances (sharded when distributed) and a full init, as flat tensors."""
+    tokenizer = tiny_tokenizer(texts)
+    model = tiny_model("llama", len(tokenizer), seed=11)
+    state = {}
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
+    covariances = collect_covariances(model, linears, shard(tokenize_batches(texts, tokenizer, 64, 8)), torch.float64)
+    for key, matrix in covariances.matrices.items():
+        state["cov." + key] = matrix
+    peft_model = lora_null_init(
+        model, LoraConfig(r=4, lora_alpha=8), texts, tokenizer,
+        num_samples=200, holdout_samples=40, batch_size=8, accumulate_dtype="float64",
+    )
+    for name, layer in lora_layers(peft_model, "default").items():
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        state["delta." + name] = (layer.scaling["default"] * b @ a).detach().contiguous()
+        state["rows." + name] = torch.linalg.qr(a.detach().double().T)[0].contiguous()
+        state["residual." + name] = layer.get_base_layer().weight.detach().contiguous()
+    state["holdout"] = torch.tensor([entry.leakage_holdout for entry in peft_model.lora_null_report.layers])
+    return state
+
+
+def worker(rank, world, port, folder):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        save_file(run_everything(TEXTS), os.path.join(folder, f"rank{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_and_each_other(tmp_path):
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+    single = run_everything(TEXTS)
+    assert rank0.keys() == single.keys()
+    for key in single:
+        assert torch.equal(rank0[key], rank1[key]), key  # every rank ends with bitwise identical results
+    for key in (k for k in single if k.startswith("cov.")):
+        # The stated tolerance: sharded float64 sums equal one process's up to summation order, 1e-12 relative.
+        assert (rank0[key] - single[key]).norm() <= 1e-12 * single[key].norm(), key
+    for name in (k[len("rows."):] for k in single if k.startswith("rows.")):
+        cov = next(single[k] for k in single if k.startswith("cov.") and single[k].shape[0] == rank0["rows." + name].shape[0]
+                   and _same_input(name, k))
+        values = torch.linalg.eigvalsh(cov)
+        gap = (values[4] - values[3]) / values[-1]
+        if gap > 1e-6:  # a well-separated null space is the same subspace, so the same adapter
+            assert (rank0["delta." + name] - single["delta." + name]).norm() <= 1e-6 * single["delta." + name].norm()
+        # Whatever the gap, the distributed basis holds no more calibration energy than the single one.
+        energy = lambda rows: torch.trace(rows.T @ cov @ rows)  # noqa: E731
+        assert energy(rank0["rows." + name]) <= energy(single["rows." + name]) * (1 + 1e-6) + 1e-12 * values[-1]
+    assert torch.allclose(rank0["holdout"], single["holdout"], rtol=1e-6)
+
+
+def _same_input(module_name, cov_key):
+    """The covariance key a module reads (q/k/v share q_proj's, gate/up share gate_proj's)."""
+    prefix, _, leaf = module_name.rpartition(".")
+    leader = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}.get(leaf, leaf)
+    return cov_key == f"cov.{prefix}.{leader}"
+
+
+def test_owners_spread_the_eigh_work(monkeypatch):
+    from lora_null_core import distributed
+
+    monkeypatch.setattr(distributed, "rank_and_world", lambda: (0, 3))
+    owners = assign_owners({"down": 11008, "attn": 4096, "o": 4096, "mlp": 4096})
+    assert owners["down"] == 0 and {owners["attn"], owners["o"], owners["mlp"]} == {1, 2}
