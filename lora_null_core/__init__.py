@@ -22,7 +22,7 @@ from .initialize import apply_variant, lora_null_init
 from .leakage import holdout_leakage, leakage_from_covariance
 from .null_space import basis_factors, effective_rank, null_basis, projected_factors
 from .report import InitReport, LayerReport
-from .saving import load_initialized, save_initialized
+from .saving import load_initialized, save_initial_adapter, save_initialized
 from .workflow import init_to_folder
 
 __version__ = "0.1.0"
@@ -33,5 +33,5 @@ __all__ = [
     "NonFiniteActivationsError", "OutputExistsError", "UnsupportedModelError", "apply_variant", "basis_factors",
     "collect_covariances", "effective_rank", "export_for_original_base", "holdout_leakage", "init_to_folder",
     "leakage_from_covariance", "load_initialized", "lora_null_init", "merge_to_full_model", "null_basis",
-    "projected_factors", "run_activation_pass", "save_initialized",
+    "projected_factors", "run_activation_pass", "save_initial_adapter", "save_initialized",
 ]

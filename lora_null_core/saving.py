@@ -98,18 +98,30 @@ def save_initialized(
     peft_model: PeftModel, output_dir: os.PathLike, tokenizer: Any = None, overwrite: bool = False
 ) -> Path:
     """Write base/, adapter/ and lora_null.json of an initialized model into `output_dir`, atomically."""
-    report = getattr(peft_model, "lora_null_report", None)
-    if report is None:
-        raise LoraNullError("This PeftModel was not initialized by lora_null_init (it has no lora_null_report).")
     with atomic_output_dir(output_dir, overwrite) as staging:
-        save_adapter(peft_model, staging / ADAPTER_DIR, report.adapter_name)
+        _write_initial_adapter(peft_model, staging)
         base = peft_model.get_base_model()
         base.save_pretrained(staging / BASE_DIR, state_dict=base_state_dict(peft_model))
         if tokenizer is not None:
             tokenizer.save_pretrained(staging / BASE_DIR)
-        report.write(staging)
     logger.info("Wrote %s (base/, adapter/, lora_null.json).", output_dir)
     return Path(output_dir)
+
+
+def save_initial_adapter(peft_model: PeftModel, output_dir: os.PathLike, overwrite: bool = False) -> Path:
+    """Write only adapter/ and lora_null.json: all `export` needs, when the base can be rebuilt by
+    re-running the (deterministic) init, as a trainer resuming from a checkpoint does."""
+    with atomic_output_dir(output_dir, overwrite) as staging:
+        _write_initial_adapter(peft_model, staging)
+    return Path(output_dir)
+
+
+def _write_initial_adapter(peft_model: PeftModel, folder: Path) -> None:
+    report = getattr(peft_model, "lora_null_report", None)
+    if report is None:
+        raise LoraNullError("This PeftModel was not initialized by lora_null_init (it has no lora_null_report).")
+    save_adapter(peft_model, folder / ADAPTER_DIR, report.adapter_name)
+    report.write(folder)
 
 
 def save_adapter(peft_model: PeftModel, folder: Path, adapter_name: str) -> None:

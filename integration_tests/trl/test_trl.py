@@ -1,0 +1,131 @@
+"""Real trl.SFTTrainer runs on a tiny local model: Python API, TRL-style YAML CLI, and two processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import load_dataset
+from peft import LoraConfig, PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lora_null_core import LoraNullConfig, lora_null_init
+from lora_null_core.initialize import lora_layers
+from lora_null_trl import EXPORT_DIR, INIT_DIR, LoraNullSFTConfig, LoraNullSFTTrainer
+
+LORA = dict(r=4, lora_alpha=8, target_modules="all-linear")
+
+
+def trainer_for(workspace, output_dir, variant, **overrides):
+    settings = dict(
+        output_dir=str(output_dir), max_steps=5, per_device_train_batch_size=8, learning_rate=5e-3,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, max_length=32, bf16=False,
+        adapter_init="lora_null", lora_null_calibration=str(workspace / "calibration.jsonl"),
+        lora_null_num_samples=200, lora_null_holdout_samples=40, lora_null_variant=variant,
+    )
+    args = LoraNullSFTConfig(**{**settings, **overrides})
+    return LoraNullSFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(workspace / "model", dtype=torch.float32),
+        args=args,
+        train_dataset=load_dataset("json", data_files=str(workspace / "task" / "train.jsonl"), split="train"),
+        processing_class=AutoTokenizer.from_pretrained(workspace / "model"),
+        peft_config=LoraConfig(**LORA),
+    )
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def adapter_state(model):
+    return {f"{name}.{part}": getattr(layer, part)["default"].weight.detach().clone()
+            for name, layer in lora_layers(model, "default").items() for part in ("lora_A", "lora_B")}
+
+
+def logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_sft_trainer_trains_a_lora_null_adapter_and_exports_it(workspace, tmp_path, variant):
+    trainer = trainer_for(workspace, tmp_path / "run", variant)
+    at_step0 = adapter_state(trainer.model)
+
+    # Step 0 is exactly what the core produces for the same model, data and settings.
+    core = lora_null_init(
+        AutoModelForCausalLM.from_pretrained(workspace / "model", dtype=torch.float32), LoraConfig(**LORA),
+        str(workspace / "calibration.jsonl"), AutoTokenizer.from_pretrained(workspace / "model"),
+        LoraNullConfig(variant=variant, num_samples=200, holdout_samples=40),
+    )
+    for key, value in adapter_state(core).items():
+        assert torch.allclose(at_step0[key], value, atol=1e-6), key
+
+    trainer.train()
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    for name, param in trainer.model.named_parameters():
+        assert (id(param) in optimized) == param.requires_grad, name  # the optimizer sees trainable params only
+    after = adapter_state(trainer.model)
+    for key in after:
+        if key.endswith("lora_A"):
+            assert torch.equal(after[key], at_step0[key]) == (variant == "v2"), key
+        else:
+            assert not torch.equal(after[key], at_step0[key]), key
+
+    out = tmp_path / "run" / "final"
+    trainer.save_model(str(out))
+    exported = json.loads((out / EXPORT_DIR / "adapter_config.json").read_text())
+    assert exported["r"] == (4 if variant == "v2" else 8)
+    original = AutoModelForCausalLM.from_pretrained(workspace / "model", dtype=torch.float32)
+    on_original = PeftModel.from_pretrained(original, str(out / EXPORT_DIR))
+    ids = torch.tensor([[2, 20, 21, 22, 23, 24, 25]])
+    expected = logits(trainer.model, ids)
+    assert (logits(on_original, ids) - expected).norm() / expected.norm() < 1e-5
+    metadata = json.loads((tmp_path / "run" / INIT_DIR / "lora_null.json").read_text())
+    assert metadata["summary"]["leakage_holdout_mean"] < 0.5 * metadata["summary"]["leakage_holdout_random_mean"]
+
+
+def test_trl_yaml_cli(workspace, tmp_path):
+    config = {
+        "model_name_or_path": str(workspace / "model"), "dataset_name": str(workspace / "task"),
+        "output_dir": str(tmp_path / "cli-run"), "max_steps": 3, "per_device_train_batch_size": 8,
+        "use_peft": True, "lora_r": 4, "lora_alpha": 8, "lora_target_modules": "all-linear",
+        "report_to": "none", "use_cpu": True, "save_strategy": "no", "max_length": 32, "dtype": "float32", "bf16": False,
+        "adapter_init": "lora_null", "lora_null_calibration": str(workspace / "calibration.jsonl"),
+        "lora_null_num_samples": 150, "lora_null_variant": "v2",
+    }
+    (tmp_path / "cfg.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in config.items()) + "\n")
+    cli = Path(sys.executable).parent / "lora-null-trl"
+    result = subprocess.run([str(cli), "sft", "--config", str(tmp_path / "cfg.yaml")], capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    run = tmp_path / "cli-run"
+    assert json.loads((run / EXPORT_DIR / "adapter_config.json").read_text())["r"] == 4
+    assert json.loads((run / INIT_DIR / "lora_null.json").read_text())["calibration"]["num_samples"] == 150
+    trained, initial = load_file(str(run / "adapter_model.safetensors")), load_file(str(run / INIT_DIR / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(trained[k], initial[k]) for k in initial if "lora_A" in k)  # v2 kept A frozen
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial if "lora_B" in k)
+
+
+def test_two_processes_end_with_identical_adapters(workspace, tmp_path):
+    script = Path(__file__).with_name("ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         str(script), str(workspace), str(tmp_path)], capture_output=True, text=True, timeout=900, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    rank0, rank1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and len(rank0) > 0
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    assert any("lora_B" in k for k in rank0)

@@ -1,0 +1,56 @@
+"""`lora-null-trl sft --config cfg.yaml`: TRL's own `sft` script with LoRA-Null's keys added.
+
+The YAML is a TRL SFT config (model_name_or_path, dataset_name, use_peft, lora_r, …) plus `adapter_init:
+lora_null` and `lora_null_*`. TRL's script runs unchanged except that it builds LoraNullSFTTrainer.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from typing import Optional, Sequence
+
+from .config import LoraNullSFTConfig
+from .trainer import LoraNullSFTTrainer
+
+
+def _trl_sft_script():
+    import trl
+    from trl.scripts import sft
+
+    if not hasattr(sft, "main"):
+        raise SystemExit(f"lora-null-trl: trl {trl.__version__} has no scripts/sft.py main(); use trl>=0.24.")
+    return sft
+
+
+def _use_lora_null_trainer(sft) -> None:
+    """The one change to TRL's script: the trainer class it builds. trl < 1.0 imports SFTTrainer at module
+    level in scripts/sft.py; later versions import it from `trl` inside main()."""
+    import trl
+
+    trl.SFTTrainer = LoraNullSFTTrainer
+    if hasattr(sft, "SFTTrainer"):
+        sft.SFTTrainer = LoraNullSFTTrainer
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "sft":
+        print("usage: lora-null-trl sft --config cfg.yaml [TRL sft arguments]", file=sys.stderr)
+        return 2
+    from trl import ModelConfig, ScriptArguments, TrlParser
+
+    sft = _trl_sft_script()
+    types = [ScriptArguments, LoraNullSFTConfig, ModelConfig]
+    if len(inspect.signature(sft.main).parameters) == 4:  # trl >= 0.24 adds dataset mixtures
+        from trl import DatasetMixtureConfig
+
+        types.append(DatasetMixtureConfig)
+    parsed = TrlParser(types).parse_args_and_config(args=argv[1:])
+    _use_lora_null_trainer(sft)
+    sft.main(*parsed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

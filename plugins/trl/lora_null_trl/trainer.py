@@ -1,0 +1,62 @@
+"""SFTTrainer with LoRA-Null: TRL builds the PeftModel as usual, then the adapter is rewritten in place
+before any optimizer exists, so the optimizer only ever sees trainable parameters (v2: lora_B alone)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from peft import PeftModel
+from trl import SFTTrainer
+
+from lora_null_core import export_for_original_base, lora_null_init, save_initial_adapter
+from lora_null_core.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+INIT_DIR, EXPORT_DIR = "lora_null_init", "lora_null_export"
+
+
+class LoraNullSFTTrainer(SFTTrainer):
+    """Drop-in SFTTrainer: with `args.adapter_init == "lora_null"` (a LoraNullSFTConfig) the LoRA adapter
+    is LoRA-Null-initialized; otherwise it behaves exactly like SFTTrainer."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if getattr(self.args, "adapter_init", "default") == "lora_null":
+            self._initialize_lora_null()
+
+    @property
+    def lora_null_init_dir(self) -> Path:
+        return Path(self.args.output_dir) / INIT_DIR
+
+    def _initialize_lora_null(self) -> None:
+        if not isinstance(self.model, PeftModel):
+            raise ConfigError(
+                "adapter_init: lora_null needs a LoRA adapter: pass peft_config=LoraConfig(...) to the trainer "
+                "(in a TRL YAML: use_peft: true, lora_r, lora_alpha, lora_target_modules)."
+            )
+        # Every process runs this; the core shards calibration over the process group the trainer set up
+        # and broadcasts rank 0's factors, so every rank holds identical weights.
+        lora_null_init(
+            self.model, None, self.args.lora_null_calibration, self.processing_class,
+            self.args.lora_null_config(), adapter_name=self.model.active_adapter,
+        )
+        if self.is_world_process_zero():
+            save_initial_adapter(self.model, self.lora_null_init_dir, overwrite=True)
+            logger.info("LoRA-Null init: %s", self.model.lora_null_report.summary())
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if getattr(self.args, "adapter_init", "default") != "lora_null" or not self.args.lora_null_export:
+            return
+        if self.is_world_process_zero():
+            folder = Path(output_dir or self.args.output_dir)
+            export_for_original_base(self.lora_null_init_dir, folder, folder / EXPORT_DIR, overwrite=True)
+
+
+def trained_on_residual_base(folder: os.PathLike) -> bool:
+    """True if `folder` holds a LoRA-Null checkpoint (and so its own export for the original base)."""
+    return (Path(folder) / EXPORT_DIR / "adapter_config.json").exists()
