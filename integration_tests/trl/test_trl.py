@@ -24,6 +24,7 @@ def trainer_for(workspace, output_dir, variant, **overrides):
     settings = dict(
         output_dir=str(output_dir), max_steps=5, per_device_train_batch_size=8, learning_rate=5e-3,
         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, max_length=32, bf16=False,
+        gradient_checkpointing=False,  # trl 0.24 turns it on; reentrant checkpointing and DDP clash on CPU
         adapter_init="lora_null", lora_null_calibration=str(workspace / "calibration.jsonl"),
         lora_null_num_samples=200, lora_null_holdout_samples=40, lora_null_variant=variant,
     )
@@ -129,3 +130,16 @@ def test_two_processes_end_with_identical_adapters(workspace, tmp_path):
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
     assert any("lora_B" in k for k in rank0)
+
+
+def test_example_yaml_parses_into_trl_and_lora_null_arguments(tmp_path):
+    from trl import ModelConfig, ScriptArguments, TrlParser
+
+    example = Path(__file__).parents[2] / "examples" / "trl" / "sft_lora_null.yaml"
+    (tmp_path / "questions.jsonl").write_text('{"text": "Where was Ada Varga born ?"}\n')
+    script_args, config, model_args = TrlParser([ScriptArguments, LoraNullSFTConfig, ModelConfig]).parse_args_and_config(
+        args=["--config", str(example), "--lora_null_calibration", str(tmp_path / "questions.jsonl"), "--use_cpu", "true"]
+    )
+    assert config.adapter_init == "lora_null" and config.lora_null_variant == "v2"
+    assert model_args.use_peft and model_args.lora_r == 16
+    assert script_args.dataset_name == "trl-lib/Capybara"
