@@ -33,6 +33,52 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+class InputTaps:
+    """Forward pre-hooks on `modules` that show `visit` each module's non-padding input tokens.
+
+    Used as a context manager; call `set_batch(mask)` before each forward so padding can be dropped.
+    `visit` may be swapped between batches (calibration sums, then held-out leakage).
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module], visit: Visitor) -> None:
+        self.modules, self.visit = modules, visit
+        self._handles: list = []
+        self._mask: Optional[torch.Tensor] = None
+        self._last: tuple = (None, None, None, None)  # raw input, leader name, tokens, sample ids
+
+    def set_batch(self, mask: torch.Tensor) -> None:
+        self._mask, self._last = mask.bool(), (None, None, None, None)
+
+    def _hook(self, name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            raw = args[0]
+            last_raw, leader, tokens, ids = self._last
+            if raw is last_raw:
+                self.visit(name, tokens, ids, leader)
+                return
+            tokens, ids = non_padding_tokens(raw, self._mask.to(raw.device), name)
+            # Holding `raw` keeps its storage alive, so identity really means "the same tensor".
+            self._last = (raw, name, tokens, ids)
+            self.visit(name, tokens, ids, None)
+
+        return hook
+
+    def __enter__(self) -> InputTaps:
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._last = [], (None, None, None, None)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where token ids must go: the input embedding's device (which may differ from the blocks')."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return embeddings.weight.device if embeddings is not None else model_device(model)
+
+
 def run_activation_pass(
     model: nn.Module,
     modules: Mapping[str, nn.Module],
@@ -41,34 +87,15 @@ def run_activation_pass(
     desc: str = "calibration",
 ) -> None:
     """Run every batch through `model` (no grad, eval mode) and show `visit` each module's input tokens."""
-    state: dict = {"mask": None, "raw": None, "leader": None, "tokens": None, "ids": None}
-
-    def make_hook(name: str):
-        def hook(_module: nn.Module, args: tuple) -> None:
-            raw = args[0]
-            if raw is state["raw"]:
-                visit(name, state["tokens"], state["ids"], state["leader"])
-                return
-            tokens, ids = non_padding_tokens(raw, state["mask"], name)
-            # Holding `raw` keeps its storage alive, so identity really means "the same tensor".
-            state.update(raw=raw, leader=name, tokens=tokens, ids=ids)
-            visit(name, tokens, ids, None)
-
-        return hook
-
-    handles = [module.register_forward_pre_hook(make_hook(name)) for name, module in modules.items()]
     was_training = model.training
-    device = model_device(model)
+    device = input_device(model)
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), InputTaps(modules, visit) as taps:
             for batch in tqdm(list(batches), desc=desc, unit="batch", leave=False):
-                state.update(mask=batch.attention_mask.to(device).bool(), raw=None, leader=None)
+                taps.set_batch(batch.attention_mask)
                 model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
     finally:
-        for handle in handles:
-            handle.remove()
-        state.clear()
         model.train(was_training)
 
 
@@ -101,6 +128,19 @@ class Covariances:
         return self.matrices[self.group_of[module_name]]
 
 
+def gram(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """xᵀx summed in `dtype`. bf16/fp16 activations are exact in fp32, so on a GPU the product runs on
+    half-precision inputs with fp32 accumulation (about 17× faster than upcasting first, same values up to
+    summation order); everywhere else the inputs are upcast."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and dtype == torch.float32:
+        try:
+            return torch.mm(x.T, x, out_dtype=torch.float32)
+        except TypeError:  # torch without out_dtype
+            pass
+    x = x.to(dtype)
+    return x.T @ x
+
+
 class CovarianceCollector:
     """Visitor accumulating plain fp32/fp64 sums (no running mean: it drifts) with token counts."""
 
@@ -117,8 +157,9 @@ class CovarianceCollector:
             return
         if groups.setdefault(name, name) != name:
             raise UnsupportedModelError(f"{name} shared its input in one batch but not in another.")
-        x = tokens.to(self.dtype)
+        x = tokens
         if self.weighting == "per_sample_max":
+            x = x.to(self.dtype)
             # The authors' reference scales each sample by 1 / |max(x)| before the outer product.
             peak = torch.full((int(sample_ids.max()) + 1,), float("-inf"), dtype=x.dtype, device=x.device)
             peak = peak.scatter_reduce(0, sample_ids, x.amax(dim=1), reduce="amax")
@@ -127,7 +168,7 @@ class CovarianceCollector:
         if matrix is None:
             matrix = self.result.matrices[name] = torch.zeros(x.shape[1], x.shape[1], dtype=self.dtype, device=x.device)
             self.result.tokens[name] = self.result.samples[name] = 0
-        matrix.addmm_(x.T, x)
+        matrix += gram(x, self.dtype)
         self.result.tokens[name] += x.shape[0]
         self.result.samples[name] += int(sample_ids.unique().numel())
 
@@ -142,7 +183,11 @@ def collect_covariances(
     """Input covariance of every module in `modules`, one shared entry per distinct input tensor."""
     collector = CovarianceCollector(dtype, weighting)
     run_activation_pass(model, modules, batches, collector)
-    result = collector.result
+    return finalize_covariances(collector.result, modules, weighting)
+
+
+def finalize_covariances(result: Covariances, modules: Mapping[str, nn.Module], weighting: str) -> Covariances:
+    """Sum over processes, then refuse missing or non-finite entries."""
     _all_reduce(result)
     missing = sorted(set(modules) - set(result.group_of))
     if missing:
@@ -155,7 +200,7 @@ def collect_covariances(
             )
         if weighting == "per_sample_max":
             matrix /= result.samples[key]
-    logger.info("Collected %d distinct covariances for %d modules.", len(result.matrices), len(modules))
+    logger.debug("Collected %d distinct covariances for %d modules.", len(result.matrices), len(modules))
     return result
 
 

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--min-tokens-per-dim", type=float, default=defaults.min_tokens_per_dim)
     init.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16.")
     init.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available).")
+    init.add_argument("--streaming", choices=("auto", "on", "off"), default=defaults.streaming, help="Block-by-block calibration (auto: when the model allows).")
+    init.add_argument("--offload", action="store_true", help="Keep weights in CPU memory; stream one block at a time to --device.")
+    init.add_argument("--accumulate-dtype", choices=("float32", "float64"), default=defaults.accumulate_dtype)
     init.add_argument("--trust-remote-code", action="store_true", help="Run the model repo's own code (only if you trust it).")
     init.add_argument("--overwrite", action="store_true", help="Replace OUT if it exists.")
 
@@ -79,10 +82,14 @@ def _init(args: argparse.Namespace) -> dict:
         variant=args.variant, init=args.init, num_samples=args.num_samples, holdout_samples=args.holdout_samples,
         max_length=args.max_length, batch_size=args.batch_size, seed=args.seed, text_field=args.text_field,
         covariance_weighting=args.covariance_weighting, min_tokens_per_dim=args.min_tokens_per_dim,
+        streaming=args.streaming, accumulate_dtype=args.accumulate_dtype,
     )
+    if args.offload and args.streaming == "off":
+        raise LoraNullError("--offload needs block streaming; drop --streaming off.")
     report = init_to_folder(
         args.model, args.calibration, Path(args.output), lora_config, config,
         dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code, overwrite=args.overwrite,
+        offload=args.offload,
     )
     return {"output": args.output, "layers": len(report.layers), **report.summary()}
 

@@ -56,12 +56,21 @@ class LoraNullConfig:
         },
     )
 
+    streaming: Literal["auto", "on", "off"] = field(
+        default="auto",
+        metadata={
+            "help": "Calibrate and initialize one decoder block at a time (peak memory: one block, its inputs and "
+            "its covariances). auto: whenever the model's blocks allow it; off: one whole-model pass."
+        },
+    )
+
     def __post_init__(self) -> None:
         choices = {
             "variant": ("v1", "v2"),
             "init": ("projected", "basis"),
             "covariance_weighting": ("token_sum", "per_sample_max"),
             "accumulate_dtype": ("float32", "float64"),
+            "streaming": ("auto", "on", "off"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

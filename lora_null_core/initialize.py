@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -18,12 +19,21 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrate import Covariances, check_token_counts, collect_covariances, model_device
+from .calibrate import (
+    CovarianceCollector,
+    Covariances,
+    InputTaps,
+    check_token_counts,
+    collect_covariances,
+    finalize_covariances,
+    model_device,
+)
 from .config import LoraNullConfig
 from .data import CalibrationSource, TokenBatch, choose_texts, tokenize_batches
 from .distributed import assign_owners, broadcast_, rank_and_world, shard
 from .errors import InsufficientCalibrationError, InvalidRankError, NoTargetModulesError, UnsupportedModelError
-from .leakage import holdout_leakage, leakage_from_covariance, random_like
+from .leakage import LeakageCollector, holdout_leakage, leakage_from_covariance, random_like
+from .sequential import capture_block_inputs, decoder_blocks, layers_by_block, run_block, stream_blocks
 from .null_space import basis_factors, null_basis, projected_factors
 from .report import InitReport, LayerReport
 
@@ -39,12 +49,15 @@ def lora_null_init(
     tokenizer: Any,
     config: Optional[LoraNullConfig] = None,
     adapter_name: str = "default",
+    execution_device: Optional[str] = None,
     **overrides: Any,
 ) -> PeftModel:
     """Initialize a LoRA adapter in the null space of the calibration activations; return the PeftModel.
 
     `overrides` replace LoraNullConfig fields, e.g. `lora_null_init(model, cfg, data, tok, variant="v2")`.
-    The PeftModel carries the measurements as `.lora_null_report` (an InitReport).
+    The PeftModel carries the measurements as `.lora_null_report` (an InitReport). With streaming, blocks
+    run on `execution_device` (default: where the model is), so a model kept on the CPU is initialized
+    on a GPU one block at a time.
     """
     config = (config or LoraNullConfig()).replace(**overrides)
     peft_model = as_peft_model(model, lora_config, adapter_name)
@@ -60,28 +73,26 @@ def lora_null_init(
     batches = tokenize_batches(texts.calibration, tokenizer, config.max_length, batch_size)
     if len(batches) < world:
         raise InsufficientCalibrationError(f"{len(texts.calibration)} calibration samples cannot feed {world} processes.")
+    holdout = tokenize_batches(texts.holdout, tokenizer, config.max_length, batch_size) if texts.holdout else []
     probe = _probe(batches)
-    bases = {name: layer.get_base_layer() for name, layer in layers.items()}
 
-    with peft_model.disable_adapter():
-        reference = _logits(peft_model, probe)
-        covariances = collect_covariances(
-            peft_model, bases, shard(batches), getattr(torch, config.accumulate_dtype), config.covariance_weighting
-        )
-    check_token_counts(covariances, config.min_tokens_per_dim)
-
-    null_bases = solve_null_bases(covariances, {name: layer.r[adapter_name] for name, layer in layers.items()})
-    report_layers = []
-    for name, layer in tqdm(layers.items(), desc="null-space init", unit="layer", leave=False):
-        basis = null_bases[covariances.group_of[name], layer.r[adapter_name]]
-        lora_a = write_adapter(layer, adapter_name, basis, config.init)
-        report_layers.append(_layer_report(name, layer, adapter_name, covariances, lora_a, config.seed))
+    plan = streaming_plan(peft_model, layers, config)
+    was_training = peft_model.training
+    peft_model.eval()
+    try:
+        if plan is not None:
+            device = torch.device(execution_device) if execution_device else model_device(peft_model)
+            report_layers, function_error = _init_streaming(
+                peft_model, layers, plan, shard(batches), shard(holdout), probe, config, adapter_name, device
+            )
+        else:
+            report_layers, function_error = _init_whole_model(
+                peft_model, layers, shard(batches), shard(holdout), probe, config, adapter_name
+            )
+    finally:
+        peft_model.train(was_training)
     apply_variant(peft_model, config.variant, adapter_name)
-
-    function_error = _relative_error(_logits(peft_model, probe), reference, probe.attention_mask)
-    logger.info("Function preserved after init: relative logit error %.2e.", function_error)
-    if texts.holdout:
-        _add_holdout_leakage(peft_model, layers, adapter_name, texts.holdout, tokenizer, config, report_layers)
+    logger.info("Function preserved after init: relative error %.2e.", function_error)
 
     peft_model.lora_null_report = InitReport(
         variant=config.variant,
@@ -94,13 +105,107 @@ def lora_null_init(
             "num_samples": len(texts.calibration),
             "holdout_samples": len(texts.holdout),
             "max_length": config.max_length,
-            "tokens": max(covariances.tokens.values()),
+            "tokens": max(layer.tokens for layer in report_layers),
         },
+        function_error_measure="max_block_output" if plan is not None else "logits",
         config=config.to_dict(),
         function_error=function_error,
         layers=report_layers,
     )
     return peft_model
+
+
+def streaming_plan(peft_model: PeftModel, layers: Mapping[str, LoraLayer], config: LoraNullConfig):
+    """(blocks, layer names per block) when block-by-block calibration applies, else None."""
+    if config.streaming == "off":
+        return None
+    found = decoder_blocks(peft_model.get_base_model())
+    grouped = layers_by_block(found[0], found[1], list(layers)) if found else None
+    if grouped is None:
+        if config.streaming == "on":
+            raise UnsupportedModelError(
+                "streaming='on' needs every target inside the decoder blocks of a model whose blocks share one "
+                "attention type; use streaming='auto' or 'off' for this model or these targets."
+            )
+        return None
+    return found[1], grouped
+
+
+def _initialize_layers(
+    layers: Mapping[str, LoraLayer], covariances: Covariances, config: LoraNullConfig, adapter_name: str
+) -> list[LayerReport]:
+    """Null bases → factors → residual for a set of layers whose covariances are complete."""
+    check_token_counts(covariances, config.min_tokens_per_dim)
+    null_bases = solve_null_bases(covariances, {name: layer.r[adapter_name] for name, layer in layers.items()})
+    reports = []
+    for name, layer in layers.items():
+        basis = null_bases[covariances.group_of[name], layer.r[adapter_name]]
+        lora_a = write_adapter(layer, adapter_name, basis, config.init)
+        reports.append(_layer_report(name, layer, adapter_name, covariances, lora_a, config.seed))
+    return reports
+
+
+def _init_whole_model(peft_model, layers, batches, holdout, probe, config, adapter_name):
+    """One forward pass over all data with every layer tapped; every covariance held at once."""
+    modules = {name: layer.get_base_layer() for name, layer in layers.items()}
+    with peft_model.disable_adapter():
+        reference = _logits(peft_model, probe)
+        covariances = collect_covariances(
+            peft_model, modules, batches, getattr(torch, config.accumulate_dtype), config.covariance_weighting
+        )
+    reports = _initialize_layers(layers, covariances, config, adapter_name)
+    function_error = _relative_error(_logits(peft_model, probe), reference, probe.attention_mask)
+    if holdout or config.holdout_samples:
+        lora_as = {name: layer.lora_A[adapter_name].weight.detach() for name, layer in layers.items()}
+        _set_holdout(reports, holdout_leakage(peft_model, modules, lora_as, holdout, config.seed))
+    return reports, function_error
+
+
+def _init_streaming(peft_model, layers, plan, batches, holdout, probe, config, adapter_name, device):
+    """Block by block: calibrate, initialize, measure; the GPU holds one block and the hidden states."""
+    blocks, names_by_block = plan
+    calls = capture_block_inputs(peft_model, blocks[0], [*batches, *holdout, probe], device)
+    calibration, held_out = range(len(batches)), range(len(batches), len(batches) + len(holdout))
+    dtype = getattr(torch, config.accumulate_dtype)
+    reports, errors = [], []
+    with torch.no_grad():
+        for step in stream_blocks(blocks, names_by_block, device):
+            block_layers = {name: layers[name] for name in step.names}
+            modules = {name: layer.get_base_layer() for name, layer in block_layers.items()}
+            collector = CovarianceCollector(dtype, config.covariance_weighting)
+            with peft_model.disable_adapter():
+                with InputTaps(modules, collector) as taps:
+                    for j in calibration:
+                        taps.set_batch(calls[j].mask)
+                        calls[j] = calls[j].with_hidden(run_block(step.block, calls[j]))
+                probe_before = run_block(step.block, calls[-1])
+            if block_layers:
+                covariances = finalize_covariances(collector.result, modules, config.covariance_weighting)
+                block_reports = _initialize_layers(block_layers, covariances, config, adapter_name)
+                reports += block_reports
+                lora_as = {name: layer.lora_A[adapter_name].weight.detach() for name, layer in block_layers.items()}
+                leakage = LeakageCollector(lora_as, config.seed)
+            with InputTaps(modules, leakage if block_layers else _ignore) as taps:
+                for j in held_out:
+                    taps.set_batch(calls[j].mask)
+                    calls[j] = calls[j].with_hidden(run_block(step.block, calls[j]))
+            if block_layers:
+                if config.holdout_samples:
+                    _set_holdout(block_reports, leakage.results())
+                after = run_block(step.block, calls[-1])
+                errors.append(_relative_error(after.float(), probe_before.float(), calls[-1].mask))
+            calls[-1] = calls[-1].with_hidden(probe_before)
+    return reports, max(errors)
+
+
+def _ignore(*_args: Any) -> None:
+    pass
+
+
+def _set_holdout(reports: list[LayerReport], measured: Mapping[str, tuple[float, float]]) -> None:
+    for entry in reports:
+        if entry.name in measured and not math.isnan(measured[entry.name][0]):
+            entry.leakage_holdout, entry.leakage_holdout_random = measured[entry.name]
 
 
 def solve_null_bases(covariances: Covariances, ranks: Mapping[str, int]) -> dict[tuple[str, int], torch.Tensor]:
@@ -259,17 +364,6 @@ def _layer_report(name, layer, adapter_name, covariances, lora_a, seed) -> Layer
         leakage=leakage_from_covariance(lora_a, covariance),
         leakage_random=leakage_from_covariance(random_like(lora_a, seed), covariance),
     )
-
-
-def _add_holdout_leakage(peft_model, layers, adapter_name, texts, tokenizer, config, report_layers) -> None:
-    batches = tokenize_batches(texts, tokenizer, config.max_length, config.batch_size)
-    bases = {name: layer.get_base_layer() for name, layer in layers.items()}
-    lora_as = {name: layer.lora_A[adapter_name].weight.detach() for name, layer in layers.items()}
-    # Adapters stay enabled: the initialized model computes the original function, so each layer sees the
-    # activations it saw before init.
-    measured = holdout_leakage(peft_model, bases, lora_as, shard(batches), config.seed)
-    for layer_report in report_layers:
-        layer_report.leakage_holdout, layer_report.leakage_holdout_random = measured[layer_report.name]
 
 
 def _probe(batches: list[TokenBatch]) -> TokenBatch:

@@ -22,7 +22,7 @@ def random_like(lora_a: torch.Tensor, seed: int) -> torch.Tensor:
     """A Gaussian matrix with the Frobenius norm of `lora_a`: the baseline leakage is measured against."""
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(lora_a.shape, generator=generator, dtype=torch.float64)
-    return (noise * (lora_a.double().norm() / noise.norm())).to(lora_a.device)
+    return (noise * (float(lora_a.double().norm()) / float(noise.norm()))).to(lora_a.device)
 
 
 def leakage_from_covariance(lora_a: torch.Tensor, covariance: torch.Tensor) -> float:
@@ -40,18 +40,33 @@ def _normalize(response: torch.Tensor, a_energy: torch.Tensor, x_energy: torch.T
     return math.sqrt(max(float(response), 0.0) / denominator)
 
 
-class _LeakageCollector:
+class LeakageCollector:
     """Visitor summing ‖A x‖², ‖R x‖² (random A) and ‖x‖² per module, without any d_in × d_in matrix."""
 
     def __init__(self, lora_as: Mapping[str, torch.Tensor], seed: int) -> None:
         self.a = {name: a.to(torch.float64) for name, a in lora_as.items()}
         self.random = {name: random_like(a, seed) for name, a in self.a.items()}
-        self.sums = {name: torch.zeros(3, dtype=torch.float64) for name in lora_as}
+        self.sums = {name: torch.zeros(3, dtype=torch.float64, device=a.device) for name, a in self.a.items()}
 
     def __call__(self, name: str, tokens: torch.Tensor, _ids: torch.Tensor, _same_as: Optional[str]) -> None:
         x = tokens.to(torch.float64)
         a, r = self.a[name].to(x.device), self.random[name].to(x.device)
-        self.sums[name] += torch.stack([(x @ a.T).square().sum(), (x @ r.T).square().sum(), x.square().sum()]).cpu()
+        self.sums[name] += torch.stack([(x @ a.T).square().sum(), (x @ r.T).square().sum(), x.square().sum()]).to(
+            self.sums[name].device
+        )
+
+    def results(self) -> dict[str, tuple[float, float]]:
+        """(leakage, random-A leakage) per module, summed over every process."""
+        result = {}
+        for name in sorted(self.sums):
+            a_response, r_response, x_energy = all_reduce_sum_(self.sums[name]).tolist()
+            a = self.a[name]
+            norm = a.square().sum()
+            result[name] = (
+                _normalize(a_response, norm, x_energy, a.shape[1]),
+                _normalize(r_response, norm, x_energy, a.shape[1]),
+            )
+        return result
 
 
 def holdout_leakage(
@@ -62,16 +77,6 @@ def holdout_leakage(
     seed: int = 0,
 ) -> dict[str, tuple[float, float]]:
     """(leakage, random-A leakage) per module on text that did not enter the covariance."""
-    collector = _LeakageCollector(lora_as, seed)
+    collector = LeakageCollector(lora_as, seed)
     run_activation_pass(model, modules, batches, collector, desc="held-out leakage")
-    result = {}
-    for name in sorted(collector.sums):
-        device = collector.a[name].device
-        a_response, r_response, x_energy = all_reduce_sum_(collector.sums[name].to(device)).tolist()
-        a = collector.a[name]
-        norm = a.square().sum()
-        result[name] = (
-            _normalize(a_response, norm, x_energy, a.shape[1]),
-            _normalize(r_response, norm, x_energy, a.shape[1]),
-        )
-    return result
+    return collector.results()

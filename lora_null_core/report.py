@@ -34,8 +34,10 @@ class InitReport:
     lora: dict[str, Any]
     calibration: dict[str, Any]
     config: dict[str, Any]
-    function_error: float  # ‖logits_after − logits_before‖ / ‖logits_before‖ on a calibration probe
+    function_error: float  # relative change of the model's output on a calibration probe, after init
     layers: list[LayerReport] = field(default_factory=list)
+    # "logits": of the whole model; "max_block_output": the largest over decoder blocks (streaming).
+    function_error_measure: str = "logits"
     format_version: int = FORMAT_VERSION
 
     def summary(self) -> dict[str, float]:

@@ -29,7 +29,8 @@ def test_init_then_export_from_the_command_line(tmp_path, saved_model, knowledge
     out = tmp_path / "init"
     result = run("init", "--model", saved_model, "--calibration", tmp_path / "calib.jsonl", "--rank", 4,
                  "--variant", "v2", "--output", out, "--alpha", 8, "--target-modules", "q_proj,v_proj,down_proj",
-                 "--num-samples", 200, "--max-length", 32, "--text-field", "question", "--dtype", "float32")
+                 "--num-samples", 200, "--max-length", 32, "--text-field", "question", "--dtype", "float32",
+                 "--offload", "--device", "cpu")
     assert float(parse(result.stdout)["function_error"]) < 1e-5
     assert (out / "base" / "model.safetensors").exists() and (out / "base" / "tokenizer.json").exists()
     adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())

@@ -1,0 +1,145 @@
+"""Layer streaming: calibrate and initialize one decoder block at a time (GPTQ-style sequential pipeline).
+
+The inputs of block 0 are captured once (a pre-hook stops the forward pass there); then each block is
+moved to the execution device, run on every cached batch with input taps, initialized, run on the held-out
+and probe batches, and moved back. Its outputs are the next block's inputs. Since the init leaves each
+block's function unchanged, one pass per block gives the same covariances as a whole-model pass, while the
+GPU holds one block, the cached hidden states and one block's covariances.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibrate import input_device
+from .data import TokenBatch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BlockInput:
+    """One batch's call of a decoder block: positional args, keyword args, and its padding mask."""
+
+    args: tuple
+    kwargs: dict
+    mask: torch.Tensor
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.args[0] if self.args else self.kwargs["hidden_states"]
+
+    def with_hidden(self, hidden: torch.Tensor) -> BlockInput:
+        if self.args:
+            return BlockInput((hidden, *self.args[1:]), self.kwargs, self.mask)
+        return BlockInput(self.args, {**self.kwargs, "hidden_states": hidden}, self.mask)
+
+
+class _StopForward(Exception):
+    pass
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """(name, ModuleList) of the model's decoder blocks, or None where streaming cannot be trusted."""
+    config = getattr(model, "config", None)
+    count = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    layer_types = set(getattr(config, "layer_types", None) or [])
+    if len(layer_types) > 1:
+        # Per-layer masks (sliding/full attention) are built inside the model's forward; block 0's
+        # keyword arguments would be wrong for the others.
+        logger.info("Layers of several attention types (%s): streaming off.", ", ".join(sorted(layer_types)))
+        return None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and count and len(module) == count:
+            return name, module
+    return None
+
+
+def capture_block_inputs(
+    model: nn.Module, first_block: nn.Module, batches: Sequence[TokenBatch], device: torch.device
+) -> list[BlockInput]:
+    """Run each batch up to the first decoder block and keep that block's call, moved to `device`."""
+    captured: list[BlockInput] = []
+    current: dict[str, Any] = {}
+
+    def stop(_module: nn.Module, args: tuple, kwargs: dict):
+        captured.append(BlockInput(_to(args, device), _to(kwargs, device), current["mask"].to(device)))
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(stop, with_kwargs=True)
+    ids_device = input_device(model)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                current["mask"] = batch.attention_mask
+                try:
+                    model(input_ids=batch.input_ids.to(ids_device), attention_mask=batch.attention_mask.to(ids_device),
+                          use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def run_block(block: nn.Module, call: BlockInput) -> torch.Tensor:
+    out = block(*call.args, **call.kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
+class StreamStep:
+    """What the caller does at one block: its index, the block, and the module names it holds."""
+
+    index: int
+    block: nn.Module
+    names: list[str]
+
+
+def stream_blocks(
+    blocks: nn.ModuleList,
+    layer_names: Mapping[int, list[str]],
+    device: torch.device,
+) -> Iterator[StreamStep]:
+    """Yield each block on `device`; move it back where it was once the caller is done with it."""
+    for index, block in enumerate(tqdm(blocks, desc="blocks", unit="block", leave=False)):
+        home = next(block.parameters()).device
+        block.to(device)
+        try:
+            yield StreamStep(index, block, layer_names.get(index, []))
+        finally:
+            block.to(home)
+
+
+def layers_by_block(prefix: str, blocks: nn.ModuleList, names: Sequence[str]) -> Optional[dict[int, list[str]]]:
+    """Group module names by the block they live in; None if any lies outside every block."""
+    grouped: dict[int, list[str]] = {}
+    for name in names:
+        head = f"{prefix}."
+        if not name.startswith(head):
+            return None
+        index = int(name[len(head):].split(".", 1)[0])
+        grouped.setdefault(index, []).append(name)
+    return grouped
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+BlockFn = Callable[[nn.Module, BlockInput], torch.Tensor]

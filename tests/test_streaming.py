@@ -1,0 +1,49 @@
+"""Block-by-block calibration gives the whole-model pass's result (the init leaves each block's function intact)."""
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from lora_null_core import UnsupportedModelError, lora_null_init
+from lora_null_core.initialize import lora_layers
+from lora_null_core.tiny import ARCHITECTURES
+
+from .conftest import logits, relative_error
+
+SETTINGS = dict(num_samples=160, holdout_samples=40, batch_size=16, accumulate_dtype="float64")
+
+
+def init(make_model, tokenizer, texts, architecture, streaming):
+    model = make_model(architecture, layers=3)
+    return lora_null_init(model, LoraConfig(r=4, lora_alpha=8), texts, tokenizer, streaming=streaming, **SETTINGS)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_streaming_matches_the_whole_model_pass(make_model, tokenizer, knowledge, task, architecture):
+    texts = knowledge[:150] + task[:50]  # enough distinct tokens for well-separated null spaces
+    streamed = init(make_model, tokenizer, texts, architecture, "on")
+    whole = init(make_model, tokenizer, texts, architecture, "off")
+    assert streamed.lora_null_report.function_error_measure == "max_block_output"
+    assert whole.lora_null_report.function_error_measure == "logits"
+    assert streamed.lora_null_report.function_error < 1e-5
+    for (name, s_layer), (_, w_layer) in zip(lora_layers(streamed, "default").items(), lora_layers(whole, "default").items()):
+        s_delta = s_layer.lora_B["default"].weight @ s_layer.lora_A["default"].weight
+        w_delta = w_layer.lora_B["default"].weight @ w_layer.lora_A["default"].weight
+        assert (s_delta - w_delta).norm() <= 1e-4 * w_delta.norm(), name
+        assert torch.allclose(s_layer.get_base_layer().weight, w_layer.get_base_layer().weight, atol=1e-5), name
+    for s_entry, w_entry in zip(streamed.lora_null_report.layers, whole.lora_null_report.layers):
+        assert s_entry.name == w_entry.name and s_entry.tokens == w_entry.tokens
+        assert s_entry.leakage_holdout == pytest.approx(w_entry.leakage_holdout, rel=1e-3, abs=1e-6)
+    ids = tokenizer(knowledge[-2:], return_tensors="pt", padding=True)
+    assert relative_error(logits(streamed, **ids), logits(whole, **ids)) < 1e-5
+
+
+def test_streaming_on_refuses_targets_outside_the_blocks(make_model, tokenizer, knowledge):
+    with pytest.raises(UnsupportedModelError, match="streaming"):
+        lora_null_init(make_model(), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]), knowledge, tokenizer,
+                       streaming="on", **SETTINGS)
+    # auto falls back to the whole-model pass and still initializes every target.
+    model = lora_null_init(make_model(), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]), knowledge, tokenizer,
+                           streaming="auto", **SETTINGS)
+    assert model.lora_null_report.function_error_measure == "logits"
+    assert any(name.endswith("lm_head") for name in lora_layers(model, "default"))
