@@ -33,7 +33,14 @@ from .data import CalibrationSource, TokenBatch, choose_texts, tokenize_batches
 from .distributed import assign_owners, broadcast_, rank_and_world, shard
 from .errors import InsufficientCalibrationError, InvalidRankError, NoTargetModulesError, UnsupportedModelError
 from .leakage import LeakageCollector, holdout_leakage, leakage_from_covariance, random_like
-from .sequential import capture_block_inputs, decoder_blocks, layers_by_block, run_block, stream_blocks
+from .sequential import (
+    BlockLoader,
+    capture_block_inputs,
+    decoder_blocks,
+    layers_by_block,
+    run_block,
+    stream_blocks,
+)
 from .null_space import basis_factors, null_basis, projected_factors
 from .report import InitReport, LayerReport
 
@@ -50,6 +57,7 @@ def lora_null_init(
     config: Optional[LoraNullConfig] = None,
     adapter_name: str = "default",
     execution_device: Optional[str] = None,
+    block_loader: Optional[BlockLoader] = None,
     **overrides: Any,
 ) -> PeftModel:
     """Initialize a LoRA adapter in the null space of the calibration activations; return the PeftModel.
@@ -57,7 +65,7 @@ def lora_null_init(
     `overrides` replace LoraNullConfig fields, e.g. `lora_null_init(model, cfg, data, tok, variant="v2")`.
     The PeftModel carries the measurements as `.lora_null_report` (an InitReport). With streaming, blocks
     run on `execution_device` (default: where the model is), so a model kept on the CPU is initialized
-    on a GPU one block at a time.
+    on a GPU one block at a time; `block_loader` brings in blocks whose weights live elsewhere (disk, meta).
     """
     config = (config or LoraNullConfig()).replace(**overrides)
     peft_model = as_peft_model(model, lora_config, adapter_name)
@@ -83,7 +91,8 @@ def lora_null_init(
         if plan is not None:
             device = torch.device(execution_device) if execution_device else model_device(peft_model)
             report_layers, function_error = _init_streaming(
-                peft_model, layers, plan, shard(batches), shard(holdout), probe, config, adapter_name, device
+                peft_model, layers, plan, shard(batches), shard(holdout), probe, config, adapter_name, device,
+                block_loader,
             )
         else:
             report_layers, function_error = _init_whole_model(
@@ -136,7 +145,8 @@ def _initialize_layers(
 ) -> list[LayerReport]:
     """Null bases → factors → residual for a set of layers whose covariances are complete."""
     check_token_counts(covariances, config.min_tokens_per_dim)
-    null_bases = solve_null_bases(covariances, {name: layer.r[adapter_name] for name, layer in layers.items()})
+    ranks = {name: layer.r[adapter_name] for name, layer in layers.items()}
+    null_bases = solve_null_bases(covariances, ranks, config.solver)
     reports = []
     for name, layer in layers.items():
         basis = null_bases[covariances.group_of[name], layer.r[adapter_name]]
@@ -161,7 +171,7 @@ def _init_whole_model(peft_model, layers, batches, holdout, probe, config, adapt
     return reports, function_error
 
 
-def _init_streaming(peft_model, layers, plan, batches, holdout, probe, config, adapter_name, device):
+def _init_streaming(peft_model, layers, plan, batches, holdout, probe, config, adapter_name, device, loader):
     """Block by block: calibrate, initialize, measure; the GPU holds one block and the hidden states."""
     blocks, names_by_block = plan
     calls = capture_block_inputs(peft_model, blocks[0], [*batches, *holdout, probe], device)
@@ -169,7 +179,7 @@ def _init_streaming(peft_model, layers, plan, batches, holdout, probe, config, a
     dtype = getattr(torch, config.accumulate_dtype)
     reports, errors = [], []
     with torch.no_grad():
-        for step in stream_blocks(blocks, names_by_block, device):
+        for step in stream_blocks(blocks, names_by_block, device, loader):
             block_layers = {name: layers[name] for name in step.names}
             modules = {name: layer.get_base_layer() for name, layer in block_layers.items()}
             collector = CovarianceCollector(dtype, config.covariance_weighting)
@@ -208,7 +218,9 @@ def _set_holdout(reports: list[LayerReport], measured: Mapping[str, tuple[float,
             entry.leakage_holdout, entry.leakage_holdout_random = measured[entry.name]
 
 
-def solve_null_bases(covariances: Covariances, ranks: Mapping[str, int]) -> dict[tuple[str, int], torch.Tensor]:
+def solve_null_bases(
+    covariances: Covariances, ranks: Mapping[str, int], solver: str = "eigh64"
+) -> dict[tuple[str, int], torch.Tensor]:
     """Null basis per (covariance, rank) needed by the layers; with several processes each basis is solved by
     one owner rank and broadcast, so every rank holds bitwise the same bases."""
     needed = sorted({(covariances.group_of[name], rank) for name, rank in ranks.items()})
@@ -219,7 +231,7 @@ def solve_null_bases(covariances: Covariances, ranks: Mapping[str, int]) -> dict
         matrix = covariances.matrices[group]
         owner = owners[f"{group}|{rank}"]
         if owner == my_rank:
-            basis = null_basis(matrix, rank)
+            basis = null_basis(matrix, rank, solver)
         else:
             basis = torch.empty(matrix.shape[0], rank, dtype=torch.float64, device=matrix.device)
         result[group, rank] = basis

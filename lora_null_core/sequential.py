@@ -10,9 +10,9 @@ GPU holds one block, the cached hidden states and one block's covariances.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import torch
 from torch import nn
@@ -103,19 +103,42 @@ class StreamStep:
     names: list[str]
 
 
+class BlockLoader(Protocol):
+    """Brings a decoder block's weights onto the device before its turn and takes them away after."""
+
+    def load(self, index: int, block: nn.Module, device: torch.device) -> None: ...
+
+    def unload(self, index: int, block: nn.Module) -> None: ...
+
+
+class MoveToDevice:
+    """The default loader: weights live where the model put them (GPU, or CPU with --offload)."""
+
+    def __init__(self) -> None:
+        self._home: dict[int, torch.device] = {}
+
+    def load(self, index: int, block: nn.Module, device: torch.device) -> None:
+        self._home[index] = next(block.parameters()).device
+        block.to(device)
+
+    def unload(self, index: int, block: nn.Module) -> None:
+        block.to(self._home.pop(index))
+
+
 def stream_blocks(
     blocks: nn.ModuleList,
     layer_names: Mapping[int, list[str]],
     device: torch.device,
+    loader: Optional[BlockLoader] = None,
 ) -> Iterator[StreamStep]:
-    """Yield each block on `device`; move it back where it was once the caller is done with it."""
+    """Yield each block on `device`; the loader takes it back once the caller is done with it."""
+    loader = loader or MoveToDevice()
     for index, block in enumerate(tqdm(blocks, desc="blocks", unit="block", leave=False)):
-        home = next(block.parameters()).device
-        block.to(device)
+        loader.load(index, block, device)
         try:
             yield StreamStep(index, block, layer_names.get(index, []))
         finally:
-            block.to(home)
+            loader.unload(index, block)
 
 
 def layers_by_block(prefix: str, blocks: nn.ModuleList, names: Sequence[str]) -> Optional[dict[int, list[str]]]:
@@ -141,5 +164,3 @@ def _to(value: Any, device: torch.device) -> Any:
         return {k: _to(v, device) for k, v in value.items()}
     return value
 
-
-BlockFn = Callable[[nn.Module, BlockInput], torch.Tensor]

@@ -58,3 +58,14 @@ def test_effective_rank_matches_hand_computed_values():
     # p = (3/4, 1/4): exp(-(3/4 ln 3/4 + 1/4 ln 1/4)) = 1.7548…
     assert effective_rank(torch.tensor([3.0, 1.0])) == pytest.approx(1.7547654, rel=1e-6)
     assert effective_rank(torch.diag(torch.tensor([3.0, 1.0]))) == pytest.approx(1.7547654, rel=1e-6)
+
+
+@pytest.mark.parametrize("solver", ["eigh32", "subspace"])
+def test_fast_solvers_reach_the_exact_bottom_energy(solver):
+    # Low rank plus a noise floor: the shape of real activation covariances.
+    cov = random_covariance(d=96, rank=40, seed=2) + 1e-2 * torch.eye(96, dtype=torch.float64)
+    exact = null_basis(cov, 8, "eigh64")
+    fast = null_basis(cov, 8, solver)
+    assert torch.allclose(fast.T @ fast, torch.eye(8, dtype=torch.float64), atol=1e-5)
+    energy = lambda b: float(torch.trace(b.T @ cov @ b))  # noqa: E731
+    assert energy(fast) <= 1.1 * energy(exact)

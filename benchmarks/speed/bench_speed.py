@@ -1,0 +1,280 @@
+"""Time LoRA-Null initialization against PEFT's CorDA-kpm preprocessing on model shapes with random weights.
+
+The cost of calibration and decomposition does not depend on the weights' values, so a Llama-2-7B or
+-70B shape built from its config stands in for the real model. One run measures every method side by side:
+
+    python benchmarks/speed/bench_speed.py --shape llama2-7b --methods lora_null,peft_corda_kpm
+    python benchmarks/speed/bench_speed.py --shape llama2-70b --methods lora_null --solver subspace --max-blocks 8
+
+Prints a table, a ratio against CorDA when both ran, and appends rows to the results JSON
+(benchmarks/results/speed.json by default). Peak GPU memory is torch's max_memory_allocated over the call.
+`lora_null_offload` keeps the weights in CPU memory and streams one block at a time to the GPU; with
+--max-blocks N only the first N blocks are processed (weights materialized per block on the GPU) and
+the time is extrapolated to all blocks, which the row says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+
+from lora_null_core import LoraNullConfig, lora_null_init
+from lora_null_core.null_space import null_basis
+
+SHAPES = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000),
+    "llama2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=32000),
+    "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer whose words are w0 … wN: random texts become random token ids, locally."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3, **{f"w{i}": i for i in range(4, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", model_input_names=["input_ids", "attention_mask"])
+
+
+def random_texts(count: int, length: int, vocab_size: int, seed: int = 0) -> list[str]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab_size, (count, length - 1), generator=generator)
+    return [" ".join(f"w{i}" for i in row.tolist()) for row in ids]
+
+
+def build_model(shape: str, device: str, dtype: torch.dtype, meta_blocks: bool = False):
+    """Llama of the given shape with N(0, 0.02) weights. meta_blocks: decoder blocks stay on the meta device
+    (materialized later, one at a time, by RandomBlocks) so a model larger than any memory can be streamed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(dtype)
+    if meta_blocks:
+        blocks = model.model.layers
+        model.model.layers = torch.nn.ModuleList()
+        model.to_empty(device=device)
+        model.model.layers = blocks
+    else:
+        model.to_empty(device=device)
+    _randomize(model, device)
+    with torch.device(device):  # its inv_freq buffer is computed at construction, so not from meta
+        model.model.rotary_emb = type(model.model.rotary_emb)(config)
+    return model.eval()
+
+
+def _randomize(module: torch.nn.Module, device) -> None:
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.device.type == "meta":
+                continue
+            if name.endswith("norm.weight") or "layernorm" in name:
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+
+
+class RandomBlocks:
+    """Block loader for meta blocks: random weights appear on the GPU for the block's turn, then vanish."""
+
+    def __init__(self, dtype: torch.dtype, max_blocks: int) -> None:
+        self.dtype, self.max_blocks = dtype, max_blocks
+
+    def load(self, index: int, block: torch.nn.Module, device: torch.device) -> None:
+        if index >= self.max_blocks:
+            raise _Done
+        block.to_empty(device=device)
+        _randomize(block, device)
+        block.to(self.dtype)
+        for name, param in block.named_parameters():  # LoRA factors stay fp32, as PEFT keeps them
+            if "lora_" in name:
+                param.data = param.data.float()
+
+    def unload(self, index: int, block: torch.nn.Module) -> None:
+        block.to_empty(device="meta")
+
+
+class _Done(Exception):
+    pass
+
+
+def gpu_sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+def reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def time_lora_null(args, texts, tokenizer, solver: str, offload: bool, device: str) -> dict:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    blocks = SHAPES[args.shape]["num_hidden_layers"]
+    limited = args.max_blocks and args.max_blocks < blocks
+    model = build_model(args.shape, "cpu" if offload and not limited else device, dtype, meta_blocks=bool(limited))
+    loader = RandomBlocks(dtype, args.max_blocks) if limited else None
+    config = LoraNullConfig(num_samples=args.num_samples, holdout_samples=0, max_length=args.seq_len,
+                            batch_size=args.batch_size, solver=solver, streaming="on")
+    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS)
+    reset_peak()
+    gpu_sync()
+    start = time.perf_counter()
+    try:
+        lora_null_init(model, lora, texts, tokenizer, config, execution_device=device, block_loader=loader)
+        done = blocks
+    except _Done:
+        done = args.max_blocks
+    gpu_sync()
+    seconds = time.perf_counter() - start
+    row = {"method": "lora_null_offload" if offload or limited else "lora_null", "solver": solver,
+           "seconds": seconds * blocks / done, "peak_gpu_gib": peak_gib(), "blocks_timed": done}
+    if done < blocks:
+        row["note"] = f"{done} of {blocks} blocks timed ({seconds:.1f} s), extrapolated linearly"
+    del model
+    return row
+
+
+def time_corda(args, texts, tokenizer, device: str) -> dict:
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = build_model(args.shape, device, dtype)
+    ids = tokenizer(texts, return_tensors="pt", truncation=True, max_length=args.seq_len)["input_ids"].to(device)
+    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS, init_lora_weights="corda",
+                      corda_config=CordaConfig(corda_method="kpm"))
+
+    def run_model():  # PEFT's CorDA hook needs batch size 1
+        with torch.no_grad():
+            for row in ids:
+                model(input_ids=row.unsqueeze(0))
+
+    reset_peak()
+    gpu_sync()
+    start = time.perf_counter()
+    preprocess_corda(model, lora, run_model=run_model)
+    gpu_sync()
+    row = {"method": "peft_corda_kpm", "solver": "peft", "seconds": time.perf_counter() - start,
+           "peak_gpu_gib": peak_gib(), "blocks_timed": SHAPES[args.shape]["num_hidden_layers"]}
+    del model
+    return row
+
+
+def solver_check(args, texts, tokenizer, device: str) -> list[dict]:
+    """Seconds and bottom-r energy (vs exact float64 eigh) of each solver on real covariances of block 0."""
+    from lora_null_core.calibrate import collect_covariances
+    from lora_null_core.data import tokenize_batches
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = build_model(args.shape, device, dtype)
+    block = model.model.layers[0]
+    modules = {f"layer0.{n}": getattr(block.self_attn if n.endswith(("q_proj", "o_proj")) else block.mlp, n)
+               for n in ("q_proj", "o_proj", "gate_proj", "down_proj")}
+    batches = tokenize_batches(texts, tokenizer, args.seq_len, args.batch_size)
+    covariances = collect_covariances(model, modules, batches)
+    rows = []
+    for key, cov in covariances.matrices.items():
+        exact_energy = None
+        for solver in ("eigh64", "eigh32", "subspace"):
+            gpu_sync()
+            start = time.perf_counter()
+            basis = null_basis(cov, args.rank, solver)
+            gpu_sync()
+            seconds = time.perf_counter() - start
+            c = cov.double()
+            energy = float(torch.trace(basis.T @ c @ basis))
+            exact_energy = exact_energy if exact_energy is not None else energy
+            rows.append({"covariance": key, "d": cov.shape[0], "solver": solver, "seconds": seconds,
+                         "energy_vs_eigh64": energy / exact_energy if exact_energy > 0 else float("nan")})
+    del model
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--methods", default="lora_null,peft_corda_kpm",
+                        help="Comma list of lora_null, lora_null_offload, peft_corda_kpm, solvers.")
+    parser.add_argument("--solver", default="eigh64", help="Comma list of solvers for the lora_null runs.")
+    parser.add_argument("--num-samples", type=int, default=256)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--max-blocks", type=int, default=0, help="Time only the first N blocks (meta weights).")
+    parser.add_argument("--out", default="benchmarks/results/speed.json")
+    parser.add_argument("--command", default=None, help="The command line to record (default: this one).")
+    args = parser.parse_args(argv)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    vocab = SHAPES[args.shape]["vocab_size"]
+    tokenizer = word_tokenizer(vocab)
+    texts = random_texts(args.num_samples, args.seq_len, vocab)
+    rows, solver_rows = [], []
+    for method in args.methods.split(","):
+        if method in ("lora_null", "lora_null_offload"):
+            for solver in args.solver.split(","):
+                rows.append(time_lora_null(args, texts, tokenizer, solver, method == "lora_null_offload", device))
+        elif method == "peft_corda_kpm":
+            rows.append(time_corda(args, texts, tokenizer, device))
+        elif method == "solvers":
+            solver_rows = solver_check(args, texts, tokenizer, device)
+        else:
+            parser.error(f"unknown method {method}")
+        print(json.dumps(rows[-1] if rows and method != "solvers" else solver_rows[-1:]), flush=True)
+
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    command = args.command or "python " + " ".join(sys.argv)
+    print(f"\n{args.shape}, {args.num_samples}x{args.seq_len} calibration, r={args.rank}, {device_name}\n")
+    print(f"| method | solver | seconds | peak GPU GiB | note |\n| --- | --- | ---: | ---: | --- |")
+    for row in rows:
+        print(f"| {row['method']} | {row['solver']} | {row['seconds']:.1f} | {row['peak_gpu_gib']:.1f} | {row.get('note', '')} |")
+    corda = next((r for r in rows if r["method"] == "peft_corda_kpm"), None)
+    for row in rows:
+        if corda and row is not corda:
+            print(f"speed-up of {row['method']} ({row['solver']}) over CorDA-kpm: {corda['seconds'] / row['seconds']:.1f}x")
+    if solver_rows:
+        print("\n| covariance | d | solver | seconds | bottom-r energy / eigh64 |\n| --- | ---: | --- | ---: | ---: |")
+        for row in solver_rows:
+            print(f"| {row['covariance']} | {row['d']} | {row['solver']} | {row['seconds']:.3f} | {row['energy_vs_eigh64']:.4f} |")
+
+    out = Path(args.out)
+    existing = json.loads(out.read_text()) if out.exists() else {"runs": []}
+    for row in rows:
+        existing["runs"].append({
+            "shape": args.shape, "method": row["method"], "solver": row["solver"], "gpus": 1, "device": device_name,
+            "seconds": round(row["seconds"], 2), "peak_gpu_gib": None if math.isnan(row["peak_gpu_gib"]) else round(row["peak_gpu_gib"], 2),
+            "calibration": f"{args.num_samples}x{args.seq_len}", "rank": args.rank, "command": command,
+            **({"note": row["note"]} if "note" in row else {}),
+        })
+    if solver_rows:
+        existing.setdefault("solvers", []).extend({**r, "shape": args.shape, "device": device_name, "command": command} for r in solver_rows)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(existing, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
