@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available).")
     init.add_argument("--streaming", choices=("auto", "on", "off"), default=defaults.streaming, help="Block-by-block calibration (auto: when the model allows).")
     init.add_argument("--offload", action="store_true", help="Keep weights in CPU memory; stream one block at a time to --device.")
-    init.add_argument("--solver", choices=("eigh64", "eigh32", "subspace"), default=defaults.solver)
+    init.add_argument("--solver", choices=("auto", "eigh64", "eigh32", "subspace"), default=defaults.solver)
     init.add_argument("--accumulate-dtype", choices=("float32", "float64"), default=defaults.accumulate_dtype)
     init.add_argument("--trust-remote-code", action="store_true", help="Run the model repo's own code (only if you trust it).")
     init.add_argument("--overwrite", action="store_true", help="Replace OUT if it exists.")

@@ -64,12 +64,13 @@ class LoraNullConfig:
         },
     )
 
-    solver: Literal["eigh64", "eigh32", "subspace"] = field(
-        default="eigh64",
+    solver: Literal["auto", "eigh64", "eigh32", "subspace"] = field(
+        default="auto",
         metadata={
             "help": "How the r least-used directions are found. eigh64: exact float64 eigendecomposition. eigh32: "
             "float32 (faster on GPUs). subspace: Cholesky-based inverse subspace iteration (fastest on wide layers, "
-            "approximate: see benchmarks/speed for its energy against eigh64)."
+            "approximate: see benchmarks/speed for its energy against eigh64). auto: subspace on GPUs for layers "
+            "1024 wide or more, eigh64 otherwise."
         },
     )
 
@@ -80,7 +81,7 @@ class LoraNullConfig:
             "covariance_weighting": ("token_sum", "per_sample_max"),
             "accumulate_dtype": ("float32", "float64"),
             "streaming": ("auto", "on", "off"),
-            "solver": ("eigh64", "eigh32", "subspace"),
+            "solver": ("auto", "eigh64", "eigh32", "subspace"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -219,7 +219,7 @@ def _set_holdout(reports: list[LayerReport], measured: Mapping[str, tuple[float,
 
 
 def solve_null_bases(
-    covariances: Covariances, ranks: Mapping[str, int], solver: str = "eigh64"
+    covariances: Covariances, ranks: Mapping[str, int], solver: str = "auto"
 ) -> dict[tuple[str, int], torch.Tensor]:
     """Null basis per (covariance, rank) needed by the layers; with several processes each basis is solved by
     one owner rank and broadcast, so every rank holds bitwise the same bases."""

@@ -21,16 +21,20 @@ def eigendecompose(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return values, vectors
 
 
-SOLVERS = ("eigh64", "eigh32", "subspace")
+SOLVERS = ("auto", "eigh64", "eigh32", "subspace")
 
 
-def null_basis(covariance: torch.Tensor, rank: int, solver: str = "eigh64") -> torch.Tensor:
+def null_basis(covariance: torch.Tensor, rank: int, solver: str = "auto") -> torch.Tensor:
     """(d_in, rank) orthonormal basis of the `rank` input directions the activations use least.
 
     eigh64: full eigendecomposition in float64 (exact; the default). eigh32: the same in float32 (faster on
     GPUs). subspace: shift-inverted subspace iteration in float64 (fastest for wide layers; approximate,
-    judged by the energy it reaches against eigh64, see benchmarks/speed).
+    judged by the energy it reaches against eigh64, see benchmarks/speed). auto: subspace on a GPU, where
+    eigh64 dominates the run (68 s vs 21 s for a Llama-2-7B shape on an H100, energy within 1.05× of
+    eigh64 there), eigh64 on the CPU.
     """
+    if solver == "auto":
+        solver = "subspace" if covariance.is_cuda and covariance.shape[0] >= 1024 else "eigh64"
     d_in = covariance.shape[0]
     if not 0 < rank < d_in:
         raise InvalidRankError(f"rank {rank} must be between 1 and d_in - 1 = {d_in - 1} to leave a null space.")
@@ -50,10 +54,13 @@ def subspace_null_basis(covariance: torch.Tensor, rank: int, oversample: int = 1
     solves with rank + oversample right-hand sides. Fixed seed: every process computes the same basis.
     """
     c = covariance.to(torch.float64)
-    c = (c + c.T) / 2
+    c = c + c.T  # one d×d float64 copy at a time besides the factor: this runs at 28672² on 70B
+    c.mul_(0.5)
     d = c.shape[0]
     shift = 1e-7 * float(torch.trace(c)) / d + torch.finfo(torch.float64).tiny
-    factor = torch.linalg.cholesky(c + shift * torch.eye(d, dtype=c.dtype, device=c.device))
+    c.diagonal().add_(shift)
+    factor = torch.linalg.cholesky(c)
+    c.diagonal().sub_(shift)
     generator = torch.Generator(device="cpu").manual_seed(0)
     block = torch.randn(d, min(d, rank + oversample), generator=generator, dtype=c.dtype).to(c.device)
     for _ in range(steps):

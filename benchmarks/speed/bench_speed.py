@@ -133,7 +133,7 @@ def reset_peak() -> None:
 def time_lora_null(args, texts, tokenizer, solver: str, offload: bool, device: str) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     blocks = SHAPES[args.shape]["num_hidden_layers"]
-    limited = args.max_blocks and args.max_blocks < blocks
+    limited = bool(args.max_blocks) and args.max_blocks <= blocks  # weights materialized block by block
     model = build_model(args.shape, "cpu" if offload and not limited else device, dtype, meta_blocks=bool(limited))
     loader = RandomBlocks(dtype, args.max_blocks) if limited else None
     config = LoraNullConfig(num_samples=args.num_samples, holdout_samples=0, max_length=args.seq_len,
@@ -218,17 +218,20 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--methods", default="lora_null,peft_corda_kpm",
                         help="Comma list of lora_null, lora_null_offload, peft_corda_kpm, solvers.")
-    parser.add_argument("--solver", default="eigh64", help="Comma list of solvers for the lora_null runs.")
+    parser.add_argument("--solver", default="auto", help="Comma list of solvers for the lora_null runs.")
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--max-blocks", type=int, default=0, help="Time only the first N blocks (meta weights).")
+    parser.add_argument("--max-blocks", type=int, default=0,
+                        help="Materialize random weights one block at a time on the GPU (for models larger than memory) and time the first N blocks.")
     parser.add_argument("--out", default="benchmarks/results/speed.json")
     parser.add_argument("--command", default=None, help="The command line to record (default: this one).")
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    command = args.command or "python " + " ".join(sys.argv)
     vocab = SHAPES[args.shape]["vocab_size"]
     tokenizer = word_tokenizer(vocab)
     texts = random_texts(args.num_samples, args.seq_len, vocab)
@@ -237,18 +240,18 @@ def main(argv=None) -> int:
         if method in ("lora_null", "lora_null_offload"):
             for solver in args.solver.split(","):
                 rows.append(time_lora_null(args, texts, tokenizer, solver, method == "lora_null_offload", device))
+                record(args, rows[-1:], [], device_name, command)
         elif method == "peft_corda_kpm":
             rows.append(time_corda(args, texts, tokenizer, device))
+            record(args, rows[-1:], [], device_name, command)
         elif method == "solvers":
             solver_rows = solver_check(args, texts, tokenizer, device)
+            record(args, [], solver_rows, device_name, command)
         else:
             parser.error(f"unknown method {method}")
-        print(json.dumps(rows[-1] if rows and method != "solvers" else solver_rows[-1:]), flush=True)
 
-    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    command = args.command or "python " + " ".join(sys.argv)
     print(f"\n{args.shape}, {args.num_samples}x{args.seq_len} calibration, r={args.rank}, {device_name}\n")
-    print(f"| method | solver | seconds | peak GPU GiB | note |\n| --- | --- | ---: | ---: | --- |")
+    print("| method | solver | seconds | peak GPU GiB | note |\n| --- | --- | ---: | ---: | --- |")
     for row in rows:
         print(f"| {row['method']} | {row['solver']} | {row['seconds']:.1f} | {row['peak_gpu_gib']:.1f} | {row.get('note', '')} |")
     corda = next((r for r in rows if r["method"] == "peft_corda_kpm"), None)
@@ -259,21 +262,28 @@ def main(argv=None) -> int:
         print("\n| covariance | d | solver | seconds | bottom-r energy / eigh64 |\n| --- | ---: | --- | ---: | ---: |")
         for row in solver_rows:
             print(f"| {row['covariance']} | {row['d']} | {row['solver']} | {row['seconds']:.3f} | {row['energy_vs_eigh64']:.4f} |")
+    return 0
 
+
+def record(args, rows: list[dict], solver_rows: list[dict], device_name: str, command: str) -> None:
+    """Append to the results JSON as each measurement finishes, so a cut-off run keeps what it measured."""
+    for row in [*rows, *solver_rows]:
+        print(json.dumps(row), flush=True)
     out = Path(args.out)
     existing = json.loads(out.read_text()) if out.exists() else {"runs": []}
     for row in rows:
         existing["runs"].append({
             "shape": args.shape, "method": row["method"], "solver": row["solver"], "gpus": 1, "device": device_name,
-            "seconds": round(row["seconds"], 2), "peak_gpu_gib": None if math.isnan(row["peak_gpu_gib"]) else round(row["peak_gpu_gib"], 2),
+            "seconds": round(row["seconds"], 2),
+            "peak_gpu_gib": None if math.isnan(row["peak_gpu_gib"]) else round(row["peak_gpu_gib"], 2),
             "calibration": f"{args.num_samples}x{args.seq_len}", "rank": args.rank, "command": command,
             **({"note": row["note"]} if "note" in row else {}),
         })
-    if solver_rows:
-        existing.setdefault("solvers", []).extend({**r, "shape": args.shape, "device": device_name, "command": command} for r in solver_rows)
+    existing.setdefault("solvers", []).extend(
+        {**r, "shape": args.shape, "device": device_name, "command": command} for r in solver_rows
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(existing, indent=1) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,25 @@
+"""The speed benchmark's pipeline on the tiny shape (its numbers are GPU facts, recorded in benchmarks/results)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "speed" / "bench_speed.py"
+
+
+def test_speed_benchmark_writes_rows_for_every_method(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_speed", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "speed.json"
+    common = ["--shape", "tiny", "--num-samples", "24", "--seq-len", "32", "--out", str(out)]
+    bench.main([*common, "--methods", "lora_null,peft_corda_kpm,solvers", "--solver", "eigh64,subspace"])
+    bench.main([*common, "--methods", "lora_null_offload", "--max-blocks", "1"])
+    results = json.loads(out.read_text())
+    methods = [(r["method"], r["solver"]) for r in results["runs"]]
+    assert methods == [("lora_null", "eigh64"), ("lora_null", "subspace"), ("peft_corda_kpm", "peft"),
+                       ("lora_null_offload", "auto")]
+    assert all(r["seconds"] > 0 and r["calibration"] == "24x32" and r["command"] for r in results["runs"])
+    assert "1 of 2 blocks" in results["runs"][-1]["note"]
+    assert {s["solver"] for s in results["solvers"]} == {"eigh64", "eigh32", "subspace"}
+    assert all(s["energy_vs_eigh64"] <= 1.1 for s in results["solvers"])
