@@ -1,4 +1,4 @@
-"""`lora-null` command line: init, export, merge, demo."""
+"""`lora-null` command line: init, export, merge, inspect, demo."""
 
 from __future__ import annotations
 
@@ -62,6 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--dtype", default="auto")
     merge.add_argument("--overwrite", action="store_true")
 
+    inspect = commands.add_parser("inspect", help="HTML report: effective ranks, spectra, and an init's leakage.")
+    inspect.add_argument("--model", required=True, help="The ORIGINAL model (folder or hub name).")
+    inspect.add_argument("--calibration", required=True, help="Knowledge text (held-out text to check an init).")
+    inspect.add_argument("--output", required=True)
+    inspect.add_argument("--init", default=None, help="A folder written by `lora-null init`, to measure its leakage.")
+    inspect.add_argument("--num-samples", type=int, default=LoraNullConfig().num_samples)
+    inspect.add_argument("--max-length", type=int, default=LoraNullConfig().max_length)
+    inspect.add_argument("--batch-size", type=int, default=LoraNullConfig().batch_size)
+    inspect.add_argument("--text-field", default="text")
+    inspect.add_argument("--dtype", default="auto")
+    inspect.add_argument("--device", default=None)
+    inspect.add_argument("--trust-remote-code", action="store_true")
+    inspect.add_argument("--overwrite", action="store_true")
+
     demo = commands.add_parser("demo", help="Run init → train → export on a tiny bundled model (CPU, ~1 min).")
     demo.add_argument("--output", default="lora-null-demo")
     demo.add_argument("--steps", type=int, default=40)
@@ -108,6 +122,18 @@ def _merge(args: argparse.Namespace) -> dict:
     return {"output": str(merge_to_full_model(args.init, args.adapter, args.output, args.dtype, args.overwrite))}
 
 
+def _inspect(args: argparse.Namespace) -> dict:
+    from .diagnostics import analyze, write_report
+    from .saving import default_device, load_model, load_tokenizer
+
+    model = load_model(args.model, args.dtype, args.device or default_device(), args.trust_remote_code)
+    config = LoraNullConfig(num_samples=args.num_samples, holdout_samples=0, max_length=args.max_length,
+                            batch_size=args.batch_size, text_field=args.text_field)
+    data = analyze(model, load_tokenizer(args.model, args.trust_remote_code), args.calibration, config, args.init)
+    out = write_report(data, args.output, args.overwrite)
+    return {"report": str(out / "report.html"), "layers": len(data["layers"])}
+
+
 def _demo(args: argparse.Namespace) -> dict:
     from .demo import run_demo
 
@@ -117,7 +143,7 @@ def _demo(args: argparse.Namespace) -> dict:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    handler = {"init": _init, "export": _export, "merge": _merge, "demo": _demo}[args.command]
+    handler = {"init": _init, "export": _export, "merge": _merge, "inspect": _inspect, "demo": _demo}[args.command]
     try:
         result = handler(args)
     except LoraNullError as err:

@@ -57,6 +57,7 @@ def _demo(work: Path, steps: int, rank: int, seed: int) -> dict[str, Any]:
     )
     original = load_model(str(work / "model"), dtype="float32")
     before = _logits(original, heldout)
+    _inspect_report(original, tokenizer, knowledge[320:], work)
 
     trained = load_initialized(work / "init", dtype="float32")
     a_before = {n: p.detach().clone() for n, p in trained.named_parameters() if "lora_A" in n}
@@ -82,6 +83,20 @@ def _demo(work: Path, steps: int, rank: int, seed: int) -> dict[str, Any]:
         "knowledge_output_change_lora_null_v2": _relative(_logits(trained, heldout), before),
         "knowledge_output_change_plain_lora": _relative(_logits(plain, heldout), before),
     }
+
+
+def _inspect_report(model, tokenizer, heldout_texts, work: Path) -> None:
+    """The `lora-null inspect` report of the demo's init, on held-out knowledge text (skipped without matplotlib)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        logger.info("matplotlib not installed: no inspect report (pip install 'lora-null[inspect]').")
+        return
+    from .diagnostics import analyze, write_report
+
+    config = LoraNullConfig(num_samples=len(heldout_texts), holdout_samples=0, batch_size=40)
+    data = analyze(model, tokenizer, heldout_texts, config, work / "init")
+    write_report(data, work / "report")
 
 
 def _train(model: torch.nn.Module, batches: list[TokenBatch], steps: int, seed: int) -> None:

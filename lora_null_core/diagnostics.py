@@ -1,0 +1,201 @@
+"""`lora-null inspect`: what the null space looks like for a model and a calibration set, as a report.
+
+Per layer: entropy effective rank of the input activations (singular values √λ of the covariance) against
+that of the weight — the paper's evidence that activations leave a large, clean null space — and their
+spectra. Given an init folder, also the leakage of its lora_A on these activations, against a random A of the
+same norm and against the best any r-dim basis can do. Reuses the core's calibration pass.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .calibrate import collect_covariances
+from .config import LoraNullConfig
+from .data import CalibrationSource, choose_texts, tokenize_batches
+from .errors import LoraNullError
+from .leakage import leakage_from_covariance, random_like
+from .null_space import eigendecompose, effective_rank
+from .report import read_metadata
+from .saving import ADAPTER_DIR, atomic_output_dir
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every linear layer but the output head: what `target_modules="all-linear"` targets."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and m is not head}
+
+
+def analyze(
+    model: nn.Module,
+    tokenizer: Any,
+    calibration: CalibrationSource,
+    config: Optional[LoraNullConfig] = None,
+    init_dir: Optional[os.PathLike] = None,
+) -> dict[str, Any]:
+    """Every number of the report, per layer, as plain JSON-able data."""
+    config = config or LoraNullConfig(holdout_samples=0)
+    texts = choose_texts(calibration, tokenizer, config.num_samples, 0, config.seed, config.text_field)
+    batches = tokenize_batches(texts.calibration, tokenizer, config.max_length, config.batch_size)
+    modules = linear_layers(model)
+    covariances = collect_covariances(model, modules, batches, torch.float64, config.covariance_weighting)
+    adapter, rank = _initial_adapter(init_dir)
+    spectra: dict[str, list[float]] = {}
+    layers = []
+    for name, module in modules.items():
+        group = covariances.group_of[name]
+        if group not in spectra:
+            spectra[group] = eigendecompose(covariances.matrices[group])[0].clamp_min(0).flip(0).tolist()
+        values = torch.tensor(spectra[group], dtype=torch.float64)
+        weight = module.weight.detach().double()
+        weight = weight.T if type(module).__name__ == "Conv1D" else weight
+        singular = torch.linalg.svdvals(weight)
+        d_in, tokens = weight.shape[1], covariances.tokens[group]
+        entry = {
+            "name": name, "type": name.rsplit(".", 1)[-1], "depth": _depth(name), "d_in": d_in, "tokens": tokens,
+            "covariance": group,
+            "effective_rank_activations": effective_rank(values.sqrt()),
+            "effective_rank_weight": effective_rank(singular),
+            "numerical_rank_activations": int((values > 1e-10 * values[0]).sum()),
+            "weight_spectrum": singular.tolist(),
+        }
+        if tokens < d_in:
+            entry["recommendation"] = (
+                f"{tokens} calibration tokens for input width {d_in}: the covariance cannot have full rank, so "
+                f"its null space is partly chosen by rounding. Use at least {d_in} tokens (more samples or "
+                "longer ones)."
+            )
+        key = f"base_model.model.{name}.lora_A.weight"
+        if adapter is not None and key in adapter:
+            lora_a = adapter[key].double()
+            cov = covariances.matrices[group]
+            optimum = eigendecompose(cov)[1][:, : lora_a.shape[0]].T
+            entry.update(
+                leakage=leakage_from_covariance(lora_a, cov),
+                leakage_random=leakage_from_covariance(random_like(lora_a, config.seed), cov),
+                leakage_optimum=leakage_from_covariance(optimum, cov),
+            )
+        layers.append(entry)
+    return {"calibration": {"source": texts.source, "samples": len(texts.calibration),
+                            "tokens": max(covariances.tokens.values())},
+            "init": str(init_dir) if init_dir else None, "rank": rank, "layers": layers, "spectra": spectra}
+
+
+def _initial_adapter(init_dir: Optional[os.PathLike]) -> tuple[Optional[dict], Optional[int]]:
+    if init_dir is None:
+        return None, None
+    metadata = read_metadata(Path(init_dir))
+    return load_file(str(Path(init_dir) / ADAPTER_DIR / "adapter_model.safetensors")), metadata["lora"]["r"]
+
+
+def _depth(name: str) -> int:
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return 0
+
+
+def write_report(data: dict[str, Any], output_dir: os.PathLike, overwrite: bool = False) -> Path:
+    """report.html (self-contained: images inlined), the PNGs beside it, and report.json."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise LoraNullError("lora-null inspect draws with matplotlib: pip install 'lora-null[inspect]'.") from err
+    with atomic_output_dir(output_dir, overwrite) as staging:
+        figures = {"effective_rank.png": _effective_rank_figure(plt, data), "spectra.png": _spectra_figure(plt, data)}
+        if any("leakage" in layer for layer in data["layers"]):
+            figures["leakage.png"] = _leakage_figure(plt, data)
+        images = {}
+        for filename, figure in figures.items():
+            buffer = io.BytesIO()
+            figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+            plt.close(figure)
+            (staging / filename).write_bytes(buffer.getvalue())
+            images[filename] = base64.b64encode(buffer.getvalue()).decode()
+        (staging / "report.json").write_text(json.dumps(data, indent=1) + "\n")
+        (staging / "report.html").write_text(_html(data, images))
+    return Path(output_dir)
+
+
+def _by_type(data):
+    types: dict[str, list[dict]] = {}
+    for layer in data["layers"]:
+        types.setdefault(layer["type"], []).append(layer)
+    return types
+
+
+def _effective_rank_figure(plt, data):
+    types = _by_type(data)
+    figure, axes = plt.subplots(1, len(types), figsize=(3.2 * len(types), 3), squeeze=False)
+    for ax, (kind, layers) in zip(axes[0], types.items()):
+        depth = [layer["depth"] for layer in layers]
+        ax.plot(depth, [layer["effective_rank_weight"] for layer in layers], "o-", label="weight")
+        ax.plot(depth, [layer["effective_rank_activations"] for layer in layers], "s-", label="input activations")
+        ax.set_title(kind), ax.set_xlabel("block"), ax.set_ylim(bottom=0)
+    axes[0][0].set_ylabel("effective rank"), axes[0][0].legend(fontsize=7)
+    figure.suptitle("Entropy effective rank: activations vs weights")
+    return figure
+
+
+def _spectra_figure(plt, data):
+    types = _by_type(data)
+    figure, axes = plt.subplots(1, len(types), figsize=(3.2 * len(types), 3), squeeze=False)
+    for ax, (kind, layers) in zip(axes[0], types.items()):
+        for layer in layers:
+            act = torch.tensor(data["spectra"][layer["covariance"]]).clamp_min(1e-30).sqrt()
+            weight = torch.tensor(layer["weight_spectrum"])
+            ax.semilogy((act / act[0]).tolist(), color="tab:orange", alpha=0.6)
+            ax.semilogy((weight / weight[0]).tolist(), color="tab:blue", alpha=0.6)
+        ax.set_title(kind), ax.set_xlabel("index")
+    axes[0][0].set_ylabel("singular value / largest (blue: weight, orange: activations)", fontsize=7)
+    figure.suptitle("Spectra per layer type")
+    return figure
+
+
+def _leakage_figure(plt, data):
+    layers = [layer for layer in data["layers"] if "leakage" in layer]
+    figure, ax = plt.subplots(figsize=(max(6, 0.25 * len(layers)), 3))
+    x = range(len(layers))
+    ax.bar([i - 0.27 for i in x], [l["leakage_random"] for l in layers], 0.27, label="random A, same norm")
+    ax.bar(list(x), [l["leakage"] for l in layers], 0.27, label="LoRA-Null A")
+    ax.bar([i + 0.27 for i in x], [l["leakage_optimum"] for l in layers], 0.27, label="best r-dim basis")
+    ax.set_xticks(list(x), [l["name"].replace("model.layers.", "") for l in layers], rotation=90, fontsize=6)
+    ax.set_ylabel("leakage"), ax.legend(fontsize=7)
+    ax.set_title("Leakage of lora_A on these activations (1 ≈ random)")
+    return figure
+
+
+def _html(data, images) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(l['name'])}</td><td>{l['d_in']}</td><td>{l['tokens']}</td>"
+        f"<td>{l['effective_rank_activations']:.1f}</td><td>{l['effective_rank_weight']:.1f}</td>"
+        + (f"<td>{l['leakage']:.3g}</td><td>{l['leakage_random']:.3g}</td><td>{l['leakage_optimum']:.3g}</td>"
+           if "leakage" in l else "<td></td><td></td><td></td>")
+        + f"<td>{html.escape(l.get('recommendation', ''))}</td></tr>"
+        for l in data["layers"]
+    )
+    pictures = "".join(f'<p><img alt="{name}" src="data:image/png;base64,{b64}"></p>' for name, b64 in images.items())
+    calibration = data["calibration"]
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>lora-null inspect</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:12px}}
+td,th{{border:1px solid #ccc;padding:2px 6px}}img{{max-width:100%}}</style></head><body>
+<h1>lora-null inspect</h1><p>Calibration: {html.escape(str(calibration['source']))}, {calibration['samples']} samples,
+{calibration['tokens']} tokens. Init: {html.escape(str(data['init']))}.</p>{pictures}
+<table><tr><th>layer</th><th>d_in</th><th>tokens</th><th>eff. rank activations</th><th>eff. rank weight</th>
+<th>leakage</th><th>random A</th><th>optimum</th><th>recommendation</th></tr>{rows}</table></body></html>
+"""
