@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .calibrate import collect_covariances
 from .config import LoraNullConfig
@@ -32,8 +33,6 @@ from .saving import ADAPTER_DIR, atomic_output_dir
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every linear layer but the output head: what `target_modules="all-linear"` targets."""
-    from transformers.pytorch_utils import Conv1D
-
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and m is not head}
 
@@ -52,15 +51,14 @@ def analyze(
     modules = linear_layers(model)
     covariances = collect_covariances(model, modules, batches, torch.float64, config.covariance_weighting)
     adapter, rank = _initial_adapter(init_dir)
-    spectra: dict[str, list[float]] = {}
+    eigen = {group: eigendecompose(matrix) for group, matrix in covariances.matrices.items()}  # ascending
+    spectra = {group: values.clamp_min(0).flip(0).tolist() for group, (values, _) in eigen.items()}
     layers = []
     for name, module in modules.items():
         group = covariances.group_of[name]
-        if group not in spectra:
-            spectra[group] = eigendecompose(covariances.matrices[group])[0].clamp_min(0).flip(0).tolist()
         values = torch.tensor(spectra[group], dtype=torch.float64)
         weight = module.weight.detach().double()
-        weight = weight.T if type(module).__name__ == "Conv1D" else weight
+        weight = weight.T if isinstance(module, Conv1D) else weight
         singular = torch.linalg.svdvals(weight)
         d_in, tokens = weight.shape[1], covariances.tokens[group]
         entry = {
@@ -81,7 +79,7 @@ def analyze(
         if adapter is not None and key in adapter:
             lora_a = adapter[key].double()
             cov = covariances.matrices[group]
-            optimum = eigendecompose(cov)[1][:, : lora_a.shape[0]].T
+            optimum = eigen[group][1][:, : lora_a.shape[0]].T
             entry.update(
                 leakage=leakage_from_covariance(lora_a, cov),
                 leakage_random=leakage_from_covariance(random_like(lora_a, config.seed), cov),

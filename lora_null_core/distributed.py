@@ -22,10 +22,6 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def is_main_process() -> bool:
-    return rank_and_world()[0] == 0
-
-
 def shard(items: Sequence[T]) -> list[T]:
     """This rank's share, round-robin (the items come sorted by length, so shares stay balanced)."""
     rank, world = rank_and_world()

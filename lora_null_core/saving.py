@@ -19,7 +19,6 @@ import torch
 import transformers
 from packaging.version import Version
 from peft import PeftModel
-from torch import nn
 
 from .errors import LoraNullError, OutputExistsError
 from .initialize import apply_variant
@@ -154,6 +153,3 @@ def load_initialized(
         apply_variant(peft_model, metadata["variant"], "default")
     return peft_model
 
-
-def trainable_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

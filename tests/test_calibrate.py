@@ -1,15 +1,9 @@
 import pytest
 import torch
-from torch import nn
 
 from lora_null_core.calibrate import collect_covariances
 from lora_null_core.data import tokenize_batches
-
-
-def linear_layers(model):
-    from transformers.pytorch_utils import Conv1D
-
-    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and "lm_head" not in n}
+from lora_null_core.diagnostics import linear_layers
 
 
 def independent_covariances(model, tokenizer, texts):

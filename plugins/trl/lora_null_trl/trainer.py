@@ -4,7 +4,6 @@ before any optimizer exists, so the optimizer only ever sees trainable parameter
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -56,7 +55,3 @@ class LoraNullSFTTrainer(SFTTrainer):
             folder = Path(output_dir or self.args.output_dir)
             export_for_original_base(self.lora_null_init_dir, folder, folder / EXPORT_DIR, overwrite=True)
 
-
-def trained_on_residual_base(folder: os.PathLike) -> bool:
-    """True if `folder` holds a LoRA-Null checkpoint (and so its own export for the original base)."""
-    return (Path(folder) / EXPORT_DIR / "adapter_config.json").exists()
