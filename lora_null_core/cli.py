@@ -1,4 +1,4 @@
-"""`lora-null` command line: init, export, merge, inspect, demo."""
+"""`lora-null` command line: init, export, merge, inspect, demo, bench."""
 
 from __future__ import annotations
 
@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="lora-null-demo")
     demo.add_argument("--steps", type=int, default=40)
     demo.add_argument("--overwrite", action="store_true")
+
+    commands.add_parser("bench", add_help=False, help="Forgetting benchmark: `lora-null bench run --help`.")
     return parser
 
 
@@ -141,6 +143,11 @@ def _demo(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from lora_null_bench.cli import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     handler = {"init": _init, "export": _export, "merge": _merge, "inspect": _inspect, "demo": _demo}[args.command]

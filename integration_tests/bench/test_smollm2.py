@@ -1,0 +1,37 @@
+"""`lora-null bench --suite smollm2` at its CPU size: a real pretrained model (GGUF from PyPI, dequantized
+once), qa_wikidata probes and GSM8K from ../shared/data. Asserts the pipeline, not the science."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lora_null_bench.cli import main as bench_main
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    assert (DATA / "gsm8k" / "train.jsonl").exists(), f"real data expected in {DATA} (see ../shared/data/README.md)"
+    root = tmp_path_factory.mktemp("smollm2")
+    code = bench_main(["run", "--suite", "smollm2", "--size", "cpu", "--inits", "lora,lora_null_v2", "--seeds", "0",
+                       "--data-dir", str(DATA), "--output", str(root / "out"), "--cache", str(root / "cache"),
+                       "--device", "cpu"])
+    assert code == 0
+    return root
+
+
+def test_real_model_pipeline(run):
+    rows = {r["init"]: r for r in json.loads((run / "out" / "results.json").read_text())["runs"]}
+    assert set(rows) == {"lora", "lora_null_v2"}
+    for row in rows.values():
+        assert row["model"] == "smollm2-135m-instruct-q4_1"
+        assert row["knowledge_items"] == 24 and row["downstream_items"] == 4
+        assert 0.0 <= row["knowledge_after"] <= 1.0 and 0.0 <= row["downstream"] <= 1.0
+    # The pretrained model knows some facts (a random model would know none).
+    assert rows["lora"]["knowledge_before"] > 0
+    assert rows["lora_null_v2"]["function_error_after_init"] < 1e-4
+    assert rows["lora_null_v2"]["leakage_knowledge"] < 0.5 * rows["lora"]["leakage_knowledge"]
+    # Dequantized once into a plain safetensors folder that later runs reuse.
+    assert list((run / "cache").glob("*-dequantized/model.safetensors"))

@@ -1,0 +1,82 @@
+"""Axolotl plugin: LoRA-Null initialization for `adapter: lora` when the config says `adapter_init: lora_null`.
+
+Axolotl builds the PeftModel as usual. The plugin asks for `init_lora_weights: False` (so Axolotl's seeded
+re-draw of lora_A leaves it alone), rewrites the adapter in `post_model_load` through the core library, and
+at the end of training writes `<output_dir>/lora_null_export`: a standard LoRA for the original base model.
+Loaded from the `axolotl.plugins` entry point it is active in every run, and does nothing without the key.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from axolotl.integrations.base import BasePlugin
+
+from lora_null_core import LoraNullConfig, export_for_original_base, lora_null_init, save_initial_adapter
+from lora_null_core.distributed import rank_and_world
+
+LOG = logging.getLogger(__name__)
+INIT_DIR, EXPORT_DIR = "lora_null_init", "lora_null_export"
+
+
+def is_active(cfg: Any) -> bool:
+    return getattr(cfg, "adapter_init", None) == "lora_null"
+
+
+class LoraNullPlugin(BasePlugin):
+    def get_input_args(self) -> str:
+        return "lora_null_axolotl.args.LoraNullArgs"
+
+    def get_lora_config_kwargs(self, cfg: Any) -> dict:
+        # init_lora_weights=False: PEFT skips its random draw and Axolotl's _reinit_lora_from_seed skips too.
+        return {"init_lora_weights": False} if is_active(cfg) else {}
+
+    def post_model_load(self, cfg: Any, model: Any) -> None:
+        if not is_active(cfg):
+            return
+        from peft import PeftModel
+
+        if not isinstance(model, PeftModel):
+            raise ValueError("adapter_init: lora_null found no LoRA adapter on the model; set `adapter: lora`.")
+        from axolotl.loaders import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg)
+        texts = calibration_source(cfg)
+        # Every rank runs this hook: the core shards the calibration over the process group Axolotl set up,
+        # all-reduces the covariances and broadcasts rank 0's factors, so every rank holds identical weights.
+        lora_null_init(model, None, texts, tokenizer, lora_null_config(cfg), adapter_name=model.active_adapter)
+        if rank_and_world()[0] == 0:
+            save_initial_adapter(model, Path(cfg.output_dir) / INIT_DIR, overwrite=True)
+            LOG.info("LoRA-Null init (%s): %s", cfg.lora_null_variant, model.lora_null_report.summary())
+
+    def post_train(self, cfg: Any, model: Any) -> None:
+        if not is_active(cfg) or rank_and_world()[0] != 0:
+            return
+        output = Path(cfg.output_dir)
+        if not (output / "adapter_model.safetensors").exists():
+            LOG.warning("LoRA-Null: no adapter_model.safetensors in %s; export skipped.", output)
+            return
+        export_for_original_base(output / INIT_DIR, output, output / EXPORT_DIR, overwrite=True)
+        LOG.info("LoRA-Null: adapter for the original base model written to %s", output / EXPORT_DIR)
+
+
+def lora_null_config(cfg: Any) -> LoraNullConfig:
+    return LoraNullConfig(
+        variant=cfg.lora_null_variant or "v2", init=cfg.lora_null_init or "projected",
+        num_samples=cfg.lora_null_num_samples or 256,
+        max_length=cfg.lora_null_max_length or cfg.sequence_len or 512,
+        text_field=cfg.lora_null_text_field or "text", seed=cfg.seed or 0,
+    )
+
+
+def calibration_source(cfg: Any):
+    """A path goes to the core's loader; a dataset entry goes through Axolotl's own dataset loading."""
+    entry = cfg.lora_null_calibration
+    if isinstance(entry, str):
+        return entry
+    from axolotl.utils.data.shared import load_dataset_with_config
+    from axolotl.utils.dict import DictDefault
+
+    return load_dataset_with_config(DictDefault(dict(entry)), use_auth_token=False)

@@ -1,0 +1,114 @@
+"""The forgetting benchmark's pipeline at its CPU size (the science is in benchmarks/results/, not asserted here)."""
+
+import json
+
+import pytest
+import torch
+
+from lora_null_bench import world
+from lora_null_bench.cli import main as bench_main
+from lora_null_bench.evaluate import contains_target, final_number, number_matches
+from lora_null_bench.inits import build_adapter
+from lora_null_bench.run import merge_results
+from lora_null_bench.suites import read_examples, synthetic_suite
+from lora_null_core.initialize import lora_layers, weight_matrix
+
+REQUIRED = {"init", "seed", "size", "model", "knowledge_before", "knowledge_after", "downstream", "command"}
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    code = bench_main(["run", "--size", "cpu", "--inits", "lora,milora,lora_null_v2", "--seeds", "0",
+                       "--output", str(root / "out"), "--cache", str(root / "cache"), "--device", "cpu",
+                       "--results", str(root / "forgetting.json")])
+    assert code == 0
+    return root
+
+
+def test_cpu_size_writes_schema_table_and_plot(cpu_run):
+    rows = json.loads((cpu_run / "forgetting.json").read_text())["runs"]
+    assert [r["init"] for r in rows] == ["lora", "lora_null_v2", "milora"]  # sorted by key
+    for row in rows:
+        assert REQUIRED <= set(row)
+        assert row["size"] == "cpu" and row["seed"] == 0 and row["command"].startswith("lora-null bench run")
+        for name in ("knowledge_before", "knowledge_after", "downstream"):
+            assert 0.0 <= row[name] <= 1.0
+    # Pretraining on the synthetic world worked: the base model answers the held-out questions.
+    assert rows[0]["knowledge_before"] >= 0.9
+    table = (cpu_run / "out" / "table.md").read_text()
+    assert "| lora_null_v2 | 1 |" in table and "| milora | 1 |" in table
+    assert (cpu_run / "out" / "plot.png").stat().st_size > 10_000
+
+
+def test_inits_preserve_function_and_lora_null_is_quiet_on_knowledge(cpu_run):
+    rows = {r["init"]: r for r in json.loads((cpu_run / "forgetting.json").read_text())["runs"]}
+    assert rows["lora"]["function_error_after_init"] == 0.0  # B = 0
+    assert rows["milora"]["function_error_after_init"] < 1e-5
+    assert rows["lora_null_v2"]["function_error_after_init"] < 1e-5
+    # A in the knowledge null space responds far less to knowledge questions than LoRA's random A.
+    assert rows["lora_null_v2"]["leakage_knowledge"] < 0.5 * rows["lora"]["leakage_knowledge"]
+
+
+def test_calibration_and_scored_questions_are_disjoint(cpu_run):
+    suite = synthetic_suite("cpu", cpu_run / "cache", "cpu")
+    calibration = {e.prompt for e in suite.calibration}
+    assert calibration and not calibration & {e.prompt for e in suite.knowledge}
+    assert not {e.prompt for e in suite.task_train} & {e.prompt for e in suite.task_eval}
+
+
+def test_milora_uses_the_weights_minor_singular_directions(cpu_run):
+    suite = synthetic_suite("cpu", cpu_run / "cache", "cpu")
+    model = suite.load_base()
+    originals = {name: module.weight.detach().clone() for name, module in model.named_modules()
+                 if name.endswith("q_proj")}
+    peft_model = build_adapter("milora", model, suite, seed=0)
+    for name, layer in lora_layers(peft_model, "default").items():
+        if not name.endswith("q_proj"):
+            continue
+        original = originals[name.removeprefix("base_model.model.")].double()
+        _, _, right_t = torch.linalg.svd(original)
+        minor = right_t[-suite.rank:]
+        a = layer.lora_A["default"].weight.double()
+        # Rows of A lie in the span of the r minor right singular vectors; residual + s·B·A = W.
+        assert torch.allclose(a @ minor.T @ minor, a, atol=1e-5)
+        rebuilt = weight_matrix(layer).double() + layer.scaling["default"] * layer.lora_B["default"].weight.double() @ a
+        assert torch.allclose(rebuilt, original, atol=1e-5)
+
+
+def test_world_problems_are_distinct_and_correct():
+    problems = world.word_problems(500, seed=3)
+    assert len({p.prompt for p in problems}) == 500
+    for p in problems[:50]:
+        numbers = [int(w) for w in p.prompt.split() if w.isdigit()]
+        assert int(p.targets[0]) == numbers[0] + numbers[1] - numbers[2]
+
+
+def test_scoring():
+    assert contains_target(" Paris.\nThe", ["paris"])
+    assert not contains_target(" Parisian food", ["Paris"])
+    assert not contains_target(" a city\nParis", ["Paris"])  # only the first line counts
+    assert final_number("so 3 + 4 = 7 #### 1,234") == "1234"
+    assert final_number("she has 12 then 18.") == "18"
+    assert number_matches("The answer is 18.", ["... #### 18"])
+    assert not number_matches("no number", ["#### 18"])
+
+
+def test_merge_results_replaces_same_run(tmp_path):
+    path = tmp_path / "r.json"
+    row = {"model": "m", "size": "cpu", "init": "lora", "seed": 0, "downstream": 0.1}
+    merge_results(path, [row, {**row, "init": "pissa"}])
+    merged = merge_results(path, [{**row, "downstream": 0.5}, {**row, "setting": "lr=0.01"}])
+    assert len(merged) == 3
+    assert [r["downstream"] for r in merged if r["init"] == "lora" and "setting" not in r] == [0.5]
+
+
+def test_read_examples_accepts_bigbench_and_jsonl(tmp_path):
+    (tmp_path / "task.json").write_text(json.dumps({"examples": [{"input": "The capital of France is",
+                                                                   "target": ["Paris"]}]}))
+    (tmp_path / "task.jsonl").write_text(json.dumps({"question": "2+2?", "answer": "4 #### 4"}) + "\n")
+    assert read_examples(tmp_path / "task.json", ("prompt", "input"), ("targets", "target"))[0].targets == ("Paris",)
+    row = read_examples(tmp_path / "task.jsonl", ("prompt", "question"), ("answer",), "Question: {}\nAnswer:")[0]
+    assert row.prompt == "Question: 2+2?\nAnswer:" and row.targets == ("4 #### 4",)
+    with pytest.raises(Exception, match="row 0 needs"):
+        read_examples(tmp_path / "task.jsonl", ("nope",), ("answer",))
