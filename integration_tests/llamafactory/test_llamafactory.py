@@ -1,0 +1,95 @@
+"""LLaMA-Factory's real SFT training from YAML on a tiny local Llama (CPU), through `lora-null-llamafactory
+train`, in LLaMA-Factory's own environment (scripts/test.sh llamafactory)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from checks import assert_export_reproduces, assert_in_null_space, assert_v2_trained_b_only
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = {  # what a tiny CPU run changes in the shipped example; the LoRA-Null keys stay as shipped
+    "trust_remote_code": False, "lora_rank": 4, "template": "default", "cutoff_len": 64, "max_samples": None,
+    "preprocessing_num_workers": None, "dataloader_num_workers": 0, "logging_steps": 1, "save_steps": 3,
+    "plot_loss": False, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+    "learning_rate": 0.01, "num_train_epochs": None, "max_steps": 6, "lr_scheduler_type": "constant",
+    "warmup_ratio": 0.0, "bf16": False, "ddp_timeout": None, "seed": 0,
+    "lora_null_num_samples": 128, "lora_null_max_length": 64,
+}
+
+
+@pytest.fixture(scope="module")
+def data_dir(workspace):
+    """LLaMA-Factory's data folder: the task in alpaca form and the knowledge text, both in dataset_info.json."""
+    folder = workspace / "lf_data"
+    folder.mkdir(exist_ok=True)
+    task = [json.loads(line)["text"] for line in (workspace / "task" / "train.jsonl").read_text().splitlines()]
+    (folder / "task.json").write_text(json.dumps(
+        [{"instruction": t.split(" Answer")[0], "input": "", "output": "Answer" + t.split(" Answer")[1]} for t in task]))
+    (folder / "knowledge.jsonl").write_text((workspace / "calibration.jsonl").read_text())
+    (folder / "dataset_info.json").write_text(json.dumps({
+        "task": {"file_name": "task.json"},
+        "knowledge": {"file_name": "knowledge.jsonl", "columns": {"prompt": "text"}},
+    }))
+    return folder
+
+
+def config(workspace, data_dir, out: Path, **changes) -> Path:
+    cfg = yaml.safe_load((REPO / "examples/llamafactory/llama3_lora_null_sft.yaml").read_text())
+    cfg.update(SMALL)
+    cfg.update(model_name_or_path=str(workspace / "model"), dataset="task", dataset_dir=str(data_dir),
+               lora_null_calibration="knowledge", output_dir=str(out))
+    cfg.update(changes)
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if v is not None}))
+    return path
+
+
+def train(cfg: Path) -> subprocess.CompletedProcess:
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
+           "DISABLE_VERSION_CHECK": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([str(bin_dir / "lora-null-llamafactory"), "train", str(cfg)], env=env,
+                          capture_output=True, text=True, timeout=900, cwd=cfg.parent)
+
+
+@pytest.fixture(scope="module")
+def trained(workspace, data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("llamafactory") / "v2"
+    result = train(config(workspace, data_dir, out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+def test_initial_a_is_in_the_calibration_null_space(workspace, trained):
+    texts = [json.loads(line)["text"] for line in (workspace / "calibration.jsonl").read_text().splitlines()][:128]
+    assert_in_null_space(workspace / "model", texts, trained / "lora_null_init" / "adapter")
+
+
+def test_v2_trains_b_only_and_export_reproduces_the_trained_model(workspace, trained):
+    initial = trained / "lora_null_init" / "adapter"
+    assert_v2_trained_b_only(initial, trained)
+    assert_export_reproduces(workspace / "model", initial, trained, trained / "lora_null_export")
+    # Every checkpoint carries its own export too.
+    checkpoint = trained / "checkpoint-3"
+    assert_export_reproduces(workspace / "model", initial, checkpoint, checkpoint / "lora_null_export")
+
+
+def test_bad_config_fails_before_training(workspace, data_dir, tmp_path):
+    missing = train(config(workspace, data_dir, tmp_path / "missing", lora_null_calibration=None))
+    assert missing.returncode != 0 and "lora_null_calibration" in missing.stderr
+    both = train(config(workspace, data_dir, tmp_path / "both", pissa_init=True))
+    assert both.returncode != 0 and "pick one" in both.stderr
+    assert not (tmp_path / "missing" / "adapter_model.safetensors").exists()
+
+
+def test_without_the_key_it_is_plain_lora(workspace, data_dir, tmp_path):
+    result = train(config(workspace, data_dir, tmp_path / "plain", adapter_init=None, lora_null_calibration=None,
+                          max_steps=1))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "plain" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "plain" / "lora_null_init").exists()

@@ -1,0 +1,129 @@
+"""Where LoRA-Null enters LLaMA-Factory: its argument parser and `init_adapter` (both private names, checked
+at import so an unsupported version fails with a clear message instead of training plain LoRA)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from lora_null_core import LoraNullConfig, export_for_original_base, lora_null_init, save_initial_adapter
+from lora_null_core.distributed import rank_and_world
+
+LOG = logging.getLogger(__name__)
+INIT_DIR, EXPORT_DIR = "lora_null_init", "lora_null_export"
+SUPPORTED = "LLaMA-Factory 0.9.2 to 0.9.5"
+_installed = False
+
+
+def install() -> None:
+    """Swap in the extended FinetuningArguments and wrap init_adapter; idempotent."""
+    global _installed
+    if _installed:
+        return
+    try:
+        from llamafactory.hparams import parser
+        from llamafactory.model import loader
+        from llamafactory.hparams import FinetuningArguments
+    except ImportError as err:
+        raise ImportError(f"lora-null's LLaMA-Factory plugin needs {SUPPORTED} ({err}).") from err
+    if not hasattr(parser, "_TRAIN_ARGS") or FinetuningArguments not in parser._TRAIN_ARGS or not hasattr(loader, "init_adapter"):
+        raise ImportError(f"This LLaMA-Factory has no parser._TRAIN_ARGS / loader.init_adapter; supported: {SUPPORTED}.")
+    from .args import LoraNullFinetuningArguments
+
+    parser._TRAIN_ARGS[parser._TRAIN_ARGS.index(FinetuningArguments)] = LoraNullFinetuningArguments
+    original = loader.init_adapter
+
+    def init_adapter(config, model, model_args, finetuning_args, is_trainable):
+        model = original(config, model, model_args, finetuning_args, is_trainable)
+        if is_trainable and getattr(finetuning_args, "adapter_init", "default") == "lora_null":
+            initialize(model, model_args, finetuning_args)
+        return model
+
+    loader.init_adapter = init_adapter
+    _installed = True
+
+
+def initialize(model: Any, model_args: Any, finetuning_args: Any) -> None:
+    from llamafactory.model import load_tokenizer
+
+    tokenizer = load_tokenizer(model_args)["tokenizer"]
+    config = LoraNullConfig(
+        variant=finetuning_args.lora_null_variant, init=finetuning_args.lora_null_init,
+        num_samples=finetuning_args.lora_null_num_samples,
+        max_length=finetuning_args.lora_null_max_length or 512, text_field="text",
+    )
+    source = calibration_rows(finetuning_args.lora_null_calibration, _dataset_dir())
+    # Every rank runs this: the core shards calibration over the process group and broadcasts rank 0's factors.
+    lora_null_init(model, None, source, tokenizer, config, adapter_name=model.active_adapter)
+    LOG.info("LoRA-Null init (%s): %s", config.variant, model.lora_null_report.summary())
+
+
+def calibration_rows(name: str, dataset_dir: str) -> Any:
+    """A dataset_info.json entry (alpaca: prompt [+ query] columns; sharegpt: messages) or a path as is."""
+    info_path = Path(dataset_dir) / "dataset_info.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    if name not in info:
+        if Path(name).exists() or "/" in name:
+            return name
+        raise ValueError(f"lora_null_calibration: {name!r} is neither in {info_path} nor a file.")
+    entry = info[name]
+    if "file_name" in entry:
+        from lora_null_core.data import load_rows
+
+        rows = load_rows(str(Path(dataset_dir) / entry["file_name"]))
+    elif "hf_hub_url" in entry:
+        from lora_null_core.data import load_rows
+
+        rows = load_rows(f"{entry['hf_hub_url']}:{entry.get('split', 'train')}")
+    else:
+        raise ValueError(f"lora_null_calibration: dataset {name!r} needs file_name or hf_hub_url.")
+    columns = entry.get("columns", {})
+    if entry.get("formatting") == "sharegpt":
+        key = columns.get("messages", "conversations")
+        return [{"messages": [{"role": m.get("role", m.get("from")), "content": m.get("content", m.get("value"))}
+                              for m in row[key]]} for row in rows]
+    prompt, query = columns.get("prompt", "instruction"), columns.get("query", "input")
+    return [" ".join(str(row[c]) for c in (prompt, query) if row.get(c)) for row in rows]
+
+
+_dataset_dir_setting = {"value": "data"}
+
+
+def set_dataset_dir(path: str) -> None:
+    """Where dataset_info.json lives (the run's `dataset_dir`); init_adapter is not given the data args."""
+    _dataset_dir_setting["value"] = path
+
+
+def _dataset_dir() -> str:
+    return _dataset_dir_setting["value"]
+
+
+def export_final(output_dir: str) -> None:
+    """After LLaMA-Factory's final save: the LoRA for the original base next to its adapter (rank 0)."""
+    output = Path(output_dir)
+    if rank_and_world()[0] == 0 and (output / INIT_DIR).exists() and (output / "adapter_model.safetensors").exists():
+        export_for_original_base(output / INIT_DIR, output, output / EXPORT_DIR, overwrite=True)
+        LOG.info("LoRA-Null: adapter for the original base model written to %s", output / EXPORT_DIR)
+
+
+class LoraNullCallback(TrainerCallback):
+    """Saves the initial factors when training starts; writes the LoRA for the original base at every checkpoint."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if _active(model) and rank_and_world()[0] == 0:
+            save_initial_adapter(model, Path(args.output_dir) / INIT_DIR, overwrite=True)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if not _active(model) or rank_and_world()[0] != 0:
+            return
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if (checkpoint / "adapter_model.safetensors").exists():
+            export_for_original_base(Path(args.output_dir) / INIT_DIR, checkpoint, checkpoint / EXPORT_DIR, overwrite=True)
+
+
+def _active(model: Any) -> bool:
+    return getattr(model, "lora_null_report", None) is not None
