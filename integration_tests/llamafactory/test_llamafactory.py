@@ -49,10 +49,10 @@ def config(workspace, data_dir, out: Path, **changes) -> Path:
     return path
 
 
-def train(cfg: Path) -> subprocess.CompletedProcess:
+def train(cfg: Path, **env_changes: str) -> subprocess.CompletedProcess:
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
-           "DISABLE_VERSION_CHECK": "1", "CUDA_VISIBLE_DEVICES": ""}
+           "DISABLE_VERSION_CHECK": "1", "CUDA_VISIBLE_DEVICES": "", **env_changes}
     return subprocess.run([str(bin_dir / "lora-null-llamafactory"), "train", str(cfg)], env=env,
                           capture_output=True, text=True, timeout=900, cwd=cfg.parent)
 
@@ -93,3 +93,16 @@ def test_without_the_key_it_is_plain_lora(workspace, data_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "plain" / "adapter_model.safetensors").exists()
     assert not (tmp_path / "plain" / "lora_null_init").exists()
+
+
+def test_torchrun_relaunch_patches_every_worker(workspace, data_dir, tmp_path):
+    """LLaMA-Factory's multi-device path (FORCE_TORCHRUN / several GPUs): two gloo workers on CPU."""
+    out = tmp_path / "ddp"
+    result = train(config(workspace, data_dir, out), FORCE_TORCHRUN="1", NPROC_PER_NODE="2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "world size: 2" in result.stdout + result.stderr
+    texts = [json.loads(line)["text"] for line in (workspace / "calibration.jsonl").read_text().splitlines()][:128]
+    initial = out / "lora_null_init" / "adapter"
+    assert_in_null_space(workspace / "model", texts, initial)
+    assert_v2_trained_b_only(initial, out)
+    assert_export_reproduces(workspace / "model", initial, out, out / "lora_null_export")
