@@ -42,6 +42,12 @@ axolotl_venv() {  # Axolotl 0.21 declares Python >= 3.12, but the only CPU torch
   "$dir/bin/pip" install -q --no-deps -e .
 }
 
+need_chromium() {  # the LLaMA Board test drives a real headless browser: Debian's chromium + chromium-driver
+  command -v chromium >/dev/null && command -v chromedriver >/dev/null && return
+  local sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get install -y -q chromium chromium-driver >/dev/null || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q chromium chromium-driver >/dev/null; }
+}
+
 status=0
 for suite in "${suites[@]}"; do
   echo "=== suite: $suite"
@@ -53,7 +59,8 @@ for suite in "${suites[@]}"; do
     axolotl)     axolotl_venv; tests=integration_tests/axolotl ;;
     # PyPI's torchvision/torchaudio do not match the local CPU torch: drop them; LLaMA-Factory imports torchaudio
     # unconditionally, so a stub (integration_tests/llamafactory/stubs) stands in. Text LoRA never uses either.
-    llamafactory) venv llamafactory -e ".[test]" "llamafactory==0.9.5" "peft==0.18.1" "transformers==5.6.0" pyyaml
+    llamafactory) need_chromium
+                 venv llamafactory -e ".[test]" "llamafactory==0.9.5" "peft==0.18.1" "transformers==5.6.0" pyyaml selenium
                  .venvs/llamafactory/bin/pip uninstall -q -y torchvision torchaudio 2>/dev/null || true
                  echo "$PWD/integration_tests/llamafactory/stubs" > "$(.venvs/llamafactory/bin/python -c 'import site; print(site.getsitepackages()[0])')/torchaudio_stub.pth"
                  tests=integration_tests/llamafactory ;;

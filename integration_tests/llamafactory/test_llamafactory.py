@@ -22,22 +22,6 @@ SMALL = {  # what a tiny CPU run changes in the shipped example; the LoRA-Null k
 }
 
 
-@pytest.fixture(scope="module")
-def data_dir(workspace):
-    """LLaMA-Factory's data folder: the task in alpaca form and the knowledge text, both in dataset_info.json."""
-    folder = workspace / "lf_data"
-    folder.mkdir(exist_ok=True)
-    task = [json.loads(line)["text"] for line in (workspace / "task" / "train.jsonl").read_text().splitlines()]
-    (folder / "task.json").write_text(json.dumps(
-        [{"instruction": t.split(" Answer")[0], "input": "", "output": "Answer" + t.split(" Answer")[1]} for t in task]))
-    (folder / "knowledge.jsonl").write_text((workspace / "calibration.jsonl").read_text())
-    (folder / "dataset_info.json").write_text(json.dumps({
-        "task": {"file_name": "task.json"},
-        "knowledge": {"file_name": "knowledge.jsonl", "columns": {"prompt": "text"}},
-    }))
-    return folder
-
-
 def config(workspace, data_dir, out: Path, **changes) -> Path:
     cfg = yaml.safe_load((REPO / "examples/llamafactory/llama3_lora_null_sft.yaml").read_text())
     cfg.update(SMALL)

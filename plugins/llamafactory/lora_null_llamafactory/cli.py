@@ -1,4 +1,4 @@
-"""`lora-null-llamafactory train cfg.yaml [key=value …]`: LLaMA-Factory's training with the LoRA-Null keys."""
+"""`lora-null-llamafactory train cfg.yaml [key=value …]` and `… webui`: LLaMA-Factory with the LoRA-Null keys."""
 
 from __future__ import annotations
 
@@ -7,11 +7,16 @@ import subprocess
 import sys
 from typing import Optional, Sequence
 
-USAGE = "usage: lora-null-llamafactory train CONFIG.yaml [key=value ...]"
+USAGE = "usage: lora-null-llamafactory train CONFIG.yaml [key=value ...]  |  lora-null-llamafactory webui"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["webui"]:
+        from .webui import run
+
+        run()
+        return 0
     if len(argv) < 2 or argv[0] != "train":
         print(USAGE, file=sys.stderr)
         return 2

@@ -1,0 +1,126 @@
+"""LLaMA Board with the LoRA-Null choice, started on 127.0.0.1 and driven in a real headless Chromium."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", REPO / "test-artifacts"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def board(workspace, tmp_path_factory):
+    """`lora-null-llamafactory webui` in a folder whose data/ holds the task and the knowledge text."""
+    root = tmp_path_factory.mktemp("board")
+    shutil.copytree(workspace / "lf_data", root / "data")
+    port = free_port()
+    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "DISABLE_VERSION_CHECK": "1", "BROWSER": "true"}
+    log = open(root / "webui.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "lora_null_llamafactory.cli", "webui"], env=env, cwd=root,
+                              stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            assert server.poll() is None, (root / "webui.log").read_text()[-3000:]
+            time.sleep(0.5)
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1600,2600", "--lang=en-US"):
+        options.add_argument(flag)
+    options.binary_location = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_choosing_lora_null_produces_its_training_arguments(workspace, data_dir, board, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    def field(label):
+        return browser.find_element(
+            By.XPATH, f"//span[normalize-space(text())='{label}']/following::*[self::input or self::textarea][1]")
+
+    def choose(label, value):
+        box = field(label)
+        box.click()
+        time.sleep(0.3)
+        options = browser.find_elements(By.XPATH, f"//li[@role='option' and normalize-space(@aria-label)='{value}']")
+        if options:
+            options[0].click()
+        else:
+            box.send_keys(value, Keys.ENTER)
+        time.sleep(0.8)
+
+    browser.get(board)
+    for _ in range(240):  # LLaMA Board sets its labels after load
+        if browser.find_elements(By.XPATH, "//span[normalize-space(text())='Calibration dataset']"):
+            break
+        time.sleep(0.5)
+    choose("Model name", "Qwen2.5-0.5B")
+    path = field("Model path")
+    path.clear()
+    path.send_keys(str(workspace / "model"), Keys.TAB)
+    choose("Dataset", "task")
+    choose("Adapter init", "LoRA-Null v2")
+    choose("Calibration dataset", "knowledge")
+    browser.find_element(By.XPATH, "//button[normalize-space(.)='Preview command']").click()
+    command = ""
+    for _ in range(60):
+        time.sleep(0.5)
+        found = browser.find_elements(By.XPATH, "//*[contains(text(), 'llamafactory train') or contains(text(), "
+                                                "'llamafactory-cli train')]/ancestor::*[contains(., '--stage')][1]")
+        if found:
+            command = found[0].text
+            break
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "llamaboard_lora_null.png"))
+    assert command.startswith("lora-null-llamafactory train"), command
+    for expected in ("--adapter_init lora_null", "--lora_null_variant v2", "--lora_null_calibration knowledge",
+                     "--lora_null_num_samples 256", f"--model_name_or_path {workspace / 'model'}"):
+        assert expected in command, command
+    assert "--pissa_init True" not in command
+
+
+def test_labels_in_every_locale_and_launch_goes_through_the_plugin(tmp_path):
+    from llamafactory.webui.locales import LOCALES
+
+    from lora_null_llamafactory import webui
+
+    webui.install()
+    for key in webui.LABELS:
+        assert set(LOCALES[key]) == set(LOCALES["use_pissa"]), key
+    launched = []
+    popen = webui._wrap_popen(lambda command, *a, **k: launched.append(command))
+    (tmp_path / "a.yaml").write_text("adapter_init: lora_null\n")
+    (tmp_path / "b.yaml").write_text("finetuning_type: lora\n")
+    popen(["llamafactory-cli", "train", str(tmp_path / "a.yaml")])
+    popen(["llamafactory-cli", "train", str(tmp_path / "b.yaml")])
+    assert launched[0][1:] == ["-m", "lora_null_llamafactory.cli", "train", str(tmp_path / "a.yaml")]
+    assert launched[1] == ["llamafactory-cli", "train", str(tmp_path / "b.yaml")]
