@@ -15,7 +15,7 @@ class LoraNullFinetuningArguments(FinetuningArguments):
     lora_null_calibration: Optional[str] = field(
         default=None, metadata={"help": "Knowledge text: a dataset name from dataset_info.json, or a file path."})
     lora_null_num_samples: int = field(default=256, metadata={"help": "Calibration samples."})
-    lora_null_max_length: Optional[int] = field(default=None, metadata={"help": "Token limit (default: cutoff_len)."})
+    lora_null_max_length: Optional[int] = field(default=None, metadata={"help": "Calibration token limit (default 512)."})
     lora_null_variant: Literal["v1", "v2"] = field(default="v2", metadata={"help": "v2 freezes lora_A."})
     lora_null_init: Literal["projected", "basis"] = field(default="projected", metadata={"help": "basis: B = 0."})
 
