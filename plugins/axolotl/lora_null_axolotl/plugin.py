@@ -56,7 +56,8 @@ class LoraNullPlugin(BasePlugin):
             return
         output = Path(cfg.output_dir)
         if not (output / "adapter_model.safetensors").exists():
-            LOG.warning("LoRA-Null: no adapter_model.safetensors in %s; export skipped.", output)
+            # Axolotl calls post_train once before its final save and once after; export on the one with an adapter.
+            LOG.debug("LoRA-Null: no adapter_model.safetensors in %s yet; export waits for the final save.", output)
             return
         export_for_original_base(output / INIT_DIR, output, output / EXPORT_DIR, overwrite=True)
         LOG.info("LoRA-Null: adapter for the original base model written to %s", output / EXPORT_DIR)
