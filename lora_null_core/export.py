@@ -15,7 +15,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,6 +26,8 @@ from .saving import ADAPTER_DIR, BASE_DIR, atomic_output_dir, load_model, load_t
 
 logger = logging.getLogger(__name__)
 
+# Folder names the framework plugins write next to their own output.
+INIT_DIR, EXPORT_DIR = "lora_null_init", "lora_null_export"
 WEIGHTS_FILE, CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 
@@ -56,6 +58,15 @@ def export_for_original_base(
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     logger.info("Exported a rank-%d adapter for the original base to %s.", config["r"], output_dir)
     return Path(output_dir)
+
+
+def export_saved_adapter(adapter_dir: os.PathLike, init_dir: os.PathLike) -> Optional[Path]:
+    """Write `<adapter_dir>/lora_null_export` for a trainer's saved adapter (plugins call this after a save);
+    None while the folder holds no adapter weights yet (a pickled .bin still gets read_adapter's clear error)."""
+    adapter_dir = Path(adapter_dir)
+    if not any((adapter_dir / name).exists() for name in (WEIGHTS_FILE, "adapter_model.bin")):
+        return None
+    return export_for_original_base(init_dir, adapter_dir, adapter_dir / EXPORT_DIR, overwrite=True)
 
 
 def convert_weights(

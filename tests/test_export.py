@@ -80,3 +80,25 @@ def test_saved_init_folder_is_a_plain_base_plus_peft_adapter(tmp_path, saved_mod
     assert relative_error(logits(reloaded, ids), logits(original, ids)) < 1e-5
     residual_only = load_model(str(tmp_path / "init" / "base"), dtype="float32")
     assert relative_error(logits(residual_only, ids), logits(original, ids)) > 1e-3
+
+
+def test_export_saved_adapter_waits_for_weights_and_refuses_pickles(tmp_path, saved_model, knowledge):
+    """What every framework plugin calls after a save: nothing before the weights exist, an export after."""
+    from lora_null_core.errors import ExportError
+    from lora_null_core.export import EXPORT_DIR, export_saved_adapter
+
+    init_to_folder(str(saved_model), knowledge, tmp_path / "init", LoraConfig(r=4), dtype="float32")
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / "adapter_config.json").write_text((tmp_path / "init" / "adapter" / "adapter_config.json").read_text())
+    assert export_saved_adapter(output, tmp_path / "init") is None  # config pre-saved, weights not yet
+    assert not (output / EXPORT_DIR).exists()
+    (output / "adapter_model.safetensors").write_bytes((tmp_path / "init" / "adapter" / "adapter_model.safetensors").read_bytes())
+    assert export_saved_adapter(output, tmp_path / "init") == output / EXPORT_DIR
+    assert json.loads((output / EXPORT_DIR / "adapter_config.json").read_text())["r"] == 4
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text((output / "adapter_config.json").read_text())
+    (pickled / "adapter_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ExportError, match="pickled"):
+        export_saved_adapter(pickled, tmp_path / "init")

@@ -19,6 +19,7 @@ from lora_null_core.leakage import holdout_leakage
 from .evaluate import accuracy, perplexity
 from .inits import build_adapter
 from .suites import Suite
+from .train import fine_tune
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def run_benchmark(suite: Suite, inits: Sequence[str], seeds: Sequence[int], size
             leakage = {f"leakage_{kind}": adapter_leakage(model, suite, texts)
                        for kind, texts in (("knowledge", suite.knowledge), ("task", suite.task_train))}
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            loss = _fine_tune(model, suite, seed, init)
+            loss = fine_tune(model, suite.tokenizer, suite.task_train, suite.train, seed, suite.separator, desc=init)
             after = measure(model, suite)
             row = {
                 "init": init, "seed": seed, "size": size, "model": suite.model, **({"setting": suite.setting} if suite.setting else {}),
@@ -106,12 +107,6 @@ def _logits(model, batch) -> torch.Tensor:
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     return model(**batch).logits.float()[batch["attention_mask"].bool()].cpu()
-
-
-def _fine_tune(model, suite: Suite, seed: int, init: str) -> float:
-    from .train import fine_tune
-
-    return fine_tune(model, suite.tokenizer, suite.task_train, suite.train, seed, suite.separator, desc=init)
 
 
 def merge_results(path: Path, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

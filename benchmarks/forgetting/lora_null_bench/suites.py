@@ -8,7 +8,7 @@ import json
 import logging
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,6 @@ class Suite:
     separator: str = " "
     eval_batch: int = 64
     setting: str = ""  # overrides of the size's defaults, e.g. "lr=0.01, r=64": rows differ from the default table
-    notes: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- synthetic world
@@ -100,7 +99,6 @@ def synthetic_suite(size: str, cache: Path, device: str, pretrain_seed: int = 0)
         train=spec.finetune,
         rank=spec.rank,
         eval_batch=256,
-        notes={"people": spec.people, "hidden": spec.hidden, "layers": spec.layers, "pretrained": str(folder)},
     )
 
 
@@ -192,7 +190,6 @@ def file_suite(model: str, probes: Path, task_train: Path, task_eval: Path, size
         task_tokens=spec.task_tokens,
         task_match=number_matches if gsm_style else contains_target,
         eval_batch=spec.eval_batch,
-        notes={"model_path": str(model), "probes": str(probes), "task_train": str(task_train), "task_eval": str(task_eval)},
     )
 
 

@@ -14,11 +14,11 @@ from typing import Any
 
 from axolotl.integrations.base import BasePlugin
 
-from lora_null_core import LoraNullConfig, export_for_original_base, lora_null_init, save_initial_adapter
+from lora_null_core import LoraNullConfig, lora_null_init, save_initial_adapter
+from lora_null_core.export import INIT_DIR, export_saved_adapter
 from lora_null_core.distributed import rank_and_world
 
 LOG = logging.getLogger(__name__)
-INIT_DIR, EXPORT_DIR = "lora_null_init", "lora_null_export"
 
 
 def is_active(cfg: Any) -> bool:
@@ -54,14 +54,10 @@ class LoraNullPlugin(BasePlugin):
     def post_train(self, cfg: Any, model: Any) -> None:
         if not is_active(cfg) or rank_and_world()[0] != 0:
             return
-        output = Path(cfg.output_dir)
-        if not (output / "adapter_model.safetensors").exists():
-            # Axolotl calls post_train once before its final save and once after; export on the one with an adapter.
-            LOG.debug("LoRA-Null: no adapter_model.safetensors in %s yet; export waits for the final save.", output)
-            return
-        export_for_original_base(output / INIT_DIR, output, output / EXPORT_DIR, overwrite=True)
-        LOG.info("LoRA-Null: adapter for the original base model written to %s", output / EXPORT_DIR)
-
+        # Axolotl calls post_train once before its final save and once after; the export needs the saved adapter.
+        exported = export_saved_adapter(cfg.output_dir, Path(cfg.output_dir) / INIT_DIR)
+        if exported:
+            LOG.info("LoRA-Null: adapter for the original base model written to %s", exported)
 
 def lora_null_config(cfg: Any) -> LoraNullConfig:
     return LoraNullConfig(

@@ -10,11 +10,11 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from lora_null_core import LoraNullConfig, export_for_original_base, lora_null_init, save_initial_adapter
+from lora_null_core import LoraNullConfig, lora_null_init, save_initial_adapter
+from lora_null_core.export import INIT_DIR, export_saved_adapter
 from lora_null_core.distributed import rank_and_world
 
 LOG = logging.getLogger(__name__)
-INIT_DIR, EXPORT_DIR = "lora_null_init", "lora_null_export"
 SUPPORTED = "LLaMA-Factory 0.9.2 to 0.9.5"
 _installed = False
 
@@ -105,10 +105,10 @@ def _dataset_dir() -> str:
 def export_final(output_dir: str) -> None:
     """After LLaMA-Factory's final save: the LoRA for the original base next to its adapter (rank 0)."""
     output = Path(output_dir)
-    if rank_and_world()[0] == 0 and (output / INIT_DIR).exists() and (output / "adapter_model.safetensors").exists():
-        export_for_original_base(output / INIT_DIR, output, output / EXPORT_DIR, overwrite=True)
-        LOG.info("LoRA-Null: adapter for the original base model written to %s", output / EXPORT_DIR)
-
+    if rank_and_world()[0] == 0 and (output / INIT_DIR).exists():
+        exported = export_saved_adapter(output, output / INIT_DIR)
+        if exported:
+            LOG.info("LoRA-Null: adapter for the original base model written to %s", exported)
 
 class LoraNullCallback(TrainerCallback):
     """Saves the initial factors when training starts; writes the LoRA for the original base at every checkpoint."""
@@ -121,9 +121,7 @@ class LoraNullCallback(TrainerCallback):
         if not _active(model) or rank_and_world()[0] != 0:
             return
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if (checkpoint / "adapter_model.safetensors").exists():
-            export_for_original_base(Path(args.output_dir) / INIT_DIR, checkpoint, checkpoint / EXPORT_DIR, overwrite=True)
-
+        export_saved_adapter(checkpoint, Path(args.output_dir) / INIT_DIR)
 
 def _active(model: Any) -> bool:
     return getattr(model, "lora_null_report", None) is not None

@@ -7,6 +7,8 @@ then add `adapter_init="lora_null", lora_null_calibration="questions.jsonl"` to 
 """
 
 from .config import LoraNullSFTConfig
-from .trainer import EXPORT_DIR, INIT_DIR, LoraNullSFTTrainer
+from lora_null_core.export import EXPORT_DIR, INIT_DIR
+
+from .trainer import LoraNullSFTTrainer
 
 __all__ = ["EXPORT_DIR", "INIT_DIR", "LoraNullSFTConfig", "LoraNullSFTTrainer"]

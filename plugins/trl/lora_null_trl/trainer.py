@@ -10,12 +10,12 @@ from typing import Any, Optional
 from peft import PeftModel
 from trl import SFTTrainer
 
-from lora_null_core import export_for_original_base, lora_null_init, save_initial_adapter
+from lora_null_core import lora_null_init, save_initial_adapter
+from lora_null_core.export import INIT_DIR, export_saved_adapter
 from lora_null_core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-INIT_DIR, EXPORT_DIR = "lora_null_init", "lora_null_export"
 
 
 class LoraNullSFTTrainer(SFTTrainer):
@@ -52,6 +52,5 @@ class LoraNullSFTTrainer(SFTTrainer):
         if getattr(self.args, "adapter_init", "default") != "lora_null" or not self.args.lora_null_export:
             return
         if self.is_world_process_zero():
-            folder = Path(output_dir or self.args.output_dir)
-            export_for_original_base(self.lora_null_init_dir, folder, folder / EXPORT_DIR, overwrite=True)
+            export_saved_adapter(output_dir or self.args.output_dir, self.lora_null_init_dir)
 
