@@ -9,6 +9,7 @@ from lora_null_bench import world
 from lora_null_bench.cli import main as bench_main
 from lora_null_bench.evaluate import contains_target, final_number, number_matches
 from lora_null_bench.inits import build_adapter
+from lora_null_bench.report import target_check
 from lora_null_bench.run import merge_results
 from lora_null_bench.suites import read_examples, synthetic_suite
 from lora_null_core.initialize import lora_layers, weight_matrix
@@ -101,6 +102,19 @@ def test_merge_results_replaces_same_run(tmp_path):
     merged = merge_results(path, [{**row, "downstream": 0.5}, {**row, "setting": "lr=0.01"}])
     assert len(merged) == 3
     assert [r["downstream"] for r in merged if r["init"] == "lora" and "setting" not in r] == [0.5]
+
+
+def test_target_verdict_needs_a_task_that_lora_learned():
+    def summary(init, knowledge_after, downstream, std):
+        return {"init": init, "knowledge_lost": 1.0 - knowledge_after, "downstream": downstream,
+                "downstream_std": std, "downstream_before": 0.02}
+
+    learned = [summary("lora", 0.6, 0.90, 0.05), summary("lora_null_v2", 0.9, 0.88, 0.01)]
+    assert target_check(learned).endswith("target met.")
+    slow = [summary("lora", 0.6, 0.90, 0.05), summary("lora_null_v2", 1.0, 0.10, 0.01)]
+    assert target_check(slow).endswith("target NOT met.")
+    at_floor = [summary("lora", 0.6, 0.023, 0.005), summary("lora_null_v2", 0.9, 0.032, 0.007)]
+    assert "not judged" in target_check(at_floor)
 
 
 def test_read_examples_accepts_bigbench_and_jsonl(tmp_path):
