@@ -41,7 +41,7 @@ from .sequential import (
     run_block,
     stream_blocks,
 )
-from .null_space import basis_factors, null_basis, projected_factors
+from .null_space import basis_factors, null_basis, projected_factors, row_chunks
 from .report import InitReport, LayerReport
 
 logger = logging.getLogger(__name__)
@@ -349,12 +349,21 @@ def write_adapter(layer: LoraLayer, adapter_name: str, basis: torch.Tensor, init
         lora_a_param.copy_(lora_a.to(lora_a_param.device))
         lora_b_param.copy_(lora_b.to(lora_b_param.device))
         if init == "projected":
-            # Subtract what the stored (rounded) factors add back, so W_res + s·B·A equals W to the
-            # precision of W_res's own dtype.
-            stored = scaling * lora_b_param.double().to(original.device) @ lora_a_param.double().to(original.device)
-            residual = (original.double() - stored).to(base_weight.dtype)
-            base_weight.copy_(residual.T if layer.fan_in_fan_out else residual)
+            _write_residual(layer, lora_a_param, lora_b_param, scaling)
     return lora_a_param.detach()
+
+
+def _write_residual(layer: LoraLayer, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
+    """W_res = W − s·B·A with the stored (rounded) factors, so W_res + s·B·A equals W to the precision of
+    W_res's own dtype. In float64 row chunks: a full float64 copy of a 70B down_proj would be 1.9 GB."""
+    original = weight_matrix(layer).detach()  # shares the parameter's storage
+    lora_a = lora_a.detach().to(original.device, torch.float64)
+    lora_b = lora_b.detach().to(original.device, torch.float64)
+    start = 0
+    for rows in row_chunks(original):
+        end = start + rows.shape[0]
+        rows.copy_(rows.double() - scaling * lora_b[start:end] @ lora_a)  # views: writes into the base weight
+        start = end
 
 
 def apply_variant(peft_model: PeftModel, variant: str, adapter_name: str = "default") -> None:

@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -49,6 +51,22 @@ def test_init_preserves_the_function_and_lands_in_the_null_space(make_model, tok
     for entry in report.layers:
         assert entry.leakage < 0.5 * entry.leakage_random
         assert entry.leakage_holdout < 0.5 * entry.leakage_holdout_random
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_residual_written_in_row_chunks_is_exact(make_model, tokenizer, knowledge, architecture, monkeypatch):
+    # One row per float64 chunk, so every row crosses a chunk border (gpt2: transposed Conv1D views).
+    import lora_null_core.initialize as initialize
+    import lora_null_core.null_space as null_space
+
+    small = functools.partial(null_space.row_chunks, bytes_per_chunk=1)
+    monkeypatch.setattr(initialize, "row_chunks", small)
+    monkeypatch.setattr(null_space, "row_chunks", small)
+    peft_model, original, _ = init_and_compare(make_model, tokenizer, knowledge, architecture)
+    for name, layer in lora_layers(peft_model, "default").items():
+        a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+        w0 = original[name].double().T if layer.fan_in_fan_out else original[name].double()
+        assert torch.allclose(weight_matrix(layer).double() + layer.scaling["default"] * b @ a, w0, atol=1e-5), name
 
 
 @pytest.mark.parametrize("architecture", ["llama", "gemma", "gpt2"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lora_null_core.errors import InvalidRankError
-from lora_null_core.null_space import basis_factors, effective_rank, null_basis, projected_factors
+from lora_null_core.null_space import basis_factors, effective_rank, null_basis, projected_factors, row_chunks
 
 
 def random_covariance(d=24, rank=16, seed=0):
@@ -69,3 +69,22 @@ def test_fast_solvers_reach_the_exact_bottom_energy(solver):
     assert torch.allclose(fast.T @ fast, torch.eye(8, dtype=torch.float64), atol=1e-5)
     energy = lambda b: float(torch.trace(b.T @ cov @ b))  # noqa: E731
     assert energy(fast) <= 1.1 * energy(exact)
+
+
+@pytest.mark.parametrize("solver", ["eigh64", "eigh32", "subspace"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_solvers_leave_the_callers_covariance_untouched(solver, dtype):
+    # The subspace solver factorizes in place: it must do so on its own copy, even when no cast is needed.
+    cov = random_covariance(d=48, rank=30, seed=3).to(dtype)
+    before = cov.clone()
+    null_basis(cov, 4, solver)
+    assert torch.equal(cov, before)
+
+
+def test_row_chunks_cover_the_matrix_in_order():
+    matrix = torch.arange(60.0).reshape(12, 5)
+    chunks = row_chunks(matrix, bytes_per_chunk=8 * 5 * 5)  # five rows of float64 per chunk
+    assert [c.shape[0] for c in chunks] == [5, 5, 2]
+    assert torch.equal(torch.cat(chunks), matrix)
+    chunks[1].zero_()  # views: writing a chunk writes the matrix
+    assert not matrix[5:10].any()
