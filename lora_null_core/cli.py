@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--offload", action="store_true", help="Keep weights in CPU memory; stream one block at a time to --device.")
     init.add_argument("--solver", choices=("auto", "eigh64", "eigh32", "subspace"), default=defaults.solver)
     init.add_argument("--accumulate-dtype", choices=("float32", "float64"), default=defaults.accumulate_dtype)
+    init.add_argument("--covariance-cache", default=None, metavar="DIR",
+                      help="Keep the calibration covariances here; a later run (other rank, variant or init) reuses them.")
     init.add_argument("--trust-remote-code", action="store_true", help="Run the model repo's own code (only if you trust it).")
     init.add_argument("--overwrite", action="store_true", help="Replace OUT if it exists.")
 
@@ -100,6 +102,7 @@ def _init(args: argparse.Namespace) -> dict:
         max_length=args.max_length, batch_size=args.batch_size, seed=args.seed, text_field=args.text_field,
         covariance_weighting=args.covariance_weighting, min_tokens_per_dim=args.min_tokens_per_dim,
         streaming=args.streaming, accumulate_dtype=args.accumulate_dtype, solver=args.solver,
+        covariance_cache=args.covariance_cache,
     )
     if args.offload and args.streaming == "off":
         raise LoraNullError("--offload needs block streaming; drop --streaming off.")

@@ -28,7 +28,8 @@ from .errors import LoraNullError
 from .leakage import leakage_from_covariance, random_like
 from .null_space import eigendecompose, effective_rank
 from .report import read_metadata
-from .saving import ADAPTER_DIR, atomic_output_dir
+from .atomic import atomic_output_dir
+from .saving import ADAPTER_DIR
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from .errors import ExportError
 from .report import read_metadata
-from .saving import ADAPTER_DIR, BASE_DIR, atomic_output_dir, load_model, load_tokenizer
+from .atomic import atomic_output_dir
+from .saving import ADAPTER_DIR, BASE_DIR, load_model, load_tokenizer
 
 logger = logging.getLogger(__name__)
 

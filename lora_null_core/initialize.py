@@ -7,6 +7,7 @@ place. The result is an ordinary PeftModel with an ordinary LoraConfig.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -29,6 +30,7 @@ from .calibrate import (
     model_device,
 )
 from .config import LoraNullConfig
+from .covariance_cache import CovarianceCache
 from .data import CalibrationSource, TokenBatch, choose_texts, tokenize_batches
 from .distributed import assign_owners, broadcast_, rank_and_world, shard
 from .errors import InsufficientCalibrationError, InvalidRankError, NoTargetModulesError, UnsupportedModelError
@@ -85,18 +87,21 @@ def lora_null_init(
     probe = _probe(batches)
 
     plan = streaming_plan(peft_model, layers, config)
+    device = torch.device(execution_device) if execution_device else model_device(peft_model)
+    cache = CovarianceCache.open(config.covariance_cache, peft_model.get_base_model(), batches, config)
+    cached = cache is not None and cache.has(list(layers), device)
     was_training = peft_model.training
     peft_model.eval()
     try:
         if plan is not None:
-            device = torch.device(execution_device) if execution_device else model_device(peft_model)
             report_layers, function_error = _init_streaming(
-                peft_model, layers, plan, shard(batches), shard(holdout), probe, config, adapter_name, device,
-                block_loader,
+                peft_model, layers, plan, [] if cached else shard(batches), shard(holdout), probe, config,
+                adapter_name, device, block_loader, cache, cached,
             )
         else:
             report_layers, function_error = _init_whole_model(
-                peft_model, layers, shard(batches), shard(holdout), probe, config, adapter_name
+                peft_model, layers, [] if cached else shard(batches), shard(holdout), probe, config, adapter_name,
+                cache, cached,
             )
     finally:
         peft_model.train(was_training)
@@ -155,14 +160,20 @@ def _initialize_layers(
     return reports
 
 
-def _init_whole_model(peft_model, layers, batches, holdout, probe, config, adapter_name):
+def _init_whole_model(peft_model, layers, batches, holdout, probe, config, adapter_name, cache, cached):
     """One forward pass over all data with every layer tapped; every covariance held at once."""
     modules = {name: layer.get_base_layer() for name, layer in layers.items()}
     with peft_model.disable_adapter():
         reference = _logits(peft_model, probe)
-        covariances = collect_covariances(
-            peft_model, modules, batches, getattr(torch, config.accumulate_dtype), config.covariance_weighting
-        )
+        if cached:
+            covariances = cache.load(modules)
+        else:
+            covariances = collect_covariances(
+                peft_model, modules, batches, getattr(torch, config.accumulate_dtype), config.covariance_weighting
+            )
+            if cache is not None:
+                with cache.writing() as writer:
+                    writer.add("model", covariances)
     reports = _initialize_layers(layers, covariances, config, adapter_name)
     function_error = _relative_error(_logits(peft_model, probe), reference, probe.attention_mask)
     if holdout or config.holdout_samples:
@@ -171,14 +182,17 @@ def _init_whole_model(peft_model, layers, batches, holdout, probe, config, adapt
     return reports, function_error
 
 
-def _init_streaming(peft_model, layers, plan, batches, holdout, probe, config, adapter_name, device, loader):
-    """Block by block: calibrate, initialize, measure; the GPU holds one block and the hidden states."""
+def _init_streaming(peft_model, layers, plan, batches, holdout, probe, config, adapter_name, device, loader,
+                    cache, cached):
+    """Block by block: calibrate, initialize, measure; the GPU holds one block and the hidden states.
+    With cached covariances `batches` is empty and only the held-out and probe samples go through."""
     blocks, names_by_block = plan
     calls = capture_block_inputs(peft_model, blocks[0], [*batches, *holdout, probe], device)
     calibration, held_out = range(len(batches)), range(len(batches), len(batches) + len(holdout))
     dtype = getattr(torch, config.accumulate_dtype)
     reports, errors = [], []
-    with torch.no_grad():
+    writing = cache.writing() if cache is not None and not cached else contextlib.nullcontext()
+    with torch.no_grad(), writing as writer:
         for step in stream_blocks(blocks, names_by_block, device, loader):
             block_layers = {name: layers[name] for name in step.names}
             modules = {name: layer.get_base_layer() for name, layer in block_layers.items()}
@@ -190,7 +204,12 @@ def _init_streaming(peft_model, layers, plan, batches, holdout, probe, config, a
                         calls[j] = calls[j].with_hidden(run_block(step.block, calls[j]))
                 probe_before = run_block(step.block, calls[-1])
             if block_layers:
-                covariances = finalize_covariances(collector.result, modules, config.covariance_weighting)
+                if cached:
+                    covariances = cache.load(modules, device)
+                else:
+                    covariances = finalize_covariances(collector.result, modules, config.covariance_weighting)
+                    if writer is not None:
+                        writer.add(f"block-{step.index:04d}", covariances)
                 block_reports = _initialize_layers(block_layers, covariances, config, adapter_name)
                 reports += block_reports
                 lora_as = {name: layer.lora_A[adapter_name].weight.detach() for name, layer in block_layers.items()}
@@ -332,7 +351,6 @@ def weight_matrix(layer: LoraLayer) -> torch.Tensor:
 
 def write_adapter(layer: LoraLayer, adapter_name: str, basis: torch.Tensor, init: str) -> torch.Tensor:
     """Write A, B (and, for the projected init, the residual base) into one layer; return A as stored."""
-    base_weight = layer.get_base_layer().weight
     lora_a_param = layer.lora_A[adapter_name].weight
     lora_b_param = layer.lora_B[adapter_name].weight
     scaling = layer.scaling[adapter_name]

@@ -6,12 +6,8 @@ that, on that base, computes the original function) and `lora_null.json` (what w
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,7 +16,8 @@ import transformers
 from packaging.version import Version
 from peft import PeftModel
 
-from .errors import LoraNullError, OutputExistsError
+from .atomic import atomic_output_dir
+from .errors import LoraNullError
 from .initialize import apply_variant
 from .report import read_metadata
 
@@ -59,28 +56,6 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@contextlib.contextmanager
-def atomic_output_dir(path: os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; it becomes `path` only if the block finishes."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} already exists; choose another --output or pass --overwrite.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield staging
-        if path.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            path.rename(trash / "old")
-            staging.rename(path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            staging.rename(path)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def base_state_dict(peft_model: PeftModel) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -91,3 +92,32 @@ def test_owners_spread_the_eigh_work(monkeypatch):
     monkeypatch.setattr(distributed, "rank_and_world", lambda: (0, 3))
     owners = assign_owners({"down": 11008, "attn": 4096, "o": 4096, "mlp": 4096})
     assert owners["down"] == 0 and {owners["attn"], owners["o"], owners["mlp"]} == {1, 2}
+
+
+def cache_worker(rank, world, port, folder, shared):
+    """Two inits with a covariance cache; with shared=False each rank has its own cache folder, as on nodes
+    without a shared disk: rank 1 never finds an entry, so no rank may skip calibration alone."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        tokenizer = tiny_tokenizer(TEXTS)
+        cache = os.path.join(folder, "cache" if shared else f"cache{rank}")
+        state = {}
+        for run, rank_r in enumerate((4, 6)):
+            model = tiny_model("llama", len(tokenizer), seed=11)
+            peft_model = lora_null_init(model, LoraConfig(r=rank_r), TEXTS, tokenizer, num_samples=200,
+                                        holdout_samples=0, batch_size=8, covariance_cache=cache)
+            for name, layer in lora_layers(peft_model, "default").items():
+                state[f"{run}.{name}"] = layer.lora_A["default"].weight.detach().contiguous()
+        save_file(state, os.path.join(folder, f"rank{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_covariance_cache_under_two_processes(tmp_path, shared):
+    mp.spawn(cache_worker, args=(2, free_port(), str(tmp_path), shared), nprocs=2, join=True)
+    rank0, rank1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    entries = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("cache*/*/index.json"))
+    assert len(entries) == 1 and entries[0].startswith("cache/" if shared else "cache0/")  # rank 0 writes, once

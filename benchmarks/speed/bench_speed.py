@@ -8,7 +8,8 @@ The cost of calibration and decomposition does not depend on the weights' values
 
 Prints a table, a ratio against CorDA when both ran, and appends rows to the results JSON
 (benchmarks/results/speed.json by default). Peak GPU memory is torch's max_memory_allocated over the call.
-`lora_null_offload` keeps the weights in CPU memory and streams one block at a time to the GPU; with
+`lora_null_offload` keeps the weights in CPU memory and streams one block at a time to the GPU;
+`lora_null_cache` runs twice with a covariance cache (the first run writes it, the second skips calibration); with
 --max-blocks N only the first N blocks are processed (weights materialized per block on the GPU) and
 the time is extrapolated to all blocks, which the row says.
 """
@@ -19,6 +20,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -130,14 +132,15 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def time_lora_null(args, texts, tokenizer, solver: str, offload: bool, device: str) -> dict:
+def time_lora_null(args, texts, tokenizer, solver: str, offload: bool, device: str, cache: str | None = None,
+                   method: str | None = None) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     blocks = SHAPES[args.shape]["num_hidden_layers"]
     limited = bool(args.max_blocks) and args.max_blocks <= blocks  # weights materialized block by block
     model = build_model(args.shape, "cpu" if offload and not limited else device, dtype, meta_blocks=bool(limited))
     loader = RandomBlocks(dtype, args.max_blocks) if limited else None
     config = LoraNullConfig(num_samples=args.num_samples, holdout_samples=0, max_length=args.seq_len,
-                            batch_size=args.batch_size, solver=solver, streaming="on")
+                            batch_size=args.batch_size, solver=solver, streaming="on", covariance_cache=cache)
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS)
     reset_peak()
     gpu_sync()
@@ -149,7 +152,7 @@ def time_lora_null(args, texts, tokenizer, solver: str, offload: bool, device: s
         done = args.max_blocks
     gpu_sync()
     seconds = time.perf_counter() - start
-    row = {"method": "lora_null_offload" if offload or limited else "lora_null", "solver": solver,
+    row = {"method": method or ("lora_null_offload" if offload or limited else "lora_null"), "solver": solver,
            "seconds": seconds * blocks / done, "peak_gpu_gib": peak_gib(), "blocks_timed": done}
     if done < blocks:
         row["note"] = f"{done} of {blocks} blocks timed ({seconds:.1f} s), extrapolated linearly"
@@ -217,7 +220,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--methods", default="lora_null,peft_corda_kpm",
-                        help="Comma list of lora_null, lora_null_offload, peft_corda_kpm, solvers.")
+                        help="Comma list of lora_null, lora_null_offload, lora_null_cache, peft_corda_kpm, solvers.")
+    parser.add_argument("--cache-root", default=None, help="Where lora_null_cache puts its covariances (temporary).")
     parser.add_argument("--solver", default="auto", help="Comma list of solvers for the lora_null runs.")
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -241,6 +245,13 @@ def main(argv=None) -> int:
             for solver in args.solver.split(","):
                 rows.append(time_lora_null(args, texts, tokenizer, solver, method == "lora_null_offload", device))
                 record(args, rows[-1:], [], device_name, command)
+        elif method == "lora_null_cache":
+            # The same init twice with a covariance cache: the first run writes it, the second only reads it.
+            with tempfile.TemporaryDirectory(dir=args.cache_root) as cache:
+                for step in ("write", "hit"):
+                    rows.append(time_lora_null(args, texts, tokenizer, args.solver.split(",")[0], False, device,
+                                               cache, f"lora_null_cache_{step}"))
+                    record(args, rows[-1:], [], device_name, command)
         elif method == "peft_corda_kpm":
             rows.append(time_corda(args, texts, tokenizer, device))
             record(args, rows[-1:], [], device_name, command)

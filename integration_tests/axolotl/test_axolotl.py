@@ -47,7 +47,7 @@ def axolotl_train(cfg: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def trained(workspace, tmp_path_factory):
     out = tmp_path_factory.mktemp("axolotl") / "v2"
-    result = axolotl_train(config(workspace, out))
+    result = axolotl_train(config(workspace, out, lora_null_covariance_cache=str(out.parent / "covariances")))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out
 
@@ -58,6 +58,11 @@ def calibration_texts(workspace) -> list[str]:
 
 def test_initial_a_is_in_the_calibration_null_space(workspace, trained):
     assert_in_null_space(workspace / "model", calibration_texts(workspace), trained / "lora_null_init" / "adapter")
+
+
+def test_covariance_cache_key_reaches_the_core(trained):
+    entries = list((trained.parent / "covariances").glob("*/index.json"))
+    assert len(entries) == 1 and len(json.loads(entries[0].read_text())["group_of"]) > 0
 
 
 def test_v2_trains_b_only_and_export_reproduces_the_trained_model(workspace, trained):

@@ -44,7 +44,7 @@ def train(cfg: Path, **env_changes: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def trained(workspace, data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("llamafactory") / "v2"
-    result = train(config(workspace, data_dir, out))
+    result = train(config(workspace, data_dir, out, lora_null_covariance_cache=str(out.parent / "covariances")))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out
 
@@ -52,6 +52,11 @@ def trained(workspace, data_dir, tmp_path_factory):
 def test_initial_a_is_in_the_calibration_null_space(workspace, trained):
     texts = [json.loads(line)["text"] for line in (workspace / "calibration.jsonl").read_text().splitlines()][:128]
     assert_in_null_space(workspace / "model", texts, trained / "lora_null_init" / "adapter")
+
+
+def test_covariance_cache_key_reaches_the_core(trained):
+    entries = list((trained.parent / "covariances").glob("*/index.json"))
+    assert len(entries) == 1 and len(json.loads(entries[0].read_text())["group_of"]) > 0
 
 
 def test_v2_trains_b_only_and_export_reproduces_the_trained_model(workspace, trained):

@@ -102,7 +102,7 @@ def test_trl_yaml_cli(workspace, tmp_path):
         "use_peft": True, "lora_r": 4, "lora_alpha": 8, "lora_target_modules": "all-linear",
         "report_to": "none", "use_cpu": True, "save_strategy": "no", "max_length": 32, "dtype": "float32", "bf16": False,
         "adapter_init": "lora_null", "lora_null_calibration": str(workspace / "calibration.jsonl"),
-        "lora_null_num_samples": 150, "lora_null_variant": "v2",
+        "lora_null_num_samples": 150, "lora_null_variant": "v2", "lora_null_covariance_cache": str(tmp_path / "cov"),
     }
     (tmp_path / "cfg.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in config.items()) + "\n")
     cli = Path(sys.executable).parent / "lora-null-trl"
@@ -112,6 +112,7 @@ def test_trl_yaml_cli(workspace, tmp_path):
     run = tmp_path / "cli-run"
     assert json.loads((run / EXPORT_DIR / "adapter_config.json").read_text())["r"] == 4
     assert json.loads((run / INIT_DIR / "lora_null.json").read_text())["calibration"]["num_samples"] == 150
+    assert len(list((tmp_path / "cov").glob("*/index.json"))) == 1  # the YAML key reached the core
     trained, initial = load_file(str(run / "adapter_model.safetensors")), load_file(str(run / INIT_DIR / "adapter" / "adapter_model.safetensors"))
     assert all(torch.equal(trained[k], initial[k]) for k in initial if "lora_A" in k)  # v2 kept A frozen
     assert any(not torch.equal(trained[k], initial[k]) for k in initial if "lora_B" in k)

@@ -20,6 +20,8 @@ class LoraNullArgs(BaseModel):
     lora_null_variant: Literal["v1", "v2"] = "v2"
     lora_null_init: Literal["projected", "basis"] = "projected"
     lora_null_text_field: str = "text"
+    lora_null_covariance_cache: Optional[str] = Field(default=None, json_schema_extra={
+        "description": "Folder that keeps the calibration covariances; a later run with another rank or variant skips calibration."})
 
     @model_validator(mode="before")
     @classmethod

@@ -65,6 +65,7 @@ def lora_null_config(cfg: Any) -> LoraNullConfig:
         num_samples=cfg.lora_null_num_samples or 256,
         max_length=cfg.lora_null_max_length or cfg.sequence_len or 512,
         text_field=cfg.lora_null_text_field or "text", seed=cfg.seed or 0,
+        covariance_cache=cfg.lora_null_covariance_cache,
     )
 
 

@@ -18,6 +18,8 @@ class LoraNullFinetuningArguments(FinetuningArguments):
     lora_null_max_length: Optional[int] = field(default=None, metadata={"help": "Calibration token limit (default 512)."})
     lora_null_variant: Literal["v1", "v2"] = field(default="v2", metadata={"help": "v2 freezes lora_A."})
     lora_null_init: Literal["projected", "basis"] = field(default="projected", metadata={"help": "basis: B = 0."})
+    lora_null_covariance_cache: Optional[str] = field(
+        default=None, metadata={"help": "Folder that keeps the calibration covariances; a later run with another rank or variant skips calibration."})
 
     def __post_init__(self) -> None:
         super().__post_init__()

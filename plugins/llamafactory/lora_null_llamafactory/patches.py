@@ -55,6 +55,7 @@ def initialize(model: Any, model_args: Any, finetuning_args: Any) -> None:
         variant=finetuning_args.lora_null_variant, init=finetuning_args.lora_null_init,
         num_samples=finetuning_args.lora_null_num_samples,
         max_length=finetuning_args.lora_null_max_length or 512, text_field="text",
+        covariance_cache=finetuning_args.lora_null_covariance_cache,
     )
     source = calibration_rows(finetuning_args.lora_null_calibration, _dataset_dir())
     # Every rank runs this: the core shards calibration over the process group and broadcasts rank 0's factors.

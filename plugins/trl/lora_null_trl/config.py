@@ -28,6 +28,8 @@ class LoraNullSFTConfig(SFTConfig):
     lora_null_max_length: int = field(default=512, metadata={"help": "Tokens per calibration sample."})
     lora_null_batch_size: int = field(default=8, metadata={"help": "Calibration samples per forward pass."})
     lora_null_text_field: str = field(default="text", metadata={"help": "Column holding calibration text."})
+    lora_null_covariance_cache: Optional[str] = field(
+        default=None, metadata={"help": "Folder that keeps the calibration covariances; a later run with another rank or variant skips calibration."})
     lora_null_export: bool = field(
         default=True,
         metadata={"help": "At every save, also write <dir>/lora_null_export: a standard LoRA for the original base."},
@@ -47,4 +49,5 @@ class LoraNullSFTConfig(SFTConfig):
             variant=self.lora_null_variant, init=self.lora_null_init, num_samples=self.lora_null_num_samples,
             holdout_samples=self.lora_null_holdout_samples, max_length=self.lora_null_max_length,
             batch_size=self.lora_null_batch_size, seed=self.seed, text_field=self.lora_null_text_field,
+            covariance_cache=self.lora_null_covariance_cache,
         )
