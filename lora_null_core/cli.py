@@ -43,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16.")
     init.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available).")
     init.add_argument("--streaming", choices=("auto", "on", "off"), default=defaults.streaming, help="Block-by-block calibration (auto: when the model allows).")
-    init.add_argument("--offload", action="store_true", help="Keep weights in CPU memory; stream one block at a time to --device.")
+    init.add_argument("--offload", nargs="?", const="cpu", choices=("cpu", "disk"), default=None,
+                      help="Stream one block at a time to --device, keeping the weights in CPU memory (--offload, "
+                      "--offload cpu) or reading each block from the local safetensors checkpoint and writing its "
+                      "residual right after (--offload disk: for models larger than CPU memory).")
     init.add_argument("--solver", choices=("auto", "eigh64", "eigh32", "subspace"), default=defaults.solver)
     init.add_argument("--accumulate-dtype", choices=("float32", "float64"), default=defaults.accumulate_dtype)
     init.add_argument("--covariance-cache", default=None, metavar="DIR",
@@ -109,7 +112,7 @@ def _init(args: argparse.Namespace) -> dict:
     report = init_to_folder(
         args.model, args.calibration, Path(args.output), lora_config, config,
         dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code, overwrite=args.overwrite,
-        offload=args.offload,
+        offload=args.offload or False,
     )
     return {"output": args.output, "layers": len(report.layers), **report.summary()}
 

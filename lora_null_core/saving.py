@@ -73,7 +73,7 @@ def save_initialized(
 ) -> Path:
     """Write base/, adapter/ and lora_null.json of an initialized model into `output_dir`, atomically."""
     with atomic_output_dir(output_dir, overwrite) as staging:
-        _write_initial_adapter(peft_model, staging)
+        write_initial_adapter(peft_model, staging)
         base = peft_model.get_base_model()
         base.save_pretrained(staging / BASE_DIR, state_dict=base_state_dict(peft_model))
         if tokenizer is not None:
@@ -86,11 +86,11 @@ def save_initial_adapter(peft_model: PeftModel, output_dir: os.PathLike, overwri
     """Write only adapter/ and lora_null.json: all `export` needs, when the base can be rebuilt by
     re-running the (deterministic) init, as a trainer resuming from a checkpoint does."""
     with atomic_output_dir(output_dir, overwrite) as staging:
-        _write_initial_adapter(peft_model, staging)
+        write_initial_adapter(peft_model, staging)
     return Path(output_dir)
 
 
-def _write_initial_adapter(peft_model: PeftModel, folder: Path) -> None:
+def write_initial_adapter(peft_model: PeftModel, folder: Path) -> None:
     report = getattr(peft_model, "lora_null_report", None)
     if report is None:
         raise LoraNullError("This PeftModel was not initialized by lora_null_init (it has no lora_null_report).")
