@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import LoraNullError
+from .saving import DTYPE_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def empty_model(folder: Path, checkpoint: Checkpoint, dtype: torch.dtype, trust_
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, torch_dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **{DTYPE_KEY: dtype})
     found = decoder_blocks(model)
     if found is None:
         raise LoraNullError("--offload disk streams decoder blocks, and this model's blocks cannot be streamed "

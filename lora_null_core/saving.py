@@ -24,7 +24,7 @@ from .report import read_metadata
 logger = logging.getLogger(__name__)
 
 BASE_DIR, ADAPTER_DIR = "base", "adapter"
-_DTYPE_KEY = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+DTYPE_KEY = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
 def torch_dtype(name: str) -> Any:
@@ -40,7 +40,7 @@ def load_model(name_or_path: str, dtype: str = "auto", device: Optional[str] = N
     """A causal LM from a local folder or hub name; remote code runs only when the user asks for it."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = {_DTYPE_KEY: torch_dtype(dtype), "trust_remote_code": trust_remote_code}
+    kwargs = {DTYPE_KEY: torch_dtype(dtype), "trust_remote_code": trust_remote_code}
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except OSError as err:

@@ -9,7 +9,8 @@ The cost of calibration and decomposition does not depend on the weights' values
 Prints a table, a ratio against CorDA when both ran, and appends rows to the results JSON
 (benchmarks/results/speed.json by default). Peak GPU memory is torch's max_memory_allocated over the call.
 `lora_null_offload` keeps the weights in CPU memory and streams one block at a time to the GPU;
-`lora_null_cache` runs twice with a covariance cache (the first run writes it, the second skips calibration); with
+`lora_null_cache` runs twice with a covariance cache (the first run writes it, the second skips calibration);
+`lora_null_disk` saves the model first and times `--offload disk` (blocks read from the shards); with
 --max-blocks N only the first N blocks are processed (weights materialized per block on the GPU) and
 the time is extrapolated to all blocks, which the row says.
 """
@@ -160,6 +161,59 @@ def time_lora_null(args, texts, tokenizer, solver: str, offload: bool, device: s
     return row
 
 
+def time_lora_null_disk(args, texts, tokenizer, solver: str, device: str) -> dict:
+    """`lora-null init --offload disk` on a checkpoint written first (not timed): blocks read from the shards in
+    turn, the residual base and adapter written to a folder. Host memory: the peak RSS growth over the call."""
+    from lora_null_core.workflow import init_to_folder
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with tempfile.TemporaryDirectory(dir=args.cache_root) as work:
+        model = build_model(args.shape, device, dtype)
+        model.save_pretrained(Path(work) / "model")
+        tokenizer.save_pretrained(Path(work) / "model")
+        del model
+        reset_peak()
+        config = LoraNullConfig(num_samples=args.num_samples, holdout_samples=0, max_length=args.seq_len,
+                                batch_size=args.batch_size, solver=solver)
+        lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS)
+        with HostPeak() as host:
+            gpu_sync()
+            start = time.perf_counter()
+            init_to_folder(str(Path(work) / "model"), texts, Path(work) / "out", lora, config, dtype="auto",
+                           device=device, offload="disk")
+            gpu_sync()
+            seconds = time.perf_counter() - start
+    return {"method": "lora_null_disk", "solver": solver, "seconds": seconds, "peak_gpu_gib": peak_gib(),
+            "blocks_timed": SHAPES[args.shape]["num_hidden_layers"],
+            "note": f"reads the checkpoint and writes the init folder; host RSS grew by {host.gib:.1f} GiB at peak (sampled every 50 ms)"}
+
+
+class HostPeak:
+    """Peak growth of this process's resident memory while the block runs (sampled every 50 ms)."""
+
+    def __enter__(self):
+        import threading
+
+        self.start, self.peak, self._stop = _rss(), 0, threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, _rss() - self.start)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.gib = max(self.peak, _rss() - self.start) / 2**30
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
 def time_corda(args, texts, tokenizer, device: str) -> dict:
     from peft.tuners.lora.config import CordaConfig
     from peft.tuners.lora.corda import preprocess_corda
@@ -220,8 +274,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--methods", default="lora_null,peft_corda_kpm",
-                        help="Comma list of lora_null, lora_null_offload, lora_null_cache, peft_corda_kpm, solvers.")
-    parser.add_argument("--cache-root", default=None, help="Where lora_null_cache puts its covariances (temporary).")
+                        help="Comma list of lora_null, lora_null_offload, lora_null_disk, lora_null_cache, peft_corda_kpm, solvers.")
+    parser.add_argument("--cache-root", default=None, help="Temporary folder for lora_null_cache and lora_null_disk.")
     parser.add_argument("--solver", default="auto", help="Comma list of solvers for the lora_null runs.")
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -245,6 +299,9 @@ def main(argv=None) -> int:
             for solver in args.solver.split(","):
                 rows.append(time_lora_null(args, texts, tokenizer, solver, method == "lora_null_offload", device))
                 record(args, rows[-1:], [], device_name, command)
+        elif method == "lora_null_disk":
+            rows.append(time_lora_null_disk(args, texts, tokenizer, args.solver.split(",")[0], device))
+            record(args, rows[-1:], [], device_name, command)
         elif method == "lora_null_cache":
             # The same init twice with a covariance cache: the first run writes it, the second only reads it.
             with tempfile.TemporaryDirectory(dir=args.cache_root) as cache:
