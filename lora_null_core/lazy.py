@@ -9,7 +9,6 @@ dropped. So memory holds one block at a time, on the GPU and on the host alike.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,8 +19,6 @@ from torch import nn
 
 from .errors import LoraNullError
 from .saving import DTYPE_KEY
-
-logger = logging.getLogger(__name__)
 
 
 class Checkpoint:
@@ -85,8 +82,8 @@ class DiskBlocks:
     """BlockLoader: a block's weights come from the checkpoint for its turn; afterwards its residual base goes
     to one shard in `base_dir` and its LoRA factors are kept on the CPU, and the block returns to meta."""
 
-    def __init__(self, checkpoint: Checkpoint, base_dir: Path, prefix: str, dtype: torch.dtype) -> None:
-        self.checkpoint, self.base_dir, self.prefix, self.dtype = checkpoint, Path(base_dir), prefix, dtype
+    def __init__(self, checkpoint: Checkpoint, base_dir: Path, prefix: str) -> None:
+        self.checkpoint, self.base_dir, self.prefix = checkpoint, Path(base_dir), prefix
         self.weight_map: dict[str, str] = {}
         self.lora: dict[str, torch.Tensor] = {}
         self.total_size = 0

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-
 from peft import LoraConfig
 from transformers import AutoConfig
 
@@ -18,7 +17,15 @@ from .errors import LoraNullError, OutputExistsError
 from .initialize import lora_null_init
 from .lazy import Checkpoint, DiskBlocks, empty_model
 from .report import InitReport
-from .saving import BASE_DIR, default_device, load_model, load_tokenizer, save_initialized, torch_dtype, write_initial_adapter
+from .saving import (
+    BASE_DIR,
+    default_device,
+    load_model,
+    load_tokenizer,
+    save_initialized,
+    torch_dtype,
+    write_initial_adapter,
+)
 from .sequential import decoder_blocks
 
 
@@ -41,6 +48,9 @@ def init_to_folder(
     for models larger than CPU memory."""
     if Path(output_dir).exists() and not overwrite:  # fail before the expensive part, not after it
         raise OutputExistsError(f"{output_dir} already exists; choose another --output or pass --overwrite.")
+    if offload == "disk" and not Path(model_name_or_path).is_dir():
+        raise LoraNullError(f"--offload disk reads a local checkpoint folder, and {model_name_or_path} is not one: "
+                            "download it first (huggingface-cli download NAME --local-dir DIR).")
     tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
     device = device or default_device()
     if offload == "disk":
@@ -58,9 +68,6 @@ def init_to_folder(
 def _init_from_disk(folder, calibration, output_dir, lora_config, config, dtype, device, trust_remote_code, overwrite,
                     tokenizer) -> InitReport:
     """Meta model, blocks read from the shards in turn, the residual base written block by block."""
-    if not folder.is_dir():
-        raise LoraNullError(f"--offload disk reads a local checkpoint folder, and {folder} is not one: download it "
-                            "first (huggingface-cli download NAME --local-dir DIR).")
     checkpoint = Checkpoint(folder)
     model_config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     weights_dtype = torch_dtype(dtype)
@@ -73,7 +80,7 @@ def _init_from_disk(folder, calibration, output_dir, lora_config, config, dtype,
     with atomic_output_dir(output_dir, overwrite) as staging:
         base_dir = staging / BASE_DIR
         base_dir.mkdir()
-        loader = DiskBlocks(checkpoint, base_dir, prefix, weights_dtype)
+        loader = DiskBlocks(checkpoint, base_dir, prefix)
         peft_model = lora_null_init(model, lora_config, calibration, tokenizer, config, execution_device=device,
                                     block_loader=loader)
         base = peft_model.get_base_model()

@@ -66,3 +66,14 @@ def test_demo_runs_end_to_end(tmp_path):
     # The mechanism: v2 moves outputs on held-out knowledge text less than plain LoRA trained alike.
     assert float(numbers["knowledge_output_change_lora_null_v2"]) < float(numbers["knowledge_output_change_plain_lora"])
     assert (tmp_path / "demo" / "export" / "adapter_model.safetensors").exists()
+
+
+def test_init_reads_blocks_from_disk(tmp_path, saved_model, knowledge):
+    write_jsonl(tmp_path / "calib.jsonl", knowledge, field="question")
+    out = tmp_path / "init"
+    result = run("init", "--model", saved_model, "--calibration", tmp_path / "calib.jsonl", "--rank", 4,
+                 "--output", out, "--num-samples", 200, "--max-length", 32, "--text-field", "question",
+                 "--offload", "disk", "--device", "cpu")
+    assert float(parse(result.stdout)["function_error"]) < 1e-5
+    index = json.loads((out / "base" / "model.safetensors.index.json").read_text())
+    assert "model-block-00000.safetensors" in index["weight_map"].values()

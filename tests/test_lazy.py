@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import load_file
 
-from lora_null_core import LoraNullError, load_initialized
+from lora_null_core import LoraNullConfig, LoraNullError, load_initialized
 from lora_null_core.workflow import init_to_folder
 
 from .conftest import logits, relative_error
@@ -21,8 +21,6 @@ def base_tensors(folder):
 
 @pytest.mark.parametrize("architecture", ["llama", "gemma"])  # gemma ties the LM head to the embeddings
 def test_disk_offload_writes_the_same_init_as_memory(make_model, tokenizer, knowledge, tmp_path, architecture):
-    from lora_null_core import LoraNullConfig
-
     model_dir = tmp_path / "model"
     original = make_model(architecture, layers=3)
     original.save_pretrained(model_dir, max_shard_size="100KB")  # several shards, blocks split across them
@@ -57,6 +55,8 @@ def test_disk_offload_needs_a_local_safetensors_folder(tmp_path, tokenizer, know
         init_to_folder(str(tmp_path / "empty"), knowledge, tmp_path / "out", LoraConfig(r=4), offload="disk",
                        device="cpu")
     assert not (tmp_path / "out").exists()
+    with pytest.raises(LoraNullError, match="local checkpoint folder"):  # refused before any download
+        init_to_folder("org/not-a-folder", knowledge, tmp_path / "out", LoraConfig(r=4), offload="disk")
 
 
 def test_disk_offload_holds_one_block_at_a_time(make_model, tokenizer, knowledge, tmp_path, monkeypatch):
