@@ -2,6 +2,8 @@
 
 import importlib.util
 import json
+
+import pytest
 from pathlib import Path
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "speed" / "bench_speed.py"
@@ -16,6 +18,7 @@ def test_speed_benchmark_writes_rows_for_every_method(tmp_path):
     bench.main([*common, "--methods", "lora_null,peft_corda_kpm,solvers", "--solver", "eigh64,subspace"])
     bench.main([*common, "--methods", "lora_null_offload", "--max-blocks", "1"])
     bench.main([*common, "--methods", "lora_null_cache,lora_null_disk", "--cache-root", str(tmp_path)])
+    bench.main([*common, "--methods", "profile"])
     results = json.loads(out.read_text())
     methods = [(r["method"], r["solver"]) for r in results["runs"]]
     assert methods == [("lora_null", "eigh64"), ("lora_null", "subspace"), ("peft_corda_kpm", "peft"),
@@ -26,3 +29,8 @@ def test_speed_benchmark_writes_rows_for_every_method(tmp_path):
     assert "1 of 2 blocks" in results["runs"][3]["note"]
     assert {s["solver"] for s in results["solvers"]} == {"eigh64", "eigh32", "subspace"}
     assert all(s["energy_vs_eigh64"] <= 1.1 for s in results["solvers"])
+    profile = {p["phase"]: p for p in results["profiles"]}
+    assert profile["null bases (decompositions)"]["calls"] == 2  # one call per block of the tiny shape
+    assert profile["block forward passes (with input taps)"]["calls"] > 2
+    phases = [p["seconds"] for name, p in profile.items() if name != "total"]
+    assert all(s >= 0 for s in phases[:-1]) and sum(phases) == pytest.approx(profile["total"]["seconds"], abs=0.01)

@@ -10,7 +10,8 @@ Prints a table, a ratio against CorDA when both ran, and appends rows to the res
 (benchmarks/results/speed.json by default). Peak GPU memory is torch's max_memory_allocated over the call.
 `lora_null_offload` keeps the weights in CPU memory and streams one block at a time to the GPU;
 `lora_null_cache` runs twice with a covariance cache (the first run writes it, the second skips calibration);
-`lora_null_disk` saves the model first and times `--offload disk` (blocks read from the shards); with
+`lora_null_disk` saves the model first and times `--offload disk` (blocks read from the shards);
+`profile`/`profile_offload` split one run's time and peak GPU memory by phase; with
 --max-blocks N only the first N blocks are processed (weights materialized per block on the GPU) and
 the time is extrapolated to all blocks, which the row says.
 """
@@ -214,6 +215,54 @@ def _rss() -> int:
         return int(statm.read().split()[1]) * 4096
 
 
+PHASES = {  # initialize.py's module-level names, wrapped one by one: what each costs inside lora_null_init
+    "capture block-0 inputs": "capture_block_inputs",
+    "block forward passes (with input taps)": "run_block",
+    "null bases (decompositions)": "solve_null_bases",
+    "factors and residual": "write_adapter",
+    "leakage figures": "_layer_report",
+}
+
+
+def profile_lora_null(args, texts, tokenizer, solver: str, offload: bool, device: str) -> list[dict]:
+    """Seconds and peak GPU memory of each phase of one lora_null run (GPU synchronized around each call)."""
+    import lora_null_core.initialize as initialize
+
+    totals = {phase: {"seconds": 0.0, "peak_gpu_gib": float("nan"), "calls": 0} for phase in PHASES}
+    originals = {name: getattr(initialize, name) for name in PHASES.values()}
+
+    def timed(phase, function):
+        def wrapper(*a, **k):
+            gpu_sync()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            result = function(*a, **k)
+            gpu_sync()
+            entry = totals[phase]
+            entry["seconds"] += time.perf_counter() - start
+            entry["peak_gpu_gib"] = peak_gib() if math.isnan(entry["peak_gpu_gib"]) else max(entry["peak_gpu_gib"], peak_gib())
+            entry["calls"] += 1
+            return result
+        return wrapper
+
+    for phase, name in PHASES.items():
+        setattr(initialize, name, timed(phase, originals[name]))
+    try:
+        row = time_lora_null(args, texts, tokenizer, solver, offload, device)
+    finally:
+        for name, function in originals.items():
+            setattr(initialize, name, function)
+    phases = [{"phase": phase, **entry, "method": row["method"]} for phase, entry in totals.items()]
+    other = row["seconds"] - sum(entry["seconds"] for entry in totals.values())
+    # The phases reset the peak counter, so the run's peak is the largest phase peak.
+    peak = max((entry["peak_gpu_gib"] for entry in totals.values()), default=float("nan"))
+    return [{"phase": "total", "seconds": row["seconds"], "peak_gpu_gib": peak, "calls": 1,
+             "method": row["method"]}, *phases,
+            {"phase": "other (block moves, covariance finalizing, data, PEFT wrapping)", "seconds": other,
+             "peak_gpu_gib": float("nan"), "calls": 0, "method": row["method"]}]
+
+
 def time_corda(args, texts, tokenizer, device: str) -> dict:
     from peft.tuners.lora.config import CordaConfig
     from peft.tuners.lora.corda import preprocess_corda
@@ -274,7 +323,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--methods", default="lora_null,peft_corda_kpm",
-                        help="Comma list of lora_null, lora_null_offload, lora_null_disk, lora_null_cache, peft_corda_kpm, solvers.")
+                        help="Comma list of lora_null, lora_null_offload, lora_null_disk, lora_null_cache, peft_corda_kpm, solvers, "
+                        "profile, profile_offload.")
     parser.add_argument("--cache-root", default=None, help="Temporary folder for lora_null_cache and lora_null_disk.")
     parser.add_argument("--solver", default="auto", help="Comma list of solvers for the lora_null runs.")
     parser.add_argument("--num-samples", type=int, default=256)
@@ -299,6 +349,10 @@ def main(argv=None) -> int:
             for solver in args.solver.split(","):
                 rows.append(time_lora_null(args, texts, tokenizer, solver, method == "lora_null_offload", device))
                 record(args, rows[-1:], [], device_name, command)
+        elif method in ("profile", "profile_offload"):
+            profile_rows = profile_lora_null(args, texts, tokenizer, args.solver.split(",")[0],
+                                             method == "profile_offload", device)
+            record_profile(args, profile_rows, device_name, command)
         elif method == "lora_null_disk":
             rows.append(time_lora_null_disk(args, texts, tokenizer, args.solver.split(",")[0], device))
             record(args, rows[-1:], [], device_name, command)
@@ -331,6 +385,20 @@ def main(argv=None) -> int:
         for row in solver_rows:
             print(f"| {row['covariance']} | {row['d']} | {row['solver']} | {row['seconds']:.3f} | {row['energy_vs_eigh64']:.4f} |")
     return 0
+
+
+def record_profile(args, rows: list[dict], device_name: str, command: str) -> None:
+    print(f"\n| phase ({rows[0]['method']}) | calls | seconds | peak GPU GiB in the phase |\n| --- | ---: | ---: | ---: |")
+    for row in rows:
+        print(f"| {row['phase']} | {row['calls']} | {row['seconds']:.2f} | {row['peak_gpu_gib']:.2f} |")
+    out = Path(args.out)
+    existing = json.loads(out.read_text()) if out.exists() else {"runs": []}
+    existing.setdefault("profiles", []).extend(
+        {**r, "seconds": round(r["seconds"], 3),
+         "peak_gpu_gib": None if math.isnan(r["peak_gpu_gib"]) else round(r["peak_gpu_gib"], 2), "shape": args.shape, "device": device_name, "calibration": f"{args.num_samples}x{args.seq_len}",
+         "rank": args.rank, "command": command} for r in rows)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(existing, indent=1) + "\n")
 
 
 def record(args, rows: list[dict], solver_rows: list[dict], device_name: str, command: str) -> None:
