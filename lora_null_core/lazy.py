@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from safetensors import safe_open
@@ -52,15 +52,21 @@ def checkpoint_name(parameter_name: str) -> str:
     return parameter_name.replace(".base_layer.", ".")
 
 
-def empty_model(folder: Path, checkpoint: Checkpoint, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+def empty_model(
+    folder: Path, checkpoint: Checkpoint, dtype: Union[torch.dtype, str] = "auto", trust_remote_code: bool = False
+) -> nn.Module:
     """The model with meta weights except those outside the decoder blocks, which are read into CPU memory.
-    Buffers (rotary frequencies) are built for real, as the model's constructor computes them."""
+    Buffers (rotary frequencies) are built for real, as the model's constructor computes them. dtype "auto":
+    the checkpoint's own, as from_pretrained would choose."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .sequential import decoder_blocks
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **{DTYPE_KEY: dtype})
     found = decoder_blocks(model)

@@ -49,8 +49,9 @@ def subspace_null_basis(covariance: torch.Tensor, rank: int, oversample: int = 1
     """Bottom-`rank` eigenvectors by inverse subspace iteration on a Cholesky factor, then Rayleigh–Ritz.
 
     One Cholesky of C + δI (δ keeps a rank-deficient C factorizable) costs d³/3; each step is two triangular
-    solves with rank + oversample right-hand sides. Memory: one d×d float64 copy, factorized in place (it
-    runs at 28672² on 70B, where each copy is 6.6 GB). Fixed seed: every process computes the same basis.
+    solves with rank + oversample right-hand sides. Memory: one d×d float64 copy, factorized with out= itself
+    (it runs at 28672² on 70B, where each copy is 6.6 GB; whether CUDA still allocates a working copy is not
+    verified, see benchmarks/results/speed.md). Fixed seed: every process computes the same basis.
     """
     d = covariance.shape[0]
     shift = 1e-7 * float(covariance.diagonal().to(torch.float64).sum()) / d + torch.finfo(torch.float64).tiny

@@ -6,9 +6,7 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
-import torch
 from peft import LoraConfig
-from transformers import AutoConfig
 
 from .atomic import atomic_output_dir
 from .config import LoraNullConfig
@@ -69,12 +67,7 @@ def _init_from_disk(folder, calibration, output_dir, lora_config, config, dtype,
                     tokenizer) -> InitReport:
     """Meta model, blocks read from the shards in turn, the residual base written block by block."""
     checkpoint = Checkpoint(folder)
-    model_config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    weights_dtype = torch_dtype(dtype)
-    if weights_dtype == "auto":
-        weights_dtype = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None) or torch.float32
-        weights_dtype = getattr(torch, weights_dtype) if isinstance(weights_dtype, str) else weights_dtype
-    model = empty_model(folder, checkpoint, weights_dtype, trust_remote_code)
+    model = empty_model(folder, checkpoint, torch_dtype(dtype), trust_remote_code)
     prefix = decoder_blocks(model)[0]
     config = (config or LoraNullConfig()).replace(streaming="on")
     with atomic_output_dir(output_dir, overwrite) as staging:
