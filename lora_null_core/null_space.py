@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 
 from .errors import InvalidRankError
+
+logger = logging.getLogger(__name__)
 
 
 def eigendecompose(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,20 +51,36 @@ def null_basis(covariance: torch.Tensor, rank: int, solver: str = "auto") -> tor
 def subspace_null_basis(covariance: torch.Tensor, rank: int, oversample: int = 16, steps: int = 12) -> torch.Tensor:
     """Bottom-`rank` eigenvectors by inverse subspace iteration on a Cholesky factor, then Rayleigh–Ritz.
 
-    One Cholesky of C + δI (δ keeps a rank-deficient C factorizable) costs d³/3; each step is two triangular
-    solves with rank + oversample right-hand sides. Memory: one d×d float64 copy, factorized with out= itself
-    (it runs at 28672² on 70B, where each copy is 6.6 GB; whether CUDA still allocates a working copy is not
-    verified, see benchmarks/results/speed.md). Fixed seed: every process computes the same basis.
+    One Cholesky of C + δI costs d³/3; each step is two triangular solves with rank + oversample right-hand
+    sides. Real covariances are rank-deficient, and summed in float32 their null directions come out slightly
+    negative (SmolLM2's down_proj inputs: about 50 eigenvalues down to −3e-9·λ_max). δ is therefore set at
+    the rounding level of the sums, eps(dtype)·λ_max (λ_max from a few power steps), not of the mean diagonal;
+    δ moves no eigenvector, and eigenvalues below it are rounding anyway. Should the factorization still
+    fail, δ grows 10-fold (up to three times), then the exact float64 eigh takes over. Memory: one d×d
+    float64 copy, factorized with out= itself. Fixed seed: every process computes the same basis.
     """
     d = covariance.shape[0]
-    shift = 1e-7 * float(covariance.diagonal().to(torch.float64).sum()) / d + torch.finfo(torch.float64).tiny
-    factor = covariance.to(torch.float64, copy=True)
-    factor.diagonal().add_(shift)
-    info = torch.empty((), dtype=torch.int32, device=factor.device)
-    torch.linalg.cholesky_ex(factor, out=(factor, info))  # lower triangle only; C's upper half is never read
-    if int(info) != 0:
-        raise torch.linalg.LinAlgError(f"covariance + {shift:.1e}·I is not positive definite (pivot {int(info)}).")
     generator = torch.Generator(device="cpu").manual_seed(0)
+    top = largest_eigenvalue(covariance, generator)
+    if not math.isfinite(top):
+        raise torch.linalg.LinAlgError("covariance is not finite.")
+    rounding = max(torch.finfo(covariance.dtype).eps, d * torch.finfo(torch.float64).eps)
+    shift = rounding * max(top, 0.0) + torch.finfo(torch.float64).tiny
+    factor = covariance.to(torch.float64, copy=True)
+    info = torch.empty((), dtype=torch.int32, device=factor.device)
+    for attempt in range(4):
+        if attempt:
+            factor.copy_(covariance)
+        factor.diagonal().add_(shift)
+        torch.linalg.cholesky_ex(factor, out=(factor, info))  # lower triangle only; C's upper half is never read
+        if int(info) == 0:
+            break
+        logger.debug("Cholesky of covariance + %.1e·I failed at pivot %d; raising the shift.", shift, int(info))
+        shift *= 10
+    else:
+        logger.info("Covariance too indefinite for the subspace solver (d=%d): solving it with eigh64.", d)
+        del factor
+        return eigendecompose(covariance)[1][:, :rank].contiguous()
     block = torch.randn(d, min(d, rank + oversample), generator=generator, dtype=torch.float64).to(factor.device)
     for _ in range(steps):
         block = torch.cholesky_solve(block, factor)  # (C + δI)⁻¹ · block
@@ -72,6 +91,19 @@ def subspace_null_basis(covariance: torch.Tensor, rank: int, oversample: int = 1
     projected.diagonal().sub_(shift)
     vectors = torch.linalg.eigh(projected)[1]
     return (block @ vectors[:, :rank]).contiguous()
+
+
+def largest_eigenvalue(covariance: torch.Tensor, generator: torch.Generator, steps: int = 8) -> float:
+    """λ_max of a PSD matrix to within a small factor (power iteration): enough to scale a shift."""
+    vector = torch.randn(covariance.shape[0], 1, generator=generator, dtype=torch.float64).to(covariance.device)
+    value = 0.0
+    for _ in range(steps):
+        vector = covariance @ vector.to(covariance.dtype)
+        value = float(vector.double().norm())
+        if not value > 0:  # zero or non-finite
+            return value
+        vector = vector.double() / value
+    return value
 
 
 def projected_factors(weight: torch.Tensor, basis: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:

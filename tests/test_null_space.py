@@ -88,3 +88,38 @@ def test_row_chunks_cover_the_matrix_in_order():
     assert torch.equal(torch.cat(chunks), matrix)
     chunks[1].zero_()  # views: writing a chunk writes the matrix
     assert not matrix[5:10].any()
+
+
+def float32_rank_deficient_covariance(d=512, used=490, tokens=3000, seed=0):
+    """Σ xᵀx summed in float32 over activations that use only `used` of `d` directions, spanning three decades:
+    rounding makes its null directions slightly negative, as on real down_proj inputs (SmolLM2: ~50 eigenvalues
+    near −1e-9·λ_max). Returns the float32 sum and the exact orthonormal basis of the used directions."""
+    g = torch.Generator().manual_seed(seed)
+    used_basis = torch.linalg.qr(torch.randn(d, used, generator=g, dtype=torch.float64))[0]
+    scales = torch.logspace(0, 3, used, dtype=torch.float64)
+    x = ((torch.randn(tokens, used, generator=g, dtype=torch.float64) * scales) @ used_basis.T).float()
+    covariance = torch.zeros(d, d)
+    for chunk in x.split(64):
+        covariance += chunk.T @ chunk
+    return covariance, used_basis
+
+
+@pytest.mark.parametrize("solver", ["eigh64", "eigh32", "subspace"])
+def test_solvers_survive_a_slightly_indefinite_rank_deficient_covariance(solver):
+    covariance, used_basis = float32_rank_deficient_covariance()
+    assert torch.linalg.eigvalsh(covariance.double())[0] < 0  # the case that broke the subspace solver
+    basis = null_basis(covariance, 16, solver)
+    assert torch.allclose(basis.T @ basis, torch.eye(16, dtype=torch.float64), atol=1e-5)
+    if solver != "eigh32":  # float32 eigh cannot separate eigenvalues 1e-6·λ_max apart from zero; it only must not fail
+        # The basis lies in the directions the activations never use, as closely as eigh64 on the same float32 sum
+        # can find them (its rounding tilts the null space by a few percent).
+        exact = null_basis(covariance, 16, "eigh64")
+        assert float((used_basis.T @ basis).norm()) <= 1.1 * float((used_basis.T @ exact).norm()) + 1e-6 < 0.1
+
+
+def test_subspace_falls_back_to_eigh_when_cholesky_keeps_failing():
+    covariance = random_covariance(d=32, rank=20)
+    covariance[0, 0] = -covariance.diagonal().sum()  # far more indefinite than rounding could make it
+    basis = null_basis(covariance, 4, "subspace")
+    expected = torch.linalg.eigh(covariance)[1][:, :4]
+    assert torch.linalg.norm(expected - basis @ (basis.T @ expected)) < 1e-8

@@ -1,5 +1,5 @@
 """`lora-null bench --suite smollm2` at its CPU size: a real pretrained model (GGUF from PyPI, dequantized
-once), qa_wikidata probes and GSM8K from ../shared/data. Asserts the pipeline, not the science."""
+once), qa_wikidata probes and GSM8K shipped in benchmarks/data. Asserts the pipeline, not the science."""
 
 import json
 from pathlib import Path
@@ -8,12 +8,11 @@ import pytest
 
 from lora_null_bench.cli import main as bench_main
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2] / "benchmarks" / "data"
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    assert (DATA / "gsm8k" / "train.jsonl").exists(), f"real data expected in {DATA} (see ../shared/data/README.md)"
     root = tmp_path_factory.mktemp("smollm2")
     code = bench_main(["run", "--suite", "smollm2", "--size", "cpu", "--inits", "lora,lora_null_v2", "--seeds", "0",
                        "--data-dir", str(DATA), "--output", str(root / "out"), "--cache", str(root / "cache"),

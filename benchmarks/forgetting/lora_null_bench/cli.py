@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 from .inits import DEFAULT_INITS, INITS
 
 SUITES = ("synthetic", "smollm2", "files")
+# The repository's shipped data (benchmarks/data, with licences); a checkout-free install passes --data-dir.
+SHIPPED_DATA = Path(__file__).resolve().parents[2] / "data"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     files = run.add_argument_group("--suite smollm2 / files")
     files.add_argument("--model", help="Local model folder or .gguf file (files suite).")
     files.add_argument("--name", help="Model name written in the results.")
-    files.add_argument("--data-dir", default="../shared/data", help="Holds bigbench_qa_wikidata/ and gsm8k/ (smollm2).")
+    files.add_argument("--data-dir", default=str(SHIPPED_DATA),
+                       help="Holds bigbench_qa_wikidata/ and gsm8k/ (smollm2; default: the repository's benchmarks/data).")
     files.add_argument("--probes", help="QA probes: JSONL {prompt|input, targets|target} or a BIG-bench task.json.")
     files.add_argument("--task-train", help="Task JSONL {prompt|question, answer|target}.")
     files.add_argument("--task-eval", help="Task evaluation JSONL, same fields.")
@@ -101,6 +104,9 @@ def _suite(args, device: str):
         suite = synthetic_suite(args.size, cache, device)
     elif args.suite == "smollm2":
         data = Path(args.data_dir)
+        if not (data / "gsm8k" / "train.jsonl").is_file():
+            raise SystemExit(f"--data-dir {data} holds no gsm8k/train.jsonl and bigbench_qa_wikidata/task.json; point "
+                             "it at the repository's benchmarks/data folder.")
         suite = file_suite(args.model or str(_smollm2_gguf()), data / "bigbench_qa_wikidata" / "task.json",
                            data / "gsm8k" / "train.jsonl", data / "gsm8k" / "test.jsonl", args.size, cache, device,
                            name=args.name or "smollm2-135m-instruct-q4_1")
