@@ -94,16 +94,14 @@ def subspace_null_basis(covariance: torch.Tensor, rank: int, oversample: int = 1
 
 
 def largest_eigenvalue(covariance: torch.Tensor, generator: torch.Generator, steps: int = 8) -> float:
-    """λ_max of a PSD matrix to within a small factor (power iteration): enough to scale a shift."""
+    """λ_max of a PSD matrix to within a small factor (power iteration): enough to scale a shift. One host
+    sync, at the end."""
     vector = torch.randn(covariance.shape[0], 1, generator=generator, dtype=torch.float64).to(covariance.device)
-    value = 0.0
+    norm = vector.norm()
     for _ in range(steps):
-        vector = covariance @ vector.to(covariance.dtype)
-        value = float(vector.double().norm())
-        if not value > 0:  # zero or non-finite
-            return value
-        vector = vector.double() / value
-    return value
+        vector = (covariance @ (vector / norm.clamp_min(1e-300)).to(covariance.dtype)).double()
+        norm = vector.norm()
+    return float(norm)
 
 
 def projected_factors(weight: torch.Tensor, basis: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
