@@ -9,6 +9,7 @@ from .errors import (
     CalibrationDataError,
     ConfigError,
     ExportError,
+    FunctionNotPreservedError,
     InsufficientCalibrationError,
     InvalidRankError,
     LoraNullError,
@@ -28,7 +29,7 @@ from .workflow import init_to_folder
 __version__ = "0.1.0"
 
 __all__ = [
-    "CalibrationDataError", "ConfigError", "Covariances", "ExportError", "InitReport", "InsufficientCalibrationError",
+    "CalibrationDataError", "ConfigError", "Covariances", "ExportError", "FunctionNotPreservedError", "InitReport", "InsufficientCalibrationError",
     "InvalidRankError", "LayerReport", "LoraNullConfig", "LoraNullError", "NoTargetModulesError",
     "NonFiniteActivationsError", "OutputExistsError", "UnsupportedModelError", "apply_variant", "basis_factors",
     "collect_covariances", "effective_rank", "export_for_original_base", "holdout_leakage", "init_to_folder",

@@ -1,4 +1,10 @@
-"""Outputs that appear whole or not at all: a crash or a bad input never leaves a half-written folder."""
+"""Outputs that appear whole or not at all, and never at the expense of an input or of unrelated files.
+
+Every output is built in a staging folder beside its destination and renamed into place at the end, so a
+crash, a bad input or a kill leaves no half-written folder (a later run sweeps the staging folders of killed
+runs). `check_output` runs before any compute: an output may not be, contain or lie inside one of the job's
+inputs, and `--overwrite` replaces only an earlier lora-null output or an empty folder.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,50 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Optional
 
-from .errors import OutputExistsError
+from .errors import LoraNullError, OutputExistsError
+
+# A folder holding one of these (or the demo's init/ folder) was written by lora-null: --overwrite may replace it.
+OUTPUT_MARKERS = ("lora_null.json", "lora_null_export.json", "lora_null_merge.json", "report.json",
+                  "init/lora_null.json")
+
+
+def check_output(path: os.PathLike, inputs: Iterable[Optional[os.PathLike]] = (), overwrite: bool = False,
+                 flag: str = "--output", may_nest_in: Iterable[Optional[os.PathLike]] = ()) -> Path:
+    """Refuse, before any compute, an output that would destroy an input, unrelated files, or cannot be written.
+    `may_nest_in`: inputs the output may lie inside (a trained adapter's own lora_null_export/ subfolder)."""
+    path = Path(path).expanduser()
+    target = path.resolve()
+    nests = {Path(p).expanduser().resolve() for p in may_nest_in if p is not None}
+    for source in inputs:
+        if source is None or not Path(source).expanduser().exists():
+            continue  # hub names and generated inputs cannot collide with a local folder
+        resolved = Path(source).expanduser().resolve()
+        inside = target.is_relative_to(resolved) and resolved not in nests
+        if target == resolved or resolved.is_relative_to(target) or inside:
+            raise OutputExistsError(
+                f"{flag} {path} overlaps the input {source}: writing it would destroy or alter that input. "
+                f"Choose an {flag} outside every input folder."
+            )
+    if path.exists():
+        if not overwrite:
+            raise OutputExistsError(f"{path} already exists; choose another {flag} or pass --overwrite.")
+        if not path.is_dir():
+            raise OutputExistsError(f"{path} is a file, not an output folder of lora-null; remove it or choose another {flag}.")
+        if any(path.iterdir()) and not any((path / marker).is_file() for marker in OUTPUT_MARKERS):
+            raise OutputExistsError(
+                f"{path} holds files lora-null did not write, and --overwrite replaces only an earlier lora-null "
+                f"output or an empty folder. Remove it yourself or choose another {flag}."
+            )
+    parent = _existing_parent(target)
+    try:  # a real attempt: permission bits do not stop root, a read-only mount does
+        Path(tempfile.mkdtemp(prefix=".lora-null-write-check-", dir=parent)).rmdir()
+    except OSError as err:
+        raise LoraNullError(f"Cannot write {path}: {parent} is not writable ({err.strerror}). Choose another {flag}.") from err
+    return path
 
 
 @contextlib.contextmanager
@@ -19,11 +65,12 @@ def atomic_output_dir(path: os.PathLike, overwrite: bool = False) -> Iterator[Pa
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} already exists; choose another --output or pass --overwrite.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    sweep_stale_staging(path)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
         yield staging
         if path.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-{os.getpid()}-", dir=path.parent))
             path.rename(trash / "old")
             staging.rename(path)
             shutil.rmtree(trash, ignore_errors=True)
@@ -32,3 +79,29 @@ def atomic_output_dir(path: os.PathLike, overwrite: bool = False) -> Iterator[Pa
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def sweep_stale_staging(path: Path) -> None:
+    """Remove the staging folders a killed run left beside `path` (their process id no longer runs)."""
+    for kind in ("tmp", "old"):
+        for leftover in path.parent.glob(f".{path.name}.{kind}-*-*"):
+            pid = leftover.name[len(f".{path.name}.{kind}-"):].split("-", 1)[0]
+            if pid.isdigit() and not _running(int(pid)):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _existing_parent(path: Path) -> Path:
+    for candidate in [path.parent, *path.parent.parents]:
+        if candidate.exists():
+            return candidate
+    return Path("/")

@@ -13,8 +13,8 @@ from typing import Optional
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from .console import progress
 from .data import TokenBatch
 from .distributed import all_reduce_sum_, rank_and_world
 from .errors import InsufficientCalibrationError, NonFiniteActivationsError, UnsupportedModelError
@@ -92,7 +92,7 @@ def run_activation_pass(
     model.eval()
     try:
         with torch.no_grad(), InputTaps(modules, visit) as taps:
-            for batch in tqdm(list(batches), desc=desc, unit="batch", leave=False):
+            for batch in progress(list(batches), desc, "batch"):
                 taps.set_batch(batch.attention_mask)
                 model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
     finally:

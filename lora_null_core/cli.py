@@ -10,14 +10,18 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .config import LoraNullConfig
+from .console import NORMAL, QUIET, VERBOSE, set_verbosity
 from .errors import LoraNullError
+from .saving import FLOAT_DTYPES
 
 logger = logging.getLogger("lora_null_core")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-null", description="Knowledge-preserving LoRA initialization.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("-q", "--quiet", action="store_true", help="No progress bars or info lines: errors and the result.")
+    noise.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     init = commands.add_parser("init", help="Calibrate a model and write a LoRA-Null initialized base + adapter.")
@@ -40,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--text-field", default=defaults.text_field)
     init.add_argument("--covariance-weighting", choices=("token_sum", "per_sample_max"), default=defaults.covariance_weighting)
     init.add_argument("--min-tokens-per-dim", type=float, default=defaults.min_tokens_per_dim)
-    init.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16.")
+    init.add_argument("--dtype", choices=FLOAT_DTYPES, default="auto", help="Weights' dtype (auto: the checkpoint's).")
     init.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available).")
     init.add_argument("--streaming", choices=("auto", "on", "off"), default=defaults.streaming, help="Block-by-block calibration (auto: when the model allows).")
     init.add_argument("--offload", nargs="?", const="cpu", choices=("cpu", "disk"), default=None,
@@ -64,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--init", required=True)
     merge.add_argument("--adapter", required=True)
     merge.add_argument("--output", required=True)
-    merge.add_argument("--dtype", default="auto")
+    merge.add_argument("--dtype", choices=FLOAT_DTYPES, default="auto")
     merge.add_argument("--overwrite", action="store_true")
 
     inspect = commands.add_parser("inspect", help="HTML report: effective ranks, spectra, and an init's leakage.")
@@ -76,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--max-length", type=int, default=LoraNullConfig().max_length)
     inspect.add_argument("--batch-size", type=int, default=LoraNullConfig().batch_size)
     inspect.add_argument("--text-field", default="text")
-    inspect.add_argument("--dtype", default="auto")
+    inspect.add_argument("--dtype", choices=FLOAT_DTYPES, default="auto")
     inspect.add_argument("--device", default=None)
     inspect.add_argument("--trust-remote-code", action="store_true")
     inspect.add_argument("--overwrite", action="store_true")
@@ -131,9 +135,14 @@ def _merge(args: argparse.Namespace) -> dict:
 
 
 def _inspect(args: argparse.Namespace) -> dict:
+    from .atomic import check_output
     from .diagnostics import analyze, write_report
+    from .report import read_metadata
     from .saving import default_device, load_model, load_tokenizer
 
+    check_output(args.output, [args.model, args.calibration, args.init], args.overwrite)
+    if args.init is not None:
+        read_metadata(Path(args.init))  # a bad --init fails now, not after the calibration pass
     model = load_model(args.model, args.dtype, args.device or default_device(), args.trust_remote_code)
     config = LoraNullConfig(num_samples=args.num_samples, holdout_samples=0, max_length=args.max_length,
                             batch_size=args.batch_size, text_field=args.text_field)
@@ -155,13 +164,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s" if args.verbose else "lora-null: %(message)s")
+    set_verbosity(QUIET if args.quiet else VERBOSE if args.verbose else NORMAL)
     handler = {"init": _init, "export": _export, "merge": _merge, "inspect": _inspect, "demo": _demo}[args.command]
     try:
         result = handler(args)
     except LoraNullError as err:
         print(f"lora-null {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the machine's, not ours: disk full, permissions, a file that vanished
+        print(f"lora-null {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lora-null {args.command}: interrupted; nothing was written.", file=sys.stderr)
+        return 130
     for key, value in result.items():
         print(f"{key:<40} {value:.3g}" if isinstance(value, float) else f"{key:<40} {value}")
     return 0

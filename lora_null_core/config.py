@@ -74,6 +74,14 @@ class LoraNullConfig:
         },
     )
 
+    max_function_error: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Refuse the init (nothing is saved) when the model's output moves more than this, relative. "
+            "Default: 1e-3, or 10× the machine epsilon of the weights' dtype if larger (bf16: 0.078)."
+        },
+    )
+
     covariance_cache: Optional[str] = field(
         default=None,
         metadata={

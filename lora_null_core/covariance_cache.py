@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Optional
@@ -30,7 +31,7 @@ from .distributed import all_reduce_sum_, rank_and_world
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: the index records each file's size and CRC-32
 _SAMPLES_PER_TENSOR = 1024
 
 
@@ -64,6 +65,15 @@ def tokens_fingerprint(batches: Sequence[TokenBatch]) -> str:
     return digest.hexdigest()
 
 
+def file_crc32(path: Path) -> int:
+    """CRC-32 of a file (3 GB/s): catches zeroed or flipped bytes that a safetensors header would not."""
+    crc = 0
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
 class CovarianceCache:
     """One cache entry: `has` and `load` for a hit, `writing` to fill it on a miss."""
 
@@ -94,10 +104,11 @@ class CovarianceCache:
         return cls(Path(root), key, {**description, "model": model_name, "samples": sum(len(b.input_ids) for b in batches)})
 
     def has(self, module_names: Sequence[str], device: torch.device) -> bool:
-        """True if the entry holds every module's covariance on every process (all must agree, or the
-        ones that calibrate would wait forever for the others in the all-reduce)."""
+        """True if the entry holds every module's covariance, intact, on every process (all must agree, or the
+        ones that calibrate would wait forever for the others in the all-reduce). A damaged entry (a file whose
+        size or CRC-32 differs from the index) counts as missing: it is recomputed and written again."""
         index = self._index()
-        present = index is not None and set(module_names) <= set(index["group_of"])
+        present = index is not None and set(module_names) <= set(index["group_of"]) and self._intact(index)
         if rank_and_world()[1] > 1:
             missing = torch.tensor([0.0 if present else 1.0], device=device)
             present = float(all_reduce_sum_(missing)) == 0
@@ -130,7 +141,7 @@ class CovarianceCache:
         with atomic_output_dir(self.folder, overwrite=True) as staging:
             writer = _Writer(staging)
             yield writer
-            index = {**self.description, "group_of": writer.group_of, "groups": writer.groups}
+            index = {**self.description, "group_of": writer.group_of, "groups": writer.groups, "files": writer.files}
             (staging / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
         logger.info("Covariances cached in %s.", self.folder)
 
@@ -138,8 +149,21 @@ class CovarianceCache:
         path = self.folder / "index.json"
         if not path.is_file():
             return None
-        index = json.loads(path.read_text())
-        return index if index.get("format") == FORMAT else None
+        try:
+            index = json.loads(path.read_text())
+        except ValueError:
+            logger.warning("Covariance cache index %s is damaged: recomputing the covariances.", path)
+            return None
+        return index if isinstance(index, dict) and index.get("format") == FORMAT else None
+
+    def _intact(self, index: dict) -> bool:
+        for file, expected in index.get("files", {}).items():
+            path = self.folder / file
+            if not path.is_file() or path.stat().st_size != expected["bytes"] or file_crc32(path) != expected["crc32"]:
+                logger.warning("Covariance cache file %s is damaged (size or checksum): recomputing the covariances.",
+                               path)
+                return False
+        return bool(index.get("files"))
 
 
 class _Writer:
@@ -147,6 +171,7 @@ class _Writer:
         self.staging = staging
         self.group_of: dict[str, str] = {}
         self.groups: dict[str, dict] = {}
+        self.files: dict[str, dict] = {}
 
     def add(self, part: str, covariances: Covariances) -> None:
         if self.staging is None:
@@ -154,6 +179,8 @@ class _Writer:
         file = f"{part}.safetensors"
         tensors = {group: matrix.detach().contiguous().cpu() for group, matrix in covariances.matrices.items()}
         save_file(tensors, str(self.staging / file), metadata={"format": str(FORMAT)})
+        path = self.staging / file
+        self.files[file] = {"bytes": path.stat().st_size, "crc32": file_crc32(path)}
         self.group_of.update(covariances.group_of)
         for group in covariances.matrices:
             self.groups[group] = {"file": file, "tokens": covariances.tokens[group], "samples": covariances.samples[group]}

@@ -16,6 +16,7 @@ from typing import Any, Union
 
 import torch
 
+from .console import quiet_libraries
 from .errors import CalibrationDataError
 
 logger = logging.getLogger(__name__)
@@ -42,8 +43,18 @@ class CalibrationTexts:
     source: str
 
 
+@dataclass(frozen=True)
+class CalibrationRows:
+    """A source already read (the CLI reads it before loading the model), still named by where it came from."""
+
+    rows: Sequence[Any]
+    source: str
+
+
 def load_rows(source: CalibrationSource) -> Sequence[Any]:
     """Rows of a local file, a saved `datasets` folder, a hub dataset name, a Dataset or a list."""
+    if isinstance(source, CalibrationRows):
+        return source.rows
     if isinstance(source, (str, os.PathLike)):
         return _load_path_or_hub(str(source))
     if isinstance(source, Mapping):
@@ -57,25 +68,40 @@ def load_rows(source: CalibrationSource) -> Sequence[Any]:
 
 
 def _load_path_or_hub(source: str) -> Sequence[Any]:
+    with quiet_libraries():
+        return _load_rows(source)
+
+
+def _load_rows(source: str) -> Sequence[Any]:
     import datasets
 
     path = Path(source).expanduser()
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "state.json").exists():
-            return datasets.load_from_disk(str(path))
+            try:
+                return datasets.load_from_disk(str(path))
+            except Exception as err:  # noqa: BLE001 - a damaged or foreign folder fails in many ways
+                raise CalibrationDataError(
+                    f"Calibration folder {path} looks like a saved `datasets` folder (it has dataset_info.json or "
+                    f"state.json) but cannot be read as one ({_first_line(err)}). Point --calibration at the data "
+                    "file itself, or save the dataset again with Dataset.save_to_disk."
+                ) from err
         files = sorted(p for p in path.iterdir() if p.suffix in _FILE_BUILDERS)
         if not files:
             raise CalibrationDataError(f"Calibration folder {path} holds no .jsonl/.json/.parquet/.csv/.txt file.")
-        return datasets.load_dataset(_FILE_BUILDERS[files[0].suffix], data_files=[str(f) for f in files], split="train")
+        for file in files:
+            _check_text_file(file)
+        return _load_files(_FILE_BUILDERS[files[0].suffix], [str(f) for f in files], path)
     if path.suffix in _FILE_BUILDERS:
         if not path.is_file():
             raise CalibrationDataError(f"Calibration file {path} does not exist.")
         if path.stat().st_size < 4096 and not path.read_bytes().strip():
             raise CalibrationDataError(f"Calibration file {path} is empty; it needs at least one text.")
-        try:
-            return datasets.load_dataset(_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
-        except Exception as err:  # noqa: BLE001 - parser errors vary by format and datasets version
-            raise CalibrationDataError(f"Could not read calibration file {path}: {err}") from err
+        _check_text_file(path)
+        return _load_files(_FILE_BUILDERS[path.suffix], str(path), path)
+    if path.exists():
+        raise CalibrationDataError(f"Calibration file {path} has an unknown suffix; use .jsonl, .json, .parquet, .csv "
+                                   "or .txt.")
     # Not a local path: treat it as a dataset on the hub ("org/name" or "org/name:split").
     name, _, split = source.partition(":")
     try:
@@ -85,6 +111,38 @@ def _load_path_or_hub(source: str) -> Sequence[Any]:
             f"Could not load calibration dataset {source!r} (not a local file, and the hub load failed: {err}). "
             "Pass a local .jsonl/.json/.parquet file, or check the dataset name and your network."
         ) from err
+
+
+def _load_files(builder: str, files: Any, path: Path) -> Sequence[Any]:
+    import datasets
+
+    try:
+        return datasets.load_dataset(builder, data_files=files, split="train")
+    except Exception as err:  # noqa: BLE001 - parser errors vary by format and datasets version
+        raise CalibrationDataError(f"Could not read calibration file {path}: {_first_line(err)}") from err
+
+
+def _check_text_file(path: Path) -> None:
+    """Text formats must be UTF-8: checked here, with the byte offset, instead of deep inside a parser."""
+    if path.suffix == ".parquet":
+        return
+    with open(path, "rb") as handle:
+        offset = 0
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            try:
+                chunk.decode("utf-8")
+            except UnicodeDecodeError as err:
+                if err.start < len(chunk) - 4:  # not merely a character cut by the chunk boundary
+                    raise CalibrationDataError(
+                        f"Calibration file {path} is not UTF-8 (byte {offset + err.start}); convert it, e.g. "
+                        f"iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}."
+                    ) from err
+            offset += len(chunk)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def row_to_text(row: Any, tokenizer: Any, text_field: str) -> str:
@@ -114,20 +172,20 @@ def choose_texts(
     """Draw `num_samples` calibration texts and up to `holdout_samples` disjoint held-out texts."""
     rows = load_rows(source)
     if len(rows) == 0:
-        raise CalibrationDataError(f"Calibration source {_describe(source)} is empty; it needs at least one text.")
+        raise CalibrationDataError(f"Calibration source {describe(source)} is empty; it needs at least one text.")
     chosen: list[str] = []
     for text in _texts_in_random_order(rows, tokenizer, text_field, seed):
         chosen.append(text)
         if len(chosen) == num_samples + holdout_samples:
             break
     if not chosen:
-        raise CalibrationDataError(f"Calibration source {_describe(source)} holds only empty texts.")
+        raise CalibrationDataError(f"Calibration source {describe(source)} holds only empty texts.")
     calibration, holdout = chosen[:num_samples], chosen[num_samples:]
     if len(calibration) < num_samples:
         logger.warning("Calibration source has %d non-empty texts; asked for %d.", len(calibration), num_samples)
     if holdout_samples and len(holdout) < holdout_samples:
         logger.info("Only %d held-out texts left after calibration (asked for %d).", len(holdout), holdout_samples)
-    return CalibrationTexts(calibration, holdout, _describe(source))
+    return CalibrationTexts(calibration, holdout, describe(source))
 
 
 def _texts_in_random_order(rows: Sequence[Any], tokenizer: Any, text_field: str, seed: int) -> Iterator[str]:
@@ -139,7 +197,9 @@ def _texts_in_random_order(rows: Sequence[Any], tokenizer: Any, text_field: str,
             yield text
 
 
-def _describe(source: CalibrationSource) -> str:
+def describe(source: CalibrationSource) -> str:
+    if isinstance(source, CalibrationRows):
+        return source.source
     if isinstance(source, (str, os.PathLike)):
         return str(source)
     return f"<{type(source).__name__} of {len(source) if hasattr(source, '__len__') else '?'} rows>"
@@ -169,6 +229,20 @@ def tokenize_batches(texts: Sequence[str], tokenizer: Any, max_length: int, batc
             mask[row, : len(seq)] = 1
         batches.append(TokenBatch(ids, mask))
     return batches
+
+
+def distinct_contexts(batches: Sequence[TokenBatch]) -> int:
+    """How many different token prefixes the batches hold: in a causal LM a token's activations are a function
+    of its prefix, so this bounds the rank of every layer's input covariance. 200 copies of one text count
+    as one text; a token count would not notice."""
+    children: dict[tuple[int, int], int] = {}  # (parent node, token) → node: a trie of the prefixes
+    for batch in batches:
+        for ids, mask in zip(batch.input_ids.tolist(), batch.attention_mask.tolist()):
+            node = 0
+            for token, real in zip(ids, mask):
+                if real:
+                    node = children.setdefault((node, token), len(children) + 1)
+    return len(children)
 
 
 def _starts_with_special(text: str, tokenizer: Any) -> bool:

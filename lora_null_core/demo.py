@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from .atomic import check_output
 from .config import LoraNullConfig
+from .console import quiet_libraries
 from .data import TokenBatch, tokenize_batches
 from .export import export_for_original_base
-from .errors import OutputExistsError
 from .saving import load_initialized, load_model
 from .tiny import arithmetic_texts, knowledge_texts, tiny_model, tiny_tokenizer, write_jsonl
 from .workflow import init_to_folder
@@ -29,13 +30,12 @@ logger = logging.getLogger(__name__)
 
 def run_demo(output: Path, steps: int = 40, rank: int = 8, overwrite: bool = False, seed: int = 0) -> dict[str, Any]:
     """Run the demo into `output`; return the numbers it printed."""
-    output = Path(output)
+    output = check_output(output, overwrite=overwrite)
     if output.exists():
-        if not overwrite:
-            raise OutputExistsError(f"{output} already exists; choose another --output or pass --overwrite.")
         shutil.rmtree(output)
     output.mkdir(parents=True)
-    return {**_demo(output.resolve(), steps, rank, seed), "folder": str(output)}
+    with quiet_libraries():
+        return {**_demo(output.resolve(), steps, rank, seed), "folder": str(output)}
 
 
 def _demo(work: Path, steps: int, rank: int, seed: int) -> dict[str, Any]:

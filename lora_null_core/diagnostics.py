@@ -21,14 +21,14 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .atomic import atomic_output_dir
 from .calibrate import collect_covariances
 from .config import LoraNullConfig
 from .data import CalibrationSource, choose_texts, tokenize_batches
 from .errors import LoraNullError
 from .leakage import leakage_from_covariance, random_like
-from .null_space import eigendecompose, effective_rank
+from .null_space import effective_rank, eigendecompose
 from .report import read_metadata
-from .atomic import atomic_output_dir
 from .saving import ADAPTER_DIR
 
 

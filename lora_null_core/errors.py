@@ -38,4 +38,8 @@ class ExportError(LoraNullError):
 
 
 class ConfigError(LoraNullError):
-    """A LoraNullConfig field has a value outside what it accepts."""
+    """A LoraNullConfig or LoraConfig field has a value outside what it accepts."""
+
+
+class FunctionNotPreservedError(LoraNullError):
+    """After initialization the model no longer computes what it did: nothing is saved."""

@@ -20,15 +20,18 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_output_dir, check_output
+from .console import quiet_libraries
 from .errors import ExportError
-from .report import read_metadata
-from .atomic import atomic_output_dir
+from .report import RESIDUAL_MARKER, file_sha256, read_metadata
 from .saving import ADAPTER_DIR, BASE_DIR, load_model, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 # Folder names the framework plugins write next to their own output.
 INIT_DIR, EXPORT_DIR = "lora_null_init", "lora_null_export"
+# Provenance written into every export and merge: an export is never exported again.
+EXPORT_MARKER, MERGE_MARKER = "lora_null_export.json", "lora_null_merge.json"
 WEIGHTS_FILE, CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 
@@ -49,14 +52,25 @@ def export_for_original_base(
     init_dir: os.PathLike, trained_adapter: os.PathLike, output_dir: os.PathLike, overwrite: bool = False
 ) -> Path:
     """Write a PEFT adapter that, on the original base model, reproduces the trained model exactly."""
+    check_output(output_dir, [init_dir, trained_adapter], overwrite, may_nest_in=[trained_adapter])
+    if (Path(trained_adapter) / EXPORT_MARKER).is_file():
+        raise ExportError(
+            f"{trained_adapter} is already an export for the original model (it holds {EXPORT_MARKER}); exporting it "
+            "again would subtract the initial factors twice. --adapter must be the adapter trained on OUT/base."
+        )
     metadata = read_metadata(Path(init_dir))
-    _, initial = read_adapter(Path(init_dir) / ADAPTER_DIR)
+    initial_config, initial = read_adapter(Path(init_dir) / ADAPTER_DIR)
+    check_init_consistent(metadata, initial, Path(init_dir))
     config, trained = read_adapter(trained_adapter)
+    check_same_scaling(initial_config, config, trained_adapter)
     weights, rank_factor = convert_weights(initial, trained, metadata)
     config = scaled_config(config, rank_factor, metadata.get("model", ""))
     with atomic_output_dir(output_dir, overwrite) as staging:
         save_file(weights, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        provenance = {"init": str(Path(init_dir).resolve()), "adapter": str(Path(trained_adapter).resolve()),
+                      "rank_factor": rank_factor, "variant": metadata["variant"], "init_mode": metadata["init"]}
+        (staging / EXPORT_MARKER).write_text(json.dumps(provenance, indent=2) + "\n")
     logger.info("Exported a rank-%d adapter for the original base to %s.", config["r"], output_dir)
     return Path(output_dir)
 
@@ -70,11 +84,43 @@ def export_saved_adapter(adapter_dir: os.PathLike, init_dir: os.PathLike) -> Opt
     return export_for_original_base(init_dir, adapter_dir, adapter_dir / EXPORT_DIR, overwrite=True)
 
 
+def check_init_consistent(metadata: dict[str, Any], initial: dict[str, torch.Tensor], init_dir: Path) -> None:
+    """The init folder's record and its adapter must agree: an edited lora_null.json or a swapped adapter
+    would give a wrong export with no other sign."""
+    if metadata.get("variant") not in ("v1", "v2") or metadata.get("init") not in ("projected", "basis"):
+        raise ExportError(f"{init_dir / 'lora_null.json'} records variant={metadata.get('variant')!r}, "
+                          f"init={metadata.get('init')!r}: not a LoRA-Null init (v1/v2, projected/basis). Re-run init.")
+    recorded = metadata.get("adapter_sha256")
+    if recorded and recorded != file_sha256(init_dir / ADAPTER_DIR / WEIGHTS_FILE):
+        raise ExportError(f"{init_dir / ADAPTER_DIR / WEIGHTS_FILE} is not the adapter this init wrote (its checksum "
+                          "differs from lora_null.json's). Re-run init, or point --init at the folder that wrote it.")
+    b_zero = all(not tensor.any() for key, tensor in initial.items() if key.endswith(_B))
+    if (metadata["init"] == "basis") != b_zero:
+        raise ExportError(f"{init_dir / 'lora_null.json'} says init={metadata['init']!r} but its adapter's lora_B is "
+                          f"{'zero' if b_zero else 'not zero'}: the record was edited or belongs to another init.")
+
+
+def check_same_scaling(initial: dict[str, Any], trained: dict[str, Any], trained_adapter: os.PathLike) -> None:
+    """The trained adapter must use the init's rank and scaling: B₀·A₀ is subtracted at the init's scale."""
+    for key in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern"):
+        if (initial.get(key) or None) != (trained.get(key) or None):
+            raise ExportError(
+                f"{trained_adapter} has {key}={trained.get(key)!r} but the init used {initial.get(key)!r}: train the "
+                "adapter that init wrote (OUT/adapter) without changing its rank or alpha."
+            )
+
+
 def convert_weights(
     initial: dict[str, torch.Tensor], trained: dict[str, torch.Tensor], metadata: dict[str, Any]
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Adapter tensors for the original base, and the rank multiplier (1 or 2) they use."""
     prefixes = sorted(key[: -len(_A)] for key in initial if key.endswith(_A))
+    extra = sorted({key[: -len(_A)] for key in trained if key.endswith(_A)} - set(prefixes))
+    if extra:
+        raise ExportError(
+            f"The trained adapter has {len(extra)} layer(s) the initialization never wrote, e.g. {extra[0]}; their "
+            "factors would be dropped. --adapter must be a checkpoint of the adapter written by this --init."
+        )
     missing = [p for p in prefixes if p + _A not in trained or p + _B not in trained]
     if missing:
         raise ExportError(
@@ -128,11 +174,19 @@ def merge_to_full_model(
     """Full weights of the trained model (residual base + trained adapter, merged), with the tokenizer."""
     from peft import PeftModel
 
+    check_output(output_dir, [init_dir, trained_adapter], overwrite)
     base_dir = Path(init_dir) / BASE_DIR
-    model = PeftModel.from_pretrained(load_model(str(base_dir), dtype=dtype), str(trained_adapter))
+    if not (base_dir / "config.json").is_file():
+        raise ExportError(f"{base_dir} holds no model: --init must be a folder written by `lora-null init`.")
+    with quiet_libraries():
+        model = PeftModel.from_pretrained(load_model(str(base_dir), dtype=dtype), str(trained_adapter))
     merged = model.merge_and_unload()
-    with atomic_output_dir(output_dir, overwrite) as staging:
+    if hasattr(merged.config, RESIDUAL_MARKER):  # the merged weights are a whole model, no longer a residual
+        delattr(merged.config, RESIDUAL_MARKER)
+    with atomic_output_dir(output_dir, overwrite) as staging, quiet_libraries():
         merged.save_pretrained(staging)
+        (staging / MERGE_MARKER).write_text(json.dumps({"init": str(Path(init_dir).resolve()),
+                                                        "adapter": str(Path(trained_adapter).resolve())}) + "\n")
         if (base_dir / "tokenizer_config.json").exists():
             load_tokenizer(str(base_dir)).save_pretrained(staging)
     return Path(output_dir)

@@ -18,7 +18,6 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
-from tqdm.auto import tqdm
 
 from .calibrate import (
     CovarianceCollector,
@@ -30,11 +29,21 @@ from .calibrate import (
     model_device,
 )
 from .config import LoraNullConfig
+from .console import progress, quiet_libraries
 from .covariance_cache import CovarianceCache
-from .data import CalibrationSource, TokenBatch, choose_texts, tokenize_batches
+from .data import CalibrationSource, TokenBatch, choose_texts, distinct_contexts, tokenize_batches
 from .distributed import assign_owners, broadcast_, rank_and_world, shard
-from .errors import InsufficientCalibrationError, InvalidRankError, NoTargetModulesError, UnsupportedModelError
+from .errors import (
+    ConfigError,
+    FunctionNotPreservedError,
+    InsufficientCalibrationError,
+    InvalidRankError,
+    NoTargetModulesError,
+    UnsupportedModelError,
+)
 from .leakage import LeakageCollector, holdout_leakage, leakage_from_covariance, random_like
+from .null_space import basis_factors, null_basis, projected_factors, row_chunks
+from .report import RESIDUAL_MARKER, InitReport, LayerReport
 from .sequential import (
     BlockLoader,
     capture_block_inputs,
@@ -43,8 +52,6 @@ from .sequential import (
     run_block,
     stream_blocks,
 )
-from .null_space import basis_factors, null_basis, projected_factors, row_chunks
-from .report import InitReport, LayerReport
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +79,7 @@ def lora_null_init(
     config = (config or LoraNullConfig()).replace(**overrides)
     peft_model = as_peft_model(model, lora_config, adapter_name)
     layers = lora_layers(peft_model, adapter_name)
-    check_layers(layers, adapter_name, config)
+    check_layers(layers, adapter_name, config, peft_model.get_base_model())
 
     texts = choose_texts(
         calibration, tokenizer, config.num_samples, config.holdout_samples, config.seed, config.text_field
@@ -84,6 +91,7 @@ def lora_null_init(
     if len(batches) < world:
         raise InsufficientCalibrationError(f"{len(texts.calibration)} calibration samples cannot feed {world} processes.")
     holdout = tokenize_batches(texts.holdout, tokenizer, config.max_length, batch_size) if texts.holdout else []
+    check_distinct_contexts(batches, layers, config)
     probe = _probe(batches)
 
     plan = streaming_plan(peft_model, layers, config)
@@ -105,7 +113,11 @@ def lora_null_init(
             )
     finally:
         peft_model.train(was_training)
+    check_function_preserved(function_error, config, layers)
     apply_variant(peft_model, config.variant, adapter_name)
+    peft_model._lora_null_initialized = {*getattr(peft_model, "_lora_null_initialized", ()), adapter_name}
+    if config.init == "projected":  # the base now holds residuals; saved with it, so it is never initialized twice
+        setattr(peft_model.get_base_model().config, RESIDUAL_MARKER, {"variant": config.variant, "init": config.init})
     logger.info("Function preserved after init: relative error %.2e.", function_error)
 
     peft_model.lora_null_report = InitReport(
@@ -121,12 +133,44 @@ def lora_null_init(
             "max_length": config.max_length,
             "tokens": max(layer.tokens for layer in report_layers),
         },
-        function_error_measure="max_block_output" if plan is not None else "logits",
+        function_error_measure="last_block_output" if plan is not None else "logits",
         config=config.to_dict(),
         function_error=function_error,
         layers=report_layers,
     )
     return peft_model
+
+
+def check_distinct_contexts(batches: list[TokenBatch], layers: Mapping[str, LoraLayer], config: LoraNullConfig) -> None:
+    """Refuse, before any forward pass, calibration text too repetitive or short to span the layers' inputs."""
+    if not config.min_tokens_per_dim:
+        return
+    widest = max(layer.in_features for layer in layers.values())
+    needed = int(config.min_tokens_per_dim * widest)
+    contexts = distinct_contexts(batches)
+    if contexts < needed:
+        tokens = sum(batch.num_tokens for batch in batches)
+        raise InsufficientCalibrationError(
+            f"The calibration text holds {tokens} tokens but only {contexts} distinct contexts (repeated texts, "
+            f"or very short ones), so the activations span at most {contexts} of the {widest} input directions "
+            f"and the null space would be picked by rounding (leakage near 0 here, that of a random A on new text). "
+            f"Use at least {needed} distinct contexts: more and more varied texts, a larger max_length; or lower "
+            "min_tokens_per_dim (0 disables the check)."
+        )
+
+
+def check_function_preserved(function_error: float, config: LoraNullConfig, layers: Mapping[str, LoraLayer]) -> None:
+    """Refuse a model that no longer computes what it did (NaN factors, a layer the init could not make exact)."""
+    tolerance = config.max_function_error
+    if tolerance is None:  # rounding of W − s·B·A in the weights' own dtype, and of the forward pass itself
+        dtype = next(iter(layers.values())).get_base_layer().weight.dtype
+        tolerance = max(1e-3, 10 * torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-3
+    if not math.isfinite(function_error) or function_error > tolerance:
+        raise FunctionNotPreservedError(
+            f"After initialization the model's output changed by {function_error:.3g} (relative; tolerance "
+            f"{tolerance:.3g}), so it no longer computes what it did. Nothing was saved. Check lora_alpha and the "
+            "targets; in float16, load the model in bfloat16 or float32. max_function_error raises the tolerance."
+        )
 
 
 def streaming_plan(peft_model: PeftModel, layers: Mapping[str, LoraLayer], config: LoraNullConfig):
@@ -146,12 +190,13 @@ def streaming_plan(peft_model: PeftModel, layers: Mapping[str, LoraLayer], confi
 
 
 def _initialize_layers(
-    layers: Mapping[str, LoraLayer], covariances: Covariances, config: LoraNullConfig, adapter_name: str
+    layers: Mapping[str, LoraLayer], covariances: Covariances, config: LoraNullConfig, adapter_name: str,
+    show_progress: bool = True,
 ) -> list[LayerReport]:
     """Null bases → factors → residual for a set of layers whose covariances are complete."""
     check_token_counts(covariances, config.min_tokens_per_dim)
     ranks = {name: layer.r[adapter_name] for name, layer in layers.items()}
-    null_bases = solve_null_bases(covariances, ranks, config.solver)
+    null_bases = solve_null_bases(covariances, ranks, config.solver, show_progress)
     reports = []
     for name, layer in layers.items():
         basis = null_bases[covariances.group_of[name], layer.r[adapter_name]]
@@ -190,7 +235,10 @@ def _init_streaming(peft_model, layers, plan, batches, holdout, probe, config, a
     calls = capture_block_inputs(peft_model, blocks[0], [*batches, *holdout, probe], device)
     calibration, held_out = range(len(batches)), range(len(batches), len(batches) + len(holdout))
     dtype = getattr(torch, config.accumulate_dtype)
-    reports, errors = [], []
+    reports = []
+    # The probe goes through the blocks twice: as the original model computes it (calls[-1]) and through the
+    # initialized blocks (drift), so the error compounds as it would in the whole model.
+    drift = calls[-1]
     writing = cache.writing() if cache is not None and not cached else contextlib.nullcontext()
     with torch.no_grad(), writing as writer:
         for step in stream_blocks(blocks, names_by_block, device, loader):
@@ -210,7 +258,7 @@ def _init_streaming(peft_model, layers, plan, batches, holdout, probe, config, a
                     covariances = finalize_covariances(collector.result, modules, config.covariance_weighting)
                     if writer is not None:
                         writer.add(f"block-{step.index:04d}", covariances)
-                block_reports = _initialize_layers(block_layers, covariances, config, adapter_name)
+                block_reports = _initialize_layers(block_layers, covariances, config, adapter_name, False)
                 reports += block_reports
                 lora_as = {name: layer.lora_A[adapter_name].weight.detach() for name, layer in block_layers.items()}
                 leakage = LeakageCollector(lora_as, config.seed)
@@ -218,13 +266,11 @@ def _init_streaming(peft_model, layers, plan, batches, holdout, probe, config, a
                 for j in held_out:
                     taps.set_batch(calls[j].mask)
                     calls[j] = calls[j].with_hidden(run_block(step.block, calls[j]))
-            if block_layers:
-                if config.holdout_samples:
-                    _set_holdout(block_reports, leakage.results())
-                after = run_block(step.block, calls[-1])
-                errors.append(_relative_error(after.float(), probe_before.float(), calls[-1].mask))
+            if block_layers and config.holdout_samples:
+                _set_holdout(block_reports, leakage.results())
+            drift = drift.with_hidden(run_block(step.block, drift))
             calls[-1] = calls[-1].with_hidden(probe_before)
-    return reports, max(errors)
+    return reports, _relative_error(drift.hidden.float(), calls[-1].hidden.float(), drift.mask)
 
 
 def _ignore(*_args: Any) -> None:
@@ -238,7 +284,7 @@ def _set_holdout(reports: list[LayerReport], measured: Mapping[str, tuple[float,
 
 
 def solve_null_bases(
-    covariances: Covariances, ranks: Mapping[str, int], solver: str = "auto"
+    covariances: Covariances, ranks: Mapping[str, int], solver: str = "auto", show_progress: bool = True
 ) -> dict[tuple[str, int], torch.Tensor]:
     """Null basis per (covariance, rank) needed by the layers; with several processes each basis is solved by
     one owner rank and broadcast, so every rank holds bitwise the same bases."""
@@ -246,7 +292,7 @@ def solve_null_bases(
     owners = assign_owners({f"{group}|{rank}": covariances.matrices[group].shape[0] for group, rank in needed})
     my_rank = rank_and_world()[0]
     result = {}
-    for group, rank in tqdm(needed, desc="null bases", unit="covariance", leave=False):
+    for group, rank in progress(needed, "null bases", "covariance") if show_progress else needed:
         matrix = covariances.matrices[group]
         owner = owners[f"{group}|{rank}"]
         if owner == my_rank:
@@ -262,6 +308,18 @@ def solve_null_bases(
 
 def as_peft_model(model: nn.Module, lora_config: Optional[LoraConfig], adapter_name: str) -> PeftModel:
     """The PeftModel to initialize: `model` itself if it already holds the adapter, else a fresh wrap."""
+    if isinstance(model, PeftModel) and adapter_name in getattr(model, "_lora_null_initialized", ()):
+        raise UnsupportedModelError(
+            f"Adapter {adapter_name!r} of this PeftModel was already initialized by lora_null_init, and its base "
+            "weights are already residuals. Start again from the original model (or load the init folder with "
+            "load_initialized to train it)."
+        )
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    if getattr(getattr(base, "config", None), RESIDUAL_MARKER, None):
+        raise UnsupportedModelError(
+            "This model is a LoRA-Null residual base (OUT/base of an earlier init), not an original model: "
+            "initializing it again would stack two residuals. Initialize the original model instead."
+        )
     if isinstance(model, PeftModel):
         if adapter_name not in model.peft_config:
             raise UnsupportedModelError(
@@ -276,16 +334,19 @@ def as_peft_model(model: nn.Module, lora_config: Optional[LoraConfig], adapter_n
                 "already rewrote the base weights; create it with init_lora_weights=True or False instead."
             )
         _refuse_dora(existing)
+        check_lora_config(existing)
         return model
     if lora_config is None:
         raise UnsupportedModelError("Pass a LoraConfig, or a PeftModel that already holds the LoRA adapter.")
     _refuse_dora(lora_config)
+    check_lora_config(lora_config)
     lora_config = copy.deepcopy(lora_config)
     lora_config.init_lora_weights = False  # every factor gets overwritten; skip PEFT's own init work
     if lora_config.target_modules is None:
         lora_config.target_modules = "all-linear"
     try:
-        return get_peft_model(model, lora_config, adapter_name=adapter_name)
+        with quiet_libraries():
+            return get_peft_model(model, lora_config, adapter_name=adapter_name)
     except ValueError as err:
         if "not found in the base model" in str(err) or "No modules were targeted" in str(err):
             raise NoTargetModulesError(
@@ -293,6 +354,22 @@ def as_peft_model(model: nn.Module, lora_config: Optional[LoraConfig], adapter_n
                 f"{', '.join(linear_module_suffixes(model))}."
             ) from err
         raise
+
+
+def check_lora_config(lora_config: LoraConfig) -> None:
+    """LoRA's own numbers, checked before any compute: a zero or NaN alpha would write NaN into every base weight."""
+    ranks = {"r": lora_config.r, **{f"rank_pattern[{k!r}]": v for k, v in (lora_config.rank_pattern or {}).items()}}
+    for name, value in ranks.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"LoRA {name}={value!r}: the rank must be a whole number of at least 1 (--rank).")
+    alphas = {"lora_alpha": lora_config.lora_alpha,
+              **{f"alpha_pattern[{k!r}]": v for k, v in (lora_config.alpha_pattern or {}).items()}}
+    for name, value in alphas.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"LoRA {name}={value!r}: alpha must be a finite number above 0 (--alpha; default = rank).")
+    dropout = lora_config.lora_dropout
+    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ConfigError(f"lora_dropout={dropout!r} must be at least 0 and below 1 (--dropout).")
 
 
 def _refuse_dora(lora_config: LoraConfig) -> None:
@@ -308,25 +385,48 @@ def linear_module_suffixes(model: nn.Module) -> list[str]:
 
 
 def lora_layers(peft_model: PeftModel, adapter_name: str) -> dict[str, LoraLayer]:
-    """Every LoRA-wrapped module that carries `adapter_name`, by its name in the base model."""
+    """Every LoRA-wrapped module that carries `adapter_name` (linear or not), by its name in the base model."""
     layers = {}
     for name, module in peft_model.get_base_model().named_modules():
-        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+        if isinstance(module, LoraLayer) and (
+            adapter_name in module.lora_A or adapter_name in getattr(module, "lora_embedding_A", {})
+        ):
             layers[name] = module
     if not layers:
         raise NoTargetModulesError(f"Adapter {adapter_name!r} wraps no module that LoRA-Null can initialize.")
     return layers
 
 
-def check_layers(layers: Mapping[str, LoraLayer], adapter_name: str, config: LoraNullConfig) -> None:
-    """Refuse, before any compute, the layers LoRA-Null cannot initialize correctly."""
+def check_layers(
+    layers: Mapping[str, LoraLayer], adapter_name: str, config: LoraNullConfig, model: Optional[nn.Module] = None
+) -> None:
+    """Refuse, before any compute, the layers LoRA-Null cannot initialize exactly."""
+    head = model.get_output_embeddings() if model is not None and hasattr(model, "get_output_embeddings") else None
+    owners = _weight_owners(model) if model is not None else {}
     for name, layer in layers.items():
-        if not isinstance(layer.lora_A[adapter_name], nn.Linear):
+        base_layer = layer.get_base_layer()
+        if adapter_name not in layer.lora_A or not isinstance(layer.lora_A[adapter_name], nn.Linear):
             raise UnsupportedModelError(
-                f"{name} is a {type(layer.get_base_layer()).__name__}; LoRA-Null supports linear layers only. "
-                "Leave it out of target_modules."
+                f"{name} is a {type(base_layer).__name__}; LoRA-Null initializes linear layers only, and would "
+                "leave this one with PEFT's random factors. Leave it out of target_modules."
             )
-        weight = layer.get_base_layer().weight
+        if head is not None and (base_layer is head or layer is head):
+            raise UnsupportedModelError(
+                f"{name} is the model's output layer (LM head): PEFT saves its whole weight with the adapter and, "
+                "when tied, it is also the input embedding, so no exact init and export exist. Leave it out of "
+                "target_modules (the default, all-linear, already does)."
+            )
+        weight = base_layer.weight
+        sharing = owners.get(id(weight), [])
+        if len(sharing) > 1:
+            raise UnsupportedModelError(
+                f"{name}'s weight is shared with {', '.join(n for n in sharing if n != name)} (tied weights): "
+                "rewriting it into a residual would change those modules too. Leave it out of target_modules."
+            )
+        if not weight.is_meta and weight.dtype in _FLOAT_DTYPES and not bool(torch.isfinite(weight).all()):
+            raise UnsupportedModelError(
+                f"{name}'s weight contains NaN or Inf: the checkpoint is damaged. Reload or re-download the model."
+            )
         quantized = type(weight) is not nn.Parameter or weight.dtype not in _FLOAT_DTYPES
         if quantized and config.init == "projected":
             raise UnsupportedModelError(
@@ -341,6 +441,16 @@ def check_layers(layers: Mapping[str, LoraLayer], adapter_name: str, config: Lor
                 f"rank {rank} is too large for {name} (d_in={d_in}, d_out={d_out}): the null space needs "
                 f"rank < d_in. Use a rank ≤ {limit}, or leave this layer out of target_modules."
             )
+
+
+def _weight_owners(model: nn.Module) -> dict[int, list[str]]:
+    """Module names by the id of the weight tensor they hold (after unwrapping PEFT), to spot tied weights."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and not isinstance(module, LoraLayer) and ".lora_" not in name:
+            owners.setdefault(id(weight), []).append(name.replace(".base_layer", ""))
+    return owners
 
 
 def weight_matrix(layer: LoraLayer) -> torch.Tensor:

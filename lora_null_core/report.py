@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 METADATA_FILE = "lora_null.json"
+# Set in a residual base's config (config.json): the model is not an original, and must not be initialized again.
+RESIDUAL_MARKER = "lora_null_residual"
 FORMAT_VERSION = 1
 
 
@@ -36,8 +40,10 @@ class InitReport:
     config: dict[str, Any]
     function_error: float  # relative change of the model's output on a calibration probe, after init
     layers: list[LayerReport] = field(default_factory=list)
-    # "logits": of the whole model; "max_block_output": the largest over decoder blocks (streaming).
+    # "logits": of the whole model; "last_block_output": the last decoder block's output, the probe having gone
+    # through every initialized block in turn (streaming: all targets lie inside the blocks).
     function_error_measure: str = "logits"
+    adapter_sha256: Optional[str] = None  # of adapter/adapter_model.safetensors: export checks it is the same file
     format_version: int = FORMAT_VERSION
 
     def summary(self) -> dict[str, float]:
@@ -59,8 +65,19 @@ class InitReport:
 
     def write(self, folder: Path) -> Path:
         path = Path(folder) / METADATA_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        path.write_text(json.dumps(_finite(self.to_dict()), indent=2, allow_nan=False) + "\n")
         return path
+
+
+def _finite(value: Any) -> Any:
+    """NaN and Inf become null: JSON has no such numbers, and other readers reject them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def read_metadata(init_dir: Path) -> dict[str, Any]:
@@ -69,4 +86,18 @@ def read_metadata(init_dir: Path) -> dict[str, Any]:
     path = Path(init_dir) / METADATA_FILE
     if not path.is_file():
         raise ExportError(f"{path} not found: --init must be the output folder of `lora-null init`.")
-    return json.loads(path.read_text())
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ExportError(f"{path} is damaged ({err}); re-run `lora-null init` to write it again.") from err
+    if not isinstance(metadata, dict) or "variant" not in metadata or "init" not in metadata:
+        raise ExportError(f"{path} is not a LoRA-Null record (no variant/init); re-run `lora-null init`.")
+    return metadata
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -15,11 +15,13 @@ import torch
 import transformers
 from packaging.version import Version
 from peft import PeftModel
+from safetensors import SafetensorError
 
 from .atomic import atomic_output_dir
+from .console import quiet_libraries
 from .errors import LoraNullError
 from .initialize import apply_variant
-from .report import read_metadata
+from .report import file_sha256, read_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -27,31 +29,65 @@ BASE_DIR, ADAPTER_DIR = "base", "adapter"
 DTYPE_KEY = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
+FLOAT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 def torch_dtype(name: str) -> Any:
     if name == "auto":
         return "auto"
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise LoraNullError(f"--dtype {name!r} is not a torch dtype; use auto, float32, bfloat16 or float16.")
-    return dtype
+    if name not in FLOAT_DTYPES:
+        raise LoraNullError(f"--dtype {name!r} is not a floating-point dtype; use {', '.join(FLOAT_DTYPES)}.")
+    return getattr(torch, name)
+
+
+def check_model_source(name_or_path: str) -> None:
+    """A path that looks local must exist: a missing folder is a typo, not a hub repo id."""
+    path = Path(name_or_path).expanduser()
+    looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
+    if looks_local and not path.exists():
+        raise LoraNullError(f"Model folder {name_or_path} does not exist; check the path (--model).")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise LoraNullError(f"{name_or_path} holds no config.json, so it is not a transformers model folder (--model).")
+    if path.is_dir() and not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
+        raise LoraNullError(
+            f"{name_or_path} holds only pickled weights (*.bin), which lora-null does not load (a pickle can run "
+            "code). Convert it to safetensors first, e.g. model.save_pretrained(folder) after loading it yourself."
+        )
 
 
 def load_model(name_or_path: str, dtype: str = "auto", device: Optional[str] = None, trust_remote_code: bool = False):
-    """A causal LM from a local folder or hub name; remote code runs only when the user asks for it."""
+    """A causal LM from a local folder or hub name, from safetensors only; remote code runs only when asked for."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = {DTYPE_KEY: torch_dtype(dtype), "trust_remote_code": trust_remote_code}
+    check_model_source(name_or_path)
+    kwargs = {DTYPE_KEY: torch_dtype(dtype), "trust_remote_code": trust_remote_code, "use_safetensors": True}
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-    except OSError as err:
-        raise LoraNullError(f"Could not load model {name_or_path!r}: {err}") from err
+        with quiet_libraries():
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
+        raise LoraNullError(f"Could not load model {name_or_path!r}: {loading_hint(err)}") from err
     return model.to(device) if device else model
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    check_model_source(name_or_path)
+    try:
+        with quiet_libraries():
+            return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise LoraNullError(f"Could not load the tokenizer of {name_or_path!r}: {loading_hint(err)}") from err
+
+
+def loading_hint(err: Exception) -> str:
+    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "trust_remote_code" in str(err):
+        return ("the model's repository ships its own code, which runs only if you trust it: pass "
+                "--trust-remote-code (trust_remote_code=True in Python).")
+    if "safetensors" in str(err).lower() or "header" in str(err).lower() or "incomplete" in str(err).lower():
+        return f"{message} (a truncated or damaged safetensors file? Download or save the model again)."
+    return message
 
 
 def default_device() -> str:
@@ -72,9 +108,10 @@ def save_initialized(
     peft_model: PeftModel, output_dir: os.PathLike, tokenizer: Any = None, overwrite: bool = False
 ) -> Path:
     """Write base/, adapter/ and lora_null.json of an initialized model into `output_dir`, atomically."""
-    with atomic_output_dir(output_dir, overwrite) as staging:
+    with atomic_output_dir(output_dir, overwrite) as staging, quiet_libraries():
         write_initial_adapter(peft_model, staging)
         base = peft_model.get_base_model()
+        logger.info("Writing the residual base model to %s.", Path(output_dir) / BASE_DIR)
         base.save_pretrained(staging / BASE_DIR, state_dict=base_state_dict(peft_model))
         if tokenizer is not None:
             tokenizer.save_pretrained(staging / BASE_DIR)
@@ -95,12 +132,14 @@ def write_initial_adapter(peft_model: PeftModel, folder: Path) -> None:
     if report is None:
         raise LoraNullError("This PeftModel was not initialized by lora_null_init (it has no lora_null_report).")
     save_adapter(peft_model, folder / ADAPTER_DIR, report.adapter_name)
+    report.adapter_sha256 = file_sha256(folder / ADAPTER_DIR / "adapter_model.safetensors")
     report.write(folder)
 
 
 def save_adapter(peft_model: PeftModel, folder: Path, adapter_name: str) -> None:
     """PEFT adapter folder for one adapter, always at `folder` itself (PEFT nests non-default names)."""
-    peft_model.save_pretrained(str(folder), selected_adapters=[adapter_name])
+    with quiet_libraries():
+        peft_model.save_pretrained(str(folder), selected_adapters=[adapter_name])
     nested = folder / adapter_name
     if adapter_name != "default" and nested.is_dir():
         for item in nested.iterdir():
@@ -123,7 +162,8 @@ def load_initialized(
     metadata = read_metadata(init_dir)
     model = load_model(str(init_dir / BASE_DIR), dtype=dtype, device=device)
     adapter_path = str(adapter or init_dir / ADAPTER_DIR)
-    peft_model = PeftModel.from_pretrained(model, adapter_path, is_trainable=is_trainable)
+    with quiet_libraries():
+        peft_model = PeftModel.from_pretrained(model, adapter_path, is_trainable=is_trainable)
     if is_trainable:
         apply_variant(peft_model, metadata["variant"], "default")
     return peft_model

@@ -16,9 +16,9 @@ from typing import Any, Optional, Protocol
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .calibrate import input_device
+from .console import progress
 from .data import TokenBatch
 
 logger = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def stream_blocks(
 ) -> Iterator[StreamStep]:
     """Yield each block on `device`; the loader takes it back once the caller is done with it."""
     loader = loader or MoveToDevice()
-    for index, block in enumerate(tqdm(blocks, desc="blocks", unit="block", leave=False)):
+    for index, block in enumerate(progress(blocks, "calibrating and solving, block by block", "block")):
         loader.load(index, block, device)
         try:
             yield StreamStep(index, block, layer_names.get(index, []))

@@ -8,11 +8,11 @@ from typing import Optional, Union
 
 from peft import LoraConfig
 
-from .atomic import atomic_output_dir
+from .atomic import atomic_output_dir, check_output
 from .config import LoraNullConfig
-from .data import CalibrationSource
-from .errors import LoraNullError, OutputExistsError
-from .initialize import lora_null_init
+from .data import CalibrationRows, CalibrationSource, describe, load_rows
+from .errors import LoraNullError
+from .initialize import check_lora_config, lora_null_init
 from .lazy import Checkpoint, DiskBlocks, empty_model
 from .report import InitReport
 from .saving import (
@@ -20,6 +20,7 @@ from .saving import (
     default_device,
     load_model,
     load_tokenizer,
+    loading_hint,
     save_initialized,
     torch_dtype,
     write_initial_adapter,
@@ -44,12 +45,18 @@ def init_to_folder(
     offload: False keeps the model on `device`; True or "cpu" keeps the weights in CPU memory and brings one
     block at a time to `device`; "disk" reads each block from the local safetensors checkpoint in its turn,
     for models larger than CPU memory."""
-    if Path(output_dir).exists() and not overwrite:  # fail before the expensive part, not after it
-        raise OutputExistsError(f"{output_dir} already exists; choose another --output or pass --overwrite.")
+    # Everything that can be checked is checked before the model is loaded: fail before the expensive part.
+    config = config or LoraNullConfig()
+    cache = config.covariance_cache
+    check_output(output_dir, [model_name_or_path, _local(calibration), cache], overwrite)
+    check_lora_config(lora_config)
+    torch_dtype(dtype)
     if offload == "disk" and not Path(model_name_or_path).is_dir():
         raise LoraNullError(f"--offload disk reads a local checkpoint folder, and {model_name_or_path} is not one: "
                             "download it first (huggingface-cli download NAME --local-dir DIR).")
     tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
+    config = fit_max_length(model_name_or_path, config, trust_remote_code)
+    calibration = CalibrationRows(load_rows(calibration), describe(calibration))
     device = device or default_device()
     if offload == "disk":
         return _init_from_disk(Path(model_name_or_path), calibration, Path(output_dir), lora_config, config, dtype,
@@ -61,6 +68,29 @@ def init_to_folder(
     report.model = str(model_name_or_path)
     save_initialized(peft_model, Path(output_dir), tokenizer, overwrite=overwrite)
     return report
+
+
+def fit_max_length(model_name_or_path: str, config: LoraNullConfig, trust_remote_code: bool) -> LoraNullConfig:
+    """The default max_length shrinks to the model's positions; a larger one asked for explicitly is refused (the
+    extra tokens would get positions the model never saw)."""
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise LoraNullError(f"Could not read the config of {model_name_or_path!r}: {loading_hint(err)}") from err
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    positions = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
+    if not positions or config.max_length <= positions:
+        return config
+    if config.max_length == LoraNullConfig().max_length:
+        return config.replace(max_length=positions)
+    raise LoraNullError(f"--max-length {config.max_length} exceeds the model's {positions} positions; use at most "
+                        f"{positions}.")
+
+
+def _local(source: CalibrationSource) -> Optional[str]:
+    return str(source) if isinstance(source, (str, os.PathLike)) else None
 
 
 def _init_from_disk(folder, calibration, output_dir, lora_config, config, dtype, device, trust_remote_code, overwrite,

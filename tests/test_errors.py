@@ -21,6 +21,7 @@ from lora_null_core import (
     export_for_original_base,
     lora_null_init,
 )
+from lora_null_core.tiny import write_jsonl
 from lora_null_core.workflow import init_to_folder
 
 SMALL = dict(num_samples=160, holdout_samples=0, batch_size=32)
@@ -39,7 +40,7 @@ def test_empty_calibration(make_model, tokenizer, tmp_path):
 
 
 def test_too_few_tokens_for_the_layer_width(make_model, tokenizer, knowledge):
-    with pytest.raises(InsufficientCalibrationError, match=r"input width 64 .* only \d+ tokens"):
+    with pytest.raises(InsufficientCalibrationError, match=r"only \d+ distinct contexts .* of the 128 input directions"):
         lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, num_samples=2, holdout_samples=0)
     # The check can be turned off on purpose.
     lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, num_samples=2, holdout_samples=0,
@@ -62,7 +63,9 @@ def test_non_finite_activations(make_model, tokenizer, knowledge):
     model = make_model()
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
-    with pytest.raises(NonFiniteActivationsError, match="down_proj"):
+    with pytest.raises(NonFiniteActivationsError, match="down_proj"):  # up_proj is not targeted: its output is
+        lora_null_init(model, LoraConfig(r=4, target_modules=["down_proj"]), knowledge, tokenizer, **SMALL)
+    with pytest.raises(UnsupportedModelError, match="up_proj's weight contains NaN"):  # targeted: refused up front
         lora_null_init(model, LoraConfig(r=4), knowledge, tokenizer, **SMALL)
 
 
@@ -131,3 +134,64 @@ def test_export_refuses_pickles_and_foreign_adapters(tmp_path, saved_model, know
         export_for_original_base(tmp_path / "init", other / "adapter", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     json.loads((tmp_path / "init" / "lora_null.json").read_text())  # the init folder is intact
+
+
+# ---------------------------------------------------------------- inputs that once gave wrong output with exit 0
+@pytest.mark.parametrize("lora_kwargs, match", [
+    (dict(r=4, lora_alpha=0), "alpha must be a finite number above 0"),
+    (dict(r=4, lora_alpha=float("nan")), "alpha must be a finite number above 0"),
+    (dict(r=4, lora_alpha=-8), "alpha must be a finite number above 0"),
+    (dict(r=4, lora_dropout=1.5), "lora_dropout=1.5 must be at least 0 and below 1"),
+    (dict(r=4, alpha_pattern={"q_proj": 0.0}), r"alpha_pattern\['q_proj'\]"),
+])
+def test_lora_numbers_are_checked_before_any_compute(make_model, tokenizer, knowledge, lora_kwargs, match):
+    model = make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=match):
+        lora_null_init(model, LoraConfig(**lora_kwargs), knowledge, tokenizer, **SMALL)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("architecture, targets, match", [
+    ("llama", ["q_proj", "lm_head"], "output layer"),          # untied: PEFT would save the head's weight
+    ("gemma", ["q_proj", "lm_head"], "output layer"),          # tied: its residual would rewrite the embedding
+    ("llama", ["q_proj", "embed_tokens"], "linear layers only"),  # would keep PEFT's random embedding factors
+])
+def test_targets_that_cannot_be_initialized_exactly_are_refused(make_model, tokenizer, knowledge, architecture,
+                                                               targets, match):
+    with pytest.raises(UnsupportedModelError, match=match):
+        lora_null_init(make_model(architecture), LoraConfig(r=4, target_modules=targets), knowledge, tokenizer,
+                       **SMALL)
+
+
+@pytest.mark.parametrize("texts, max_length", [
+    (["The capital of France is Paris ."] * 200, 512),  # one text, repeated
+    (None, 1),                                          # one token per text: always <s>
+    (["<pad> " * 20] * 200, 512),                        # padding only
+])
+def test_calibration_without_enough_distinct_contexts_is_refused(make_model, tokenizer, knowledge, texts,
+                                                                 max_length):
+    with pytest.raises(InsufficientCalibrationError, match="distinct contexts"):
+        lora_null_init(make_model(), LoraConfig(r=4), texts or knowledge, tokenizer, max_length=max_length, **SMALL)
+
+
+def test_an_initialized_model_is_never_initialized_again(make_model, tokenizer, knowledge, tmp_path):
+    from lora_null_core import load_initialized, save_initialized
+
+    peft_model = lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, **SMALL)
+    with pytest.raises(UnsupportedModelError, match="already initialized"):
+        lora_null_init(peft_model, None, knowledge, tokenizer, **SMALL)
+    save_initialized(peft_model, tmp_path / "init", tokenizer)
+    residual = load_initialized(tmp_path / "init").get_base_model()
+    with pytest.raises(UnsupportedModelError, match="residual base"):
+        lora_null_init(residual, LoraConfig(r=4), knowledge, tokenizer, **SMALL)
+
+
+def test_nothing_is_kept_when_the_function_is_not_preserved(make_model, tokenizer, knowledge, tmp_path, saved_model):
+    from lora_null_core import FunctionNotPreservedError
+
+    write_jsonl(tmp_path / "calib.jsonl", knowledge)
+    with pytest.raises(FunctionNotPreservedError, match="Nothing was saved"):
+        init_to_folder(str(saved_model), str(tmp_path / "calib.jsonl"), tmp_path / "out", LoraConfig(r=4),
+                       LoraNullConfig(max_function_error=0.0, **SMALL), device="cpu")
+    assert not (tmp_path / "out").exists()

@@ -8,6 +8,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 
 from lora_null_core import LoraNullConfig, LoraNullError, load_initialized
+from lora_null_core.tiny import tiny_config
 from lora_null_core.workflow import init_to_folder
 
 from .conftest import logits, relative_error
@@ -51,6 +52,7 @@ def test_disk_offload_writes_the_same_init_as_memory(make_model, tokenizer, know
 def test_disk_offload_needs_a_local_safetensors_folder(tmp_path, tokenizer, knowledge):
     (tmp_path / "empty").mkdir()
     tokenizer.save_pretrained(tmp_path / "empty")
+    tiny_config("llama", len(tokenizer)).save_pretrained(tmp_path / "empty")
     with pytest.raises(LoraNullError, match="no safetensors checkpoint"):
         init_to_folder(str(tmp_path / "empty"), knowledge, tmp_path / "out", LoraConfig(r=4), offload="disk",
                        device="cpu")

@@ -1,0 +1,69 @@
+"""What a person sees while lora-null works: one progress bar per long stage, no library noise.
+
+`progress` is the only way the core draws a bar, so `set_verbosity` (the CLI's -q / -v) governs them all.
+`quiet_libraries` wraps each call into transformers, PEFT and datasets that would otherwise draw its own
+bars ("Loading weights", "Writing model shards", "Generating train split") or warn about its own internals
+(PEFT ≤ 0.21 reads transformers 5's deprecated `is_gradient_checkpointing`); the user's settings are
+restored afterwards, so a script that imports lora-null keeps its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import Optional, TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+
+QUIET, NORMAL, VERBOSE = -1, 0, 1
+_verbosity = {"level": NORMAL}
+
+# Warnings raised by one library about another's internals: nothing a user can act on.
+_LIBRARY_WARNINGS = (
+    r".*is_gradient_checkpointing.*is deprecated.*",
+)
+
+
+def set_verbosity(level: int) -> None:
+    """QUIET: errors and the final result only; NORMAL: progress bars and INFO lines; VERBOSE: DEBUG too."""
+    _verbosity["level"] = level
+    logging.getLogger("lora_null_core").setLevel(
+        logging.WARNING if level == QUIET else logging.DEBUG if level == VERBOSE else logging.INFO
+    )
+
+
+def progress(iterable: Iterable[T], desc: str, unit: str, total: Optional[int] = None) -> Iterator[T]:
+    """A bar for one long stage; none when quiet. Bars vanish when done, so the log keeps only results."""
+    return iter(tqdm(iterable, desc=desc, unit=unit, total=total, leave=False,
+                     disable=_verbosity["level"] == QUIET or None))  # None: no bar where stderr is not a terminal
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Silence transformers', datasets' and PEFT's own bars and internal warnings for the block."""
+    import transformers.utils.logging as hf_logging
+
+    restore = []
+    if hf_logging.is_progress_bar_enabled():
+        hf_logging.disable_progress_bar()
+        restore.append(hf_logging.enable_progress_bar)
+    try:
+        import datasets
+
+        if not datasets.are_progress_bars_disabled():
+            datasets.disable_progress_bars()
+            restore.append(datasets.enable_progress_bars)
+    except ImportError:
+        pass
+    try:
+        with warnings.catch_warnings():
+            for pattern in _LIBRARY_WARNINGS:
+                warnings.filterwarnings("ignore", message=pattern)
+            yield
+    finally:
+        for undo in restore:
+            undo()
