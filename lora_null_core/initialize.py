@@ -142,21 +142,31 @@ def lora_null_init(
 
 
 def check_distinct_contexts(batches: list[TokenBatch], layers: Mapping[str, LoraLayer], config: LoraNullConfig) -> None:
-    """Refuse, before any forward pass, calibration text too repetitive or short to span the layers' inputs."""
+    """Before any forward pass: calibration text too repetitive or short to span the layers' inputs is refused
+    (under a quarter of the widest input: 200 copies of one question, max_length 1); below the full width it
+    is only a warning, since short real questions share prefixes ("The capital of …": SmolLM2 with 256
+    qa_wikidata questions has 1,361 distinct contexts for 1,536-wide down_proj inputs, and its held-out leakage
+    is still a fraction of a random A's)."""
     if not config.min_tokens_per_dim:
         return
     widest = max(layer.in_features for layer in layers.values())
-    needed = int(config.min_tokens_per_dim * widest)
+    wanted = int(config.min_tokens_per_dim * widest)
     contexts = distinct_contexts(batches)
-    if contexts < needed:
-        tokens = sum(batch.num_tokens for batch in batches)
+    if contexts >= wanted:
+        return
+    tokens = sum(batch.num_tokens for batch in batches)
+    found = (f"The calibration text holds {tokens} tokens but only {contexts} distinct contexts (a token's "
+             f"activations depend only on its prefix), so the activations span at most {contexts} of the {widest} "
+             "input directions")
+    fix = ("more and more varied texts, or a larger max_length; min_tokens_per_dim lowers the bar "
+           "(0 disables the check)")
+    if contexts < wanted / 4:
         raise InsufficientCalibrationError(
-            f"The calibration text holds {tokens} tokens but only {contexts} distinct contexts (repeated texts, "
-            f"or very short ones), so the activations span at most {contexts} of the {widest} input directions "
-            f"and the null space would be picked by rounding (leakage near 0 here, that of a random A on new text). "
-            f"Use at least {needed} distinct contexts: more and more varied texts, a larger max_length; or lower "
-            "min_tokens_per_dim (0 disables the check)."
+            f"{found} and the null space would be picked by rounding (leakage near 0 here, that of a random A on "
+            f"new text). Use at least {wanted} distinct contexts: {fix}."
         )
+    logger.warning("%s: part of the null space is picked by rounding. The held-out leakage in the report shows "
+                   "whether it matters; %s.", found, fix)
 
 
 def check_function_preserved(function_error: float, config: LoraNullConfig, layers: Mapping[str, LoraLayer]) -> None:

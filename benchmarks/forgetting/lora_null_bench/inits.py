@@ -17,7 +17,7 @@ from lora_null_core.initialize import lora_layers, weight_matrix, write_adapter
 
 from .suites import Suite
 
-INITS = ("lora", "pissa", "milora", "corda_kpm", "lora_null_v1", "lora_null_v2", "lora_null_basis")
+INITS = ("lora", "pissa", "milora", "corda_kpm", "lora_null_v1", "lora_null_v2", "lora_null_basis", "lora_null")
 DEFAULT_INITS = INITS[:6]
 
 
@@ -41,6 +41,9 @@ def build_adapter(init: str, model: torch.nn.Module, suite: Suite, seed: int) ->
         return _milora(get_peft_model(model, config))
     if init == "corda_kpm":
         return _corda_kpm(model, config, suite)
+    if init == "lora_null":  # exactly `adapter_init: lora_null` with no other key: every LoraNullConfig default
+        return lora_null_init(model, config, [e.text for e in suite.calibration], suite.tokenizer,
+                              LoraNullConfig(seed=seed))
     if init.startswith("lora_null_"):
         kind = init.removeprefix("lora_null_")
         null_config = LoraNullConfig(

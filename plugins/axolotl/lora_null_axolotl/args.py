@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, Field, model_validator
@@ -42,8 +45,28 @@ class LoraNullArgs(BaseModel):
                              "(or drop adapter_init to resume a trained one).")
         if data.get("peft_use_dora"):
             raise ValueError("adapter_init: lora_null does not support DoRA; set peft_use_dora: false.")
-        deepspeed = str(data.get("deepspeed") or "")
-        if "zero3" in deepspeed or "stage3" in deepspeed:
+        if zero_stage(data.get("deepspeed")) == 3:
             raise ValueError("adapter_init: lora_null is not supported under DeepSpeed ZeRO-3 yet (weights are "
                              "partitioned at load); use DDP, FSDP or ZeRO-1/2, or run `lora-null init` first.")
         return data
+
+
+def zero_stage(deepspeed: Any) -> Optional[int]:
+    """The ZeRO stage of Axolotl's `deepspeed:` value (a JSON file's path or the config itself), read from its
+    zero_optimization.stage, not guessed from the file name; None when there is none or it cannot be read."""
+    config = deepspeed
+    if isinstance(deepspeed, (str, os.PathLike)):
+        path = Path(deepspeed)
+        if not path.is_file():
+            return None
+        try:
+            config = json.loads(path.read_text())
+        except ValueError as err:
+            raise ValueError(f"deepspeed: {deepspeed} is not valid JSON ({err}).") from err
+    if not isinstance(config, dict):
+        return None
+    stage = (config.get("zero_optimization") or {}).get("stage")
+    try:
+        return int(stage) if stage is not None else None
+    except (TypeError, ValueError):
+        return None

@@ -10,6 +10,8 @@ import inspect
 import sys
 from typing import Optional, Sequence
 
+from lora_null_core import LoraNullError
+
 from .config import LoraNullSFTConfig
 from .trainer import LoraNullSFTTrainer
 
@@ -46,9 +48,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from trl import DatasetMixtureConfig
 
         types.append(DatasetMixtureConfig)
-    parsed = TrlParser(types).parse_args_and_config(args=argv[1:])
-    _use_lora_null_trainer(sft)
-    sft.main(*parsed)
+    try:
+        parsed = TrlParser(types).parse_args_and_config(args=argv[1:])
+        _use_lora_null_trainer(sft)
+        sft.main(*parsed)
+    except LoraNullError as err:
+        print(f"lora-null-trl: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,0 +1,217 @@
+"""The Pareto frontier of forgetting against task skill: each init over a sweep of learning rates.
+
+Users judge an init by how much it forgets *at the task score they need*, so one shared learning rate proves
+nothing: an init that learns slowly forgets little because it learned little. Here every (init, learning rate,
+seed) is fine-tuned on a task the base model cannot do, then measured twice:
+
+- task_score: exact match on held-out task questions (task_score_base: the base model's);
+- knowledge_kept: of the closed-book qa_wikidata facts the base model answers correctly (disjoint from the
+  calibration facts), the share still answered after fine-tuning.
+
+The summary per model × task: LoRA's best mean task score T; at task ≥ 0.95·T, the smallest knowledge loss
+(1 − kept) each init reaches over its learning rates, and its ratio to LoRA's.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .evaluate import accuracy, normalize
+from .inits import build_adapter
+from .suites import Suite
+from .train import fine_tune
+
+logger = logging.getLogger(__name__)
+
+QUALITY_BAR = 0.95  # "the task score users need": within 5 % of LoRA's best
+
+
+def exact_match(completion: str, targets: Sequence[str]) -> bool:
+    """The completion's first line, normalized (case, punctuation, spacing), equals a target's."""
+    line = completion.strip().splitlines()[0] if completion.strip() else ""
+    return any(normalize(line) == normalize(t) for t in targets)
+
+
+def run_frontier(suite: Suite, task: str, jobs: Sequence[tuple[str, float, int]], command: str, device: str,
+                 on_row=None) -> list[dict[str, Any]]:
+    """One row per (init, learning rate, seed) job, measured against the base model's answers."""
+    base = suite.load_base()
+    _, base_hits = accuracy(base, suite.tokenizer, suite.knowledge, suite.knowledge_tokens, suite.eval_batch)
+    task_base, _ = accuracy(base, suite.tokenizer, suite.task_eval, suite.task_tokens, suite.eval_batch,
+                            match=exact_match)
+    del base
+    known = [e for e, hit in zip(suite.knowledge, base_hits) if hit]
+    logger.info("%s / %s: base task %.3f, %d of %d facts known", suite.model, task, task_base, len(known),
+                len(suite.knowledge))
+    rows = []
+    for init, lr, seed in jobs:
+        start = time.perf_counter()
+        model = build_adapter(init, suite.load_base(), suite, seed)
+        settings = replace(suite.train, learning_rate=lr)
+        loss = fine_tune(model, suite.tokenizer, suite.task_train, settings, seed, suite.separator, desc=f"{init} {lr:g}")
+        task_score, _ = accuracy(model, suite.tokenizer, suite.task_eval, suite.task_tokens, suite.eval_batch,
+                                 match=exact_match)
+        kept, _ = accuracy(model, suite.tokenizer, known, suite.knowledge_tokens, suite.eval_batch)
+        row = {
+            "model": suite.model, "task": task, "init": init, "lr": lr, "seed": seed, "steps": settings.steps,
+            "rank": suite.rank, "task_score": task_score, "task_score_base": task_base, "knowledge_kept": kept,
+            "knowledge_base_known": len(known), "command": command, "device": device,
+            "batch_size": settings.batch_size, "train_loss": loss, "task_items": len(suite.task_eval),
+            "knowledge_items": len(suite.knowledge), "seconds": round(time.perf_counter() - start, 1),
+        }
+        logger.info("%s %s %-15s lr %-7g seed %d: task %.3f, kept %.3f", suite.model, task, init, lr, seed,
+                    task_score, kept)
+        rows.append(row)
+        if on_row:
+            on_row(rows)
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------- summary, table and plots
+def curves(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[str, list[dict[str, float]]]]:
+    """(model, task) → init → points sorted by learning rate: mean and spread over seeds of both axes."""
+    grouped: dict[tuple[str, str], dict[str, dict[float, list[dict]]]] = {}
+    for row in rows:
+        grouped.setdefault((row["model"], row["task"]), {}).setdefault(row["init"], {}).setdefault(row["lr"], []).append(row)
+    out: dict[tuple[str, str], dict[str, list[dict[str, float]]]] = {}
+    for key, inits in grouped.items():
+        out[key] = {}
+        for init, by_lr in inits.items():
+            points = []
+            for lr in sorted(by_lr):
+                task = [r["task_score"] for r in by_lr[lr]]
+                kept = [r["knowledge_kept"] for r in by_lr[lr]]
+                points.append({"lr": lr, "task": statistics.fmean(task), "task_sd": _sd(task),
+                               "kept": statistics.fmean(kept), "kept_sd": _sd(kept), "seeds": len(task)})
+            out[key][init] = points
+    return out
+
+
+def summary(points_by_init: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+    """At task ≥ 0.95 × LoRA's best mean task score: each init's smallest knowledge loss, and its ratio to LoRA's."""
+    if "lora" not in points_by_init:
+        return {}
+    best = max(p["task"] for p in points_by_init["lora"])
+    bar = QUALITY_BAR * best
+    result: dict[str, Any] = {"lora_best_task": best, "bar": bar, "inits": {}}
+    for init, points in points_by_init.items():
+        good = [p for p in points if p["task"] >= bar]
+        if not good:
+            result["inits"][init] = {"loss": None, "lr": None, "best_task": max(p["task"] for p in points)}
+            continue
+        chosen = min(good, key=lambda p: 1 - p["kept"])
+        result["inits"][init] = {"loss": 1 - chosen["kept"], "lr": chosen["lr"], "task": chosen["task"],
+                                 "best_task": max(p["task"] for p in points)}
+    lora_loss = result["inits"]["lora"]["loss"]
+    for entry in result["inits"].values():
+        entry["ratio"] = entry["loss"] / lora_loss if entry["loss"] is not None and lora_loss else None
+    return result
+
+
+def markdown(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["# Forgetting on the Pareto frontier", "",
+             "Each init fine-tuned at several learning rates (seeds per point: last column). **task**: exact match "
+             "on held-out task "
+             "questions; **kept**: share of the facts the base model knew that are still answered. Summary: at task "
+             f"≥ {QUALITY_BAR} × LoRA's best mean task score, the smallest knowledge loss (1 − kept) each init "
+             "reaches, and its ratio to LoRA's (goal for the default: ≤ 0.5).", ""]
+    for (model, task), by_init in sorted(curves(rows).items()):
+        sample = next(r for r in rows if r["model"] == model and r["task"] == task)
+        lines += [f"## {model} × {task}", "",
+                  f"Base: task {sample['task_score_base']:.3f}; {sample['knowledge_base_known']} of "
+                  f"{sample['knowledge_items']} facts known. r = {sample['rank']}, {sample['steps']} steps, batch "
+                  f"{sample['batch_size']}; device: {sample['device']}.", ""]
+        result = summary(by_init)
+        if result:
+            lines += [f"LoRA's best mean task score {result['lora_best_task']:.3f}; bar {result['bar']:.3f}.", "",
+                      "| init | knowledge loss at the bar | at lr | task there | ratio to LoRA | best task |",
+                      "| --- | ---: | ---: | ---: | ---: | ---: |"]
+            for init, entry in sorted(result["inits"].items(), key=lambda kv: _order(kv[0])):
+                if entry["loss"] is None:
+                    lines.append(f"| {init} | never reaches the bar | – | – | – | {entry['best_task']:.3f} |")
+                else:
+                    ratio = f"{entry['ratio']:.2f}" if entry["ratio"] is not None else "–"
+                    lines.append(f"| {init} | {entry['loss']:.3f} | {entry['lr']:g} | {entry['task']:.3f} | {ratio} | "
+                                 f"{entry['best_task']:.3f} |")
+            lines.append("")
+        lines += ["| init | lr | task (mean ± sd) | kept (mean ± sd) | seeds |", "| --- | ---: | ---: | ---: | ---: |"]
+        for init, points in sorted(by_init.items(), key=lambda kv: _order(kv[0])):
+            for p in points:
+                lines.append(f"| {init} | {p['lr']:g} | {p['task']:.3f} ± {p['task_sd']:.3f} | "
+                             f"{p['kept']:.3f} ± {p['kept_sd']:.3f} | {p['seeds']} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
+    """One PNG per model × task: x task score, y knowledge kept, a line per init through its learning rates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for (model, task), by_init in sorted(curves(rows).items()):
+        figure, axes = plt.subplots(figsize=(7, 5))
+        for init, points in sorted(by_init.items(), key=lambda kv: _order(kv[0])):
+            style = "-" if init.startswith("lora_null") else "--"
+            default = {"color": "black", "linewidth": 2.4, "zorder": 5} if init == "lora_null" else {"linewidth": 1.2}
+            axes.errorbar([p["task"] for p in points], [p["kept"] for p in points],
+                          xerr=[p["task_sd"] for p in points], yerr=[p["kept_sd"] for p in points],
+                          fmt="o" + style, capsize=2, label=init + (" (default)" if init == "lora_null" else ""),
+                          **default)
+            for p in points:
+                axes.annotate(f"{p['lr']:g}", (p["task"], p["kept"]), fontsize=6, alpha=0.6)
+        result = summary(by_init)
+        if result:
+            axes.axvline(result["bar"], color="grey", linestyle=":", label=f"{QUALITY_BAR} × LoRA's best task")
+            # Runs that diverged (task far below the bar) would squash the region that matters: left of the axis.
+            axes.set_xlim(max(0.0, result["bar"] - 0.3), 1.01)
+        axes.set_xlabel("task score (exact match, held out)")
+        axes.set_ylabel("knowledge kept (share of facts the base knew)")
+        axes.set_title(f"{model} × {task}: each init over its learning rates\n(points labelled by learning rate; "
+                       "diverged runs lie left of the axis)", fontsize=9)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7, loc="lower left")
+        path = Path(folder) / f"frontier-{_slug(model)}-{_slug(task)}.png"
+        figure.tight_layout()
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def merge_results(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """Rows of several result files; a later row for the same (model, task, init, lr, seed, steps, rank) wins."""
+    rows: dict[tuple, dict[str, Any]] = {}
+    for path in paths:
+        for row in json.loads(Path(path).read_text())["runs"]:
+            rows[tuple(row[k] for k in ("model", "task", "init", "lr", "seed", "steps", "rank"))] = row
+    return list(rows.values())
+
+
+def _order(init: str) -> tuple[int, str]:
+    known = ("lora", "pissa", "milora", "corda_kpm", "lora_null_v1", "lora_null_v2", "lora_null_basis", "lora_null")
+    return (known.index(init) if init in known else len(known), init)
+
+
+def _sd(values: Sequence[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
