@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_output_dir, check_output
@@ -45,7 +46,10 @@ def read_adapter(folder: os.PathLike) -> tuple[dict[str, Any], dict[str, torch.T
     if not weights.is_file():
         hint = " It holds a pickled adapter_model.bin, which lora-null will not load;" if (folder / "adapter_model.bin").exists() else ""
         raise ExportError(f"{weights} is missing.{hint} Save the adapter with safetensors (PEFT's default).")
-    return json.loads(config.read_text()), load_file(str(weights))
+    try:
+        return json.loads(config.read_text()), load_file(str(weights))
+    except (ValueError, UnicodeDecodeError, SafetensorError) as err:
+        raise ExportError(f"{folder} is damaged ({err}); point at an adapter folder the trainer saved whole.") from err
 
 
 def export_for_original_base(
@@ -178,6 +182,7 @@ def merge_to_full_model(
     base_dir = Path(init_dir) / BASE_DIR
     if not (base_dir / "config.json").is_file():
         raise ExportError(f"{base_dir} holds no model: --init must be a folder written by `lora-null init`.")
+    read_adapter(trained_adapter)  # a missing, pickled or damaged adapter fails here, before the model loads
     with quiet_libraries():
         model = PeftModel.from_pretrained(load_model(str(base_dir), dtype=dtype), str(trained_adapter))
     merged = model.merge_and_unload()

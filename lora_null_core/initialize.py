@@ -354,6 +354,9 @@ def as_peft_model(model: nn.Module, lora_config: Optional[LoraConfig], adapter_n
     lora_config.init_lora_weights = False  # every factor gets overwritten; skip PEFT's own init work
     if lora_config.target_modules is None:
         lora_config.target_modules = "all-linear"
+    if not lora_config.target_modules:
+        raise NoTargetModulesError(f"target_modules is empty. Linear layers in this model: "
+                                   f"{', '.join(linear_module_suffixes(model))} (or all-linear).")
     try:
         with quiet_libraries():
             return get_peft_model(model, lora_config, adapter_name=adapter_name)
@@ -391,7 +394,9 @@ def linear_module_suffixes(model: nn.Module) -> list[str]:
     """Distinct last name parts of linear layers (q_proj, c_attn, …): what target_modules can name."""
     from transformers.pytorch_utils import Conv1D
 
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, (nn.Linear, Conv1D)) and m is not head})
 
 
 def lora_layers(peft_model: PeftModel, adapter_name: str) -> dict[str, LoraLayer]:

@@ -6,6 +6,7 @@ that, on that base, computes the original function) and `lora_null.json` (what w
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -109,7 +110,7 @@ def save_initialized(
 ) -> Path:
     """Write base/, adapter/ and lora_null.json of an initialized model into `output_dir`, atomically."""
     with atomic_output_dir(output_dir, overwrite) as staging, quiet_libraries():
-        write_initial_adapter(peft_model, staging)
+        write_initial_adapter(peft_model, staging, Path(output_dir).resolve() / BASE_DIR)
         base = peft_model.get_base_model()
         logger.info("Writing the residual base model to %s.", Path(output_dir) / BASE_DIR)
         base.save_pretrained(staging / BASE_DIR, state_dict=base_state_dict(peft_model))
@@ -127,13 +128,28 @@ def save_initial_adapter(peft_model: PeftModel, output_dir: os.PathLike, overwri
     return Path(output_dir)
 
 
-def write_initial_adapter(peft_model: PeftModel, folder: Path) -> None:
+def write_initial_adapter(peft_model: PeftModel, folder: Path, base_path: Optional[os.PathLike] = None) -> None:
+    """adapter/ and lora_null.json. The adapter runs on the residual base, never on the original model, so its
+    config names `base_path` (OUT/base) or, where no base is written, says where one comes from: a tool that
+    loads the base named there cannot pick the original by mistake."""
     report = getattr(peft_model, "lora_null_report", None)
     if report is None:
         raise LoraNullError("This PeftModel was not initialized by lora_null_init (it has no lora_null_report).")
     save_adapter(peft_model, folder / ADAPTER_DIR, report.adapter_name)
+    if report.init == "projected":
+        name_base(folder / ADAPTER_DIR, str(base_path) if base_path else
+                  f"lora-null residual base of {report.model or 'the original model'} (not saved: rebuild it with "
+                  "`lora-null init`, or load this folder with load_initialized)")
     report.adapter_sha256 = file_sha256(folder / ADAPTER_DIR / "adapter_model.safetensors")
     report.write(folder)
+
+
+def name_base(adapter_dir: Path, base: str) -> None:
+    """Set base_model_name_or_path in a PEFT adapter folder's adapter_config.json."""
+    config_path = Path(adapter_dir) / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = base
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def save_adapter(peft_model: PeftModel, folder: Path, adapter_name: str) -> None:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
+import torch
 from peft import LoraConfig
 
 from .atomic import atomic_output_dir, check_output
@@ -51,6 +52,9 @@ def init_to_folder(
     check_output(output_dir, [model_name_or_path, _local(calibration), cache], overwrite)
     check_lora_config(lora_config)
     torch_dtype(dtype)
+    check_device(device)
+    if cache and Path(cache).exists() and not Path(cache).is_dir():
+        raise LoraNullError(f"--covariance-cache {cache} is a file; it must be a folder (it is created if missing).")
     if offload == "disk" and not Path(model_name_or_path).is_dir():
         raise LoraNullError(f"--offload disk reads a local checkpoint folder, and {model_name_or_path} is not one: "
                             "download it first (huggingface-cli download NAME --local-dir DIR).")
@@ -68,6 +72,21 @@ def init_to_folder(
     report.model = str(model_name_or_path)
     save_initialized(peft_model, Path(output_dir), tokenizer, overwrite=overwrite)
     return report
+
+
+def check_device(device: Optional[str]) -> None:
+    """A device name torch knows and this machine has."""
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as err:
+        raise LoraNullError(f"--device {device!r} is not a device name; use cpu, cuda or cuda:N.") from err
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise LoraNullError(f"--device {device}: this machine has no CUDA GPU (or torch was built without CUDA); "
+                            "use --device cpu.")
+    if kind == "cuda" and torch.device(device).index is not None and torch.device(device).index >= torch.cuda.device_count():
+        raise LoraNullError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s).")
 
 
 def fit_max_length(model_name_or_path: str, config: LoraNullConfig, trust_remote_code: bool) -> LoraNullConfig:
@@ -114,5 +133,5 @@ def _init_from_disk(folder, calibration, output_dir, lora_config, config, dtype,
             base.generation_config.save_pretrained(base_dir)
         tokenizer.save_pretrained(base_dir)
         peft_model.lora_null_report.model = str(folder)
-        write_initial_adapter(peft_model, staging)
+        write_initial_adapter(peft_model, staging, Path(output_dir).resolve() / BASE_DIR)
     return peft_model.lora_null_report

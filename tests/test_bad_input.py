@@ -207,3 +207,21 @@ def test_a_killed_runs_staging_folder_is_swept(capsys, init_dir, trained_adapter
     assert main(["export", "--init", str(init_dir), "--adapter", str(trained_adapter), "--output",
                  str(tmp_path / "export")]) == 0
     assert not stale.exists() and (tmp_path / "export" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--device", "gpu"], "not a device name"),
+    (["--target-modules", ""], "target_modules is empty"),
+])
+def test_device_and_targets_are_named(capsys, saved_model, calibration, tmp_path, flags, match):
+    err = fails(capsys, "init", "--model", saved_model, "--calibration", calibration, "--rank", 4,
+                "--output", tmp_path / "o", *flags)
+    assert match in err
+
+
+def test_a_damaged_adapter_config_is_named(capsys, init_dir, trained_adapter, tmp_path):
+    copy = tmp_path / "adapter"
+    shutil.copytree(trained_adapter, copy)
+    (copy / "adapter_config.json").write_text("{not json")
+    for command in ("export", "merge"):
+        assert "is damaged" in fails(capsys, command, "--init", init_dir, "--adapter", copy, "--output", tmp_path / "o")

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-
 from lora_null_bench import world
 from lora_null_bench.cli import main as bench_main
 from lora_null_bench.evaluate import contains_target, final_number, number_matches
@@ -12,6 +11,7 @@ from lora_null_bench.inits import build_adapter
 from lora_null_bench.report import target_check
 from lora_null_bench.run import merge_results
 from lora_null_bench.suites import read_examples, synthetic_suite
+
 from lora_null_core.initialize import lora_layers, weight_matrix
 
 REQUIRED = {"init", "seed", "size", "model", "knowledge_before", "knowledge_after", "downstream", "command"}

@@ -2,9 +2,9 @@
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
-from pathlib import Path
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "speed" / "bench_speed.py"
 

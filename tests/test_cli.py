@@ -3,7 +3,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from lora_null_core.saving import load_initialized
 from lora_null_core.tiny import write_jsonl
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import matplotlib.image
 from peft import LoraConfig
 
-from lora_null_core.workflow import init_to_folder
 from lora_null_core.tiny import write_jsonl
+from lora_null_core.workflow import init_to_folder
 
 CLI = Path(sys.executable).parent / "lora-null"
 

@@ -6,7 +6,7 @@ from peft import LoraConfig, PeftModel
 
 from lora_null_core import export_for_original_base, merge_to_full_model
 from lora_null_core.data import tokenize_batches
-from lora_null_core.saving import load_initialized, load_model
+from lora_null_core.saving import DTYPE_KEY, load_initialized, load_model
 from lora_null_core.workflow import init_to_folder
 
 from .conftest import logits, relative_error
@@ -102,3 +102,19 @@ def test_export_saved_adapter_waits_for_weights_and_refuses_pickles(tmp_path, sa
     (pickled / "adapter_model.bin").write_bytes(b"not loaded")
     with pytest.raises(ExportError, match="pickled"):
         export_saved_adapter(pickled, tmp_path / "init")
+
+
+def test_the_init_adapter_names_its_residual_base(tmp_path, saved_model, knowledge):
+    """A tool that loads the base an adapter names (AutoPeftModel, vLLM) gets OUT/base, and with it the original
+    function; the original model is never named by an adapter that needs the residual."""
+    from peft import AutoPeftModelForCausalLM
+
+    from lora_null_core import LoraNullConfig
+
+    init_to_folder(str(saved_model), knowledge, tmp_path / "init", LoraConfig(r=4, lora_alpha=8),
+                   LoraNullConfig(num_samples=160, holdout_samples=0, batch_size=32), dtype="float32")
+    config = json.loads((tmp_path / "init" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((tmp_path / "init" / "base").resolve())
+    loaded = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "init" / "adapter"), **{DTYPE_KEY: torch.float32})
+    ids = torch.tensor([[2, 5, 9, 14, 7, 3]])
+    assert relative_error(logits(loaded, ids), logits(load_model(str(saved_model), dtype="float32"), ids)) < 1e-5
