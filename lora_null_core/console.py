@@ -38,8 +38,7 @@ def set_verbosity(level: int) -> None:
 
 def progress(iterable: Iterable[T], desc: str, unit: str, total: Optional[int] = None) -> Iterator[T]:
     """A bar for one long stage; none when quiet. Bars vanish when done, so the log keeps only results."""
-    return iter(tqdm(iterable, desc=desc, unit=unit, total=total, leave=False,
-                     disable=_verbosity["level"] == QUIET or None))  # None: no bar where stderr is not a terminal
+    return iter(tqdm(iterable, desc=desc, unit=unit, total=total, leave=False, disable=_verbosity["level"] == QUIET))
 
 
 @contextlib.contextmanager

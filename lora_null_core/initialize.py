@@ -144,9 +144,9 @@ def lora_null_init(
 def check_distinct_contexts(batches: list[TokenBatch], layers: Mapping[str, LoraLayer], config: LoraNullConfig) -> None:
     """Before any forward pass: calibration text too repetitive or short to span the layers' inputs is refused
     (under a quarter of the widest input: 200 copies of one question, max_length 1); below the full width it
-    is only a warning, since short real questions share prefixes ("The capital of …": SmolLM2 with 256
-    qa_wikidata questions has 1,361 distinct contexts for 1,536-wide down_proj inputs, and its held-out leakage
-    is still a fraction of a random A's)."""
+    is only a warning, since short real questions share prefixes ("The capital of …") and the null space then
+    still generalizes (held-out leakage a fraction of a random A's: the CPU-size benchmark's 200 qa_wikidata questions give 1,361 distinct
+    contexts for SmolLM2's 1,536-wide down_proj inputs)."""
     if not config.min_tokens_per_dim:
         return
     widest = max(layer.in_features for layer in layers.values())
@@ -400,12 +400,10 @@ def linear_module_suffixes(model: nn.Module) -> list[str]:
 
 
 def lora_layers(peft_model: PeftModel, adapter_name: str) -> dict[str, LoraLayer]:
-    """Every LoRA-wrapped module that carries `adapter_name` (linear or not), by its name in the base model."""
+    """Every LoRA-wrapped module that carries `adapter_name`, by its name in the base model."""
     layers = {}
     for name, module in peft_model.get_base_model().named_modules():
-        if isinstance(module, LoraLayer) and (
-            adapter_name in module.lora_A or adapter_name in getattr(module, "lora_embedding_A", {})
-        ):
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
             layers[name] = module
     if not layers:
         raise NoTargetModulesError(f"Adapter {adapter_name!r} wraps no module that LoRA-Null can initialize.")
@@ -418,9 +416,15 @@ def check_layers(
     """Refuse, before any compute, the layers LoRA-Null cannot initialize exactly."""
     head = model.get_output_embeddings() if model is not None and hasattr(model, "get_output_embeddings") else None
     owners = _weight_owners(model) if model is not None else {}
+    for name, module in (model.named_modules() if model is not None else ()):
+        if isinstance(module, LoraLayer) and adapter_name in getattr(module, "lora_embedding_A", {}):
+            raise UnsupportedModelError(
+                f"{name} is an embedding; LoRA-Null initializes linear layers only, and would leave this one with "
+                "PEFT's random factors. Leave it out of target_modules."
+            )
     for name, layer in layers.items():
         base_layer = layer.get_base_layer()
-        if adapter_name not in layer.lora_A or not isinstance(layer.lora_A[adapter_name], nn.Linear):
+        if not isinstance(layer.lora_A[adapter_name], nn.Linear):
             raise UnsupportedModelError(
                 f"{name} is a {type(base_layer).__name__}; LoRA-Null initializes linear layers only, and would "
                 "leave this one with PEFT's random factors. Leave it out of target_modules."

@@ -155,7 +155,7 @@ def test_lora_numbers_are_checked_before_any_compute(make_model, tokenizer, know
 @pytest.mark.parametrize("architecture, targets, match", [
     ("llama", ["q_proj", "lm_head"], "output layer"),          # untied: PEFT would save the head's weight
     ("gemma", ["q_proj", "lm_head"], "output layer"),          # tied: its residual would rewrite the embedding
-    ("llama", ["q_proj", "embed_tokens"], "linear layers only"),  # would keep PEFT's random embedding factors
+    ("llama", ["q_proj", "embed_tokens"], "is an embedding"),  # would keep PEFT's random embedding factors
 ])
 def test_targets_that_cannot_be_initialized_exactly_are_refused(make_model, tokenizer, knowledge, architecture,
                                                                targets, match):

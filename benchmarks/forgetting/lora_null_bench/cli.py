@@ -164,7 +164,7 @@ def _frontier(args, command: str) -> int:
     from lora_null_core.saving import default_device
 
     from .frontier import run_frontier
-    from .run import _device_name
+    from .run import device_name
     from .suites import file_suite
 
     data = Path(args.data_dir)
@@ -194,7 +194,7 @@ def _frontier(args, command: str) -> int:
         tmp.write_text(json.dumps({"runs": rows}, indent=1) + "\n")
         tmp.replace(output)
 
-    run_frontier(suite, args.task, jobs, command, _device_name(), on_row=write)
+    run_frontier(suite, args.task, jobs, command, device_name(), on_row=write)
     return 0
 
 

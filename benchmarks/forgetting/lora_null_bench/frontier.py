@@ -14,7 +14,6 @@ The summary per model × task: LoRA's best mean task score T; at task ≥ 0.95·
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import statistics
@@ -24,10 +23,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .evaluate import accuracy, normalize
 from .inits import build_adapter
+from .run import free_memory
 from .suites import Suite
 from .train import fine_tune
 
@@ -75,9 +73,7 @@ def run_frontier(suite: Suite, task: str, jobs: Sequence[tuple[str, float, int]]
         if on_row:
             on_row(rows)
         del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
     return rows
 
 

@@ -68,7 +68,7 @@ def run_benchmark(suite: Suite, inits: Sequence[str], seeds: Sequence[int], size
                 "batch_size": suite.train.batch_size, "learning_rate": suite.train.learning_rate,
                 "trainable_parameters": trainable, "calibration_samples": len(suite.calibration),
                 "init_seconds": round(init_seconds, 2), "seconds": round(time.perf_counter() - start, 2),
-                "device": _device_name(),
+                "device": device_name(),
             }
             logger.info("%s seed %d %-15s knowledge %.3f → %.3f  downstream %.3f  ppl %.2f", suite.model, seed, init,
                         row["knowledge_before"], row["knowledge_after"], row["downstream"], row["perplexity_after"])
@@ -76,10 +76,15 @@ def run_benchmark(suite: Suite, inits: Sequence[str], seeds: Sequence[int], size
             if on_row:
                 on_row(rows)
             del model
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            free_memory()
     return rows
+
+
+def free_memory() -> None:
+    """Return a finished run's memory before the next run builds its model."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def adapter_leakage(model, suite: Suite, examples: Sequence, count: int = 64) -> float:
@@ -128,5 +133,5 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def _device_name() -> str:
+def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
