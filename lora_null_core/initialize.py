@@ -145,8 +145,8 @@ def check_distinct_contexts(batches: list[TokenBatch], layers: Mapping[str, Lora
     """Before any forward pass: calibration text too repetitive or short to span the layers' inputs is refused
     (under a quarter of the widest input: 200 copies of one question, max_length 1); below the full width it
     is only a warning, since short real questions share prefixes ("The capital of …") and the null space then
-    still generalizes (held-out leakage a fraction of a random A's: the CPU-size benchmark's 200 qa_wikidata questions give 1,361 distinct
-    contexts for SmolLM2's 1,536-wide down_proj inputs)."""
+    still generalizes (held-out leakage a fraction of a random A's: the CPU-size benchmark's 200 qa_wikidata
+    questions give 1,361 distinct contexts for SmolLM2's 1,536-wide down_proj inputs)."""
     if not config.min_tokens_per_dim:
         return
     widest = max(layer.in_features for layer in layers.values())
