@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "--offload cpu) or reading each block from the local safetensors checkpoint and writing its "
                       "residual right after (--offload disk: for models larger than CPU memory).")
     init.add_argument("--solver", choices=("auto", "eigh64", "eigh32", "subspace"), default=defaults.solver)
+    init.add_argument("--a-scale", type=float, default=defaults.a_scale,
+                      help="Multiply lora_A by this and lora_B by 1/this (same function): a frozen A then learns this "
+                      "many times faster at the same learning rate.")
     init.add_argument("--accumulate-dtype", choices=("float32", "float64"), default=defaults.accumulate_dtype)
     init.add_argument("--covariance-cache", default=None, metavar="DIR",
                       help="Keep the calibration covariances here; a later run (other rank, variant or init) reuses them.")
@@ -109,7 +112,7 @@ def _init(args: argparse.Namespace) -> dict:
         max_length=args.max_length, batch_size=args.batch_size, seed=args.seed, text_field=args.text_field,
         covariance_weighting=args.covariance_weighting, min_tokens_per_dim=args.min_tokens_per_dim,
         streaming=args.streaming, accumulate_dtype=args.accumulate_dtype, solver=args.solver,
-        covariance_cache=args.covariance_cache,
+        covariance_cache=args.covariance_cache, a_scale=args.a_scale,
     )
     if args.offload and args.streaming == "off":
         raise LoraNullError("--offload needs block streaming; drop --streaming off.")

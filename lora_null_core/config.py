@@ -82,6 +82,15 @@ class LoraNullConfig:
         },
     )
 
+    a_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "Multiply lora_A by this and lora_B by its inverse: the same function, but with Adam the "
+            "frozen-A adapter (v2, basis) then learns about this many times faster at the same learning rate. "
+            "1 keeps the paper's factors."
+        },
+    )
+
     covariance_cache: Optional[str] = field(
         default=None,
         metadata={
@@ -107,6 +116,8 @@ class LoraNullConfig:
         for name in ("num_samples", "max_length", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1.")
+        if not (isinstance(self.a_scale, (int, float)) and 0 < self.a_scale < float("inf")):
+            raise ConfigError(f"a_scale={self.a_scale!r} must be a positive number (1 keeps the paper's factors).")
         if self.holdout_samples < 0 or self.min_tokens_per_dim < 0:
             raise ConfigError("holdout_samples and min_tokens_per_dim must not be negative.")
 

@@ -210,7 +210,7 @@ def _initialize_layers(
     reports = []
     for name, layer in layers.items():
         basis = null_bases[covariances.group_of[name], layer.r[adapter_name]]
-        lora_a = write_adapter(layer, adapter_name, basis, config.init)
+        lora_a = write_adapter(layer, adapter_name, basis, config.init, config.a_scale)
         reports.append(_layer_report(name, layer, adapter_name, covariances, lora_a, config.seed))
     return reports
 
@@ -478,8 +478,9 @@ def weight_matrix(layer: LoraLayer) -> torch.Tensor:
     return weight.T if layer.fan_in_fan_out else weight
 
 
-def write_adapter(layer: LoraLayer, adapter_name: str, basis: torch.Tensor, init: str) -> torch.Tensor:
-    """Write A, B (and, for the projected init, the residual base) into one layer; return A as stored."""
+def write_adapter(layer: LoraLayer, adapter_name: str, basis: torch.Tensor, init: str, a_scale: float = 1.0) -> torch.Tensor:
+    """Write A, B (and, for the projected init, the residual base) into one layer; return A as stored.
+    `a_scale` moves magnitude from B to A (B·A unchanged): with Adam a larger frozen A is a faster adapter."""
     lora_a_param = layer.lora_A[adapter_name].weight
     lora_b_param = layer.lora_B[adapter_name].weight
     scaling = layer.scaling[adapter_name]
@@ -489,6 +490,7 @@ def write_adapter(layer: LoraLayer, adapter_name: str, basis: torch.Tensor, init
         lora_a, lora_b = projected_factors(original, basis, scaling)
     else:
         lora_a, lora_b = basis_factors(basis, original.shape[0])
+    lora_a, lora_b = lora_a * a_scale, lora_b / a_scale
     # Rank 0's factors everywhere: identical adapters on every process, whatever the SVD's last bits did.
     broadcast_(lora_a)
     broadcast_(lora_b)

@@ -31,7 +31,34 @@ def test_summary_picks_the_smallest_loss_at_or_above_the_bar():
     assert "| pissa | never reaches the bar |" in table and "| lora_null_v2 | 0.100 | 0.003 | 0.860 | 0.25 |" in table
 
 
+def test_at_loras_learning_rate_each_init_is_judged_against_the_bar_and_half_loras_loss():
+    rows = [*ROWS, row("lora_null", 1e-3, 0, 0.86, 0.85), row("lora_null_x3", 1e-3, 0, 0.80, 0.95)]
+    same = summary(curves(rows)[("m", "t")])["at_lora_lr"]
+    assert same["lr"] == 1e-3  # LoRA's point at the bar with the smallest loss
+    assert same["inits"]["lora"]["ratio"] == pytest.approx(1.0) and not same["inits"]["lora"]["passes"]
+    assert same["inits"]["lora_null"]["passes"]  # task 0.86 ≥ 0.855, loss 0.15 ≤ 0.5 × 0.40
+    assert not same["inits"]["lora_null_x3"]["passes"]  # keeps more, but under the bar
+    assert not same["inits"]["lora_null_v2"]["passes"]  # 0.70 at 1e-3
+    assert same["inits"]["pissa"] is None  # never run at 1e-3
+    table = markdown(rows)
+    assert "| lora_null | 0.860 | 0.150 | 0.38 | yes |" in table and "| pissa | not measured at 0.001 |" in table
+
+
 def test_exact_match_reads_the_first_line_only():
     assert exact_match(" hall, energy, the\nmore text", ["hall, energy, the"])
     assert exact_match("883.", ["883"]) and not exact_match("8830", ["883"])
     assert not exact_match("", ["883"])
+
+
+def test_a_base_model_that_knows_no_facts_is_refused_not_reported_as_nan(monkeypatch):
+    """A broken load (e.g. a GGUF dequantized wrongly) answers nothing: kept would be NaN in every row."""
+    from types import SimpleNamespace
+
+    from lora_null_bench import frontier
+    from lora_null_core.errors import ConfigError
+
+    monkeypatch.setattr(frontier, "accuracy", lambda model, tok, examples, *a, **k: (0.0, [False] * len(examples)))
+    suite = SimpleNamespace(model="broken", load_base=lambda: None, tokenizer=None, knowledge=[object()] * 5,
+                            knowledge_tokens=4, task_eval=[object()] * 3, task_tokens=4, eval_batch=2)
+    with pytest.raises(ConfigError, match="answers none of the 5 knowledge questions"):
+        frontier.run_frontier(suite, "addition", [("lora", 1e-3, 0)], "cmd", "cpu")

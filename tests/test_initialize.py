@@ -120,6 +120,35 @@ def test_basis_init_leaves_the_base_untouched(make_model, tokenizer, knowledge):
     assert all(entry.leakage < 0.5 for entry in peft_model.lora_null_report.layers)
 
 
+@pytest.mark.parametrize("init", ["projected", "basis"])
+def test_a_scale_moves_magnitude_from_b_to_a_and_keeps_the_function(make_model, tokenizer, knowledge, init):
+    """a_scale = c: A is c times the paper's, B 1/c times, the residual base the same, the output unchanged."""
+    probe = tokenizer(knowledge[:3], return_tensors="pt", padding=True)
+    plain = lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, init=init, **SMALL)
+    model = make_model()
+    before = logits(model, **probe)
+    scaled = lora_null_init(model, LoraConfig(r=4), knowledge, tokenizer, init=init, a_scale=3.0, **SMALL)
+    assert relative_error(logits(scaled, **probe), before) < 1e-5
+    plain_layers, scaled_layers = lora_layers(plain, "default"), lora_layers(scaled, "default")
+    for name, layer in scaled_layers.items():
+        a, b = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+        torch.testing.assert_close(a, 3 * plain_layers[name].lora_A["default"].weight.detach(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(b, plain_layers[name].lora_B["default"].weight.detach() / 3, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(weight_matrix(layer), weight_matrix(plain_layers[name]), rtol=1e-4, atol=1e-6)
+    assert scaled.lora_null_report.config["a_scale"] == 3.0
+    # Leakage compares directions, not sizes: the same with any factor.
+    for mine, theirs in zip(scaled.lora_null_report.layers, plain.lora_null_report.layers):
+        assert mine.leakage == pytest.approx(theirs.leakage, rel=1e-3, abs=1e-7)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("inf"), float("nan"), "3"])
+def test_a_scale_must_be_a_positive_number(bad):
+    from lora_null_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="a_scale"):
+        LoraNullConfig(a_scale=bad)
+
+
 def test_an_existing_peft_model_is_initialized_in_place(make_model, tokenizer, knowledge):
     """What framework plugins do: they hold a PeftModel with a randomly initialized adapter."""
     model = make_model()

@@ -36,16 +36,28 @@ def test_real_model_pipeline(run):
     assert list((run / "cache").glob("*-dequantized/model.safetensors"))
 
 
-def test_frontier_pipeline_on_the_real_model(tmp_path):
-    """`lora-null bench frontier` at its CPU size, on the shipped addition task: rows in the documented schema."""
+def test_frontier_pipeline_on_the_real_model(tmp_path, monkeypatch):
+    """`lora-null bench frontier` at its CPU size, on the shipped addition task: rows in the documented schema;
+    each (init, seed) is built once and every learning rate trains a fresh copy of it."""
+    from lora_null_bench import frontier
+
+    built = []
+    real_build = frontier.build_adapter
+    monkeypatch.setattr(frontier, "build_adapter", lambda init, *a: built.append(init) or real_build(init, *a))
     out = tmp_path / "frontier.json"
-    code = bench_main(["frontier", "--task", "addition", "--size", "cpu", "--inits", "lora", "--lrs", "1e-3",
-                       "--seeds", "0", "--steps", "1", "--batch-size", "2", "--output", str(out),
+    code = bench_main(["frontier", "--task", "addition", "--size", "cpu", "--inits", "lora,lora_null_x3",
+                       "--lrs", "3e-2,0", "--seeds", "0", "--steps", "2", "--batch-size", "2", "--output", str(out),
                        "--cache", str(tmp_path / "cache"), "--device", "cpu"])
     assert code == 0
-    (row,) = json.loads(out.read_text())["runs"]
-    for key in ("model", "task", "init", "lr", "seed", "steps", "rank", "task_score", "task_score_base",
-                "knowledge_kept", "knowledge_base_known", "command", "device"):
-        assert key in row, key
-    assert row["task"] == "addition" and row["task_score_base"] == 0.0 and row["knowledge_base_known"] > 0
-    assert 0.0 <= row["knowledge_kept"] <= 1.0
+    rows = json.loads(out.read_text())["runs"]
+    assert built == ["lora", "lora_null_x3"]
+    for row in rows:
+        for key in ("model", "task", "init", "lr", "seed", "steps", "rank", "task_score", "task_score_base",
+                    "knowledge_kept", "knowledge_base_known", "command", "device"):
+            assert key in row, key
+        assert row["task"] == "addition" and row["task_score_base"] == 0.0 and row["knowledge_base_known"] > 0
+        assert 0.0 <= row["knowledge_kept"] <= 1.0
+    untrained = {row["init"]: row for row in rows if row["lr"] == 0}
+    # lr 0 ran after a training run of the same init: a copy the earlier run changed would forget something.
+    assert untrained["lora"]["knowledge_kept"] == 1.0
+    assert untrained["lora_null_x3"]["knowledge_kept"] == 1.0

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .inits import DEFAULT_INITS, INITS
+from lora_null_core.errors import LoraNullError
+
+from .inits import DEFAULT_INITS, INITS, is_known_init
 
 SUITES = ("synthetic", "smollm2", "files")
 # The repository's shipped data (benchmarks/data, with licences); a checkout-free install passes --data-dir.
@@ -54,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     frontier.add_argument("--size", choices=("cpu", "gpu"), default="gpu", help="cpu: a few items, for tests.")
     frontier.add_argument("--shard", default="0/1", help="i/n: run every n-th job from the i-th (parallel processes).")
     frontier.add_argument("--output", default="runs/frontier.json", help="Rows are written here as they finish.")
+    frontier.add_argument("--eval-batch", type=int, default=None,
+                          help="Prompts per generation batch (default: the size's; lower it for large vocabularies).")
     frontier.add_argument("--data-dir", default=str(SHIPPED_DATA), help="Holds bigbench_qa_wikidata/ and tasks/.")
     frontier.add_argument("--cache", default=".cache/lora-null-bench")
     frontier.add_argument("--device", default=None)
@@ -68,11 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import sys
-
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return _dispatch(args, argv)
+    except LoraNullError as error:  # a problem with the inputs: its message says what to change
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args, argv: list[str]) -> int:
     if args.action == "report":
         return _report(Path(args.results), Path(args.output), "forgetting")
     if args.action == "frontier":
@@ -174,14 +185,15 @@ def _frontier(args, command: str) -> int:
             raise SystemExit(f"{path} not found: --data-dir must hold bigbench_qa_wikidata/ and tasks/ "
                              "(benchmarks/data; tasks come from benchmarks/data/tasks/generate.py).")
     inits = [i.strip() for i in args.inits.split(",") if i.strip()]
-    unknown = sorted(set(inits) - set(INITS))
+    unknown = sorted(i for i in inits if not is_known_init(i))
     if unknown:
-        raise SystemExit(f"unknown init(s) {unknown}; choose from {', '.join(INITS)}")
+        raise SystemExit(f"unknown init(s) {unknown}; choose from {', '.join(INITS)}, lora_null_x<a_scale>")
     device = args.device or default_device()
     suite = file_suite(args.model or str(_smollm2_gguf()), data / "bigbench_qa_wikidata" / "task.json", task_files[0],
                        task_files[1], args.size, Path(args.cache), device,
                        name=args.name or ("smollm2-135m-instruct-q4_1" if args.model is None else None))
     suite.rank, suite.task_tokens = args.rank, 24
+    suite.eval_batch = args.eval_batch or suite.eval_batch
     suite.train = replace(suite.train, steps=args.steps, batch_size=args.batch_size, max_length=256)
     jobs = [(init, float(lr), int(seed)) for init in inits for lr in args.lrs.split(",") for seed in args.seeds.split(",")]
     index, count = (int(x) for x in args.shard.split("/"))

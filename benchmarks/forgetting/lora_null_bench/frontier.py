@@ -14,6 +14,7 @@ The summary per model × task: LoRA's best mean task score T; at task ≥ 0.95·
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import statistics
@@ -22,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from lora_null_core.errors import ConfigError
 
 from .evaluate import accuracy, normalize
 from .inits import build_adapter
@@ -49,12 +52,26 @@ def run_frontier(suite: Suite, task: str, jobs: Sequence[tuple[str, float, int]]
                             match=exact_match)
     del base
     known = [e for e, hit in zip(suite.knowledge, base_hits) if hit]
+    if not known:  # every row's knowledge_kept would be NaN: a broken load, not a finding
+        raise ConfigError(f"{suite.model} answers none of the {len(suite.knowledge)} knowledge questions, so "
+                          "nothing can be forgotten. Check that the model loads correctly (a Gemma-3 GGUF needs "
+                          "transformers >= 5.24) and that it is a pretrained model.")
     logger.info("%s / %s: base task %.3f, %d of %d facts known", suite.model, task, task_base, len(known),
                 len(suite.knowledge))
     rows = []
-    for init, lr, seed in jobs:
+    template, template_key, where = None, None, None
+    first = {}  # jobs of one (init, seed) run together, so each init is built once
+    for init, _, seed in jobs:
+        first.setdefault((init, seed), len(first))
+    for init, lr, seed in sorted(jobs, key=lambda job: first[job[0], job[2]]):
         start = time.perf_counter()
-        model = build_adapter(init, suite.load_base(), suite, seed)
+        if template_key != (init, seed):  # an init does not depend on the learning rate: build it once, keep it on the CPU
+            template = None
+            free_memory()
+            built = build_adapter(init, suite.load_base(), suite, seed)
+            where = next(built.parameters()).device
+            template, template_key = built.cpu(), (init, seed)
+        model = copy.deepcopy(template).to(where)
         settings = replace(suite.train, learning_rate=lr)
         loss = fine_tune(model, suite.tokenizer, suite.task_train, settings, seed, suite.separator, desc=f"{init} {lr:g}")
         task_score, _ = accuracy(model, suite.tokenizer, suite.task_eval, suite.task_tokens, suite.eval_batch,
@@ -115,7 +132,28 @@ def summary(points_by_init: dict[str, list[dict[str, float]]]) -> dict[str, Any]
     lora_loss = result["inits"]["lora"]["loss"]
     for entry in result["inits"].values():
         entry["ratio"] = entry["loss"] / lora_loss if entry["loss"] is not None and lora_loss else None
+    result["at_lora_lr"] = at_lora_learning_rate(points_by_init, result)
     return result
+
+
+def at_lora_learning_rate(points_by_init: dict[str, list[dict[str, float]]], result: dict[str, Any]) -> dict[str, Any]:
+    """What a user who keeps LoRA's learning rate gets: LoRA's reference rate is its point at the bar with the
+    smallest loss; each init measured at that same rate passes if its task ≥ the bar and its loss ≤ 0.5 × LoRA's."""
+    lr = result["inits"]["lora"]["lr"]
+    lora_loss = result["inits"]["lora"]["loss"]
+    out: dict[str, Any] = {"lr": lr, "inits": {}}
+    if lr is None:
+        return out
+    for init, points in points_by_init.items():
+        point = next((p for p in points if p["lr"] == lr), None)
+        if point is None:
+            out["inits"][init] = None
+            continue
+        loss = 1 - point["kept"]
+        ratio = loss / lora_loss if lora_loss else None
+        out["inits"][init] = {"task": point["task"], "loss": loss, "ratio": ratio,
+                              "passes": point["task"] >= result["bar"] and ratio is not None and ratio <= 0.5}
+    return out
 
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
@@ -144,6 +182,19 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
                     lines.append(f"| {init} | {entry['loss']:.3f} | {entry['lr']:g} | {entry['task']:.3f} | {ratio} | "
                                  f"{entry['best_task']:.3f} |")
             lines.append("")
+            same = result["at_lora_lr"]
+            if same["lr"] is not None:
+                lines += [f"At LoRA's own learning rate ({same['lr']:g}, its point at the bar with the smallest loss): "
+                          "passes = task ≥ the bar and knowledge loss ≤ 0.5 × LoRA's.", "",
+                          "| init | task | knowledge loss | ratio to LoRA | passes |", "| --- | ---: | ---: | ---: | --- |"]
+                for init, entry in sorted(same["inits"].items(), key=lambda kv: _order(kv[0])):
+                    if entry is None:
+                        lines.append(f"| {init} | not measured at {same['lr']:g} | – | – | – |")
+                    else:
+                        ratio = f"{entry['ratio']:.2f}" if entry["ratio"] is not None else "–"
+                        verdict = "reference" if init == "lora" else "yes" if entry["passes"] else "no"
+                        lines.append(f"| {init} | {entry['task']:.3f} | {entry['loss']:.3f} | {ratio} | {verdict} |")
+                lines.append("")
         lines += ["| init | lr | task (mean ± sd) | kept (mean ± sd) | seeds |", "| --- | ---: | ---: | ---: | ---: |"]
         for init, points in sorted(by_init.items(), key=lambda kv: _order(kv[0])):
             for p in points:

@@ -44,6 +44,9 @@ def build_adapter(init: str, model: torch.nn.Module, suite: Suite, seed: int) ->
     if init == "lora_null":  # exactly `adapter_init: lora_null` with no other key: every LoraNullConfig default
         return lora_null_init(model, config, [e.text for e in suite.calibration], suite.tokenizer,
                               LoraNullConfig(seed=seed))
+    if init.startswith("lora_null_x"):  # the default with a_scale: lora_null_x3 = A × 3, B / 3
+        return lora_null_init(model, config, [e.text for e in suite.calibration], suite.tokenizer,
+                              LoraNullConfig(seed=seed, a_scale=a_scale_of(init)))
     if init.startswith("lora_null_"):
         kind = init.removeprefix("lora_null_")
         null_config = LoraNullConfig(
@@ -52,6 +55,22 @@ def build_adapter(init: str, model: torch.nn.Module, suite: Suite, seed: int) ->
             batch_size=32, seed=seed)
         return lora_null_init(model, config, [e.text for e in suite.calibration], suite.tokenizer, null_config)
     raise ValueError(f"unknown init {init!r}; choose from {', '.join(INITS)}")
+
+
+def is_known_init(init: str) -> bool:
+    if init in INITS:
+        return True
+    try:
+        return init.startswith("lora_null_x") and a_scale_of(init) > 0
+    except ValueError:
+        return False
+
+
+def a_scale_of(init: str) -> float:
+    try:
+        return float(init.removeprefix("lora_null_x"))
+    except ValueError:
+        raise ValueError(f"unknown init {init!r}: lora_null_x<factor>, e.g. lora_null_x3") from None
 
 
 def _milora(peft_model: PeftModel) -> PeftModel:
