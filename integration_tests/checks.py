@@ -47,11 +47,48 @@ def assert_v2_trained_b_only(initial_dir: Path, trained_dir: Path) -> None:
     assert any(not torch.equal(final[k], initial[k]) for k in final if "lora_B" in k)
 
 
-def assert_export_reproduces(model_dir: Path, initial_dir: Path, trained_dir: Path, export_dir: Path) -> None:
-    """The trained model as the framework ran it (residual base W − s·B0·A0 plus the trained adapter) equals the
-    original model plus the exported adapter, and v2's export keeps rank r."""
+def assert_right_on_the_base_it_names(model_dir: Path, initial_dir: Path, out_dir: Path) -> None:
+    """What the framework wrote as its adapter (a run's output folder or a checkpoint) names the original model,
+    loads the standard way on it, and computes the model the framework trained. v2 trains on the original weights
+    from B = 0, so that model is the original plus the trained adapter — provided the initial B is 0, A never
+    moved and the folder is nothing but one adapter (a resumed run would load any adapter folder inside it)."""
+    from peft import AutoPeftModelForCausalLM
+
+    config = json.loads((Path(out_dir) / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(model_dir)
+    initial, trained = factors(initial_dir), factors(out_dir)
+    assert all(not tensor.any() for key, tensor in initial.items() if "lora_B" in key)
+    assert_v2_trained_b_only(initial_dir, out_dir)
+    assert not [p for p in Path(out_dir).iterdir() if p.is_dir() and not p.name.startswith("checkpoint-")
+                and (p / "adapter_model.safetensors").exists()]
+    on_original = PeftModel.from_pretrained(load_model(str(model_dir), dtype="float32"), str(out_dir))
+    following_the_name = AutoPeftModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32)
+    ids = torch.tensor([[2, 5, 9, 13, 21, 34, 8, 7]])
+    with torch.no_grad():
+        expected = by_hand(model_dir, trained, config)(ids)
+        for model in (on_original, following_the_name):
+            assert (model(input_ids=ids).logits - expected).norm() / expected.norm() < 1e-5
+        assert (load_model(str(model_dir), dtype="float32")(input_ids=ids).logits - expected).norm() > 1e-4 * expected.norm()
+
+
+def by_hand(model_dir: Path, adapter: dict[str, torch.Tensor], config: dict):
+    """The original model with W + s·B·A written into its weights, without PEFT: an independent reference."""
+    model = load_model(str(model_dir), dtype="float32")
+    scale = config["lora_alpha"] / config["r"]
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for key, a in adapter.items():
+            if key.endswith("lora_A.weight"):
+                name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                modules[name].weight += scale * adapter[key.replace("lora_A", "lora_B")] @ a
+    return lambda ids: model(input_ids=ids).logits
+
+
+def assert_export_reproduces(model_dir: Path, initial_dir: Path, residual_dir: Path, export_dir: Path) -> None:
+    """v1 (trained on the residual base): the model as the framework ran it (W − s·B0·A0 plus the adapter as
+    trained) equals the original model plus the export that took the output folder's place (rank 2r)."""
     initial = factors(initial_dir)
-    trained = PeftModel.from_pretrained(load_model(str(model_dir), dtype="float32"), str(trained_dir))
+    trained = PeftModel.from_pretrained(load_model(str(model_dir), dtype="float32"), str(residual_dir))
     config = trained.peft_config["default"]
     scale = config.lora_alpha / config.r
     with torch.no_grad():
@@ -60,7 +97,8 @@ def assert_export_reproduces(model_dir: Path, initial_dir: Path, trained_dir: Pa
                 key = f"{name}.lora_%s.weight"
                 module.get_base_layer().weight -= scale * initial[key % "B"] @ initial[key % "A"]
     exported = PeftModel.from_pretrained(load_model(str(model_dir), dtype="float32"), str(export_dir))
-    assert json.loads((Path(export_dir) / "adapter_config.json").read_text())["r"] == config.r
+    assert json.loads((Path(export_dir) / "adapter_config.json").read_text())["r"] == 2 * config.r
+    assert json.loads((Path(export_dir) / "adapter_config.json").read_text())["base_model_name_or_path"] == str(model_dir)
     ids = torch.tensor([[2, 5, 9, 13, 21, 34, 8, 7]])
     with torch.no_grad():
         expected, actual = trained(input_ids=ids).logits, exported(input_ids=ids).logits

@@ -26,6 +26,16 @@ class LoraNullConfig:
             "basis: A = null basis, B = 0, base untouched (works on quantized bases)."
         },
     )
+    train_base: Literal["auto", "original", "residual"] = field(
+        default="auto",
+        metadata={
+            "help": "The weights the adapter trains on. original: base untouched, A = A₀ (projected) and B = 0, so "
+            "what training saves is a standard LoRA for the original model; with v2 it trains exactly as the "
+            "residual form does (without weight decay or LoRA dropout). residual: the paper's form, base "
+            "W − s·B₀A₀ and B = B₀; run `export` after training. auto: original for v2 and basis, residual for v1 "
+            "(whose update B·A − B₀·A₀ is no single rank-r LoRA on the original weights)."
+        },
+    )
     num_samples: int = field(default=256, metadata={"help": "Calibration samples used for the covariance."})
     holdout_samples: int = field(
         default=32,
@@ -109,6 +119,7 @@ class LoraNullConfig:
             "accumulate_dtype": ("float32", "float64"),
             "streaming": ("auto", "on", "off"),
             "solver": ("auto", "eigh64", "eigh32", "subspace"),
+            "train_base": ("auto", "original", "residual"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -116,10 +127,22 @@ class LoraNullConfig:
         for name in ("num_samples", "max_length", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1.")
+        if self.train_base == "original" and self.variant == "v1" and self.init == "projected":
+            raise ConfigError(
+                "train_base='original' needs variant v2 (or init basis): v1 trains A as well, and its update "
+                "B·A − B₀·A₀ is no rank-r LoRA on the original weights. Use train_base 'residual' (then export) or v2."
+            )
         if not (isinstance(self.a_scale, (int, float)) and 0 < self.a_scale < float("inf")):
             raise ConfigError(f"a_scale={self.a_scale!r} must be a positive number (1 keeps the paper's factors).")
         if self.holdout_samples < 0 or self.min_tokens_per_dim < 0:
             raise ConfigError("holdout_samples and min_tokens_per_dim must not be negative.")
+
+    @property
+    def residual(self) -> bool:
+        """True when init rewrites the base weights to W − s·B₀A₀ (projected init trained on the residual)."""
+        if self.init == "basis":
+            return False
+        return self.train_base == "residual" or (self.train_base == "auto" and self.variant == "v1")
 
     def replace(self, **changes: Any) -> LoraNullConfig:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}

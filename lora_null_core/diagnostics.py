@@ -170,10 +170,10 @@ def _leakage_figure(plt, data):
     layers = [layer for layer in data["layers"] if "leakage" in layer]
     figure, ax = plt.subplots(figsize=(max(6, 0.25 * len(layers)), 3))
     x = range(len(layers))
-    ax.bar([i - 0.27 for i in x], [l["leakage_random"] for l in layers], 0.27, label="random A, same norm")
-    ax.bar(list(x), [l["leakage"] for l in layers], 0.27, label="LoRA-Null A")
-    ax.bar([i + 0.27 for i in x], [l["leakage_optimum"] for l in layers], 0.27, label="best r-dim basis")
-    ax.set_xticks(list(x), [l["name"].replace("model.layers.", "") for l in layers], rotation=90, fontsize=6)
+    ax.bar([i - 0.27 for i in x], [layer["leakage_random"] for layer in layers], 0.27, label="random A, same norm")
+    ax.bar(list(x), [layer["leakage"] for layer in layers], 0.27, label="LoRA-Null A")
+    ax.bar([i + 0.27 for i in x], [layer["leakage_optimum"] for layer in layers], 0.27, label="best r-dim basis")
+    ax.set_xticks(list(x), [layer["name"].replace("model.layers.", "") for layer in layers], rotation=90, fontsize=6)
     ax.set_ylabel("leakage"), ax.legend(fontsize=7)
     ax.set_title("Leakage of lora_A on these activations (1 ≈ random)")
     return figure
@@ -181,12 +181,12 @@ def _leakage_figure(plt, data):
 
 def _html(data, images) -> str:
     rows = "".join(
-        f"<tr><td>{html.escape(l['name'])}</td><td>{l['d_in']}</td><td>{l['tokens']}</td>"
-        f"<td>{l['effective_rank_activations']:.1f}</td><td>{l['effective_rank_weight']:.1f}</td>"
-        + (f"<td>{l['leakage']:.3g}</td><td>{l['leakage_random']:.3g}</td><td>{l['leakage_optimum']:.3g}</td>"
-           if "leakage" in l else "<td></td><td></td><td></td>")
-        + f"<td>{html.escape(l.get('recommendation', ''))}</td></tr>"
-        for l in data["layers"]
+        f"<tr><td>{html.escape(layer['name'])}</td><td>{layer['d_in']}</td><td>{layer['tokens']}</td>"
+        f"<td>{layer['effective_rank_activations']:.1f}</td><td>{layer['effective_rank_weight']:.1f}</td>"
+        + (f"<td>{layer['leakage']:.3g}</td><td>{layer['leakage_random']:.3g}</td><td>{layer['leakage_optimum']:.3g}</td>"
+           if "leakage" in layer else "<td></td><td></td><td></td>")
+        + f"<td>{html.escape(layer.get('recommendation', ''))}</td></tr>"
+        for layer in data["layers"]
     )
     pictures = "".join(f'<p><img alt="{name}" src="data:image/png;base64,{b64}"></p>' for name, b64 in images.items())
     calibration = data["calibration"]

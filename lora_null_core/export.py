@@ -24,13 +24,14 @@ from safetensors.torch import load_file, save_file
 from .atomic import atomic_output_dir, check_output
 from .console import quiet_libraries
 from .errors import ExportError
-from .report import RESIDUAL_MARKER, file_sha256, read_metadata
-from .saving import ADAPTER_DIR, BASE_DIR, load_model, load_tokenizer
+from .report import RESIDUAL_MARKER, file_sha256, read_metadata, trains_on_residual
+from .saving import ADAPTER_DIR, BASE_DIR, load_model, load_tokenizer, name_base
 
 logger = logging.getLogger(__name__)
 
 # Folder names the framework plugins write next to their own output.
 INIT_DIR, EXPORT_DIR = "lora_null_init", "lora_null_export"
+RESIDUAL_ADAPTER_DIR = "lora_null_residual_adapter"  # a finished v1 run's adapter as trained, on the residual base
 # Provenance written into every export and merge: an export is never exported again.
 EXPORT_MARKER, MERGE_MARKER = "lora_null_export.json", "lora_null_merge.json"
 WEIGHTS_FILE, CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
@@ -79,13 +80,47 @@ def export_for_original_base(
     return Path(output_dir)
 
 
-def export_saved_adapter(adapter_dir: os.PathLike, init_dir: os.PathLike) -> Optional[Path]:
-    """Write `<adapter_dir>/lora_null_export` for a trainer's saved adapter (plugins call this after a save);
-    None while the folder holds no adapter weights yet (a pickled .bin still gets read_adapter's clear error)."""
-    adapter_dir = Path(adapter_dir)
+def finish_saved_adapter(adapter_dir: os.PathLike, init_dir: os.PathLike, final: bool) -> Optional[Path]:
+    """Make what a trainer just saved in `adapter_dir` right for the base its adapter_config.json names.
+
+    Trained on the original weights (v2, basis: the plugins' default) the folder already is a LoRA for the
+    original model: nothing to do. Trained on the residual base (v1):
+    - final folder: the export for the original model takes the top level, where merge, serving and hub tools
+      look; the adapter as trained moves to `lora_null_residual_adapter/`, its config naming the residual base;
+    - checkpoint: its adapter stays (resuming loads it), its config names the residual base so a loader that
+      follows it cannot pick the original. Nothing is added to it: a trainer resuming from a checkpoint loads
+      every adapter folder inside it as one more adapter. `lora-null export --init <output_dir>/lora_null_init
+      --adapter <checkpoint>` gives its LoRA for the original model.
+    Returns the folder holding the LoRA for the original model; None while nothing is saved yet, and for a
+    checkpoint trained on the residual.
+    """
+    adapter_dir, init_dir = Path(adapter_dir), Path(init_dir)
+    if (adapter_dir / EXPORT_MARKER).is_file():
+        return adapter_dir  # finished already (trainers may call twice)
     if not any((adapter_dir / name).exists() for name in (WEIGHTS_FILE, "adapter_model.bin")):
         return None
-    return export_for_original_base(init_dir, adapter_dir, adapter_dir / EXPORT_DIR, overwrite=True)
+    metadata = read_metadata(init_dir)
+    if not trains_on_residual(metadata):
+        return adapter_dir
+    residual_name = f"lora-null residual base of {metadata.get('model') or 'the original model'} (rebuilt by the " \
+                    "trainer's LoRA-Null init; not a model to load)"
+    if not final:
+        read_adapter(adapter_dir)  # a pickled or damaged save is an error now, not when someone needs it
+        name_base(adapter_dir, residual_name)
+        return None
+    exported = export_for_original_base(init_dir, adapter_dir, adapter_dir / EXPORT_DIR, overwrite=True)
+    kept = adapter_dir / RESIDUAL_ADAPTER_DIR
+    with atomic_output_dir(kept, overwrite=True) as staging:
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            os.replace(adapter_dir / name, staging / name)
+        name_base(staging, residual_name)
+    for item in exported.iterdir():
+        os.replace(item, adapter_dir / item.name)
+    exported.rmdir()
+    logger.info("LoRA-Null: %s now holds the adapter for the original model (rank %d); the adapter as trained on "
+                "the residual base is in %s.", adapter_dir, json.loads((adapter_dir / CONFIG_FILE).read_text())["r"],
+                kept)
+    return adapter_dir
 
 
 def check_init_consistent(metadata: dict[str, Any], initial: dict[str, torch.Tensor], init_dir: Path) -> None:
@@ -99,8 +134,9 @@ def check_init_consistent(metadata: dict[str, Any], initial: dict[str, torch.Ten
         raise ExportError(f"{init_dir / ADAPTER_DIR / WEIGHTS_FILE} is not the adapter this init wrote (its checksum "
                           "differs from lora_null.json's). Re-run init, or point --init at the folder that wrote it.")
     b_zero = all(not tensor.any() for key, tensor in initial.items() if key.endswith(_B))
-    if (metadata["init"] == "basis") != b_zero:
-        raise ExportError(f"{init_dir / 'lora_null.json'} says init={metadata['init']!r} but its adapter's lora_B is "
+    if trains_on_residual(metadata) == b_zero:
+        raise ExportError(f"{init_dir / 'lora_null.json'} says init={metadata['init']!r}, train_base="
+                          f"{metadata.get('train_base', 'residual')!r} but its adapter's lora_B is "
                           f"{'zero' if b_zero else 'not zero'}: the record was edited or belongs to another init.")
 
 
@@ -134,7 +170,7 @@ def convert_weights(
     for p in prefixes:
         if trained[p + _A].shape != initial[p + _A].shape or trained[p + _B].shape != initial[p + _B].shape:
             raise ExportError(f"{p}: trained factors have other shapes than the initialization's (rank changed?).")
-    if metadata["init"] == "basis":
+    if not trains_on_residual(metadata):  # base untouched: the trained adapter already is the LoRA for it
         return dict(trained), 1
     # Frozen means unchanged up to the dtype the trainer stored it in (a bf16 copy of A₀ still counts;
     # the rank-r form then differs from exact by s·B₀·(A − A₀), rounding of A₀ itself).

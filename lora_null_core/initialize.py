@@ -116,13 +116,14 @@ def lora_null_init(
     check_function_preserved(function_error, config, layers)
     apply_variant(peft_model, config.variant, adapter_name)
     peft_model._lora_null_initialized = {*getattr(peft_model, "_lora_null_initialized", ()), adapter_name}
-    if config.init == "projected":  # the base now holds residuals; saved with it, so it is never initialized twice
+    if config.residual:  # the base now holds residuals; saved with it, so it is never initialized twice
         setattr(peft_model.get_base_model().config, RESIDUAL_MARKER, {"variant": config.variant, "init": config.init})
     logger.info("Function preserved after init: relative error %.2e.", function_error)
 
     peft_model.lora_null_report = InitReport(
         variant=config.variant,
         init=config.init,
+        train_base="residual" if config.residual else "original",
         adapter_name=adapter_name,
         model=str(getattr(peft_model.get_base_model().config, "name_or_path", "") or ""),
         lora=_lora_summary(peft_model.peft_config[adapter_name]),
@@ -210,7 +211,7 @@ def _initialize_layers(
     reports = []
     for name, layer in layers.items():
         basis = null_bases[covariances.group_of[name], layer.r[adapter_name]]
-        lora_a = write_adapter(layer, adapter_name, basis, config.init, config.a_scale)
+        lora_a = write_adapter(layer, adapter_name, basis, config.init, config.a_scale, config.residual)
         reports.append(_layer_report(name, layer, adapter_name, covariances, lora_a, config.seed))
     return reports
 
@@ -447,7 +448,7 @@ def check_layers(
                 f"{name}'s weight contains NaN or Inf: the checkpoint is damaged. Reload or re-download the model."
             )
         quantized = type(weight) is not nn.Parameter or weight.dtype not in _FLOAT_DTYPES
-        if quantized and config.init == "projected":
+        if quantized and config.init == "projected":  # its factors are read from the float weight
             raise UnsupportedModelError(
                 f"{name} has a quantized base weight ({type(weight).__name__}, {weight.dtype}), which cannot hold "
                 "the residual W - s·B·A exactly. Use init='basis' (--init basis): it leaves the base untouched."
@@ -478,9 +479,12 @@ def weight_matrix(layer: LoraLayer) -> torch.Tensor:
     return weight.T if layer.fan_in_fan_out else weight
 
 
-def write_adapter(layer: LoraLayer, adapter_name: str, basis: torch.Tensor, init: str, a_scale: float = 1.0) -> torch.Tensor:
-    """Write A, B (and, for the projected init, the residual base) into one layer; return A as stored.
-    `a_scale` moves magnitude from B to A (B·A unchanged): with Adam a larger frozen A is a faster adapter."""
+def write_adapter(layer: LoraLayer, adapter_name: str, basis: torch.Tensor, init: str, a_scale: float = 1.0,
+                  residual: bool = True) -> torch.Tensor:
+    """Write A, B (and, for the projected init on the residual, the residual base) into one layer; return A.
+    `a_scale` moves magnitude from B to A (B·A unchanged): with Adam a larger frozen A is a faster adapter.
+    Without `residual` the projected init keeps B₀·A₀ inside the untouched base and starts B at 0: for a frozen
+    A the same training, and the trained adapter is a standard LoRA for the original weights."""
     lora_a_param = layer.lora_A[adapter_name].weight
     lora_b_param = layer.lora_B[adapter_name].weight
     scaling = layer.scaling[adapter_name]
@@ -490,14 +494,14 @@ def write_adapter(layer: LoraLayer, adapter_name: str, basis: torch.Tensor, init
         lora_a, lora_b = projected_factors(original, basis, scaling)
     else:
         lora_a, lora_b = basis_factors(basis, original.shape[0])
-    lora_a, lora_b = lora_a * a_scale, lora_b / a_scale
+    lora_a, lora_b = lora_a * a_scale, lora_b / a_scale if residual else torch.zeros_like(lora_b)
     # Rank 0's factors everywhere: identical adapters on every process, whatever the SVD's last bits did.
     broadcast_(lora_a)
     broadcast_(lora_b)
     with torch.no_grad():
         lora_a_param.copy_(lora_a.to(lora_a_param.device))
         lora_b_param.copy_(lora_b.to(lora_b_param.device))
-        if init == "projected":
+        if init == "projected" and residual:
             _write_residual(layer, lora_a_param, lora_b_param, scaling)
     return lora_a_param.detach()
 

@@ -43,6 +43,9 @@ class InitReport:
     # "logits": of the whole model; "last_block_output": the last decoder block's output, the probe having gone
     # through every initialized block in turn (streaming: all targets lie inside the blocks).
     function_error_measure: str = "logits"
+    # "residual": the base became W − s·B₀A₀ and the adapter starts at B₀ (export afterwards); "original": the base
+    # is untouched and the adapter starts at B = 0, so what training saves is a LoRA for the original model.
+    train_base: str = "residual"
     adapter_sha256: Optional[str] = None  # of adapter/adapter_model.safetensors: export checks it is the same file
     format_version: int = FORMAT_VERSION
 
@@ -78,6 +81,11 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
+
+
+def trains_on_residual(metadata: dict[str, Any]) -> bool:
+    """Whether an init's adapter was trained on the residual base (records from before train_base: projected)."""
+    return metadata.get("init") == "projected" and metadata.get("train_base", "residual") == "residual"
 
 
 def read_metadata(init_dir: Path) -> dict[str, Any]:

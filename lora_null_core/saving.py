@@ -112,7 +112,8 @@ def save_initialized(
     with atomic_output_dir(output_dir, overwrite) as staging, quiet_libraries():
         write_initial_adapter(peft_model, staging, Path(output_dir).resolve() / BASE_DIR)
         base = peft_model.get_base_model()
-        logger.info("Writing the residual base model to %s.", Path(output_dir) / BASE_DIR)
+        logger.info("Writing the %sbase model to %s.", "residual " if peft_model.lora_null_report.train_base == "residual" else "",
+                    Path(output_dir) / BASE_DIR)
         base.save_pretrained(staging / BASE_DIR, state_dict=base_state_dict(peft_model))
         if tokenizer is not None:
             tokenizer.save_pretrained(staging / BASE_DIR)
@@ -136,7 +137,7 @@ def write_initial_adapter(peft_model: PeftModel, folder: Path, base_path: Option
     if report is None:
         raise LoraNullError("This PeftModel was not initialized by lora_null_init (it has no lora_null_report).")
     save_adapter(peft_model, folder / ADAPTER_DIR, report.adapter_name)
-    if report.init == "projected":
+    if report.train_base == "residual":
         name_base(folder / ADAPTER_DIR, str(base_path) if base_path else
                   f"lora-null residual base of {report.model or 'the original model'} (not saved: rebuild it with "
                   "`lora-null init`, or load this folder with load_initialized)")

@@ -48,6 +48,8 @@ def init_to_folder(
     for models larger than CPU memory."""
     # Everything that can be checked is checked before the model is loaded: fail before the expensive part.
     config = config or LoraNullConfig()
+    if config.train_base == "auto":  # the folder's contract: OUT/base holds W − s·B₀A₀ and `export` maps back
+        config = config.replace(train_base="residual")
     cache = config.covariance_cache
     check_output(output_dir, [model_name_or_path, _local(calibration), cache], overwrite)
     check_lora_config(lora_config)

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The test suite, from a fresh machine: builds each environment it needs, then runs its tests.
 #   bash scripts/test.sh            # every suite
-#   bash scripts/test.sh core       # one suite: core | core-oldest | trl | trl-oldest | axolotl | llamafactory | bench-real
+#   bash scripts/test.sh core       # one suite: lint | core | core-oldest | trl | trl-oldest | axolotl | llamafactory | bench-real
 # Environments live in .venvs/<suite> and are reused when their requirements have not changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 suites=("$@")
-[ ${#suites[@]} -gt 0 ] || suites=(core core-oldest trl trl-oldest axolotl llamafactory bench-real)
+[ ${#suites[@]} -gt 0 ] || suites=(lint core core-oldest trl trl-oldest axolotl llamafactory bench-real)
 
 # torch: the CPU wheel (pip finds it on this disk); a plain `torch` requirement would pull a CUDA build.
 TORCH=${TORCH_SPEC:-torch==2.13.0}
@@ -52,6 +52,8 @@ status=0
 for suite in "${suites[@]}"; do
   echo "=== suite: $suite"
   case $suite in
+    lint)        venv core -e ".[test]"  # ruff pinned in the test extra, rules in pyproject.toml
+                 .venvs/core/bin/ruff check . || status=1; continue ;;
     core)        venv core -e ".[test]"; tests=tests ;;
     core-oldest) venv core-oldest -e ".[test]" "transformers==4.55.4" "peft==0.18.0" "datasets==3.6.0"; tests=tests ;;
     trl)         venv trl -e ".[test,trl]" "trl==1.16.0"; tests=integration_tests/trl ;;

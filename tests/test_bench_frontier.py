@@ -55,6 +55,7 @@ def test_a_base_model_that_knows_no_facts_is_refused_not_reported_as_nan(monkeyp
     from types import SimpleNamespace
 
     from lora_null_bench import frontier
+
     from lora_null_core.errors import ConfigError
 
     monkeypatch.setattr(frontier, "accuracy", lambda model, tok, examples, *a, **k: (0.0, [False] * len(examples)))

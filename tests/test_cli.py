@@ -37,7 +37,7 @@ def test_init_then_export_from_the_command_line(tmp_path, saved_model, knowledge
     metadata = json.loads((out / "lora_null.json").read_text())
     assert metadata["variant"] == "v2" and metadata["calibration"]["num_samples"] == 200
     assert len(metadata["layers"]) == 6
-    assert all(l["leakage_holdout"] < l["leakage_holdout_random"] / 2 for l in metadata["layers"])
+    assert all(layer["leakage_holdout"] < layer["leakage_holdout_random"] / 2 for layer in metadata["layers"])
 
     trained = load_initialized(out, dtype="float32")
     train(trained, tokenizer, task[:8], steps=3)

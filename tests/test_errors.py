@@ -178,7 +178,7 @@ def test_calibration_without_enough_distinct_contexts_is_refused(make_model, tok
 def test_an_initialized_model_is_never_initialized_again(make_model, tokenizer, knowledge, tmp_path):
     from lora_null_core import load_initialized, save_initialized
 
-    peft_model = lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, **SMALL)
+    peft_model = lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, train_base="residual", **SMALL)
     with pytest.raises(UnsupportedModelError, match="already initialized"):
         lora_null_init(peft_model, None, knowledge, tokenizer, **SMALL)
     save_initialized(peft_model, tmp_path / "init", tokenizer)

@@ -82,26 +82,76 @@ def test_saved_init_folder_is_a_plain_base_plus_peft_adapter(tmp_path, saved_mod
     assert relative_error(logits(residual_only, ids), logits(original, ids)) > 1e-3
 
 
-def test_export_saved_adapter_waits_for_weights_and_refuses_pickles(tmp_path, saved_model, knowledge):
-    """What every framework plugin calls after a save: nothing before the weights exist, an export after."""
-    from lora_null_core.errors import ExportError
-    from lora_null_core.export import EXPORT_DIR, export_saved_adapter
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_what_a_trainer_saves_is_right_on_the_base_it_names(tmp_path, saved_model, tokenizer, knowledge, task, variant):
+    """What the framework plugins do: init in memory (default train_base), train, save like a trainer, then
+    finish_saved_adapter. The folder loads the standard way on the base its config names and gives the
+    fine-tuned model; a checkpoint still resumes; nothing right on the residual base names the original."""
+    from peft import AutoPeftModelForCausalLM
 
-    init_to_folder(str(saved_model), knowledge, tmp_path / "init", LoraConfig(r=4), dtype="float32")
-    output = tmp_path / "run"
-    output.mkdir()
-    (output / "adapter_config.json").write_text((tmp_path / "init" / "adapter" / "adapter_config.json").read_text())
-    assert export_saved_adapter(output, tmp_path / "init") is None  # config pre-saved, weights not yet
-    assert not (output / EXPORT_DIR).exists()
-    (output / "adapter_model.safetensors").write_bytes((tmp_path / "init" / "adapter" / "adapter_model.safetensors").read_bytes())
-    assert export_saved_adapter(output, tmp_path / "init") == output / EXPORT_DIR
-    assert json.loads((output / EXPORT_DIR / "adapter_config.json").read_text())["r"] == 4
+    from lora_null_core import lora_null_init, save_initial_adapter
+    from lora_null_core.export import EXPORT_DIR, RESIDUAL_ADAPTER_DIR, finish_saved_adapter
+
+    def initialized():
+        model = lora_null_init(load_model(str(saved_model), dtype="float32"), LoraConfig(r=4, lora_alpha=8),
+                               knowledge, tokenizer, variant=variant, num_samples=160, holdout_samples=0, batch_size=32)
+        model.get_base_model().config.name_or_path = str(saved_model)  # what from_pretrained records
+        return model
+
+    model = initialized()
+    save_initial_adapter(model, tmp_path / "run" / "lora_null_init")
+    assert finish_saved_adapter(tmp_path / "run", tmp_path / "run" / "lora_null_init", final=True) is None  # no weights yet
+    batch = train(model, tokenizer, task[:16])
+    expected = logits(model, batch.input_ids, batch.attention_mask)
+    for folder, final in ((tmp_path / "run" / "checkpoint-6", False), (tmp_path / "run", True)):
+        model.save_pretrained(str(folder))
+        finish_saved_adapter(folder, tmp_path / "run" / "lora_null_init", final=final)
+    finish_saved_adapter(tmp_path / "run", tmp_path / "run" / "lora_null_init", final=True)  # twice: no change
+
+    named = json.loads((tmp_path / "run" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert named == str(saved_model)
+    standard = PeftModel.from_pretrained(load_model(named, dtype="float32"), str(tmp_path / "run"))
+    assert relative_error(logits(standard, batch.input_ids, batch.attention_mask), expected) < 1e-5
+    auto = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "run"), dtype=torch.float32)
+    assert relative_error(logits(auto, batch.input_ids, batch.attention_mask), expected) < 1e-5
+    assert json.loads((tmp_path / "run" / "adapter_config.json").read_text())["r"] == (8 if variant == "v1" else 4)
+    assert (tmp_path / "run" / RESIDUAL_ADAPTER_DIR).is_dir() == (variant == "v1")
+
+    # Resuming from the checkpoint: a fresh init, then the trainer loads the checkpoint's adapter into it.
+    checkpoint = tmp_path / "run" / "checkpoint-6"
+    resumed = initialized()
+    resumed.load_adapter(str(checkpoint), adapter_name="default", is_trainable=True)
+    assert relative_error(logits(resumed, batch.input_ids, batch.attention_mask), expected) < 1e-5
+    checkpoint_base = json.loads((checkpoint / "adapter_config.json").read_text())["base_model_name_or_path"]
+    # A trainer resuming from a checkpoint loads every adapter folder inside it as one more adapter: none added.
+    assert not [p for p in checkpoint.iterdir() if p.is_dir()]
+    if variant == "v1":  # trained on the residual: names it; `export` gives the LoRA for the original
+        assert checkpoint_base.startswith("lora-null residual base of")
+        with pytest.raises(Exception):
+            AutoPeftModelForCausalLM.from_pretrained(str(checkpoint))
+        export_for_original_base(tmp_path / "run" / "lora_null_init", checkpoint, tmp_path / "checkpoint-export")
+        on_original = PeftModel.from_pretrained(load_model(str(saved_model), dtype="float32"),
+                                                str(tmp_path / "checkpoint-export"))
+        assert relative_error(logits(on_original, batch.input_ids, batch.attention_mask), expected) < 1e-5
+    else:  # trained on the original weights: the checkpoint itself is the LoRA for the original
+        assert checkpoint_base == str(saved_model) and not (checkpoint / EXPORT_DIR).exists()
+        on_original = PeftModel.from_pretrained(load_model(str(saved_model), dtype="float32"), str(checkpoint))
+        assert relative_error(logits(on_original, batch.input_ids, batch.attention_mask), expected) < 1e-5
+
+
+def test_finishing_a_pickled_residual_adapter_is_a_clear_error(tmp_path, saved_model, knowledge):
+    from lora_null_core import LoraNullConfig
+    from lora_null_core.errors import ExportError
+    from lora_null_core.export import finish_saved_adapter
+
+    init_to_folder(str(saved_model), knowledge, tmp_path / "init", LoraConfig(r=4), LoraNullConfig(variant="v1"),
+                   dtype="float32")
     pickled = tmp_path / "pickled"
     pickled.mkdir()
-    (pickled / "adapter_config.json").write_text((output / "adapter_config.json").read_text())
+    (pickled / "adapter_config.json").write_text((tmp_path / "init" / "adapter" / "adapter_config.json").read_text())
     (pickled / "adapter_model.bin").write_bytes(b"not loaded")
     with pytest.raises(ExportError, match="pickled"):
-        export_saved_adapter(pickled, tmp_path / "init")
+        finish_saved_adapter(pickled, tmp_path / "init", final=True)
 
 
 def test_the_init_adapter_names_its_residual_base(tmp_path, saved_model, knowledge):

@@ -141,6 +141,52 @@ def test_a_scale_moves_magnitude_from_b_to_a_and_keeps_the_function(make_model, 
         assert mine.leakage == pytest.approx(theirs.leakage, rel=1e-3, abs=1e-7)
 
 
+def train_steps(model, ids, steps=4):
+    """A few Adam steps of next-token loss on `ids`, then the logits."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return logits(model, input_ids=ids)
+
+
+def test_v2_trains_on_the_original_weights_exactly_as_on_the_residual(make_model, tokenizer, knowledge):
+    """Default (train_base auto, v2): base untouched, A = A₀, B = 0; training it gives the same model as the
+    paper's residual form, and what it saves is a LoRA for the original model."""
+    from lora_null_core.report import RESIDUAL_MARKER
+
+    model = make_model()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    original = lora_null_init(model, LoraConfig(r=4), knowledge, tokenizer, **SMALL)
+    residual = lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, train_base="residual", **SMALL)
+    assert original.lora_null_report.train_base == "original" and residual.lora_null_report.train_base == "residual"
+    assert not hasattr(original.get_base_model().config, RESIDUAL_MARKER)
+    for name, param in original.get_base_model().named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(param, weights[name.replace(".base_layer", "")]), name
+    residual_layers = lora_layers(residual, "default")
+    for name, layer in lora_layers(original, "default").items():
+        assert not layer.lora_B["default"].weight.any()
+        torch.testing.assert_close(layer.lora_A["default"].weight, residual_layers[name].lora_A["default"].weight)
+    ids = tokenizer(knowledge[:4], return_tensors="pt", padding=True)["input_ids"]
+    after_original, after_residual = train_steps(original, ids), train_steps(residual, ids)
+    assert relative_error(after_original, after_residual) < 1e-4
+    assert relative_error(after_original, logits(make_model(), input_ids=ids)) > 1e-3  # training did move it
+
+
+def test_v1_cannot_train_on_the_original_weights():
+    from lora_null_core.errors import ConfigError
+
+    assert LoraNullConfig(variant="v1").residual and not LoraNullConfig().residual
+    assert not LoraNullConfig(variant="v1", init="basis", train_base="original").residual
+    with pytest.raises(ConfigError, match="train_base='original' needs variant v2"):
+        LoraNullConfig(variant="v1", train_base="original")
+
+
 @pytest.mark.parametrize("bad", [0, -1.0, float("inf"), float("nan"), "3"])
 def test_a_scale_must_be_a_positive_number(bad):
     from lora_null_core.errors import ConfigError
@@ -159,7 +205,9 @@ def test_an_existing_peft_model_is_initialized_in_place(make_model, tokenizer, k
     assert same is peft_model
     assert {n.rsplit(".", 1)[-1] for n in lora_layers(same, "default")} == {"q_proj", "down_proj"}
     assert relative_error(logits(same, **probe), before) < 1e-5
-    assert all(layer.lora_B["default"].weight.any() for layer in lora_layers(same, "default").values())
+    # PEFT's random A was replaced by null-space directions (B = 0: the default trains on the original weights).
+    assert all(not layer.lora_B["default"].weight.any() for layer in lora_layers(same, "default").values())
+    assert all(entry.leakage < 0.5 * entry.leakage_random for entry in same.lora_null_report.layers)
 
 
 def test_config_overrides_and_defaults():

@@ -34,6 +34,7 @@ def test_disk_offload_writes_the_same_init_as_memory(make_model, tokenizer, know
     memory = init_to_folder(str(model_dir), knowledge[:200], tmp_path / "memory", lora, config, **kwargs)
 
     assert disk.function_error < 1e-5
+    assert [layer.leakage for layer in disk.layers] == pytest.approx([layer.leakage for layer in memory.layers], abs=1e-6)
     on_disk, in_memory = base_tensors(tmp_path / "disk"), base_tensors(tmp_path / "memory")
     assert on_disk.keys() == in_memory.keys()
     for key, tensor in in_memory.items():

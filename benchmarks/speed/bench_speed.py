@@ -285,7 +285,6 @@ def time_corda(args, texts, tokenizer, device: str) -> dict:
     gpu_sync()
     row = {"method": "peft_corda_kpm", "solver": "peft", "seconds": time.perf_counter() - start,
            "peak_gpu_gib": peak_gib(), "blocks_timed": SHAPES[args.shape]["num_hidden_layers"]}
-    del model
     return row
 
 

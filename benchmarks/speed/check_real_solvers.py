@@ -33,6 +33,7 @@ def save(output: Path, model_path: str | None) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "forgetting"))
     from lora_null_bench.cli import _smollm2_gguf
     from lora_null_bench.suites import _local_model
+
     from lora_null_core.calibrate import CovarianceCollector, run_activation_pass
     from lora_null_core.data import tokenize_batches
     from lora_null_core.saving import load_model, load_tokenizer

@@ -8,10 +8,11 @@ Runs under `accelerate launch` / `torchrun` unchanged.
 import argparse
 
 from datasets import load_dataset
-from peft import LoraConfig
 
 # Before: from trl import SFTConfig, SFTTrainer
-from lora_null_trl import LoraNullSFTConfig as SFTConfig, LoraNullSFTTrainer as SFTTrainer
+from lora_null_trl import LoraNullSFTConfig as SFTConfig
+from lora_null_trl import LoraNullSFTTrainer as SFTTrainer
+from peft import LoraConfig
 
 
 def main() -> None:

@@ -8,10 +8,10 @@ import random
 from pathlib import Path
 
 import pytest
-from peft import LoraConfig
-
 from lora_null_bench.cli import _smollm2_gguf
 from lora_null_bench.suites import _local_model
+from peft import LoraConfig
+
 from lora_null_core import LoraNullConfig, lora_null_init
 from lora_null_core.saving import load_model, load_tokenizer
 

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from lora_null_bench.cli import main as bench_main
 
 DATA = Path(__file__).resolve().parents[2] / "benchmarks" / "data"

@@ -110,7 +110,6 @@ def test_choosing_lora_null_produces_its_training_arguments(workspace, data_dir,
 
 def test_labels_in_every_locale_and_launch_goes_through_the_plugin(tmp_path):
     from llamafactory.webui.locales import LOCALES
-
     from lora_null_llamafactory import webui
 
     webui.install()

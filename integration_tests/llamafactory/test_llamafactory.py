@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from checks import assert_export_reproduces, assert_in_null_space, assert_v2_trained_b_only
+from checks import assert_export_reproduces, assert_in_null_space, assert_right_on_the_base_it_names
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = {  # what a tiny CPU run changes in the shipped example; the LoRA-Null keys stay as shipped
@@ -59,13 +59,45 @@ def test_covariance_cache_key_reaches_the_core(trained):
     assert len(entries) == 1 and len(json.loads(entries[0].read_text())["group_of"]) > 0
 
 
-def test_v2_trains_b_only_and_export_reproduces_the_trained_model(workspace, trained):
+def test_the_output_folder_and_its_checkpoints_are_right_on_the_base_they_name(workspace, trained):
     initial = trained / "lora_null_init" / "adapter"
-    assert_v2_trained_b_only(initial, trained)
-    assert_export_reproduces(workspace / "model", initial, trained, trained / "lora_null_export")
-    # Every checkpoint carries its own export too.
-    checkpoint = trained / "checkpoint-3"
-    assert_export_reproduces(workspace / "model", initial, checkpoint, checkpoint / "lora_null_export")
+    assert_right_on_the_base_it_names(workspace / "model", initial, trained)
+    assert_right_on_the_base_it_names(workspace / "model", initial, trained / "checkpoint-3")
+
+
+def test_llamafactory_cli_export_gives_the_fine_tuned_model(workspace, trained, tmp_path):
+    """LLaMA-Factory's own merge: `llamafactory-cli export` with the run's output as adapter_name_or_path."""
+    import torch
+    from peft import PeftModel
+
+    from lora_null_core.saving import load_model
+
+    cfg = {"model_name_or_path": str(workspace / "model"), "adapter_name_or_path": str(trained), "template": "default",
+           "finetuning_type": "lora", "export_dir": str(tmp_path / "merged"), "export_device": "cpu",
+           "export_legacy_format": False, "trust_remote_code": False}
+    (tmp_path / "export.yaml").write_text(yaml.safe_dump(cfg))
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
+           "DISABLE_VERSION_CHECK": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([str(bin_dir / "llamafactory-cli"), "export", str(tmp_path / "export.yaml")], env=env,
+                            capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    merged = load_model(str(tmp_path / "merged"), dtype="float32")
+    expected = PeftModel.from_pretrained(load_model(str(workspace / "model"), dtype="float32"), str(trained))
+    ids = torch.tensor([[2, 5, 9, 13, 21, 34, 8, 7]])
+    with torch.no_grad():
+        want, got = expected(input_ids=ids).logits, merged(input_ids=ids).logits
+    assert (got - want).norm() / want.norm() < 1e-4
+
+
+def test_v1_output_is_the_export_and_its_residual_adapter_is_set_aside(workspace, data_dir, tmp_path):
+    out = tmp_path / "v1"
+    result = train(config(workspace, data_dir, out, lora_null_variant="v1"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert_export_reproduces(workspace / "model", out / "lora_null_init" / "adapter", out / "lora_null_residual_adapter",
+                             out)
+    checkpoint = json.loads((out / "checkpoint-3" / "adapter_config.json").read_text())
+    assert checkpoint["base_model_name_or_path"].startswith("lora-null residual base of")
 
 
 def test_bad_config_fails_before_training(workspace, data_dir, tmp_path):
@@ -93,5 +125,4 @@ def test_torchrun_relaunch_patches_every_worker(workspace, data_dir, tmp_path):
     texts = [json.loads(line)["text"] for line in (workspace / "calibration.jsonl").read_text().splitlines()][:128]
     initial = out / "lora_null_init" / "adapter"
     assert_in_null_space(workspace / "model", texts, initial)
-    assert_v2_trained_b_only(initial, out)
-    assert_export_reproduces(workspace / "model", initial, out, out / "lora_null_export")
+    assert_right_on_the_base_it_names(workspace / "model", initial, out)

@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import load_dataset
+from lora_null_trl import EXPORT_DIR, INIT_DIR, LoraNullSFTConfig, LoraNullSFTTrainer
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_null_core import LoraNullConfig, lora_null_init
+from lora_null_core.export import RESIDUAL_ADAPTER_DIR
 from lora_null_core.initialize import lora_layers
-from lora_null_trl import EXPORT_DIR, INIT_DIR, LoraNullSFTConfig, LoraNullSFTTrainer
 
 LORA = dict(r=4, lora_alpha=8, target_modules="all-linear")
 
@@ -84,15 +85,42 @@ def test_sft_trainer_trains_a_lora_null_adapter_and_exports_it(workspace, tmp_pa
 
     out = tmp_path / "run" / "final"
     trainer.save_model(str(out))
-    exported = json.loads((out / EXPORT_DIR / "adapter_config.json").read_text())
-    assert exported["r"] == (4 if variant == "v2" else 8)
-    original = AutoModelForCausalLM.from_pretrained(workspace / "model", dtype=torch.float32)
-    on_original = PeftModel.from_pretrained(original, str(out / EXPORT_DIR))
+    # What TRL wrote as the adapter is right on the base it names (v1: the rank-2r export took its place).
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == (4 if variant == "v2" else 8)
+    assert config["base_model_name_or_path"] == str(workspace / "model")
+    original = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
+    on_original = PeftModel.from_pretrained(original, str(out))
     ids = torch.tensor([[2, 20, 21, 22, 23, 24, 25]])
     expected = logits(trainer.model, ids)
     assert (logits(on_original, ids) - expected).norm() / expected.norm() < 1e-5
+    assert (out / RESIDUAL_ADAPTER_DIR).is_dir() == (variant == "v1") and not (out / EXPORT_DIR).exists()
     metadata = json.loads((tmp_path / "run" / INIT_DIR / "lora_null.json").read_text())
     assert metadata["summary"]["leakage_holdout_mean"] < 0.5 * metadata["summary"]["leakage_holdout_random_mean"]
+
+
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_a_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_one_does(workspace, tmp_path, variant):
+    """Checkpoints keep what resuming needs: the resumed run's final adapter, loaded the standard way on the base
+    it names, computes what the uninterrupted run's does."""
+    steps = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    whole = trainer_for(workspace, tmp_path / "whole", variant, **steps)
+    whole.train()
+    whole.save_model(str(tmp_path / "whole"))
+    checkpoint = tmp_path / "whole" / "checkpoint-2"
+    named = json.loads((checkpoint / "adapter_config.json").read_text())["base_model_name_or_path"]
+    # v1's checkpoint adapter needs the residual base and says so; v2's is a LoRA for the original model.
+    assert named.startswith("lora-null residual base of") if variant == "v1" else named == str(workspace / "model")
+    assert not [p for p in checkpoint.iterdir() if p.is_dir()]  # resuming would load an adapter folder in it
+    resumed = trainer_for(workspace, tmp_path / "whole", variant, **steps)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    resumed.save_model(str(tmp_path / "resumed"))
+    ids = torch.tensor([[2, 20, 21, 22, 23, 24, 25]])
+    results = []
+    for folder in ("whole", "resumed"):
+        original = AutoModelForCausalLM.from_pretrained(workspace / "model", dtype=torch.float32)
+        results.append(logits(PeftModel.from_pretrained(original, str(tmp_path / folder)), ids))
+    assert (results[0] - results[1]).norm() / results[0].norm() < 1e-4
 
 
 def test_trl_yaml_cli(workspace, tmp_path):
@@ -110,7 +138,8 @@ def test_trl_yaml_cli(workspace, tmp_path):
                             text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     run = tmp_path / "cli-run"
-    assert json.loads((run / EXPORT_DIR / "adapter_config.json").read_text())["r"] == 4
+    config = json.loads((run / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["base_model_name_or_path"] == str(workspace / "model")
     assert json.loads((run / INIT_DIR / "lora_null.json").read_text())["calibration"]["num_samples"] == 150
     assert len(list((tmp_path / "cov").glob("*/index.json"))) == 1  # the YAML key reached the core
     trained, initial = load_file(str(run / "adapter_model.safetensors")), load_file(str(run / INIT_DIR / "adapter" / "adapter_model.safetensors"))

@@ -18,7 +18,7 @@ from lora_null_core.errors import ConfigError
 from lora_null_core.saving import atomic_output_dir
 
 from . import world
-from .evaluate import contains_target, number_matches, accuracy
+from .evaluate import accuracy, contains_target, number_matches
 from .train import TrainSettings, fine_tune
 from .world import Example
 

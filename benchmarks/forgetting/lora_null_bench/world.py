@@ -66,7 +66,8 @@ def people(count: int, seed: int) -> list[Person]:
     names = [a.capitalize() + b for a in _SYLLABLES for b in _SYLLABLES]
     pairs = rng.sample(range(len(names) ** 2), count)
     firsts, lasts = [names[p // len(names)] for p in pairs], [names[p % len(names)] for p in pairs]
-    return [Person(f"{f} {l}", {k: rng.choice(v) for k, v in ATTRIBUTES.items()}) for f, l in zip(firsts, lasts)]
+    return [Person(f"{first} {last}", {k: rng.choice(v) for k, v in ATTRIBUTES.items()})
+            for first, last in zip(firsts, lasts)]
 
 
 def biography(person: Person, rng: random.Random) -> str:

@@ -40,9 +40,6 @@ class LoraNullArgs(BaseModel):
         if quantized and data.get("lora_null_init", "projected") == "projected":
             raise ValueError("adapter_init: lora_null with a quantized base cannot hold the residual weight; "
                              "set `lora_null_init: basis` (A = null basis, B = 0, base untouched).")
-        if data.get("lora_model_dir"):
-            raise ValueError("adapter_init: lora_null initializes a new adapter; drop `lora_model_dir` "
-                             "(or drop adapter_init to resume a trained one).")
         if data.get("peft_use_dora"):
             raise ValueError("adapter_init: lora_null does not support DoRA; set peft_use_dora: false.")
         if zero_stage(data.get("deepspeed")) == 3:

@@ -15,8 +15,9 @@ from typing import Any
 from axolotl.integrations.base import BasePlugin
 
 from lora_null_core import LoraNullConfig, lora_null_init, save_initial_adapter
-from lora_null_core.export import INIT_DIR, export_saved_adapter
+from lora_null_core.callbacks import LoraNullCallback
 from lora_null_core.distributed import rank_and_world
+from lora_null_core.export import INIT_DIR, finish_saved_adapter
 
 LOG = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ class LoraNullPlugin(BasePlugin):
     def post_model_load(self, cfg: Any, model: Any) -> None:
         if not is_active(cfg):
             return
+        if cfg.lora_model_dir:  # a saved adapter was loaded (merge-lora, inference, training on): keep its weights
+            LOG.info("LoRA-Null: lora_model_dir %s is loaded as saved; no initialization.", cfg.lora_model_dir)
+            return
         from peft import PeftModel
 
         if not isinstance(model, PeftModel):
@@ -51,13 +55,16 @@ class LoraNullPlugin(BasePlugin):
             save_initial_adapter(model, Path(cfg.output_dir) / INIT_DIR, overwrite=True)
             LOG.info("LoRA-Null init (%s): %s", cfg.lora_null_variant, model.lora_null_report.summary())
 
+    def add_callbacks_pre_trainer(self, cfg: Any, model: Any) -> list:
+        # Checkpoints made right for the base they name; the initial factors are saved in post_model_load.
+        return [LoraNullCallback(save_init=False)] if is_active(cfg) else []
+
     def post_train(self, cfg: Any, model: Any) -> None:
         if not is_active(cfg) or rank_and_world()[0] != 0:
             return
-        # Axolotl calls post_train once before its final save and once after; the export needs the saved adapter.
-        exported = export_saved_adapter(cfg.output_dir, Path(cfg.output_dir) / INIT_DIR)
-        if exported:
-            LOG.info("LoRA-Null: adapter for the original base model written to %s", exported)
+        # Axolotl calls post_train once before its final save and once after; only the second finds weights.
+        finish_saved_adapter(cfg.output_dir, Path(cfg.output_dir) / INIT_DIR, final=True)
+
 
 def lora_null_config(cfg: Any) -> LoraNullConfig:
     return LoraNullConfig(

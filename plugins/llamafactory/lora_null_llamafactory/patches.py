@@ -8,11 +8,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
-
-from lora_null_core import LoraNullConfig, lora_null_init, save_initial_adapter
-from lora_null_core.export import INIT_DIR, export_saved_adapter
+from lora_null_core import LoraNullConfig, lora_null_init
+from lora_null_core.callbacks import LoraNullCallback
 from lora_null_core.distributed import rank_and_world
+from lora_null_core.export import INIT_DIR, finish_saved_adapter
 
 LOG = logging.getLogger(__name__)
 SUPPORTED = "LLaMA-Factory 0.9.2 to 0.9.5"
@@ -25,9 +24,8 @@ def install() -> None:
     if _installed:
         return
     try:
-        from llamafactory.hparams import parser
+        from llamafactory.hparams import FinetuningArguments, parser
         from llamafactory.model import loader
-        from llamafactory.hparams import FinetuningArguments
     except ImportError as err:
         raise ImportError(f"lora-null's LLaMA-Factory plugin needs {SUPPORTED} ({err}).") from err
     if not hasattr(parser, "_TRAIN_ARGS") or FinetuningArguments not in parser._TRAIN_ARGS or not hasattr(loader, "init_adapter"):
@@ -104,25 +102,10 @@ def _dataset_dir() -> str:
 
 
 def export_final(output_dir: str) -> None:
-    """After LLaMA-Factory's final save: the LoRA for the original base next to its adapter (rank 0)."""
+    """After LLaMA-Factory's final save: the output folder made right for the base it names (rank 0)."""
     output = Path(output_dir)
     if rank_and_world()[0] == 0 and (output / INIT_DIR).exists():
-        exported = export_saved_adapter(output, output / INIT_DIR)
-        if exported:
-            LOG.info("LoRA-Null: adapter for the original base model written to %s", exported)
+        finish_saved_adapter(output, output / INIT_DIR, final=True)
 
-class LoraNullCallback(TrainerCallback):
-    """Saves the initial factors when training starts; writes the LoRA for the original base at every checkpoint."""
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if _active(model) and rank_and_world()[0] == 0:
-            save_initial_adapter(model, Path(args.output_dir) / INIT_DIR, overwrite=True)
-
-    def on_save(self, args, state, control, model=None, **kwargs):
-        if not _active(model) or rank_and_world()[0] != 0:
-            return
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        export_saved_adapter(checkpoint, Path(args.output_dir) / INIT_DIR)
-
-def _active(model: Any) -> bool:
-    return getattr(model, "lora_null_report", None) is not None
+__all__ = ["LoraNullCallback", "export_final", "install", "set_dataset_dir"]

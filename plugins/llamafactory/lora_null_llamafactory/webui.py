@@ -8,7 +8,8 @@ from typing import Any
 
 import yaml
 
-from .patches import SUPPORTED, install as install_training
+from .patches import SUPPORTED
+from .patches import install as install_training
 
 CHOICES = ("LoRA", "PiSSA", "LoRA-Null v1", "LoRA-Null v2")
 LAUNCHER = "lora-null-llamafactory train"

@@ -6,9 +6,9 @@ then add `adapter_init="lora_null", lora_null_calibration="questions.jsonl"` to 
 `lora-null-trl sft --config cfg.yaml` with the same keys next to TRL's own.
 """
 
-from .config import LoraNullSFTConfig
 from lora_null_core.export import EXPORT_DIR, INIT_DIR
 
+from .config import LoraNullSFTConfig
 from .trainer import LoraNullSFTTrainer
 
 __all__ = ["EXPORT_DIR", "INIT_DIR", "LoraNullSFTConfig", "LoraNullSFTTrainer"]

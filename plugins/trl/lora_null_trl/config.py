@@ -32,7 +32,9 @@ class LoraNullSFTConfig(SFTConfig):
         default=None, metadata={"help": "Folder that keeps the calibration covariances; a later run with another rank or variant skips calibration."})
     lora_null_export: bool = field(
         default=True,
-        metadata={"help": "At every save, also write <dir>/lora_null_export: a standard LoRA for the original base."},
+        metadata={"help": "v1 only (v2 and basis train on the original weights and need nothing): make every save "
+                  "right for the base it names: the final folder holds the LoRA for the original model, a checkpoint "
+                  "keeps its residual adapter (for resuming) beside lora_null_export/. False: leave saves as trained."},
     )
 
     def __post_init__(self) -> None:

@@ -11,11 +11,10 @@ from peft import PeftModel
 from trl import SFTTrainer
 
 from lora_null_core import lora_null_init, save_initial_adapter
-from lora_null_core.export import INIT_DIR, export_saved_adapter
 from lora_null_core.errors import ConfigError
+from lora_null_core.export import INIT_DIR, finish_saved_adapter
 
 logger = logging.getLogger(__name__)
-
 
 
 class LoraNullSFTTrainer(SFTTrainer):
@@ -48,9 +47,11 @@ class LoraNullSFTTrainer(SFTTrainer):
             logger.info("LoRA-Null init: %s", self.model.lora_null_report.summary())
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """Checkpoints come through here with _internal_call; the run's final save without. Either way the
+        folder ends up right for the base its adapter_config.json names (see finish_saved_adapter)."""
         super().save_model(output_dir, _internal_call)
         if getattr(self.args, "adapter_init", "default") != "lora_null" or not self.args.lora_null_export:
             return
         if self.is_world_process_zero():
-            export_saved_adapter(output_dir or self.args.output_dir, self.lora_null_init_dir)
+            finish_saved_adapter(output_dir or self.args.output_dir, self.lora_null_init_dir, final=not _internal_call)
 

@@ -1,0 +1,41 @@
+"""The TrainerCallback the framework plugins share: keep the initial factors, and make every checkpoint right for
+the base its adapter_config.json names (see export.finish_saved_adapter)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from .distributed import rank_and_world
+from .export import INIT_DIR, finish_saved_adapter
+from .saving import save_initial_adapter
+
+
+def is_initialized(model: Any) -> bool:
+    return getattr(model, "lora_null_report", None) is not None
+
+
+class LoraNullCallback(TrainerCallback):
+    """on_train_begin: write `<output_dir>/lora_null_init` unless the plugin already did (a resumed run has
+    loaded trained weights by then, so it keeps the folder its first run wrote). on_save: finish the checkpoint."""
+
+    def __init__(self, save_init: bool = True) -> None:
+        self.save_init = save_init
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        init_dir = Path(args.output_dir) / INIT_DIR
+        if not self.save_init or not is_initialized(model) or rank_and_world()[0] != 0:
+            return
+        if state.global_step == 0:
+            save_initial_adapter(model, init_dir, overwrite=True)
+        elif not (init_dir / "lora_null.json").is_file():
+            raise FileNotFoundError(f"Resuming a LoRA-Null run needs {init_dir}, written when the run started; "
+                                    "it is gone. Start the run again from step 0.")
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if not is_initialized(model) or rank_and_world()[0] != 0:
+            return
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        finish_saved_adapter(checkpoint, Path(args.output_dir) / INIT_DIR, final=False)
