@@ -51,7 +51,7 @@ def analyze(
     batches = tokenize_batches(texts.calibration, tokenizer, config.max_length, config.batch_size)
     modules = linear_layers(model)
     covariances = collect_covariances(model, modules, batches, torch.float64, config.covariance_weighting)
-    adapter, rank = _initial_adapter(init_dir)
+    adapter, rank, settings = _initial_adapter(init_dir)
     eigen = {group: eigendecompose(matrix) for group, matrix in covariances.matrices.items()}  # ascending
     spectra = {group: values.clamp_min(0).flip(0).tolist() for group, (values, _) in eigen.items()}
     layers = []
@@ -89,14 +89,19 @@ def analyze(
         layers.append(entry)
     return {"calibration": {"source": texts.source, "samples": len(texts.calibration),
                             "tokens": max(covariances.tokens.values())},
-            "init": str(init_dir) if init_dir else None, "rank": rank, "layers": layers, "spectra": spectra}
+            "init": str(init_dir) if init_dir else None, "init_settings": settings, "rank": rank, "layers": layers,
+            "spectra": spectra}
 
 
-def _initial_adapter(init_dir: Optional[os.PathLike]) -> tuple[Optional[dict], Optional[int]]:
+def _initial_adapter(init_dir: Optional[os.PathLike]) -> tuple[Optional[dict], Optional[int], Optional[dict]]:
+    """The init folder's adapter, rank, and the settings that shape its factors (as its lora_null.json records)."""
     if init_dir is None:
-        return None, None
+        return None, None, None
     metadata = read_metadata(Path(init_dir))
-    return load_file(str(Path(init_dir) / ADAPTER_DIR / "adapter_model.safetensors")), metadata["lora"]["r"]
+    recorded = metadata.get("config", {})
+    settings = {"variant": metadata["variant"], "init": metadata["init"],
+                "train_base": metadata.get("train_base", "residual"), "a_scale": recorded.get("a_scale", 1.0)}
+    return load_file(str(Path(init_dir) / ADAPTER_DIR / "adapter_model.safetensors")), metadata["lora"]["r"], settings
 
 
 def _depth(name: str) -> int:
@@ -194,7 +199,14 @@ def _html(data, images) -> str:
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:12px}}
 td,th{{border:1px solid #ccc;padding:2px 6px}}img{{max-width:100%}}</style></head><body>
 <h1>lora-null inspect</h1><p>Calibration: {html.escape(str(calibration['source']))}, {calibration['samples']} samples,
-{calibration['tokens']} tokens. Init: {html.escape(str(data['init']))}.</p>{pictures}
+{calibration['tokens']} tokens. Init: {html.escape(str(data['init']))}{_settings(data.get('init_settings'))}.</p>{pictures}
 <table><tr><th>layer</th><th>d_in</th><th>tokens</th><th>eff. rank activations</th><th>eff. rank weight</th>
 <th>leakage</th><th>random A</th><th>optimum</th><th>recommendation</th></tr>{rows}</table></body></html>
 """
+
+
+def _settings(settings: Optional[dict]) -> str:
+    if not settings:
+        return ""
+    return html.escape(f" ({settings['variant']}, {settings['init']}, trained on the {settings['train_base']} "
+                       f"weights, a_scale {settings['a_scale']:g})")

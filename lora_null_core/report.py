@@ -50,7 +50,7 @@ class InitReport:
     format_version: int = FORMAT_VERSION
 
     def summary(self) -> dict[str, float]:
-        """Means over layers, the numbers a person reads first."""
+        """Means over layers (and the A scale used): the numbers a person reads first."""
         def mean(values: list[Optional[float]]) -> Optional[float]:
             kept = [v for v in values if v is not None]
             return sum(kept) / len(kept) if kept else None
@@ -61,6 +61,7 @@ class InitReport:
             "leakage_random_mean": mean([layer.leakage_random for layer in self.layers]),
             "leakage_holdout_mean": mean([layer.leakage_holdout for layer in self.layers]),
             "leakage_holdout_random_mean": mean([layer.leakage_holdout_random for layer in self.layers]),
+            "a_scale": self.config.get("a_scale", 1.0),
         }
 
     def to_dict(self) -> dict[str, Any]:
