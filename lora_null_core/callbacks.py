@@ -9,6 +9,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from .distributed import rank_and_world
+from .errors import LoraNullError
 from .export import INIT_DIR, finish_saved_adapter
 from .saving import save_initial_adapter
 
@@ -31,8 +32,8 @@ class LoraNullCallback(TrainerCallback):
         if state.global_step == 0:
             save_initial_adapter(model, init_dir, overwrite=True)
         elif not (init_dir / "lora_null.json").is_file():
-            raise FileNotFoundError(f"Resuming a LoRA-Null run needs {init_dir}, written when the run started; "
-                                    "it is gone. Start the run again from step 0.")
+            raise LoraNullError(f"Resuming a LoRA-Null run needs {init_dir}, written when the run started; it is "
+                                "gone. Start the run again from step 0.")
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if not is_initialized(model) or rank_and_world()[0] != 0:
