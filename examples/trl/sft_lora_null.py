@@ -36,7 +36,7 @@ def main() -> None:
         ),
     )
     trainer.train()
-    trainer.save_model()  # also writes <output>/lora_null_export: a LoRA for the original model
+    trainer.save_model()  # a standard LoRA for the original model (v1: the exact export, made in place)
 
 
 if __name__ == "__main__":
