@@ -10,7 +10,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from lora_null_core.saving import load_model
+from lora_null_core.saving import DTYPE_KEY, load_model
 
 
 def factors(folder: Path) -> dict[str, torch.Tensor]:
@@ -62,7 +62,7 @@ def assert_right_on_the_base_it_names(model_dir: Path, initial_dir: Path, out_di
     assert not [p for p in Path(out_dir).iterdir() if p.is_dir() and not p.name.startswith("checkpoint-")
                 and (p / "adapter_model.safetensors").exists()]
     on_original = PeftModel.from_pretrained(load_model(str(model_dir), dtype="float32"), str(out_dir))
-    following_the_name = AutoPeftModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.float32)
+    following_the_name = AutoPeftModelForCausalLM.from_pretrained(str(out_dir), **{DTYPE_KEY: torch.float32})
     ids = torch.tensor([[2, 5, 9, 13, 21, 34, 8, 7]])
     with torch.no_grad():
         expected = by_hand(model_dir, trained, config)(ids)

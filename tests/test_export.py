@@ -112,7 +112,7 @@ def test_what_a_trainer_saves_is_right_on_the_base_it_names(tmp_path, saved_mode
     assert named == str(saved_model)
     standard = PeftModel.from_pretrained(load_model(named, dtype="float32"), str(tmp_path / "run"))
     assert relative_error(logits(standard, batch.input_ids, batch.attention_mask), expected) < 1e-5
-    auto = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "run"), dtype=torch.float32)
+    auto = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "run"), **{DTYPE_KEY: torch.float32})
     assert relative_error(logits(auto, batch.input_ids, batch.attention_mask), expected) < 1e-5
     assert json.loads((tmp_path / "run" / "adapter_config.json").read_text())["r"] == (8 if variant == "v1" else 4)
     assert (tmp_path / "run" / RESIDUAL_ADAPTER_DIR).is_dir() == (variant == "v1")
