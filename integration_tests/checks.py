@@ -71,6 +71,16 @@ def assert_right_on_the_base_it_names(model_dir: Path, initial_dir: Path, out_di
         assert (load_model(str(model_dir), dtype="float32")(input_ids=ids).logits - expected).norm() > 1e-4 * expected.norm()
 
 
+def assert_merged_is_the_fine_tuned_model(merged_dir: Path, model_dir: Path, adapter_dir: Path) -> None:
+    """A framework's own merge of the run's output equals the original model with that output loaded by PEFT."""
+    merged = load_model(str(merged_dir), dtype="float32")
+    expected = PeftModel.from_pretrained(load_model(str(model_dir), dtype="float32"), str(adapter_dir))
+    ids = torch.tensor([[2, 5, 9, 13, 21, 34, 8, 7]])
+    with torch.no_grad():
+        want, got = expected(input_ids=ids).logits, merged(input_ids=ids).logits
+    assert (got - want).norm() / want.norm() < 1e-4
+
+
 def by_hand(model_dir: Path, adapter: dict[str, torch.Tensor], config: dict):
     """The original model with W + s·B·A written into its weights, without PEFT: an independent reference."""
     model = load_model(str(model_dir), dtype="float32")

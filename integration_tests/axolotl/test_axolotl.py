@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from checks import assert_export_reproduces, assert_in_null_space, assert_right_on_the_base_it_names
+from checks import (
+    assert_export_reproduces,
+    assert_in_null_space,
+    assert_merged_is_the_fine_tuned_model,
+    assert_right_on_the_base_it_names,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = {  # the example's settings that a tiny CPU run must change; everything else is the example as shipped
@@ -36,11 +41,11 @@ def config(workspace, out: Path, **changes) -> Path:
     return path
 
 
-def axolotl_train(cfg: Path) -> subprocess.CompletedProcess:
+def axolotl_train(cfg: Path, command: str = "train") -> subprocess.CompletedProcess:
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "AXOLOTL_DO_NOT_TRACK": "1",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled", "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run([os.path.join(bin_dir, "axolotl"), "train", str(cfg)], env=env, capture_output=True,
+    return subprocess.run([os.path.join(bin_dir, "axolotl"), command, str(cfg)], env=env, capture_output=True,
                           text=True, timeout=900, cwd=cfg.parent)
 
 
@@ -73,25 +78,10 @@ def test_the_output_folder_is_right_on_the_base_it_names(workspace, trained):
 def test_axolotl_merge_lora_gives_the_fine_tuned_model(workspace, trained, method):
     """`axolotl merge-lora` on the run's output: both of Axolotl's merge paths (the legacy one loads the model
     through the plugins, which must then leave the saved adapter alone)."""
-    import torch
-    from peft import PeftModel
-
-    from lora_null_core.saving import load_model
-
     out = trained.parent / f"merge-{method}"
-    cfg = config(workspace, out, lora_model_dir=str(trained), merge_method=method)
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "AXOLOTL_DO_NOT_TRACK": "1",
-           "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([os.path.join(bin_dir, "axolotl"), "merge-lora", str(cfg)], env=env, capture_output=True,
-                            text=True, timeout=900, cwd=cfg.parent)
+    result = axolotl_train(config(workspace, out, lora_model_dir=str(trained), merge_method=method), "merge-lora")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    merged = load_model(str(out / "merged"), dtype="float32")
-    expected = PeftModel.from_pretrained(load_model(str(workspace / "model"), dtype="float32"), str(trained))
-    ids = torch.tensor([[2, 5, 9, 13, 21, 34, 8, 7]])
-    with torch.no_grad():
-        want, got = expected(input_ids=ids).logits, merged(input_ids=ids).logits
-    assert (got - want).norm() / want.norm() < 1e-4
+    assert_merged_is_the_fine_tuned_model(out / "merged", workspace / "model", trained)
 
 
 def test_v1_output_is_the_export_and_its_residual_adapter_is_set_aside(workspace, tmp_path):

@@ -9,7 +9,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from checks import assert_export_reproduces, assert_in_null_space, assert_right_on_the_base_it_names
+from checks import (
+    assert_export_reproduces,
+    assert_in_null_space,
+    assert_merged_is_the_fine_tuned_model,
+    assert_right_on_the_base_it_names,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = {  # what a tiny CPU run changes in the shipped example; the LoRA-Null keys stay as shipped
@@ -33,11 +38,12 @@ def config(workspace, data_dir, out: Path, **changes) -> Path:
     return path
 
 
-def train(cfg: Path, **env_changes: str) -> subprocess.CompletedProcess:
+def train(cfg: Path, cli: str = "lora-null-llamafactory", command: str = "train",
+          **env_changes: str) -> subprocess.CompletedProcess:
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
            "DISABLE_VERSION_CHECK": "1", "CUDA_VISIBLE_DEVICES": "", **env_changes}
-    return subprocess.run([str(bin_dir / "lora-null-llamafactory"), "train", str(cfg)], env=env,
+    return subprocess.run([str(bin_dir / cli), command, str(cfg)], env=env,
                           capture_output=True, text=True, timeout=900, cwd=cfg.parent)
 
 
@@ -67,27 +73,13 @@ def test_the_output_folder_and_its_checkpoints_are_right_on_the_base_they_name(w
 
 def test_llamafactory_cli_export_gives_the_fine_tuned_model(workspace, trained, tmp_path):
     """LLaMA-Factory's own merge: `llamafactory-cli export` with the run's output as adapter_name_or_path."""
-    import torch
-    from peft import PeftModel
-
-    from lora_null_core.saving import load_model
-
     cfg = {"model_name_or_path": str(workspace / "model"), "adapter_name_or_path": str(trained), "template": "default",
            "finetuning_type": "lora", "export_dir": str(tmp_path / "merged"), "export_device": "cpu",
            "export_legacy_format": False, "trust_remote_code": False}
     (tmp_path / "export.yaml").write_text(yaml.safe_dump(cfg))
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
-           "DISABLE_VERSION_CHECK": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([str(bin_dir / "llamafactory-cli"), "export", str(tmp_path / "export.yaml")], env=env,
-                            capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    result = train(tmp_path / "export.yaml", cli="llamafactory-cli", command="export")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    merged = load_model(str(tmp_path / "merged"), dtype="float32")
-    expected = PeftModel.from_pretrained(load_model(str(workspace / "model"), dtype="float32"), str(trained))
-    ids = torch.tensor([[2, 5, 9, 13, 21, 34, 8, 7]])
-    with torch.no_grad():
-        want, got = expected(input_ids=ids).logits, merged(input_ids=ids).logits
-    assert (got - want).norm() / want.norm() < 1e-4
+    assert_merged_is_the_fine_tuned_model(tmp_path / "merged", workspace / "model", trained)
 
 
 def test_v1_output_is_the_export_and_its_residual_adapter_is_set_aside(workspace, data_dir, tmp_path):
