@@ -63,3 +63,13 @@ def test_a_base_model_that_knows_no_facts_is_refused_not_reported_as_nan(monkeyp
                             knowledge_tokens=4, task_eval=[object()] * 3, task_tokens=4, eval_batch=2)
     with pytest.raises(ConfigError, match="answers none of the 5 knowledge questions"):
         frontier.run_frontier(suite, "addition", [("lora", 1e-3, 0)], "cmd", "cpu")
+
+
+def test_rows_through_a_framework_trainer_are_compared_with_the_loop_not_drawn_as_a_curve():
+    trl = [{**row("lora_null", 3e-3, seed, task, kept), "trainer": "trl"} for seed, task, kept in ((0, 0.1, 1.0),
+                                                                                                    (1, 0.3, 0.8))]
+    rows = [*ROWS, row("lora_null", 3e-3, 0, 0.88, 0.90), *trl]
+    assert [p["task"] for p in curves(rows)[("m", "t")]["lora_null"]] == [0.88]  # the loop's point alone
+    table = markdown(rows)
+    assert "through the TRL plugin" in table
+    assert "| lora_null | 0.003 | 0.880 ± 0.000 | 0.200 ± 0.141 | 0.900 ± 0.000 | 0.900 ± 0.141 | 1 / 2 |" in table

@@ -185,3 +185,29 @@ def test_example_yaml_parses_into_trl_and_lora_null_arguments(tmp_path):
     assert config.adapter_init == "lora_null" and config.lora_null_variant == "v2"
     assert model_args.use_peft and model_args.lora_r == 16
     assert script_args.dataset_name == "trl-lib/Capybara"
+
+
+def test_bench_trains_a_frontier_point_through_the_plugin(workspace, tmp_path):
+    """`lora-null bench frontier --trainer trl`: TRL's SFTTrainer with the plugin's one key trains the task
+    (completion-only loss) with v2's A frozen at the init the plugin wrote, as the harness's loop would."""
+    from lora_null_bench.suites import Suite
+    from lora_null_bench.train import TrainSettings
+    from lora_null_bench.trl_trainer import fine_tune_with_trl
+    from lora_null_bench.world import Example
+
+    texts = [json.loads(line)["text"] for line in (workspace / "calibration.jsonl").read_text().splitlines()]
+    sums = [text.split(" Answer : ") for text in json.loads((workspace / "task.json").read_text())]
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "model")
+    suite = Suite(model="tiny", load_base=lambda: AutoModelForCausalLM.from_pretrained(workspace / "model"),
+                  tokenizer=tokenizer, calibration=[Example(t, ("",)) for t in texts[:256]], knowledge=[],
+                  heldout_text=[], task_train=[Example(q + " Answer :", (a,)) for q, a in sums], task_eval=[],
+                  train=TrainSettings(steps=4, batch_size=8, learning_rate=5e-3, max_length=32), rank=4)
+    trained, loss = fine_tune_with_trl("lora_null", suite.load_base(), suite, suite.train, 0, tmp_path)
+    assert 0 < loss < float("inf")  # the completion tokens carried a loss
+    written = PeftModel.from_pretrained(suite.load_base(), str(tmp_path / "run" / INIT_DIR / "adapter"))
+    init, now = adapter_state(written), adapter_state(trained)
+    assert init.keys() == now.keys()
+    assert all(torch.equal(init[k], now[k]) for k in init if k.endswith("lora_A"))  # v2: A frozen at the init
+    assert not all(torch.equal(init[k], now[k]) for k in init if k.endswith("lora_B"))  # B trained
+    with pytest.raises(ValueError, match="runs lora, lora_null"):
+        fine_tune_with_trl("pissa", suite.load_base(), suite, suite.train, 0, tmp_path / "x")

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     frontier.add_argument("--size", choices=("cpu", "gpu"), default="gpu", help="cpu: a few items, for tests.")
     frontier.add_argument("--shard", default="0/1", help="i/n: run every n-th job from the i-th (parallel processes).")
     frontier.add_argument("--output", default="runs/frontier.json", help="Rows are written here as they finish.")
+    frontier.add_argument("--trainer", choices=("loop", "trl"), default="loop",
+                          help="loop: the harness's own training loop (every init alike); trl: TRL's SFTTrainer "
+                          "through lora_null_trl (inits lora and lora_null; bf16, gradient checkpointing).")
     frontier.add_argument("--eval-batch", type=int, default=None,
                           help="Prompts per generation batch (default: the size's; lower it for large vocabularies).")
     frontier.add_argument("--data-dir", default=str(SHIPPED_DATA), help="Holds bigbench_qa_wikidata/ and tasks/.")
@@ -188,6 +191,8 @@ def _frontier(args, command: str) -> int:
     unknown = sorted(i for i in inits if not is_known_init(i))
     if unknown:
         raise SystemExit(f"unknown init(s) {unknown}; choose from {', '.join(INITS)}, lora_null_x<a_scale>")
+    if args.trainer == "trl" and set(inits) - {"lora", "lora_null"}:
+        raise SystemExit("--trainer trl runs the inits lora and lora_null (what TRL and its plugin build).")
     device = args.device or default_device()
     suite = file_suite(args.model or str(_smollm2_gguf()), data / "bigbench_qa_wikidata" / "task.json", task_files[0],
                        task_files[1], args.size, Path(args.cache), device,
@@ -206,7 +211,8 @@ def _frontier(args, command: str) -> int:
         tmp.write_text(json.dumps({"runs": rows}, indent=1) + "\n")
         tmp.replace(output)
 
-    run_frontier(suite, args.task, jobs, command, device_name(), on_row=write)
+    run_frontier(suite, args.task, jobs, command, device_name(), on_row=write, trainer=args.trainer,
+                 workdir=Path(args.cache) / "trl-runs")
     return 0
 
 

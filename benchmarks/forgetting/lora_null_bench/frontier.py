@@ -44,8 +44,9 @@ def exact_match(completion: str, targets: Sequence[str]) -> bool:
 
 
 def run_frontier(suite: Suite, task: str, jobs: Sequence[tuple[str, float, int]], command: str, device: str,
-                 on_row=None) -> list[dict[str, Any]]:
-    """One row per (init, learning rate, seed) job, measured against the base model's answers."""
+                 on_row=None, trainer: str = "loop", workdir: Path | None = None) -> list[dict[str, Any]]:
+    """One row per (init, learning rate, seed) job, measured against the base model's answers. trainer "loop":
+    the harness's own loop (every init alike); "trl": TRL's SFTTrainer through the plugin, as users run it."""
     base = suite.load_base()
     _, base_hits = accuracy(base, suite.tokenizer, suite.knowledge, suite.knowledge_tokens, suite.eval_batch)
     task_base, _ = accuracy(base, suite.tokenizer, suite.task_eval, suite.task_tokens, suite.eval_batch,
@@ -59,21 +60,21 @@ def run_frontier(suite: Suite, task: str, jobs: Sequence[tuple[str, float, int]]
     logger.info("%s / %s: base task %.3f, %d of %d facts known", suite.model, task, task_base, len(known),
                 len(suite.knowledge))
     rows = []
-    template, template_key, where = None, None, None
+    templates: dict[str, Any] = {}
     first = {}  # jobs of one (init, seed) run together, so each init is built once
     for init, _, seed in jobs:
         first.setdefault((init, seed), len(first))
     for init, lr, seed in sorted(jobs, key=lambda job: first[job[0], job[2]]):
         start = time.perf_counter()
-        if template_key != (init, seed):  # an init does not depend on the learning rate: build it once, keep it on the CPU
-            template = None
-            free_memory()
-            built = build_adapter(init, suite.load_base(), suite, seed)
-            where = next(built.parameters()).device
-            template, template_key = built.cpu(), (init, seed)
-        model = copy.deepcopy(template).to(where)
         settings = replace(suite.train, learning_rate=lr)
-        loss = fine_tune(model, suite.tokenizer, suite.task_train, settings, seed, suite.separator, desc=f"{init} {lr:g}")
+        if trainer == "trl":
+            from .trl_trainer import fine_tune_with_trl
+
+            free_memory()
+            model, loss = fine_tune_with_trl(init, suite.load_base(), suite, settings, seed,
+                                             Path(workdir or "runs/trl") / f"{init}-{lr:g}-{seed}")
+        else:
+            model, loss = _train_in_loop(init, lr, seed, suite, settings, templates)
         task_score, _ = accuracy(model, suite.tokenizer, suite.task_eval, suite.task_tokens, suite.eval_batch,
                                  match=exact_match)
         kept, _ = accuracy(model, suite.tokenizer, known, suite.knowledge_tokens, suite.eval_batch)
@@ -84,6 +85,8 @@ def run_frontier(suite: Suite, task: str, jobs: Sequence[tuple[str, float, int]]
             "batch_size": settings.batch_size, "train_loss": loss, "task_items": len(suite.task_eval),
             "knowledge_items": len(suite.knowledge), "seconds": round(time.perf_counter() - start, 1),
         }
+        if trainer != "loop":
+            row["trainer"] = trainer
         logger.info("%s %s %-15s lr %-7g seed %d: task %.3f, kept %.3f", suite.model, task, init, lr, seed,
                     task_score, kept)
         rows.append(row)
@@ -94,11 +97,26 @@ def run_frontier(suite: Suite, task: str, jobs: Sequence[tuple[str, float, int]]
     return rows
 
 
+def _train_in_loop(init: str, lr: float, seed: int, suite: Suite, settings, templates: dict[str, Any]):
+    """An init does not depend on the learning rate: build it once per (init, seed), keep it on the CPU, train a
+    copy per learning rate."""
+    if templates.get("key") != (init, seed):
+        templates.clear()
+        free_memory()
+        built = build_adapter(init, suite.load_base(), suite, seed)
+        templates.update(key=(init, seed), where=next(built.parameters()).device, model=built.cpu())
+    model = copy.deepcopy(templates["model"]).to(templates["where"])
+    loss = fine_tune(model, suite.tokenizer, suite.task_train, settings, seed, suite.separator, desc=f"{init} {lr:g}")
+    return model, loss
+
+
 # ---------------------------------------------------------------- summary, table and plots
 def curves(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[str, list[dict[str, float]]]]:
     """(model, task) → init → points sorted by learning rate: mean and spread over seeds of both axes."""
     grouped: dict[tuple[str, str], dict[str, dict[float, list[dict]]]] = {}
     for row in rows:
+        if row.get("trainer", "loop") != "loop":  # other trainers are compared with the loop, not drawn (trainer_table)
+            continue
         grouped.setdefault((row["model"], row["task"]), {}).setdefault(row["init"], {}).setdefault(row["lr"], []).append(row)
     out: dict[tuple[str, str], dict[str, list[dict[str, float]]]] = {}
     for key, inits in grouped.items():
@@ -195,6 +213,7 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
                         verdict = "reference" if init == "lora" else "yes" if entry["passes"] else "no"
                         lines.append(f"| {init} | {entry['task']:.3f} | {entry['loss']:.3f} | {ratio} | {verdict} |")
                 lines.append("")
+        lines += trainer_table([r for r in rows if r["model"] == model and r["task"] == task])
         lines += ["| init | lr | task (mean ± sd) | kept (mean ± sd) | seeds |", "| --- | ---: | ---: | ---: | ---: |"]
         for init, points in sorted(by_init.items(), key=lambda kv: _order(kv[0])):
             for p in points:
@@ -202,6 +221,34 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
                              f"{p['kept']:.3f} ± {p['kept_sd']:.3f} | {p['seeds']} |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def trainer_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Points also trained through a framework plugin (row "trainer"), beside the harness loop's at the same
+    (init, lr): what a user of that framework gets, and whether it matches within seed noise."""
+    others = sorted({r["trainer"] for r in rows if r.get("trainer", "loop") != "loop"})
+    lines: list[str] = []
+    for trainer in others:
+        lines += [f"The same points through the {trainer.upper()} plugin (its own trainer: bf16, gradient "
+                  "checkpointing) beside the harness loop (mean ± sd over seeds):", "",
+                  "| init | lr | task: loop | task: " + trainer + " | kept: loop | kept: " + trainer + " | seeds |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        points: dict[tuple[str, float], dict[str, list[dict]]] = {}
+        for r in rows:
+            points.setdefault((r["init"], r["lr"]), {}).setdefault(r.get("trainer", "loop"), []).append(r)
+        for (init, lr), by in sorted(points.items(), key=lambda kv: (_order(kv[0][0]), kv[0][1])):
+            if trainer not in by:
+                continue
+
+            def cell(key: str, name: str) -> str:
+                values = [r[key] for r in by.get(name, [])]
+                return f"{statistics.fmean(values):.3f} ± {_sd(values):.3f}" if values else "–"
+
+            seeds = f"{len(by.get('loop', []))} / {len(by[trainer])}"
+            lines.append(f"| {init} | {lr:g} | {cell('task_score', 'loop')} | {cell('task_score', trainer)} | "
+                         f"{cell('knowledge_kept', 'loop')} | {cell('knowledge_kept', trainer)} | {seeds} |")
+        lines.append("")
+    return lines
 
 
 def plot(rows: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
@@ -243,11 +290,13 @@ def plot(rows: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
 
 
 def merge_results(paths: Sequence[Path]) -> list[dict[str, Any]]:
-    """Rows of several result files; a later row for the same (model, task, init, lr, seed, steps, rank) wins."""
+    """Rows of several result files; a later row for the same (model, task, init, lr, seed, steps, rank, trainer)
+    wins."""
     rows: dict[tuple, dict[str, Any]] = {}
     for path in paths:
         for row in json.loads(Path(path).read_text())["runs"]:
-            rows[tuple(row[k] for k in ("model", "task", "init", "lr", "seed", "steps", "rank"))] = row
+            key = tuple(row[k] for k in ("model", "task", "init", "lr", "seed", "steps", "rank"))
+            rows[(*key, row.get("trainer", "loop"))] = row
     return list(rows.values())
 
 
