@@ -1,8 +1,11 @@
 """lora-null: LoRA initialized in the null space of pre-trained knowledge activations (Tang et al., 2025).
 
-Pipeline, one module per stage: data → calibrate → null_space → initialize → export; saving and the CLI on top.
+Pipeline, one module per stage: data → calibrate → null_space → initialize (adapters: the PEFT side;
+safeguards: the checks that refuse a bad init) → export; saving, integration (what every front end shares) and
+the CLI on top.
 """
 
+from .adapters import apply_variant
 from .calibrate import Covariances, collect_covariances, run_activation_pass
 from .config import LoraNullConfig
 from .errors import (
@@ -19,7 +22,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .export import export_for_original_base, merge_to_full_model
-from .initialize import apply_variant, lora_null_init
+from .initialize import initialize_lora_null_weights, lora_null_init
 from .leakage import holdout_leakage, leakage_from_covariance
 from .null_space import basis_factors, effective_rank, null_basis, projected_factors
 from .report import InitReport, LayerReport
@@ -32,7 +35,7 @@ __all__ = [
     "CalibrationDataError", "ConfigError", "Covariances", "ExportError", "FunctionNotPreservedError", "InitReport", "InsufficientCalibrationError",
     "InvalidRankError", "LayerReport", "LoraNullConfig", "LoraNullError", "NoTargetModulesError",
     "NonFiniteActivationsError", "OutputExistsError", "UnsupportedModelError", "apply_variant", "basis_factors",
-    "collect_covariances", "effective_rank", "export_for_original_base", "holdout_leakage", "init_to_folder",
+    "collect_covariances", "effective_rank", "export_for_original_base", "holdout_leakage", "init_to_folder", "initialize_lora_null_weights",
     "leakage_from_covariance", "load_initialized", "lora_null_init", "merge_to_full_model", "null_basis",
     "projected_factors", "run_activation_pass", "save_initial_adapter", "save_initialized",
 ]

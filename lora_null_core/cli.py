@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 from .config import LoraNullConfig
 from .console import NORMAL, QUIET, VERBOSE, set_verbosity
 from .errors import LoraNullError
+from .integration import config_fields
 from .saving import FLOAT_DTYPES
 
 logger = logging.getLogger("lora_null_core")
@@ -28,47 +29,29 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--model", required=True, help="Local model folder or hub name.")
     init.add_argument("--calibration", required=True, help="JSONL/JSON/parquet/CSV/TXT file, saved dataset or hub name.")
     init.add_argument("--rank", type=int, required=True, help="LoRA rank r (= null-space dimension).")
-    init.add_argument("--variant", choices=("v1", "v2"), default="v2", help="v2 freezes lora_A (default).")
     init.add_argument("--output", required=True, help="Folder to create: OUT/base, OUT/adapter, OUT/lora_null.json.")
     init.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: equal to --rank).")
     init.add_argument("--target-modules", default="all-linear", help="Comma-separated names (default: every linear layer but the LM head).")
     init.add_argument("--dropout", type=float, default=0.0, help="lora_dropout.")
     init.add_argument("--rslora", action="store_true", help="Scale by alpha / sqrt(r) (rsLoRA).")
-    init.add_argument("--init", choices=("projected", "basis"), default="projected", help="basis: A = null basis, B = 0, base untouched.")
-    defaults = LoraNullConfig()
-    init.add_argument("--num-samples", type=int, default=defaults.num_samples)
-    init.add_argument("--holdout-samples", type=int, default=defaults.holdout_samples, help="Extra samples for held-out leakage (0: skip).")
-    init.add_argument("--max-length", type=int, default=defaults.max_length)
-    init.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    init.add_argument("--seed", type=int, default=defaults.seed)
-    init.add_argument("--text-field", default=defaults.text_field)
-    init.add_argument("--covariance-weighting", choices=("token_sum", "per_sample_max"), default=defaults.covariance_weighting)
-    init.add_argument("--min-tokens-per-dim", type=float, default=defaults.min_tokens_per_dim)
     init.add_argument("--dtype", choices=FLOAT_DTYPES, default="auto", help="Weights' dtype (auto: the checkpoint's).")
     init.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available).")
-    init.add_argument("--streaming", choices=("auto", "on", "off"), default=defaults.streaming, help="Block-by-block calibration (auto: when the model allows).")
     init.add_argument("--offload", nargs="?", const="cpu", choices=("cpu", "disk"), default=None,
                       help="Stream one block at a time to --device, keeping the weights in CPU memory (--offload, "
                       "--offload cpu) or reading each block from the local safetensors checkpoint and writing its "
                       "residual right after (--offload disk: for models larger than CPU memory).")
-    init.add_argument("--solver", choices=("auto", "eigh64", "eigh32", "subspace"), default=defaults.solver)
-    init.add_argument("--a-scale", type=float, default=defaults.a_scale,
-                      help="Multiply lora_A by this and lora_B by 1/this (same function): a frozen A then learns this "
-                      "many times faster at the same learning rate.")
-    init.add_argument("--accumulate-dtype", choices=("float32", "float64"), default=defaults.accumulate_dtype)
-    init.add_argument("--covariance-cache", default=None, metavar="DIR",
-                      help="Keep the calibration covariances here; a later run (other rank, variant or init) reuses them.")
+    add_config_flags(init.add_argument_group("LoRA-Null settings (LoraNullConfig fields; YAML: lora_null_<field>)"))
     init.add_argument("--trust-remote-code", action="store_true", help="Run the model repo's own code (only if you trust it).")
     init.add_argument("--overwrite", action="store_true", help="Replace OUT if it exists.")
 
     export = commands.add_parser("export", help="Turn an adapter trained on OUT/base into a LoRA for the original model.")
-    export.add_argument("--init", required=True, help="The folder `lora-null init` wrote.")
+    export.add_argument("--init-dir", "--init", dest="init_dir", required=True, help="The folder `lora-null init` wrote.")
     export.add_argument("--adapter", required=True, help="The trained PEFT adapter folder.")
     export.add_argument("--output", required=True)
     export.add_argument("--overwrite", action="store_true")
 
     merge = commands.add_parser("merge", help="Write full merged weights of the trained model.")
-    merge.add_argument("--init", required=True)
+    merge.add_argument("--init-dir", "--init", dest="init_dir", required=True, help="The folder `lora-null init` wrote.")
     merge.add_argument("--adapter", required=True)
     merge.add_argument("--output", required=True)
     merge.add_argument("--dtype", choices=FLOAT_DTYPES, default="auto")
@@ -78,11 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--model", required=True, help="The ORIGINAL model (folder or hub name).")
     inspect.add_argument("--calibration", required=True, help="Knowledge text (held-out text to check an init).")
     inspect.add_argument("--output", required=True)
-    inspect.add_argument("--init", default=None, help="A folder written by `lora-null init`, to measure its leakage.")
-    inspect.add_argument("--num-samples", type=int, default=LoraNullConfig().num_samples)
-    inspect.add_argument("--max-length", type=int, default=LoraNullConfig().max_length)
-    inspect.add_argument("--batch-size", type=int, default=LoraNullConfig().batch_size)
-    inspect.add_argument("--text-field", default="text")
+    inspect.add_argument("--init-dir", "--init", dest="init_dir", default=None,
+                         help="A folder written by `lora-null init`, to measure its leakage.")
+    add_config_flags(inspect, only=("num_samples", "max_length", "batch_size", "text_field"))
     inspect.add_argument("--dtype", choices=FLOAT_DTYPES, default="auto")
     inspect.add_argument("--device", default=None)
     inspect.add_argument("--trust-remote-code", action="store_true")
@@ -93,8 +74,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=40)
     demo.add_argument("--overwrite", action="store_true")
 
-    commands.add_parser("bench", add_help=False, help="Forgetting benchmark: `lora-null bench run --help`.")
+    for name in _extension_commands():
+        commands.add_parser(name, add_help=False, help=f"`lora-null {name} --help` (an installed extension).")
     return parser
+
+
+def _extension_commands() -> dict:
+    """Sub-commands installed packages register under the `lora_null.commands` entry-point group."""
+    from importlib.metadata import entry_points
+
+    return {point.name: point for point in entry_points(group="lora_null.commands")}
+
+
+def add_config_flags(parser, only: Optional[Sequence[str]] = None) -> None:
+    """One flag per LoraNullConfig field (--num-samples, --solver, …): type, choices, default and help come from
+    the config, so a new field is a new flag with nothing restated here."""
+    for spec in config_fields():
+        if only is not None and spec.name not in only:
+            continue
+        kind = spec.type if spec.type in (int, float, str) else str
+        default = f" (default: {spec.default})" if spec.default is not None else ""
+        parser.add_argument(spec.flag, dest=spec.name, type=kind, choices=spec.choices, default=spec.default,
+                            help=spec.help.replace("%", "%%") + default, metavar=None if spec.choices else spec.name.upper())
+
+
+def config_from_flags(args: argparse.Namespace) -> LoraNullConfig:
+    return LoraNullConfig(**{spec.name: getattr(args, spec.name) for spec in config_fields() if hasattr(args, spec.name)})
 
 
 def _init(args: argparse.Namespace) -> dict:
@@ -107,13 +112,7 @@ def _init(args: argparse.Namespace) -> dict:
         r=args.rank, lora_alpha=args.alpha if args.alpha is not None else args.rank, target_modules=targets,
         lora_dropout=args.dropout, use_rslora=args.rslora, task_type="CAUSAL_LM",
     )
-    config = LoraNullConfig(
-        variant=args.variant, init=args.init, num_samples=args.num_samples, holdout_samples=args.holdout_samples,
-        max_length=args.max_length, batch_size=args.batch_size, seed=args.seed, text_field=args.text_field,
-        covariance_weighting=args.covariance_weighting, min_tokens_per_dim=args.min_tokens_per_dim,
-        streaming=args.streaming, accumulate_dtype=args.accumulate_dtype, solver=args.solver,
-        covariance_cache=args.covariance_cache, a_scale=args.a_scale,
-    )
+    config = config_from_flags(args)
     if args.offload and args.streaming == "off":
         raise LoraNullError("--offload needs block streaming; drop --streaming off.")
     report = init_to_folder(
@@ -127,14 +126,14 @@ def _init(args: argparse.Namespace) -> dict:
 def _export(args: argparse.Namespace) -> dict:
     from .export import export_for_original_base
 
-    out = export_for_original_base(args.init, args.adapter, args.output, overwrite=args.overwrite)
+    out = export_for_original_base(args.init_dir, args.adapter, args.output, overwrite=args.overwrite)
     return {"output": str(out), "r": json.loads((out / "adapter_config.json").read_text())["r"]}
 
 
 def _merge(args: argparse.Namespace) -> dict:
     from .export import merge_to_full_model
 
-    return {"output": str(merge_to_full_model(args.init, args.adapter, args.output, args.dtype, args.overwrite))}
+    return {"output": str(merge_to_full_model(args.init_dir, args.adapter, args.output, args.dtype, args.overwrite))}
 
 
 def _inspect(args: argparse.Namespace) -> dict:
@@ -143,13 +142,12 @@ def _inspect(args: argparse.Namespace) -> dict:
     from .report import read_metadata
     from .saving import default_device, load_model, load_tokenizer
 
-    check_output(args.output, [args.model, args.calibration, args.init], args.overwrite)
-    if args.init is not None:
-        read_metadata(Path(args.init))  # a bad --init fails now, not after the calibration pass
+    check_output(args.output, [args.model, args.calibration, args.init_dir], args.overwrite)
+    if args.init_dir is not None:
+        read_metadata(Path(args.init_dir))  # a bad --init-dir fails now, not after the calibration pass
     model = load_model(args.model, args.dtype, args.device or default_device(), args.trust_remote_code)
-    config = LoraNullConfig(num_samples=args.num_samples, holdout_samples=0, max_length=args.max_length,
-                            batch_size=args.batch_size, text_field=args.text_field)
-    data = analyze(model, load_tokenizer(args.model, args.trust_remote_code), args.calibration, config, args.init)
+    config = config_from_flags(args).replace(holdout_samples=0)
+    data = analyze(model, load_tokenizer(args.model, args.trust_remote_code), args.calibration, config, args.init_dir)
     out = write_report(data, args.output, args.overwrite)
     return {"report": str(out / "report.html"), "layers": len(data["layers"])}
 
@@ -162,10 +160,9 @@ def _demo(args: argparse.Namespace) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        from lora_null_bench.cli import main as bench_main
-
-        return bench_main(argv[1:])
+    extension = _extension_commands().get(argv[0]) if argv else None
+    if extension is not None:  # e.g. `lora-null bench …`, registered by the lora_null_bench package
+        return extension.load()(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s" if args.verbose else "lora-null: %(message)s")
     set_verbosity(QUIET if args.quiet else VERBOSE if args.verbose else NORMAL)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -112,16 +114,7 @@ class LoraNullConfig:
     )
 
     def __post_init__(self) -> None:
-        choices = {
-            "variant": ("v1", "v2"),
-            "init": ("projected", "basis"),
-            "covariance_weighting": ("token_sum", "per_sample_max"),
-            "accumulate_dtype": ("float32", "float64"),
-            "streaming": ("auto", "on", "off"),
-            "solver": ("auto", "eigh64", "eigh32", "subspace"),
-            "train_base": ("auto", "original", "residual"),
-        }
-        for name, allowed in choices.items():
+        for name, allowed in literal_choices().items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}.")
         for name in ("num_samples", "max_length", "batch_size"):
@@ -152,3 +145,11 @@ class LoraNullConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@functools.cache
+def literal_choices() -> dict[str, tuple[Any, ...]]:
+    """Each Literal field's allowed values, read from its type: the one list the CLI, the plugins and the
+    validation above all use."""
+    hints = typing.get_type_hints(LoraNullConfig)
+    return {name: typing.get_args(kind) for name, kind in hints.items() if typing.get_origin(kind) is Literal}

@@ -28,6 +28,7 @@ from .calibrate import Covariances
 from .config import LoraNullConfig
 from .data import TokenBatch
 from .distributed import all_reduce_sum_, rank_and_world
+from .peft_names import base_name, is_adapter_parameter
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def weights_fingerprint(model: nn.Module) -> Optional[str]:
     whichever modules are targeted. The sum covers every element; the samples catch permutations."""
     digest = hashlib.sha256()
     for name, param in model.named_parameters():
-        if "lora_" in name:
+        if is_adapter_parameter(name):
             continue
         if param.is_meta:
             return None
@@ -50,7 +51,7 @@ def weights_fingerprint(model: nn.Module) -> Optional[str]:
         step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
         samples = flat[::step][:_SAMPLES_PER_TENSOR].float().cpu()
         total = float(torch.sum(flat, dtype=torch.float64)) if flat.is_floating_point() else int(flat.sum())
-        digest.update(f"{name.replace('.base_layer.', '.')}|{tuple(param.shape)}|{param.dtype}|{total!r}|".encode())
+        digest.update(f"{base_name(name)}|{tuple(param.shape)}|{param.dtype}|{total!r}|".encode())
         digest.update(samples.numpy().tobytes())
     return digest.hexdigest()
 

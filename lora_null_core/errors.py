@@ -37,8 +37,9 @@ class ExportError(LoraNullError):
     """A trained adapter does not match the initialization it claims to come from."""
 
 
-class ConfigError(LoraNullError):
-    """A LoraNullConfig or LoraConfig field has a value outside what it accepts."""
+class ConfigError(LoraNullError, ValueError):
+    """A LoraNullConfig or LoraConfig field has a value outside what it accepts (a ValueError too, so framework
+    validators such as pydantic report it as theirs)."""
 
 
 class FunctionNotPreservedError(LoraNullError):

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_output_dir, check_output
+from .config import literal_choices
 from .console import quiet_libraries
 from .errors import ExportError
 from .report import RESIDUAL_MARKER, file_sha256, read_metadata, trains_on_residual
@@ -89,7 +90,7 @@ def finish_saved_adapter(adapter_dir: os.PathLike, init_dir: os.PathLike, final:
       look; the adapter as trained moves to `lora_null_residual_adapter/`, its config naming the residual base;
     - checkpoint: its adapter stays (resuming loads it), its config names the residual base so a loader that
       follows it cannot pick the original. Nothing is added to it: a trainer resuming from a checkpoint loads
-      every adapter folder inside it as one more adapter. `lora-null export --init <output_dir>/lora_null_init
+      every adapter folder inside it as one more adapter. `lora-null export --init-dir <output_dir>/lora_null_init
       --adapter <checkpoint>` gives its LoRA for the original model.
     Returns the folder holding the LoRA for the original model; None while nothing is saved yet, and for a
     checkpoint trained on the residual.
@@ -126,13 +127,14 @@ def finish_saved_adapter(adapter_dir: os.PathLike, init_dir: os.PathLike, final:
 def check_init_consistent(metadata: dict[str, Any], initial: dict[str, torch.Tensor], init_dir: Path) -> None:
     """The init folder's record and its adapter must agree: an edited lora_null.json or a swapped adapter
     would give a wrong export with no other sign."""
-    if metadata.get("variant") not in ("v1", "v2") or metadata.get("init") not in ("projected", "basis"):
+    choices = literal_choices()
+    if metadata.get("variant") not in choices["variant"] or metadata.get("init") not in choices["init"]:
         raise ExportError(f"{init_dir / 'lora_null.json'} records variant={metadata.get('variant')!r}, "
                           f"init={metadata.get('init')!r}: not a LoRA-Null init (v1/v2, projected/basis). Re-run init.")
     recorded = metadata.get("adapter_sha256")
     if recorded and recorded != file_sha256(init_dir / ADAPTER_DIR / WEIGHTS_FILE):
         raise ExportError(f"{init_dir / ADAPTER_DIR / WEIGHTS_FILE} is not the adapter this init wrote (its checksum "
-                          "differs from lora_null.json's). Re-run init, or point --init at the folder that wrote it.")
+                          "differs from lora_null.json's). Re-run init, or point --init-dir at the folder that wrote it.")
     b_zero = all(not tensor.any() for key, tensor in initial.items() if key.endswith(_B))
     if trains_on_residual(metadata) == b_zero:
         raise ExportError(f"{init_dir / 'lora_null.json'} says init={metadata['init']!r}, train_base="
@@ -159,13 +161,13 @@ def convert_weights(
     if extra:
         raise ExportError(
             f"The trained adapter has {len(extra)} layer(s) the initialization never wrote, e.g. {extra[0]}; their "
-            "factors would be dropped. --adapter must be a checkpoint of the adapter written by this --init."
+            "factors would be dropped. --adapter must be a checkpoint of the adapter written by this --init-dir."
         )
     missing = [p for p in prefixes if p + _A not in trained or p + _B not in trained]
     if missing:
         raise ExportError(
             f"The trained adapter lacks {len(missing)} layer(s) of the initialization, e.g. {missing[0]}; "
-            "--adapter must be a checkpoint of the adapter written by this --init."
+            "--adapter must be a checkpoint of the adapter written by this --init-dir."
         )
     for p in prefixes:
         if trained[p + _A].shape != initial[p + _A].shape or trained[p + _B].shape != initial[p + _B].shape:
@@ -217,7 +219,7 @@ def merge_to_full_model(
     check_output(output_dir, [init_dir, trained_adapter], overwrite)
     base_dir = Path(init_dir) / BASE_DIR
     if not (base_dir / "config.json").is_file():
-        raise ExportError(f"{base_dir} holds no model: --init must be a folder written by `lora-null init`.")
+        raise ExportError(f"{base_dir} holds no model: --init-dir must be a folder written by `lora-null init`.")
     read_adapter(trained_adapter)  # a missing, pickled or damaged adapter fails here, before the model loads
     with quiet_libraries():
         model = PeftModel.from_pretrained(load_model(str(base_dir), dtype=dtype), str(trained_adapter))

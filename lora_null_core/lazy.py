@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import LoraNullError
+from .peft_names import base_name
 from .saving import DTYPE_KEY
 
 
@@ -49,7 +50,7 @@ class Checkpoint:
 
 def checkpoint_name(parameter_name: str) -> str:
     """A base-model parameter's name in the checkpoint: PEFT's `.base_layer` unwrapped."""
-    return parameter_name.replace(".base_layer.", ".")
+    return base_name(parameter_name)
 
 
 def empty_model(

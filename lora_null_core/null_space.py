@@ -23,9 +23,6 @@ def eigendecompose(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return values, vectors
 
 
-SOLVERS = ("auto", "eigh64", "eigh32", "subspace")
-
-
 def null_basis(covariance: torch.Tensor, rank: int, solver: str = "auto") -> torch.Tensor:
     """(d_in, rank) orthonormal basis of the `rank` input directions the activations use least.
 

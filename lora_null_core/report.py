@@ -94,7 +94,7 @@ def read_metadata(init_dir: Path) -> dict[str, Any]:
 
     path = Path(init_dir) / METADATA_FILE
     if not path.is_file():
-        raise ExportError(f"{path} not found: --init must be the output folder of `lora-null init`.")
+        raise ExportError(f"{path} not found: --init-dir must be the output folder of `lora-null init`.")
     try:
         metadata = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:

@@ -18,10 +18,11 @@ from packaging.version import Version
 from peft import PeftModel
 from safetensors import SafetensorError
 
+from .adapters import apply_variant
 from .atomic import atomic_output_dir
 from .console import quiet_libraries
 from .errors import LoraNullError
-from .initialize import apply_variant
+from .peft_names import base_name, is_adapter_parameter
 from .report import file_sha256, read_metadata
 
 logger = logging.getLogger(__name__)
@@ -99,9 +100,8 @@ def base_state_dict(peft_model: PeftModel) -> dict[str, torch.Tensor]:
     """The base model's weights as plain transformers keys: LoRA tensors dropped, `.base_layer` unwrapped."""
     state = {}
     for key, tensor in peft_model.get_base_model().state_dict().items():
-        if "lora_" in key:
-            continue
-        state[key.replace(".base_layer.", ".")] = tensor
+        if not is_adapter_parameter(key):
+            state[base_name(key)] = tensor
     return state
 
 

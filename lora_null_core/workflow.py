@@ -9,11 +9,12 @@ from typing import Optional, Union
 import torch
 from peft import LoraConfig
 
+from .adapters import check_lora_config
 from .atomic import atomic_output_dir, check_output
 from .config import LoraNullConfig
 from .data import CalibrationRows, CalibrationSource, describe, load_rows
 from .errors import LoraNullError
-from .initialize import check_lora_config, lora_null_init
+from .initialize import lora_null_init
 from .lazy import Checkpoint, DiskBlocks, empty_model
 from .report import InitReport
 from .saving import (

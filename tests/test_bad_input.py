@@ -67,19 +67,19 @@ def test_init_output_may_not_overlap_the_model(capsys, saved_model, calibration)
 def test_export_output_may_not_overlap_its_inputs(capsys, init_dir, trained_adapter):
     before = snapshot(init_dir), snapshot(trained_adapter)
     for output in (init_dir, init_dir / "adapter", trained_adapter):
-        err = fails(capsys, "export", "--init", init_dir, "--adapter", trained_adapter, "--output", output,
+        err = fails(capsys, "export", "--init-dir", init_dir, "--adapter", trained_adapter, "--output", output,
                     "--overwrite")
         assert "overlaps the input" in err
-    err = fails(capsys, "merge", "--init", init_dir, "--adapter", trained_adapter, "--output", init_dir, "--overwrite")
+    err = fails(capsys, "merge", "--init-dir", init_dir, "--adapter", trained_adapter, "--output", init_dir, "--overwrite")
     assert "overlaps the input" in err
     assert (snapshot(init_dir), snapshot(trained_adapter)) == before
 
 
 def test_an_export_is_never_exported_again(capsys, init_dir, trained_adapter, tmp_path):
-    assert main(["export", "--init", str(init_dir), "--adapter", str(trained_adapter), "--output",
+    assert main(["export", "--init-dir", str(init_dir), "--adapter", str(trained_adapter), "--output",
                  str(tmp_path / "export")]) == 0
     capsys.readouterr()
-    err = fails(capsys, "export", "--init", init_dir, "--adapter", tmp_path / "export", "--output", tmp_path / "again")
+    err = fails(capsys, "export", "--init-dir", init_dir, "--adapter", tmp_path / "export", "--output", tmp_path / "again")
     assert "already an export" in err
 
 
@@ -89,7 +89,7 @@ def test_export_refuses_an_adapter_with_layers_the_init_never_wrote(capsys, init
     wider = get_peft_model(load_model(str(saved_model), "float32"), LoraConfig(r=4, lora_alpha=4,
                                                                                 target_modules="all-linear"))
     wider.save_pretrained(str(tmp_path / "wider"))
-    err = fails(capsys, "export", "--init", init_dir, "--adapter", tmp_path / "wider", "--output", tmp_path / "out")
+    err = fails(capsys, "export", "--init-dir", init_dir, "--adapter", tmp_path / "wider", "--output", tmp_path / "out")
     assert "never wrote" in err and not (tmp_path / "out").exists()
 
 
@@ -106,7 +106,7 @@ def test_export_checks_the_init_record(capsys, init_dir, trained_adapter, tmp_pa
         record.write_text(record.read_text()[:200])
     else:
         record.write_text(json.dumps(edit(json.loads(record.read_text()))))
-    err = fails(capsys, "export", "--init", copy, "--adapter", trained_adapter, "--output", tmp_path / "out")
+    err = fails(capsys, "export", "--init-dir", copy, "--adapter", trained_adapter, "--output", tmp_path / "out")
     assert match in err
 
 
@@ -115,7 +115,7 @@ def test_export_refuses_a_swapped_init_adapter(capsys, init_dir, trained_adapter
     shutil.copytree(init_dir, copy)
     weights = load_file(str(copy / "adapter" / "adapter_model.safetensors"))
     save_file({k: v * 1.01 for k, v in weights.items()}, str(copy / "adapter" / "adapter_model.safetensors"))
-    err = fails(capsys, "export", "--init", copy, "--adapter", trained_adapter, "--output", tmp_path / "out")
+    err = fails(capsys, "export", "--init-dir", copy, "--adapter", trained_adapter, "--output", tmp_path / "out")
     assert "not the adapter this init wrote" in err
 
 
@@ -124,7 +124,7 @@ def test_export_refuses_an_adapter_trained_at_another_scale(capsys, init_dir, tr
     shutil.copytree(trained_adapter, copy)
     config = json.loads((copy / "adapter_config.json").read_text())
     (copy / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 2 * config["lora_alpha"]}))
-    assert "lora_alpha" in fails(capsys, "export", "--init", init_dir, "--adapter", copy, "--output", tmp_path / "out")
+    assert "lora_alpha" in fails(capsys, "export", "--init-dir", init_dir, "--adapter", copy, "--output", tmp_path / "out")
 
 
 def test_overwrite_replaces_only_lora_null_outputs(capsys, saved_model, calibration, tmp_path):
@@ -204,7 +204,7 @@ def test_a_killed_runs_staging_folder_is_swept(capsys, init_dir, trained_adapter
     stale = tmp_path / ".export.tmp-999999999-abcd"
     stale.mkdir()
     (stale / "adapter_model.safetensors").write_bytes(b"half")
-    assert main(["export", "--init", str(init_dir), "--adapter", str(trained_adapter), "--output",
+    assert main(["export", "--init-dir", str(init_dir), "--adapter", str(trained_adapter), "--output",
                  str(tmp_path / "export")]) == 0
     assert not stale.exists() and (tmp_path / "export" / "adapter_model.safetensors").is_file()
 
@@ -224,4 +224,4 @@ def test_a_damaged_adapter_config_is_named(capsys, init_dir, trained_adapter, tm
     shutil.copytree(trained_adapter, copy)
     (copy / "adapter_config.json").write_text("{not json")
     for command in ("export", "merge"):
-        assert "is damaged" in fails(capsys, command, "--init", init_dir, "--adapter", copy, "--output", tmp_path / "o")
+        assert "is damaged" in fails(capsys, command, "--init-dir", init_dir, "--adapter", copy, "--output", tmp_path / "o")

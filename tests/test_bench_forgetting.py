@@ -12,7 +12,7 @@ from lora_null_bench.report import target_check
 from lora_null_bench.run import merge_results
 from lora_null_bench.suites import read_examples, synthetic_suite
 
-from lora_null_core.initialize import lora_layers, weight_matrix
+from lora_null_core.adapters import lora_layers, weight_matrix
 
 REQUIRED = {"init", "seed", "size", "model", "knowledge_before", "knowledge_after", "downstream", "command"}
 

@@ -4,8 +4,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-import pytest
-
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "speed" / "bench_speed.py"
 
 
@@ -32,5 +30,8 @@ def test_speed_benchmark_writes_rows_for_every_method(tmp_path):
     profile = {p["phase"]: p for p in results["profiles"]}
     assert profile["null bases (decompositions)"]["calls"] == 2  # one call per block of the tiny shape
     assert profile["block forward passes (with input taps)"]["calls"] > 2
-    phases = [p["seconds"] for name, p in profile.items() if name != "total"]
-    assert all(s >= 0 for s in phases[:-1]) and sum(phases) == pytest.approx(profile["total"]["seconds"], abs=0.01)
+    # The wrapped phases must not nest (a phase timed inside another would be counted twice): together they fit
+    # inside the total, and each ran.
+    timed = [p for name, p in profile.items() if name != "total" and not name.startswith("other")]
+    assert all(p["seconds"] > 0 and p["calls"] > 0 for p in timed), timed
+    assert sum(p["seconds"] for p in timed) <= profile["total"]["seconds"] + 0.01

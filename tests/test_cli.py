@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from lora_null_core.saving import load_initialized
 from lora_null_core.tiny import write_jsonl
 
@@ -42,6 +44,7 @@ def test_init_then_export_from_the_command_line(tmp_path, saved_model, knowledge
     trained = load_initialized(out, dtype="float32")
     train(trained, tokenizer, task[:8], steps=3)
     trained.save_pretrained(str(tmp_path / "trained"))
+    # --init is the pre-0.2 name of --init-dir, kept for scripts that use it
     result = run("export", "--init", out, "--adapter", tmp_path / "trained", "--output", tmp_path / "export")
     assert json.loads((tmp_path / "export" / "adapter_config.json").read_text())["r"] == 4
 
@@ -76,3 +79,24 @@ def test_init_reads_blocks_from_disk(tmp_path, saved_model, knowledge):
     assert float(parse(result.stdout)["function_error"]) < 1e-5
     index = json.loads((out / "base" / "model.safetensors.index.json").read_text())
     assert "model-block-00000.safetensors" in index["weight_map"].values()
+
+
+def test_every_config_field_is_a_flag_with_the_configs_choices_and_default():
+    """The init flags are generated from LoraNullConfig: a field added there is a flag here, nothing restated."""
+    import dataclasses
+
+    from lora_null_core import LoraNullConfig
+    from lora_null_core.cli import build_parser, config_from_flags
+
+    required = ["init", "--model", "m", "--calibration", "c", "--rank", "4", "--output", "o"]
+    defaults = config_from_flags(build_parser().parse_args(required))
+    assert defaults == LoraNullConfig()
+    args = build_parser().parse_args([*required, "--solver", "eigh32", "--a-scale", "2", "--max-function-error",
+                                      "0.01", "--init", "basis", "--train-base", "original", "--num-samples", "64"])
+    config = config_from_flags(args)
+    assert (config.solver, config.a_scale, config.max_function_error, config.init, config.train_base,
+            config.num_samples) == ("eigh32", 2.0, 0.01, "basis", "original", 64)
+    flags = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["init"]._actions}
+    assert {f.name for f in dataclasses.fields(LoraNullConfig)} <= flags
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*required, "--solver", "qr"])  # choices come from the Literal type

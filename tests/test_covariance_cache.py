@@ -8,9 +8,9 @@ from peft import LoraConfig
 
 import lora_null_core.initialize as initialize
 from lora_null_core import lora_null_init
+from lora_null_core.adapters import lora_layers
 from lora_null_core.covariance_cache import tokens_fingerprint, weights_fingerprint
 from lora_null_core.data import tokenize_batches
-from lora_null_core.initialize import lora_layers
 
 SETTINGS = dict(num_samples=120, holdout_samples=20, batch_size=16)
 

@@ -19,7 +19,7 @@ def test_inspect_report_with_an_init(tmp_path, saved_model, knowledge):
                    dtype="float32")
     result = subprocess.run(
         [str(CLI), "inspect", "--model", str(saved_model), "--calibration", str(tmp_path / "heldout.jsonl"),
-         "--output", str(tmp_path / "report"), "--init", str(tmp_path / "init"), "--device", "cpu"],
+         "--output", str(tmp_path / "report"), "--init-dir", str(tmp_path / "init"), "--device", "cpu"],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -11,9 +11,9 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 from lora_null_core import collect_covariances, lora_null_init
+from lora_null_core.adapters import lora_layers
 from lora_null_core.data import tokenize_batches
 from lora_null_core.distributed import assign_owners, shard
-from lora_null_core.initialize import lora_layers
 from lora_null_core.tiny import arithmetic_texts, knowledge_texts, tiny_model, tiny_tokenizer
 
 TEXTS = knowledge_texts(160, seed=5) + arithmetic_texts(80, seed=6)

@@ -5,8 +5,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from lora_null_core import LoraNullConfig, lora_null_init
+from lora_null_core.adapters import lora_layers, weight_matrix
 from lora_null_core.data import choose_texts
-from lora_null_core.initialize import lora_layers, weight_matrix
 from lora_null_core.tiny import ARCHITECTURES
 
 from .conftest import logits, relative_error
@@ -56,11 +56,11 @@ def test_init_preserves_the_function_and_lands_in_the_null_space(make_model, tok
 @pytest.mark.parametrize("architecture", ["llama", "gpt2"])
 def test_residual_written_in_row_chunks_is_exact(make_model, tokenizer, knowledge, architecture, monkeypatch):
     # One row per float64 chunk, so every row crosses a chunk border (gpt2: transposed Conv1D views).
-    import lora_null_core.initialize as initialize
+    import lora_null_core.adapters as adapters
     import lora_null_core.null_space as null_space
 
     small = functools.partial(null_space.row_chunks, bytes_per_chunk=1)
-    monkeypatch.setattr(initialize, "row_chunks", small)
+    monkeypatch.setattr(adapters, "row_chunks", small)
     monkeypatch.setattr(null_space, "row_chunks", small)
     peft_model, original, _ = init_and_compare(make_model, tokenizer, knowledge, architecture)
     for name, layer in lora_layers(peft_model, "default").items():
@@ -213,3 +213,24 @@ def test_an_existing_peft_model_is_initialized_in_place(make_model, tokenizer, k
 def test_config_overrides_and_defaults():
     config = LoraNullConfig().replace(variant="v1", num_samples=3)
     assert (config.variant, config.num_samples, config.init) == ("v1", 3, "projected")
+
+
+def test_the_peft_native_entry_matches_lora_null_init(make_model, tokenizer, knowledge):
+    """get_peft_model(..., init_lora_weights=False) then initialize_lora_null_weights, as with PEFT's EVA: the
+    same factors as lora_null_init wrapping the model itself; a plain model is refused with the other entry."""
+    from peft import get_peft_model
+
+    from lora_null_core import ConfigError, initialize_lora_null_weights
+
+    targets = ["q_proj", "v_proj", "down_proj"]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    native = initialize_lora_null_weights(get_peft_model(make_model("llama"), config), knowledge[:200], tokenizer,
+                                          **SMALL)
+    direct = lora_null_init(make_model("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=targets),
+                            knowledge[:200], tokenizer, **SMALL)
+    native_layers, direct_layers = lora_layers(native, "default"), lora_layers(direct, "default")
+    assert native_layers.keys() == direct_layers.keys()
+    for name, layer in native_layers.items():
+        assert torch.allclose(layer.lora_A["default"].weight, direct_layers[name].lora_A["default"].weight, atol=1e-6)
+    with pytest.raises(ConfigError, match="lora_null_init"):
+        initialize_lora_null_weights(make_model("llama"), knowledge[:200], tokenizer)

@@ -5,7 +5,7 @@ import torch
 from peft import LoraConfig
 
 from lora_null_core import UnsupportedModelError, lora_null_init
-from lora_null_core.initialize import lora_layers
+from lora_null_core.adapters import lora_layers
 from lora_null_core.tiny import ARCHITECTURES
 
 from .conftest import logits, relative_error

@@ -122,3 +122,24 @@ def test_zero3_is_read_from_the_deepspeed_config_not_its_file_name(tmp_path):
     assert zero_stage(str(tmp_path / "ds.json")) == 3
     assert zero_stage({"zero_optimization": {"stage": "3"}}) == 3
     assert zero_stage(None) is None and zero_stage(str(tmp_path / "missing.json")) is None
+
+
+def test_every_setting_reaches_the_core_by_key_or_nested_block():
+    """Axolotl's schema gains one lora_null_<field> per LoraNullConfig field and a `lora_null:` block; the plugin
+    reads both through the core, with Axolotl's sequence_len and seed standing in for unset ones."""
+    from axolotl.utils.dict import DictDefault
+    from lora_null_axolotl.args import LoraNullArgs
+    from lora_null_axolotl.plugin import lora_null_config
+
+    raw = {"adapter": "lora", "adapter_init": "lora_null", "lora_null_calibration": "k.jsonl",
+           "lora_null_solver": "eigh32", "lora_null": {"a_scale": 2.0, "train_base": "residual"}, "sequence_len": 96,
+           "seed": 3}
+    parsed = LoraNullArgs.model_validate(raw)
+    assert parsed.lora_null_solver == "eigh32" and parsed.lora_null == {"a_scale": 2.0, "train_base": "residual"}
+    config = lora_null_config(DictDefault(raw))
+    assert (config.solver, config.a_scale, config.train_base, config.max_length, config.seed) == (
+        "eigh32", 2.0, "residual", 96, 3)
+    with pytest.raises(ValueError, match="did you mean lora_null_num_samples"):
+        LoraNullArgs.model_validate({**raw, "lora_null_num_sample": 8})
+    with pytest.raises(ValueError, match="peft_use_dora: false"):
+        LoraNullArgs.model_validate({**raw, "peft_use_dora": True})

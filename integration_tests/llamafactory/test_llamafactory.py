@@ -118,3 +118,16 @@ def test_torchrun_relaunch_patches_every_worker(workspace, data_dir, tmp_path):
     initial = out / "lora_null_init" / "adapter"
     assert_in_null_space(workspace / "model", texts, initial)
     assert_right_on_the_base_it_names(workspace / "model", initial, out)
+
+
+def test_every_lora_null_setting_is_a_llamafactory_key():
+    """Generated from LoraNullConfig: settings the old hand-written keys never reached (solver, text_field, seed)."""
+    from lora_null_llamafactory.args import LoraNullFinetuningArguments
+
+    args = LoraNullFinetuningArguments(finetuning_type="lora", adapter_init="lora_null", lora_null_calibration="k",
+                                       lora_null_solver="eigh32", lora_null_text_field="question", lora_null_seed=4)
+    config = args.lora_null_config()
+    assert (config.solver, config.text_field, config.seed, config.variant) == ("eigh32", "question", 4, "v2")
+    with pytest.raises(ValueError, match="use_dora: false"):
+        LoraNullFinetuningArguments(finetuning_type="lora", adapter_init="lora_null", lora_null_calibration="k",
+                                    use_dora=True)

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_null_core import LoraNullConfig, lora_null_init
+from lora_null_core.adapters import lora_layers
 from lora_null_core.export import RESIDUAL_ADAPTER_DIR
-from lora_null_core.initialize import lora_layers
 
 LORA = dict(r=4, lora_alpha=8, target_modules="all-linear")
 
@@ -211,3 +211,18 @@ def test_bench_trains_a_frontier_point_through_the_plugin(workspace, tmp_path):
     assert not all(torch.equal(init[k], now[k]) for k in init if k.endswith("lora_B"))  # B trained
     with pytest.raises(ValueError, match="runs lora, lora_null"):
         fine_tune_with_trl("pissa", suite.load_base(), suite, suite.train, 0, tmp_path / "x")
+
+
+def test_every_lora_null_setting_is_a_trl_key(tmp_path):
+    """The keys are generated from LoraNullConfig: settings no hand-written list reached (solver, a_scale,
+    covariance_weighting) arrive, unset ones take the core's defaults and the trainer's seed."""
+    args = LoraNullSFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, seed=5, adapter_init="lora_null",
+                             lora_null_calibration="k.jsonl", lora_null_solver="eigh32", lora_null_a_scale=2.0,
+                             lora_null_covariance_weighting="per_sample_max")
+    config = args.lora_null_config()
+    assert (config.solver, config.a_scale, config.covariance_weighting, config.seed) == ("eigh32", 2.0,
+                                                                                         "per_sample_max", 5)
+    assert config.num_samples == LoraNullConfig().num_samples
+    with pytest.raises(ValueError, match="solver='qr'"):
+        LoraNullSFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, adapter_init="lora_null",
+                          lora_null_calibration="k.jsonl", lora_null_solver="qr")

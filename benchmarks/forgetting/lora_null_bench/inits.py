@@ -13,7 +13,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from lora_null_core import LoraNullConfig, lora_null_init
-from lora_null_core.initialize import lora_layers, weight_matrix, write_adapter
+from lora_null_core.adapters import lora_layers, weight_matrix, write_adapter
 
 from .suites import Suite
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
+from lora_null_core.adapters import lora_layers
 from lora_null_core.data import tokenize_batches
-from lora_null_core.initialize import lora_layers
 from lora_null_core.leakage import holdout_leakage
 
 from .evaluate import accuracy, perplexity

@@ -7,24 +7,22 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, create_model, model_validator
+
+from lora_null_core.integration import config_fields, lora_null_request
 
 
-class LoraNullArgs(BaseModel):
-    """`adapter_init: lora_null` plus the calibration settings; everything else is Axolotl's own LoRA config."""
+class _LoraNullKeys(BaseModel):
+    """`adapter_init: lora_null` plus where the knowledge text comes from; the method's settings are the
+    generated `lora_null_<field>` keys below (or a nested `lora_null:` block). Everything else is Axolotl's own
+    LoRA config."""
 
     adapter_init: Optional[Literal["default", "lora_null"]] = Field(
         default=None, json_schema_extra={"description": "lora_null: initialize the LoRA adapter with LoRA-Null."})
     lora_null_calibration: Optional[Union[str, dict[str, Any]]] = Field(
         default=None, json_schema_extra={"description": "Knowledge text: a path, or a dataset entry like `datasets:`."})
-    lora_null_num_samples: int = Field(default=256, gt=0)
-    lora_null_max_length: Optional[int] = Field(default=None, gt=0, json_schema_extra={
-        "description": "Calibration token limit (default: sequence_len)."})
-    lora_null_variant: Literal["v1", "v2"] = "v2"
-    lora_null_init: Literal["projected", "basis"] = "projected"
-    lora_null_text_field: str = "text"
-    lora_null_covariance_cache: Optional[str] = Field(default=None, json_schema_extra={
-        "description": "Folder that keeps the calibration covariances; a later run with another rank or variant skips calibration."})
+    lora_null: Optional[dict[str, Any]] = Field(default=None, json_schema_extra={
+        "description": "The LoRA-Null settings as one block (field: value), instead of lora_null_<field> keys."})
 
     @model_validator(mode="before")
     @classmethod
@@ -33,19 +31,25 @@ class LoraNullArgs(BaseModel):
             return data
         if data.get("adapter") not in ("lora", "qlora"):
             raise ValueError(f"adapter_init: lora_null needs `adapter: lora` (or qlora), got adapter: {data.get('adapter')!r}.")
-        if not data.get("lora_null_calibration"):
-            raise ValueError("adapter_init: lora_null needs `lora_null_calibration`: a path to knowledge text "
-                             "(jsonl/parquet/…) or a dataset entry in the same form as `datasets:`.")
-        quantized = data.get("adapter") == "qlora" or data.get("load_in_4bit") or data.get("load_in_8bit")
-        if quantized and data.get("lora_null_init", "projected") == "projected":
-            raise ValueError("adapter_init: lora_null with a quantized base cannot hold the residual weight; "
-                             "set `lora_null_init: basis` (A = null basis, B = 0, base untouched).")
-        if data.get("peft_use_dora"):
-            raise ValueError("adapter_init: lora_null does not support DoRA; set peft_use_dora: false.")
+        quantized = bool(data.get("adapter") == "qlora" or data.get("load_in_4bit") or data.get("load_in_8bit"))
+        lora_null_request(data, quantized=quantized, dora=bool(data.get("peft_use_dora")), dora_key="peft_use_dora",
+                          fallbacks=fallbacks(data))
         if zero_stage(data.get("deepspeed")) == 3:
             raise ValueError("adapter_init: lora_null is not supported under DeepSpeed ZeRO-3 yet (weights are "
                              "partitioned at load); use DDP, FSDP or ZeRO-1/2, or run `lora-null init` first.")
         return data
+
+
+LoraNullArgs = create_model(
+    "LoraNullArgs", __base__=_LoraNullKeys, __module__=__name__,
+    **{spec.key: (Optional[spec.type], Field(default=None, json_schema_extra={
+        "description": f"{spec.help} (default: {spec.default})"})) for spec in config_fields()},
+)
+
+
+def fallbacks(cfg: Any) -> dict[str, Any]:
+    """What an Axolotl config implies for settings left unset: its sequence length and seed."""
+    return {"max_length": cfg.get("sequence_len"), "seed": cfg.get("seed")}
 
 
 def zero_stage(deepspeed: Any) -> Optional[int]:

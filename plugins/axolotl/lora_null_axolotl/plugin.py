@@ -18,6 +18,9 @@ from lora_null_core import LoraNullConfig, lora_null_init, save_initial_adapter
 from lora_null_core.callbacks import LoraNullCallback
 from lora_null_core.distributed import rank_and_world
 from lora_null_core.export import INIT_DIR, finish_saved_adapter
+from lora_null_core.integration import lora_null_request
+
+from .args import fallbacks
 
 LOG = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ class LoraNullPlugin(BasePlugin):
         lora_null_init(model, None, texts, tokenizer, lora_null_config(cfg), adapter_name=model.active_adapter)
         if rank_and_world()[0] == 0:
             save_initial_adapter(model, Path(cfg.output_dir) / INIT_DIR, overwrite=True)
-            LOG.info("LoRA-Null init (%s): %s", cfg.lora_null_variant, model.lora_null_report.summary())
+            LOG.info("LoRA-Null init: %s", model.lora_null_report.summary())
 
     def add_callbacks_pre_trainer(self, cfg: Any, model: Any) -> list:
         # Checkpoints made right for the base they name; the initial factors are saved in post_model_load.
@@ -67,13 +70,7 @@ class LoraNullPlugin(BasePlugin):
 
 
 def lora_null_config(cfg: Any) -> LoraNullConfig:
-    return LoraNullConfig(
-        variant=cfg.lora_null_variant or "v2", init=cfg.lora_null_init or "projected",
-        num_samples=cfg.lora_null_num_samples or 256,
-        max_length=cfg.lora_null_max_length or cfg.sequence_len or 512,
-        text_field=cfg.lora_null_text_field or "text", seed=cfg.seed or 0,
-        covariance_cache=cfg.lora_null_covariance_cache,
-    )
+    return lora_null_request(cfg, fallbacks=fallbacks(cfg))
 
 
 def calibration_source(cfg: Any):

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from lora_null_core import LoraNullConfig, lora_null_init
+from lora_null_core import lora_null_init
 from lora_null_core.callbacks import LoraNullCallback
 from lora_null_core.distributed import rank_and_world
 from lora_null_core.export import INIT_DIR, finish_saved_adapter
@@ -49,12 +49,7 @@ def initialize(model: Any, model_args: Any, finetuning_args: Any) -> None:
     from llamafactory.model import load_tokenizer
 
     tokenizer = load_tokenizer(model_args)["tokenizer"]
-    config = LoraNullConfig(
-        variant=finetuning_args.lora_null_variant, init=finetuning_args.lora_null_init,
-        num_samples=finetuning_args.lora_null_num_samples,
-        max_length=finetuning_args.lora_null_max_length or 512, text_field="text",
-        covariance_cache=finetuning_args.lora_null_covariance_cache,
-    )
+    config = finetuning_args.lora_null_config()
     source = calibration_rows(finetuning_args.lora_null_calibration, _dataset_dir())
     # Every rank runs this: the core shards calibration over the process group and broadcasts rank 0's factors.
     lora_null_init(model, None, source, tokenizer, config, adapter_name=model.active_adapter)

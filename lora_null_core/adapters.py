@@ -1,0 +1,246 @@
+"""The PEFT side of the init: wrap a model with its LoraConfig, find and check the LoRA layers to rewrite, and
+write the factors (and, for the residual form, the base weight) into them. No calibration, no math."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from .config import LoraNullConfig
+from .console import quiet_libraries
+from .distributed import broadcast_
+from .errors import ConfigError, InvalidRankError, NoTargetModulesError, UnsupportedModelError
+from .null_space import basis_factors, projected_factors, row_chunks
+from .peft_names import base_name
+from .report import RESIDUAL_MARKER
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def as_peft_model(model: nn.Module, lora_config: Optional[LoraConfig], adapter_name: str) -> PeftModel:
+    """The PeftModel to initialize: `model` itself if it already holds the adapter, else a fresh wrap."""
+    if isinstance(model, PeftModel) and adapter_name in getattr(model, "_lora_null_initialized", ()):
+        raise UnsupportedModelError(
+            f"Adapter {adapter_name!r} of this PeftModel was already initialized by lora_null_init, and its base "
+            "weights are already residuals. Start again from the original model (or load the init folder with "
+            "load_initialized to train it)."
+        )
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    if getattr(getattr(base, "config", None), RESIDUAL_MARKER, None):
+        raise UnsupportedModelError(
+            "This model is a LoRA-Null residual base (OUT/base of an earlier init), not an original model: "
+            "initializing it again would stack two residuals. Initialize the original model instead."
+        )
+    if isinstance(model, PeftModel):
+        if adapter_name not in model.peft_config:
+            raise UnsupportedModelError(
+                f"The PeftModel has no adapter {adapter_name!r} (it has {', '.join(model.peft_config)})."
+            )
+        existing = model.peft_config[adapter_name]
+        if not isinstance(existing, LoraConfig):
+            raise UnsupportedModelError(f"Adapter {adapter_name!r} is {type(existing).__name__}, not LoRA.")
+        if existing.init_lora_weights not in (True, False, "gaussian"):
+            raise UnsupportedModelError(
+                f"Adapter {adapter_name!r} was created with init_lora_weights={existing.init_lora_weights!r}, which "
+                "already rewrote the base weights; create it with init_lora_weights=True or False instead."
+            )
+        _refuse_dora(existing)
+        check_lora_config(existing)
+        return model
+    if lora_config is None:
+        raise UnsupportedModelError("Pass a LoraConfig, or a PeftModel that already holds the LoRA adapter.")
+    _refuse_dora(lora_config)
+    check_lora_config(lora_config)
+    lora_config = copy.deepcopy(lora_config)
+    lora_config.init_lora_weights = False  # every factor gets overwritten; skip PEFT's own init work
+    if lora_config.target_modules is None:
+        lora_config.target_modules = "all-linear"
+    if not lora_config.target_modules:
+        raise NoTargetModulesError(f"target_modules is empty. Linear layers in this model: "
+                                   f"{', '.join(linear_module_suffixes(model))} (or all-linear).")
+    try:
+        with quiet_libraries():
+            return get_peft_model(model, lora_config, adapter_name=adapter_name)
+    except ValueError as err:
+        if "not found in the base model" in str(err) or "No modules were targeted" in str(err):
+            raise NoTargetModulesError(
+                f"No module matches target_modules={lora_config.target_modules!r}. Linear layers in this model: "
+                f"{', '.join(linear_module_suffixes(model))}."
+            ) from err
+        raise
+
+
+def check_lora_config(lora_config: LoraConfig) -> None:
+    """LoRA's own numbers, checked before any compute: a zero or NaN alpha would write NaN into every base weight."""
+    ranks = {"r": lora_config.r, **{f"rank_pattern[{k!r}]": v for k, v in (lora_config.rank_pattern or {}).items()}}
+    for name, value in ranks.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"LoRA {name}={value!r}: the rank must be a whole number of at least 1 (--rank).")
+    alphas = {"lora_alpha": lora_config.lora_alpha,
+              **{f"alpha_pattern[{k!r}]": v for k, v in (lora_config.alpha_pattern or {}).items()}}
+    for name, value in alphas.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"LoRA {name}={value!r}: alpha must be a finite number above 0 (--alpha; default = rank).")
+    dropout = lora_config.lora_dropout
+    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ConfigError(f"lora_dropout={dropout!r} must be at least 0 and below 1 (--dropout).")
+
+
+def _refuse_dora(lora_config: LoraConfig) -> None:
+    if getattr(lora_config, "use_dora", False):
+        raise UnsupportedModelError("LoRA-Null does not support DoRA adapters; set use_dora=False.")
+
+
+def linear_module_suffixes(model: nn.Module) -> list[str]:
+    """Distinct last name parts of linear layers (q_proj, c_attn, …): what target_modules can name."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, (nn.Linear, Conv1D)) and m is not head})
+
+
+def lora_layers(peft_model: PeftModel, adapter_name: str) -> dict[str, LoraLayer]:
+    """Every LoRA-wrapped module that carries `adapter_name`, by its name in the base model."""
+    layers = {}
+    for name, module in peft_model.get_base_model().named_modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+            layers[name] = module
+    if not layers:
+        raise NoTargetModulesError(f"Adapter {adapter_name!r} wraps no module that LoRA-Null can initialize.")
+    return layers
+
+
+def check_layers(
+    layers: Mapping[str, LoraLayer], adapter_name: str, config: LoraNullConfig, model: Optional[nn.Module] = None
+) -> None:
+    """Refuse, before any compute, the layers LoRA-Null cannot initialize exactly."""
+    head = model.get_output_embeddings() if model is not None and hasattr(model, "get_output_embeddings") else None
+    owners = _weight_owners(model) if model is not None else {}
+    for name, module in (model.named_modules() if model is not None else ()):
+        if isinstance(module, LoraLayer) and adapter_name in getattr(module, "lora_embedding_A", {}):
+            raise UnsupportedModelError(
+                f"{name} is an embedding; LoRA-Null initializes linear layers only, and would leave this one with "
+                "PEFT's random factors. Leave it out of target_modules."
+            )
+    for name, layer in layers.items():
+        base_layer = layer.get_base_layer()
+        if not isinstance(layer.lora_A[adapter_name], nn.Linear):
+            raise UnsupportedModelError(
+                f"{name} is a {type(base_layer).__name__}; LoRA-Null initializes linear layers only, and would "
+                "leave this one with PEFT's random factors. Leave it out of target_modules."
+            )
+        if head is not None and (base_layer is head or layer is head):
+            raise UnsupportedModelError(
+                f"{name} is the model's output layer (LM head): PEFT saves its whole weight with the adapter and, "
+                "when tied, it is also the input embedding, so no exact init and export exist. Leave it out of "
+                "target_modules (the default, all-linear, already does)."
+            )
+        weight = base_layer.weight
+        sharing = owners.get(id(weight), [])
+        if len(sharing) > 1:
+            raise UnsupportedModelError(
+                f"{name}'s weight is shared with {', '.join(n for n in sharing if n != name)} (tied weights): "
+                "rewriting it into a residual would change those modules too. Leave it out of target_modules."
+            )
+        if not weight.is_meta and weight.dtype in _FLOAT_DTYPES and not bool(torch.isfinite(weight).all()):
+            raise UnsupportedModelError(
+                f"{name}'s weight contains NaN or Inf: the checkpoint is damaged. Reload or re-download the model."
+            )
+        quantized = type(weight) is not nn.Parameter or weight.dtype not in _FLOAT_DTYPES
+        if quantized and config.init == "projected":  # its factors are read from the float weight
+            raise UnsupportedModelError(
+                f"{name} has a quantized base weight ({type(weight).__name__}, {weight.dtype}), which cannot hold "
+                "the residual W - s·B·A exactly. Use init='basis' (--init basis): it leaves the base untouched."
+            )
+        d_in, d_out = layer.in_features, layer.out_features
+        rank = layer.r[adapter_name]
+        if rank >= d_in or (config.init == "projected" and rank > d_out):
+            limit = d_in - 1 if config.init == "basis" else min(d_in - 1, d_out)
+            raise InvalidRankError(
+                f"rank {rank} is too large for {name} (d_in={d_in}, d_out={d_out}): the null space needs "
+                f"rank < d_in. Use a rank ≤ {limit}, or leave this layer out of target_modules."
+            )
+
+
+def _weight_owners(model: nn.Module) -> dict[int, list[str]]:
+    """Module names by the id of the weight tensor they hold (after unwrapping PEFT), to spot tied weights."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and not isinstance(module, LoraLayer) and ".lora_" not in name:
+            owners.setdefault(id(weight), []).append(base_name(name))
+    return owners
+
+
+def weight_matrix(layer: LoraLayer) -> torch.Tensor:
+    """The base weight as (d_out, d_in), whatever the layer stores (Conv1D keeps it transposed)."""
+    weight = layer.get_base_layer().weight
+    return weight.T if layer.fan_in_fan_out else weight
+
+
+def write_adapter(layer: LoraLayer, adapter_name: str, basis: torch.Tensor, init: str, a_scale: float = 1.0,
+                  residual: bool = True) -> torch.Tensor:
+    """Write A, B (and, for the projected init on the residual, the residual base) into one layer; return A.
+    `a_scale` moves magnitude from B to A (B·A unchanged): with Adam a larger frozen A is a faster adapter.
+    Without `residual` the projected init keeps B₀·A₀ inside the untouched base and starts B at 0: for a frozen
+    A the same training, and the trained adapter is a standard LoRA for the original weights."""
+    lora_a_param = layer.lora_A[adapter_name].weight
+    lora_b_param = layer.lora_B[adapter_name].weight
+    scaling = layer.scaling[adapter_name]
+    original = weight_matrix(layer).detach()
+    basis = basis.to(original.device)
+    if init == "projected":
+        lora_a, lora_b = projected_factors(original, basis, scaling)
+    else:
+        lora_a, lora_b = basis_factors(basis, original.shape[0])
+    lora_a, lora_b = lora_a * a_scale, lora_b / a_scale if residual else torch.zeros_like(lora_b)
+    # Rank 0's factors everywhere: identical adapters on every process, whatever the SVD's last bits did.
+    broadcast_(lora_a)
+    broadcast_(lora_b)
+    with torch.no_grad():
+        lora_a_param.copy_(lora_a.to(lora_a_param.device))
+        lora_b_param.copy_(lora_b.to(lora_b_param.device))
+        if init == "projected" and residual:
+            _write_residual(layer, lora_a_param, lora_b_param, scaling)
+    return lora_a_param.detach()
+
+
+def _write_residual(layer: LoraLayer, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
+    """W_res = W − s·B·A with the stored (rounded) factors, so W_res + s·B·A equals W to the precision of
+    W_res's own dtype. In float64 row chunks: a full float64 copy of a 70B down_proj would be 1.9 GB."""
+    original = weight_matrix(layer).detach()  # shares the parameter's storage
+    lora_a = lora_a.detach().to(original.device, torch.float64)
+    lora_b = lora_b.detach().to(original.device, torch.float64)
+    start = 0
+    for rows in row_chunks(original):
+        end = start + rows.shape[0]
+        rows.copy_(rows.double() - scaling * lora_b[start:end] @ lora_a)  # views: writes into the base weight
+        start = end
+
+
+def apply_variant(peft_model: PeftModel, variant: str, adapter_name: str = "default") -> None:
+    """v2 freezes lora_A (the down-projection) so training moves only B and the update stays in the null space."""
+    for layer in lora_layers(peft_model, adapter_name).values():
+        layer.lora_A[adapter_name].weight.requires_grad_(variant != "v2")
+        layer.lora_B[adapter_name].weight.requires_grad_(True)
+
+
+def lora_summary(lora_config: LoraConfig) -> dict[str, Any]:
+    targets = lora_config.target_modules
+    return {
+        "r": lora_config.r,
+        "lora_alpha": lora_config.lora_alpha,
+        "use_rslora": bool(lora_config.use_rslora),
+        "lora_dropout": lora_config.lora_dropout,
+        "target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets,
+        "rank_pattern": dict(lora_config.rank_pattern or {}),
+        "alpha_pattern": dict(lora_config.alpha_pattern or {}),
+    }

@@ -1,0 +1,143 @@
+"""What every front end shares: LoraNullConfig read from a framework's config, one validation of a LoRA-Null
+request, and the config's fields described once, so the CLI and each plugin generate their keys from them.
+
+A framework config names the method's settings `lora_null_<field>` (TRL, Axolotl, LLaMA-Factory YAML) or nests
+them in a `lora_null:` block; both reach every LoraNullConfig field. A plugin then only translates its own
+objects (model, tokenizer, datasets, output dir) and calls `lora_null_request`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Union
+
+from .config import LoraNullConfig
+from .errors import ConfigError
+
+PREFIX = "lora_null_"
+NESTED_KEY = "lora_null"
+# Keys a front end reads itself (they are not LoraNullConfig fields): where the knowledge text comes from, and
+# the TRL plugin's switch for making saves right for the base they name.
+FRONT_END_KEYS = ("calibration", "export")
+
+
+@dataclass(frozen=True)
+class ConfigField:
+    """One LoraNullConfig field as front ends see it: its value type (None-able types unwrapped), allowed values
+    for a Literal, default and help text."""
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+    choices: Optional[tuple[Any, ...]]
+
+    @property
+    def key(self) -> str:
+        return PREFIX + self.name
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def config_fields() -> list[ConfigField]:
+    hints = typing.get_type_hints(LoraNullConfig)
+    out = []
+    for spec in dataclasses.fields(LoraNullConfig):
+        kind = _unwrap_optional(hints[spec.name])
+        choices = typing.get_args(kind) if typing.get_origin(kind) is Literal else None
+        out.append(ConfigField(spec.name, kind, spec.default, spec.metadata.get("help", ""), choices))
+    return out
+
+
+def choices_of(name: str) -> tuple[Any, ...]:
+    """The allowed values of a Literal field, read from the config's type (one list for every front end)."""
+    found = next((f for f in config_fields() if f.name == name), None)
+    if found is None or found.choices is None:
+        raise KeyError(f"LoraNullConfig.{name} is not a field with a fixed set of values")
+    return found.choices
+
+
+def config_from_mapping(values: Mapping[str, Any], fallbacks: Optional[Mapping[str, Any]] = None) -> LoraNullConfig:
+    """LoraNullConfig from a framework config (a dict, or `vars()` of a dataclass): `lora_null_<field>` keys, or
+    the fields of a nested `lora_null:` block. A key left out or set to None takes `fallbacks[field]` (what the
+    framework implies, e.g. its sequence length) and then the config's own default. Unknown `lora_null_*` keys
+    are refused with the closest valid one, so a typo cannot silently train with the default."""
+    nested = values.get(NESTED_KEY)
+    if nested is not None and not isinstance(nested, Mapping):
+        raise ConfigError(f"{NESTED_KEY}: must be a mapping of LoraNullConfig fields, got {type(nested).__name__}.")
+    nested = dict(nested or {})
+    names = [f.name for f in config_fields()]
+    _refuse_unknown([k[len(PREFIX):] for k in values if isinstance(k, str) and k.startswith(PREFIX)], names, PREFIX)
+    _refuse_unknown(list(nested), names, NESTED_KEY + ".")
+    chosen: dict[str, Any] = {}
+    for name in names:
+        for source in (nested.get(name), values.get(PREFIX + name), (fallbacks or {}).get(name)):
+            if source is not None:
+                chosen[name] = source
+                break
+    both = sorted(n for n in names if nested.get(n) is not None and values.get(PREFIX + n) is not None
+                  and nested[n] != values[PREFIX + n])
+    if both:
+        raise ConfigError(f"{', '.join(PREFIX + n for n in both)} and the {NESTED_KEY}: block disagree; set each "
+                          "setting in one place.")
+    return LoraNullConfig(**chosen)
+
+
+def lora_null_request(values: Mapping[str, Any], *, calibration: Any = None, fallbacks: Optional[Mapping] = None,
+                      quantized: bool = False, dora: bool = False, dora_key: str = "use_dora",
+                      adapter_key: str = "adapter_init") -> Optional[LoraNullConfig]:
+    """The one validation every front end runs. None when the config does not ask for LoRA-Null; else the
+    LoraNullConfig, after checking what the method needs from the framework's side (calibration data, no DoRA,
+    a base that can hold a residual)."""
+    wanted = values.get(adapter_key)
+    if wanted in (None, "default"):
+        return None
+    if wanted != "lora_null":
+        raise ConfigError(f"{adapter_key}: {wanted!r} is not an init lora-null knows; use lora_null or leave it out.")
+    calibration = values.get(PREFIX + "calibration") if calibration is None else calibration
+    if not calibration:
+        raise ConfigError(f"{adapter_key}: lora_null needs {PREFIX}calibration: knowledge text to keep (a .jsonl/"
+                          ".json/.parquet file, a saved dataset or a dataset name).")
+    config = config_from_mapping(values, fallbacks)
+    if dora:
+        raise ConfigError(f"{adapter_key}: lora_null does not support DoRA; set {dora_key}: false.")
+    if quantized and config.init == "projected":
+        raise ConfigError(f"{adapter_key}: lora_null on a quantized base cannot hold the residual weight; set "
+                          f"{PREFIX}init: basis (A = null basis, B = 0, base untouched).")
+    return config
+
+
+def prefixed_dataclass_fields() -> list[tuple[str, Any, dataclasses.Field]]:
+    """`lora_null_<field>` entries for `dataclasses.make_dataclass` (TRL's and LLaMA-Factory's argument
+    dataclasses): each None by default, meaning "the core's default" (or what the framework implies)."""
+    out = []
+    for spec in config_fields():
+        help_text = f"{spec.help} (default: {spec.default})"
+        out.append((spec.key, Optional[spec.type], dataclasses.field(default=None, metadata={"help": help_text})))
+    return out
+
+
+def _unwrap_optional(kind: Any) -> Any:
+    if typing.get_origin(kind) is Union:
+        rest = [a for a in typing.get_args(kind) if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return kind
+
+
+def _refuse_unknown(keys: list[str], names: list[str], prefix: str) -> None:
+    unknown = [k for k in keys if k not in names and k not in FRONT_END_KEYS]
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, names, n=1)
+        hints.append(prefix + key + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
+    raise ConfigError(f"Unknown LoRA-Null setting(s): {', '.join(hints)}. Valid: "
+                      f"{', '.join(prefix + n for n in names)}.")

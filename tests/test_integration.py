@@ -1,0 +1,65 @@
+"""One translation from a framework's config to LoraNullConfig, and one validation of a LoRA-Null request."""
+
+import dataclasses
+
+import pytest
+
+from lora_null_core import ConfigError, LoraNullConfig
+from lora_null_core.integration import (
+    choices_of,
+    config_fields,
+    config_from_mapping,
+    lora_null_request,
+    prefixed_dataclass_fields,
+)
+
+
+def test_every_field_is_reachable_by_prefix_or_nested_block():
+    values = {"lora_null_solver": "eigh32", "lora_null_a_scale": 3, "lora_null_covariance_weighting": "per_sample_max",
+              "lora_null": {"accumulate_dtype": "float64", "min_tokens_per_dim": 0.5}, "learning_rate": 1e-4}
+    config = config_from_mapping(values)
+    assert (config.solver, config.a_scale, config.covariance_weighting, config.accumulate_dtype,
+            config.min_tokens_per_dim) == ("eigh32", 3, "per_sample_max", "float64", 0.5)
+    assert {f.name for f in config_fields()} == {f.name for f in dataclasses.fields(LoraNullConfig)}
+
+
+def test_unset_keys_take_the_frameworks_fallback_then_the_configs_default():
+    config = config_from_mapping({"lora_null_max_length": None, "lora_null_seed": 7}, fallbacks={"max_length": 2048,
+                                                                                                  "seed": 1})
+    assert config.max_length == 2048 and config.seed == 7 and config.num_samples == LoraNullConfig().num_samples
+
+
+def test_a_typo_is_refused_with_the_closest_key_not_trained_with_the_default():
+    with pytest.raises(ConfigError, match="lora_null_num_sample .*did you mean lora_null_num_samples"):
+        config_from_mapping({"lora_null_num_sample": 64})
+    with pytest.raises(ConfigError, match="lora_null.variantt"):
+        config_from_mapping({"lora_null": {"variantt": "v1"}})
+    with pytest.raises(ConfigError, match="disagree"):
+        config_from_mapping({"lora_null_variant": "v1", "lora_null": {"variant": "v2"}})
+    with pytest.raises(ConfigError, match="solver='qr' is not one of auto, eigh64, eigh32, subspace"):
+        config_from_mapping({"lora_null_solver": "qr"})
+
+
+def test_request_validation_is_the_same_for_every_front_end():
+    assert lora_null_request({"adapter_init": "default"}) is None and lora_null_request({}) is None
+    config = lora_null_request({"adapter_init": "lora_null", "lora_null_calibration": "k.jsonl", "lora_null_export": 1})
+    assert config == LoraNullConfig()
+    with pytest.raises(ConfigError, match="needs lora_null_calibration"):
+        lora_null_request({"adapter_init": "lora_null"})
+    with pytest.raises(ConfigError, match="'pissa' is not an init"):
+        lora_null_request({"adapter_init": "pissa"})
+    with pytest.raises(ConfigError, match="set peft_use_dora: false"):
+        lora_null_request({"adapter_init": "lora_null", "lora_null_calibration": "k"}, dora=True,
+                          dora_key="peft_use_dora")
+    with pytest.raises(ConfigError, match="lora_null_init: basis"):
+        lora_null_request({"adapter_init": "lora_null", "lora_null_calibration": "k"}, quantized=True)
+    basis = lora_null_request({"adapter_init": "lora_null", "lora_null_calibration": "k", "lora_null_init": "basis"},
+                              quantized=True)
+    assert basis.init == "basis"
+
+
+def test_choices_and_plugin_fields_come_from_the_config_types():
+    assert choices_of("variant") == ("v1", "v2") and choices_of("solver") == ("auto", "eigh64", "eigh32", "subspace")
+    generated = dataclasses.make_dataclass("Args", prefixed_dataclass_fields())
+    assert all(getattr(generated(), f.key) is None for f in config_fields())  # None = the core's default
+    assert config_from_mapping(vars(generated(lora_null_variant="v1"))).variant == "v1"
