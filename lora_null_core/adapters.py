@@ -3,9 +3,10 @@ write the factors (and, for the residual form, the base weight) into them. No ca
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Optional
 
 import torch
@@ -244,3 +245,22 @@ def lora_summary(lora_config: LoraConfig) -> dict[str, Any]:
         "rank_pattern": dict(lora_config.rank_pattern or {}),
         "alpha_pattern": dict(lora_config.alpha_pattern or {}),
     }
+
+
+@contextlib.contextmanager
+def bare_base_layers(module: nn.Module) -> Iterator[None]:
+    """While calibrating, run `module` through its base layers: every LoRA wrapper inside it is swapped for its
+    base layer (the hooks sit on the base layers, and a calibration pass wants the original function anyway),
+    so thousands of forward calls skip PEFT's per-call dispatch. The wrappers are put back on the way out."""
+    swaps = []
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoraLayer):
+                swaps.append((parent, name, child))
+    try:
+        for parent, name, child in swaps:
+            setattr(parent, name, child.get_base_layer())
+        yield
+    finally:
+        for parent, name, child in swaps:
+            setattr(parent, name, child)

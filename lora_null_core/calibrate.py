@@ -21,9 +21,47 @@ from .errors import InsufficientCalibrationError, NonFiniteActivationsError, Uns
 
 logger = logging.getLogger(__name__)
 
-# visit(module_name, tokens (N, d_in), sample_ids (N,), same_as): same_as names the first module that read the
-# very same input tensor in this forward pass (q/k/v, gate/up), so a visitor can reuse its work.
-Visitor = Callable[[str, torch.Tensor, torch.Tensor, Optional[str]], None]
+
+
+class LayerInput:
+    """One layer's input for one batch, as visitors read it.
+
+    `masked` holds every position with padding rows zeroed: sums over it (x xᵀ, ‖A x‖²) equal the sums over the
+    real tokens, and it needs no host synchronisation, so the GPU never waits inside a hook. `tokens` and
+    `sample_ids` hold the real tokens alone (boolean indexing: one host sync), for visitors that need rows.
+    `num_tokens` and `num_samples` come from the batch on the host.
+    """
+
+    def __init__(self, raw: torch.Tensor, mask: torch.Tensor, num_tokens: int, num_samples: int, name: str) -> None:
+        self.raw, self.mask, self.name = raw, mask, name
+        self.num_tokens, self.num_samples = num_tokens, num_samples
+        self._masked: Optional[torch.Tensor] = None
+        self._rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    @property
+    def masked(self) -> torch.Tensor:
+        if self._masked is None:
+            flat = _rows_by_position(self.raw, self.mask, self.name)
+            self._masked = flat * self.mask.reshape(-1, 1).to(flat.dtype)
+        return self._masked
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self._real_rows()[0]
+
+    @property
+    def sample_ids(self) -> torch.Tensor:
+        return self._real_rows()[1]
+
+    def _real_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rows is None:
+            self._rows = non_padding_tokens(self.raw, self.mask, self.name)
+        return self._rows
+
+
+# visit(module_name, inputs, same_as): same_as names the first module that read the very same input tensor in
+# this forward pass (q/k/v, gate/up), so a visitor can reuse its work.
+Visitor = Callable[[str, LayerInput, Optional[str]], None]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -34,9 +72,9 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 class InputTaps:
-    """Forward pre-hooks on `modules` that show `visit` each module's non-padding input tokens.
+    """Forward pre-hooks on `modules` that show `visit` each module's input (a LayerInput).
 
-    Used as a context manager; call `set_batch(mask)` before each forward so padding can be dropped.
+    Used as a context manager; call `set_batch(mask, counts)` before each forward so padding can be dropped.
     `visit` may be swapped between batches (calibration sums, then held-out leakage).
     """
 
@@ -44,22 +82,27 @@ class InputTaps:
         self.modules, self.visit = modules, visit
         self._handles: list = []
         self._mask: Optional[torch.Tensor] = None
-        self._last: tuple = (None, None, None, None)  # raw input, leader name, tokens, sample ids
+        self._counts = (0, 0)
+        self._last: tuple = (None, None, None)  # raw input, leader name, its LayerInput
 
-    def set_batch(self, mask: torch.Tensor) -> None:
-        self._mask, self._last = mask.bool(), (None, None, None, None)
+    def set_batch(self, mask: torch.Tensor, counts: Optional[tuple[int, int]] = None) -> None:
+        """`counts`: (real tokens, samples) of the batch, known on the host; from `mask` otherwise."""
+        self._mask, self._last = mask.bool(), (None, None, None)
+        self._counts = counts if counts is not None else batch_counts(mask)
 
     def _hook(self, name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
             raw = args[0]
-            last_raw, leader, tokens, ids = self._last
+            last_raw, leader, inputs = self._last
             if raw is last_raw:
-                self.visit(name, tokens, ids, leader)
+                self.visit(name, inputs, leader)
                 return
-            tokens, ids = non_padding_tokens(raw, self._mask.to(raw.device), name)
+            if self._mask.device != raw.device:
+                self._mask = self._mask.to(raw.device)
+            inputs = LayerInput(raw, self._mask, *self._counts, name)
             # Holding `raw` keeps its storage alive, so identity really means "the same tensor".
-            self._last = (raw, name, tokens, ids)
-            self.visit(name, tokens, ids, None)
+            self._last = (raw, name, inputs)
+            self.visit(name, inputs, None)
 
         return hook
 
@@ -70,7 +113,13 @@ class InputTaps:
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
-        self._handles, self._last = [], (None, None, None, None)
+        self._handles, self._last = [], (None, None, None)
+
+
+def batch_counts(mask: torch.Tensor) -> tuple[int, int]:
+    """(real tokens, samples with a token) of a padding mask."""
+    real = mask.bool()
+    return int(real.sum()), int(real.any(dim=1).sum())
 
 
 def input_device(model: nn.Module) -> torch.device:
@@ -91,12 +140,43 @@ def run_activation_pass(
     device = input_device(model)
     model.eval()
     try:
+        extra = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}  # a 16k-token batch × 128k vocab
         with torch.no_grad(), InputTaps(modules, visit) as taps:
             for batch in progress(list(batches), desc, "batch"):
-                taps.set_batch(batch.attention_mask)
-                model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
+                taps.set_batch(batch.attention_mask, batch_counts(batch.attention_mask))  # on the CPU: no sync
+                model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                      use_cache=False, **extra)
     finally:
         model.train(was_training)
+
+
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    """The pass needs the layers' inputs, not the logits: transformers' causal LMs can skip all but one position."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _rows_by_position(raw: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tensor:
+    """(batch·seq, d_in): a layer input laid out one row per mask position."""
+    batch, seq = mask.shape
+    if raw.dim() == 3 and raw.shape[:2] == mask.shape:
+        return raw.reshape(batch * seq, raw.shape[-1])
+    if raw.dim() == 2 and raw.shape[0] == batch * seq:
+        return raw
+    raise _misaligned(raw, mask, name)
+
+
+def _misaligned(raw: torch.Tensor, mask: torch.Tensor, name: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"Input of {name} has shape {tuple(raw.shape)}, which does not line up with the batch {tuple(mask.shape)}, "
+        "so padding cannot be masked. Layers that see packed or reshaped tokens cannot be calibrated; leave them "
+        "out of target_modules."
+    )
 
 
 def non_padding_tokens(raw: torch.Tensor, mask: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,11 +188,7 @@ def non_padding_tokens(raw: torch.Tensor, mask: torch.Tensor, name: str) -> tupl
     if raw.dim() == 2 and raw.shape[0] == batch * seq:
         flat = mask.reshape(-1)
         return raw[flat], sample_of.reshape(-1)[flat]
-    raise UnsupportedModelError(
-        f"Input of {name} has shape {tuple(raw.shape)}, which does not line up with the batch {tuple(mask.shape)}, "
-        "so padding cannot be masked. Layers that see packed or reshaped tokens cannot be calibrated; leave them "
-        "out of target_modules."
-    )
+    raise _misaligned(raw, mask, name)
 
 
 @dataclass
@@ -161,7 +237,7 @@ class CovarianceCollector:
         self.weighting = weighting
         self.result = Covariances()
 
-    def __call__(self, name: str, tokens: torch.Tensor, sample_ids: torch.Tensor, same_as: Optional[str]) -> None:
+    def __call__(self, name: str, inputs: LayerInput, same_as: Optional[str]) -> None:
         groups = self.result.group_of
         if same_as is not None:
             if groups.setdefault(name, groups[same_as]) != groups[same_as]:
@@ -169,20 +245,21 @@ class CovarianceCollector:
             return
         if groups.setdefault(name, name) != name:
             raise UnsupportedModelError(f"{name} shared its input in one batch but not in another.")
-        x = tokens
         if self.weighting == "per_sample_max":
-            x = x.to(self.dtype)
+            x, sample_ids = inputs.tokens.to(self.dtype), inputs.sample_ids
             # The authors' reference scales each sample by 1 / |max(x)| before the outer product.
-            peak = torch.full((int(sample_ids.max()) + 1,), float("-inf"), dtype=x.dtype, device=x.device)
+            peak = torch.full((inputs.mask.shape[0],), float("-inf"), dtype=x.dtype, device=x.device)
             peak = peak.scatter_reduce(0, sample_ids, x.amax(dim=1), reduce="amax")
             x = x / peak.abs().clamp_min(torch.finfo(x.dtype).tiny)[sample_ids].unsqueeze(1)
+        else:
+            x = inputs.masked  # padding rows are zero and add nothing to xᵀx
         matrix = self.result.matrices.get(name)
         if matrix is None:
             matrix = self.result.matrices[name] = torch.zeros(x.shape[1], x.shape[1], dtype=self.dtype, device=x.device)
             self.result.tokens[name] = self.result.samples[name] = 0
         add_gram_(matrix, x)
-        self.result.tokens[name] += x.shape[0]
-        self.result.samples[name] += int(sample_ids.unique().numel())
+        self.result.tokens[name] += inputs.num_tokens
+        self.result.samples[name] += inputs.num_samples
 
 
 def collect_covariances(

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--output", required=True)
     inspect.add_argument("--init-dir", "--init", dest="init_dir", default=None,
                          help="A folder written by `lora-null init`, to measure its leakage.")
-    add_config_flags(inspect, only=("num_samples", "max_length", "batch_size", "text_field"))
+    add_config_flags(inspect, only=("num_samples", "max_length", "batch_tokens", "batch_size", "text_field"))
     inspect.add_argument("--dtype", choices=FLOAT_DTYPES, default="auto")
     inspect.add_argument("--device", default=None)
     inspect.add_argument("--trust-remote-code", action="store_true")

@@ -44,7 +44,16 @@ class LoraNullConfig:
         metadata={"help": "Further samples, disjoint from calibration, on which leakage is measured (0: skip)."},
     )
     max_length: int = field(default=512, metadata={"help": "Tokens per calibration sample (longer ones are cut)."})
-    batch_size: int = field(default=8, metadata={"help": "Calibration samples per forward pass."})
+    batch_tokens: int = field(
+        default=16384,
+        metadata={
+            "help": "Padded tokens per calibration forward pass: samples are sorted by length and packed up to this, "
+            "so the pass costs what its tokens cost, not one call per few rows. Lower it if activations do not fit."
+        },
+    )
+    batch_size: Optional[int] = field(
+        default=None, metadata={"help": "Also cap the samples per forward pass (default: batch_tokens alone decides)."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed for choosing calibration samples and the random-A baseline."})
     text_field: str = field(
         default="text",
@@ -117,9 +126,11 @@ class LoraNullConfig:
         for name, allowed in literal_choices().items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}.")
-        for name in ("num_samples", "max_length", "batch_size"):
+        for name in ("num_samples", "max_length", "batch_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1.")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size} must be at least 1 (or None: batch_tokens decides).")
         if self.train_base == "original" and self.variant == "v1" and self.init == "projected":
             raise ConfigError(
                 "train_base='original' needs variant v2 (or init basis): v1 trains A as well, and its update "

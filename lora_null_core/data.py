@@ -12,7 +12,7 @@ import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -205,8 +205,13 @@ def describe(source: CalibrationSource) -> str:
     return f"<{type(source).__name__} of {len(source) if hasattr(source, '__len__') else '?'} rows>"
 
 
-def tokenize_batches(texts: Sequence[str], tokenizer: Any, max_length: int, batch_size: int) -> list[TokenBatch]:
-    """Tokenize, sort by length (less padding), right-pad into batches with an attention mask."""
+def tokenize_batches(texts: Sequence[str], tokenizer: Any, max_length: int, batch_size: Optional[int] = None,
+                     batch_tokens: Optional[int] = None, min_batches: int = 1) -> list[TokenBatch]:
+    """Tokenize, sort by length, right-pad into batches with an attention mask.
+
+    Batches are filled up to `batch_tokens` padded tokens (rows × the batch's longest row), so thousands of
+    short prompts cost a few forward passes, not thousands; `batch_size` also caps the rows when given.
+    `min_batches`: at least this many batches (one per process) when there are that many texts."""
     sequences = []
     for text in texts:
         # A rendered chat template already carries its special tokens; adding them again would double BOS.
@@ -216,12 +221,19 @@ def tokenize_batches(texts: Sequence[str], tokenizer: Any, max_length: int, batc
             sequences.append(list(ids))
     if not sequences:
         raise CalibrationDataError("Every calibration text tokenized to zero tokens.")
+    if not batch_size and not batch_tokens:
+        raise ValueError("tokenize_batches needs batch_size or batch_tokens")
     sequences.sort(key=len, reverse=True)
+    most_rows = -(-len(sequences) // max(1, min_batches))
+    if batch_size:
+        most_rows = min(most_rows, batch_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    batches = []
-    for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start : start + batch_size]
-        width = len(chunk[0])
+    batches, start = [], 0
+    while start < len(sequences):
+        width = len(sequences[start])  # the longest left: sorted
+        rows = min(most_rows, max(1, batch_tokens // width)) if batch_tokens else most_rows
+        chunk = sequences[start : start + rows]
+        start += len(chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, seq in enumerate(chunk):

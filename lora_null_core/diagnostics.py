@@ -48,7 +48,7 @@ def analyze(
     """Every number of the report, per layer, as plain JSON-able data."""
     config = config or LoraNullConfig(holdout_samples=0)
     texts = choose_texts(calibration, tokenizer, config.num_samples, 0, config.seed, config.text_field)
-    batches = tokenize_batches(texts.calibration, tokenizer, config.max_length, config.batch_size)
+    batches = tokenize_batches(texts.calibration, tokenizer, config.max_length, config.batch_size, config.batch_tokens)
     modules = linear_layers(model)
     covariances = collect_covariances(model, modules, batches, torch.float64, config.covariance_weighting)
     adapter, rank, settings = _initial_adapter(init_dir)

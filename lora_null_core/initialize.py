@@ -18,7 +18,15 @@ from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .adapters import apply_variant, as_peft_model, check_layers, lora_layers, lora_summary, write_adapter
+from .adapters import (
+    apply_variant,
+    as_peft_model,
+    bare_base_layers,
+    check_layers,
+    lora_layers,
+    lora_summary,
+    write_adapter,
+)
 from .calibrate import (
     CovarianceCollector,
     Covariances,
@@ -80,13 +88,13 @@ def lora_null_init(
     texts = choose_texts(
         calibration, tokenizer, config.num_samples, config.holdout_samples, config.seed, config.text_field
     )
-    # Small enough batches that every process gets at least one.
+    # Batches by token budget, and at least one per process.
     world = rank_and_world()[1]
-    batch_size = min(config.batch_size, -(-len(texts.calibration) // world))
-    batches = tokenize_batches(texts.calibration, tokenizer, config.max_length, batch_size)
+    batching = {"batch_size": config.batch_size, "batch_tokens": config.batch_tokens, "min_batches": world}
+    batches = tokenize_batches(texts.calibration, tokenizer, config.max_length, **batching)
     if len(batches) < world:
         raise InsufficientCalibrationError(f"{len(texts.calibration)} calibration samples cannot feed {world} processes.")
-    holdout = tokenize_batches(texts.holdout, tokenizer, config.max_length, batch_size) if texts.holdout else []
+    holdout = tokenize_batches(texts.holdout, tokenizer, config.max_length, **batching) if texts.holdout else []
     check_distinct_contexts(batches, layers, config)
     probe = probe_batch(batches)
 
@@ -185,7 +193,7 @@ def _initialize_layers(
 def _init_whole_model(peft_model, layers, batches, holdout, probe, config, adapter_name, cache, cached):
     """One forward pass over all data with every layer tapped; every covariance held at once."""
     modules = {name: layer.get_base_layer() for name, layer in layers.items()}
-    with peft_model.disable_adapter():
+    with bare_base_layers(peft_model.get_base_model()):
         reference = model_logits(peft_model, probe)
         if cached:
             covariances = cache.load(modules)
@@ -222,10 +230,10 @@ def _init_streaming(peft_model, layers, plan, batches, holdout, probe, config, a
             block_layers = {name: layers[name] for name in step.names}
             modules = {name: layer.get_base_layer() for name, layer in block_layers.items()}
             collector = CovarianceCollector(dtype, config.covariance_weighting)
-            with peft_model.disable_adapter():
+            with bare_base_layers(step.block):
                 with InputTaps(modules, collector) as taps:
                     for j in calibration:
-                        taps.set_batch(calls[j].mask)
+                        taps.set_batch(calls[j].mask, calls[j].counts)
                         calls[j] = calls[j].with_hidden(run_block(step.block, calls[j]))
                 probe_before = run_block(step.block, calls[-1])
             if block_layers:
@@ -241,7 +249,7 @@ def _init_streaming(peft_model, layers, plan, batches, holdout, probe, config, a
                 leakage = LeakageCollector(lora_as, config.seed)
             with InputTaps(modules, leakage if block_layers else _ignore) as taps:
                 for j in held_out:
-                    taps.set_batch(calls[j].mask)
+                    taps.set_batch(calls[j].mask, calls[j].counts)
                     calls[j] = calls[j].with_hidden(run_block(step.block, calls[j]))
             if block_layers and config.holdout_samples:
                 _set_holdout(block_reports, leakage.results())

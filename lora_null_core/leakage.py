@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .calibrate import run_activation_pass
+from .calibrate import LayerInput, run_activation_pass
 from .data import TokenBatch
 from .distributed import all_reduce_sum_
 
@@ -48,8 +48,8 @@ class LeakageCollector:
         self.random = {name: random_like(a, seed) for name, a in self.a.items()}
         self.sums = {name: torch.zeros(3, dtype=torch.float64, device=a.device) for name, a in self.a.items()}
 
-    def __call__(self, name: str, tokens: torch.Tensor, _ids: torch.Tensor, _same_as: Optional[str]) -> None:
-        x = tokens.to(torch.float64)
+    def __call__(self, name: str, inputs: LayerInput, _same_as: Optional[str]) -> None:
+        x = inputs.masked.to(torch.float64)  # padding rows are zero and add nothing to the three sums
         a, r = self.a[name].to(x.device), self.random[name].to(x.device)
         self.sums[name] += torch.stack([(x @ a.T).square().sum(), (x @ r.T).square().sum(), x.square().sum()]).to(
             self.sums[name].device

@@ -17,7 +17,7 @@ from typing import Any, Optional, Protocol
 import torch
 from torch import nn
 
-from .calibrate import input_device
+from .calibrate import batch_counts, input_device
 from .console import progress
 from .data import TokenBatch
 
@@ -26,11 +26,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class BlockInput:
-    """One batch's call of a decoder block: positional args, keyword args, and its padding mask."""
+    """One batch's call of a decoder block: positional args, keyword args, its padding mask, and (real tokens,
+    samples) counted on the host when the batch was captured, so the hooks never sync to count."""
 
     args: tuple
     kwargs: dict
     mask: torch.Tensor
+    counts: Optional[tuple[int, int]] = None
 
     @property
     def hidden(self) -> torch.Tensor:
@@ -38,8 +40,8 @@ class BlockInput:
 
     def with_hidden(self, hidden: torch.Tensor) -> BlockInput:
         if self.args:
-            return BlockInput((hidden, *self.args[1:]), self.kwargs, self.mask)
-        return BlockInput(self.args, {**self.kwargs, "hidden_states": hidden}, self.mask)
+            return BlockInput((hidden, *self.args[1:]), self.kwargs, self.mask, self.counts)
+        return BlockInput(self.args, {**self.kwargs, "hidden_states": hidden}, self.mask, self.counts)
 
 
 class _StopForward(Exception):
@@ -70,7 +72,8 @@ def capture_block_inputs(
     current: dict[str, Any] = {}
 
     def stop(_module: nn.Module, args: tuple, kwargs: dict):
-        captured.append(BlockInput(_to(args, device), _to(kwargs, device), current["mask"].to(device)))
+        mask = current["mask"]
+        captured.append(BlockInput(_to(args, device), _to(kwargs, device), mask.to(device), batch_counts(mask)))
         raise _StopForward
 
     handle = first_block.register_forward_pre_hook(stop, with_kwargs=True)
@@ -125,20 +128,107 @@ class MoveToDevice:
         block.to(self._home.pop(index))
 
 
+class PrefetchToDevice:
+    """The loader for weights kept in CPU memory (--offload cpu) streamed to a GPU: while block i computes, block
+    i+1 is copied in on a side stream, and a finished block goes back the same way, from and into pinned memory
+    (each block is pinned once, on its first trip), so the copies overlap the compute instead of stalling it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self._incoming: dict[int, tuple[list, torch.cuda.Event]] = {}
+        self._entries: dict[int, list] = {}  # index → [(owner, kind, name, pinned host tensor)]
+
+    def prefetch(self, index: int, block: nn.Module) -> None:
+        if index in self._incoming:
+            return
+        entries = []
+        for owner, kind, name, tensor in _block_tensors(block):
+            host = tensor if tensor.is_pinned() else tensor.pin_memory()
+            entries.append((owner, kind, name, host))
+            _set_tensor(owner, kind, name, host)
+        with torch.cuda.stream(self.stream):
+            copies = [host.to(self.device, non_blocking=True) for *_, host in entries]
+            arrived = torch.cuda.Event()
+            arrived.record(self.stream)
+        self._entries[index] = entries
+        self._incoming[index] = (copies, arrived)
+
+    def load(self, index: int, block: nn.Module, device: torch.device) -> None:
+        self.prefetch(index, block)
+        copies, arrived = self._incoming.pop(index)
+        torch.cuda.current_stream(self.device).wait_event(arrived)
+        for (owner, kind, name, _host), on_device in zip(self._entries[index], copies):
+            _set_tensor(owner, kind, name, on_device)
+
+    def unload(self, index: int, block: nn.Module) -> None:
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))  # after everything the caller did to the block
+        self.stream.wait_event(done)
+        with torch.cuda.stream(self.stream):
+            for owner, kind, name, host in self._entries.pop(index):
+                on_device = _get_tensor(owner, kind, name)
+                host.copy_(on_device, non_blocking=True)  # the residual written on the GPU goes home
+                on_device.record_stream(self.stream)
+                _set_tensor(owner, kind, name, host)
+
+    def close(self) -> None:
+        """Wait for the last copies home: the host weights are read (saved) next."""
+        self.stream.synchronize()
+
+
+def _block_tensors(block: nn.Module) -> list[tuple[nn.Module, str, str, torch.Tensor]]:
+    found = []
+    for owner in block.modules():
+        for kind, table in (("parameter", owner._parameters), ("buffer", owner._buffers)):
+            for name, tensor in table.items():
+                if tensor is not None:
+                    found.append((owner, kind, name, tensor.data))
+    return found
+
+
+def _get_tensor(owner: nn.Module, kind: str, name: str) -> torch.Tensor:
+    return (owner._parameters if kind == "parameter" else owner._buffers)[name].data
+
+
+def _set_tensor(owner: nn.Module, kind: str, name: str, tensor: torch.Tensor) -> None:
+    if kind == "parameter":
+        owner._parameters[name].data = tensor
+    else:
+        owner._buffers[name] = tensor
+
+
+def default_loader(blocks: nn.ModuleList, device: torch.device) -> BlockLoader:
+    """Prefetching when CPU-held blocks stream to a GPU; plain moves otherwise."""
+    first = next(blocks[0].parameters(), None)
+    if device.type == "cuda" and first is not None and first.device.type == "cpu":
+        return PrefetchToDevice(device)
+    return MoveToDevice()
+
+
 def stream_blocks(
     blocks: nn.ModuleList,
     layer_names: Mapping[int, list[str]],
     device: torch.device,
     loader: Optional[BlockLoader] = None,
 ) -> Iterator[StreamStep]:
-    """Yield each block on `device`; the loader takes it back once the caller is done with it."""
-    loader = loader or MoveToDevice()
-    for index, block in enumerate(progress(blocks, "calibrating and solving, block by block", "block")):
-        loader.load(index, block, device)
-        try:
-            yield StreamStep(index, block, layer_names.get(index, []))
-        finally:
-            loader.unload(index, block)
+    """Yield each block on `device`; the loader takes it back once the caller is done with it (a loader that can
+    prefetch starts bringing in the next block before this one is yielded)."""
+    loader = loader or default_loader(blocks, device)
+    prefetch = getattr(loader, "prefetch", None)
+    try:
+        for index, block in enumerate(progress(blocks, "calibrating and solving, block by block", "block")):
+            loader.load(index, block, device)
+            if prefetch is not None and index + 1 < len(blocks):
+                prefetch(index + 1, blocks[index + 1])
+            try:
+                yield StreamStep(index, block, layer_names.get(index, []))
+            finally:
+                loader.unload(index, block)
+    finally:
+        close = getattr(loader, "close", None)
+        if close is not None:
+            close()
 
 
 def layers_by_block(prefix: str, blocks: nn.ModuleList, names: Sequence[str]) -> Optional[dict[int, list[str]]]:

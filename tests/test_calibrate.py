@@ -32,7 +32,8 @@ def test_padding_never_enters_the_covariance(make_model, tokenizer, knowledge, a
     expected = independent_covariances(model, tokenizer, texts)
     for name, matrix in expected.items():
         assert torch.allclose(got.of(name).double(), matrix, rtol=1e-4, atol=1e-4 * matrix.abs().max()), name
-    assert got.tokens[got.group_of[next(iter(expected))]] == sum(b.num_tokens for b in batches)
+    key = got.group_of[next(iter(expected))]
+    assert got.tokens[key] == sum(b.num_tokens for b in batches) and got.samples[key] == len(texts)
 
 
 def test_layers_reading_one_tensor_share_one_covariance(make_model, tokenizer, knowledge):

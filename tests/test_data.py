@@ -66,3 +66,20 @@ def test_a_hub_name_goes_to_datasets_and_fails_clearly_offline(monkeypatch, toke
     with pytest.raises(CalibrationDataError, match="nq_open"):
         load_rows("google-research-datasets/nq_open:validation")
     assert calls == [("google-research-datasets/nq_open", "validation")]
+
+
+def test_batches_are_filled_by_a_token_budget_not_a_row_count(tokenizer, knowledge):
+    """Thousands of short prompts cost a few forward passes: rows × the batch's longest row stays within the
+    budget, every text lands in exactly one batch, and a row cap or a process count still holds."""
+    texts = knowledge[:300]
+    batches = tokenize_batches(texts, tokenizer, max_length=64, batch_tokens=512)
+    assert all(b.input_ids.numel() <= 512 for b in batches)
+    assert sum(b.input_ids.shape[0] for b in batches) == len(texts)
+    assert len(batches) < len(texts) / 8  # what the old 8-row default would have taken
+    widths = [b.input_ids.shape[1] for b in batches]
+    assert widths == sorted(widths, reverse=True)  # sorted by length: little padding
+    capped = tokenize_batches(texts, tokenizer, max_length=64, batch_size=8, batch_tokens=512)
+    assert max(b.input_ids.shape[0] for b in capped) == 8
+    assert len(tokenize_batches(texts[:5], tokenizer, max_length=64, batch_tokens=10**6, min_batches=2)) == 2
+    long_text = tokenize_batches(["word " * 200], tokenizer, max_length=64, batch_tokens=16)
+    assert [b.input_ids.shape for b in long_text] == [(1, 64)]  # one row wider than the budget still runs

@@ -50,3 +50,22 @@ def test_streaming_on_refuses_targets_outside_the_blocks(make_model, tokenizer, 
     model = lora_null_init(model, lora, knowledge, tokenizer, streaming="auto", **SETTINGS)
     assert model.lora_null_report.function_error_measure == "logits"
     assert any(name.endswith("projector") for name in lora_layers(model, "default"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="prefetching streams CPU-held blocks to a GPU")
+def test_prefetched_offload_gives_the_same_init_as_plain_moves(make_model, tokenizer, knowledge):
+    """--offload cpu on a GPU: blocks copied in on a side stream (pinned) while the previous one computes, and
+    copied home the same way. The residual base and the factors must equal those of synchronous moves."""
+    from lora_null_core import sequential
+
+    results = []
+    for loader in (sequential.MoveToDevice(), None):  # None: the default, PrefetchToDevice here
+        model = make_model("llama")
+        peft_model = lora_null_init(model, LoraConfig(r=4, lora_alpha=8), knowledge[:200], tokenizer,
+                                    num_samples=160, holdout_samples=0, streaming="on", execution_device="cuda",
+                                    block_loader=loader)
+        assert all(p.device.type == "cpu" for p in peft_model.parameters())  # every block went home
+        results.append({k: v.detach().clone() for k, v in peft_model.state_dict().items()})
+    assert results[0].keys() == results[1].keys()
+    for key in results[0]:
+        assert torch.allclose(results[0][key], results[1][key], atol=1e-5), key

@@ -134,6 +134,11 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def batching(args) -> dict:
+    """Only the batching flags given: the rest is the config's default (the same script times older cores)."""
+    return {k: v for k, v in (("batch_size", args.batch_size), ("batch_tokens", args.batch_tokens)) if v}
+
+
 def time_lora_null(args, texts, tokenizer, solver: str, offload: bool, device: str, cache: str | None = None,
                    method: str | None = None) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -142,7 +147,7 @@ def time_lora_null(args, texts, tokenizer, solver: str, offload: bool, device: s
     model = build_model(args.shape, "cpu" if offload and not limited else device, dtype, meta_blocks=bool(limited))
     loader = RandomBlocks(dtype, args.max_blocks) if limited else None
     config = LoraNullConfig(num_samples=args.num_samples, holdout_samples=0, max_length=args.seq_len,
-                            batch_size=args.batch_size, solver=solver, streaming="on", covariance_cache=cache)
+                            solver=solver, streaming="on", covariance_cache=cache, **batching(args))
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS)
     reset_peak()
     gpu_sync()
@@ -175,7 +180,7 @@ def time_lora_null_disk(args, texts, tokenizer, solver: str, device: str) -> dic
         del model
         reset_peak()
         config = LoraNullConfig(num_samples=args.num_samples, holdout_samples=0, max_length=args.seq_len,
-                                batch_size=args.batch_size, solver=solver)
+                                solver=solver, **batching(args))
         lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS)
         with HostPeak() as host:
             gpu_sync()
@@ -298,7 +303,7 @@ def solver_check(args, texts, tokenizer, device: str) -> list[dict]:
     block = model.model.layers[0]
     modules = {f"layer0.{n}": getattr(block.self_attn if n.endswith(("q_proj", "o_proj")) else block.mlp, n)
                for n in ("q_proj", "o_proj", "gate_proj", "down_proj")}
-    batches = tokenize_batches(texts, tokenizer, args.seq_len, args.batch_size)
+    batches = tokenize_batches(texts, tokenizer, args.seq_len, args.batch_size or 16)
     covariances = collect_covariances(model, modules, batches)
     rows = []
     for key, cov in covariances.matrices.items():
@@ -328,7 +333,8 @@ def main(argv=None) -> int:
     parser.add_argument("--solver", default="auto", help="Comma list of solvers for the lora_null runs.")
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=None, help="Rows per calibration pass (default: the config's).")
+    parser.add_argument("--batch-tokens", type=int, default=None, help="Padded tokens per pass (default: the config's).")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--max-blocks", type=int, default=0,
                         help="Materialize random weights one block at a time on the GPU (for models larger than memory) and time the first N blocks.")
