@@ -18,6 +18,7 @@ from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from . import phases
 from .adapters import (
     apply_variant,
     as_peft_model,
@@ -48,6 +49,7 @@ from .errors import (
 )
 from .leakage import LeakageCollector, holdout_leakage, leakage_from_covariance, random_like
 from .null_space import null_basis
+from .phases import phase
 from .report import RESIDUAL_MARKER, InitReport, LayerReport
 from .safeguards import check_distinct_contexts, check_function_preserved, model_logits, probe_batch, relative_error
 from .sequential import (
@@ -181,12 +183,15 @@ def _initialize_layers(
     """Null bases → factors → residual for a set of layers whose covariances are complete."""
     check_token_counts(covariances, config.min_tokens_per_dim)
     ranks = {name: layer.r[adapter_name] for name, layer in layers.items()}
-    null_bases = solve_null_bases(covariances, ranks, config.solver, show_progress)
+    with phase(phases.SOLVE):
+        null_bases = solve_null_bases(covariances, ranks, config.solver, show_progress)
     reports = []
     for name, layer in layers.items():
         basis = null_bases[covariances.group_of[name], layer.r[adapter_name]]
-        lora_a = write_adapter(layer, adapter_name, basis, config.init, config.a_scale, config.residual)
-        reports.append(_layer_report(name, layer, adapter_name, covariances, lora_a, config.seed))
+        with phase(phases.WRITE):
+            lora_a = write_adapter(layer, adapter_name, basis, config.init, config.a_scale, config.residual)
+        with phase(phases.REPORT):
+            reports.append(_layer_report(name, layer, adapter_name, covariances, lora_a, config.seed))
     return reports
 
 
@@ -217,7 +222,8 @@ def _init_streaming(peft_model, layers, plan, batches, holdout, probe, config, a
     """Block by block: calibrate, initialize, measure; the GPU holds one block and the hidden states.
     With cached covariances `batches` is empty and only the held-out and probe samples go through."""
     blocks, names_by_block = plan
-    calls = capture_block_inputs(peft_model, blocks[0], [*batches, *holdout, probe], device)
+    with phase(phases.CAPTURE):
+        calls = capture_block_inputs(peft_model, blocks[0], [*batches, *holdout, probe], device)
     calibration, held_out = range(len(batches)), range(len(batches), len(batches) + len(holdout))
     dtype = getattr(torch, config.accumulate_dtype)
     reports = []

@@ -20,6 +20,7 @@ from torch import nn
 from .calibrate import batch_counts, input_device
 from .console import progress
 from .data import TokenBatch
+from .phases import FORWARD, phase
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,8 @@ def capture_block_inputs(
 
 
 def run_block(block: nn.Module, call: BlockInput) -> torch.Tensor:
-    out = block(*call.args, **call.kwargs)
+    with phase(FORWARD):
+        out = block(*call.args, **call.kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 

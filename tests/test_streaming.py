@@ -69,3 +69,29 @@ def test_prefetched_offload_gives_the_same_init_as_plain_moves(make_model, token
     assert results[0].keys() == results[1].keys()
     for key in results[0]:
         assert torch.allclose(results[0][key], results[1][key], atol=1e-5), key
+
+
+def test_the_init_announces_disjoint_phases_an_observer_can_time(make_model, tokenizer, knowledge):
+    """The profiler's view (benchmarks/speed): every phase begins and ends before the next one begins, and a
+    streaming init goes through all of them; after the block, observers hear nothing."""
+    from lora_null_core import phases
+
+    class Recorder:
+        def __init__(self):
+            self.events = []
+
+        def begin(self, name):
+            self.events.append(("begin", name))
+
+        def end(self, name):
+            self.events.append(("end", name))
+
+    with phases.observing(Recorder()) as recorder:
+        lora_null_init(make_model("llama"), LoraConfig(r=4, lora_alpha=8), knowledge[:200], tokenizer,
+                       num_samples=160, holdout_samples=40, streaming="on")
+    events = recorder.events
+    assert all(events[i][0] == "begin" and events[i + 1] == ("end", events[i][1]) for i in range(0, len(events), 2))
+    assert {name for _, name in events} == set(phases.ALL)
+    lora_null_init(make_model("llama"), LoraConfig(r=4, lora_alpha=8), knowledge[:200], tokenizer,
+                   num_samples=160, holdout_samples=0, streaming="on")
+    assert recorder.events == events

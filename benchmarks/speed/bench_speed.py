@@ -220,50 +220,35 @@ def _rss() -> int:
         return int(statm.read().split()[1]) * 4096
 
 
-PHASES = {  # initialize.py's module-level names, wrapped one by one: what each costs inside lora_null_init
-    "capture block-0 inputs": "capture_block_inputs",
-    "block forward passes (with input taps)": "run_block",
-    "null bases (decompositions)": "solve_null_bases",
-    "factors and residual": "write_adapter",
-    "leakage figures": "_layer_report",
-}
-
-
 def profile_lora_null(args, texts, tokenizer, solver: str, offload: bool, device: str) -> list[dict]:
-    """Seconds and peak GPU memory of each phase of one lora_null run (GPU synchronized around each call)."""
-    import lora_null_core.initialize as initialize
+    """Seconds and peak GPU memory of each phase of one lora_null run, from the pipeline's phase events
+    (lora_null_core.phases; the GPU is synchronized at each phase's start and end)."""
+    from lora_null_core import phases
 
-    totals = {phase: {"seconds": 0.0, "peak_gpu_gib": float("nan"), "calls": 0} for phase in PHASES}
-    originals = {name: getattr(initialize, name) for name in PHASES.values()}
+    totals = {name: {"seconds": 0.0, "peak_gpu_gib": float("nan"), "calls": 0} for name in phases.ALL}
 
-    def timed(phase, function):
-        def wrapper(*a, **k):
+    class Timer:
+        def begin(self, name: str) -> None:
             gpu_sync()
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
-            result = function(*a, **k)
+            self.start = time.perf_counter()
+
+        def end(self, name: str) -> None:
             gpu_sync()
-            entry = totals[phase]
-            entry["seconds"] += time.perf_counter() - start
+            entry = totals[name]
+            entry["seconds"] += time.perf_counter() - self.start
             entry["peak_gpu_gib"] = peak_gib() if math.isnan(entry["peak_gpu_gib"]) else max(entry["peak_gpu_gib"], peak_gib())
             entry["calls"] += 1
-            return result
-        return wrapper
 
-    for phase, name in PHASES.items():
-        setattr(initialize, name, timed(phase, originals[name]))
-    try:
+    with phases.observing(Timer()):
         row = time_lora_null(args, texts, tokenizer, solver, offload, device)
-    finally:
-        for name, function in originals.items():
-            setattr(initialize, name, function)
-    phases = [{"phase": phase, **entry, "method": row["method"]} for phase, entry in totals.items()]
+    rows = [{"phase": name, **entry, "method": row["method"]} for name, entry in totals.items()]
     other = row["seconds"] - sum(entry["seconds"] for entry in totals.values())
     # The phases reset the peak counter, so the run's peak is the largest phase peak.
     peak = max((entry["peak_gpu_gib"] for entry in totals.values()), default=float("nan"))
     return [{"phase": "total", "seconds": row["seconds"], "peak_gpu_gib": peak, "calls": 1,
-             "method": row["method"]}, *phases,
+             "method": row["method"]}, *rows,
             {"phase": "other (block moves, covariance finalizing, data, PEFT wrapping)", "seconds": other,
              "peak_gpu_gib": float("nan"), "calls": 0, "method": row["method"]}]
 
