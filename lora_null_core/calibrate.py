@@ -22,7 +22,6 @@ from .errors import InsufficientCalibrationError, NonFiniteActivationsError, Uns
 logger = logging.getLogger(__name__)
 
 
-
 class LayerInput:
     """One layer's input for one batch, as visitors read it.
 
