@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
-import lora_null_core.initialize as initialize
+import lora_null_core.init_loop as init_loop
 from lora_null_core import lora_null_init
 from lora_null_core.adapters import lora_layers
 from lora_null_core.covariance_cache import tokens_fingerprint, weights_fingerprint
@@ -82,7 +82,7 @@ def test_more_targets_than_cached_recalibrates(make_model, tokenizer, knowledge,
 
 
 def test_a_failed_run_leaves_no_entry(make_model, tokenizer, knowledge, tmp_path, monkeypatch):
-    real = initialize._initialize_layers
+    real = init_loop.initialize_layers
     seen = []
 
     def fail_on_second_block(*args, **kwargs):
@@ -91,7 +91,7 @@ def test_a_failed_run_leaves_no_entry(make_model, tokenizer, knowledge, tmp_path
             raise RuntimeError("interrupted")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(initialize, "_initialize_layers", fail_on_second_block)
+    monkeypatch.setattr(init_loop, "initialize_layers", fail_on_second_block)
     with pytest.raises(RuntimeError, match="interrupted"):
         run(make_model, tokenizer, knowledge[:140], tmp_path, streaming="on")
     assert list(tmp_path.iterdir()) == []
