@@ -11,6 +11,7 @@ from peft import PeftModel
 from trl import SFTTrainer
 
 from lora_null_core import lora_null_init, save_initial_adapter
+from lora_null_core.callbacks import LoraNullCallback
 from lora_null_core.errors import ConfigError
 from lora_null_core.export import INIT_DIR, finish_saved_adapter
 
@@ -25,6 +26,8 @@ class LoraNullSFTTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         if getattr(self.args, "adapter_init", "default") == "lora_null":
             self._initialize_lora_null()
+            if self.args.lora_null_export:  # checkpoints, as in every plugin; the final save is save_model's
+                self.add_callback(LoraNullCallback(save_init=False))
 
     @property
     def lora_null_init_dir(self) -> Path:
@@ -47,11 +50,11 @@ class LoraNullSFTTrainer(SFTTrainer):
             logger.info("LoRA-Null init: %s", self.model.lora_null_report.summary())
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
-        """Checkpoints come through here with _internal_call; the run's final save without. Either way the
-        folder ends up right for the base its adapter_config.json names (see finish_saved_adapter)."""
+        """The run's final save (a user's `trainer.save_model()`, after training, where no callback sees it) ends
+        up right for the base its adapter_config.json names; checkpoints are LoraNullCallback's."""
         super().save_model(output_dir, _internal_call)
         if getattr(self.args, "adapter_init", "default") != "lora_null" or not self.args.lora_null_export:
             return
-        if self.is_world_process_zero():
-            finish_saved_adapter(output_dir or self.args.output_dir, self.lora_null_init_dir, final=not _internal_call)
+        if not _internal_call and self.is_world_process_zero():
+            finish_saved_adapter(output_dir or self.args.output_dir, self.lora_null_init_dir, final=True)
 
