@@ -90,11 +90,13 @@ def run_steps(steps: Iterator[InitStep], config: LoraNullConfig, adapter_name: s
                     writer.add(step.key, covariances)
             step_reports = initialize_layers(step.layers, covariances, config, adapter_name, step.solve_progress)
             reports += step_reports
+            if not config.holdout_samples:  # the held-out hidden states still move on (streaming), unmeasured
+                step.hold_out(modules, _ignore)
+                continue
             lora_as = {name: layer.lora_A[adapter_name].weight.detach() for name, layer in step.layers.items()}
             leakage = LeakageCollector(lora_as, config.seed)
-            step.hold_out(modules, leakage if config.holdout_samples else _ignore)
-            if config.holdout_samples:
-                set_holdout(step_reports, leakage.results())
+            step.hold_out(modules, leakage)
+            set_holdout(step_reports, leakage.results())
     return reports
 
 

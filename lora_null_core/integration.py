@@ -13,9 +13,9 @@ import difflib
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
-from .config import LoraNullConfig
+from .config import LoraNullConfig, literal_choices
 from .errors import ConfigError
 
 PREFIX = "lora_null_"
@@ -50,17 +50,9 @@ def config_fields() -> list[ConfigField]:
     out = []
     for spec in dataclasses.fields(LoraNullConfig):
         kind = _unwrap_optional(hints[spec.name])
-        choices = typing.get_args(kind) if typing.get_origin(kind) is Literal else None
+        choices = literal_choices().get(spec.name)
         out.append(ConfigField(spec.name, kind, spec.default, spec.metadata.get("help", ""), choices))
     return out
-
-
-def choices_of(name: str) -> tuple[Any, ...]:
-    """The allowed values of a Literal field, read from the config's type (one list for every front end)."""
-    found = next((f for f in config_fields() if f.name == name), None)
-    if found is None or found.choices is None:
-        raise KeyError(f"LoraNullConfig.{name} is not a field with a fixed set of values")
-    return found.choices
 
 
 def config_from_mapping(values: Mapping[str, Any], fallbacks: Optional[Mapping[str, Any]] = None) -> LoraNullConfig:

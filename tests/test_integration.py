@@ -6,7 +6,6 @@ import pytest
 
 from lora_null_core import ConfigError, LoraNullConfig
 from lora_null_core.integration import (
-    choices_of,
     config_fields,
     config_from_mapping,
     lora_null_request,
@@ -59,7 +58,11 @@ def test_request_validation_is_the_same_for_every_front_end():
 
 
 def test_choices_and_plugin_fields_come_from_the_config_types():
-    assert choices_of("variant") == ("v1", "v2") and choices_of("solver") == ("auto", "eigh64", "eigh32", "subspace")
+    from lora_null_core.config import literal_choices
+
+    choices = literal_choices()
+    assert choices["variant"] == ("v1", "v2") and choices["solver"] == ("auto", "eigh64", "eigh32", "subspace")
+    assert {f.name: f.choices for f in config_fields() if f.choices} == choices
     generated = dataclasses.make_dataclass("Args", prefixed_dataclass_fields())
     assert all(getattr(generated(), f.key) is None for f in config_fields())  # None = the core's default
     assert config_from_mapping(vars(generated(lora_null_variant="v1"))).variant == "v1"

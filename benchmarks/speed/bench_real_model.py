@@ -23,7 +23,6 @@ import torch
 from peft import LoraConfig
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "bigbench_qa_wikidata" / "task.json"
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def main(argv=None) -> int:
@@ -37,6 +36,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", default=".cache/lora-null-bench")
     parser.add_argument("--out", default="benchmarks/results/speed.json")
     args = parser.parse_args(argv)
+
+    from bench_speed import TARGETS  # this script's folder: the same seven layer types as the shapes
 
     import lora_null_core
     from lora_null_core import LoraNullConfig, lora_null_init
