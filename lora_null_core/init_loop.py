@@ -49,7 +49,7 @@ def initialize_layers(
     for name, layer in layers.items():
         basis = null_bases[covariances.group_of[name], layer.r[adapter_name]]
         with phase(phases.WRITE):
-            lora_a = write_adapter(layer, adapter_name, basis, config.init, config.a_scale, config.residual)
+            lora_a = write_adapter(layer, adapter_name, basis, config.init, config.resolved_a_scale, config.residual)
         with phase(phases.REPORT):
             reports.append(layer_report(name, layer, adapter_name, covariances, lora_a, config.seed))
     return reports

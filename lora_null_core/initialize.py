@@ -106,7 +106,7 @@ def lora_null_init(
             "tokens": max(layer.tokens for layer in report_layers),
         },
         function_error_measure="last_block_output" if plan is not None else "logits",
-        config=config.to_dict(),
+        config={**config.to_dict(), "a_scale": config.resolved_a_scale},  # as applied
         function_error=function_error,
         layers=report_layers,
     )

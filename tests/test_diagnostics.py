@@ -37,8 +37,8 @@ def test_inspect_report_with_an_init(tmp_path, saved_model, knowledge):
         assert layer["leakage_optimum"] <= layer["leakage"] * 1.0001 + 1e-9
         assert 0 < layer["effective_rank_activations"] <= layer["d_in"]
     assert not any("recommendation" in layer for layer in data["layers"])  # 956 tokens ≫ width 128
-    assert data["init_settings"] == {"variant": "v2", "init": "projected", "train_base": "residual", "a_scale": 1.0}
-    assert "trained on the residual weights, a_scale 1)" in html
+    assert data["init_settings"] == {"variant": "v2", "init": "projected", "train_base": "residual", "a_scale": 2.0}
+    assert "trained on the residual weights, a_scale 2)" in html
 
 
 def test_too_little_calibration_gets_a_recommendation(make_model, tokenizer, knowledge):

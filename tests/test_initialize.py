@@ -6,6 +6,7 @@ from peft import LoraConfig, get_peft_model
 
 from lora_null_core import LoraNullConfig, lora_null_init
 from lora_null_core.adapters import lora_layers, weight_matrix
+from lora_null_core.config import FROZEN_A_SCALE
 from lora_null_core.data import choose_texts
 from lora_null_core.tiny import ARCHITECTURES
 
@@ -116,15 +117,34 @@ def test_basis_init_leaves_the_base_untouched(make_model, tokenizer, knowledge):
     for layer in lora_layers(peft_model, "default").values():
         a = layer.lora_A["default"].weight.detach()
         assert not layer.lora_B["default"].weight.any()
-        assert torch.allclose(a @ a.T, torch.eye(4), atol=1e-5)  # orthonormal null basis
+        # orthogonal null basis, each row of length a_scale (2 by default for a frozen A)
+        assert torch.allclose(a @ a.T, FROZEN_A_SCALE**2 * torch.eye(4), atol=1e-4)
     assert all(entry.leakage < 0.5 for entry in peft_model.lora_null_report.layers)
+
+
+def test_default_a_scale_speeds_up_only_a_frozen_a():
+    """v2 (frozen A) gets FROZEN_A_SCALE by default, v1 (A trains) the paper's factors; a given value wins."""
+    assert FROZEN_A_SCALE == 2.0
+    assert LoraNullConfig().resolved_a_scale == FROZEN_A_SCALE
+    assert LoraNullConfig(init="basis").resolved_a_scale == FROZEN_A_SCALE
+    assert LoraNullConfig(variant="v1").resolved_a_scale == 1.0
+    assert LoraNullConfig(a_scale=1).resolved_a_scale == 1.0
+    assert LoraNullConfig(variant="v1", a_scale=3).resolved_a_scale == 3.0
+
+
+def test_the_report_records_the_a_scale_applied(make_model, tokenizer, knowledge):
+    """lora_null.json records the factor the init applied, not None, so `inspect` and a reload see it."""
+    default = lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, **SMALL)
+    v1 = lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, variant="v1", **SMALL)
+    assert default.lora_null_report.config["a_scale"] == FROZEN_A_SCALE
+    assert v1.lora_null_report.config["a_scale"] == 1.0
 
 
 @pytest.mark.parametrize("init", ["projected", "basis"])
 def test_a_scale_moves_magnitude_from_b_to_a_and_keeps_the_function(make_model, tokenizer, knowledge, init):
     """a_scale = c: A is c times the paper's, B 1/c times, the residual base the same, the output unchanged."""
     probe = tokenizer(knowledge[:3], return_tensors="pt", padding=True)
-    plain = lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, init=init, **SMALL)
+    plain = lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, init=init, a_scale=1.0, **SMALL)
     model = make_model()
     before = logits(model, **probe)
     scaled = lora_null_init(model, LoraConfig(r=4), knowledge, tokenizer, init=init, a_scale=3.0, **SMALL)

@@ -209,6 +209,11 @@ def test_bench_trains_a_frontier_point_through_the_plugin(workspace, tmp_path):
     assert init.keys() == now.keys()
     assert all(torch.equal(init[k], now[k]) for k in init if k.endswith("lora_A"))  # v2: A frozen at the init
     assert not all(torch.equal(init[k], now[k]) for k in init if k.endswith("lora_B"))  # B trained
+    # lora_null_x1 is the plugin with `lora_null_a_scale: 1`: the paper's A, half the default's (a_scale 2)
+    fine_tune_with_trl("lora_null_x1", suite.load_base(), suite, suite.train, 0, tmp_path / "x1")
+    paper = adapter_state(PeftModel.from_pretrained(suite.load_base(), str(tmp_path / "x1" / "run" / INIT_DIR / "adapter")))
+    for key in (k for k in init if k.endswith("lora_A")):
+        torch.testing.assert_close(init[key], 2 * paper[key])
     with pytest.raises(ValueError, match="runs lora, lora_null"):
         fine_tune_with_trl("pissa", suite.load_base(), suite, suite.train, 0, tmp_path / "x")
 

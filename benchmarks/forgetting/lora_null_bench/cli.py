@@ -191,8 +191,9 @@ def _frontier(args, command: str) -> int:
     unknown = sorted(i for i in inits if not is_known_init(i))
     if unknown:
         raise SystemExit(f"unknown init(s) {unknown}; choose from {', '.join(INITS)}, lora_null_x<a_scale>")
-    if args.trainer == "trl" and set(inits) - {"lora", "lora_null"}:
-        raise SystemExit("--trainer trl runs the inits lora and lora_null (what TRL and its plugin build).")
+    if args.trainer == "trl" and any(i not in ("lora", "lora_null") and not i.startswith("lora_null_x") for i in inits):
+        raise SystemExit("--trainer trl runs the inits lora, lora_null and lora_null_x<a_scale> (what TRL and its "
+                         "plugin build).")
     device = args.device or default_device()
     suite = file_suite(args.model or str(_smollm2_gguf()), data / "bigbench_qa_wikidata" / "task.json", task_files[0],
                        task_files[1], args.size, Path(args.cache), device,

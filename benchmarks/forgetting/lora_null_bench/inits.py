@@ -44,7 +44,7 @@ def build_adapter(init: str, model: torch.nn.Module, suite: Suite, seed: int) ->
     if init == "lora_null":  # exactly `adapter_init: lora_null` with no other key: every LoraNullConfig default
         return lora_null_init(model, config, [e.text for e in suite.calibration], suite.tokenizer,
                               LoraNullConfig(seed=seed))
-    if init.startswith("lora_null_x"):  # the default with a_scale: lora_null_x3 = A × 3, B / 3
+    if init.startswith("lora_null_x"):  # the default with another a_scale: lora_null_x3 = A × 3, B / 3
         return lora_null_init(model, config, [e.text for e in suite.calibration], suite.tokenizer,
                               LoraNullConfig(seed=seed, a_scale=a_scale_of(init)))
     if init.startswith("lora_null_"):
@@ -52,7 +52,7 @@ def build_adapter(init: str, model: torch.nn.Module, suite: Suite, seed: int) ->
         null_config = LoraNullConfig(
             variant="v2" if kind in ("v2", "basis") else "v1", init="basis" if kind == "basis" else "projected",
             num_samples=len(suite.calibration), holdout_samples=0, max_length=suite.train.max_length,
-            batch_size=32, seed=seed)
+            batch_size=32, seed=seed, a_scale=1.0)  # the paper's factors
         return lora_null_init(model, config, [e.text for e in suite.calibration], suite.tokenizer, null_config)
     raise ValueError(f"unknown init {init!r}; choose from {', '.join(INITS)}")
 

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-from .inits import lora_config
+from .inits import a_scale_of, lora_config
 from .suites import Suite
 from .train import TrainSettings
 
-TRL_INITS = ("lora", "lora_null")  # plain SFTTrainer, and the plugin with `adapter_init: lora_null` alone
+# plain SFTTrainer; the plugin with `adapter_init: lora_null` alone; and lora_null_x<c>, plus `lora_null_a_scale: c`
+TRL_INITS = ("lora", "lora_null", "lora_null_x<c>")
 
 
 def fine_tune_with_trl(init: str, model: torch.nn.Module, suite: Suite, settings: TrainSettings, seed: int,
@@ -27,7 +28,7 @@ def fine_tune_with_trl(init: str, model: torch.nn.Module, suite: Suite, settings
     from datasets import Dataset
     from lora_null_trl import LoraNullSFTConfig, LoraNullSFTTrainer
 
-    if init not in TRL_INITS:
+    if init not in TRL_INITS[:2] and not init.startswith("lora_null_x"):
         raise ValueError(f"--trainer trl runs {', '.join(TRL_INITS)}, not {init!r}")
     workdir.mkdir(parents=True, exist_ok=True)
     calibration = workdir / "calibration.jsonl"
@@ -35,7 +36,9 @@ def fine_tune_with_trl(init: str, model: torch.nn.Module, suite: Suite, settings
     data = Dataset.from_list([{"prompt": e.prompt, "completion": suite.separator + e.targets[0]}
                               for e in suite.task_train])
     cuda = next(model.parameters()).device.type == "cuda"
-    keys = {"adapter_init": "lora_null", "lora_null_calibration": str(calibration)} if init == "lora_null" else {}
+    keys = {"adapter_init": "lora_null", "lora_null_calibration": str(calibration)} if init != "lora" else {}
+    if init.startswith("lora_null_x"):
+        keys["lora_null_a_scale"] = a_scale_of(init)
     args = LoraNullSFTConfig(
         output_dir=str(workdir / "run"), max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
         learning_rate=settings.learning_rate, lr_scheduler_type="linear",
