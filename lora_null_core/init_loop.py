@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -36,15 +37,9 @@ from .safeguards import model_logits, relative_error
 from .sequential import capture_block_inputs, run_block, stream_blocks
 
 
-def initialize_layers(
-    layers: Mapping[str, LoraLayer], covariances: Covariances, config: LoraNullConfig, adapter_name: str,
-    show_progress: bool = True,
-) -> list[LayerReport]:
-    """Null bases → factors → residual for a set of layers whose covariances are complete."""
-    check_token_counts(covariances, config.min_tokens_per_dim)
-    ranks = {name: layer.r[adapter_name] for name, layer in layers.items()}
-    with phase(phases.SOLVE):
-        null_bases = solve_null_bases(covariances, ranks, config.solver, show_progress)
+def write_layers(layers: Mapping[str, LoraLayer], covariances: Covariances, null_bases, config: LoraNullConfig,
+                 adapter_name: str) -> list[LayerReport]:
+    """Factors (and residual) from each layer's null basis, and the layer's leakage figures."""
     reports = []
     for name, layer in layers.items():
         basis = null_bases[covariances.group_of[name], layer.r[adapter_name]]
@@ -58,29 +53,49 @@ def initialize_layers(
 @dataclass
 class InitStep:
     """One turn of the init loop: the layers it initializes, how to run the calibration data past their base
-    inputs, and how to run the held-out data through them once initialized. The whole model is one step;
-    block streaming is one step per decoder block."""
+    inputs, how to run the held-out data through them once initialized, and what to do when it is done. The
+    whole model is one step; block streaming is one step per decoder block."""
 
     key: str  # the covariance cache entry
     layers: Mapping[str, LoraLayer]
     calibrate: Callable[[Mapping[str, nn.Module], Visitor], None]
     hold_out: Callable[[Mapping[str, nn.Module], Visitor], None]
     solve_progress: bool = False  # a bar over the null bases (one step holding every layer)
+    finish: Callable[[], None] = lambda: None  # after its held-out pass (block streaming: the probe, the block back)
+
+
+@dataclass
+class _Solving:
+    """A step whose null bases are being solved: what finishing it needs."""
+
+    step: InitStep
+    modules: Mapping[str, nn.Module]
+    covariances: Covariances
+    bases: Future
 
 
 def run_steps(steps: Iterator[InitStep], config: LoraNullConfig, adapter_name: str, cache, cached: bool,
-               device: torch.device) -> list[LayerReport]:
-    """The one init loop: calibrate (or read the cache) → initialize → held-out leakage, step by step."""
+              device: torch.device, overlap: bool = False) -> list[LayerReport]:
+    """The one init loop: calibrate (or read the cache) → solve → write → held-out leakage, step by step.
+
+    With `overlap`, step i's null bases are solved on a worker thread (its own CUDA stream) while step i+1
+    calibrates: the init keeps each block's function, so block i+1's inputs do not wait for block i's factors.
+    Step i is finished (written, held out) before step i+1, so every pass sees the blocks before it initialized."""
     dtype = getattr(torch, config.accumulate_dtype)
     reports: list[LayerReport] = []
     writing = cache.writing() if cache is not None and not cached else contextlib.nullcontext()
-    with torch.no_grad(), writing as writer:
+    with torch.no_grad(), writing as writer, NullBasisSolver(device, overlap) as solver:
+        solving: Optional[_Solving] = None
         for step in steps:
             modules = {name: layer.get_base_layer() for name, layer in step.layers.items()}
             collector = CovarianceCollector(dtype, config.covariance_weighting)
             step.calibrate(modules, collector)
             if not step.layers:
+                if solving is not None:
+                    reports += _finish(solving, config, adapter_name)
+                    solving = None
                 step.hold_out(modules, _ignore)
+                step.finish()
                 continue
             if cached:
                 covariances = cache.load(modules, device)
@@ -88,16 +103,82 @@ def run_steps(steps: Iterator[InitStep], config: LoraNullConfig, adapter_name: s
                 covariances = finalize_covariances(collector.result, modules, config.covariance_weighting)
                 if writer is not None:
                     writer.add(step.key, covariances)
-            step_reports = initialize_layers(step.layers, covariances, config, adapter_name, step.solve_progress)
-            reports += step_reports
-            if not config.holdout_samples:  # the held-out hidden states still move on (streaming), unmeasured
-                step.hold_out(modules, _ignore)
-                continue
-            lora_as = {name: layer.lora_A[adapter_name].weight.detach() for name, layer in step.layers.items()}
-            leakage = LeakageCollector(lora_as, config.seed)
-            step.hold_out(modules, leakage)
-            set_holdout(step_reports, leakage.results())
+            check_token_counts(covariances, config.min_tokens_per_dim)
+            ranks = {name: layer.r[adapter_name] for name, layer in step.layers.items()}
+            bases = solver.submit(covariances, ranks, config.solver, step.solve_progress)
+            if solving is not None:
+                reports += _finish(solving, config, adapter_name)
+            solving = _Solving(step, modules, covariances, bases)
+        if solving is not None:
+            reports += _finish(solving, config, adapter_name)
     return reports
+
+
+def _finish(solving: _Solving, config: LoraNullConfig, adapter_name: str) -> list[LayerReport]:
+    step = solving.step
+    reports = write_layers(step.layers, solving.covariances, solving.bases.result(), config, adapter_name)
+    if config.holdout_samples:
+        lora_as = {name: layer.lora_A[adapter_name].weight.detach() for name, layer in step.layers.items()}
+        leakage = LeakageCollector(lora_as, config.seed)
+        step.hold_out(solving.modules, leakage)
+        set_holdout(reports, leakage.results())
+    else:  # the held-out hidden states still move on (streaming), unmeasured
+        step.hold_out(solving.modules, _ignore)
+    step.finish()
+    return reports
+
+
+class NullBasisSolver:
+    """Solves a step's null bases now, or (overlap) on one worker thread with its own CUDA stream, returning a
+    future either way. The worker waits for the covariances on the caller's stream and hands the bases back
+    synchronized and marked as used by the caller's stream, so the caching allocator never recycles them early."""
+
+    def __init__(self, device: torch.device, overlap: bool) -> None:
+        self.device, self.overlap = device, overlap
+        self.cuda = device.type == "cuda"
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._stream = None
+
+    def __enter__(self) -> NullBasisSolver:
+        if self.overlap:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-null-solve")
+            self._stream = torch.cuda.Stream(self.device) if self.cuda else None
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def submit(self, covariances: Covariances, ranks: Mapping[str, int], solver: str, show_progress: bool) -> Future:
+        if self._pool is None:
+            done: Future = Future()
+            with phase(phases.SOLVE):
+                done.set_result(solve_null_bases(covariances, ranks, solver, show_progress))
+            return done
+        ready = None
+        if self.cuda:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+        caller = torch.cuda.current_stream(self.device) if self.cuda else None
+        return self._pool.submit(self._solve, covariances, ranks, solver, ready, caller)
+
+    def _solve(self, covariances, ranks, solver, ready, caller) -> dict[tuple[str, int], torch.Tensor]:
+        with torch.no_grad():
+            if not self.cuda:
+                return solve_null_bases(covariances, ranks, solver, show_progress=False)
+            with torch.cuda.stream(self._stream):
+                self._stream.wait_event(ready)
+                bases = solve_null_bases(covariances, ranks, solver, show_progress=False)
+            self._stream.synchronize()
+            for basis in bases.values():
+                basis.record_stream(caller)
+            return bases
+
+
+def overlap_possible(device: torch.device) -> bool:
+    """Solves overlap the next block's forward on a GPU, one process, and no phase profiler (which times phases
+    one after another). On a CPU both would share the same cores."""
+    return device.type == "cuda" and rank_and_world()[1] == 1 and not phases.observed()
 
 
 class WholeModel:
@@ -140,15 +221,15 @@ class BlockByBlock:
     def steps(self) -> Iterator[InitStep]:
         calls = self.calls
         for block_step in stream_blocks(self.blocks, self.names_by_block, self.device, self.loader):
-            block, before = block_step.block, {}
+            block = block_step.block
 
-            def calibrate(modules, visit, block=block, before=before) -> None:
+            def calibrate(modules, visit, block=block) -> None:
                 with bare_base_layers(block):
                     with InputTaps(modules, visit) as taps:
                         for j in self.calibration:
                             taps.set_batch(calls[j].mask, calls[j].counts)
                             calls[j] = calls[j].with_hidden(run_block(block, calls[j]))
-                    before["probe"] = run_block(block, calls[-1])  # as the original block computes it
+                    calls[-1] = calls[-1].with_hidden(run_block(block, calls[-1]))  # the probe, as the original runs
 
             def hold_out(modules, visit, block=block) -> None:
                 with InputTaps(modules, visit) as taps:
@@ -156,10 +237,12 @@ class BlockByBlock:
                         taps.set_batch(calls[j].mask, calls[j].counts)
                         calls[j] = calls[j].with_hidden(run_block(block, calls[j]))
 
+            def finish(block=block, release=block_step.release) -> None:
+                self.drift = self.drift.with_hidden(run_block(block, self.drift))  # through the initialized block
+                release()
+
             layers = {name: self.layers[name] for name in block_step.names}
-            yield InitStep(f"block-{block_step.index:04d}", layers, calibrate, hold_out)
-            self.drift = self.drift.with_hidden(run_block(block, self.drift))  # through the initialized block
-            calls[-1] = calls[-1].with_hidden(before["probe"])
+            yield InitStep(f"block-{block_step.index:04d}", layers, calibrate, hold_out, finish=finish)
 
     def function_error(self) -> float:
         return relative_error(self.drift.hidden.float(), self.calls[-1].hidden.float(), self.drift.mask)

@@ -38,6 +38,11 @@ def phase(name: str) -> Iterator[None]:
             observer.end(name)
 
 
+def observed() -> bool:
+    """Whether anyone is timing the phases now."""
+    return bool(_observers)
+
+
 @contextlib.contextmanager
 def observing(observer: PhaseObserver) -> Iterator[PhaseObserver]:
     """Show `observer` every phase that starts and ends while the block runs."""

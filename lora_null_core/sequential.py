@@ -9,8 +9,9 @@ GPU holds one block, the cached hidden states and one block's covariances.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
@@ -101,11 +102,13 @@ def run_block(block: nn.Module, call: BlockInput) -> torch.Tensor:
 
 @dataclass
 class StreamStep:
-    """What the caller does at one block: its index, the block, and the module names it holds."""
+    """What the caller does at one block: its index, the block, the module names it holds, and `release`, which
+    hands the block back to its loader once the caller is done with it."""
 
     index: int
     block: nn.Module
     names: list[str]
+    release: Callable[[], None]
 
 
 class BlockLoader(Protocol):
@@ -214,23 +217,39 @@ def stream_blocks(
     device: torch.device,
     loader: Optional[BlockLoader] = None,
 ) -> Iterator[StreamStep]:
-    """Yield each block on `device`; the loader takes it back once the caller is done with it (a loader that can
-    prefetch starts bringing in the next block before this one is yielded)."""
+    """Yield each block on `device`; the caller releases it (`step.release()`), possibly after asking for the next
+    one (the init solves block i while block i+1 runs), so up to two blocks are held, plus one being prefetched.
+    Should the stream stop early (an error), the blocks still held go back then."""
     loader = loader or default_loader(blocks, device)
     prefetch = getattr(loader, "prefetch", None)
+    held: dict[int, nn.Module] = {}
+
+    def release(index: int) -> None:
+        if index in held:
+            loader.unload(index, held.pop(index))
+        if not held and index == len(blocks) - 1:
+            _close(loader)
+
+    finished = False
     try:
         for index, block in enumerate(progress(blocks, "calibrating and solving, block by block", "block")):
             loader.load(index, block, device)
+            held[index] = block
             if prefetch is not None and index + 1 < len(blocks):
                 prefetch(index + 1, blocks[index + 1])
-            try:
-                yield StreamStep(index, block, layer_names.get(index, []))
-            finally:
-                loader.unload(index, block)
+            yield StreamStep(index, block, layer_names.get(index, []), functools.partial(release, index))
+        finished = True
     finally:
-        close = getattr(loader, "close", None)
-        if close is not None:
-            close()
+        if not finished:
+            for index in sorted(held):
+                loader.unload(index, held.pop(index))
+            _close(loader)
+
+
+def _close(loader: BlockLoader) -> None:
+    close = getattr(loader, "close", None)
+    if close is not None:
+        close()
 
 
 def layers_by_block(prefix: str, blocks: nn.ModuleList, names: Sequence[str]) -> Optional[dict[int, list[str]]]:

@@ -82,7 +82,7 @@ def test_more_targets_than_cached_recalibrates(make_model, tokenizer, knowledge,
 
 
 def test_a_failed_run_leaves_no_entry(make_model, tokenizer, knowledge, tmp_path, monkeypatch):
-    real = init_loop.initialize_layers
+    real = init_loop.write_layers
     seen = []
 
     def fail_on_second_block(*args, **kwargs):
@@ -91,7 +91,7 @@ def test_a_failed_run_leaves_no_entry(make_model, tokenizer, knowledge, tmp_path
             raise RuntimeError("interrupted")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(init_loop, "initialize_layers", fail_on_second_block)
+    monkeypatch.setattr(init_loop, "write_layers", fail_on_second_block)
     with pytest.raises(RuntimeError, match="interrupted"):
         run(make_model, tokenizer, knowledge[:140], tmp_path, streaming="on")
     assert list(tmp_path.iterdir()) == []

@@ -95,3 +95,63 @@ def test_the_init_announces_disjoint_phases_an_observer_can_time(make_model, tok
     lora_null_init(make_model("llama"), LoraConfig(r=4, lora_alpha=8), knowledge[:200], tokenizer,
                    num_samples=160, holdout_samples=0, streaming="on")
     assert recorder.events == events
+
+
+def overlapped_and_sequential(make_model, tokenizer, knowledge, monkeypatch, **settings):
+    """The same streaming init twice: solves overlapped on the worker thread (forced), then one after another."""
+    import threading
+
+    from lora_null_core import init_loop, initialize
+
+    threads = set()
+    real_solve = init_loop.solve_null_bases
+
+    def spy(*args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return real_solve(*args, **kwargs)
+
+    monkeypatch.setattr(init_loop, "solve_null_bases", spy)
+    results = []
+    for overlap in (True, False):
+        monkeypatch.setattr(initialize, "overlap_possible", lambda device, overlap=overlap: overlap)
+        results.append(lora_null_init(make_model("llama", layers=3), LoraConfig(r=4, lora_alpha=8), knowledge[:200],
+                                      tokenizer, num_samples=160, holdout_samples=40, streaming="on", **settings))
+    assert any(name.startswith("lora-null-solve") for name in threads)  # the overlapped run used the worker
+    return results
+
+
+@pytest.mark.parametrize("variant", ["v2", "v1"])
+def test_solves_overlapped_with_the_next_block_give_the_same_init(make_model, tokenizer, knowledge, monkeypatch,
+                                                                   variant):
+    """Block i's null bases solved on a worker thread while block i+1 calibrates (forced here on the CPU, where it
+    is off by default) give exactly the sequential init: factors, residual base, leakage and function error."""
+    overlapped, sequential = overlapped_and_sequential(make_model, tokenizer, knowledge, monkeypatch, variant=variant)
+    mine, theirs = overlapped.state_dict(), sequential.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[key], theirs[key]) for key in mine)
+    assert overlapped.lora_null_report.function_error == sequential.lora_null_report.function_error
+    for a, b in zip(overlapped.lora_null_report.layers, sequential.lora_null_report.layers):
+        assert (a.name, a.leakage, a.leakage_holdout) == (b.name, b.leakage, b.leakage_holdout)
+
+
+def test_an_error_in_an_overlapped_solve_reaches_the_caller(make_model, tokenizer, knowledge, monkeypatch):
+    from lora_null_core import init_loop, initialize
+
+    def broken(*_args, **_kwargs):
+        raise torch.linalg.LinAlgError("no basis")
+
+    monkeypatch.setattr(init_loop, "solve_null_bases", broken)
+    monkeypatch.setattr(initialize, "overlap_possible", lambda device: True)
+    with pytest.raises(torch.linalg.LinAlgError, match="no basis"):
+        lora_null_init(make_model("llama", layers=3), LoraConfig(r=4), knowledge[:200], tokenizer, num_samples=160,
+                       holdout_samples=0, streaming="on")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the solves overlap on a CUDA side stream")
+def test_overlapped_solves_on_a_gpu_give_the_same_init(make_model, tokenizer, knowledge, monkeypatch):
+    overlapped, sequential = overlapped_and_sequential(make_model, tokenizer, knowledge, monkeypatch,
+                                                       execution_device="cuda")
+    mine, theirs = overlapped.state_dict(), sequential.state_dict()
+    for key in mine:
+        assert torch.allclose(mine[key], theirs[key], atol=1e-6), key
+    assert overlapped.lora_null_report.function_error < 1e-5
