@@ -175,10 +175,13 @@ class NullBasisSolver:
             return bases
 
 
-def overlap_possible(device: torch.device) -> bool:
-    """Solves overlap the next block's forward on a GPU, one process, and no phase profiler (which times phases
-    one after another). On a CPU both would share the same cores."""
-    return device.type == "cuda" and rank_and_world()[1] == 1 and not phases.observed()
+def should_overlap(setting: str, device: torch.device, streaming: bool) -> bool:
+    """The `overlap` setting resolved. Only block streaming has a next block to overlap; several processes never
+    do (their broadcasts of the bases must stay in order); auto also stays off on a CPU (the solves would take the
+    forward's cores) and while a profiler times the phases one after another."""
+    if setting == "off" or not streaming or rank_and_world()[1] > 1:
+        return False
+    return setting == "on" or (device.type == "cuda" and not phases.observed())
 
 
 class WholeModel:

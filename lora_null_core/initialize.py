@@ -24,7 +24,7 @@ from .covariance_cache import CovarianceCache
 from .data import CalibrationSource, choose_texts, tokenize_batches
 from .distributed import rank_and_world, shard
 from .errors import ConfigError, InsufficientCalibrationError, UnsupportedModelError
-from .init_loop import BlockByBlock, WholeModel, overlap_possible, run_steps
+from .init_loop import BlockByBlock, WholeModel, run_steps, should_overlap
 from .report import RESIDUAL_MARKER, InitReport
 from .safeguards import check_distinct_contexts, check_function_preserved, probe_batch
 from .sequential import BlockLoader, decoder_blocks, layers_by_block
@@ -80,7 +80,7 @@ def lora_null_init(
             source = BlockByBlock(peft_model, layers, plan, mine, shard(holdout), probe, device, block_loader)
         else:
             source = WholeModel(peft_model, layers, mine, shard(holdout), probe)
-        overlap = plan is not None and overlap_possible(device)
+        overlap = should_overlap(config.overlap, device, streaming=plan is not None)
         report_layers = run_steps(source.steps(), config, adapter_name, cache, cached, device, overlap)
         function_error = source.function_error()
     finally:

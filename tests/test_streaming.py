@@ -97,11 +97,11 @@ def test_the_init_announces_disjoint_phases_an_observer_can_time(make_model, tok
     assert recorder.events == events
 
 
-def overlapped_and_sequential(make_model, tokenizer, knowledge, monkeypatch, **settings):
-    """The same streaming init twice: solves overlapped on the worker thread (forced), then one after another."""
+def overlapped_and_sequential(make_model, tokenizer, knowledge, monkeypatch, device="cpu", variant="v2", **settings):
+    """The same streaming init twice: solves overlapped on the worker thread, then one after another."""
     import threading
 
-    from lora_null_core import init_loop, initialize
+    from lora_null_core import init_loop
 
     threads = set()
     real_solve = init_loop.solve_null_bases
@@ -112,10 +112,11 @@ def overlapped_and_sequential(make_model, tokenizer, knowledge, monkeypatch, **s
 
     monkeypatch.setattr(init_loop, "solve_null_bases", spy)
     results = []
-    for overlap in (True, False):
-        monkeypatch.setattr(initialize, "overlap_possible", lambda device, overlap=overlap: overlap)
-        results.append(lora_null_init(make_model("llama", layers=3), LoraConfig(r=4, lora_alpha=8), knowledge[:200],
-                                      tokenizer, num_samples=160, holdout_samples=40, streaming="on", **settings))
+    for overlap in ("on", "off"):
+        model = make_model("llama", layers=3).to(device)
+        results.append(lora_null_init(model, LoraConfig(r=4, lora_alpha=8), knowledge[:200], tokenizer,
+                                      num_samples=160, holdout_samples=40, streaming="on", variant=variant,
+                                      overlap=overlap, **settings))
     assert any(name.startswith("lora-null-solve") for name in threads)  # the overlapped run used the worker
     return results
 
@@ -123,9 +124,10 @@ def overlapped_and_sequential(make_model, tokenizer, knowledge, monkeypatch, **s
 @pytest.mark.parametrize("variant", ["v2", "v1"])
 def test_solves_overlapped_with_the_next_block_give_the_same_init(make_model, tokenizer, knowledge, monkeypatch,
                                                                    variant):
-    """Block i's null bases solved on a worker thread while block i+1 calibrates (forced here on the CPU, where it
-    is off by default) give exactly the sequential init: factors, residual base, leakage and function error."""
-    overlapped, sequential = overlapped_and_sequential(make_model, tokenizer, knowledge, monkeypatch, variant=variant)
+    """Block i's null bases solved on a worker thread while block i+1 calibrates (`overlap: on`, here on the CPU,
+    where auto leaves it off) give exactly the sequential init: factors, residual base, leakage, function error."""
+    overlapped, sequential = overlapped_and_sequential(make_model, tokenizer, knowledge, monkeypatch,
+                                                       variant=variant)
     mine, theirs = overlapped.state_dict(), sequential.state_dict()
     assert mine.keys() == theirs.keys()
     assert all(torch.equal(mine[key], theirs[key]) for key in mine)
@@ -135,22 +137,38 @@ def test_solves_overlapped_with_the_next_block_give_the_same_init(make_model, to
 
 
 def test_an_error_in_an_overlapped_solve_reaches_the_caller(make_model, tokenizer, knowledge, monkeypatch):
-    from lora_null_core import init_loop, initialize
+    from lora_null_core import init_loop
 
     def broken(*_args, **_kwargs):
         raise torch.linalg.LinAlgError("no basis")
 
     monkeypatch.setattr(init_loop, "solve_null_bases", broken)
-    monkeypatch.setattr(initialize, "overlap_possible", lambda device: True)
     with pytest.raises(torch.linalg.LinAlgError, match="no basis"):
         lora_null_init(make_model("llama", layers=3), LoraConfig(r=4), knowledge[:200], tokenizer, num_samples=160,
-                       holdout_samples=0, streaming="on")
+                       holdout_samples=0, streaming="on", overlap="on")
+
+
+def test_when_solves_overlap(monkeypatch):
+    from lora_null_core import init_loop, phases
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert init_loop.should_overlap("auto", gpu, streaming=True)
+    assert not init_loop.should_overlap("auto", cpu, streaming=True)  # the solves would take the forward's cores
+    assert init_loop.should_overlap("on", cpu, streaming=True)
+    assert not init_loop.should_overlap("off", gpu, streaming=True)
+    assert not init_loop.should_overlap("on", gpu, streaming=False)  # one whole-model step: nothing to overlap
+    with phases.observing(object()):  # a profiler times the phases one after another
+        assert not init_loop.should_overlap("auto", gpu, streaming=True)
+    monkeypatch.setattr(init_loop, "rank_and_world", lambda: (0, 2))
+    assert not init_loop.should_overlap("on", gpu, streaming=True)  # the bases' broadcasts stay in order
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the solves overlap on a CUDA side stream")
-def test_overlapped_solves_on_a_gpu_give_the_same_init(make_model, tokenizer, knowledge, monkeypatch):
-    overlapped, sequential = overlapped_and_sequential(make_model, tokenizer, knowledge, monkeypatch,
-                                                       execution_device="cuda")
+@pytest.mark.parametrize("where", ["gpu", "offload"])
+def test_overlapped_solves_on_a_gpu_give_the_same_init(make_model, tokenizer, knowledge, monkeypatch, where):
+    """Weights on the GPU, or kept in CPU memory and prefetched block by block (--offload cpu)."""
+    settings = {"device": "cuda"} if where == "gpu" else {"execution_device": "cuda"}
+    overlapped, sequential = overlapped_and_sequential(make_model, tokenizer, knowledge, monkeypatch, **settings)
     mine, theirs = overlapped.state_dict(), sequential.state_dict()
     for key in mine:
         assert torch.allclose(mine[key], theirs[key], atol=1e-6), key
