@@ -93,9 +93,10 @@ class LoraNullConfig:
     overlap: Literal["auto", "on", "off"] = field(
         default="auto",
         metadata={
-            "help": "With streaming, solve block i's null bases on a worker thread while block i+1 calibrates. It "
-            "holds a second block's covariances on the device (7B with --offload cpu: peak 4.5 → 6.3 GiB); off lowers "
-            "the peak. auto: on for one process on a GPU; on: also on a CPU. Several processes never overlap."
+            "help": "With streaming, solve block i's null bases on a worker thread while block i+1 calibrates: a 7B "
+            "on an H100 takes 15 s instead of 18, for a second block's covariances on the GPU. auto: on for one "
+            "process on a GPU holding the weights; off with --offload, where it raised the peak 40-55 % for little or "
+            "no gain (benchmarks/results/speed.md). on: always (one process). off: never."
         },
     )
 

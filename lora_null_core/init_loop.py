@@ -175,13 +175,25 @@ class NullBasisSolver:
             return bases
 
 
-def should_overlap(setting: str, device: torch.device, streaming: bool) -> bool:
-    """The `overlap` setting resolved. Only block streaming has a next block to overlap; several processes never
-    do (their broadcasts of the bases must stay in order); auto also stays off on a CPU (the solves would take the
-    forward's cores) and while a profiler times the phases one after another."""
-    if setting == "off" or not streaming or rank_and_world()[1] > 1:
+def should_overlap(setting: str, device: torch.device, blocks: Optional[nn.ModuleList]) -> bool:
+    """The `overlap` setting resolved for a run streaming `blocks` (None: one whole-model step, nothing to overlap).
+
+    Several processes never overlap (their broadcasts of the bases must stay in order). auto overlaps only on a GPU
+    whose blocks already live there: measured (benchmarks/results/speed.md), a 7B gains 18.2 → 15.0 s for 1.9 GiB
+    more peak, but with offloaded blocks the extra block and covariances cost 40–55 % more peak for 2 s on a 7B and
+    nothing on a 70B, whose solves and forwards both fill the GPU. auto also stays off on a CPU (the solves would
+    take the forward's cores) and while a profiler times the phases one after another."""
+    if setting == "off" or blocks is None or rank_and_world()[1] > 1:
         return False
-    return setting == "on" or (device.type == "cuda" and not phases.observed())
+    if setting == "on":
+        return True
+    return device.type == "cuda" and blocks_resident(blocks, device) and not phases.observed()
+
+
+def blocks_resident(blocks: nn.ModuleList, device: torch.device) -> bool:
+    """Whether the blocks' weights already live on the execution device (not kept in CPU memory, on disk or meta)."""
+    first = next(blocks[0].parameters(), None)
+    return first is not None and first.device.type == device.type
 
 
 class WholeModel:

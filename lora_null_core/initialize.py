@@ -80,7 +80,7 @@ def lora_null_init(
             source = BlockByBlock(peft_model, layers, plan, mine, shard(holdout), probe, device, block_loader)
         else:
             source = WholeModel(peft_model, layers, mine, shard(holdout), probe)
-        overlap = should_overlap(config.overlap, device, streaming=plan is not None)
+        overlap = should_overlap(config.overlap, device, plan[0] if plan is not None else None)
         report_layers = run_steps(source.steps(), config, adapter_name, cache, cached, device, overlap)
         function_error = source.function_error()
     finally:

@@ -148,25 +148,38 @@ def test_an_error_in_an_overlapped_solve_reaches_the_caller(make_model, tokenize
                        holdout_samples=0, streaming="on", overlap="on")
 
 
-def test_when_solves_overlap(monkeypatch):
+def test_when_solves_overlap(make_model, monkeypatch):
     from lora_null_core import init_loop, phases
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert init_loop.should_overlap("auto", gpu, streaming=True)
-    assert not init_loop.should_overlap("auto", cpu, streaming=True)  # the solves would take the forward's cores
-    assert init_loop.should_overlap("on", cpu, streaming=True)
-    assert not init_loop.should_overlap("off", gpu, streaming=True)
-    assert not init_loop.should_overlap("on", gpu, streaming=False)  # one whole-model step: nothing to overlap
+    on_cpu = make_model("llama").model.layers
+    on_gpu = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+    monkeypatch.setattr(init_loop, "blocks_resident", lambda blocks, device: blocks is on_gpu)
+    assert init_loop.should_overlap("auto", gpu, on_gpu)
+    assert not init_loop.should_overlap("auto", gpu, on_cpu)  # offloaded: the extra peak memory buys little
+    assert not init_loop.should_overlap("auto", cpu, on_gpu)  # the solves would take the forward's cores
+    assert init_loop.should_overlap("on", cpu, on_cpu)
+    assert not init_loop.should_overlap("off", gpu, on_gpu)
+    assert not init_loop.should_overlap("on", gpu, None)  # one whole-model step: nothing to overlap
     with phases.observing(object()):  # a profiler times the phases one after another
-        assert not init_loop.should_overlap("auto", gpu, streaming=True)
+        assert not init_loop.should_overlap("auto", gpu, on_gpu)
     monkeypatch.setattr(init_loop, "rank_and_world", lambda: (0, 2))
-    assert not init_loop.should_overlap("on", gpu, streaming=True)  # the bases' broadcasts stay in order
+    assert not init_loop.should_overlap("on", gpu, on_gpu)  # the bases' broadcasts stay in order
+
+
+def test_blocks_resident(make_model):
+    from lora_null_core.init_loop import blocks_resident
+
+    blocks = make_model("llama").model.layers
+    assert blocks_resident(blocks, torch.device("cpu"))
+    assert not blocks_resident(blocks, torch.device("cuda"))  # kept in CPU memory, streamed to the GPU
+    assert not blocks_resident(blocks.to("meta"), torch.device("cpu"))  # read from disk block by block
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the solves overlap on a CUDA side stream")
 @pytest.mark.parametrize("where", ["gpu", "offload"])
 def test_overlapped_solves_on_a_gpu_give_the_same_init(make_model, tokenizer, knowledge, monkeypatch, where):
-    """Weights on the GPU, or kept in CPU memory and prefetched block by block (--offload cpu)."""
+    """Weights on the GPU (auto would overlap), or kept in CPU memory and prefetched block by block (`on`)."""
     settings = {"device": "cuda"} if where == "gpu" else {"execution_device": "cuda"}
     overlapped, sequential = overlapped_and_sequential(make_model, tokenizer, knowledge, monkeypatch, **settings)
     mine, theirs = overlapped.state_dict(), sequential.state_dict()

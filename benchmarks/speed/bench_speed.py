@@ -244,11 +244,13 @@ def profile_lora_null(args, texts, tokenizer, solver: str, offload: bool, device
     with phases.observing(Timer()):
         row = time_lora_null(args, texts, tokenizer, solver, offload, device)
     rows = [{"phase": name, **entry, "method": row["method"]} for name, entry in totals.items()]
-    other = row["seconds"] - sum(entry["seconds"] for entry in totals.values())
+    # The phases cover the blocks timed (--max-blocks), so the total is theirs, not the extrapolated one.
+    timed = row["seconds"] * row["blocks_timed"] / SHAPES[args.shape]["num_hidden_layers"]
+    other = timed - sum(entry["seconds"] for entry in totals.values())
     # The phases reset the peak counter, so the run's peak is the largest phase peak.
     peak = max((entry["peak_gpu_gib"] for entry in totals.values()), default=float("nan"))
-    return [{"phase": "total", "seconds": row["seconds"], "peak_gpu_gib": peak, "calls": 1,
-             "method": row["method"]}, *rows,
+    return [{"phase": "total", "seconds": timed, "peak_gpu_gib": peak, "calls": 1, "method": row["method"],
+             "blocks_timed": row["blocks_timed"]}, *rows,
             {"phase": "other (block moves, covariance finalizing, data, PEFT wrapping)", "seconds": other,
              "peak_gpu_gib": float("nan"), "calls": 0, "method": row["method"]}]
 
