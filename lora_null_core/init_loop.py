@@ -109,6 +109,9 @@ def run_steps(steps: Iterator[InitStep], config: LoraNullConfig, adapter_name: s
             if solving is not None:
                 reports += _finish(solving, config, adapter_name)
             solving = _Solving(step, modules, covariances, bases)
+            if not overlap:  # finished at once: only one step's block and covariances are ever held
+                reports += _finish(solving, config, adapter_name)
+                solving = None
         if solving is not None:
             reports += _finish(solving, config, adapter_name)
     return reports
@@ -171,7 +174,8 @@ class NullBasisSolver:
                 bases = solve_null_bases(covariances, ranks, solver, show_progress=False)
             self._stream.synchronize()
             for basis in bases.values():
-                basis.record_stream(caller)
+                if basis.is_cuda:
+                    basis.record_stream(caller)
             return bases
 
 

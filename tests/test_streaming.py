@@ -186,3 +186,27 @@ def test_overlapped_solves_on_a_gpu_give_the_same_init(make_model, tokenizer, kn
     for key in mine:
         assert torch.allclose(mine[key], theirs[key], atol=1e-6), key
     assert overlapped.lora_null_report.function_error < 1e-5
+
+
+def test_without_overlap_a_block_is_done_before_the_next_one_loads(make_model, tokenizer, knowledge, monkeypatch):
+    """With overlap off (auto with offloaded blocks) the loop holds one block at a time, as before the overlap
+    existed: block i is released before block i+1 is loaded, so the peak memory does not grow."""
+    from lora_null_core import sequential
+
+    events = []
+
+    class Recording(sequential.MoveToDevice):
+        def load(self, index, block, device):
+            events.append(("load", index))
+            super().load(index, block, device)
+
+        def unload(self, index, block):
+            events.append(("unload", index))
+            super().unload(index, block)
+
+    for overlap, expected in (("off", [("load", 0), ("unload", 0), ("load", 1), ("unload", 1)]),
+                              ("on", [("load", 0), ("load", 1), ("unload", 0), ("unload", 1)])):
+        events.clear()
+        lora_null_init(make_model("llama"), LoraConfig(r=4), knowledge[:200], tokenizer, num_samples=160,
+                       holdout_samples=0, streaming="on", overlap=overlap, block_loader=Recording())
+        assert events == expected, overlap
