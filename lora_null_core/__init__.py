@@ -6,7 +6,7 @@ the CLI on top.
 """
 
 from .adapters import apply_variant
-from .calibrate import Covariances, collect_covariances, run_activation_pass
+from .calibrate import Covariances, collect_covariances
 from .config import LoraNullConfig
 from .errors import (
     CalibrationDataError,
@@ -27,6 +27,7 @@ from .leakage import holdout_leakage, leakage_from_covariance
 from .null_space import basis_factors, effective_rank, null_basis, projected_factors
 from .report import InitReport, LayerReport
 from .saving import load_initialized, save_initial_adapter, save_initialized
+from .taps import run_activation_pass
 from .workflow import init_to_folder
 
 __version__ = "0.1.0"

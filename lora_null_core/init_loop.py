@@ -17,15 +17,7 @@ from torch import nn
 
 from . import phases
 from .adapters import bare_base_layers, write_adapter
-from .calibrate import (
-    CovarianceCollector,
-    Covariances,
-    InputTaps,
-    Visitor,
-    check_token_counts,
-    finalize_covariances,
-    run_activation_pass,
-)
+from .calibrate import CovarianceCollector, Covariances, check_token_counts, finalize_covariances
 from .config import LoraNullConfig
 from .console import progress
 from .distributed import assign_owners, broadcast_, rank_and_world
@@ -35,6 +27,7 @@ from .phases import phase
 from .report import LayerReport
 from .safeguards import model_logits, relative_error
 from .sequential import capture_block_inputs, run_block, stream_blocks
+from .taps import InputTaps, Visitor, run_activation_pass
 
 
 def write_layers(layers: Mapping[str, LoraLayer], covariances: Covariances, null_bases, config: LoraNullConfig,

@@ -18,7 +18,6 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from .adapters import apply_variant, as_peft_model, check_layers, lora_layers, lora_summary
-from .calibrate import model_device
 from .config import LoraNullConfig
 from .covariance_cache import CovarianceCache
 from .data import CalibrationSource, choose_texts, tokenize_batches
@@ -28,6 +27,7 @@ from .init_loop import BlockByBlock, WholeModel, run_steps, should_overlap
 from .report import RESIDUAL_MARKER, InitReport
 from .safeguards import check_distinct_contexts, check_function_preserved, probe_batch
 from .sequential import BlockLoader, decoder_blocks, layers_by_block
+from .taps import model_device
 
 logger = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .calibrate import LayerInput, run_activation_pass
 from .data import TokenBatch
 from .distributed import all_reduce_sum_
+from .taps import LayerInput, run_activation_pass
 
 
 def random_like(lora_a: torch.Tensor, seed: int) -> torch.Tensor:

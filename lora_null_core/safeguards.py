@@ -11,10 +11,10 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .calibrate import model_device
 from .config import LoraNullConfig
 from .data import TokenBatch, distinct_contexts
 from .errors import FunctionNotPreservedError, InsufficientCalibrationError
+from .taps import model_device
 
 logger = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from typing import Any, Optional, Protocol
 import torch
 from torch import nn
 
-from .calibrate import batch_counts, input_device
 from .console import progress
 from .data import TokenBatch
 from .phases import FORWARD, phase
+from .taps import batch_counts, input_device
 
 logger = logging.getLogger(__name__)
 

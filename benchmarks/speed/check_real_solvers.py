@@ -34,9 +34,10 @@ def save(output: Path, model_path: str | None) -> None:
     from lora_null_bench.cli import _smollm2_gguf
     from lora_null_bench.suites import _local_model
 
-    from lora_null_core.calibrate import CovarianceCollector, run_activation_pass
+    from lora_null_core.calibrate import CovarianceCollector
     from lora_null_core.data import tokenize_batches
     from lora_null_core.saving import load_model, load_tokenizer
+    from lora_null_core.taps import run_activation_pass
 
     folder = _local_model(model_path or str(_smollm2_gguf()), Path(".cache/lora-null-bench"))
     model, tokenizer = load_model(str(folder), "float32"), load_tokenizer(str(folder))
