@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 from lora_null_core.errors import LoraNullError
 
 from .inits import DEFAULT_INITS, INITS, is_known_init
+from .trl_trainer import TRL_INITS, runs_through_trl
 
 SUITES = ("synthetic", "smollm2", "files")
 # The repository's shipped data (benchmarks/data, with licences); a checkout-free install passes --data-dir.
@@ -191,9 +192,8 @@ def _frontier(args, command: str) -> int:
     unknown = sorted(i for i in inits if not is_known_init(i))
     if unknown:
         raise SystemExit(f"unknown init(s) {unknown}; choose from {', '.join(INITS)}, lora_null_x<a_scale>")
-    if args.trainer == "trl" and any(i not in ("lora", "lora_null") and not i.startswith("lora_null_x") for i in inits):
-        raise SystemExit("--trainer trl runs the inits lora, lora_null and lora_null_x<a_scale> (what TRL and its "
-                         "plugin build).")
+    if args.trainer == "trl" and not all(runs_through_trl(i) for i in inits):
+        raise SystemExit(f"--trainer trl runs the inits {', '.join(TRL_INITS)} (what TRL and its plugin build).")
     device = args.device or default_device()
     suite = file_suite(args.model or str(_smollm2_gguf()), data / "bigbench_qa_wikidata" / "task.json", task_files[0],
                        task_files[1], args.size, Path(args.cache), device,

@@ -13,12 +13,16 @@ from pathlib import Path
 
 import torch
 
-from .inits import a_scale_of, lora_config
+from .inits import a_scale_of, is_known_init, lora_config
 from .suites import Suite
 from .train import TrainSettings
 
 # plain SFTTrainer; the plugin with `adapter_init: lora_null` alone; and lora_null_x<c>, plus `lora_null_a_scale: c`
 TRL_INITS = ("lora", "lora_null", "lora_null_x<c>")
+
+
+def runs_through_trl(init: str) -> bool:
+    return init in ("lora", "lora_null") or (init.startswith("lora_null_x") and is_known_init(init))
 
 
 def fine_tune_with_trl(init: str, model: torch.nn.Module, suite: Suite, settings: TrainSettings, seed: int,
@@ -28,7 +32,7 @@ def fine_tune_with_trl(init: str, model: torch.nn.Module, suite: Suite, settings
     from datasets import Dataset
     from lora_null_trl import LoraNullSFTConfig, LoraNullSFTTrainer
 
-    if init not in TRL_INITS[:2] and not init.startswith("lora_null_x"):
+    if not runs_through_trl(init):
         raise ValueError(f"--trainer trl runs {', '.join(TRL_INITS)}, not {init!r}")
     workdir.mkdir(parents=True, exist_ok=True)
     calibration = workdir / "calibration.jsonl"
