@@ -94,9 +94,9 @@ class LoraNullConfig:
         default="auto",
         metadata={
             "help": "With streaming, solve block i's null bases on a worker thread while block i+1 calibrates: a 7B "
-            "on an H100 takes 15 s instead of 18, for a second block's covariances on the GPU. auto: on for one "
-            "process on a GPU holding the weights; off with --offload, where it raised the peak 40-55 % for little or "
-            "no gain (benchmarks/results/speed.md). on: always (one process). off: never."
+            "on an H100 takes 15 s instead of 18, for a second block's covariances on the GPU. auto: on when the GPU "
+            "holds the weights (one process or several); off with --offload, where it raised the peak 40-55 % for "
+            "little or no gain (benchmarks/results/speed.md). on: always. off: never."
         },
     )
 

@@ -64,7 +64,8 @@ class _Solving:
     step: InitStep
     modules: Mapping[str, nn.Module]
     covariances: Covariances
-    bases: Future
+    ranks: Mapping[str, int]
+    bases: Future  # this rank's own bases; the others arrive by broadcast when the step finishes
 
 
 def run_steps(steps: Iterator[InitStep], config: LoraNullConfig, adapter_name: str, cache, cached: bool,
@@ -101,7 +102,7 @@ def run_steps(steps: Iterator[InitStep], config: LoraNullConfig, adapter_name: s
             bases = solver.submit(covariances, ranks, config.solver, step.solve_progress)
             if solving is not None:
                 reports += _finish(solving, config, adapter_name)
-            solving = _Solving(step, modules, covariances, bases)
+            solving = _Solving(step, modules, covariances, ranks, bases)
             if not overlap:  # finished at once: only one step's block and covariances are ever held
                 reports += _finish(solving, config, adapter_name)
                 solving = None
@@ -112,7 +113,8 @@ def run_steps(steps: Iterator[InitStep], config: LoraNullConfig, adapter_name: s
 
 def _finish(solving: _Solving, config: LoraNullConfig, adapter_name: str) -> list[LayerReport]:
     step = solving.step
-    reports = write_layers(step.layers, solving.covariances, solving.bases.result(), config, adapter_name)
+    bases = share_null_bases(solving.covariances, solving.ranks, solving.bases.result())
+    reports = write_layers(step.layers, solving.covariances, bases, config, adapter_name)
     if config.holdout_samples:
         lora_as = {name: layer.lora_A[adapter_name].weight.detach() for name, layer in step.layers.items()}
         leakage = LeakageCollector(lora_as, config.seed)
@@ -149,7 +151,7 @@ class NullBasisSolver:
         if self._pool is None:
             done: Future = Future()
             with phase(phases.SOLVE):
-                done.set_result(solve_null_bases(covariances, ranks, solver, show_progress))
+                done.set_result(solve_owned_bases(covariances, ranks, solver, show_progress))
             return done
         ready = None
         if self.cuda:
@@ -161,10 +163,10 @@ class NullBasisSolver:
     def _solve(self, covariances, ranks, solver, ready, caller) -> dict[tuple[str, int], torch.Tensor]:
         with torch.no_grad():
             if not self.cuda:
-                return solve_null_bases(covariances, ranks, solver, show_progress=False)
+                return solve_owned_bases(covariances, ranks, solver, show_progress=False)
             with torch.cuda.stream(self._stream):
                 self._stream.wait_event(ready)
-                bases = solve_null_bases(covariances, ranks, solver, show_progress=False)
+                bases = solve_owned_bases(covariances, ranks, solver, show_progress=False)
             self._stream.synchronize()
             for basis in bases.values():
                 if basis.is_cuda:
@@ -175,12 +177,13 @@ class NullBasisSolver:
 def should_overlap(setting: str, device: torch.device, blocks: Optional[nn.ModuleList]) -> bool:
     """The `overlap` setting resolved for a run streaming `blocks` (None: one whole-model step, nothing to overlap).
 
-    Several processes never overlap (their broadcasts of the bases must stay in order). auto overlaps only on a GPU
+    With several processes the worker only solves; the bases are broadcast when the step finishes, from the
+    thread that issues every other collective, so all ranks keep one order. auto overlaps only on a GPU
     whose blocks already live there: measured (benchmarks/results/speed.md), a 7B gains 18.2 → 15.0 s for 1.9 GiB
     more peak, but with offloaded blocks the extra block and covariances cost 40–55 % more peak for 2 s on a 7B and
     nothing on a 70B, whose solves and forwards both fill the GPU. auto also stays off on a CPU (the solves would
     take the forward's cores) and while a profiler times the phases one after another."""
-    if setting == "off" or blocks is None or rank_and_world()[1] > 1:
+    if setting == "off" or blocks is None:
         return False
     if setting == "on":
         return True
@@ -270,26 +273,34 @@ def set_holdout(reports: list[LayerReport], measured: Mapping[str, tuple[float, 
             entry.leakage_holdout, entry.leakage_holdout_random = measured[entry.name]
 
 
-def solve_null_bases(
-    covariances: Covariances, ranks: Mapping[str, int], solver: str = "auto", show_progress: bool = True
-) -> dict[tuple[str, int], torch.Tensor]:
-    """Null basis per (covariance, rank) needed by the layers; with several processes each basis is solved by
-    one owner rank and broadcast, so every rank holds bitwise the same bases."""
+def _owners(covariances: Covariances, ranks: Mapping[str, int]) -> dict[tuple[str, int], int]:
+    """The rank that solves each (covariance, rank) pair the layers need, in one order on every rank."""
     needed = sorted({(covariances.group_of[name], rank) for name, rank in ranks.items()})
-    owners = assign_owners({f"{group}|{rank}": covariances.matrices[group].shape[0] for group, rank in needed})
+    owner = assign_owners({f"{group}|{rank}": covariances.matrices[group].shape[0] for group, rank in needed})
+    return {(group, rank): owner[f"{group}|{rank}"] for group, rank in needed}
+
+
+def solve_owned_bases(covariances: Covariances, ranks: Mapping[str, int], solver: str = "auto",
+                      show_progress: bool = True) -> dict[tuple[str, int], torch.Tensor]:
+    """The null bases this rank owns (all of them in one process); no communication, so it may run on a thread."""
     my_rank = rank_and_world()[0]
+    mine = [key for key, owner in _owners(covariances, ranks).items() if owner == my_rank]
+    return {(group, rank): null_basis(covariances.matrices[group], rank, solver)
+            for group, rank in (progress(mine, "null bases", "covariance") if show_progress else mine)}
+
+
+def share_null_bases(covariances: Covariances, ranks: Mapping[str, int],
+                     owned: Mapping[tuple[str, int], torch.Tensor]) -> dict[tuple[str, int], torch.Tensor]:
+    """Every needed basis on every rank: each owner broadcasts its own (a no-op in one process). Called from the
+    thread that issues the other collectives, so every rank issues them in the same order."""
     result = {}
-    for group, rank in progress(needed, "null bases", "covariance") if show_progress else needed:
-        matrix = covariances.matrices[group]
-        owner = owners[f"{group}|{rank}"]
-        if owner == my_rank:
-            basis = null_basis(matrix, rank, solver)
+    for (group, rank), owner in _owners(covariances, ranks).items():
+        if (group, rank) in owned:
+            basis = owned[group, rank]
         else:
+            matrix = covariances.matrices[group]
             basis = torch.empty(matrix.shape[0], rank, dtype=torch.float64, device=matrix.device)
-        result[group, rank] = basis
-    # Broadcasts go after the solves, so owners work in parallel instead of in turn.
-    for (group, rank), basis in result.items():
-        broadcast_(basis, src=owners[f"{group}|{rank}"])
+        result[group, rank] = broadcast_(basis, src=owner)
     return result
 
 

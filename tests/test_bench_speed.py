@@ -35,3 +35,27 @@ def test_speed_benchmark_writes_rows_for_every_method(tmp_path):
     timed = [p for name, p in profile.items() if name != "total" and not name.startswith("other")]
     assert all(p["seconds"] > 0 and p["calls"] > 0 for p in timed), timed
     assert sum(p["seconds"] for p in timed) <= profile["total"]["seconds"] + 0.01
+
+
+def _bench_rank(rank, port, out):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    spec = importlib.util.spec_from_file_location("bench_speed", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--shape", "tiny", "--num-samples", "24", "--seq-len", "32", "--out", out, "--methods", "lora_null"])
+
+
+def test_speed_benchmark_under_two_processes_writes_one_row(tmp_path):
+    """As under torchrun (gloo on the CPU): both processes time one init together, rank 0 records it once."""
+    import torch.multiprocessing as mp
+
+    from tests.test_distributed import free_port
+
+    out = tmp_path / "speed.json"
+    mp.spawn(_bench_rank, args=(free_port(), str(out)), nprocs=2, join=True)
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["method"], r["gpus"]) for r in runs] == [("lora_null", 2)]
+    assert runs[0]["seconds"] > 0

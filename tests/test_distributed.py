@@ -19,7 +19,7 @@ from lora_null_core.tiny import arithmetic_texts, knowledge_texts, tiny_model, t
 TEXTS = knowledge_texts(160, seed=5) + arithmetic_texts(80, seed=6)
 
 
-def run_everything(texts):
+def run_everything(texts, overlap="auto"):
     """Covariances (sharded when distributed) and a full init, as flat tensors."""
     tokenizer = tiny_tokenizer(texts)
     model = tiny_model("llama", len(tokenizer), seed=11)
@@ -30,7 +30,7 @@ def run_everything(texts):
         state["cov." + key] = matrix
     peft_model = lora_null_init(
         model, LoraConfig(r=4, lora_alpha=8), texts, tokenizer,
-        num_samples=200, holdout_samples=40, batch_size=8, accumulate_dtype="float64",
+        num_samples=200, holdout_samples=40, batch_size=8, accumulate_dtype="float64", overlap=overlap,
     )
     for name, layer in lora_layers(peft_model, "default").items():
         a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
@@ -41,11 +41,11 @@ def run_everything(texts):
     return state
 
 
-def worker(rank, world, port, folder):
+def worker(rank, world, port, folder, overlap="auto"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        save_file(run_everything(TEXTS), os.path.join(folder, f"rank{rank}.safetensors"))
+        save_file(run_everything(TEXTS, overlap), os.path.join(folder, f"rank{rank}.safetensors"))
     finally:
         dist.destroy_process_group()
 
@@ -56,8 +56,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_and_each_other(tmp_path):
-    mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("overlap", ["auto", "on"])
+def test_two_processes_match_one_and_each_other(tmp_path, overlap):
+    """overlap on: each rank solves its own bases on a worker thread while the next block calibrates, and the
+    broadcasts come when the block finishes, interleaved with the next block's all-reduce in one order."""
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path), overlap), nprocs=2, join=True)
     rank0, rank1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
     single = run_everything(TEXTS)
     assert rank0.keys() == single.keys()

@@ -5,6 +5,7 @@ The cost of calibration and decomposition does not depend on the weights' values
 
     python benchmarks/speed/bench_speed.py --shape llama2-7b --methods lora_null,peft_corda_kpm
     python benchmarks/speed/bench_speed.py --shape llama2-70b --methods lora_null --solver subspace --max-blocks 8
+    torchrun --nproc-per-node 2 benchmarks/speed/bench_speed.py --shape llama2-7b --methods lora_null
 
 Prints a table, a ratio against CorDA when both ran, and appends rows to the results JSON
 (benchmarks/results/speed.json by default). Peak GPU memory is torch's max_memory_allocated over the call.
@@ -13,7 +14,9 @@ Prints a table, a ratio against CorDA when both ran, and appends rows to the res
 `lora_null_disk` saves the model first and times `--offload disk` (blocks read from the shards);
 `profile`/`profile_offload` split one run's time and peak GPU memory by phase; with
 --max-blocks N only the first N blocks are processed (weights materialized per block on the GPU) and
-the time is extrapolated to all blocks, which the row says.
+the time is extrapolated to all blocks, which the row says. Under torchrun each process holds the model on its
+own GPU and lora-null shards the calibration across them (NCCL); the time is rank 0's from a barrier before the
+init to one after it, the peak the largest of any rank, and the row's `gpus` says how many.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from peft import LoraConfig
 
 from lora_null_core import LoraNullConfig, lora_null_init
@@ -119,13 +124,36 @@ class _Done(Exception):
     pass
 
 
+def start_processes() -> int:
+    """Under torchrun: one process per GPU in an NCCL group (gloo on a CPU); returns the number of processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return world
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def gpu_sync() -> None:
+    """Wait for this GPU, then (several processes) for every process."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def peak_gib() -> float:
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    """The largest peak of any process's GPU."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    peak = torch.tensor(float(torch.cuda.max_memory_allocated()), device="cuda")
+    if dist.is_initialized():
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return peak.item() / 2**30
 
 
 def reset_peak() -> None:
@@ -135,13 +163,15 @@ def reset_peak() -> None:
 
 
 def batching(args) -> dict:
-    """Only the batching flags given: the rest is the config's default (the same script times older cores)."""
-    return {k: v for k, v in (("batch_size", args.batch_size), ("batch_tokens", args.batch_tokens)) if v}
+    """Only the batching and overlap flags given: the rest is the config's default (the same script times older
+    cores)."""
+    given = (("batch_size", args.batch_size), ("batch_tokens", args.batch_tokens), ("overlap", args.overlap))
+    return {k: v for k, v in given if v}
 
 
 def time_lora_null(args, texts, tokenizer, solver: str, offload: bool, device: str, cache: str | None = None,
                    method: str | None = None) -> dict:
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     blocks = SHAPES[args.shape]["num_hidden_layers"]
     limited = bool(args.max_blocks) and args.max_blocks <= blocks  # weights materialized block by block
     model = build_model(args.shape, "cpu" if offload and not limited else device, dtype, meta_blocks=bool(limited))
@@ -172,7 +202,7 @@ def time_lora_null_disk(args, texts, tokenizer, solver: str, device: str) -> dic
     turn, the residual base and adapter written to a folder. Host memory: the peak RSS growth over the call."""
     from lora_null_core.workflow import init_to_folder
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     with tempfile.TemporaryDirectory(dir=args.cache_root) as work:
         model = build_model(args.shape, device, dtype)
         model.save_pretrained(Path(work) / "model")
@@ -259,7 +289,7 @@ def time_corda(args, texts, tokenizer, device: str) -> dict:
     from peft.tuners.lora.config import CordaConfig
     from peft.tuners.lora.corda import preprocess_corda
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = build_model(args.shape, device, dtype)
     ids = tokenizer(texts, return_tensors="pt", truncation=True, max_length=args.seq_len)["input_ids"].to(device)
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS, init_lora_weights="corda",
@@ -285,7 +315,7 @@ def solver_check(args, texts, tokenizer, device: str) -> list[dict]:
     from lora_null_core.calibrate import collect_covariances
     from lora_null_core.data import tokenize_batches
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = build_model(args.shape, device, dtype)
     block = model.model.layers[0]
     modules = {f"layer0.{n}": getattr(block.self_attn if n.endswith(("q_proj", "o_proj")) else block.mlp, n)
@@ -322,6 +352,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=None, help="Rows per calibration pass (default: the config's).")
     parser.add_argument("--batch-tokens", type=int, default=None, help="Padded tokens per pass (default: the config's).")
+    parser.add_argument("--overlap", choices=["auto", "on", "off"], default=None,
+                        help="Solve block i while block i+1 calibrates (default: the config's).")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--max-blocks", type=int, default=0,
                         help="Materialize random weights one block at a time on the GPU (for models larger than memory) and time the first N blocks.")
@@ -329,8 +361,11 @@ def main(argv=None) -> int:
     parser.add_argument("--command", default=None, help="The command line to record (default: this one).")
     args = parser.parse_args(argv)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    args.gpus = start_processes()
+    if args.gpus > 1 and set(args.methods.split(",")) - {"lora_null", "lora_null_offload"}:
+        parser.error("under torchrun only lora_null and lora_null_offload are timed")
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    device_name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     command = args.command or "python " + " ".join(sys.argv)
     vocab = SHAPES[args.shape]["vocab_size"]
     tokenizer = word_tokenizer(vocab)
@@ -364,7 +399,11 @@ def main(argv=None) -> int:
         else:
             parser.error(f"unknown method {method}")
 
-    print(f"\n{args.shape}, {args.num_samples}x{args.seq_len} calibration, r={args.rank}, {device_name}\n")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if not is_main():
+        return 0
+    print(f"\n{args.shape}, {args.num_samples}x{args.seq_len} calibration, r={args.rank}, {args.gpus} x {device_name}\n")
     print("| method | solver | seconds | peak GPU GiB | note |\n| --- | --- | ---: | ---: | --- |")
     for row in rows:
         print(f"| {row['method']} | {row['solver']} | {row['seconds']:.1f} | {row['peak_gpu_gib']:.1f} | {row.get('note', '')} |")
@@ -395,13 +434,15 @@ def record_profile(args, rows: list[dict], device_name: str, command: str) -> No
 
 def record(args, rows: list[dict], solver_rows: list[dict], device_name: str, command: str) -> None:
     """Append to the results JSON as each measurement finishes, so a cut-off run keeps what it measured."""
+    if not is_main():
+        return
     for row in [*rows, *solver_rows]:
         print(json.dumps(row), flush=True)
     out = Path(args.out)
     existing = json.loads(out.read_text()) if out.exists() else {"runs": []}
     for row in rows:
         existing["runs"].append({
-            "shape": args.shape, "method": row["method"], "solver": row["solver"], "gpus": 1, "device": device_name,
+            "shape": args.shape, "method": row["method"], "solver": row["solver"], "gpus": args.gpus, "device": device_name,
             "seconds": round(row["seconds"], 2),
             "peak_gpu_gib": None if math.isnan(row["peak_gpu_gib"]) else round(row["peak_gpu_gib"], 2),
             "calibration": f"{args.num_samples}x{args.seq_len}", "rank": args.rank, "command": command,
