@@ -63,3 +63,42 @@ def test_per_sample_max_weighting_matches_the_reference_formula(make_model, toke
         model, {name: module}, tokenize_batches(texts, tokenizer, 64, 3), torch.float64, "per_sample_max"
     )
     assert torch.allclose(got.of(name), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_gram_panels_cover_the_width_in_order():
+    from lora_null_core.calibrate import gram_panels
+
+    assert gram_panels(1536) == [slice(0, 1536)]  # narrow: one panel, the plain product
+    panels = gram_panels(11008)
+    assert len(panels) == 8 and panels[0].start == 0 and panels[-1].stop == 11008
+    assert all(a.stop == b.start for a, b in zip(panels, panels[1:]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_summing_by_panels_then_mirroring_gives_the_whole_gram(dtype):
+    from lora_null_core.calibrate import add_gram_, gram_panels, mirror_panels_
+
+    x = torch.randn(300, 70, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    panels = gram_panels(70, min_rows=16)
+    assert len(panels) == 4
+    matrix = torch.zeros(70, 70, dtype=dtype)
+    for chunk in x.split(100):
+        add_gram_(matrix, chunk, panels)
+    assert not matrix[60:, :10].any()  # only on and right of the diagonal blocks until mirrored
+    mirror_panels_(matrix, panels)
+    assert torch.equal(matrix[60:, :10], matrix[:10, 60:].T)
+    expected, tolerance = x.T @ x, 1e-5 if dtype == torch.float32 else 1e-12
+    assert torch.allclose(matrix, expected, rtol=tolerance, atol=tolerance * expected.abs().max())
+
+
+def test_collector_sums_wide_inputs_by_panels(make_model, tokenizer, knowledge, monkeypatch):
+    """Every layer's input summed by panels (as wide layers are) gives the covariances of the plain product."""
+    from lora_null_core import calibrate
+
+    model = make_model("llama", layers=1)
+    batches = tokenize_batches(knowledge[:40], tokenizer, max_length=64, batch_size=8)
+    whole = collect_covariances(model, linear_layers(model), batches, torch.float64)
+    monkeypatch.setattr(calibrate, "gram_panels", lambda d: [slice(0, d // 3), slice(d // 3, d // 2), slice(d // 2, d)])
+    paneled = collect_covariances(model, linear_layers(model), batches, torch.float64)
+    for key, matrix in whole.matrices.items():
+        assert torch.allclose(paneled.matrices[key], matrix, rtol=1e-12, atol=1e-12 * matrix.abs().max()), key

@@ -14,7 +14,8 @@ Prints a table, a ratio against CorDA when both ran, and appends rows to the res
 `lora_null_disk` saves the model first and times `--offload disk` (blocks read from the shards);
 `profile`/`profile_offload` split one run's time and peak GPU memory by phase; with
 --max-blocks N only the first N blocks are processed (weights materialized per block on the GPU) and
-the time is extrapolated to all blocks, which the row says. Under torchrun each process holds the model on its
+the blocks' time is extrapolated to all blocks (the setup before the first block counted once), which the
+row says. Under torchrun each process holds the model on its
 own GPU and lora-null shards the calibration across them (NCCL); the time is rank 0's from a barrier before the
 init to one after it, the peak the largest of any rank, and the row's `gpus` says how many.
 """
@@ -105,8 +106,12 @@ class RandomBlocks:
 
     def __init__(self, dtype: torch.dtype, max_blocks: int) -> None:
         self.dtype, self.max_blocks = dtype, max_blocks
+        self.first_load: float | None = None  # when the first block came in: what comes before is paid once
 
     def load(self, index: int, block: torch.nn.Module, device: torch.device) -> None:
+        if self.first_load is None:
+            gpu_sync()
+            self.first_load = time.perf_counter()
         if index >= self.max_blocks:
             raise _Done
         block.to_empty(device=device)
@@ -189,10 +194,15 @@ def time_lora_null(args, texts, tokenizer, solver: str, offload: bool, device: s
         done = args.max_blocks
     gpu_sync()
     seconds = time.perf_counter() - start
+    if done < blocks:  # the setup before the first block is paid once; the blocks' time scales with their number
+        setup = loader.first_load - start
+        total = setup + (seconds - setup) * blocks / done
     row = {"method": method or ("lora_null_offload" if offload or limited else "lora_null"), "solver": solver,
-           "seconds": seconds * blocks / done, "peak_gpu_gib": peak_gib(), "blocks_timed": done}
+           "seconds": total if done < blocks else seconds, "peak_gpu_gib": peak_gib(), "blocks_timed": done,
+           "seconds_timed": seconds}
     if done < blocks:
-        row["note"] = f"{done} of {blocks} blocks timed ({seconds:.1f} s), extrapolated linearly"
+        row["note"] = (f"{done} of {blocks} blocks timed ({seconds:.1f} s, of which {setup:.1f} s before the first "
+                       "block), the blocks' time extrapolated linearly")
     del model
     return row
 
@@ -275,7 +285,7 @@ def profile_lora_null(args, texts, tokenizer, solver: str, offload: bool, device
         row = time_lora_null(args, texts, tokenizer, solver, offload, device)
     rows = [{"phase": name, **entry, "method": row["method"]} for name, entry in totals.items()]
     # The phases cover the blocks timed (--max-blocks), so the total is theirs, not the extrapolated one.
-    timed = row["seconds"] * row["blocks_timed"] / SHAPES[args.shape]["num_hidden_layers"]
+    timed = row["seconds_timed"]
     other = timed - sum(entry["seconds"] for entry in totals.values())
     # The phases reset the peak counter, so the run's peak is the largest phase peak.
     peak = max((entry["peak_gpu_gib"] for entry in totals.values()), default=float("nan"))

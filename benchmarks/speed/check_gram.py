@@ -1,34 +1,58 @@
-"""Accuracy and extra memory of accumulating covariance sums in place (`add_gram_`) against `m += xᵀx`.
+"""Accuracy, time and extra memory of summing covariances in place (`add_gram_`), whole or by panels (only on
+and right of the diagonal blocks, then mirrored), against `m += xᵀx`.
 
-    python benchmarks/speed/check_gram.py     # on a GPU: bf16 input, fp32 sums, a 7B down_proj's width
+    python benchmarks/speed/check_gram.py     # on a GPU: bf16 input, fp32 sums, a 7B's and a 70B's widths
 
-Both add the same 8192 × 11008 input twice and are compared with a float64 reference. On a CPU both take
-the same (upcasting) path, so the comparison only means something on a GPU.
+Each way adds the same 8192-token input twice and is compared with a float64 reference (on a CPU all ways
+take the upcasting path, so the comparison only means something on a GPU).
 """
+
+import time
 
 import torch
 
-from lora_null_core.calibrate import add_gram_, gram
+from lora_null_core.calibrate import add_gram_, gram, gram_panels, mirror_panels_
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    x = torch.randn(8192, 11008, device=device).to(torch.bfloat16 if device == "cuda" else torch.float32)
-    reference = 2 * (x.double().T @ x.double())
-    for name, add in (("add_gram_", lambda m: add_gram_(m, x)), ("m += gram", lambda m: m.add_(gram(x, torch.float32)))):
-        matrix = torch.zeros(11008, 11008, device=device)
-        extra = "n/a on CPU"
+    print("| width | way | ms per add | relative error | extra peak MiB |\n| ---: | --- | ---: | ---: | ---: |")
+    for width in (4096, 11008, 28672):
+        x = torch.randn(8192, width, device=device).to(torch.bfloat16 if device == "cuda" else torch.float32)
+        reference = 2 * (x.double().T @ x.double())
+        panels = gram_panels(width)
+        ways = {
+            "m += gram": lambda m, x=x: m.add_(gram(x, torch.float32)),
+            "add_gram_, whole": lambda m, x=x: add_gram_(m, x),
+            f"add_gram_, {len(panels)} panels": lambda m, x=x: add_gram_(m, x, panels),
+        }
+        for name, add in ways.items():
+            matrix = torch.zeros(width, width, device=device)
+            add(matrix)  # warm-up
+            matrix.zero_()
+            sync()
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated() if device == "cuda" else 0
+            start = time.perf_counter()
+            add(matrix)
+            add(matrix)
+            sync()
+            seconds = (time.perf_counter() - start) / 2
+            extra = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else float("nan")
+            if "panels" in name:
+                mirror_panels_(matrix, panels)
+            error = float((matrix.double() - reference).norm() / reference.norm())
+            print(f"| {width} | {name} | {seconds * 1e3:.1f} | {error:.2e} | {extra:.0f} |", flush=True)
+            del matrix
+        del x, reference
         if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        add(matrix)
-        add(matrix)
-        if device == "cuda":
-            torch.cuda.synchronize()
-            extra = f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.0f} MiB"
-        error = float((matrix.double() - reference).norm() / reference.norm())
-        print(f"{name}: relative error {error:.2e}, extra peak {extra}")
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
