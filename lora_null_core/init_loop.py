@@ -21,7 +21,7 @@ from .calibrate import CovarianceCollector, Covariances, check_token_counts, fin
 from .config import LoraNullConfig
 from .console import progress
 from .distributed import assign_owners, broadcast_, rank_and_world
-from .leakage import LeakageCollector, leakage_from_covariance, random_like
+from .leakage import LeakageCollector, leakages_from_covariance, random_like
 from .null_space import null_basis
 from .phases import phase
 from .report import LayerReport
@@ -33,14 +33,14 @@ from .taps import InputTaps, Visitor, run_activation_pass
 def write_layers(layers: Mapping[str, LoraLayer], covariances: Covariances, null_bases, config: LoraNullConfig,
                  adapter_name: str) -> list[LayerReport]:
     """Factors (and residual) from each layer's null basis, and the layer's leakage figures."""
-    reports = []
+    lora_as = {}
     for name, layer in layers.items():
         basis = null_bases[covariances.group_of[name], layer.r[adapter_name]]
         with phase(phases.WRITE):
-            lora_a = write_adapter(layer, adapter_name, basis, config.init, config.resolved_a_scale, config.residual)
-        with phase(phases.REPORT):
-            reports.append(layer_report(name, layer, adapter_name, covariances, lora_a, config.seed))
-    return reports
+            lora_as[name] = write_adapter(layer, adapter_name, basis, config.init, config.resolved_a_scale,
+                                          config.residual)
+    with phase(phases.REPORT):
+        return layer_reports(layers, adapter_name, covariances, lora_as, config.seed)
 
 
 @dataclass
@@ -304,15 +304,25 @@ def share_null_bases(covariances: Covariances, ranks: Mapping[str, int],
     return result
 
 
-def layer_report(name, layer, adapter_name, covariances, lora_a, seed) -> LayerReport:
-    covariance = covariances.of(name)
-    return LayerReport(
-        name=name,
-        d_in=layer.in_features,
-        d_out=layer.out_features,
-        rank=layer.r[adapter_name],
-        covariance=covariances.group_of[name],
-        tokens=covariances.tokens[covariances.group_of[name]],
-        leakage=leakage_from_covariance(lora_a, covariance),
-        leakage_random=leakage_from_covariance(random_like(lora_a, seed), covariance),
-    )
+def layer_reports(layers: Mapping[str, LoraLayer], adapter_name: str, covariances: Covariances,
+                  lora_as: Mapping[str, torch.Tensor], seed: int) -> list[LayerReport]:
+    """Each layer's leakage and a random A's, one pass over each covariance for all the layers reading it."""
+    leakage = {}
+    for group in dict.fromkeys(covariances.group_of[name] for name in layers):
+        names = [name for name in layers if covariances.group_of[name] == group]
+        matrices = [m for name in names for m in (lora_as[name], random_like(lora_as[name], seed))]
+        values = leakages_from_covariance(matrices, covariances.matrices[group])
+        leakage.update({name: (values[2 * i], values[2 * i + 1]) for i, name in enumerate(names)})
+    return [
+        LayerReport(
+            name=name,
+            d_in=layer.in_features,
+            d_out=layer.out_features,
+            rank=layer.r[adapter_name],
+            covariance=covariances.group_of[name],
+            tokens=covariances.tokens[covariances.group_of[name]],
+            leakage=leakage[name][0],
+            leakage_random=leakage[name][1],
+        )
+        for name, layer in layers.items()
+    ]
