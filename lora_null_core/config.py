@@ -94,7 +94,7 @@ class LoraNullConfig:
         default="auto",
         metadata={
             "help": "With streaming, solve block i's null bases on a worker thread while block i+1 calibrates: a 7B "
-            "on an H100 takes 15 s instead of 18, for a second block's covariances on the GPU. auto: on when the GPU "
+            "on an H100 took 15 s instead of 18 with the older solver, for a second block's covariances on the GPU. auto: on when the GPU "
             "holds the weights (one process or several); off with --offload, where it raised the peak 40-55 % for "
             "little or no gain (benchmarks/results/speed.md). on: always. off: never."
         },
@@ -104,7 +104,7 @@ class LoraNullConfig:
         default="auto",
         metadata={
             "help": "How the r least-used directions are found. eigh64: exact float64 eigendecomposition. eigh32: "
-            "float32 (faster on GPUs). subspace: Cholesky-based inverse subspace iteration (fastest on wide layers, "
+            "float32 (faster on GPUs). subspace: a Cholesky-based shift-inverted block Krylov space (fastest on wide layers, "
             "approximate: see benchmarks/speed for its energy against eigh64). auto: subspace on GPUs for layers "
             "1024 wide or more, eigh64 otherwise."
         },

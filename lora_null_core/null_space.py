@@ -29,7 +29,7 @@ def null_basis(covariance: torch.Tensor, rank: int, solver: str = "auto") -> tor
     eigh64: full eigendecomposition in float64 (exact; the default). eigh32: the same in float32 (faster on
     GPUs). subspace: a shift-inverted block Krylov space in float64 (fastest for wide layers; approximate,
     judged by the energy it reaches against eigh64, see benchmarks/speed). auto: subspace on a GPU, where
-    eigh64 dominates the run (68 s vs 21 s for a Llama-2-7B shape on an H100, energy within 1.05× of
+    eigh64 dominates the run (68 s against 12 s for a Llama-2-7B shape on an H100, energy within 1.06× of
     eigh64 there), eigh64 on the CPU.
     """
     if solver == "auto":
