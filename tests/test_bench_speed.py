@@ -48,14 +48,15 @@ def _bench_rank(rank, port, out):
     bench.main(["--shape", "tiny", "--num-samples", "24", "--seq-len", "32", "--out", out, "--methods", "lora_null"])
 
 
-def test_speed_benchmark_under_two_processes_writes_one_row(tmp_path):
-    """As under torchrun (gloo on the CPU): both processes time one init together, rank 0 records it once."""
+def test_speed_benchmark_under_two_processes_writes_one_row(tmp_path, capfd):
+    """As under torchrun (gloo on the CPU): both processes time one init together, rank 0 records and prints it."""
     import torch.multiprocessing as mp
 
     from tests.test_distributed import free_port
 
     out = tmp_path / "speed.json"
     mp.spawn(_bench_rank, args=(free_port(), str(out)), nprocs=2, join=True)
+    assert capfd.readouterr().out.count("calibration, r=16, 2 x cpu") == 1
     runs = json.loads(out.read_text())["runs"]
     assert [(r["method"], r["gpus"]) for r in runs] == [("lora_null", 2)]
     assert runs[0]["seconds"] > 0

@@ -409,9 +409,10 @@ def main(argv=None) -> int:
         else:
             parser.error(f"unknown method {method}")
 
+    main_process = is_main()
     if dist.is_initialized():
         dist.destroy_process_group()
-    if not is_main():
+    if not main_process:
         return 0
     print(f"\n{args.shape}, {args.num_samples}x{args.seq_len} calibration, r={args.rank}, {args.gpus} x {device_name}\n")
     print("| method | solver | seconds | peak GPU GiB | note |\n| --- | --- | ---: | ---: | --- |")
