@@ -45,7 +45,8 @@ def gram_panels(d: int, min_rows: int = 1024, most: int = 8) -> list[slice]:
 def add_gram_(matrix: torch.Tensor, x: torch.Tensor, panels: Optional[list[slice]] = None) -> None:
     """matrix += xᵀx, on and right of the diagonal blocks of `panels` (default: one panel, all of it; with
     several, `mirror_panels_` completes the matrix). No d×d temporary (462 MiB for a 7B down_proj) where the GPU
-    accumulates in place: bf16/fp16 inputs, fp32 sums, as `gram` does; elsewhere the inputs are upcast."""
+    accumulates in place: bf16/fp16 inputs (exact in fp32) multiplied with fp32 accumulation, about 17× faster
+    than upcasting first; elsewhere the inputs are upcast."""
     mixed = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and matrix.dtype == torch.float32
     if not mixed:
         x = x.to(matrix.dtype)
@@ -65,19 +66,6 @@ def mirror_panels_(matrix: torch.Tensor, panels: list[slice]) -> None:
     """Fill the blocks left of the diagonal from those right of it, after `add_gram_` with these panels."""
     for rows in panels[:-1]:
         matrix[rows.stop:, rows].copy_(matrix[rows, rows.stop:].T)
-
-
-def gram(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """xᵀx summed in `dtype`. bf16/fp16 activations are exact in fp32, so on a GPU the product runs on
-    half-precision inputs with fp32 accumulation (about 17× faster than upcasting first, same values up to
-    summation order); everywhere else the inputs are upcast."""
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and dtype == torch.float32:
-        try:
-            return torch.mm(x.T, x, out_dtype=torch.float32)
-        except TypeError:  # torch without out_dtype
-            pass
-    x = x.to(dtype)
-    return x.T @ x
 
 
 class CovarianceCollector:

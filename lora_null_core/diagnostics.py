@@ -26,7 +26,7 @@ from .calibrate import collect_covariances
 from .config import LoraNullConfig
 from .data import CalibrationSource, choose_texts, tokenize_batches
 from .errors import LoraNullError
-from .leakage import leakage_from_covariance, random_like
+from .leakage import leakages_from_covariance, random_like
 from .null_space import effective_rank, eigendecompose
 from .report import read_metadata
 from .saving import ADAPTER_DIR
@@ -81,11 +81,8 @@ def analyze(
             lora_a = adapter[key].double()
             cov = covariances.matrices[group]
             optimum = eigen[group][1][:, : lora_a.shape[0]].T
-            entry.update(
-                leakage=leakage_from_covariance(lora_a, cov),
-                leakage_random=leakage_from_covariance(random_like(lora_a, config.seed), cov),
-                leakage_optimum=leakage_from_covariance(optimum, cov),
-            )
+            measured = leakages_from_covariance([lora_a, random_like(lora_a, config.seed), optimum], cov)
+            entry.update(zip(("leakage", "leakage_random", "leakage_optimum"), measured))
         layers.append(entry)
     return {"calibration": {"source": texts.source, "samples": len(texts.calibration),
                             "tokens": max(covariances.tokens.values())},

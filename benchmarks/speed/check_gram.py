@@ -11,7 +11,14 @@ import time
 
 import torch
 
-from lora_null_core.calibrate import add_gram_, gram, gram_panels, mirror_panels_
+from lora_null_core.calibrate import add_gram_, gram_panels, mirror_panels_
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """xᵀx as a new fp32 matrix (a d×d temporary): on a GPU, bf16 inputs with fp32 accumulation."""
+    if x.is_cuda:
+        return torch.mm(x.T, x, out_dtype=torch.float32)
+    return x.T.float() @ x.float()
 
 
 def sync() -> None:
@@ -27,7 +34,7 @@ def main() -> None:
         reference = 2 * (x.double().T @ x.double())
         panels = gram_panels(width)
         ways = {
-            "m += gram": lambda m, x=x: m.add_(gram(x, torch.float32)),
+            "m += gram": lambda m, x=x: m.add_(gram(x)),
             "add_gram_, whole": lambda m, x=x: add_gram_(m, x),
             f"add_gram_, {len(panels)} panels": lambda m, x=x: add_gram_(m, x, panels),
         }

@@ -1,0 +1,58 @@
+"""Where a null-space solve's time goes on a GPU: the float64 Cholesky, 12 narrow `cholesky_solve`s (32
+right-hand sides, what the earlier 12-step subspace iteration ran), 12 QRs of that block, and the whole
+`subspace_null_basis` of the checked-out code.
+
+    python benchmarks/speed/solver_parts.py 4096 11008 28672
+
+The covariances are synthetic (random tokens with a spectrum over three decades): the times depend on the width,
+not on the values. Run it at an older commit (PYTHONPATH=<checkout>) for that commit's whole-solver time.
+"""
+
+import sys
+import time
+
+import torch
+
+from lora_null_core.null_space import subspace_null_basis
+
+
+def timed(fn) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def covariance(d: int, tokens: int = 24576) -> torch.Tensor:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(tokens, d, device="cuda", generator=g) * torch.logspace(0, -3, d, device="cuda")
+    x = (x @ torch.linalg.qr(torch.randn(d, d, device="cuda", generator=g))[0]).bfloat16().float()
+    return torch.zeros(d, d, device="cuda").addmm_(x.T, x)
+
+
+def parts(d: int, rank: int = 16, steps: int = 12) -> tuple[float, float, float, float]:
+    """Seconds of (Cholesky, `steps` solves, `steps` QRs, the whole solver) at width d."""
+    c = covariance(d)
+    subspace_null_basis(c, rank)  # warm-up: kernels and workspaces
+    whole = timed(lambda: subspace_null_basis(c, rank))
+    factor = c.double()
+    factor.diagonal().add_(1e-6 * float(factor.diagonal().max()))
+    cholesky = timed(lambda: torch.linalg.cholesky(factor, out=factor))
+    block = torch.randn(d, rank + 16, dtype=torch.float64, device="cuda")
+    solves = timed(lambda: [torch.cholesky_solve(block, factor) for _ in range(steps)])
+    qrs = timed(lambda: [torch.linalg.qr(block) for _ in range(steps)])
+    return cholesky, solves, qrs, whole
+
+
+def main(widths: list[int]) -> None:
+    print("| width | Cholesky (float64) | 12 × cholesky_solve | 12 × QR | whole solver |\n| ---: | ---: | ---: | ---: | ---: |")
+    for d in widths:
+        cholesky, solves, qrs, whole = parts(d)
+        print(f"| {d} | {cholesky * 1e3:.1f} ms | {solves * 1e3:.1f} ms | {qrs * 1e3:.1f} ms | {whole * 1e3:.0f} ms |",
+              flush=True)
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main([int(w) for w in sys.argv[1:]] or [4096, 11008, 28672])
