@@ -21,17 +21,18 @@ from .errors import ConfigError, InvalidRankError, NoTargetModulesError, Unsuppo
 from .null_space import basis_factors, projected_factors, row_chunks
 from .peft_names import base_name
 from .report import RESIDUAL_MARKER
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+from .weights import FLOAT_DTYPES, float_weight, gathered, is_quantized
 
 
 def as_peft_model(model: nn.Module, lora_config: Optional[LoraConfig], adapter_name: str) -> PeftModel:
     """The PeftModel to initialize: `model` itself if it already holds the adapter, else a fresh wrap."""
-    if isinstance(model, PeftModel) and adapter_name in getattr(model, "_lora_null_initialized", ()):
+    done = getattr(model, "_lora_null_initialized", {}) if isinstance(model, PeftModel) else {}
+    if adapter_name in done:
+        state = ("its base weights are already residuals" if done[adapter_name] else
+                 "its lora_A already holds the null basis (the base weights are untouched)")
         raise UnsupportedModelError(
-            f"Adapter {adapter_name!r} of this PeftModel was already initialized by lora_null_init, and its base "
-            "weights are already residuals. Start again from the original model (or load the init folder with "
-            "load_initialized to train it)."
+            f"Adapter {adapter_name!r} of this PeftModel was already initialized by lora_null_init: {state}. Train "
+            "it as it is, or start again from the original model (or load the init folder with load_initialized)."
         )
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     if getattr(getattr(base, "config", None), RESIDUAL_MARKER, None):
@@ -151,15 +152,16 @@ def check_layers(
                 f"{name}'s weight is shared with {', '.join(n for n in sharing if n != name)} (tied weights): "
                 "rewriting it into a residual would change those modules too. Leave it out of target_modules."
             )
-        if not weight.is_meta and weight.dtype in _FLOAT_DTYPES and not bool(torch.isfinite(weight).all()):
+        quantized = is_quantized(weight)
+        if not weight.is_meta and not quantized and weight.dtype in FLOAT_DTYPES and not bool(torch.isfinite(weight).all()):
             raise UnsupportedModelError(
                 f"{name}'s weight contains NaN or Inf: the checkpoint is damaged. Reload or re-download the model."
             )
-        quantized = type(weight) is not nn.Parameter or weight.dtype not in _FLOAT_DTYPES
-        if quantized and config.init == "projected":  # its factors are read from the float weight
+        if quantized and config.residual:  # the factors are read from each layer's dequantized weight; writes are not
             raise UnsupportedModelError(
                 f"{name} has a quantized base weight ({type(weight).__name__}, {weight.dtype}), which cannot hold "
-                "the residual W - s·B·A exactly. Use init='basis' (--init basis): it leaves the base untouched."
+                f"the residual W − s·B·A that {config.variant} with train_base={config.train_base!r} writes. Keep the "
+                "default (v2, trained on the original weights) or init basis: both leave the base untouched."
             )
         d_in, d_out = layer.in_features, layer.out_features
         rank = layer.r[adapter_name]
@@ -182,9 +184,9 @@ def _weight_owners(model: nn.Module) -> dict[int, list[str]]:
 
 
 def weight_matrix(layer: LoraLayer) -> torch.Tensor:
-    """The base weight as (d_out, d_in), whatever the layer stores (Conv1D keeps it transposed)."""
-    weight = layer.get_base_layer().weight
-    return weight.T if layer.fan_in_fan_out else weight
+    """The base weight as (d_out, d_in), whatever the layer stores (Conv1D keeps it transposed; a quantized layer
+    gives a dequantized copy). Under ZeRO-3, read it inside `gathered`."""
+    return float_weight(layer.get_base_layer(), layer.fan_in_fan_out)
 
 
 def write_adapter(layer: LoraLayer, adapter_name: str, basis: torch.Tensor, init: str, a_scale: float = 1.0,
@@ -196,22 +198,23 @@ def write_adapter(layer: LoraLayer, adapter_name: str, basis: torch.Tensor, init
     lora_a_param = layer.lora_A[adapter_name].weight
     lora_b_param = layer.lora_B[adapter_name].weight
     scaling = layer.scaling[adapter_name]
-    original = weight_matrix(layer).detach()
-    basis = basis.to(original.device)
-    if init == "projected":
-        lora_a, lora_b = projected_factors(original, basis, scaling)
-    else:
-        lora_a, lora_b = basis_factors(basis, original.shape[0])
-    lora_a, lora_b = lora_a * a_scale, lora_b / a_scale if residual else torch.zeros_like(lora_b)
-    # Rank 0's factors everywhere: identical adapters on every process, whatever the SVD's last bits did.
-    broadcast_(lora_a)
-    broadcast_(lora_b)
-    with torch.no_grad():
-        lora_a_param.copy_(lora_a.to(lora_a_param.device))
-        lora_b_param.copy_(lora_b.to(lora_b_param.device))
-        if init == "projected" and residual:
-            _write_residual(layer, lora_a_param, lora_b_param, scaling)
-    return lora_a_param.detach()
+    base_weight = layer.get_base_layer().weight
+    with gathered([base_weight, lora_a_param, lora_b_param], modify=True):
+        if init == "projected":
+            original = weight_matrix(layer).detach()
+            lora_a, lora_b = projected_factors(original, basis.to(original.device), scaling)
+        else:
+            lora_a, lora_b = basis_factors(basis, layer.out_features)
+        lora_a, lora_b = lora_a * a_scale, lora_b / a_scale if residual else torch.zeros_like(lora_b)
+        # Rank 0's factors everywhere: identical adapters on every process, whatever the SVD's last bits did.
+        broadcast_(lora_a)
+        broadcast_(lora_b)
+        with torch.no_grad():
+            lora_a_param.copy_(lora_a.to(lora_a_param.device))
+            lora_b_param.copy_(lora_b.to(lora_b_param.device))
+            if init == "projected" and residual:
+                _write_residual(layer, lora_a_param, lora_b_param, scaling)
+        return lora_a_param.detach().clone()  # a ZeRO-3 partition empties the parameter on the way out
 
 
 def _write_residual(layer: LoraLayer, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:

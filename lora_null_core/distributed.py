@@ -7,19 +7,49 @@ Without an initialized process group every function here is a no-op, so single-p
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import TypeVar
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+_alone = False  # set while rank 0 initializes by itself (`alone`)
 
 
 def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized() and not _alone:
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Run as if this process were the only one: no sharding, no collectives (rank 0, when it alone holds the
+    weights and the others receive them later from the framework, as FSDP's sync_module_states does)."""
+    global _alone
+    _alone, before = True, _alone
+    try:
+        yield
+    finally:
+        _alone = before
+
+
+def collective_device() -> Optional[torch.device]:
+    """The device the process group's collectives need (NCCL: this rank's GPU); None in one process or on gloo."""
+    if rank_and_world()[1] > 1 and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on at least one."""
+    if rank_and_world()[1] == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=collective_device() or "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def shard(items: Sequence[T]) -> list[T]:

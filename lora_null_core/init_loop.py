@@ -26,13 +26,14 @@ from .null_space import null_basis
 from .phases import phase
 from .report import LayerReport
 from .safeguards import model_logits, relative_error
-from .sequential import capture_block_inputs, run_block, stream_blocks
+from .sequential import base_parameters, capture_block_inputs, run_block, stream_blocks
 from .taps import InputTaps, Visitor, run_activation_pass
+from .weights import gathered
 
 
 def write_layers(layers: Mapping[str, LoraLayer], covariances: Covariances, null_bases, config: LoraNullConfig,
-                 adapter_name: str) -> list[LayerReport]:
-    """Factors (and residual) from each layer's null basis, and the layer's leakage figures."""
+                 adapter_name: str) -> tuple[list[LayerReport], dict[str, torch.Tensor]]:
+    """Factors (and residual) from each layer's null basis; the layers' leakage figures and their A matrices."""
     lora_as = {}
     for name, layer in layers.items():
         basis = null_bases[covariances.group_of[name], layer.r[adapter_name]]
@@ -40,7 +41,7 @@ def write_layers(layers: Mapping[str, LoraLayer], covariances: Covariances, null
             lora_as[name] = write_adapter(layer, adapter_name, basis, config.init, config.resolved_a_scale,
                                           config.residual)
     with phase(phases.REPORT):
-        return layer_reports(layers, adapter_name, covariances, lora_as, config.seed)
+        return layer_reports(layers, adapter_name, covariances, lora_as, config.seed), lora_as
 
 
 @dataclass
@@ -114,9 +115,8 @@ def run_steps(steps: Iterator[InitStep], config: LoraNullConfig, adapter_name: s
 def _finish(solving: _Solving, config: LoraNullConfig, adapter_name: str) -> list[LayerReport]:
     step = solving.step
     bases = share_null_bases(solving.covariances, solving.ranks, solving.bases.result())
-    reports = write_layers(step.layers, solving.covariances, bases, config, adapter_name)
+    reports, lora_as = write_layers(step.layers, solving.covariances, bases, config, adapter_name)
     if config.holdout_samples:
-        lora_as = {name: layer.lora_A[adapter_name].weight.detach() for name, layer in step.layers.items()}
         leakage = LeakageCollector(lora_as, config.seed)
         step.hold_out(solving.modules, leakage)
         set_holdout(reports, leakage.results())
@@ -207,15 +207,21 @@ class WholeModel:
         yield InitStep("model", self.layers, self._calibrate, self._hold_out, solve_progress=True)
 
     def _calibrate(self, modules, visit) -> None:
-        with bare_base_layers(self.peft_model.get_base_model()):
+        with bare_base_layers(self.peft_model.get_base_model()), self._gathered():
             self.reference = model_logits(self.peft_model, self.probe)
             run_activation_pass(self.peft_model, modules, self.batches, visit)
 
     def _hold_out(self, modules, visit) -> None:
-        run_activation_pass(self.peft_model, modules, self.holdout, visit, desc="held-out leakage")
+        with self._gathered():
+            run_activation_pass(self.peft_model, modules, self.holdout, visit, desc="held-out leakage")
 
     def function_error(self) -> float:
-        return relative_error(model_logits(self.peft_model, self.probe), self.reference, self.probe.attention_mask)
+        with gathered(self.peft_model.parameters()):
+            return relative_error(model_logits(self.peft_model, self.probe), self.reference, self.probe.attention_mask)
+
+    def _gathered(self):
+        """Under ZeRO-3 the whole model's weights (a model whose blocks cannot stream one at a time)."""
+        return gathered(base_parameters(self.peft_model))
 
 
 class BlockByBlock:
@@ -227,7 +233,9 @@ class BlockByBlock:
         self.layers = layers
         self.blocks, self.names_by_block = plan
         self.device, self.loader = device, loader
-        with phase(phases.CAPTURE):
+        block_params = {id(p) for p in self.blocks.parameters()}
+        outside = [p for p in base_parameters(peft_model) if id(p) not in block_params]  # embeddings (ZeRO-3)
+        with phase(phases.CAPTURE), gathered(outside):
             self.calls = capture_block_inputs(peft_model, self.blocks[0], [*batches, *holdout, probe], device)
         self.calibration = range(len(batches))
         self.held_out = range(len(batches), len(batches) + len(holdout))

@@ -21,7 +21,7 @@ from .adapters import apply_variant, as_peft_model, check_layers, lora_layers, l
 from .config import LoraNullConfig
 from .covariance_cache import CovarianceCache
 from .data import CalibrationSource, choose_texts, tokenize_batches
-from .distributed import rank_and_world, shard
+from .distributed import alone, any_rank, collective_device, rank_and_world, shard
 from .errors import ConfigError, InsufficientCalibrationError, UnsupportedModelError
 from .init_loop import BlockByBlock, WholeModel, run_steps, should_overlap
 from .report import RESIDUAL_MARKER, InitReport
@@ -54,7 +54,28 @@ def lora_null_init(
     peft_model = as_peft_model(model, lora_config, adapter_name)
     layers = lora_layers(peft_model, adapter_name)
     check_layers(layers, adapter_name, config, peft_model.get_base_model())
+    # FSDP's cpu_ram_efficient_loading: only rank 0 holds weights (the others hold meta tensors until FSDP
+    # broadcasts rank 0's, adapter included, when it wraps the model), so rank 0 initializes alone. (A block loader
+    # brings meta blocks in itself: --offload disk.)
+    if block_loader is None and rank_and_world()[1] > 1 and \
+            any_rank(any(p.is_meta for p in peft_model.get_base_model().parameters())):
+        if any(p.is_meta for layer in layers.values() for p in layer.get_base_layer().parameters()) or \
+                rank_and_world()[0] != 0:
+            if rank_and_world()[0] == 0:
+                raise UnsupportedModelError("The model's weights are on the meta device (not loaded), on rank 0 too: "
+                                            "load the weights before initializing.")
+            _mark_initialized(peft_model, config, adapter_name)
+            return peft_model
+        device = execution_device or str(execution_device_for(peft_model))  # this rank's GPU, found before alone()
+        with alone():
+            return _initialize(peft_model, layers, calibration, tokenizer, config, adapter_name, device, block_loader)
+    return _initialize(peft_model, layers, calibration, tokenizer, config, adapter_name, execution_device,
+                       block_loader)
 
+
+def _initialize(peft_model: PeftModel, layers: Mapping[str, LoraLayer], calibration: CalibrationSource, tokenizer: Any,
+                config: LoraNullConfig, adapter_name: str, execution_device: Optional[str],
+                block_loader: Optional[BlockLoader]) -> PeftModel:
     texts = choose_texts(
         calibration, tokenizer, config.num_samples, config.holdout_samples, config.seed, config.text_field
     )
@@ -69,7 +90,7 @@ def lora_null_init(
     probe = probe_batch(batches)
 
     plan = streaming_plan(peft_model, layers, config)
-    device = torch.device(execution_device) if execution_device else model_device(peft_model)
+    device = torch.device(execution_device) if execution_device else execution_device_for(peft_model)
     cache = CovarianceCache.open(config.covariance_cache, peft_model.get_base_model(), batches, config)
     cached = cache is not None and cache.has(list(layers), device)
     was_training = peft_model.training
@@ -86,8 +107,7 @@ def lora_null_init(
     finally:
         peft_model.train(was_training)
     check_function_preserved(function_error, config, layers)
-    apply_variant(peft_model, config.variant, adapter_name)
-    peft_model._lora_null_initialized = {*getattr(peft_model, "_lora_null_initialized", ()), adapter_name}
+    _mark_initialized(peft_model, config, adapter_name)
     if config.residual:  # the base now holds residuals; saved with it, so it is never initialized twice
         setattr(peft_model.get_base_model().config, RESIDUAL_MARKER, {"variant": config.variant, "init": config.init})
     logger.info("Function preserved after init: relative error %.2e.", function_error)
@@ -112,6 +132,19 @@ def lora_null_init(
         layers=report_layers,
     )
     return peft_model
+
+
+def _mark_initialized(peft_model: PeftModel, config: LoraNullConfig, adapter_name: str) -> None:
+    apply_variant(peft_model, config.variant, adapter_name)
+    # adapter → whether its base weights became residuals (what a second init would stack on)
+    peft_model._lora_null_initialized = {**getattr(peft_model, "_lora_null_initialized", {}), adapter_name: config.residual}
+
+
+def execution_device_for(peft_model: PeftModel) -> torch.device:
+    """Where the model is; but a model still on the CPU under NCCL (FSDP and ZeRO-3 place it only when they wrap
+    it) streams its blocks through this rank's GPU, where the collectives need the covariances anyway."""
+    device = model_device(peft_model)
+    return (collective_device() or device) if device.type == "cpu" else device
 
 
 def initialize_lora_null_weights(peft_model: PeftModel, calibration: CalibrationSource, tokenizer: Any,

@@ -99,10 +99,21 @@ def lora_null_request(values: Mapping[str, Any], *, calibration: Any = None, fal
     config = config_from_mapping(values, fallbacks)
     if dora:
         raise ConfigError(f"{adapter_key}: lora_null does not support DoRA; set {dora_key}: false.")
-    if quantized and config.init == "projected":
-        raise ConfigError(f"{adapter_key}: lora_null on a quantized base cannot hold the residual weight; set "
-                          f"{PREFIX}init: basis (A = null basis, B = 0, base untouched).")
+    if quantized and config.residual:
+        raise ConfigError(f"{adapter_key}: lora_null with variant {config.variant} and train_base "
+                          f"{config.train_base} rewrites the base weights into a residual, which a quantized base "
+                          f"cannot hold. Leave {PREFIX}variant and {PREFIX}train_base unset (v2 trains on the "
+                          "original weights), or set lora_null_init: basis.")
     return config
+
+
+def refuse_zero3(stage, adapter_key: str = "adapter_init") -> None:
+    """DeepSpeed ZeRO-3 is refused: on 2 H200s the init ran and trained, but the adapter the Trainer saved did not
+    reproduce the model in memory (benchmarks/results/frameworks_gpu.json), so a run would end in a wrong save."""
+    if stage is not None and int(stage) == 3:
+        raise ConfigError(f"{adapter_key}: lora_null is not supported under DeepSpeed ZeRO-3 yet (the saved adapter "
+                          "did not reproduce the trained model in our GPU runs). Use FSDP (fsdp_version 2, full shard; "
+                          "cpu_ram_efficient_loading works), DDP, or ZeRO-1/2: all keep the adapter whole.")
 
 
 def prefixed_dataclass_fields() -> list[tuple[str, Any, dataclasses.Field]]:

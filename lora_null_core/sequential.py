@@ -9,6 +9,7 @@ GPU holds one block, the cached hidden states and one block's covariances.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -22,6 +23,7 @@ from .console import progress
 from .data import TokenBatch
 from .phases import FORWARD, phase
 from .taps import batch_counts, input_device
+from .weights import gathered, is_zero3_partitioned
 
 logger = logging.getLogger(__name__)
 
@@ -203,8 +205,31 @@ def _set_tensor(owner: nn.Module, kind: str, name: str, tensor: torch.Tensor) ->
         owner._buffers[name] = tensor
 
 
+class GatherPartitions:
+    """The loader under DeepSpeed ZeRO-3: a block's partitioned base weights gathered on every rank for its turn
+    (its LoRA factors are gathered where they are written), so no rank holds more than a block or two."""
+
+    def __init__(self) -> None:
+        self._held: dict[int, contextlib.ExitStack] = {}
+
+    def load(self, index: int, block: nn.Module, device: torch.device) -> None:
+        stack = contextlib.ExitStack()
+        stack.enter_context(gathered(base_parameters(block)))
+        self._held[index] = stack
+
+    def unload(self, index: int, block: nn.Module) -> None:
+        self._held.pop(index).close()
+
+
+def base_parameters(module: nn.Module) -> list[torch.Tensor]:
+    """The module's parameters but its LoRA factors."""
+    return [p for name, p in module.named_parameters() if ".lora_" not in f".{name}"]
+
+
 def default_loader(blocks: nn.ModuleList, device: torch.device) -> BlockLoader:
-    """Prefetching when CPU-held blocks stream to a GPU; plain moves otherwise."""
+    """Gathering under ZeRO-3; prefetching when CPU-held blocks stream to a GPU; plain moves otherwise."""
+    if is_zero3_partitioned(blocks[0].parameters()):
+        return GatherPartitions()
     first = next(blocks[0].parameters(), None)
     if device.type == "cuda" and first is not None and first.device.type == "cpu":
         return PrefetchToDevice(device)

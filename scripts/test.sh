@@ -11,6 +11,7 @@ suites=("$@")
 
 # torch: the CPU wheel (pip finds it on this disk); a plain `torch` requirement would pull a CUDA build.
 TORCH=${TORCH_SPEC:-torch==2.13.0}
+BNB="bitsandbytes==0.50.2"
 
 venv() {  # venv NAME REQUIREMENTS...  → creates .venvs/NAME with the requirements and lora-null installed
   local name=$1; shift
@@ -54,8 +55,9 @@ for suite in "${suites[@]}"; do
   case $suite in
     lint)        venv core -e ".[test]"  # ruff pinned in the test extra, rules in pyproject.toml
                  .venvs/core/bin/ruff check . || status=1; continue ;;
-    core)        venv core -e ".[test]"; tests=tests ;;
-    core-oldest) venv core-oldest -e ".[test]" "transformers==4.55.4" "peft==0.18.0" "datasets==3.6.0"; tests=tests ;;
+    # bitsandbytes runs 4-bit and 8-bit layers on the CPU too: tests/test_quantized.py loads real nf4/fp4/int8 bases.
+    core)        venv core -e ".[test]" "$BNB"; tests=tests ;;
+    core-oldest) venv core-oldest -e ".[test]" "$BNB" "transformers==4.55.4" "peft==0.18.0" "datasets==3.6.0"; tests=tests ;;
     trl)         venv trl -e ".[test,trl]" "trl==1.16.0"; tests=integration_tests/trl ;;
     trl-oldest)  venv trl-oldest -e ".[test,trl]" "trl==0.24.0" "transformers==4.57.6" "peft==0.18.0"; tests=integration_tests/trl ;;
     axolotl)     axolotl_venv; tests=integration_tests/axolotl ;;

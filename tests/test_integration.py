@@ -50,11 +50,23 @@ def test_request_validation_is_the_same_for_every_front_end():
     with pytest.raises(ConfigError, match="set peft_use_dora: false"):
         lora_null_request({"adapter_init": "lora_null", "lora_null_calibration": "k"}, dora=True,
                           dora_key="peft_use_dora")
-    with pytest.raises(ConfigError, match="lora_null_init: basis"):
-        lora_null_request({"adapter_init": "lora_null", "lora_null_calibration": "k"}, quantized=True)
+    assert lora_null_request({"adapter_init": "lora_null", "lora_null_calibration": "k"}, quantized=True) == \
+        LoraNullConfig()  # QLoRA: the default trains on the untouched (quantized) original weights
+    for residual in ({"lora_null_variant": "v1"}, {"lora_null_train_base": "residual"}):
+        with pytest.raises(ConfigError, match="a quantized base cannot hold"):
+            lora_null_request({"adapter_init": "lora_null", "lora_null_calibration": "k", **residual}, quantized=True)
     basis = lora_null_request({"adapter_init": "lora_null", "lora_null_calibration": "k", "lora_null_init": "basis"},
                               quantized=True)
     assert basis.init == "basis"
+
+
+def test_zero3_is_refused_with_the_setups_that_work():
+    from lora_null_core.integration import refuse_zero3
+
+    for stage in (None, 0, 1, 2, "2"):
+        refuse_zero3(stage)
+    with pytest.raises(ConfigError, match="ZeRO-3.*Use FSDP.*DDP, or ZeRO-1/2"):
+        refuse_zero3(3)
 
 
 def test_choices_and_plugin_fields_come_from_the_config_types():

@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, Field, create_model, model_validator
 
-from lora_null_core.integration import config_fields, lora_null_request
+from lora_null_core.integration import config_fields, lora_null_request, refuse_zero3
 
 
 class _LoraNullKeys(BaseModel):
@@ -34,9 +34,7 @@ class _LoraNullKeys(BaseModel):
         quantized = bool(data.get("adapter") == "qlora" or data.get("load_in_4bit") or data.get("load_in_8bit"))
         lora_null_request(data, quantized=quantized, dora=bool(data.get("peft_use_dora")), dora_key="peft_use_dora",
                           fallbacks=fallbacks(data))
-        if zero_stage(data.get("deepspeed")) == 3:
-            raise ValueError("adapter_init: lora_null is not supported under DeepSpeed ZeRO-3 yet (weights are "
-                             "partitioned at load); use DDP, FSDP or ZeRO-1/2, or run `lora-null init` first.")
+        refuse_zero3(zero_stage(data.get("deepspeed")))
         return data
 
 

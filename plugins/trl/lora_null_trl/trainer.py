@@ -14,6 +14,7 @@ from lora_null_core import lora_null_init, save_initial_adapter
 from lora_null_core.callbacks import LoraNullCallback
 from lora_null_core.errors import ConfigError
 from lora_null_core.export import INIT_DIR, finish_saved_adapter
+from lora_null_core.integration import refuse_zero3
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ class LoraNullSFTTrainer(SFTTrainer):
         return Path(self.args.output_dir) / INIT_DIR
 
     def _initialize_lora_null(self) -> None:
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        refuse_zero3(getattr(plugin, "zero_stage", None))
         if not isinstance(self.model, PeftModel):
             raise ConfigError(
                 "adapter_init: lora_null needs a LoRA adapter: pass peft_config=LoraConfig(...) to the trainer "

@@ -1,0 +1,70 @@
+"""A base layer's weight, whatever holds it: a plain float parameter, bitsandbytes 4-bit or 8-bit storage (read
+dequantized, one layer at a time, never the whole model), or a DeepSpeed ZeRO-3 partition (gathered while it is
+read). No framework is imported unless a weight of its kind is found."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_BNB_PARAMS = ("Params4bit", "Int8Params")
+
+
+def is_quantized(weight: torch.Tensor) -> bool:
+    """Stored in a format the init cannot write a residual into (bitsandbytes, or any non-float storage)."""
+    return type(weight).__name__ in _BNB_PARAMS or weight.dtype not in FLOAT_DTYPES
+
+
+def quantized_layers(modules: Iterable[nn.Module]) -> list[nn.Module]:
+    return [m for m in modules if isinstance(getattr(m, "weight", None), torch.Tensor) and is_quantized(m.weight)]
+
+
+def float_weight(base_layer: nn.Module, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """The weight as a float (d_out, d_in) matrix: the parameter itself (a view, writable) when it is stored in
+    float, else a dequantized copy of this one layer (PEFT's own bitsandbytes reader)."""
+    weight = base_layer.weight
+    if is_quantized(weight):
+        weight = _dequantized(base_layer)
+    return weight.T if fan_in_fan_out else weight
+
+
+def _dequantized(base_layer: nn.Module) -> torch.Tensor:
+    """bitsandbytes' own dequantization, leaving the layer's state as it was (PEFT's helper rewrites an 8-bit
+    layer's state on the CPU, after which it no longer runs)."""
+    weight = base_layer.weight
+    kind = type(weight).__name__
+    if kind == "Params4bit":
+        import bitsandbytes as bnb
+
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    if kind == "Int8Params":
+        scales = weight.SCB if getattr(weight, "SCB", None) is not None else base_layer.state.SCB
+        return weight.data.float() * (scales.float().view(-1, 1) / 127.0)
+    if weight.dtype.is_floating_point:  # float8 and other float storage
+        return weight
+    raise TypeError(f"{type(base_layer).__name__}: no float reading of its {weight.dtype} weight is known.")
+
+
+def is_zero3_partitioned(params: Iterable[torch.Tensor]) -> bool:
+    """Parameters that DeepSpeed ZeRO-3 has split over the ranks (each holds a slice, the module an empty tensor)."""
+    return any(hasattr(p, "ds_id") for p in params)
+
+
+@contextlib.contextmanager
+def gathered(params: Iterable[torch.Tensor], modify: bool = False) -> Iterator[None]:
+    """The full parameters for the duration, on every rank, when ZeRO-3 partitions them (one module or block at a
+    time, so no rank ever holds the whole model); nothing to do otherwise. With `modify`, what is written into them
+    inside is kept: rank 0's values are partitioned again on the way out (every rank writes the same ones).
+    Parameters already gathered by an outer `gathered` are left to it (DeepSpeed's own context does not nest)."""
+    params = [p for p in params if hasattr(p, "ds_id") and getattr(p.ds_status, "name", "") != "AVAILABLE"]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
+        yield
