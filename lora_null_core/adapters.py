@@ -116,6 +116,13 @@ def lora_layers(peft_model: PeftModel, adapter_name: str) -> dict[str, LoraLayer
         if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
             layers[name] = module
     if not layers:
+        embeddings = [name for name, module in peft_model.get_base_model().named_modules()
+                      if isinstance(module, LoraLayer) and adapter_name in getattr(module, "lora_embedding_A", {})]
+        if embeddings:
+            raise NoTargetModulesError(
+                f"Adapter {adapter_name!r} wraps only embeddings ({', '.join(embeddings)}): LoRA-Null initializes "
+                "linear layers, whose inputs it calibrates, and embeddings are not supported. Target the linear "
+                "layers instead (target_modules all-linear, the default, or q_proj,v_proj,...).")
         raise NoTargetModulesError(f"Adapter {adapter_name!r} wraps no module that LoRA-Null can initialize.")
     return layers
 

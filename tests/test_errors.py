@@ -79,6 +79,11 @@ def test_quantized_base_refuses_a_residual(make_model, tokenizer, knowledge):
         lora_null_init(model, LoraConfig(r=4), knowledge, tokenizer, variant="v1", **SMALL)
 
 
+def test_embeddings_alone_are_named_as_unsupported(make_model, tokenizer, knowledge):
+    with pytest.raises(NoTargetModulesError, match="only embeddings .*embed_tokens.*not supported.*all-linear"):
+        lora_null_init(make_model(), LoraConfig(r=4, target_modules=["embed_tokens"]), knowledge, tokenizer, **SMALL)
+
+
 def test_dora_and_foreign_inits_are_refused(make_model, tokenizer, knowledge):
     with pytest.raises(UnsupportedModelError, match="DoRA"):
         lora_null_init(make_model(), LoraConfig(r=4, use_dora=True), knowledge, tokenizer)
@@ -181,8 +186,11 @@ def test_an_initialized_model_is_never_initialized_again(make_model, tokenizer, 
     from lora_null_core import load_initialized, save_initialized
 
     peft_model = lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, train_base="residual", **SMALL)
-    with pytest.raises(UnsupportedModelError, match="already initialized"):
+    with pytest.raises(UnsupportedModelError, match="already initialized.*base weights are already residuals"):
         lora_null_init(peft_model, None, knowledge, tokenizer, **SMALL)
+    original = lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, **SMALL)  # default: base untouched
+    with pytest.raises(UnsupportedModelError, match="already initialized.*null basis .the base weights are untouched"):
+        lora_null_init(original, None, knowledge, tokenizer, **SMALL)
     save_initialized(peft_model, tmp_path / "init", tokenizer)
     residual = load_initialized(tmp_path / "init").get_base_model()
     with pytest.raises(UnsupportedModelError, match="residual base"):
