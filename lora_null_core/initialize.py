@@ -59,13 +59,12 @@ def lora_null_init(
     # brings meta blocks in itself: --offload disk.)
     if block_loader is None and rank_and_world()[1] > 1 and \
             any_rank(any(p.is_meta for p in peft_model.get_base_model().parameters())):
-        if any(p.is_meta for layer in layers.values() for p in layer.get_base_layer().parameters()) or \
-                rank_and_world()[0] != 0:
-            if rank_and_world()[0] == 0:
-                raise UnsupportedModelError("The model's weights are on the meta device (not loaded), on rank 0 too: "
-                                            "load the weights before initializing.")
+        if rank_and_world()[0] != 0:
             _mark_initialized(peft_model, config, adapter_name)
             return peft_model
+        if any(p.is_meta for layer in layers.values() for p in layer.get_base_layer().parameters()):
+            raise UnsupportedModelError("The model's weights are on the meta device (not loaded), on rank 0 too: "
+                                        "load the weights before initializing.")
         device = execution_device or str(execution_device_for(peft_model))  # this rank's GPU, found before alone()
         with alone():
             return _initialize(peft_model, layers, calibration, tokenizer, config, adapter_name, device, block_loader)
