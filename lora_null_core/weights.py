@@ -19,13 +19,9 @@ def is_quantized(weight: torch.Tensor) -> bool:
     return type(weight).__name__ in _BNB_PARAMS or weight.dtype not in FLOAT_DTYPES
 
 
-def quantized_layers(modules: Iterable[nn.Module]) -> list[nn.Module]:
-    return [m for m in modules if isinstance(getattr(m, "weight", None), torch.Tensor) and is_quantized(m.weight)]
-
-
 def float_weight(base_layer: nn.Module, fan_in_fan_out: bool = False) -> torch.Tensor:
     """The weight as a float (d_out, d_in) matrix: the parameter itself (a view, writable) when it is stored in
-    float, else a dequantized copy of this one layer (PEFT's own bitsandbytes reader)."""
+    float, else a dequantized copy of this one layer (bitsandbytes' own dequantization)."""
     weight = base_layer.weight
     if is_quantized(weight):
         weight = _dequantized(base_layer)
