@@ -5,6 +5,7 @@ safeguards: the checks that refuse a bad init) → export; saving, integration (
 the CLI on top.
 """
 
+from . import console  # noqa: F401  (first: it drops import notices before PEFT brings in bitsandbytes)
 from .adapters import apply_variant
 from .calibrate import Covariances, collect_covariances
 from .config import LoraNullConfig

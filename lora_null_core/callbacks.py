@@ -12,6 +12,7 @@ from .distributed import rank_and_world
 from .errors import LoraNullError
 from .export import INIT_DIR, finish_saved_adapter
 from .saving import save_initial_adapter
+from .weights import gathered
 
 
 def is_initialized(model: Any) -> bool:
@@ -20,23 +21,29 @@ def is_initialized(model: Any) -> bool:
 
 class LoraNullCallback(TrainerCallback):
     """on_train_begin: write `<output_dir>/lora_null_init` unless the plugin already did (a resumed run has
-    loaded trained weights by then, so it keeps the folder its first run wrote). on_save: finish the checkpoint."""
+    loaded trained weights by then, so it keeps the folder its first run wrote). on_save: finish the checkpoint
+    (`export` off: only restore what the save left out, see export.finish_saved_adapter)."""
 
-    def __init__(self, save_init: bool = True) -> None:
-        self.save_init = save_init
+    def __init__(self, save_init: bool = True, export: bool = True) -> None:
+        self.save_init, self.export = save_init, export
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         init_dir = Path(args.output_dir) / INIT_DIR
-        if not self.save_init or not is_initialized(model) or rank_and_world()[0] != 0:
+        if not self.save_init or not is_initialized(model):
             return
-        if state.global_step == 0:
-            save_initial_adapter(model, init_dir, overwrite=True)
-        elif not (init_dir / "lora_null.json").is_file():
-            raise LoraNullError(f"Resuming a LoRA-Null run needs {init_dir}, written when the run started; it is "
-                                "gone. Start the run again from step 0.")
+        # By now DeepSpeed ZeRO-3 has partitioned the adapter (each rank holds a slice, the module an empty
+        # tensor): every rank takes part in gathering it, rank 0 writes it whole.
+        with gathered([param for name, param in model.named_parameters() if ".lora_" in name]):
+            if rank_and_world()[0] != 0:
+                return
+            if state.global_step == 0:
+                save_initial_adapter(model, init_dir, overwrite=True)
+            elif not (init_dir / "lora_null.json").is_file():
+                raise LoraNullError(f"Resuming a LoRA-Null run needs {init_dir}, written when the run started; it "
+                                    "is gone. Start the run again from step 0.")
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if not is_initialized(model) or rank_and_world()[0] != 0:
             return
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        finish_saved_adapter(checkpoint, Path(args.output_dir) / INIT_DIR, final=False)
+        finish_saved_adapter(checkpoint, Path(args.output_dir) / INIT_DIR, final=False, export=self.export)

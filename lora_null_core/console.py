@@ -28,6 +28,29 @@ _LIBRARY_WARNINGS = (
 )
 
 
+# Log lines libraries print on import, about an optional speed-up a user has no reason to install: bitsandbytes
+# 0.50 on a CPU with AVX512-BF16 and without the `kernels` package (its plain CPU path works the same).
+_IMPORT_NOTICES = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community"}
+
+
+class _DropNotice(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def silence_import_notices() -> None:
+    """Before anything imports the libraries that print them (PEFT imports bitsandbytes when it is installed):
+    only those lines go; everything else those loggers say still shows."""
+    for name, prefix in _IMPORT_NOTICES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotice) for f in logger.filters):
+            logger.addFilter(_DropNotice(prefix))
+
+
 def set_verbosity(level: int) -> None:
     """QUIET: errors and the final result only; NORMAL: progress bars and INFO lines; VERBOSE: DEBUG too."""
     _verbosity["level"] = level
@@ -66,3 +89,6 @@ def quiet_libraries() -> Iterator[None]:
     finally:
         for undo in restore:
             undo()
+
+
+silence_import_notices()

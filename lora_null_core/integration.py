@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import os
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Union
 
 from .config import LoraNullConfig, literal_choices
@@ -107,13 +110,35 @@ def lora_null_request(values: Mapping[str, Any], *, calibration: Any = None, fal
     return config
 
 
-def refuse_zero3(stage, adapter_key: str = "adapter_init") -> None:
-    """DeepSpeed ZeRO-3 is refused: on 2 H200s the init ran and trained, but the adapter the Trainer saved did not
-    reproduce the model in memory (benchmarks/results/frameworks_gpu.json), so a run would end in a wrong save."""
+def refuse_zero3(stage, framework: str, adapter_key: str = "adapter_init") -> None:
+    """DeepSpeed ZeRO-3 is refused where it has not yet trained and saved right on a GPU. It did through TRL on an
+    H200 (benchmarks/results/frameworks_gpu.json) once the plugins put back the frozen lora_A that ZeRO-3's save
+    leaves out; Axolotl and LLaMA-Factory share that code but have not run it on a GPU."""
     if stage is not None and int(stage) == 3:
-        raise ConfigError(f"{adapter_key}: lora_null is not supported under DeepSpeed ZeRO-3 yet (the saved adapter "
-                          "did not reproduce the trained model in our GPU runs). Use FSDP (fsdp_version 2, full shard; "
-                          "cpu_ram_efficient_loading works), DDP, or ZeRO-1/2: all keep the adapter whole.")
+        raise ConfigError(f"{adapter_key}: lora_null under DeepSpeed ZeRO-3 has not been checked on a GPU through "
+                          f"{framework} yet (ZeRO-3 saves leave out v2's frozen lora_A; the TRL plugin's run restores it "
+                          "and passes). Use TRL for ZeRO-3, or here FSDP, DDP or ZeRO-1/2: all keep the adapter whole.")
+
+
+def zero_stage(deepspeed: Any) -> Optional[int]:
+    """The ZeRO stage of a framework's `deepspeed:` value (a JSON file's path, or the config itself), read from its
+    zero_optimization.stage, not guessed from the file name; None when there is none or the file is not there."""
+    config = deepspeed
+    if isinstance(deepspeed, (str, os.PathLike)):
+        path = Path(deepspeed)
+        if not path.is_file():
+            return None
+        try:
+            config = json.loads(path.read_text())
+        except ValueError as err:
+            raise ConfigError(f"deepspeed: {deepspeed} is not valid JSON ({err}).") from err
+    if not isinstance(config, Mapping):
+        return None
+    stage = (config.get("zero_optimization") or {}).get("stage")
+    try:
+        return int(stage) if stage is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def prefixed_dataclass_fields() -> list[tuple[str, Any, dataclasses.Field]]:

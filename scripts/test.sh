@@ -12,6 +12,8 @@ suites=("$@")
 # torch: the CPU wheel (pip finds it on this disk); a plain `torch` requirement would pull a CUDA build.
 TORCH=${TORCH_SPEC:-torch==2.13.0}
 BNB="bitsandbytes==0.50.2"
+DEEPSPEED="deepspeed==0.19.8"
+export DS_BUILD_OPS=0  # DeepSpeed's sdist builds no ops; ZeRO-3 on the CPU needs none
 
 venv() {  # venv NAME REQUIREMENTS...  → creates .venvs/NAME with the requirements and lora-null installed
   local name=$1; shift
@@ -58,13 +60,15 @@ for suite in "${suites[@]}"; do
     # bitsandbytes runs 4-bit and 8-bit layers on the CPU too: tests/test_quantized.py loads real nf4/fp4/int8 bases.
     core)        venv core -e ".[test]" "$BNB"; tests=tests ;;
     core-oldest) venv core-oldest -e ".[test]" "$BNB" "transformers==4.55.4" "peft==0.18.0" "datasets==3.6.0"; tests=tests ;;
-    trl)         venv trl -e ".[test,trl]" "trl==1.16.0"; tests=integration_tests/trl ;;
+    # DeepSpeed (no compiled ops: its CPU accelerator and gloo) for the ZeRO-3 save test.
+    trl)         venv trl -e ".[test,trl]" "trl==1.16.0" "$DEEPSPEED"; tests=integration_tests/trl ;;
     trl-oldest)  venv trl-oldest -e ".[test,trl]" "trl==0.24.0" "transformers==4.57.6" "peft==0.18.0"; tests=integration_tests/trl ;;
     axolotl)     axolotl_venv; tests=integration_tests/axolotl ;;
-    # PyPI's torchvision/torchaudio do not match the local CPU torch: drop them; LLaMA-Factory imports torchaudio
+    # The torch pin rides along, or torchvision/torchaudio's exact pins pull PyPI's newer CUDA torch over the CPU
+    # wheel. They do not run on the CPU wheel anyway: drop them; LLaMA-Factory imports torchaudio
     # unconditionally, so a stub (integration_tests/llamafactory/stubs) stands in. Text LoRA never uses either.
     llamafactory) need_chromium
-                 venv llamafactory -e ".[test]" "llamafactory==0.9.5" "peft==0.18.1" "transformers==5.6.0" pyyaml selenium
+                 venv llamafactory -e ".[test]" "$TORCH" "llamafactory==0.9.5" "peft==0.18.1" "transformers==5.6.0" pyyaml selenium
                  .venvs/llamafactory/bin/pip uninstall -q -y torchvision torchaudio 2>/dev/null || true
                  echo "$PWD/integration_tests/llamafactory/stubs" > "$(.venvs/llamafactory/bin/python -c 'import site; print(site.getsitepackages()[0])')/torchaudio_stub.pth"
                  tests=integration_tests/llamafactory ;;

@@ -100,3 +100,18 @@ def test_every_config_field_is_a_flag_with_the_configs_choices_and_default():
     assert {f.name for f in dataclasses.fields(LoraNullConfig)} <= flags
     with pytest.raises(SystemExit):
         build_parser().parse_args([*required, "--solver", "qr"])  # choices come from the Literal type
+
+
+def test_a_library_notice_on_import_is_dropped_and_nothing_else():
+    """bitsandbytes 0.50 logs "Failed to load CPU gemm_4bit_forward from kernels-community" when it is imported on
+    a CPU with AVX512-BF16 and no `kernels` package, and PEFT imports it: lora-null's output drops that line only.
+    The line is logged here by hand, since whether bitsandbytes logs it depends on the CPU."""
+    script = (
+        "import logging, lora_null_core\n"
+        "log = logging.getLogger('bitsandbytes.backends.cpu.ops')\n"
+        "log.warning('Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please pip install kernels', 'x')\n"
+        "log.warning('a warning that stays')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "gemm_4bit_forward" not in result.stderr and "a warning that stays" in result.stderr

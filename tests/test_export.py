@@ -139,6 +139,41 @@ def test_what_a_trainer_saves_is_right_on_the_base_it_names(tmp_path, saved_mode
         assert relative_error(logits(on_original, batch.input_ids, batch.attention_mask), expected) < 1e-5
 
 
+@pytest.mark.parametrize("variant,left_out_as", [("v2", "absent"), ("v2", "empty"), ("v1", "absent")])
+def test_a_save_without_the_frozen_lora_a_gets_it_back(tmp_path, saved_model, tokenizer, knowledge, variant,
+                                                      left_out_as):
+    """Under DeepSpeed ZeRO-3, Transformers' Trainer saves only a PEFT model's trainable parameters: v2's frozen
+    lora_A never reaches the file (integration_tests/trl shows it with DeepSpeed), or, where a partitioned parameter
+    was saved without gathering, arrives empty. Finishing the save puts the init's A back, in the dtype of the
+    saved factors; a v1 save without A (trained, so not the init's) is refused."""
+    from safetensors.torch import load_file, save_file
+
+    from lora_null_core import lora_null_init, save_initial_adapter
+    from lora_null_core.errors import ExportError
+    from lora_null_core.export import finish_saved_adapter
+
+    model = lora_null_init(load_model(str(saved_model), dtype="float32"), LoraConfig(r=4, lora_alpha=8), knowledge,
+                           tokenizer, variant=variant, num_samples=160, holdout_samples=0, batch_size=32)
+    init_dir = tmp_path / "run" / "lora_null_init"
+    save_initial_adapter(model, init_dir)
+    model.save_pretrained(str(tmp_path / "run"))
+    weights = tmp_path / "run" / "adapter_model.safetensors"
+    whole = load_file(str(weights))
+    left_out = {k: torch.empty(0, dtype=torch.bfloat16) for k in whole if "lora_A" in k and left_out_as == "empty"}
+    save_file({**{k: v.to(torch.bfloat16) for k, v in whole.items() if "lora_A" not in k}, **left_out}, str(weights))
+    if variant == "v1":
+        with pytest.raises(ExportError, match="lacks .* lora_A .* v1 trains"):
+            finish_saved_adapter(tmp_path / "run", init_dir, final=True)
+        return
+    finish_saved_adapter(tmp_path / "run", init_dir, final=True, export=False)
+    restored = load_file(str(weights))
+    assert restored.keys() == whole.keys()
+    initial = load_file(str(init_dir / "adapter" / "adapter_model.safetensors"))
+    for key in (k for k in whole if "lora_A" in k):
+        assert restored[key].dtype == torch.bfloat16 and torch.equal(restored[key], initial[key].to(torch.bfloat16))
+    assert not list((tmp_path / "run").glob(".*partial"))
+
+
 def test_finishing_a_pickled_residual_adapter_is_a_clear_error(tmp_path, saved_model, knowledge):
     from lora_null_core import LoraNullConfig
     from lora_null_core.errors import ExportError

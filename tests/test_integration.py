@@ -1,6 +1,7 @@
 """One translation from a framework's config to LoraNullConfig, and one validation of a LoRA-Null request."""
 
 import dataclasses
+import json
 
 import pytest
 
@@ -64,9 +65,23 @@ def test_zero3_is_refused_with_the_setups_that_work():
     from lora_null_core.integration import refuse_zero3
 
     for stage in (None, 0, 1, 2, "2"):
-        refuse_zero3(stage)
-    with pytest.raises(ConfigError, match="ZeRO-3.*Use FSDP.*DDP, or ZeRO-1/2"):
-        refuse_zero3(3)
+        refuse_zero3(stage, "Axolotl")
+    with pytest.raises(ConfigError, match="ZeRO-3 .* through Axolotl .* Use TRL for ZeRO-3, or here FSDP, DDP or ZeRO-1/2"):
+        refuse_zero3(3, "Axolotl")
+
+
+def test_zero3_is_read_from_the_deepspeed_config_not_its_file_name(tmp_path):
+    from lora_null_core.integration import zero_stage
+
+    (tmp_path / "zero3_disabled.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    (tmp_path / "broken.json").write_text("{stage: 3")
+    assert zero_stage(str(tmp_path / "zero3_disabled.json")) == 2
+    assert zero_stage(str(tmp_path / "ds.json")) == 3
+    assert zero_stage({"zero_optimization": {"stage": "3"}}) == 3
+    assert zero_stage(None) is None and zero_stage(str(tmp_path / "missing.json")) is None
+    with pytest.raises(ConfigError, match="broken.json is not valid JSON"):
+        zero_stage(str(tmp_path / "broken.json"))
 
 
 def test_choices_and_plugin_fields_come_from_the_config_types():

@@ -1,56 +1,110 @@
 #!/usr/bin/env bash
-# The framework matrix on a machine with 2 GPUs and no network: what it needs arrives in parts (the SmolLM2 GGUF
-# in two halves, then the wheels the machine lacks), gathered in /tmp/stage by back-to-back calls.
-#   bash benchmarks/frameworks_gpu/device.sh stage DIR      # add DIR's files to /tmp/stage
-#   bash benchmarks/frameworks_gpu/device.sh run [ROWS]     # install, prepare, train, evaluate, collect into $OUT
-# ROWS: framework:setup pairs (default: every TRL setup and PEFT QLoRA). Each row trains lora_null and lora.
+# The framework matrix on a GPU machine with no network. What it needs is staged from package names and versions
+# (stacks/*.txt) by stage.py, then arrives in parts, gathered in /tmp/stage by back-to-back calls:
+#   python benchmarks/frameworks_gpu/stage.py .whl            # here, where PyPI is reachable: .whl/part1 … partN
+#   bash benchmarks/frameworks_gpu/device.sh stage DIR       # on the machine: add DIR's files to /tmp/stage
+#   bash benchmarks/frameworks_gpu/device.sh setup           # join the GGUF, install each stack, check, prepare
+#   bash benchmarks/frameworks_gpu/device.sh start ROWS      # train ROWS in the background and return
+#   bash benchmarks/frameworks_gpu/device.sh finish [WAIT]   # wait ≤ WAIT s for them, evaluate, collect into $OUT
+#   bash benchmarks/frameworks_gpu/device.sh run ROWS        # setup, start and finish in one call
+# ROWS: framework:setup pairs, e.g. "trl:zero3_1 axolotl:bf16 llamafactory:qlora4". Each row trains lora_null and
+# lora. Each framework runs on its own stack: /tmp/site-<framework> in front of /tmp/site (common.txt) and the image.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 STAGE=/tmp/stage WORK=/tmp/fw OUT=${OUT:-/tmp/out}
-RUN=benchmarks/frameworks_gpu/run.py
+HERE=benchmarks/frameworks_gpu RUN=benchmarks/frameworks_gpu/run.py
+REPO=$PWD
 
-if [ "$1" = stage ]; then
-  mkdir -p $STAGE && cp -r "$2"/. $STAGE/ && ls -la $STAGE && nvidia-smi -L
-  exit
-fi
+use_stack() {  # use_stack FRAMEWORK: the environment that framework's rows (and their evaluation) run in
+  local front=""
+  case $1 in axolotl|llamafactory) front=/tmp/site-$1: ;; esac
+  export PYTHONPATH=$front/tmp/site:$REPO:$REPO/plugins/trl:$REPO/plugins/axolotl:$REPO/plugins/llamafactory:$REPO/benchmarks/forgetting
+  export PATH=${front:+/tmp/site-$1/bin:}/tmp/site/bin:$BASE_PATH
+}
+BASE_PATH=$PATH
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 DS_BUILD_OPS=0
+export OMP_NUM_THREADS=2  # a dozen runs share 16 cores: torch's default of one thread per core oversubscribes them
 
-cat $STAGE/smollm2.gguf.part* > $STAGE/smollm2.gguf
-[ "$(sha256sum $STAGE/smollm2.gguf | cut -c1-64)" = "$(cat $STAGE/smollm2.gguf.sha256)" ] || { echo "GGUF parts do not join"; exit 1; }
-python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site $STAGE/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD:$PWD/plugins/trl:$PWD/benchmarks/forgetting PYTHONUNBUFFERED=1
-export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-mkdir -p $WORK/logs $OUT
-python3 -c "import torch, transformers, peft, trl, accelerate, bitsandbytes, deepspeed; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__, 'accelerate', accelerate.__version__, 'bnb', bitsandbytes.__version__, 'deepspeed', deepspeed.__version__)" 2>&1 | tail -1 | tee $WORK/versions.txt
-[ -f $WORK/meta.json ] || python3 $RUN prepare --gguf $STAGE/smollm2.gguf --work $WORK > $WORK/logs/prepare.log 2>&1 || { tail -30 $WORK/logs/prepare.log; exit 1; }
-tail -1 $WORK/logs/prepare.log
+stage() {
+  mkdir -p $STAGE && cp -r "$1"/. $STAGE/ && ls $STAGE | wc -l && nvidia-smi -L
+}
 
-rows=${2:-"trl:bf16 trl:qlora4 peft:qlora4 trl:ddp2 trl:fsdp2 trl:fsdp2_ram_efficient trl:zero3_2"}
-port=29600 gpu=0
-for row in $rows; do
-  framework=${row%%:*} setup=${row#*:}
-  for init in lora_null lora; do
-    name=$framework-$setup-$init port=$((port + 1)) log=$WORK/logs/$framework-$setup-$init.log
-    [ -f $WORK/runs/$name/memory_logits.pt ] && continue  # trained in an earlier call on this machine
-    args="train --framework $framework --setup $setup --init $init --work $WORK"
-    case $setup in
-      ddp2|zero3_2) launcher="torchrun --nproc_per_node 2 --master_port $port"
-                    LORA_NULL_LAUNCHER="$launcher" timeout 420 $launcher $RUN $args > $log 2>&1 & ;;
-      fsdp2*)       launcher="accelerate launch --config_file benchmarks/frameworks_gpu/configs/$setup.yaml --main_process_port $port"
-                    LORA_NULL_LAUNCHER="$launcher" timeout 420 $launcher $RUN $args > $log 2>&1 & ;;
-      *)            CUDA_VISIBLE_DEVICES=$gpu timeout 420 python3 $RUN $args > $log 2>&1 &
-                    gpu=$((1 - gpu)) ;;
-    esac
+setup() {
+  cat $STAGE/smollm2.gguf.part* > $STAGE/smollm2.gguf
+  [ "$(sha256sum $STAGE/smollm2.gguf | cut -c1-64)" = "$(cat $STAGE/smollm2.gguf.sha256)" ] || { echo "GGUF parts do not join"; return 1; }
+  for stack in common axolotl llamafactory; do
+    target=/tmp/site; [ $stack = common ] || target=/tmp/site-$stack
+    python3 -m pip install -q --no-index --no-deps --no-compile --find-links $STAGE --target $target \
+      -r $HERE/stacks/$stack.txt || { echo "install of $stack failed"; return 1; }
   done
-done
-wait
-gpu=0
-for run in $WORK/runs/*/; do
-  name=$(basename $run)
-  [ -f $run/adapter/adapter_config.json ] && [ -f $run/memory_logits.pt ] || { echo "$name: no trained output"; continue; }
-  CUDA_VISIBLE_DEVICES=$gpu timeout 200 python3 $RUN evaluate --work $WORK --run $name > $WORK/logs/eval-$name.log 2>&1 &
-  gpu=$((1 - gpu))
-done
-wait
-python3 $RUN collect --work $WORK --output $OUT/frameworks_gpu.json
-for log in $WORK/logs/*.log; do grep -l -E "Error|error:" $log >/dev/null && { echo "== $log"; grep -E "Error|error:" $log | tail -4; }; done
-cp $WORK/versions.txt $OUT/; tar czf $OUT/logs.tgz -C $WORK logs runs --exclude='*.safetensors' --exclude='*.pt' --exclude='tokenizer*' --exclude='*.jinja' 2>/dev/null
+  mkdir -p $WORK/logs $OUT
+  for framework in trl axolotl llamafactory; do  # each stack imports what its rows use, and says its versions
+    use_stack $framework
+    python3 - $framework <<'EOF' 2>&1 | tail -1 | tee -a $WORK/versions.txt
+import importlib, importlib.metadata as md, sys
+framework = sys.argv[1]
+modules = {"trl": ["trl", "deepspeed", "bitsandbytes", "lora_null_trl"],
+           "axolotl": ["axolotl.cli.main", "axolotl.utils.callbacks", "axolotl.train", "lora_null_axolotl.plugin"],
+           "llamafactory": ["llamafactory.train.tuner", "lora_null_llamafactory.patches"]}[framework]
+for name in modules:
+    importlib.import_module(name)
+names = ["torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "deepspeed", framework]
+print(framework, {n: md.version(n) for n in dict.fromkeys(names)})
+EOF
+  done
+  use_stack trl
+  [ -f $WORK/meta.json ] || python3 $RUN prepare --gguf $STAGE/smollm2.gguf --work $WORK > $WORK/logs/prepare.log 2>&1 \
+    || { tail -30 $WORK/logs/prepare.log; return 1; }
+  tail -1 $WORK/logs/prepare.log
+}
+
+start() {  # every run of ROWS at once, detached (setsid) so that it outlives this call
+  local port=29600 name
+  for row in $1; do
+    framework=${row%%:*} setup=${row#*:}
+    for init in lora_null lora; do
+      name=$framework-$setup-$init port=$((port + 1))
+      [ -f $WORK/runs/$name/train.json ] && continue  # trained in an earlier call on this machine
+      args="train --framework $framework --setup $setup --init $init --work $WORK"
+      case $framework:$setup in
+        trl:zero3_1)  launcher="torchrun --nproc_per_node 1 --master_port $port" ;;
+        *:ddp2|*:zero3_2) launcher="torchrun --nproc_per_node 2 --master_port $port" ;;
+        *:fsdp2*)     launcher="accelerate launch --config_file $HERE/configs/$setup.yaml --main_process_port $port" ;;
+        *)            launcher="python3" ;;
+      esac
+      ( use_stack $framework
+        MASTER_PORT=$port LORA_NULL_LAUNCHER="$launcher" setsid timeout 900 $launcher $RUN $args \
+          > $WORK/logs/$name.log 2>&1 < /dev/null & )
+    done
+  done
+  sleep 2; echo "started: $(ls $WORK/logs | grep -vc prepare) logs"
+}
+
+finish() {  # wait for the runs (each leaves train.json, or its log ends), evaluate each in its framework's stack
+  local wait=${1:-540} waited=0
+  while pgrep -f "$RUN train" > /dev/null && [ $waited -lt $wait ]; do sleep 10; waited=$((waited + 10)); done
+  pgrep -f "$RUN train" > /dev/null && echo "still training after ${waited}s: $(pgrep -fa "$RUN train" | grep -o 'framework [a-z]* --setup [a-z0-9_]* --init [a-z_]*' | sort -u | tr '\n' ';')"
+  for run in $WORK/runs/*/; do
+    name=$(basename $run)
+    [ -f $run/row.json ] && continue
+    [ -f $run/adapter/adapter_config.json ] && [ -f $run/train.json ] || { echo "$name: no trained output"; continue; }
+    ( use_stack ${name%%-*}; timeout 300 python3 $RUN evaluate --work $WORK --run $name > $WORK/logs/eval-$name.log 2>&1 ) &
+  done
+  wait
+  use_stack trl
+  python3 $RUN collect --work $WORK --output $OUT/frameworks_gpu.json
+  for log in $WORK/logs/*.log $WORK/runs/*/framework.log; do
+    grep -qE "Error|error:|Traceback" $log 2>/dev/null && { echo "== $log"; grep -E "Error|error:" $log | tail -3; }
+  done
+  cp $WORK/versions.txt $OUT/ 2>/dev/null
+  tar czf $OUT/logs.tgz -C $WORK logs $(cd $WORK && ls -d runs/*/framework.log runs/*/*.json runs/*/config.* 2>/dev/null)
+}
+
+case $1 in
+  stage)  stage "$2" ;;
+  setup)  setup ;;
+  start)  start "$2" ;;
+  finish) finish "${2:-540}" ;;
+  run)    setup && start "$2" && finish 900 ;;
+  *)      echo "usage: device.sh stage DIR | setup | start ROWS | finish [WAIT] | run ROWS"; exit 2 ;;
+esac

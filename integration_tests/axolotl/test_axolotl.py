@@ -113,17 +113,6 @@ def test_missing_calibration_is_a_clear_config_error(workspace, tmp_path):
     assert not (tmp_path / "bad" / "adapter_model.safetensors").exists()
 
 
-def test_zero3_is_read_from_the_deepspeed_config_not_its_file_name(tmp_path):
-    from lora_null_axolotl.args import zero_stage
-
-    (tmp_path / "zero3_disabled.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    assert zero_stage(str(tmp_path / "zero3_disabled.json")) == 2
-    assert zero_stage(str(tmp_path / "ds.json")) == 3
-    assert zero_stage({"zero_optimization": {"stage": "3"}}) == 3
-    assert zero_stage(None) is None and zero_stage(str(tmp_path / "missing.json")) is None
-
-
 def test_every_setting_reaches_the_core_by_key_or_nested_block():
     """Axolotl's schema gains one lora_null_<field> per LoraNullConfig field and a `lora_null:` block; the plugin
     reads both through the core, with Axolotl's sequence_len and seed standing in for unset ones."""

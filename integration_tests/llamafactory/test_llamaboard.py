@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", REPO / "test-artifacts"))
@@ -40,9 +41,18 @@ def board(workspace, tmp_path_factory):
         except OSError:
             assert server.poll() is None, (root / "webui.log").read_text()[-3000:]
             time.sleep(0.5)
+    _roots[url] = root
     yield url
     server.terminate()
     server.wait(timeout=30)
+
+
+_roots: dict[str, Path] = {}
+
+
+def board_root(url: str) -> Path:
+    """The folder the board runs in (its saves/ and webui.log)."""
+    return _roots[url]
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +100,7 @@ def test_choosing_lora_null_produces_its_training_arguments(workspace, data_dir,
     choose("Dataset", "task")
     choose("Adapter init", "LoRA-Null v2")
     choose("Calibration dataset", "knowledge")
+    choose("Compute type", "fp32")  # the board's default, bf16, needs a GPU
     browser.find_element(By.XPATH, "//button[normalize-space(.)='Preview command']").click()
     command = ""
     for _ in range(60):
@@ -106,6 +117,22 @@ def test_choosing_lora_null_produces_its_training_arguments(workspace, data_dir,
                      "--lora_null_num_samples 256", f"--model_name_or_path {workspace / 'model'}"):
         assert expected in command, command
     assert "--pissa_init True" not in command
+
+    # Start: LLaMA Board writes its training_args.yaml and launches it; the run goes through the plugin to the end.
+    browser.find_element(By.XPATH, "//button[normalize-space(.)='Start']").click()
+    saves, log = board_root(board) / "saves", board_root(board) / "webui.log"
+    for _ in range(600):
+        done = list(saves.glob("*/lora/*/adapter_model.safetensors"))
+        if done or "Traceback" in log.read_text():
+            break
+        time.sleep(0.5)
+    assert done, "LLaMA Board's run left no adapter: " + log.read_text()[-3000:]
+    run = done[0].parent
+    written = yaml.safe_load((run / "training_args.yaml").read_text())
+    assert written["adapter_init"] == "lora_null" and written["lora_null_variant"] == "v2", written
+    assert written["lora_null_calibration"] == "knowledge" and written["finetuning_type"] == "lora", written
+    assert (run / "lora_null_init" / "lora_null.json").is_file()
+    shutil.copy(run / "training_args.yaml", ARTIFACTS / "llamaboard_training_args.yaml")
 
 
 def test_labels_in_every_locale_and_launch_goes_through_the_plugin(tmp_path):

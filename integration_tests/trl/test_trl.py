@@ -1,5 +1,6 @@
 """Real trl.SFTTrainer runs on a tiny local model: Python API, TRL-style YAML CLI, and two processes."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -172,6 +173,42 @@ def test_two_processes_end_with_identical_adapters(workspace, tmp_path):
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
     assert any("lora_B" in k for k in rank0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed (scripts/test.sh installs it)")
+def test_zero3_save_holds_the_frozen_lora_a_and_reproduces_the_trained_model(workspace, tmp_path):
+    """Under ZeRO-3, Transformers' Trainer saves a PEFT model's trainable parameters only, so v2's frozen lora_A
+    was missing from the saved adapter and PEFT loaded it from its own random init (GPU: output rel. err 0.53).
+    The plugin's save puts the init's A back; loaded the standard way, the adapter is the model that trained."""
+    script = Path(__file__).with_name("zero3_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
+         str(script), str(workspace), str(tmp_path)], capture_output=True, text=True, timeout=900, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    initial = load_file(str(tmp_path / "run" / INIT_DIR / "adapter" / "adapter_model.safetensors"))
+    memory = torch.load(tmp_path / "memory.pt")
+    a_keys = [k for k in initial if "lora_A" in k]
+    assert a_keys and all(torch.equal(saved[k], initial[k]) for k in a_keys)  # the init's A, as frozen in training
+    for name, value in memory["factors"].items():  # and every factor as it was in memory
+        assert torch.equal(saved[name.replace(".default", "")], value), name
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(workspace / "model",
+                                                                           dtype=torch.float32), tmp_path / "adapter")
+    reloaded = logits(model, torch.arange(3, 19).view(2, 8))
+    assert torch.allclose(reloaded, memory["logits"], atol=1e-5), float((reloaded - memory["logits"]).abs().max())
+
+
+def test_a_misspelled_key_in_the_yaml_names_the_closest_one(tmp_path):
+    example = (Path(__file__).parents[2] / "examples" / "trl" / "sft_lora_null.yaml").read_text()
+    (tmp_path / "x.yaml").write_text(example.replace("lora_null_variant:", "lora_null_varient:"))
+    assert "lora_null_varient" in (tmp_path / "x.yaml").read_text()
+    result = subprocess.run([sys.executable, "-m", "lora_null_trl.cli", "sft", "--config", str(tmp_path / "x.yaml")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "lora-null-trl: error:" in result.stderr and "did you mean lora_null_variant?" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_example_yaml_parses_into_trl_and_lora_null_arguments(tmp_path):

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, Field, create_model, model_validator
 
-from lora_null_core.integration import config_fields, lora_null_request, refuse_zero3
+from lora_null_core.integration import config_fields, lora_null_request, refuse_zero3, zero_stage
 
 
 class _LoraNullKeys(BaseModel):
@@ -34,7 +31,7 @@ class _LoraNullKeys(BaseModel):
         quantized = bool(data.get("adapter") == "qlora" or data.get("load_in_4bit") or data.get("load_in_8bit"))
         lora_null_request(data, quantized=quantized, dora=bool(data.get("peft_use_dora")), dora_key="peft_use_dora",
                           fallbacks=fallbacks(data))
-        refuse_zero3(zero_stage(data.get("deepspeed")))
+        refuse_zero3(zero_stage(data.get("deepspeed")), "Axolotl")
         return data
 
 
@@ -48,24 +45,3 @@ LoraNullArgs = create_model(
 def fallbacks(cfg: Any) -> dict[str, Any]:
     """What an Axolotl config implies for settings left unset: its sequence length and seed."""
     return {"max_length": cfg.get("sequence_len"), "seed": cfg.get("seed")}
-
-
-def zero_stage(deepspeed: Any) -> Optional[int]:
-    """The ZeRO stage of Axolotl's `deepspeed:` value (a JSON file's path or the config itself), read from its
-    zero_optimization.stage, not guessed from the file name; None when there is none or it cannot be read."""
-    config = deepspeed
-    if isinstance(deepspeed, (str, os.PathLike)):
-        path = Path(deepspeed)
-        if not path.is_file():
-            return None
-        try:
-            config = json.loads(path.read_text())
-        except ValueError as err:
-            raise ValueError(f"deepspeed: {deepspeed} is not valid JSON ({err}).") from err
-    if not isinstance(config, dict):
-        return None
-    stage = (config.get("zero_optimization") or {}).get("stage")
-    try:
-        return int(stage) if stage is not None else None
-    except (TypeError, ValueError):
-        return None

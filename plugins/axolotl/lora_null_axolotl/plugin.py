@@ -1,8 +1,11 @@
 """Axolotl plugin: LoRA-Null initialization for `adapter: lora` when the config says `adapter_init: lora_null`.
 
 Axolotl builds the PeftModel as usual. The plugin asks for `init_lora_weights: False` (so Axolotl's seeded
-re-draw of lora_A leaves it alone), rewrites the adapter in `post_model_load` through the core library, and
-at the end of training writes `<output_dir>/lora_null_export`: a standard LoRA for the original base model.
+re-draw of lora_A leaves it alone), rewrites the adapter in `post_lora_load` through the core library, and
+at the end of training makes the output folder right for the base it names (see export.finish_saved_adapter).
+`post_lora_load` comes before Axolotl patches its fused LoRA kernels into attention and MLP (on by default on a
+GPU): those compute q/k/v, o and the MLP without calling the projection modules, whose inputs the calibration
+reads.
 Loaded from the `axolotl.plugins` entry point it is active in every run, and does nothing without the key.
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import MethodType
 from typing import Any
 
 from axolotl.integrations.base import BasePlugin
@@ -37,7 +41,7 @@ class LoraNullPlugin(BasePlugin):
         # init_lora_weights=False: PEFT skips its random draw and Axolotl's _reinit_lora_from_seed skips too.
         return {"init_lora_weights": False} if is_active(cfg) else {}
 
-    def post_model_load(self, cfg: Any, model: Any) -> None:
+    def post_lora_load(self, cfg: Any, model: Any) -> None:
         if not is_active(cfg):
             return
         if cfg.lora_model_dir:  # a saved adapter was loaded (merge-lora, inference, training on): keep its weights
@@ -51,6 +55,7 @@ class LoraNullPlugin(BasePlugin):
 
         tokenizer = load_tokenizer(cfg)
         texts = calibration_source(cfg)
+        attach_unfused_attention(cfg, model)
         # Every rank runs this hook: the core shards the calibration over the process group Axolotl set up,
         # all-reduces the covariances and broadcasts rank 0's factors, so every rank holds identical weights.
         lora_null_init(model, None, texts, tokenizer, lora_null_config(cfg), adapter_name=model.active_adapter)
@@ -59,7 +64,7 @@ class LoraNullPlugin(BasePlugin):
             LOG.info("LoRA-Null init: %s", model.lora_null_report.summary())
 
     def add_callbacks_pre_trainer(self, cfg: Any, model: Any) -> list:
-        # Checkpoints made right for the base they name; the initial factors are saved in post_model_load.
+        # Checkpoints made right for the base they name; the initial factors are saved in post_lora_load.
         return [LoraNullCallback(save_init=False)] if is_active(cfg) else []
 
     def post_train(self, cfg: Any, model: Any) -> None:
@@ -67,6 +72,26 @@ class LoraNullPlugin(BasePlugin):
             return
         # Axolotl calls post_train once before its final save and once after; only the second finds weights.
         finish_saved_adapter(cfg.output_dir, Path(cfg.output_dir) / INIT_DIR, final=True)
+
+
+def attach_unfused_attention(cfg: Any, model: Any) -> None:
+    """With lora_qkv_kernel or lora_o_kernel (on by default on a GPU), Axolotl rewrites the attention class's forward
+    before the model loads, to call `self.apply_qkv` and `self.apply_o`, but attaches those to each layer only after
+    post_lora_load: in between the model cannot run (an H200 run failed with "'LlamaAttention' object has no
+    attribute 'apply_qkv'"). Attach Axolotl's own unfused versions, as Axolotl itself does first before choosing
+    its fused ones, so the calibration's forward passes run and see each projection's input."""
+    if not (cfg.lora_qkv_kernel or cfg.lora_o_kernel):
+        return
+    from axolotl.monkeypatch import lora_kernels as kernels
+
+    for layer in kernels.get_layers(model):
+        for attention in kernels.find_self_attn_in_layer(layer):
+            if not hasattr(attention, "apply_qkv"):
+                with_v = getattr(attention, "v_proj", None) is not None
+                qkv = kernels.original_apply_qkv if with_v else kernels.original_apply_qkv_optional_v
+                attention.apply_qkv = MethodType(qkv, attention)
+            if not hasattr(attention, "apply_o"):
+                attention.apply_o = MethodType(kernels.original_apply_o, attention)
 
 
 def lora_null_config(cfg: Any) -> LoraNullConfig:

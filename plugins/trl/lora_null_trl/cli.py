@@ -35,6 +35,26 @@ def _use_lora_null_trainer(sft) -> None:
         sft.SFTTrainer = LoraNullSFTTrainer
 
 
+def _check_lora_null_keys(argv: list[str]) -> None:
+    """The YAML's lora_null_* keys, checked before TRL's parser sees them: a misspelled one would end in its
+    traceback ("not used by the HfArgumentParser"); the core names the closest valid key instead."""
+    import yaml
+
+    from lora_null_core.integration import NESTED_KEY, PREFIX, config_from_mapping
+
+    paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError):
+            return  # TRL's parser reports a missing or broken file itself
+        if isinstance(values, dict):
+            config_from_mapping({k: v for k, v in values.items()
+                                 if isinstance(k, str) and (k.startswith(PREFIX) or k == NESTED_KEY)})
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "sft":
@@ -49,6 +69,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         types.append(DatasetMixtureConfig)
     try:
+        _check_lora_null_keys(argv[1:])
         parsed = TrlParser(types).parse_args_and_config(args=argv[1:])
         _use_lora_null_trainer(sft)
         sft.main(*parsed)

@@ -20,7 +20,8 @@ _KEYS = [
     ("lora_null_export", bool, field(default=True, metadata={
         "help": "v1 only (v2 and basis train on the original weights and need nothing): make every save right for "
                 "the base it names: the final folder holds the LoRA for the original model, a checkpoint's "
-                "config names the residual base. False: leave saves as trained."})),
+                "config names the residual base. False: leave saves as trained (a v2 lora_A that a ZeRO-3 save leaves "
+                "out is put back either way)."})),
     *prefixed_dataclass_fields(),
 ]
 

