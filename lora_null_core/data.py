@@ -6,6 +6,7 @@ samples are drawn disjointly from one seeded permutation, so leakage on held-out
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -119,7 +120,24 @@ def _load_files(builder: str, files: Any, path: Path) -> Sequence[Any]:
     try:
         return datasets.load_dataset(builder, data_files=files, split="train")
     except Exception as err:  # noqa: BLE001 - parser errors vary by format and datasets version
-        raise CalibrationDataError(f"Could not read calibration file {path}: {_first_line(err)}") from err
+        bad = next(filter(None, map(_bad_jsonl_line, [Path(f) for f in ([files] if isinstance(files, str) else files)])),
+                   None)
+        raise CalibrationDataError(bad or f"Could not read calibration file {path}: {_first_line(err)}") from err
+
+
+def _bad_jsonl_line(path: Path) -> Optional[str]:
+    """datasets only says "An error occurred while generating the dataset": the file and line that is not JSON."""
+    if path.suffix != ".jsonl":
+        return None
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except ValueError as err:
+                    return (f"Calibration file {path}, line {number}, is not JSON ({err}): {line.strip()[:80]!r}. "
+                            "Each line of a .jsonl file must be one JSON object.")
+    return None
 
 
 def _check_text_file(path: Path) -> None:
@@ -153,6 +171,12 @@ def row_to_text(row: Any, tokenizer: Any, text_field: str) -> str:
         raise CalibrationDataError(f"Calibration row of type {type(row).__name__} is neither a string nor a mapping.")
     if text_field in row and isinstance(row[text_field], str):
         return row[text_field]
+    if text_field in row and row[text_field] is not None:
+        value = row[text_field]
+        raise CalibrationDataError(
+            f"Calibration column {text_field!r} holds {type(value).__name__} values (e.g. {value!r:.60}), not text; "
+            "pass --text-field with the column that holds the text."
+        )
     if "messages" in row and isinstance(row["messages"], list):
         if not getattr(tokenizer, "chat_template", None):
             raise CalibrationDataError(
@@ -160,6 +184,8 @@ def row_to_text(row: Any, tokenizer: Any, text_field: str) -> str:
                 "--text-field at a plain-text column."
             )
         return tokenizer.apply_chat_template(row["messages"], tokenize=False)
+    if text_field in row:  # None: a row of a .jsonl that lacks the field, skipped as empty
+        return ""
     raise CalibrationDataError(
         f"Calibration row has no text field {text_field!r} (columns: {', '.join(map(str, row))}); "
         "pass --text-field with the column that holds the text, or use a 'messages' column."

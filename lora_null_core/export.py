@@ -69,7 +69,8 @@ def export_for_original_base(
     check_init_consistent(metadata, initial, Path(init_dir))
     config, trained = read_adapter(trained_adapter)
     check_same_scaling(initial_config, config, trained_adapter)
-    weights, rank_factor = convert_weights(initial, trained, metadata)
+    weights, rank_factor = convert_weights(initial, trained, metadata)  # checks the layers match first
+    check_frozen_a_is_the_inits(initial, trained, metadata, Path(init_dir), Path(trained_adapter))
     config = scaled_config(config, rank_factor, metadata.get("model", ""))
     with atomic_output_dir(output_dir, overwrite) as staging:
         save_file(weights, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -185,6 +186,26 @@ def check_same_scaling(initial: dict[str, Any], trained: dict[str, Any], trained
             )
 
 
+def check_frozen_a_is_the_inits(initial: dict[str, torch.Tensor], trained: dict[str, torch.Tensor],
+                                metadata: dict[str, Any], init_dir: Path, trained_adapter: Path) -> None:
+    """v2 keeps lora_A frozen, so a v2 adapter trained on the residual base holds this init's A (up to the dtype the
+    trainer stored it in). Another one is another init's adapter (same rank and targets, another seed or data):
+    subtracting this init's B₀·A₀ from it would give a wrong model with no other sign."""
+    if metadata.get("variant") != "v2" or not trains_on_residual(metadata):
+        return
+    keys = [k for k in initial if k.endswith(_A) and k in trained and trained[k].shape == initial[k].shape]
+    moved = [k for k in keys if not torch.equal(trained[k], initial[k].to(trained[k].dtype))]
+    if moved:
+        change = float(torch.linalg.norm(trained[moved[0]].double() - initial[moved[0]].double())
+                       / torch.linalg.norm(initial[moved[0]].double()))
+        raise ExportError(
+            f"{trained_adapter} is not an adapter trained from the init in {init_dir}: its frozen lora_A differs from "
+            f"the one that init wrote in {len(moved)} of {len(keys)} layers (e.g. {moved[0]}, relative difference "
+            f"{change:.3g}). Point --init-dir at the folder whose adapter was trained; if lora_A was trained on "
+            "purpose, the init should have been v1."
+        )
+
+
 def convert_weights(
     initial: dict[str, torch.Tensor], trained: dict[str, torch.Tensor], metadata: dict[str, Any]
 ) -> tuple[dict[str, torch.Tensor], int]:
@@ -210,8 +231,6 @@ def convert_weights(
     # Frozen means unchanged up to the dtype the trainer stored it in (a bf16 copy of A₀ still counts;
     # the rank-r form then differs from exact by s·B₀·(A − A₀), rounding of A₀ itself).
     frozen_a = all(torch.equal(trained[p + _A], initial[p + _A].to(trained[p + _A].dtype)) for p in prefixes)
-    if metadata["variant"] == "v2" and not frozen_a:
-        logger.warning("v2 adapter, but lora_A changed in training; exporting the exact rank-2r form instead.")
     out = {k: v for k, v in trained.items() if not (k.endswith(_A) or k.endswith(_B))}
     for p in prefixes:
         a, b, a0, b0 = trained[p + _A], trained[p + _B], initial[p + _A], initial[p + _B]

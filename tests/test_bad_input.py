@@ -119,6 +119,19 @@ def test_export_refuses_a_swapped_init_adapter(capsys, init_dir, trained_adapter
     assert "not the adapter this init wrote" in err
 
 
+def test_export_refuses_another_inits_adapter(capsys, saved_model, calibration, init_dir, tmp_path):
+    """Same model, rank and targets, another seed: its v2 lora_A is not this init's, so this init's B₀·A₀ would be
+    subtracted from the wrong adapter (4 % off, with no sign). Refused, naming both folders."""
+    other = tmp_path / "other"
+    assert main(["-q", "init", "--model", str(saved_model), "--calibration", str(calibration), "--rank", "4",
+                 "--target-modules", "q_proj", "--num-samples", "160", "--holdout-samples", "0", "--seed", "7",
+                 "--device", "cpu", "--output", str(other)]) == 0
+    capsys.readouterr()
+    err = fails(capsys, "export", "--init-dir", init_dir, "--adapter", other / "adapter", "--output", tmp_path / "out")
+    assert f"{other / 'adapter'} is not an adapter trained from the init in {init_dir}" in err
+    assert "frozen lora_A differs" in err and not (tmp_path / "out").exists()
+
+
 def test_export_refuses_an_adapter_trained_at_another_scale(capsys, init_dir, trained_adapter, tmp_path):
     copy = tmp_path / "adapter"
     shutil.copytree(trained_adapter, copy)

@@ -83,3 +83,19 @@ def test_batches_are_filled_by_a_token_budget_not_a_row_count(tokenizer, knowled
     assert len(tokenize_batches(texts[:5], tokenizer, max_length=64, batch_tokens=10**6, min_batches=2)) == 2
     long_text = tokenize_batches(["word " * 200], tokenizer, max_length=64, batch_tokens=16)
     assert [b.input_ids.shape for b in long_text] == [(1, 64)]  # one row wider than the budget still runs
+
+
+def test_a_malformed_jsonl_line_and_a_column_of_numbers_are_named(tmp_path, tokenizer):
+    from lora_null_core import CalibrationDataError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "one"}\n{"text": "two"}\n{"text": "three",}\n{"text": "four"}\n')
+    with pytest.raises(CalibrationDataError, match=r"bad.jsonl, line 3, is not JSON .*three"):
+        load_rows(str(bad))
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text("".join(json.dumps({"text": i, "question": f"q{i}"}) + "\n" for i in range(8)))
+    with pytest.raises(CalibrationDataError, match="column 'text' holds int values .*not text"):
+        choose_texts(str(numbers), tokenizer, 4, 0, 0, "text")
+    gaps = tmp_path / "gaps.jsonl"  # rows that lack the field are skipped, not an error
+    gaps.write_text("".join(json.dumps({"text": f"fact {i}"} if i % 2 else {"other": i}) + "\n" for i in range(8)))
+    assert sorted(choose_texts(str(gaps), tokenizer, 8, 0, 0, "text").calibration) == [f"fact {i}" for i in (1, 3, 5, 7)]
