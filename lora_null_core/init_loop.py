@@ -5,7 +5,6 @@ streaming is one step per decoder block (`BlockByBlock`). `lora_null_init` (init
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,12 +15,12 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from . import phases
-from .adapters import bare_base_layers, write_adapter
+from .adapters import bare_base_layers
 from .calibrate import CovarianceCollector, Covariances, check_token_counts, finalize_covariances
 from .config import LoraNullConfig
 from .console import progress
 from .distributed import assign_owners, broadcast_, rank_and_world
-from .leakage import LeakageCollector, leakages_from_covariance, random_like
+from .leakage import LeakageCollector
 from .null_space import null_basis
 from .phases import phase
 from .report import LayerReport
@@ -29,19 +28,7 @@ from .safeguards import model_logits, relative_error
 from .sequential import base_parameters, capture_block_inputs, run_block, stream_blocks
 from .taps import InputTaps, Visitor, run_activation_pass
 from .weights import gathered
-
-
-def write_layers(layers: Mapping[str, LoraLayer], covariances: Covariances, null_bases, config: LoraNullConfig,
-                 adapter_name: str) -> tuple[list[LayerReport], dict[str, torch.Tensor]]:
-    """Factors (and residual) from each layer's null basis; the layers' leakage figures and their A matrices."""
-    lora_as = {}
-    for name, layer in layers.items():
-        basis = null_bases[covariances.group_of[name], layer.r[adapter_name]]
-        with phase(phases.WRITE):
-            lora_as[name] = write_adapter(layer, adapter_name, basis, config.init, config.resolved_a_scale,
-                                          config.residual)
-    with phase(phases.REPORT):
-        return layer_reports(layers, adapter_name, covariances, lora_as, config.seed), lora_as
+from .writing import set_holdout, write_layers
 
 
 @dataclass
@@ -275,12 +262,6 @@ def _ignore(*_args: Any) -> None:
     pass
 
 
-def set_holdout(reports: list[LayerReport], measured: Mapping[str, tuple[float, float]]) -> None:
-    for entry in reports:
-        if entry.name in measured and not math.isnan(measured[entry.name][0]):
-            entry.leakage_holdout, entry.leakage_holdout_random = measured[entry.name]
-
-
 def _owners(covariances: Covariances, ranks: Mapping[str, int]) -> dict[tuple[str, int], int]:
     """The rank that solves each (covariance, rank) pair the layers need, in one order on every rank."""
     needed = sorted({(covariances.group_of[name], rank) for name, rank in ranks.items()})
@@ -310,27 +291,3 @@ def share_null_bases(covariances: Covariances, ranks: Mapping[str, int],
             basis = torch.empty(matrix.shape[0], rank, dtype=torch.float64, device=matrix.device)
         result[group, rank] = broadcast_(basis, src=owner)
     return result
-
-
-def layer_reports(layers: Mapping[str, LoraLayer], adapter_name: str, covariances: Covariances,
-                  lora_as: Mapping[str, torch.Tensor], seed: int) -> list[LayerReport]:
-    """Each layer's leakage and a random A's, one pass over each covariance for all the layers reading it."""
-    leakage = {}
-    for group in dict.fromkeys(covariances.group_of[name] for name in layers):
-        names = [name for name in layers if covariances.group_of[name] == group]
-        matrices = [m for name in names for m in (lora_as[name], random_like(lora_as[name], seed))]
-        values = leakages_from_covariance(matrices, covariances.matrices[group])
-        leakage.update({name: (values[2 * i], values[2 * i + 1]) for i, name in enumerate(names)})
-    return [
-        LayerReport(
-            name=name,
-            d_in=layer.in_features,
-            d_out=layer.out_features,
-            rank=layer.r[adapter_name],
-            covariance=covariances.group_of[name],
-            tokens=covariances.tokens[covariances.group_of[name]],
-            leakage=leakage[name][0],
-            leakage_random=leakage[name][1],
-        )
-        for name, layer in layers.items()
-    ]

@@ -246,14 +246,14 @@ def stream_blocks(
     one (the init solves block i while block i+1 runs), so up to two blocks are held, plus one being prefetched.
     Should the stream stop early (an error), the blocks still held go back then."""
     loader = loader or default_loader(blocks, device)
-    prefetch = getattr(loader, "prefetch", None)
+    prefetch, close = getattr(loader, "prefetch", None), getattr(loader, "close", lambda: None)
     held: dict[int, nn.Module] = {}
 
     def release(index: int) -> None:
         if index in held:
             loader.unload(index, held.pop(index))
         if not held and index == len(blocks) - 1:
-            _close(loader)
+            close()
 
     finished = False
     try:
@@ -268,13 +268,7 @@ def stream_blocks(
         if not finished:
             for index in sorted(held):
                 loader.unload(index, held.pop(index))
-            _close(loader)
-
-
-def _close(loader: BlockLoader) -> None:
-    close = getattr(loader, "close", None)
-    if close is not None:
-        close()
+            close()
 
 
 def layers_by_block(prefix: str, blocks: nn.ModuleList, names: Sequence[str]) -> Optional[dict[int, list[str]]]:
