@@ -220,11 +220,11 @@ def write_adapter(layer: LoraLayer, adapter_name: str, basis: torch.Tensor, init
             lora_a_param.copy_(lora_a.to(lora_a_param.device))
             lora_b_param.copy_(lora_b.to(lora_b_param.device))
             if init == "projected" and residual:
-                _write_residual(layer, lora_a_param, lora_b_param, scaling)
+                write_residual(layer, lora_a_param, lora_b_param, scaling)
         return lora_a_param.detach().clone()  # a ZeRO-3 partition empties the parameter on the way out
 
 
-def _write_residual(layer: LoraLayer, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
+def write_residual(layer: LoraLayer, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
     """W_res = W − s·B·A with the stored (rounded) factors, so W_res + s·B·A equals W to the precision of
     W_res's own dtype. In float64 row chunks: a full float64 copy of a 70B down_proj would be 1.9 GB."""
     original = weight_matrix(layer).detach()  # shares the parameter's storage

@@ -8,6 +8,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from .adapter_scope import refreeze_frozen_a
 from .distributed import rank_and_world
 from .errors import LoraNullError
 from .export import INIT_DIR, finish_saved_adapter
@@ -20,8 +21,8 @@ def is_initialized(model: Any) -> bool:
 
 
 class LoraNullCallback(TrainerCallback):
-    """on_train_begin: write `<output_dir>/lora_null_init` unless the plugin already did (a resumed run has
-    loaded trained weights by then, so it keeps the folder its first run wrote). on_save: finish the checkpoint
+    """on_train_begin: keep v2's lora_A frozen, and write `<output_dir>/lora_null_init` unless the plugin already did
+    (a resumed run has loaded trained weights by then, so it keeps the folder its first run wrote). on_save: finish the checkpoint
     (`export` off: only restore what the save left out, see export.finish_saved_adapter)."""
 
     def __init__(self, save_init: bool = True, export: bool = True) -> None:
@@ -29,6 +30,7 @@ class LoraNullCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         init_dir = Path(args.output_dir) / INIT_DIR
+        refreeze_frozen_a(model)  # every rank, before the first step: PEFT's set_adapter turns lora_A's gradient on
         if not self.save_init or not is_initialized(model):
             return
         # By now DeepSpeed ZeRO-3 has partitioned the adapter (each rank holds a slice, the module an empty

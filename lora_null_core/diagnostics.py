@@ -169,15 +169,19 @@ def _spectra_figure(plt, data):
 
 
 def _leakage_figure(plt, data):
-    layers = [layer for layer in data["layers"] if "leakage" in layer]
-    figure, ax = plt.subplots(figsize=(max(6, 0.25 * len(layers)), 3))
-    x = range(len(layers))
-    ax.bar([i - 0.27 for i in x], [layer["leakage_random"] for layer in layers], 0.27, label="random A, same norm")
-    ax.bar(list(x), [layer["leakage"] for layer in layers], 0.27, label="LoRA-Null A")
-    ax.bar([i + 0.27 for i in x], [layer["leakage_optimum"] for layer in layers], 0.27, label="best r-dim basis")
-    ax.set_xticks(list(x), [layer["name"].replace("model.layers.", "") for layer in layers], rotation=90, fontsize=6)
-    ax.set_ylabel("leakage"), ax.legend(fontsize=7)
-    ax.set_title("Leakage of lora_A on these activations (1 ≈ random)")
+    """One panel per layer type, leakage against depth on a log scale: it reads at 30 blocks, where one bar per
+    layer (210 on SmolLM2) did not, and keeps A, a random A and the best basis side by side."""
+    types = {kind: [layer for layer in layers if "leakage" in layer] for kind, layers in _by_type(data).items()}
+    types = {kind: layers for kind, layers in types.items() if layers}
+    figure, axes = plt.subplots(1, len(types), figsize=(3.2 * len(types), 3), squeeze=False, sharey=True)
+    for ax, (kind, layers) in zip(axes[0], types.items()):
+        depth = [layer["depth"] for layer in layers]
+        for key, label, style in (("leakage_random", "random A, same norm", "^:"), ("leakage", "LoRA-Null A", "o-"),
+                                  ("leakage_optimum", "best r-dim basis", "s--")):
+            ax.semilogy(depth, [max(layer[key], 1e-6) for layer in layers], style, markersize=3, label=label)
+        ax.set_title(kind), ax.set_xlabel("block")
+    axes[0][0].set_ylabel("leakage (1 ≈ random)"), axes[0][0].legend(fontsize=7)
+    figure.suptitle("Leakage of lora_A on these activations, by layer type and depth", y=1.04)
     return figure
 
 

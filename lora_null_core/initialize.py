@@ -8,6 +8,7 @@ place. The result is an ordinary PeftModel with an ordinary LoraConfig.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 from typing import Any, Optional
@@ -17,6 +18,7 @@ from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from .adapter_scope import chosen_adapter, only_adapter, restored_on_failure
 from .adapters import apply_variant, as_peft_model, check_layers, lora_layers, lora_summary
 from .config import LoraNullConfig
 from .covariance_cache import CovarianceCache
@@ -28,6 +30,7 @@ from .report import RESIDUAL_MARKER, InitReport
 from .safeguards import check_distinct_contexts, check_function_preserved, probe_batch
 from .sequential import BlockLoader, decoder_blocks, layers_by_block
 from .taps import model_device
+from .weights import is_zero3_partitioned
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ def lora_null_init(
     calibration: CalibrationSource,
     tokenizer: Any,
     config: Optional[LoraNullConfig] = None,
-    adapter_name: str = "default",
+    adapter_name: Optional[str] = None,
     execution_device: Optional[str] = None,
     block_loader: Optional[BlockLoader] = None,
     **overrides: Any,
@@ -49,8 +52,10 @@ def lora_null_init(
     The PeftModel carries the measurements as `.lora_null_report` (an InitReport). With streaming, blocks
     run on `execution_device` (default: where the model is), so a model kept on the CPU is initialized
     on a GPU one block at a time; `block_loader` brings in blocks whose weights live elsewhere (disk, meta).
+    `adapter_name` (default: the PeftModel's active adapter) is the one written; other adapters are left alone.
     """
     config = (config or LoraNullConfig()).replace(**overrides)
+    adapter_name = chosen_adapter(model, adapter_name)
     peft_model = as_peft_model(model, lora_config, adapter_name)
     layers = lora_layers(peft_model, adapter_name)
     check_layers(layers, adapter_name, config, peft_model.get_base_model())
@@ -68,8 +73,13 @@ def lora_null_init(
         device = execution_device or str(execution_device_for(peft_model))  # this rank's GPU, found before alone()
         with alone():
             return _initialize(peft_model, layers, calibration, tokenizer, config, adapter_name, device, block_loader)
-    return _initialize(peft_model, layers, calibration, tokenizer, config, adapter_name, execution_device,
-                       block_loader)
+    # In memory, a refused init leaves the adapter as it was (blocks a loader brings in are written where they live;
+    # ZeRO-3 partitions are not held whole).
+    in_memory = block_loader is None and not is_zero3_partitioned(peft_model.parameters())
+    restored = restored_on_failure(layers, adapter_name, config.residual) if in_memory else contextlib.nullcontext()
+    with only_adapter(peft_model, adapter_name), restored:
+        return _initialize(peft_model, layers, calibration, tokenizer, config, adapter_name, execution_device,
+                           block_loader)
 
 
 def _initialize(peft_model: PeftModel, layers: Mapping[str, LoraLayer], calibration: CalibrationSource, tokenizer: Any,
@@ -137,6 +147,8 @@ def _mark_initialized(peft_model: PeftModel, config: LoraNullConfig, adapter_nam
     apply_variant(peft_model, config.variant, adapter_name)
     # adapter → whether its base weights became residuals (what a second init would stack on)
     peft_model._lora_null_initialized = {**getattr(peft_model, "_lora_null_initialized", {}), adapter_name: config.residual}
+    if config.variant == "v2":  # kept frozen when training starts (adapter_scope.refreeze_frozen_a)
+        peft_model._lora_null_frozen_a = {*getattr(peft_model, "_lora_null_frozen_a", ()), adapter_name}
 
 
 def execution_device_for(peft_model: PeftModel) -> torch.device:
@@ -147,7 +159,7 @@ def execution_device_for(peft_model: PeftModel) -> torch.device:
 
 
 def initialize_lora_null_weights(peft_model: PeftModel, calibration: CalibrationSource, tokenizer: Any,
-                                 config: Optional[LoraNullConfig] = None, adapter_name: str = "default",
+                                 config: Optional[LoraNullConfig] = None, adapter_name: Optional[str] = None,
                                  **overrides: Any) -> PeftModel:
     """The PEFT-native entry, shaped like PEFT's own data-driven inits (`initialize_lora_eva_weights`): build
     the PeftModel with `get_peft_model(model, LoraConfig(..., init_lora_weights=False))` as usual, then call

@@ -200,6 +200,19 @@ def test_zero3_save_holds_the_frozen_lora_a_and_reproduces_the_trained_model(wor
     assert torch.allclose(reloaded, memory["logits"], atol=1e-5), float((reloaded - memory["logits"]).abs().max())
 
 
+def test_set_adapter_after_the_init_does_not_unfreeze_a_in_training(workspace, tmp_path):
+    """PEFT's set_adapter, which a user calls to pick the adapter to train, turns lora_A's gradient back on; the
+    plugin freezes it again when training starts, so v2's A is still the init's after training."""
+    trainer = trainer_for(workspace, tmp_path / "run", "v2")
+    trainer.model.set_adapter("default")
+    assert any(p.requires_grad for n, p in trainer.model.named_parameters() if "lora_A" in n)
+    before = adapter_state(trainer.model)
+    trainer.train()
+    after = adapter_state(trainer.model)
+    assert all(torch.equal(after[k], before[k]) for k in before if "lora_A" in k)
+    assert any(not torch.equal(after[k], before[k]) for k in before if "lora_B" in k)  # and B trained
+
+
 def test_a_misspelled_key_in_the_yaml_names_the_closest_one(tmp_path):
     example = (Path(__file__).parents[2] / "examples" / "trl" / "sft_lora_null.yaml").read_text()
     (tmp_path / "x.yaml").write_text(example.replace("lora_null_variant:", "lora_null_varient:"))
