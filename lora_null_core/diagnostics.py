@@ -149,7 +149,7 @@ def _effective_rank_figure(plt, data):
         ax.plot(depth, [layer["effective_rank_activations"] for layer in layers], "s-", label="input activations")
         ax.set_title(kind), ax.set_xlabel("block"), ax.set_ylim(bottom=0)
     axes[0][0].set_ylabel("effective rank"), axes[0][0].legend(fontsize=7)
-    figure.suptitle("Entropy effective rank: activations vs weights")
+    figure.suptitle("Entropy effective rank: activations vs weights", y=1.04)
     return figure
 
 
@@ -164,7 +164,7 @@ def _spectra_figure(plt, data):
             ax.semilogy((weight / weight[0]).tolist(), color="tab:blue", alpha=0.6)
         ax.set_title(kind), ax.set_xlabel("index")
     axes[0][0].set_ylabel("singular value / largest (blue: weight, orange: activations)", fontsize=7)
-    figure.suptitle("Spectra per layer type")
+    figure.suptitle("Spectra per layer type", y=1.04)
     return figure
 
 

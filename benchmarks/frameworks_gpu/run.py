@@ -3,9 +3,13 @@
 lora_null` and with plain LoRA, the same steps and learning rate (LoRA's own, 1e-3), through the framework's own
 entry (TRL's SFTTrainer, `axolotl train`, `lora-null-llamafactory train`), then
 
-- the saved output folder is loaded the standard way (the base its adapter_config.json names, quantized as it was
-  trained, + PeftModel.from_pretrained) and its logits on a fixed probe are compared with those the model in memory
-  gave at the end of training, in the same dtype (output_rel_err);
+- the saved output folder is loaded the standard way (the base its adapter_config.json names, in bf16, quantized as
+  it was trained, + PeftModel.from_pretrained) and its logits on a fixed probe are compared with those the model in
+  memory gave at the end of training (output_rel_err; where the factors were bf16 in memory, as under DeepSpeed,
+  with the whole model in bf16, the standard load's figure kept as output_rel_err_standard_load);
+- the same with every parameter in the dtype it had in memory (output_rel_err_as_trained), and the framework's own
+  forward with the adapter off against the standard one (base_rel_err): a framework that computes differently
+  (fused kernels, another dtype) shows here, not as a fault of the save;
 - knowledge_kept: of the qa_wikidata facts that base answers (the frontier's measure), the share still answered;
 - task_score: exact match on the held-out addition questions;
 - the saved LoRA factors against those in memory (`adapter_max_rel_diff`), and for LoRA-Null the saved lora_A

