@@ -110,14 +110,19 @@ def lora_null_request(values: Mapping[str, Any], *, calibration: Any = None, fal
     return config
 
 
+ALLOW_ZERO3 = "LORA_NULL_ALLOW_ZERO3"  # the GPU matrix sets it to check a framework under ZeRO-3
+
+
 def refuse_zero3(stage, framework: str, adapter_key: str = "adapter_init") -> None:
     """DeepSpeed ZeRO-3 is refused where it has not yet trained and saved right on a GPU. It did through TRL on an
     H200 (benchmarks/results/frameworks_gpu.json) once the plugins put back the frozen lora_A that ZeRO-3's save
     leaves out; Axolotl and LLaMA-Factory share that code but have not run it on a GPU."""
-    if stage is not None and int(stage) == 3:
-        raise ConfigError(f"{adapter_key}: lora_null under DeepSpeed ZeRO-3 has not been checked on a GPU through "
-                          f"{framework} yet (ZeRO-3 saves leave out v2's frozen lora_A; the TRL plugin's run restores it "
-                          "and passes). Use TRL for ZeRO-3, or here FSDP, DDP or ZeRO-1/2: all keep the adapter whole.")
+    if stage is None or int(stage) != 3 or os.environ.get(ALLOW_ZERO3) == "1":
+        return
+    raise ConfigError(f"{adapter_key}: lora_null under DeepSpeed ZeRO-3 has not been checked on a GPU through "
+                      f"{framework} yet (ZeRO-3 saves leave out v2's frozen lora_A; the TRL plugin's run restores it "
+                      "and passes). Use TRL for ZeRO-3, or here FSDP, DDP or ZeRO-1/2: all keep the adapter whole "
+                      f"({ALLOW_ZERO3}=1 runs it anyway, unchecked).")
 
 
 def zero_stage(deepspeed: Any) -> Optional[int]:

@@ -218,7 +218,8 @@ def framework_env(work: Path, run: Path) -> dict[str, str]:
     path = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "LORA_NULL_PROBE": str(work / "probe.pt"), "LORA_NULL_RUN_DIR": str(run),
             "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1",
-            "WANDB_MODE": "disabled", "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false"}
+            "WANDB_MODE": "disabled", "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false",
+            "LORA_NULL_ALLOW_ZERO3": "1"}  # the ZeRO-3 rows are how the refusal gets lifted
 
 
 def run_cli(command: list[str], config: dict, work: Path, run: Path, suffix: str, after: tuple = ()) -> str:
