@@ -49,7 +49,7 @@ def _check_lora_null_keys(argv: list[str]) -> None:
             with open(path, encoding="utf-8") as f:
                 values = yaml.safe_load(f) or {}
         except (OSError, yaml.YAMLError):
-            return  # TRL's parser reports a missing or broken file itself
+            continue  # TRL's parser reports a missing or broken file itself
         if isinstance(values, dict):
             config_from_mapping({k: v for k, v in values.items()
                                  if isinstance(k, str) and (k.startswith(PREFIX) or k == NESTED_KEY)})
