@@ -5,7 +5,8 @@ dequantized once), initialized with `lora-null init` on 256 qa_wikidata question
     python benchmarks/inspect/smollm2.py --work /tmp/smollm2-inspect [--device cpu] [--docs docs]
 
 Writes WORK/init (the init folder), WORK/report (report.html, its PNGs, report.json) and, with --docs, copies the
-leakage and effective-rank charts there as smollm2_leakage.png and smollm2_effective_rank.png.
+leakage and effective-rank charts there as smollm2_leakage.png and smollm2_effective_rank.png; prints the held-out
+leakage per layer type that the README quotes.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 from pathlib import Path
 
 from lora_null_bench.cli import _smollm2_gguf
@@ -43,6 +45,21 @@ def main(argv=None) -> None:
     if args.docs:
         for chart in ("leakage", "effective_rank"):
             shutil.copy(args.work / "report" / f"{chart}.png", args.docs / f"smollm2_{chart}.png")
+    print_leakage_by_type(json.loads((args.work / "report" / "report.json").read_text()))
+
+
+def print_leakage_by_type(report: dict) -> None:
+    """The figures the README quotes: per layer type, the median held-out leakage of A, of a random A and of the
+    best basis, and A's range over the blocks."""
+    by_type: dict[str, list[dict]] = {}
+    for layer in report["layers"]:
+        by_type.setdefault(layer["type"], []).append(layer)
+    print(f"{'type':10} {'tokens':>7} {'d_in':>5} {'A':>7} {'random':>7} {'best':>7} {'A min':>7} {'A max':>7}")
+    for kind, layers in by_type.items():
+        values = {key: [layer[key] for layer in layers] for key in ("leakage", "leakage_random", "leakage_optimum")}
+        print(f"{kind:10} {layers[0]['tokens']:7d} {layers[0]['d_in']:5d} "
+              + " ".join(f"{statistics.median(values[key]):7.3f}" for key in values)
+              + f" {min(values['leakage']):7.4f} {max(values['leakage']):7.3f}")
 
 
 if __name__ == "__main__":
