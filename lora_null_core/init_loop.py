@@ -15,7 +15,8 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from . import phases
-from .adapters import bare_base_layers
+from .adapters import bare_base_layers, check_finite_weights
+from .block_loaders import base_parameters
 from .calibrate import CovarianceCollector, Covariances, check_token_counts, finalize_covariances
 from .config import LoraNullConfig
 from .console import progress
@@ -25,7 +26,7 @@ from .null_space import null_basis
 from .phases import phase
 from .report import LayerReport
 from .safeguards import model_logits, relative_error
-from .sequential import base_parameters, capture_block_inputs, run_block, stream_blocks
+from .sequential import capture_block_inputs, run_block, stream_blocks
 from .taps import InputTaps, Visitor, run_activation_pass
 from .weights import gathered
 from .writing import set_holdout, write_layers
@@ -252,6 +253,7 @@ class BlockByBlock:
                 release()
 
             layers = {name: self.layers[name] for name in block_step.names}
+            check_finite_weights(layers)
             yield InitStep(f"block-{block_step.index:04d}", layers, calibrate, hold_out, finish=finish)
 
     def function_error(self) -> float:

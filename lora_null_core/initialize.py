@@ -19,7 +19,8 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from .adapter_scope import chosen_adapter, only_adapter, restored_on_failure
-from .adapters import apply_variant, as_peft_model, check_layers, lora_layers, lora_summary
+from .adapters import apply_variant, as_peft_model, check_finite_weights, check_layers, lora_layers, lora_summary
+from .block_loaders import BlockLoader
 from .config import LoraNullConfig
 from .covariance_cache import CovarianceCache
 from .data import CalibrationSource, choose_texts, tokenize_batches
@@ -28,7 +29,7 @@ from .errors import ConfigError, InsufficientCalibrationError, UnsupportedModelE
 from .init_loop import BlockByBlock, WholeModel, run_steps, should_overlap
 from .report import RESIDUAL_MARKER, InitReport
 from .safeguards import check_distinct_contexts, check_function_preserved, probe_batch
-from .sequential import BlockLoader, decoder_blocks, layers_by_block
+from .sequential import decoder_blocks, layers_by_block
 from .taps import model_device
 from .weights import is_zero3_partitioned
 
@@ -99,6 +100,8 @@ def _initialize(peft_model: PeftModel, layers: Mapping[str, LoraLayer], calibrat
     probe = probe_batch(batches)
 
     plan = streaming_plan(peft_model, layers, config)
+    if plan is None:  # block by block, each block's weights are checked on arrival, where they are computed on
+        check_finite_weights(layers)
     device = torch.device(execution_device) if execution_device else execution_device_for(peft_model)
     cache = CovarianceCache.open(config.covariance_cache, peft_model.get_base_model(), batches, config)
     cached = cache is not None and cache.has(list(layers), device)

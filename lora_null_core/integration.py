@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
-import os
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional, Union
 
 from .config import LoraNullConfig, literal_choices
@@ -108,42 +105,6 @@ def lora_null_request(values: Mapping[str, Any], *, calibration: Any = None, fal
                           f"cannot hold. Leave {PREFIX}variant and {PREFIX}train_base unset (v2 trains on the "
                           "original weights), or set lora_null_init: basis.")
     return config
-
-
-ALLOW_ZERO3 = "LORA_NULL_ALLOW_ZERO3"  # the GPU matrix sets it to check a framework under ZeRO-3
-
-
-def refuse_zero3(stage, framework: str, adapter_key: str = "adapter_init") -> None:
-    """DeepSpeed ZeRO-3 is refused where it has not yet trained and saved right on a GPU. It did through TRL on an
-    H200 (benchmarks/results/frameworks_gpu.json) once the plugins put back the frozen lora_A that ZeRO-3's save
-    leaves out; Axolotl and LLaMA-Factory share that code but have not run it on a GPU."""
-    if stage is None or int(stage) != 3 or os.environ.get(ALLOW_ZERO3) == "1":
-        return
-    raise ConfigError(f"{adapter_key}: lora_null under DeepSpeed ZeRO-3 has not been checked on a GPU through "
-                      f"{framework} yet (ZeRO-3 saves leave out v2's frozen lora_A; the TRL plugin's run restores it "
-                      "and passes). Use TRL for ZeRO-3, or here FSDP, DDP or ZeRO-1/2: all keep the adapter whole "
-                      f"({ALLOW_ZERO3}=1 runs it anyway, unchecked).")
-
-
-def zero_stage(deepspeed: Any) -> Optional[int]:
-    """The ZeRO stage of a framework's `deepspeed:` value (a JSON file's path, or the config itself), read from its
-    zero_optimization.stage, not guessed from the file name; None when there is none or the file is not there."""
-    config = deepspeed
-    if isinstance(deepspeed, (str, os.PathLike)):
-        path = Path(deepspeed)
-        if not path.is_file():
-            return None
-        try:
-            config = json.loads(path.read_text())
-        except ValueError as err:
-            raise ConfigError(f"deepspeed: {deepspeed} is not valid JSON ({err}).") from err
-    if not isinstance(config, Mapping):
-        return None
-    stage = (config.get("zero_optimization") or {}).get("stage")
-    try:
-        return int(stage) if stage is not None else None
-    except (TypeError, ValueError):
-        return None
 
 
 def prefixed_dataclass_fields() -> list[tuple[str, Any, dataclasses.Field]]:

@@ -9,21 +9,20 @@ GPU holds one block, the cached hidden states and one block's covariances.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from .block_loaders import BlockLoader, default_loader
 from .console import progress
 from .data import TokenBatch
 from .phases import FORWARD, phase
 from .taps import batch_counts, input_device
-from .weights import gathered, is_zero3_partitioned
 
 logger = logging.getLogger(__name__)
 
@@ -111,129 +110,6 @@ class StreamStep:
     block: nn.Module
     names: list[str]
     release: Callable[[], None]
-
-
-class BlockLoader(Protocol):
-    """Brings a decoder block's weights onto the device before its turn and takes them away after."""
-
-    def load(self, index: int, block: nn.Module, device: torch.device) -> None: ...
-
-    def unload(self, index: int, block: nn.Module) -> None: ...
-
-
-class MoveToDevice:
-    """The default loader: weights live where the model put them (GPU, or CPU with --offload)."""
-
-    def __init__(self) -> None:
-        self._home: dict[int, torch.device] = {}
-
-    def load(self, index: int, block: nn.Module, device: torch.device) -> None:
-        self._home[index] = next(block.parameters()).device
-        block.to(device)
-
-    def unload(self, index: int, block: nn.Module) -> None:
-        block.to(self._home.pop(index))
-
-
-class PrefetchToDevice:
-    """The loader for weights kept in CPU memory (--offload cpu) streamed to a GPU: while block i computes, block
-    i+1 is copied in on a side stream, and a finished block goes back the same way, from and into pinned memory
-    (each block is pinned once, on its first trip), so the copies overlap the compute instead of stalling it."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.stream = torch.cuda.Stream(device)
-        self._incoming: dict[int, tuple[list, torch.cuda.Event]] = {}
-        self._entries: dict[int, list] = {}  # index → [(owner, kind, name, pinned host tensor)]
-
-    def prefetch(self, index: int, block: nn.Module) -> None:
-        if index in self._incoming:
-            return
-        entries = []
-        for owner, kind, name, tensor in _block_tensors(block):
-            host = tensor if tensor.is_pinned() else tensor.pin_memory()
-            entries.append((owner, kind, name, host))
-            _set_tensor(owner, kind, name, host)
-        with torch.cuda.stream(self.stream):
-            copies = [host.to(self.device, non_blocking=True) for *_, host in entries]
-            arrived = torch.cuda.Event()
-            arrived.record(self.stream)
-        self._entries[index] = entries
-        self._incoming[index] = (copies, arrived)
-
-    def load(self, index: int, block: nn.Module, device: torch.device) -> None:
-        self.prefetch(index, block)
-        copies, arrived = self._incoming.pop(index)
-        torch.cuda.current_stream(self.device).wait_event(arrived)
-        for (owner, kind, name, _host), on_device in zip(self._entries[index], copies):
-            _set_tensor(owner, kind, name, on_device)
-
-    def unload(self, index: int, block: nn.Module) -> None:
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(self.device))  # after everything the caller did to the block
-        self.stream.wait_event(done)
-        with torch.cuda.stream(self.stream):
-            for owner, kind, name, host in self._entries.pop(index):
-                on_device = _get_tensor(owner, kind, name)
-                host.copy_(on_device, non_blocking=True)  # the residual written on the GPU goes home
-                on_device.record_stream(self.stream)
-                _set_tensor(owner, kind, name, host)
-
-    def close(self) -> None:
-        """Wait for the last copies home: the host weights are read (saved) next."""
-        self.stream.synchronize()
-
-
-def _block_tensors(block: nn.Module) -> list[tuple[nn.Module, str, str, torch.Tensor]]:
-    found = []
-    for owner in block.modules():
-        for kind, table in (("parameter", owner._parameters), ("buffer", owner._buffers)):
-            for name, tensor in table.items():
-                if tensor is not None:
-                    found.append((owner, kind, name, tensor.data))
-    return found
-
-
-def _get_tensor(owner: nn.Module, kind: str, name: str) -> torch.Tensor:
-    return (owner._parameters if kind == "parameter" else owner._buffers)[name].data
-
-
-def _set_tensor(owner: nn.Module, kind: str, name: str, tensor: torch.Tensor) -> None:
-    if kind == "parameter":
-        owner._parameters[name].data = tensor
-    else:
-        owner._buffers[name] = tensor
-
-
-class GatherPartitions:
-    """The loader under DeepSpeed ZeRO-3: a block's partitioned base weights gathered on every rank for its turn
-    (its LoRA factors are gathered where they are written), so no rank holds more than a block or two."""
-
-    def __init__(self) -> None:
-        self._held: dict[int, contextlib.ExitStack] = {}
-
-    def load(self, index: int, block: nn.Module, device: torch.device) -> None:
-        stack = contextlib.ExitStack()
-        stack.enter_context(gathered(base_parameters(block)))
-        self._held[index] = stack
-
-    def unload(self, index: int, block: nn.Module) -> None:
-        self._held.pop(index).close()
-
-
-def base_parameters(module: nn.Module) -> list[torch.Tensor]:
-    """The module's parameters but its LoRA factors."""
-    return [p for name, p in module.named_parameters() if ".lora_" not in f".{name}"]
-
-
-def default_loader(blocks: nn.ModuleList, device: torch.device) -> BlockLoader:
-    """Gathering under ZeRO-3; prefetching when CPU-held blocks stream to a GPU; plain moves otherwise."""
-    if is_zero3_partitioned(blocks[0].parameters()):
-        return GatherPartitions()
-    first = next(blocks[0].parameters(), None)
-    if device.type == "cuda" and first is not None and first.device.type == "cpu":
-        return PrefetchToDevice(device)
-    return MoveToDevice()
 
 
 def stream_blocks(

@@ -65,8 +65,9 @@ def test_non_finite_activations(make_model, tokenizer, knowledge):
         model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteActivationsError, match="down_proj"):  # up_proj is not targeted: its output is
         lora_null_init(model, LoraConfig(r=4, target_modules=["down_proj"]), knowledge, tokenizer, **SMALL)
-    with pytest.raises(UnsupportedModelError, match="up_proj's weight contains NaN"):  # targeted: refused up front
-        lora_null_init(model, LoraConfig(r=4), knowledge, tokenizer, **SMALL)
+    for streaming in ("on", "off"):  # targeted: refused by name before it is computed with (block by block: on arrival)
+        with pytest.raises(UnsupportedModelError, match="layers.0.mlp.up_proj's weight contains NaN"):
+            lora_null_init(model, LoraConfig(r=4), knowledge, tokenizer, **{**SMALL, "streaming": streaming})
 
 
 def test_quantized_base_refuses_a_residual(make_model, tokenizer, knowledge):

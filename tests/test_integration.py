@@ -1,7 +1,6 @@
 """One translation from a framework's config to LoraNullConfig, and one validation of a LoRA-Null request."""
 
 import dataclasses
-import json
 
 import pytest
 
@@ -59,31 +58,6 @@ def test_request_validation_is_the_same_for_every_front_end():
     basis = lora_null_request({"adapter_init": "lora_null", "lora_null_calibration": "k", "lora_null_init": "basis"},
                               quantized=True)
     assert basis.init == "basis"
-
-
-def test_zero3_is_refused_with_the_setups_that_work(monkeypatch):
-    from lora_null_core.integration import refuse_zero3
-
-    for stage in (None, 0, 1, 2, "2"):
-        refuse_zero3(stage, "Axolotl")
-    with pytest.raises(ConfigError, match="ZeRO-3 .* through Axolotl .* Use TRL for ZeRO-3, or here FSDP, DDP or ZeRO-1/2"):
-        refuse_zero3(3, "Axolotl")
-    monkeypatch.setenv("LORA_NULL_ALLOW_ZERO3", "1")  # how the GPU matrix checks a framework under ZeRO-3
-    refuse_zero3(3, "Axolotl")
-
-
-def test_zero3_is_read_from_the_deepspeed_config_not_its_file_name(tmp_path):
-    from lora_null_core.integration import zero_stage
-
-    (tmp_path / "zero3_disabled.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    (tmp_path / "broken.json").write_text("{stage: 3")
-    assert zero_stage(str(tmp_path / "zero3_disabled.json")) == 2
-    assert zero_stage(str(tmp_path / "ds.json")) == 3
-    assert zero_stage({"zero_optimization": {"stage": "3"}}) == 3
-    assert zero_stage(None) is None and zero_stage(str(tmp_path / "missing.json")) is None
-    with pytest.raises(ConfigError, match="broken.json is not valid JSON"):
-        zero_stage(str(tmp_path / "broken.json"))
 
 
 def test_choices_and_plugin_fields_come_from_the_config_types():

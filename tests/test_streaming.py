@@ -56,10 +56,10 @@ def test_streaming_on_refuses_targets_outside_the_blocks(make_model, tokenizer, 
 def test_prefetched_offload_gives_the_same_init_as_plain_moves(make_model, tokenizer, knowledge):
     """--offload cpu on a GPU: blocks copied in on a side stream (pinned) while the previous one computes, and
     copied home the same way. The residual base and the factors must equal those of synchronous moves."""
-    from lora_null_core import sequential
+    from lora_null_core import block_loaders
 
     results = []
-    for loader in (sequential.MoveToDevice(), None):  # None: the default, PrefetchToDevice here
+    for loader in (block_loaders.MoveToDevice(), None):  # None: the default, PrefetchToDevice here
         model = make_model("llama")
         peft_model = lora_null_init(model, LoraConfig(r=4, lora_alpha=8), knowledge[:200], tokenizer,
                                     num_samples=160, holdout_samples=0, streaming="on", execution_device="cuda",
@@ -191,11 +191,11 @@ def test_overlapped_solves_on_a_gpu_give_the_same_init(make_model, tokenizer, kn
 def test_without_overlap_a_block_is_done_before_the_next_one_loads(make_model, tokenizer, knowledge, monkeypatch):
     """With overlap off (auto with offloaded blocks) the loop holds one block at a time, as before the overlap
     existed: block i is released before block i+1 is loaded, so the peak memory does not grow."""
-    from lora_null_core import sequential
+    from lora_null_core import block_loaders
 
     events = []
 
-    class Recording(sequential.MoveToDevice):
+    class Recording(block_loaders.MoveToDevice):
         def load(self, index, block, device):
             events.append(("load", index))
             super().load(index, block, device)

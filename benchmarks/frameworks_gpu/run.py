@@ -5,11 +5,11 @@ entry (TRL's SFTTrainer, `axolotl train`, `lora-null-llamafactory train`), then
 
 - the saved output folder is loaded the standard way (the base its adapter_config.json names, in bf16, quantized as
   it was trained, + PeftModel.from_pretrained) and its logits on a fixed probe are compared with those the model in
-  memory gave at the end of training (output_rel_err; where the factors were bf16 in memory, as under DeepSpeed,
-  with the whole model in bf16, the standard load's figure kept as output_rel_err_standard_load);
-- the same with every parameter in the dtype it had in memory (output_rel_err_as_trained), and the framework's own
-  forward with the adapter off against the standard one (base_rel_err): a framework that computes differently
-  (fused kernels, another dtype) shows here, not as a fault of the save;
+  memory gave at the end of training (output_rel_err);
+- the same with every parameter in the dtype it had in memory (output_rel_err_as_trained: DeepSpeed's bf16 mode
+  holds the LoRA factors in bf16, the standard load in float32), and the framework's own forward with the adapter
+  off against the standard one (base_rel_err): a framework that computes differently (fused kernels, autocast over
+  float32 weights) shows here, not as a fault of the save; `reload` says which of the two the row passes on;
 - knowledge_kept: of the qa_wikidata facts that base answers (the frontier's measure), the share still answered;
 - task_score: exact match on the held-out addition questions;
 - the saved LoRA factors against those in memory (`adapter_max_rel_diff`), and for LoRA-Null the saved lora_A
@@ -218,8 +218,7 @@ def framework_env(work: Path, run: Path) -> dict[str, str]:
     path = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "LORA_NULL_PROBE": str(work / "probe.pt"), "LORA_NULL_RUN_DIR": str(run),
             "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1",
-            "WANDB_MODE": "disabled", "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false",
-            "LORA_NULL_ALLOW_ZERO3": "1"}  # the ZeRO-3 rows are how the refusal gets lifted
+            "WANDB_MODE": "disabled", "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def run_cli(command: list[str], config: dict, work: Path, run: Path, suffix: str, after: tuple = ()) -> str:
@@ -331,12 +330,6 @@ def evaluate(args) -> None:
     if (run / BASE_LOGITS_FILE).is_file():  # the framework's own forward, adapter off, against the standard one
         with model.disable_adapter():
             extra["base_rel_err"] = error_against_memory(torch.load(run / BASE_LOGITS_FILE))
-    if all(f.dtype == torch.bfloat16 for f in torch.load(run / FACTORS_FILE).values()):
-        # DeepSpeed's bf16 mode computed with every parameter, the LoRA factors too, in bf16; the standard load
-        # keeps the factors in float32 (PEFT's autocast_adapter_dtype). The same model in the dtypes it trained in:
-        extra["output_rel_err_standard_load"] = rel_err
-        model = model.to(torch.bfloat16)
-        rel_err = error_against_memory(memory)
     examples = json.loads((work / "eval.json").read_text())
     known = [Example(p, tuple(t)) for i, (p, t) in enumerate(examples["knowledge"])
              if i in set(meta["knowledge"][trained["kind"]])]
@@ -397,9 +390,9 @@ REQUIRED = {"trl": ["bf16", "qlora4", "zero3_1", "ddp2", "fsdp2", "fsdp2_ram_eff
 
 def collect(args) -> None:
     """The matrix: one row per framework × setup for the default init, LoRA's numbers beside it. Status pass when
-    the reload matches the model in memory (≤ 1e-3), a v2 lora_A was saved as the init wrote it, and LoRA-Null
-    kept more knowledge than LoRA with at least 0.95× its task score; fail otherwise or when a run left no row
-    (its log says why). Rows already in the output that this work folder did not run are kept."""
+    the reload reproduces the model (`reload`, see reload_match), a v2 lora_A was saved as the init wrote it, and
+    LoRA-Null kept more knowledge than LoRA with at least 0.95× its task score; fail otherwise or when a run left
+    no row (its log says why). Rows already in the output that this work folder did not run are kept."""
     work, output = Path(args.work), Path(args.output)
     rows = []
     for framework, setups in REQUIRED.items():
@@ -409,15 +402,14 @@ def collect(args) -> None:
                 continue
             row = {"framework": framework, "setup": setup, "model": (ours or lora or {}).get("model"),
                    "init": "lora_null", "gpus": SETUPS[setup][1], "device": (ours or lora or {}).get("device")}
-            for key in ("output_rel_err", "output_rel_err_standard_load", "output_rel_err_as_trained", "base_rel_err",
-                        "adapter_max_rel_diff",
-                        "lora_a_moved",
-                        "task_score", "knowledge_kept", "seconds", "command", "knowledge_base_known",
+            for key in ("output_rel_err", "output_rel_err_as_trained", "base_rel_err", "adapter_max_rel_diff",
+                        "lora_a_moved", "task_score", "knowledge_kept", "seconds", "command", "knowledge_base_known",
                         "task_score_base", "versions"):
                 row[key] = (ours or {}).get(key)
-            for key in ("knowledge_kept", "task_score", "output_rel_err", "output_rel_err_standard_load",
-                        "output_rel_err_as_trained", "base_rel_err", "adapter_max_rel_diff", "command"):
+            for key in ("knowledge_kept", "task_score", "output_rel_err", "output_rel_err_as_trained", "base_rel_err",
+                        "adapter_max_rel_diff", "command"):
                 row[f"{key}_lora"] = (lora or {}).get(key)
+            row["reload"] = reload_match(ours, lora)
             row["status"] = "pass" if passes(ours, lora) else "fail"
             rows.append({k: v for k, v in row.items() if v is not None})
     done = {(row["framework"], row["setup"]) for row in rows}
@@ -431,12 +423,31 @@ def collect(args) -> None:
               f"vs {row.get('task_score_lora')}")
 
 
+def reload_match(ours, lora):
+    """How the saved folder reproduces the model trained: "exact" when it does to 1e-3 (loaded the standard way or
+    in the dtypes it trained in); "as plain LoRA" when the saved factors equal those in memory bit for bit and the
+    reload is no further off than plain LoRA's through the same framework and setup: the framework then computes
+    differently from a standard forward (fused kernels, autocast over float32 weights; base_rel_err shows it with the
+    adapter off), which no save can carry; None otherwise."""
+    def closest(row):
+        errors = [row.get(key) for key in ("output_rel_err", "output_rel_err_as_trained")]
+        return min((e for e in errors if isinstance(e, (int, float))), default=float("inf"))
+
+    if ours is None:
+        return None
+    if closest(ours) <= 1e-3:
+        return "exact"
+    if lora is not None and ours.get("adapter_max_rel_diff") == 0 and closest(ours) <= closest(lora) + 1e-3:
+        return "as plain LoRA"
+    return None
+
+
 def passes(ours, lora) -> bool:
     if ours is None or lora is None:
         return False
     frozen_a_whole = ours.get("lora_a_moved") == 0
-    return (ours["output_rel_err"] <= 1e-3 and frozen_a_whole and ours["knowledge_kept"] > lora["knowledge_kept"]
-            and ours["task_score"] >= 0.95 * lora["task_score"])
+    return (reload_match(ours, lora) is not None and frozen_a_whole
+            and ours["knowledge_kept"] > lora["knowledge_kept"] and ours["task_score"] >= 0.95 * lora["task_score"])
 
 
 def _row(work: Path, name: str):

@@ -81,9 +81,14 @@ def build_model(shape: str, device: str, dtype: torch.dtype, meta_blocks: bool =
         model.model.layers = torch.nn.ModuleList()
         model.to_empty(device=device)
         model.model.layers = blocks
+        _randomize(model, device)
     else:
-        model.to_empty(device=device)
-    _randomize(model, device)
+        # Weights for the CPU are drawn on a GPU where there is one and copied down: a 7B's draw on the CPU
+        # takes minutes, the copy seconds. The values differ from a CPU draw; the timing does not depend on them.
+        draw_on = "cuda" if device == "cpu" and torch.cuda.is_available() else device
+        model.to_empty(device=draw_on)
+        _randomize(model, draw_on)
+        model.to(device)
     with torch.device(device):  # its inv_freq buffer is computed at construction, so not from meta
         model.model.rotary_emb = type(model.model.rotary_emb)(config)
     return model.eval()

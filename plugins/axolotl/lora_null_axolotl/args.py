@@ -6,7 +6,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, Field, create_model, model_validator
 
-from lora_null_core.integration import config_fields, lora_null_request, refuse_zero3, zero_stage
+from lora_null_core.integration import config_fields, lora_null_request
 
 
 class _LoraNullKeys(BaseModel):
@@ -31,7 +31,6 @@ class _LoraNullKeys(BaseModel):
         quantized = bool(data.get("adapter") == "qlora" or data.get("load_in_4bit") or data.get("load_in_8bit"))
         lora_null_request(data, quantized=quantized, dora=bool(data.get("peft_use_dora")), dora_key="peft_use_dora",
                           fallbacks=fallbacks(data))
-        refuse_zero3(zero_stage(data.get("deepspeed")), "Axolotl")
         return data
 
 

@@ -25,9 +25,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from llamafactory.hparams.parser import read_args
     from llamafactory.train.tuner import run_exp
 
-    from lora_null_core.errors import ConfigError
-    from lora_null_core.integration import refuse_zero3, zero_stage
-
     from .patches import LoraNullCallback, export_final, install, set_dataset_dir
 
     install()
@@ -35,12 +32,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = read_args()
     if isinstance(args, dict):
         set_dataset_dir(args.get("dataset_dir", "data"))
-        if args.get("adapter_init") == "lora_null":
-            try:
-                refuse_zero3(zero_stage(args.get("deepspeed")), "LLaMA-Factory")
-            except ConfigError as err:
-                print(f"lora-null-llamafactory: error: {err}", file=sys.stderr)
-                return 2
     run_exp(args, callbacks=[LoraNullCallback()])
     if isinstance(args, dict) and args.get("adapter_init") == "lora_null":
         export_final(args["output_dir"])
