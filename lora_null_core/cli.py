@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     init = commands.add_parser("init", help="Calibrate a model and write a LoRA-Null initialized base + adapter.")
     init.add_argument("--model", required=True, help="Local model folder or hub name.")
-    init.add_argument("--calibration", required=True, help="JSONL/JSON/parquet/CSV/TXT file, saved dataset or hub name.")
+    init.add_argument("--calibration", default=None, help="Knowledge text to keep: JSONL/JSON/parquet/CSV/TXT file, saved "
+                      "dataset or hub name (default: text the model generates itself, see --generated-*).")
     init.add_argument("--rank", type=int, required=True, help="LoRA rank r (= null-space dimension).")
     init.add_argument("--output", required=True, help="Folder to create: OUT/base, OUT/adapter, OUT/lora_null.json.")
     init.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: equal to --rank).")
@@ -59,11 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser("inspect", help="HTML report: effective ranks, spectra, and an init's leakage.")
     inspect.add_argument("--model", required=True, help="The ORIGINAL model (folder or hub name).")
-    inspect.add_argument("--calibration", required=True, help="Knowledge text (held-out text to check an init).")
+    inspect.add_argument("--calibration", default=None,
+                         help="Knowledge text (held-out text to check an init; default: the model's own text).")
     inspect.add_argument("--output", required=True)
     inspect.add_argument("--init-dir", "--init", dest="init_dir", default=None,
                          help="A folder written by `lora-null init`, to measure its leakage.")
-    add_config_flags(inspect, only=("num_samples", "max_length", "batch_tokens", "batch_size", "text_field"))
+    add_config_flags(inspect, only=("num_samples", "max_length", "batch_tokens", "batch_size", "text_field", "seed",
+                                    "generated_length", "generated_temperature", "generated_top_p", "generated_prompt"))
     inspect.add_argument("--dtype", choices=FLOAT_DTYPES, default="auto")
     inspect.add_argument("--device", default=None)
     inspect.add_argument("--trust-remote-code", action="store_true")

@@ -64,6 +64,18 @@ class LoraNullConfig:
         default="text",
         metadata={"help": "Column holding the text; rows with a 'messages' column use the chat template instead."},
     )
+    generated_length: int = field(
+        default=128,
+        metadata={"help": "Without calibration text the model's own samples are the knowledge source: at most this "
+                  "many tokens each (num_samples + holdout_samples of them)."},
+    )
+    generated_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the model's own text."})
+    generated_top_p: float = field(default=0.95, metadata={"help": "Nucleus (top-p) of the model's own text."})
+    generated_prompt: Literal["bos", "chat"] = field(
+        default="bos",
+        metadata={"help": "Where the model's own samples start. bos: from the BOS token alone (EOS where there is "
+                  "none). chat: from neutral requests ('Tell me something you know.') through the chat template."},
+    )
     covariance_weighting: Weighting = field(
         default="token_sum",
         metadata={
@@ -142,7 +154,7 @@ class LoraNullConfig:
         for name, allowed in literal_choices().items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}.")
-        for name in ("num_samples", "max_length", "batch_tokens"):
+        for name in ("num_samples", "max_length", "batch_tokens", "generated_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1.")
         if self.batch_size is not None and self.batch_size < 1:
@@ -155,6 +167,9 @@ class LoraNullConfig:
         if self.a_scale is not None and not (
                 isinstance(self.a_scale, (int, float)) and 0 < self.a_scale < float("inf")):
             raise ConfigError(f"a_scale={self.a_scale!r} must be a positive number (1 keeps the paper's factors).")
+        if not (self.generated_temperature > 0 and 0 < self.generated_top_p <= 1):
+            raise ConfigError(f"generated_temperature={self.generated_temperature} must be positive and "
+                              f"generated_top_p={self.generated_top_p} in (0, 1].")
         if self.holdout_samples < 0 or self.min_tokens_per_dim < 0:
             raise ConfigError("holdout_samples and min_tokens_per_dim must not be negative.")
 

@@ -28,8 +28,10 @@ from .data import CalibrationSource, choose_texts, tokenize_batches
 from .errors import LoraNullError
 from .leakage import leakages_from_covariance, random_like
 from .null_space import effective_rank, eigendecompose
+from .own_text import own_text
 from .report import read_metadata
 from .saving import ADAPTER_DIR
+from .taps import model_device
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -41,12 +43,14 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
 def analyze(
     model: nn.Module,
     tokenizer: Any,
-    calibration: CalibrationSource,
+    calibration: Optional[CalibrationSource],
     config: Optional[LoraNullConfig] = None,
     init_dir: Optional[os.PathLike] = None,
 ) -> dict[str, Any]:
-    """Every number of the report, per layer, as plain JSON-able data."""
+    """Every number of the report, per layer, as plain JSON-able data. No calibration: the model's own text."""
     config = config or LoraNullConfig(holdout_samples=0)
+    if calibration is None:
+        calibration = own_text(model, tokenizer, config.replace(holdout_samples=0), model_device(model))
     texts = choose_texts(calibration, tokenizer, config.num_samples, 0, config.seed, config.text_field)
     batches = tokenize_batches(texts.calibration, tokenizer, config.max_length, config.batch_size, config.batch_tokens)
     modules = linear_layers(model)

@@ -27,6 +27,7 @@ from .data import CalibrationSource, choose_texts, tokenize_batches
 from .distributed import alone, any_rank, collective_device, rank_and_world, shard
 from .errors import ConfigError, InsufficientCalibrationError, UnsupportedModelError
 from .init_loop import BlockByBlock, WholeModel, run_steps, should_overlap
+from .own_text import own_text
 from .report import RESIDUAL_MARKER, InitReport
 from .safeguards import check_distinct_contexts, check_function_preserved, probe_batch
 from .sequential import decoder_blocks, layers_by_block
@@ -39,7 +40,7 @@ logger = logging.getLogger(__name__)
 def lora_null_init(
     model: nn.Module,
     lora_config: Optional[LoraConfig],
-    calibration: CalibrationSource,
+    calibration: Optional[CalibrationSource],
     tokenizer: Any,
     config: Optional[LoraNullConfig] = None,
     adapter_name: Optional[str] = None,
@@ -48,6 +49,9 @@ def lora_null_init(
     **overrides: Any,
 ) -> PeftModel:
     """Initialize a LoRA adapter in the null space of the calibration activations; return the PeftModel.
+
+    `calibration`: knowledge text to keep (a path, hub name, Dataset or list of rows); None samples the model's own
+    text instead (own_text.py; the `generated_*` settings say how).
 
     `overrides` replace LoraNullConfig fields, e.g. `lora_null_init(model, cfg, data, tok, variant="v2")`.
     The PeftModel carries the measurements as `.lora_null_report` (an InitReport). With streaming, blocks
@@ -83,9 +87,12 @@ def lora_null_init(
                            block_loader)
 
 
-def _initialize(peft_model: PeftModel, layers: Mapping[str, LoraLayer], calibration: CalibrationSource, tokenizer: Any,
-                config: LoraNullConfig, adapter_name: str, execution_device: Optional[str],
+def _initialize(peft_model: PeftModel, layers: Mapping[str, LoraLayer], calibration: Optional[CalibrationSource],
+                tokenizer: Any, config: LoraNullConfig, adapter_name: str, execution_device: Optional[str],
                 block_loader: Optional[BlockLoader]) -> PeftModel:
+    device = torch.device(execution_device) if execution_device else execution_device_for(peft_model)
+    if calibration is None:
+        calibration = own_text(peft_model, tokenizer, config, device)
     texts = choose_texts(
         calibration, tokenizer, config.num_samples, config.holdout_samples, config.seed, config.text_field
     )
@@ -102,7 +109,6 @@ def _initialize(peft_model: PeftModel, layers: Mapping[str, LoraLayer], calibrat
     plan = streaming_plan(peft_model, layers, config)
     if plan is None:  # block by block, each block's weights are checked on arrival, where they are computed on
         check_finite_weights(layers)
-    device = torch.device(execution_device) if execution_device else execution_device_for(peft_model)
     cache = CovarianceCache.open(config.covariance_cache, peft_model.get_base_model(), batches, config)
     cached = cache is not None and cache.has(list(layers), device)
     was_training = peft_model.training
@@ -161,12 +167,13 @@ def execution_device_for(peft_model: PeftModel) -> torch.device:
     return (collective_device() or device) if device.type == "cpu" else device
 
 
-def initialize_lora_null_weights(peft_model: PeftModel, calibration: CalibrationSource, tokenizer: Any,
-                                 config: Optional[LoraNullConfig] = None, adapter_name: Optional[str] = None,
-                                 **overrides: Any) -> PeftModel:
+def initialize_lora_null_weights(peft_model: PeftModel, calibration: Optional[CalibrationSource] = None,
+                                 tokenizer: Any = None, config: Optional[LoraNullConfig] = None,
+                                 adapter_name: Optional[str] = None, **overrides: Any) -> PeftModel:
     """The PEFT-native entry, shaped like PEFT's own data-driven inits (`initialize_lora_eva_weights`): build
     the PeftModel with `get_peft_model(model, LoraConfig(..., init_lora_weights=False))` as usual, then call
-    this once on it, before the optimizer exists. Same as `lora_null_init(peft_model, None, ...)`."""
+    this once on it, before the optimizer exists. Same as `lora_null_init(peft_model, None, ...)`. Without
+    calibration text (`initialize_lora_null_weights(peft_model, tokenizer=tok)`) the model's own text is used."""
     if not isinstance(peft_model, PeftModel):
         raise ConfigError("initialize_lora_null_weights takes the PeftModel get_peft_model returned; for a plain "
                           "model use lora_null_init(model, LoraConfig(...), ...).")

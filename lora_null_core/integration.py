@@ -81,21 +81,17 @@ def config_from_mapping(values: Mapping[str, Any], fallbacks: Optional[Mapping[s
     return LoraNullConfig(**chosen)
 
 
-def lora_null_request(values: Mapping[str, Any], *, calibration: Any = None, fallbacks: Optional[Mapping] = None,
+def lora_null_request(values: Mapping[str, Any], *, fallbacks: Optional[Mapping] = None,
                       quantized: bool = False, dora: bool = False, dora_key: str = "use_dora",
                       adapter_key: str = "adapter_init") -> Optional[LoraNullConfig]:
     """The one validation every front end runs. None when the config does not ask for LoRA-Null; else the
-    LoraNullConfig, after checking what the method needs from the framework's side (calibration data, no DoRA,
-    a base that can hold a residual)."""
+    LoraNullConfig, after checking what the method needs from the framework's side (no DoRA, a base that can hold
+    a residual). Without lora_null_calibration the model's own text is the knowledge source (own_text.py)."""
     wanted = values.get(adapter_key)
     if wanted in (None, "default"):
         return None
     if wanted != "lora_null":
         raise ConfigError(f"{adapter_key}: {wanted!r} is not an init lora-null knows; use lora_null or leave it out.")
-    calibration = values.get(PREFIX + "calibration") if calibration is None else calibration
-    if not calibration:
-        raise ConfigError(f"{adapter_key}: lora_null needs {PREFIX}calibration: knowledge text to keep (a .jsonl/"
-                          ".json/.parquet file, a saved dataset or a dataset name).")
     config = config_from_mapping(values, fallbacks)
     if dora:
         raise ConfigError(f"{adapter_key}: lora_null does not support DoRA; set {dora_key}: false.")

@@ -32,7 +32,7 @@ from .sequential import decoder_blocks
 
 def init_to_folder(
     model_name_or_path: str,
-    calibration: CalibrationSource,
+    calibration: Optional[CalibrationSource],
     output_dir: os.PathLike,
     lora_config: LoraConfig,
     config: Optional[LoraNullConfig] = None,
@@ -58,12 +58,16 @@ def init_to_folder(
     check_device(device)
     if cache and Path(cache).exists() and not Path(cache).is_dir():
         raise LoraNullError(f"--covariance-cache {cache} is a file; it must be a folder (it is created if missing).")
+    if offload == "disk" and calibration is None:
+        raise LoraNullError("--offload disk never holds the whole model, and its own text is sampled from the whole "
+                            "model: pass --calibration with knowledge text.")
     if offload == "disk" and not Path(model_name_or_path).is_dir():
         raise LoraNullError(f"--offload disk reads a local checkpoint folder, and {model_name_or_path} is not one: "
                             "download it first (huggingface-cli download NAME --local-dir DIR).")
     tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
     config = fit_max_length(model_name_or_path, config, trust_remote_code)
-    calibration = CalibrationRows(load_rows(calibration), describe(calibration))
+    if calibration is not None:  # read before the model loads: a bad file fails first (None: the model's own text)
+        calibration = CalibrationRows(load_rows(calibration), describe(calibration))
     device = device or default_device()
     if offload == "disk":
         return _init_from_disk(Path(model_name_or_path), calibration, Path(output_dir), lora_config, config, dtype,

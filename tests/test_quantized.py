@@ -88,3 +88,19 @@ def test_a_residual_on_a_quantized_base_is_refused(saved_model, tokenizer, knowl
     model = load_quantized(saved_model, "nf4")
     with pytest.raises(UnsupportedModelError, match="quantized base weight.*Keep the default"):
         lora_null_init(model, LoraConfig(r=4), knowledge, tokenizer, LoraNullConfig(**SMALL, **settings))
+
+
+def test_the_models_own_text_is_sampled_from_the_4bit_model(saved_model, tokenizer, knowledge):
+    """QLoRA with the key alone: the samples come from the quantized model (with its adapter off), and the init on
+    them equals an init given those same samples as calibration text."""
+    from lora_null_core.own_text import own_text
+
+    model = load_quantized(saved_model, "nf4")
+    samples = own_text(model, tokenizer, LoraNullConfig(**SMALL), torch.device("cpu")).rows
+    assert 200 <= len(samples) <= 216 and len(set(samples)) > 150  # a sample that ends at once is left out
+    results = []
+    for calibration in (None, samples):
+        peft_model = get_peft_model(load_quantized(saved_model, "nf4"), LoraConfig(r=4, init_lora_weights=False))
+        initialize_lora_null_weights(peft_model, calibration, tokenizer, LoraNullConfig(**SMALL))
+        results.append({k: v for k, v in peft_model.state_dict().items() if "lora_" in k})
+    assert results[0].keys() == results[1].keys() and all(torch.equal(results[0][k], results[1][k]) for k in results[0])

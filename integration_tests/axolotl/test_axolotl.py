@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from checks import (
     assert_export_reproduces,
@@ -14,6 +15,7 @@ from checks import (
     assert_merged_is_the_fine_tuned_model,
     assert_right_on_the_base_it_names,
 )
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = {  # the example's settings that a tiny CPU run must change; everything else is the example as shipped
@@ -106,11 +108,18 @@ def test_entry_point_activates_without_plugins_line_and_stays_quiet_without_the_
     assert not (tmp_path / "plain" / "lora_null_init").exists()
 
 
-def test_missing_calibration_is_a_clear_config_error(workspace, tmp_path):
-    result = axolotl_train(config(workspace, tmp_path / "bad", lora_null_calibration=None, max_steps=1))
-    assert result.returncode != 0
-    assert "lora_null_calibration" in result.stdout + result.stderr
-    assert not (tmp_path / "bad" / "adapter_model.safetensors").exists()
+def test_the_key_alone_on_qlora_samples_the_models_own_text(workspace, tmp_path):
+    """`adapter: qlora` with `adapter_init: lora_null` and no other LoRA-Null key: it validates, samples the
+    calibration text from the 4-bit model, trains, and v2's lora_A stays as the init wrote it."""
+    out = tmp_path / "onekey"
+    result = axolotl_train(config(workspace, out, adapter="qlora", load_in_4bit=True, lora_null_calibration=None,
+                                  lora_null_num_samples=None, lora_null_max_length=None, lora_null_text_field=None,
+                                  max_steps=2))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    record = json.loads((out / "lora_null_init" / "lora_null.json").read_text())
+    assert record["calibration"]["source"].startswith("the model's own text")
+    init, trained = (load_file(folder / "adapter_model.safetensors") for folder in (out / "lora_null_init" / "adapter", out))
+    assert all(torch.equal(init[k], trained[k]) for k in init if "lora_A" in k)
 
 
 def test_every_setting_reaches_the_core_by_key_or_nested_block():

@@ -93,11 +93,17 @@ def test_v1_output_is_the_export_and_its_residual_adapter_is_set_aside(workspace
 
 
 def test_bad_config_fails_before_training(workspace, data_dir, tmp_path):
-    missing = train(config(workspace, data_dir, tmp_path / "missing", lora_null_calibration=None))
-    assert missing.returncode != 0 and "lora_null_calibration" in missing.stderr
     both = train(config(workspace, data_dir, tmp_path / "both", pissa_init=True))
     assert both.returncode != 0 and "pick one" in both.stderr
-    assert not (tmp_path / "missing" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "both" / "adapter_model.safetensors").exists()
+
+
+def test_the_key_alone_samples_the_models_own_text(workspace, data_dir, tmp_path):
+    out = tmp_path / "onekey"
+    result = train(config(workspace, data_dir, out, lora_null_calibration=None, max_steps=2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((out / "lora_null_init" / "lora_null.json").read_text())
+    assert record["calibration"]["source"].startswith("the model's own text")
 
 
 def test_without_the_key_it_is_plain_lora(workspace, data_dir, tmp_path):

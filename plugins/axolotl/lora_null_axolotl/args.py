@@ -17,7 +17,8 @@ class _LoraNullKeys(BaseModel):
     adapter_init: Optional[Literal["default", "lora_null"]] = Field(
         default=None, json_schema_extra={"description": "lora_null: initialize the LoRA adapter with LoRA-Null."})
     lora_null_calibration: Optional[Union[str, dict[str, Any]]] = Field(
-        default=None, json_schema_extra={"description": "Knowledge text: a path, or a dataset entry like `datasets:`."})
+        default=None, json_schema_extra={"description": "Knowledge text: a path, or a dataset entry like `datasets:` (default: "
+                                           "text the model generates itself)."})
     lora_null: Optional[dict[str, Any]] = Field(default=None, json_schema_extra={
         "description": "The LoRA-Null settings as one block (field: value), instead of lora_null_<field> keys."})
 

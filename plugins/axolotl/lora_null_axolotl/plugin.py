@@ -99,9 +99,10 @@ def lora_null_config(cfg: Any) -> LoraNullConfig:
 
 
 def calibration_source(cfg: Any):
-    """A path goes to the core's loader; a dataset entry goes through Axolotl's own dataset loading."""
+    """A path goes to the core's loader; a dataset entry goes through Axolotl's own dataset loading; none asks the
+    core for the model's own text."""
     entry = cfg.lora_null_calibration
-    if isinstance(entry, str):
+    if entry is None or isinstance(entry, str):
         return entry
     from axolotl.utils.data.shared import load_dataset_with_config
     from axolotl.utils.dict import DictDefault

@@ -16,7 +16,8 @@ _KEYS = [
     ("adapter_init", Literal["default", "lora_null"], field(default="default", metadata={
         "help": "lora_null: initialize the LoRA adapter with LoRA-Null."})),
     ("lora_null_calibration", Optional[str], field(default=None, metadata={
-        "help": "Knowledge text: a dataset name from dataset_info.json, or a file path."})),
+        "help": "Knowledge text: a dataset name from dataset_info.json, or a file path (default: text the model "
+                "generates itself)."})),
     *prefixed_dataclass_fields(),
 ]
 

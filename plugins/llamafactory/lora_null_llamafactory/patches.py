@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from lora_null_core import lora_null_init
 from lora_null_core.callbacks import LoraNullCallback
@@ -56,8 +56,11 @@ def initialize(model: Any, model_args: Any, finetuning_args: Any) -> None:
     LOG.info("LoRA-Null init (%s): %s", config.variant, model.lora_null_report.summary())
 
 
-def calibration_rows(name: str, dataset_dir: str) -> Any:
-    """A dataset_info.json entry (alpaca: prompt [+ query] columns; sharegpt: messages) or a path as is."""
+def calibration_rows(name: Optional[str], dataset_dir: str) -> Any:
+    """A dataset_info.json entry (alpaca: prompt [+ query] columns; sharegpt: messages) or a path as is; None (no
+    lora_null_calibration) asks the core for the model's own text."""
+    if not name:
+        return None
     info_path = Path(dataset_dir) / "dataset_info.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     if name not in info:

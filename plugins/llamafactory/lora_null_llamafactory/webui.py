@@ -24,11 +24,14 @@ LABELS = {  # every locale LLaMA Board has
         "ja": ("アダプター初期化", "LoRA-Null は lora_A を事前学習の活性化空間の外に置きます（v2 は固定）。"),
     },
     "lora_null_calibration": {
-        "en": ("Calibration dataset", "Knowledge text from dataset_info.json whose activations the adapter avoids."),
-        "ru": ("Калибровочный датасет", "Тексты знаний из dataset_info.json, активаций которых адаптер избегает."),
-        "zh": ("校准数据集", "dataset_info.json 中的知识文本，适配器避开其激活。"),
-        "ko": ("보정 데이터셋", "어댑터가 피하는 활성화를 가진 dataset_info.json의 지식 텍스트."),
-        "ja": ("キャリブレーションデータセット", "アダプターが避ける活性化を持つ dataset_info.json の知識テキスト。"),
+        "en": ("Calibration dataset", "Knowledge text from dataset_info.json whose activations the adapter avoids; "
+               "empty: text the model generates itself."),
+        "ru": ("Калибровочный датасет", "Тексты знаний из dataset_info.json, активаций которых адаптер избегает; "
+               "пусто: текст, который генерирует сама модель."),
+        "zh": ("校准数据集", "dataset_info.json 中的知识文本，适配器避开其激活；留空：使用模型自己生成的文本。"),
+        "ko": ("보정 데이터셋", "어댑터가 피하는 활성화를 가진 dataset_info.json의 지식 텍스트. 비워 두면 모델이 직접 생성한 텍스트."),
+        "ja": ("キャリブレーションデータセット", "アダプターが避ける活性化を持つ dataset_info.json の知識テキスト。"
+               "空欄：モデル自身が生成したテキスト。"),
     },
     "lora_null_num_samples": {
         "en": ("Calibration samples", "Number of calibration texts."),
@@ -108,7 +111,7 @@ def _wrap_parse_train_args(original):
             args.update(pissa_init=True, pissa_convert=True)
         elif choice in ("LoRA-Null v1", "LoRA-Null v2"):
             args.update(adapter_init="lora_null", lora_null_variant=choice[-2:],
-                        lora_null_calibration=get("train.lora_null_calibration"),
+                        lora_null_calibration=get("train.lora_null_calibration") or None,  # None: the model's own text
                         lora_null_num_samples=int(get("train.lora_null_num_samples")),
                         pissa_init=False, pissa_convert=False)
         return args

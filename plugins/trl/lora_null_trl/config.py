@@ -16,7 +16,8 @@ _KEYS = [
     ("adapter_init", str, field(default="default", metadata={
         "help": "'lora_null' initializes TRL's LoRA adapter in the null space of the calibration activations."})),
     ("lora_null_calibration", Optional[str], field(default=None, metadata={
-        "help": "Calibration data carrying the knowledge to keep: .jsonl/.json/.parquet, saved dataset or hub name."})),
+        "help": "Calibration data carrying the knowledge to keep: .jsonl/.json/.parquet, saved dataset or hub name "
+                "(default: text the model generates itself)."})),
     ("lora_null_export", bool, field(default=True, metadata={
         "help": "v1 only (v2 and basis train on the original weights and need nothing): make every save right for "
                 "the base it names: the final folder holds the LoRA for the original model, a checkpoint's "

@@ -1,0 +1,170 @@
+"""The default knowledge source: text the model samples itself, used when no calibration text is given.
+
+The null space needs the activations of what the model knows, and the model's own samples exercise them with no
+dataset on disk ("self-calibration", Williams, Chrysostomou and Aletras, NAACL 2025, for quantization and pruning).
+Samples start from the BOS token alone (EOS where the tokenizer has none), or from a few neutral requests through
+the chat template; they are drawn with the adapter off, batched with a KV cache on the device the model is on,
+seeded (each process draws its own seeded share, and every process ends with all of them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from peft import PeftModel
+from torch import nn
+
+from .config import LoraNullConfig
+from .console import progress, quiet_libraries
+from .data import CalibrationRows
+from .distributed import rank_and_world
+from .errors import CalibrationDataError, LoraNullError
+from .weights import is_zero3_partitioned
+
+logger = logging.getLogger(__name__)
+
+# Requests that ask for nothing in particular, so the answers follow what the model itself finds likely.
+NEUTRAL_REQUESTS = (
+    "Tell me something you know.",
+    "Write a short paragraph on any topic.",
+    "Explain something interesting.",
+    "Share a fact.",
+    "Describe anything you like.",
+    "Write about whatever comes to mind.",
+)
+
+
+def describe_own_text(config: LoraNullConfig) -> str:
+    """How the text was drawn: what the report and `inspect` show as the calibration source."""
+    start = "the BOS token" if config.generated_prompt == "bos" else "neutral requests through the chat template"
+    return (f"the model's own text ({config.generated_length} tokens at most per sample, from {start}, "
+            f"temperature {config.generated_temperature:g}, top-p {config.generated_top_p:g}, seed {config.seed})")
+
+
+def own_text(peft_model: nn.Module, tokenizer: Any, config: LoraNullConfig, device: torch.device) -> CalibrationRows:
+    """num_samples + holdout_samples texts sampled from the model (with a PeftModel, its adapter off)."""
+    if tokenizer is None:
+        raise LoraNullError("Generating calibration text needs the model's tokenizer; pass it (or pass calibration "
+                            "text).")
+    count = config.num_samples + config.holdout_samples
+    rank, world = rank_and_world()
+    share = len(range(rank, count, world))
+    base = peft_model.get_base_model() if isinstance(peft_model, PeftModel) else peft_model
+    prompts = _prompts(tokenizer, config, first=rank, count=share)
+    adapter_off = peft_model.disable_adapter() if isinstance(peft_model, PeftModel) else contextlib.nullcontext()
+    with _whole_on(base, device) as where, adapter_off, _seeded(config.seed + rank, where), quiet_libraries():
+        texts = _sample(base, tokenizer, prompts, config, where)
+    if world > 1:  # every process ends with every text, so all choose the same calibration and held-out sets
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, texts)
+        texts = [text for part in gathered for text in part]
+    kept = [text for text in texts if text.strip()]
+    if not kept:
+        raise CalibrationDataError(
+            f"Every sample the model generated was empty (it ended at once, {len(texts)} tries). Pass calibration "
+            "text, or set generated_prompt to the other start ('bos' or 'chat')."
+        )
+    if len(kept) < len(texts):
+        logger.info("%d of %d generated samples were empty and are left out.", len(texts) - len(kept), len(texts))
+    return CalibrationRows(kept, describe_own_text(config))
+
+
+def _prompts(tokenizer: Any, config: LoraNullConfig, first: int, count: int) -> list[list[int]]:
+    """Token ids each sample starts from."""
+    if config.generated_prompt == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise LoraNullError("generated_prompt 'chat' needs a tokenizer with a chat template, and this one has "
+                                "none; use generated_prompt 'bos', or pass calibration text.")
+        prompts = []
+        for i in range(first, first + count):
+            request = [{"role": "user", "content": NEUTRAL_REQUESTS[i % len(NEUTRAL_REQUESTS)]}]
+            text = tokenizer.apply_chat_template(request, add_generation_prompt=True, tokenize=False)
+            prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return prompts
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise LoraNullError("The tokenizer has neither a BOS nor an EOS token to start generating from; pass "
+                            "calibration text, or set generated_prompt 'chat' if it has a chat template.")
+    return [[start]] * count
+
+
+def _sample(model: nn.Module, tokenizer: Any, prompts: list[list[int]], config: LoraNullConfig,
+            device: torch.device) -> list[str]:
+    """Batched sampling with a KV cache, left-padded prompts; each text cut at its first EOS."""
+    from transformers import GenerationConfig
+
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    settings = GenerationConfig(do_sample=True, temperature=config.generated_temperature,
+                                top_p=config.generated_top_p, top_k=0, max_new_tokens=config.generated_length,
+                                pad_token_id=pad, eos_token_id=eos, use_cache=True)
+    rows = max(1, config.batch_tokens // (config.generated_length + max((len(p) for p in prompts), default=1)))
+    texts: list[str] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in progress(range(0, len(prompts), rows), "generating calibration text", "batch"):
+            chunk = prompts[start:start + rows]
+            width = max(len(p) for p in chunk)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
+            for prompt, row in zip(chunk, out[:, width:].tolist()):
+                if eos is not None and eos in row:
+                    row = row[:row.index(eos)]
+                texts.append(_text(tokenizer, prompt, row, config))
+    finally:
+        model.train(was_training)
+    return texts
+
+
+def _text(tokenizer: Any, prompt: list[int], generated: list[int], config: LoraNullConfig) -> str:
+    """From BOS: the generated text alone (tokenizing it adds the BOS back). From a chat request: the whole
+    exchange as the template renders it, which the calibration reader takes as is."""
+    if not generated:
+        return ""
+    if config.generated_prompt == "bos":
+        return tokenizer.decode(generated, skip_special_tokens=True)
+    return tokenizer.decode(prompt + generated, skip_special_tokens=False)
+
+
+@contextlib.contextmanager
+def _whole_on(model: nn.Module, device: torch.device) -> Iterator[torch.device]:
+    """Sampling needs every weight on one device: the model's own, or the execution device for a model held in CPU
+    memory (offload, or before FSDP places it) when it fits there, and back afterwards."""
+    params = list(model.parameters())
+    if any(p.is_meta for p in params) or is_zero3_partitioned(params):
+        raise LoraNullError("The model's weights are not all here (meta or DeepSpeed ZeRO-3 partitions), and its "
+                            "own text is sampled from the whole model: pass calibration text (lora_null_calibration, "
+                            "or --calibration).")
+    home = params[0].device
+    if home.type != "cpu" or device.type == "cpu":
+        yield home
+        return
+    needed = sum(p.numel() * p.element_size() for p in params) + sum(b.numel() * b.element_size() for b in model.buffers())
+    free = torch.cuda.mem_get_info(device)[0]
+    if needed > 0.8 * free:
+        raise LoraNullError(
+            f"The model's own text is sampled from the whole model, whose {needed / 2**30:.1f} GiB of weights are in "
+            f"CPU memory and do not fit the {free / 2**30:.1f} GiB free on {device}: pass calibration text "
+            "(lora_null_calibration, or --calibration).")
+    model.to(device)
+    try:
+        yield device
+    finally:
+        model.to(home)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """The sampling's own random state; the caller's is left as it was."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
