@@ -77,6 +77,13 @@ def test_milora_uses_the_weights_minor_singular_directions(cpu_run):
         assert torch.allclose(rebuilt, original, atol=1e-5)
 
 
+@pytest.mark.parametrize("init, start", [("lora_null_self", "BOS token"), ("lora_null_self_chat", "chat template")])
+def test_self_calibrated_inits_sample_the_models_own_text(cpu_run, init, start):
+    suite = synthetic_suite("cpu", cpu_run / "cache", "cpu")
+    report = build_adapter(init, suite.load_base(), suite, seed=0).lora_null_report
+    assert report.calibration["source"].startswith("the model's own text") and start in report.calibration["source"]
+
+
 def test_world_problems_are_distinct_and_correct():
     problems = world.word_problems(500, seed=3)
     assert len({p.prompt for p in problems}) == 500

@@ -118,6 +118,7 @@ def test_the_key_alone_on_qlora_samples_the_models_own_text(workspace, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     record = json.loads((out / "lora_null_init" / "lora_null.json").read_text())
     assert record["calibration"]["source"].startswith("the model's own text")
+    assert "LoRA-Null init:" in result.stdout + result.stderr  # the summary shows in Axolotl's log
     init, trained = (load_file(folder / "adapter_model.safetensors") for folder in (out / "lora_null_init" / "adapter", out))
     assert all(torch.equal(init[k], trained[k]) for k in init if "lora_A" in k)
 

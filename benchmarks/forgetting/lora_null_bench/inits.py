@@ -19,6 +19,9 @@ from .suites import Suite
 
 INITS = ("lora", "pissa", "milora", "corda_kpm", "lora_null_v1", "lora_null_v2", "lora_null_basis", "lora_null")
 DEFAULT_INITS = INITS[:6]
+# `adapter_init: lora_null` with no calibration text: the model samples its own (from BOS, or from neutral chat
+# requests); the frontier's knowledge questions are never seen, so its knowledge figure is the honest test.
+SELF_INITS = {"lora_null_self": "bos", "lora_null_self_chat": "chat"}
 
 
 def lora_config(suite: Suite, model: torch.nn.Module) -> LoraConfig:
@@ -44,6 +47,9 @@ def build_adapter(init: str, model: torch.nn.Module, suite: Suite, seed: int) ->
     if init == "lora_null":  # exactly `adapter_init: lora_null` with no other key: every LoraNullConfig default
         return lora_null_init(model, config, [e.text for e in suite.calibration], suite.tokenizer,
                               LoraNullConfig(seed=seed))
+    if init in SELF_INITS:
+        return lora_null_init(model, config, None, suite.tokenizer,
+                              LoraNullConfig(seed=seed, generated_prompt=SELF_INITS[init]))
     if init.startswith("lora_null_x"):  # the default with another a_scale: lora_null_x3 = A × 3, B / 3
         return lora_null_init(model, config, [e.text for e in suite.calibration], suite.tokenizer,
                               LoraNullConfig(seed=seed, a_scale=a_scale_of(init)))
@@ -58,7 +64,7 @@ def build_adapter(init: str, model: torch.nn.Module, suite: Suite, seed: int) ->
 
 
 def is_known_init(init: str) -> bool:
-    if init in INITS:
+    if init in INITS or init in SELF_INITS:
         return True
     try:
         return init.startswith("lora_null_x") and a_scale_of(init) > 0

@@ -26,7 +26,7 @@ from lora_null_core.integration import lora_null_request
 
 from .args import fallbacks
 
-LOG = logging.getLogger(__name__)
+LOG = logging.getLogger("axolotl.integrations.lora_null")  # Axolotl shows INFO lines of axolotl.* loggers only
 
 
 def is_active(cfg: Any) -> bool:
