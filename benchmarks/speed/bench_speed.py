@@ -10,7 +10,8 @@ The cost of calibration and decomposition does not depend on the weights' values
 Prints a table, a ratio against CorDA when both ran, and appends rows to the results JSON
 (benchmarks/results/speed.json by default). Peak GPU memory is torch's max_memory_allocated over the call.
 `lora_null_offload` keeps the weights in CPU memory and streams one block at a time to the GPU;
-`lora_null_cache` runs twice with a covariance cache (the first run writes it, the second skips calibration);
+`lora_null_self` gives no calibration text, so the model first samples its own (as many samples and tokens as
+the given set: compare with `lora_null` at the same --seq-len); `lora_null_cache` runs twice with a covariance cache (the first run writes it, the second skips calibration);
 `lora_null_disk` saves the model first and times `--offload disk` (blocks read from the shards);
 `profile`/`profile_offload` split one run's time and peak GPU memory by phase; with
 --max-blocks N only the first N blocks are processed (weights materialized per block on the GPU) and
@@ -180,20 +181,22 @@ def batching(args) -> dict:
 
 
 def time_lora_null(args, texts, tokenizer, solver: str, offload: bool, device: str, cache: str | None = None,
-                   method: str | None = None) -> dict:
+                   method: str | None = None, own_text: bool = False) -> dict:
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     blocks = SHAPES[args.shape]["num_hidden_layers"]
     limited = bool(args.max_blocks) and args.max_blocks <= blocks  # weights materialized block by block
     model = build_model(args.shape, "cpu" if offload and not limited else device, dtype, meta_blocks=bool(limited))
     loader = RandomBlocks(dtype, args.max_blocks) if limited else None
     config = LoraNullConfig(num_samples=args.num_samples, holdout_samples=0, max_length=args.seq_len,
-                            solver=solver, streaming="on", covariance_cache=cache, **batching(args))
+                            solver=solver, streaming="on", covariance_cache=cache, generated_length=args.seq_len,
+                            **batching(args))
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS)
     reset_peak()
     gpu_sync()
     start = time.perf_counter()
     try:
-        lora_null_init(model, lora, texts, tokenizer, config, execution_device=device, block_loader=loader)
+        lora_null_init(model, lora, None if own_text else texts, tokenizer, config, execution_device=device,
+                       block_loader=loader)
         done = blocks
     except _Done:
         done = args.max_blocks
@@ -359,7 +362,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--methods", default="lora_null,peft_corda_kpm",
-                        help="Comma list of lora_null, lora_null_offload, lora_null_disk, lora_null_cache, peft_corda_kpm, solvers, "
+                        help="Comma list of lora_null, lora_null_self, lora_null_offload, lora_null_disk, lora_null_cache, peft_corda_kpm, solvers, "
                         "profile, profile_offload.")
     parser.add_argument("--cache-root", default=None, help="Temporary folder for lora_null_cache and lora_null_disk.")
     parser.add_argument("--solver", default="auto", help="Comma list of solvers for the lora_null runs.")
@@ -387,7 +390,11 @@ def main(argv=None) -> int:
     texts = random_texts(args.num_samples, args.seq_len, vocab)
     rows, solver_rows = [], []
     for method in args.methods.split(","):
-        if method in ("lora_null", "lora_null_offload"):
+        if method == "lora_null_self":  # no calibration text: the model samples num_samples × seq-len tokens first
+            rows.append(time_lora_null(args, texts, tokenizer, args.solver.split(",")[0], False, device,
+                                       method=method, own_text=True))
+            record(args, rows[-1:], [], device_name, command)
+        elif method in ("lora_null", "lora_null_offload"):
             for solver in args.solver.split(","):
                 rows.append(time_lora_null(args, texts, tokenizer, solver, method == "lora_null_offload", device))
                 record(args, rows[-1:], [], device_name, command)
