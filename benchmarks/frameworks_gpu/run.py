@@ -40,6 +40,8 @@ MAX_LENGTH, KNOWLEDGE_TOKENS, TASK_TOKENS = 256, 8, 24
 SETUPS = {  # setup → (how the base is loaded, processes)
     "bf16": ("bf16", 1), "qlora4": ("nf4", 1), "ddp2": ("bf16", 2), "fsdp2": ("bf16", 2),
     "fsdp2_ram_efficient": ("bf16", 2), "zero3_1": ("bf16", 1), "zero3_2": ("bf16", 2),
+    # `adapter_init: lora_null` and nothing else: the calibration text is the model's own (own_text.py)
+    "bf16_onekey": ("bf16", 1), "qlora4_onekey": ("nf4", 1),
 }
 FRAMEWORKS = ("trl", "peft", "axolotl", "llamafactory")
 HERE = Path(__file__).resolve().parent
@@ -160,14 +162,23 @@ def run_dir(args) -> Path:
     return Path(args.work) / "runs" / f"{args.framework}-{args.setup}-{args.init}"
 
 
+def calibration_keys(args, work: Path) -> dict:
+    """The LoRA-Null keys a run adds: the key, and the calibration file unless the setup is the key alone."""
+    if args.init != "lora_null":
+        return {}
+    keys = {"adapter_init": "lora_null"}
+    if not args.setup.endswith("_onekey"):
+        keys["lora_null_calibration"] = str(work / "calibration.jsonl")
+    return keys
+
+
 def train_trl(args, work: Path, run: Path, meta: dict, kind: str) -> None:
     from datasets import load_dataset
     from lora_null_trl import LoraNullSFTConfig, LoraNullSFTTrainer
     from transformers import AutoTokenizer
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    keys = {"adapter_init": "lora_null", "lora_null_calibration": str(work / "calibration.jsonl")} \
-        if args.init == "lora_null" else {}
+    keys = calibration_keys(args, work)
     config = LoraNullSFTConfig(
         output_dir=str(run / "trainer"), max_steps=STEPS, per_device_train_batch_size=GLOBAL_BATCH // world,
         learning_rate=LEARNING_RATE, lr_scheduler_type="linear", warmup_steps=max(1, STEPS // 20), weight_decay=0.0,
@@ -202,7 +213,8 @@ def train_peft(args, work: Path, run: Path, meta: dict, kind: str) -> None:
     torch.manual_seed(0)
     peft_model = get_peft_model(model, config)
     if args.init == "lora_null":
-        initialize_lora_null_weights(peft_model, str(work / "calibration.jsonl"), tokenizer, LoraNullConfig())
+        calibration = calibration_keys(args, work).get("lora_null_calibration")  # None: the model's own text
+        initialize_lora_null_weights(peft_model, calibration, tokenizer, LoraNullConfig())
     rows = [json.loads(line) for line in (work / "train.jsonl").read_text().splitlines()]
     examples = [Example(row["prompt"], (row["completion"][1:],)) for row in rows]
     fine_tune(peft_model, tokenizer, examples, TrainSettings(STEPS, GLOBAL_BATCH, LEARNING_RATE, MAX_LENGTH), seed=0)
@@ -263,8 +275,7 @@ def train_axolotl(args, work: Path, run: Path, meta: dict, kind: str) -> str:
         # Axolotl's fused LoRA kernels (auto-enabled) failed under ZeRO-3 for plain LoRA too: "self and mat2 must
         # have the same dtype, but got BFloat16 and Float" (frameworks_gpu.json, axolotl zero3_1 notes)
         config.update(deepspeed=str(ZERO3), lora_mlp_kernel=False, lora_qkv_kernel=False, lora_o_kernel=False)
-    if args.init == "lora_null":
-        config.update(adapter_init="lora_null", lora_null_calibration=str(work / "calibration.jsonl"))
+    config.update(calibration_keys(args, work))
     port = os.environ.get("MASTER_PORT", "29500")  # runs side by side each need their own
     return run_cli(["axolotl", "train"], config, work, run, "yml", after=("--main_process_port", port))
 
@@ -293,8 +304,9 @@ def train_llamafactory(args, work: Path, run: Path, meta: dict, kind: str) -> st
     if args.setup.startswith("zero3"):
         config["deepspeed"] = str(ZERO3)
     if args.init == "lora_null":
-        config.update(adapter_init="lora_null", lora_null_variant="v2",
-                      lora_null_calibration=str(work / "calibration.jsonl"))
+        config.update(lora_null_variant="v2", **calibration_keys(args, work))
+        if args.setup.endswith("_onekey"):
+            config.pop("lora_null_calibration", None)  # LLaMA Board's YAML names one; the key alone has none
     else:
         config = {k: v for k, v in config.items() if not (k == "adapter_init" or k.startswith("lora_null_"))}
     launcher = [sys.executable, "-m", "memory_probe", "llamafactory"]
@@ -383,8 +395,9 @@ def lora_a_moved(run: Path):
 
 
 # ---------------------------------------------------------------- collect
-REQUIRED = {"trl": ["bf16", "qlora4", "zero3_1", "ddp2", "fsdp2", "fsdp2_ram_efficient", "zero3_2"],
-            "axolotl": ["bf16", "qlora4", "zero3_1", "ddp2"], "llamafactory": ["bf16", "qlora4", "zero3_1"],
+REQUIRED = {"trl": ["bf16", "qlora4", "zero3_1", "ddp2", "fsdp2", "fsdp2_ram_efficient", "zero3_2", "bf16_onekey"],
+            "axolotl": ["bf16", "qlora4", "zero3_1", "ddp2", "qlora4_onekey"],
+            "llamafactory": ["bf16", "qlora4", "zero3_1", "bf16_onekey"],
             "peft": ["qlora4"]}
 
 

@@ -1,0 +1,42 @@
+"""The GPU matrix's verdicts (benchmarks/frameworks_gpu/run.py): the rules its rows pass or fail by."""
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "frameworks_gpu" / "run.py"
+
+
+@pytest.fixture(scope="module")
+def run():
+    spec = importlib.util.spec_from_file_location("frameworks_gpu_run", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def row(err, as_trained=None, saved_exact=True, moved=0.0, kept=0.9, task=0.9):
+    return {"output_rel_err": err, "output_rel_err_as_trained": as_trained, "adapter_max_rel_diff": 0.0 if saved_exact
+            else 0.2, "lora_a_moved": moved, "knowledge_kept": kept, "task_score": task}
+
+
+def test_a_reload_is_exact_or_as_plain_lora_or_neither(run):
+    lora = row(0.033, 0.015, kept=0.6)
+    assert run.reload_match(row(0.0), lora) == "exact"
+    assert run.reload_match(row(0.02, 0.0005), lora) == "exact"  # in the dtypes it trained in
+    assert run.reload_match(row(0.033, 0.014), lora) == "as plain LoRA"  # the framework's numerics, LoRA's too
+    assert run.reload_match(row(0.033, 0.014, saved_exact=False), lora) is None  # a save that differs from memory
+    assert run.reload_match(row(0.53, 0.53), lora) is None  # further off than plain LoRA: a fault of ours
+    assert run.passes(row(0.033, 0.014), lora)
+    assert not run.passes(row(0.0, moved=0.3), lora)  # v2's lora_A not saved as the init wrote it
+    assert not run.passes(row(0.0, kept=0.5), lora) and not run.passes(row(0.0, task=0.8), lora)
+
+
+def test_the_key_alone_setups_leave_the_calibration_out(run, tmp_path):
+    def keys(setup, init="lora_null"):
+        return run.calibration_keys(argparse.Namespace(setup=setup, init=init), tmp_path)
+
+    assert keys("bf16") == {"adapter_init": "lora_null", "lora_null_calibration": str(tmp_path / "calibration.jsonl")}
+    assert keys("qlora4_onekey") == {"adapter_init": "lora_null"} and keys("bf16", "lora") == {}
