@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--model", required=True, help="Local model folder or hub name.")
     init.add_argument("--calibration", default=None, help="Knowledge text to keep: JSONL/JSON/parquet/CSV/TXT file, saved "
                       "dataset or hub name (default: text the model generates itself, see --generated-*).")
+    init.add_argument("--task-data", default=None, help="The fine-tuning inputs (same forms as --calibration): A "
+                      "goes where knowledge inputs are weak relative to them (see --task-mix). Default: plain null space.")
     init.add_argument("--rank", type=int, required=True, help="LoRA rank r (= null-space dimension).")
     init.add_argument("--output", required=True, help="Folder to create: OUT/base, OUT/adapter, OUT/lora_null.json.")
     init.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: equal to --rank).")
@@ -121,7 +123,7 @@ def _init(args: argparse.Namespace) -> dict:
     report = init_to_folder(
         args.model, args.calibration, Path(args.output), lora_config, config,
         dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code, overwrite=args.overwrite,
-        offload=args.offload or False,
+        offload=args.offload or False, task_data=args.task_data,
     )
     return {"output": args.output, "layers": len(report.layers), **report.summary()}
 

@@ -76,6 +76,14 @@ class LoraNullConfig:
         metadata={"help": "Where the model's own samples start. bos: from the BOS token alone (EOS where there is "
                   "none). chat: from neutral requests ('Tell me something you know.') through the chat template."},
     )
+    task_mix: float = field(
+        default=0.01,
+        metadata={"help": "With task data (the fine-tuning inputs) A is chosen where knowledge inputs are weak "
+                  "relative to task inputs: the r smallest generalized eigenvectors of C_k u = λ (C_t + task_mix·I) "
+                  "u, each covariance scaled to trace d_in. Larger values approach the plain null space. Without "
+                  "task data it is unused."},
+    )
+    task_samples: int = field(default=256, metadata={"help": "Task examples whose inputs make the task covariance."})
     covariance_weighting: Weighting = field(
         default="token_sum",
         metadata={
@@ -154,7 +162,7 @@ class LoraNullConfig:
         for name, allowed in literal_choices().items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}.")
-        for name in ("num_samples", "max_length", "batch_tokens", "generated_length"):
+        for name in ("num_samples", "max_length", "batch_tokens", "generated_length", "task_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1.")
         if self.batch_size is not None and self.batch_size < 1:
@@ -167,6 +175,8 @@ class LoraNullConfig:
         if self.a_scale is not None and not (
                 isinstance(self.a_scale, (int, float)) and 0 < self.a_scale < float("inf")):
             raise ConfigError(f"a_scale={self.a_scale!r} must be a positive number (1 keeps the paper's factors).")
+        if not self.task_mix > 0:
+            raise ConfigError(f"task_mix={self.task_mix} must be positive (larger: closer to the plain null space).")
         if not (self.generated_temperature > 0 and 0 < self.generated_top_p <= 1):
             raise ConfigError(f"generated_temperature={self.generated_temperature} must be positive and "
                               f"generated_top_p={self.generated_top_p} in (0, 1].")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -19,14 +19,12 @@ from .adapters import bare_base_layers, check_finite_weights
 from .block_loaders import base_parameters
 from .calibrate import CovarianceCollector, Covariances, check_token_counts, finalize_covariances
 from .config import LoraNullConfig
-from .console import progress
-from .distributed import assign_owners, broadcast_, rank_and_world
 from .leakage import LeakageCollector
-from .null_space import null_basis
 from .phases import phase
 from .report import LayerReport
 from .safeguards import model_logits, relative_error
 from .sequential import capture_block_inputs, run_block, stream_blocks
+from .solving import NullBasisSolver, share_null_bases
 from .taps import InputTaps, Visitor, run_activation_pass
 from .weights import gathered
 from .writing import set_holdout, write_layers
@@ -34,13 +32,13 @@ from .writing import set_holdout, write_layers
 
 @dataclass
 class InitStep:
-    """One turn of the init loop: the layers it initializes, how to run the calibration data past their base
-    inputs, how to run the held-out data through them once initialized, and what to do when it is done. The
-    whole model is one step; block streaming is one step per decoder block."""
+    """One turn of the init loop: the layers it initializes, how to run the calibration data (and the task data,
+    to the second visitor) past their base inputs, how to run the held-out data through them once initialized,
+    and what to do when it is done. The whole model is one step; block streaming is one step per decoder block."""
 
     key: str  # the covariance cache entry
     layers: Mapping[str, LoraLayer]
-    calibrate: Callable[[Mapping[str, nn.Module], Visitor], None]
+    calibrate: Callable[[Mapping[str, nn.Module], Visitor, Visitor], None]
     hold_out: Callable[[Mapping[str, nn.Module], Visitor], None]
     solve_progress: bool = False  # a bar over the null bases (one step holding every layer)
     finish: Callable[[], None] = lambda: None  # after its held-out pass (block streaming: the probe, the block back)
@@ -58,12 +56,13 @@ class _Solving:
 
 
 def run_steps(steps: Iterator[InitStep], config: LoraNullConfig, adapter_name: str, cache, cached: bool,
-              device: torch.device, overlap: bool = False) -> list[LayerReport]:
+              device: torch.device, overlap: bool = False, task: bool = False) -> list[LayerReport]:
     """The one init loop: calibrate (or read the cache) → solve → write → held-out leakage, step by step.
 
     With `overlap`, step i's null bases are solved on a worker thread (its own CUDA stream) while step i+1
     calibrates: the init keeps each block's function, so block i+1's inputs do not wait for block i's factors.
-    Step i is finished (written, held out) before step i+1, so every pass sees the blocks before it initialized."""
+    Step i is finished (written, held out) before step i+1, so every pass sees the blocks before it initialized.
+    With `task` data the bases are task-aware (solving.solve_owned_bases)."""
     dtype = getattr(torch, config.accumulate_dtype)
     reports: list[LayerReport] = []
     writing = cache.writing() if cache is not None and not cached else contextlib.nullcontext()
@@ -72,7 +71,8 @@ def run_steps(steps: Iterator[InitStep], config: LoraNullConfig, adapter_name: s
         for step in steps:
             modules = {name: layer.get_base_layer() for name, layer in step.layers.items()}
             collector = CovarianceCollector(dtype, config.covariance_weighting)
-            step.calibrate(modules, collector)
+            task_collector = CovarianceCollector(dtype, config.covariance_weighting)
+            step.calibrate(modules, collector, task_collector)
             if not step.layers:
                 if solving is not None:
                     reports += _finish(solving, config, adapter_name)
@@ -88,7 +88,10 @@ def run_steps(steps: Iterator[InitStep], config: LoraNullConfig, adapter_name: s
                     writer.add(step.key, covariances)
             check_token_counts(covariances, config.min_tokens_per_dim)
             ranks = {name: layer.r[adapter_name] for name, layer in step.layers.items()}
-            bases = solver.submit(covariances, ranks, config.solver, step.solve_progress)
+            task_covariances = finalize_covariances(task_collector.result, modules, config.covariance_weighting) \
+                if task else None
+            bases = solver.submit(covariances, ranks, config.solver, step.solve_progress, task_covariances,
+                                  config.task_mix)
             if solving is not None:
                 reports += _finish(solving, config, adapter_name)
             solving = _Solving(step, modules, covariances, ranks, bases)
@@ -112,54 +115,6 @@ def _finish(solving: _Solving, config: LoraNullConfig, adapter_name: str) -> lis
         step.hold_out(solving.modules, _ignore)
     step.finish()
     return reports
-
-
-class NullBasisSolver:
-    """Solves a step's null bases now, or (overlap) on one worker thread with its own CUDA stream, returning a
-    future either way. The worker waits for the covariances on the caller's stream and hands the bases back
-    synchronized and marked as used by the caller's stream, so the caching allocator never recycles them early."""
-
-    def __init__(self, device: torch.device, overlap: bool) -> None:
-        self.device, self.overlap = device, overlap
-        self.cuda = device.type == "cuda"
-        self._pool: Optional[ThreadPoolExecutor] = None
-        self._stream = None
-
-    def __enter__(self) -> NullBasisSolver:
-        if self.overlap:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-null-solve")
-            self._stream = torch.cuda.Stream(self.device) if self.cuda else None
-        return self
-
-    def __exit__(self, *_exc: Any) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-
-    def submit(self, covariances: Covariances, ranks: Mapping[str, int], solver: str, show_progress: bool) -> Future:
-        if self._pool is None:
-            done: Future = Future()
-            with phase(phases.SOLVE):
-                done.set_result(solve_owned_bases(covariances, ranks, solver, show_progress))
-            return done
-        ready = None
-        if self.cuda:
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(self.device))
-        caller = torch.cuda.current_stream(self.device) if self.cuda else None
-        return self._pool.submit(self._solve, covariances, ranks, solver, ready, caller)
-
-    def _solve(self, covariances, ranks, solver, ready, caller) -> dict[tuple[str, int], torch.Tensor]:
-        with torch.no_grad():
-            if not self.cuda:
-                return solve_owned_bases(covariances, ranks, solver, show_progress=False)
-            with torch.cuda.stream(self._stream):
-                self._stream.wait_event(ready)
-                bases = solve_owned_bases(covariances, ranks, solver, show_progress=False)
-            self._stream.synchronize()
-            for basis in bases.values():
-                if basis.is_cuda:
-                    basis.record_stream(caller)
-            return bases
 
 
 def should_overlap(setting: str, device: torch.device, blocks: Optional[nn.ModuleList]) -> bool:
@@ -187,17 +142,20 @@ def blocks_resident(blocks: nn.ModuleList, device: torch.device) -> bool:
 class WholeModel:
     """One step: a forward pass of the whole model over all data, every layer tapped, every covariance held."""
 
-    def __init__(self, peft_model, layers, batches, holdout, probe) -> None:
+    def __init__(self, peft_model, layers, batches, holdout, probe, task=()) -> None:
         self.peft_model, self.layers, self.batches, self.holdout, self.probe = peft_model, layers, batches, holdout, probe
+        self.task = task
         self.reference: Optional[torch.Tensor] = None
 
     def steps(self) -> Iterator[InitStep]:
         yield InitStep("model", self.layers, self._calibrate, self._hold_out, solve_progress=True)
 
-    def _calibrate(self, modules, visit) -> None:
+    def _calibrate(self, modules, visit, task_visit) -> None:
         with bare_base_layers(self.peft_model.get_base_model()), self._gathered():
             self.reference = model_logits(self.peft_model, self.probe)
             run_activation_pass(self.peft_model, modules, self.batches, visit)
+            if self.task:
+                run_activation_pass(self.peft_model, modules, self.task, task_visit, desc="task inputs")
 
     def _hold_out(self, modules, visit) -> None:
         with self._gathered():
@@ -217,16 +175,17 @@ class BlockByBlock:
     probe goes through the blocks twice, as the original model computes it and through the initialized blocks,
     so the function error compounds as it would in the whole model."""
 
-    def __init__(self, peft_model, layers, plan, batches, holdout, probe, device, loader) -> None:
+    def __init__(self, peft_model, layers, plan, batches, holdout, probe, device, loader, task=()) -> None:
         self.layers = layers
         self.blocks, self.names_by_block = plan
         self.device, self.loader = device, loader
         block_params = {id(p) for p in self.blocks.parameters()}
         outside = [p for p in base_parameters(peft_model) if id(p) not in block_params]  # embeddings (ZeRO-3)
         with phase(phases.CAPTURE), gathered(outside):
-            self.calls = capture_block_inputs(peft_model, self.blocks[0], [*batches, *holdout, probe], device)
+            self.calls = capture_block_inputs(peft_model, self.blocks[0], [*batches, *holdout, *task, probe], device)
         self.calibration = range(len(batches))
         self.held_out = range(len(batches), len(batches) + len(holdout))
+        self.task = range(self.held_out.stop, self.held_out.stop + len(task))
         self.drift = self.calls[-1]
 
     def steps(self) -> Iterator[InitStep]:
@@ -234,12 +193,13 @@ class BlockByBlock:
         for block_step in stream_blocks(self.blocks, self.names_by_block, self.device, self.loader):
             block = block_step.block
 
-            def calibrate(modules, visit, block=block) -> None:
+            def calibrate(modules, visit, task_visit, block=block) -> None:
                 with bare_base_layers(block):
-                    with InputTaps(modules, visit) as taps:
-                        for j in self.calibration:
-                            taps.set_batch(calls[j].mask, calls[j].counts)
-                            calls[j] = calls[j].with_hidden(run_block(block, calls[j]))
+                    for indices, visitor in ((self.calibration, visit), (self.task, task_visit)):
+                        with InputTaps(modules, visitor) as taps:
+                            for j in indices:
+                                taps.set_batch(calls[j].mask, calls[j].counts)
+                                calls[j] = calls[j].with_hidden(run_block(block, calls[j]))
                     calls[-1] = calls[-1].with_hidden(run_block(block, calls[-1]))  # the probe, as the original runs
 
             def hold_out(modules, visit, block=block) -> None:
@@ -262,34 +222,3 @@ class BlockByBlock:
 
 def _ignore(*_args: Any) -> None:
     pass
-
-
-def _owners(covariances: Covariances, ranks: Mapping[str, int]) -> dict[tuple[str, int], int]:
-    """The rank that solves each (covariance, rank) pair the layers need, in one order on every rank."""
-    needed = sorted({(covariances.group_of[name], rank) for name, rank in ranks.items()})
-    owner = assign_owners({f"{group}|{rank}": covariances.matrices[group].shape[0] for group, rank in needed})
-    return {(group, rank): owner[f"{group}|{rank}"] for group, rank in needed}
-
-
-def solve_owned_bases(covariances: Covariances, ranks: Mapping[str, int], solver: str = "auto",
-                      show_progress: bool = True) -> dict[tuple[str, int], torch.Tensor]:
-    """The null bases this rank owns (all of them in one process); no communication, so it may run on a thread."""
-    my_rank = rank_and_world()[0]
-    mine = [key for key, owner in _owners(covariances, ranks).items() if owner == my_rank]
-    return {(group, rank): null_basis(covariances.matrices[group], rank, solver)
-            for group, rank in (progress(mine, "null bases", "covariance") if show_progress else mine)}
-
-
-def share_null_bases(covariances: Covariances, ranks: Mapping[str, int],
-                     owned: Mapping[tuple[str, int], torch.Tensor]) -> dict[tuple[str, int], torch.Tensor]:
-    """Every needed basis on every rank: each owner broadcasts its own (a no-op in one process). Called from the
-    thread that issues the other collectives, so every rank issues them in the same order."""
-    result = {}
-    for (group, rank), owner in _owners(covariances, ranks).items():
-        if (group, rank) in owned:
-            basis = owned[group, rank]
-        else:
-            matrix = covariances.matrices[group]
-            basis = torch.empty(matrix.shape[0], rank, dtype=torch.float64, device=matrix.device)
-        result[group, rank] = broadcast_(basis, src=owner)
-    return result

@@ -46,12 +46,14 @@ def lora_null_init(
     adapter_name: Optional[str] = None,
     execution_device: Optional[str] = None,
     block_loader: Optional[BlockLoader] = None,
+    task_data: Optional[CalibrationSource] = None,
     **overrides: Any,
 ) -> PeftModel:
     """Initialize a LoRA adapter in the null space of the calibration activations; return the PeftModel.
 
     `calibration`: knowledge text to keep (a path, hub name, Dataset or list of rows); None samples the model's own
-    text instead (own_text.py; the `generated_*` settings say how).
+    text instead (own_text.py; the `generated_*` settings say how). `task_data`: the fine-tuning inputs (same
+    forms); with it A is task-aware, where knowledge inputs are weak relative to these (null_space.task_aware_basis).
 
     `overrides` replace LoraNullConfig fields, e.g. `lora_null_init(model, cfg, data, tok, variant="v2")`.
     The PeftModel carries the measurements as `.lora_null_report` (an InitReport). With streaming, blocks
@@ -77,19 +79,20 @@ def lora_null_init(
                                         "load the weights before initializing.")
         device = execution_device or str(execution_device_for(peft_model))  # this rank's GPU, found before alone()
         with alone():
-            return _initialize(peft_model, layers, calibration, tokenizer, config, adapter_name, device, block_loader)
+            return _initialize(peft_model, layers, calibration, tokenizer, config, adapter_name, device, block_loader,
+                               task_data)
     # In memory, a refused init leaves the adapter as it was (blocks a loader brings in are written where they live;
     # ZeRO-3 partitions are not held whole).
     in_memory = block_loader is None and not is_zero3_partitioned(peft_model.parameters())
     restored = restored_on_failure(layers, adapter_name, config.residual) if in_memory else contextlib.nullcontext()
     with only_adapter(peft_model, adapter_name), restored:
         return _initialize(peft_model, layers, calibration, tokenizer, config, adapter_name, execution_device,
-                           block_loader)
+                           block_loader, task_data)
 
 
 def _initialize(peft_model: PeftModel, layers: Mapping[str, LoraLayer], calibration: Optional[CalibrationSource],
                 tokenizer: Any, config: LoraNullConfig, adapter_name: str, execution_device: Optional[str],
-                block_loader: Optional[BlockLoader]) -> PeftModel:
+                block_loader: Optional[BlockLoader], task_data: Optional[CalibrationSource] = None) -> PeftModel:
     device = torch.device(execution_device) if execution_device else execution_device_for(peft_model)
     if calibration is None:
         calibration = own_text(peft_model, tokenizer, config, device)
@@ -105,22 +108,30 @@ def _initialize(peft_model: PeftModel, layers: Mapping[str, LoraLayer], calibrat
     holdout = tokenize_batches(texts.holdout, tokenizer, config.max_length, **batching) if texts.holdout else []
     check_distinct_contexts(batches, layers, config)
     probe = probe_batch(batches)
+    task = choose_texts(task_data, tokenizer, config.task_samples, 0, config.seed, config.text_field) \
+        if task_data is not None else None
+    task_batches = tokenize_batches(task.calibration, tokenizer, config.max_length, **batching) if task else []
+    if task and len(task_batches) < world:
+        raise InsufficientCalibrationError(f"{len(task.calibration)} task examples cannot feed {world} processes.")
 
     plan = streaming_plan(peft_model, layers, config)
     if plan is None:  # block by block, each block's weights are checked on arrival, where they are computed on
         check_finite_weights(layers)
-    cache = CovarianceCache.open(config.covariance_cache, peft_model.get_base_model(), batches, config)
+    if task and config.covariance_cache:
+        logger.info("The covariance cache holds knowledge covariances only; with task data it is not used.")
+    cache = None if task else CovarianceCache.open(config.covariance_cache, peft_model.get_base_model(), batches, config)
     cached = cache is not None and cache.has(list(layers), device)
     was_training = peft_model.training
     peft_model.eval()
     try:
         mine = [] if cached else shard(batches)  # with cached covariances only held-out data and the probe run
         if plan is not None:
-            source = BlockByBlock(peft_model, layers, plan, mine, shard(holdout), probe, device, block_loader)
+            source = BlockByBlock(peft_model, layers, plan, mine, shard(holdout), probe, device, block_loader,
+                                  shard(task_batches))
         else:
-            source = WholeModel(peft_model, layers, mine, shard(holdout), probe)
+            source = WholeModel(peft_model, layers, mine, shard(holdout), probe, shard(task_batches))
         overlap = should_overlap(config.overlap, device, plan[0] if plan is not None else None)
-        report_layers = run_steps(source.steps(), config, adapter_name, cache, cached, device, overlap)
+        report_layers = run_steps(source.steps(), config, adapter_name, cache, cached, device, overlap, bool(task))
         function_error = source.function_error()
     finally:
         peft_model.train(was_training)
@@ -143,6 +154,9 @@ def _initialize(peft_model: PeftModel, layers: Mapping[str, LoraLayer], calibrat
             "holdout_samples": len(texts.holdout),
             "max_length": config.max_length,
             "tokens": max(layer.tokens for layer in report_layers),
+            # None: the plain null space; else the task data that made A task-aware
+            "task_data": {"source": task.source, "num_samples": len(task.calibration), "task_mix": config.task_mix}
+            if task else None,
         },
         function_error_measure="last_block_output" if plan is not None else "logits",
         config={**config.to_dict(), "a_scale": config.resolved_a_scale},  # as applied

@@ -45,6 +45,31 @@ def null_basis(covariance: torch.Tensor, rank: int, solver: str = "auto") -> tor
     return eigendecompose(covariance)[1][:, :rank].contiguous()
 
 
+def task_aware_basis(knowledge: torch.Tensor, task: torch.Tensor, rank: int, mix: float) -> torch.Tensor:
+    """(d_in, rank) orthonormal basis of the directions knowledge inputs use least *relative to* task inputs: the
+    `rank` generalized eigenvectors of C_k u = λ (C_t + mix·I) u with the smallest λ, each covariance normalized
+    to trace d_in first, so `mix` means the same in every layer. As mix → ∞ this is the plain null basis; a small
+    mix favours directions the fine-tuning data uses. Solved in float64 by a Cholesky factor L of C_t + mix·I:
+    the eigenvectors Y of L⁻¹ C_k L⁻ᵀ give u = L⁻ᵀ Y."""
+    d_in = knowledge.shape[0]
+    if not 0 < rank < d_in:
+        raise InvalidRankError(f"rank {rank} must be between 1 and d_in - 1 = {d_in - 1} to leave a null space.")
+    eye = torch.eye(d_in, dtype=torch.float64, device=knowledge.device)
+    k, t = (_unit_trace(m.to(torch.float64)) for m in (knowledge, task))
+    factor = torch.linalg.cholesky((t + t.T) / 2 + mix * eye)  # mix > 0 keeps it positive definite
+    half = torch.linalg.solve_triangular(factor, (k + k.T) / 2, upper=False)  # L⁻¹ C_k
+    whitened = torch.linalg.solve_triangular(factor, half.T, upper=False)  # L⁻¹ C_k L⁻ᵀ (C_k symmetric)
+    vectors = torch.linalg.eigh((whitened + whitened.T) / 2)[1][:, :rank]
+    directions = torch.linalg.solve_triangular(factor.T, vectors, upper=True)
+    return torch.linalg.qr(directions).Q.contiguous()
+
+
+def _unit_trace(matrix: torch.Tensor) -> torch.Tensor:
+    """Scaled to trace d (an average direction then holds energy 1); a zero matrix stays zero."""
+    trace = float(torch.trace(matrix))
+    return matrix * (matrix.shape[0] / trace) if trace > 0 else matrix
+
+
 def subspace_null_basis(covariance: torch.Tensor, rank: int, oversample: int = 16, steps: int = 4) -> torch.Tensor:
     """Bottom-`rank` eigenvectors by Rayleigh–Ritz on a block Krylov space of (C + δI)⁻¹, from a Cholesky factor.
 

@@ -41,18 +41,19 @@ def init_to_folder(
     trust_remote_code: bool = False,
     overwrite: bool = False,
     offload: Union[bool, str] = False,
+    task_data: Optional[CalibrationSource] = None,
 ) -> InitReport:
     """Initialize `model_name_or_path` and write OUT/base, OUT/adapter and OUT/lora_null.json.
 
     offload: False keeps the model on `device`; True or "cpu" keeps the weights in CPU memory and brings one
     block at a time to `device`; "disk" reads each block from the local safetensors checkpoint in its turn,
-    for models larger than CPU memory."""
+    for models larger than CPU memory. task_data: the fine-tuning inputs, for a task-aware A."""
     # Everything that can be checked is checked before the model is loaded: fail before the expensive part.
     config = config or LoraNullConfig()
     if config.train_base == "auto":  # the folder's contract: OUT/base holds W − s·B₀A₀ and `export` maps back
         config = config.replace(train_base="residual")
     cache = config.covariance_cache
-    check_output(output_dir, [model_name_or_path, _local(calibration), cache], overwrite)
+    check_output(output_dir, [model_name_or_path, _local(calibration), _local(task_data), cache], overwrite)
     check_lora_config(lora_config)
     torch_dtype(dtype)
     check_device(device)
@@ -68,13 +69,16 @@ def init_to_folder(
     config = fit_max_length(model_name_or_path, config, trust_remote_code)
     if calibration is not None:  # read before the model loads: a bad file fails first (None: the model's own text)
         calibration = CalibrationRows(load_rows(calibration), describe(calibration))
+    if task_data is not None:
+        task_data = CalibrationRows(load_rows(task_data), describe(task_data))
     device = device or default_device()
     if offload == "disk":
         return _init_from_disk(Path(model_name_or_path), calibration, Path(output_dir), lora_config, config, dtype,
-                               device, trust_remote_code, overwrite, tokenizer)
+                               device, trust_remote_code, overwrite, tokenizer, task_data)
     # offload: weights stay in CPU memory and each decoder block visits the device in turn.
     model = load_model(model_name_or_path, dtype, None if offload else device, trust_remote_code)
-    peft_model = lora_null_init(model, lora_config, calibration, tokenizer, config, execution_device=device)
+    peft_model = lora_null_init(model, lora_config, calibration, tokenizer, config, execution_device=device,
+                                task_data=task_data)
     report = peft_model.lora_null_report
     report.model = str(model_name_or_path)
     save_initialized(peft_model, Path(output_dir), tokenizer, overwrite=overwrite)
@@ -120,7 +124,7 @@ def _local(source: CalibrationSource) -> Optional[str]:
 
 
 def _init_from_disk(folder, calibration, output_dir, lora_config, config, dtype, device, trust_remote_code, overwrite,
-                    tokenizer) -> InitReport:
+                    tokenizer, task_data=None) -> InitReport:
     """Meta model, blocks read from the shards in turn, the residual base written block by block."""
     checkpoint = Checkpoint(folder)
     model = empty_model(folder, checkpoint, torch_dtype(dtype), trust_remote_code)
@@ -131,7 +135,7 @@ def _init_from_disk(folder, calibration, output_dir, lora_config, config, dtype,
         base_dir.mkdir()
         loader = DiskBlocks(checkpoint, base_dir, prefix)
         peft_model = lora_null_init(model, lora_config, calibration, tokenizer, config, execution_device=device,
-                                    block_loader=loader)
+                                    block_loader=loader, task_data=task_data)
         base = peft_model.get_base_model()
         loader.restore_lora(base)
         loader.finish(base, prefix)

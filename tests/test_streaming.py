@@ -101,16 +101,16 @@ def overlapped_and_sequential(make_model, tokenizer, knowledge, monkeypatch, dev
     """The same streaming init twice: solves overlapped on the worker thread, then one after another."""
     import threading
 
-    from lora_null_core import init_loop
+    from lora_null_core import solving
 
     threads = set()
-    real_solve = init_loop.solve_owned_bases
+    real_solve = solving.solve_owned_bases
 
     def spy(*args, **kwargs):
         threads.add(threading.current_thread().name)
         return real_solve(*args, **kwargs)
 
-    monkeypatch.setattr(init_loop, "solve_owned_bases", spy)
+    monkeypatch.setattr(solving, "solve_owned_bases", spy)
     results = []
     for overlap in ("on", "off"):
         model = make_model("llama", layers=3).to(device)
@@ -137,19 +137,19 @@ def test_solves_overlapped_with_the_next_block_give_the_same_init(make_model, to
 
 
 def test_an_error_in_an_overlapped_solve_reaches_the_caller(make_model, tokenizer, knowledge, monkeypatch):
-    from lora_null_core import init_loop
+    from lora_null_core import solving
 
     def broken(*_args, **_kwargs):
         raise torch.linalg.LinAlgError("no basis")
 
-    monkeypatch.setattr(init_loop, "solve_owned_bases", broken)
+    monkeypatch.setattr(solving, "solve_owned_bases", broken)
     with pytest.raises(torch.linalg.LinAlgError, match="no basis"):
         lora_null_init(make_model("llama", layers=3), LoraConfig(r=4), knowledge[:200], tokenizer, num_samples=160,
                        holdout_samples=0, streaming="on", overlap="on")
 
 
 def test_when_solves_overlap(make_model, monkeypatch):
-    from lora_null_core import init_loop, phases
+    from lora_null_core import init_loop, phases, solving
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     on_cpu = make_model("llama").model.layers
@@ -163,7 +163,7 @@ def test_when_solves_overlap(make_model, monkeypatch):
     assert not init_loop.should_overlap("on", gpu, None)  # one whole-model step: nothing to overlap
     with phases.observing(object()):  # a profiler times the phases one after another
         assert not init_loop.should_overlap("auto", gpu, on_gpu)
-    monkeypatch.setattr(init_loop, "rank_and_world", lambda: (0, 2))
+    monkeypatch.setattr(solving, "rank_and_world", lambda: (0, 2))
     assert init_loop.should_overlap("auto", gpu, on_gpu)  # several processes too: the broadcasts stay in order
 
 

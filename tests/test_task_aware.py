@@ -1,0 +1,83 @@
+"""The task-aware null space: A where knowledge inputs are weak relative to the fine-tuning inputs
+(null_space.task_aware_basis; lora_null_init(..., task_data=...))."""
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from lora_null_core import LoraNullConfig, collect_covariances, lora_null_init
+from lora_null_core.adapters import lora_layers
+from lora_null_core.data import tokenize_batches
+from lora_null_core.errors import ConfigError
+from lora_null_core.null_space import null_basis, task_aware_basis
+
+SMALL = dict(num_samples=160, holdout_samples=0, task_samples=64)
+
+
+def test_among_the_least_used_directions_it_picks_the_ones_the_task_uses():
+    knowledge = torch.diag(torch.tensor([1e-4] * 4 + [2e-4] * 4 + [1.0] * 8, dtype=torch.float64))
+    task = torch.diag(torch.tensor([0.0] * 4 + [5.0] * 4 + [1.0] * 8, dtype=torch.float64))
+    plain, aware = null_basis(knowledge, 4), task_aware_basis(knowledge, task, 4, 0.01)
+    assert torch.allclose(aware.T @ aware, torch.eye(4, dtype=torch.float64), atol=1e-12)
+    in_dims = lambda basis, dims: float((basis[dims] ** 2).sum()) / 4  # noqa: E731
+    assert in_dims(plain, slice(0, 4)) > 0.999  # the plain null basis: the knowledge's smallest directions
+    assert in_dims(aware, slice(4, 8)) > 0.99  # task-aware: almost as unused by knowledge, and used by the task
+    far = task_aware_basis(knowledge, task, 4, 1e8)  # a huge mix is the plain null space again
+    assert torch.allclose(far @ far.T, plain @ plain.T, atol=1e-6)
+    with pytest.raises(ConfigError, match="task_mix=0 must be positive"):
+        LoraNullConfig(task_mix=0)
+
+
+def energies(model, tokenizer, texts, layers):
+    """Per layer: energy per direction of A's rows in a covariance, relative to an average direction."""
+    own = dict(model.named_modules())
+    base = {name.removeprefix("base_model.model."): own[name.removeprefix("base_model.model.")] for name in layers}
+    covariances = collect_covariances(model, base, tokenize_batches(texts, tokenizer, 64, 32), torch.float64)
+    result = {}
+    for name, layer in layers.items():
+        rows = torch.linalg.qr(layer.lora_A["default"].weight.detach().double().T).Q
+        matrix = covariances.of(name.removeprefix("base_model.model."))
+        result[name] = float(torch.trace(rows.T @ matrix @ rows) / torch.trace(matrix) * matrix.shape[0] / rows.shape[1])
+    return result
+
+
+@pytest.mark.parametrize("streaming", ["on", "off"])
+def test_with_task_data_a_holds_more_task_and_stays_out_of_knowledge(make_model, tokenizer, knowledge, task,
+                                                                     streaming):
+    settings = dict(SMALL, streaming=streaming, init="basis")
+    plain = lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, **settings)
+    aware = lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, task_data=task, **settings)
+    assert aware.lora_null_report.function_error < 1e-6
+    recorded = aware.lora_null_report.calibration["task_data"]
+    assert recorded["num_samples"] == 64 and recorded["task_mix"] == 0.01
+    assert plain.lora_null_report.calibration["task_data"] is None
+    reference = make_model()
+    layers = {kind: lora_layers(model, "default") for kind, model in (("plain", plain), ("aware", aware))}
+    on_task = {kind: energies(reference, tokenizer, task, found) for kind, found in layers.items()}
+    on_knowledge = {kind: energies(reference, tokenizer, knowledge[:160], found) for kind, found in layers.items()}
+    mean = lambda values: sum(values.values()) / len(values)  # noqa: E731
+    assert mean(on_task["aware"]) > 1.5 * mean(on_task["plain"]), (mean(on_task["aware"]), mean(on_task["plain"]))
+    assert mean(on_knowledge["aware"]) < 0.5, on_knowledge["aware"]  # still far below an average direction
+
+
+def test_streaming_and_the_whole_model_pass_agree(make_model, tokenizer, knowledge, task):
+    results = [lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, task_data=task, streaming=mode,
+                              accumulate_dtype="float64", **SMALL) for mode in ("on", "off")]
+    mine, theirs = (r.state_dict() for r in results)
+    for key in (k for k in mine if "lora_" in k):
+        assert torch.allclose(mine[key].abs(), theirs[key].abs(), atol=1e-5), key
+
+
+def test_cli_task_data_is_recorded(saved_model, knowledge, task, tmp_path):
+    import json
+
+    from lora_null_core.cli import main
+    from lora_null_core.tiny import write_jsonl
+
+    write_jsonl(tmp_path / "knowledge.jsonl", knowledge)
+    write_jsonl(tmp_path / "task.jsonl", task)
+    assert main(["init", "--model", str(saved_model), "--calibration", str(tmp_path / "knowledge.jsonl"),
+                 "--task-data", str(tmp_path / "task.jsonl"), "--task-mix", "0.1", "--rank", "4", "--num-samples", "160",
+                 "--output", str(tmp_path / "init"), "--device", "cpu"]) == 0
+    recorded = json.loads((tmp_path / "init" / "lora_null.json").read_text())["calibration"]["task_data"]
+    assert recorded == {"source": str(tmp_path / "task.jsonl"), "num_samples": 64, "task_mix": 0.1}
