@@ -84,6 +84,13 @@ def test_the_self_calibrated_init_samples_the_models_own_text(cpu_run):
     assert report.calibration["source"].startswith("the model's own text") and "chat template" in report.calibration["source"]
 
 
+def test_the_task_aware_init_reads_the_training_examples(cpu_run):
+    suite = synthetic_suite("cpu", cpu_run / "cache", "cpu")
+    report = build_adapter("lora_null_task0.1", suite.load_base(), suite, seed=0).lora_null_report
+    assert report.calibration["task_data"]["task_mix"] == 0.1
+    assert report.calibration["task_data"]["num_samples"] == min(256, len(suite.task_train))
+
+
 def test_world_problems_are_distinct_and_correct():
     problems = world.word_problems(500, seed=3)
     assert len({p.prompt for p in problems}) == 500

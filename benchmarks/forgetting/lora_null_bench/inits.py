@@ -22,6 +22,9 @@ DEFAULT_INITS = INITS[:6]
 # `adapter_init: lora_null` with no calibration text: the model samples its own (from BOS, or from neutral chat
 # requests); the frontier's knowledge questions are never seen, so its knowledge figure is the honest test.
 SELF_INITS = {"lora_null_self": "bos", "lora_null_self_chat": "chat"}
+# The task-aware null space (opt-in): the default given the training examples as task data too; lora_null_task
+# uses the default task_mix, lora_null_task<μ> another (lora_null_task0.1).
+TASK_PREFIX = "lora_null_task"
 
 
 def lora_config(suite: Suite, model: torch.nn.Module) -> LoraConfig:
@@ -47,6 +50,11 @@ def build_adapter(init: str, model: torch.nn.Module, suite: Suite, seed: int) ->
     if init == "lora_null":  # exactly `adapter_init: lora_null` with no other key: every LoraNullConfig default
         return lora_null_init(model, config, [e.text for e in suite.calibration], suite.tokenizer,
                               LoraNullConfig(seed=seed))
+    if init.startswith(TASK_PREFIX):
+        mix = {"task_mix": task_mix_of(init)} if init != TASK_PREFIX else {}
+        task = [e.prompt + suite.separator + e.targets[0] for e in suite.task_train]  # as training reads them
+        return lora_null_init(model, config, [e.text for e in suite.calibration], suite.tokenizer,
+                              LoraNullConfig(seed=seed, **mix), task_data=task)
     if init in SELF_INITS:
         return lora_null_init(model, config, None, suite.tokenizer,
                               LoraNullConfig(seed=seed, generated_prompt=SELF_INITS[init]))
@@ -64,12 +72,24 @@ def build_adapter(init: str, model: torch.nn.Module, suite: Suite, seed: int) ->
 
 
 def is_known_init(init: str) -> bool:
-    if init in INITS or init in SELF_INITS:
+    if init in INITS or init in SELF_INITS or init == TASK_PREFIX:
         return True
+    if init.startswith(TASK_PREFIX):
+        try:
+            return task_mix_of(init) > 0
+        except ValueError:
+            return False
     try:
         return init.startswith("lora_null_x") and a_scale_of(init) > 0
     except ValueError:
         return False
+
+
+def task_mix_of(init: str) -> float:
+    try:
+        return float(init.removeprefix(TASK_PREFIX))
+    except ValueError:
+        raise ValueError(f"unknown init {init!r}: lora_null_task<task_mix>, e.g. lora_null_task0.1") from None
 
 
 def a_scale_of(init: str) -> float:
