@@ -37,25 +37,28 @@ class MoveToDevice:
 
 class PrefetchToDevice:
     """The loader for weights kept in CPU memory (--offload cpu) streamed to a GPU: while block i computes, block
-    i+1 is copied in on a side stream, and a finished block goes back the same way, from and into pinned memory
-    (each block is pinned once, on its first trip), so the copies overlap the compute instead of stalling it."""
+    i+1 is copied in on a side stream, and a finished block goes back the same way, so the copies overlap the
+    compute instead of stalling it. Every trip passes through pinned staging buffers from torch's caching host
+    allocator, reused trip after trip: pinning the model itself costs ~0.3 s per 7B block (page-locking fresh
+    memory), a memcpy into a reused buffer a tenth of that. A block's copies home land in its host tensors at the
+    next unload, before it is read again, or at close."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.stream = torch.cuda.Stream(device)
         self._incoming: dict[int, tuple[list, torch.cuda.Event]] = {}
-        self._entries: dict[int, list] = {}  # index → [(owner, kind, name, pinned host tensor)]
+        self._entries: dict[int, list] = {}  # index → [(owner, kind, name, host tensor)]
+        self._homing: tuple = (None, None, [])  # (index, copies done, [(host, staging)]) of the last unload
 
     def prefetch(self, index: int, block: nn.Module) -> None:
         if index in self._incoming:
             return
-        entries = []
-        for owner, kind, name, tensor in _block_tensors(block):
-            host = tensor if tensor.is_pinned() else tensor.pin_memory()
-            entries.append((owner, kind, name, host))
-            _set_tensor(owner, kind, name, host)
+        if self._homing[0] == index:  # going back and forth: read it once it is home
+            self._land()
+        entries = _block_tensors(block)
         with torch.cuda.stream(self.stream):
-            copies = [host.to(self.device, non_blocking=True) for *_, host in entries]
+            # The allocator records the copy on this stream: a freed staging buffer is reused only after it.
+            copies = [_staged(host).to(self.device, non_blocking=True) for *_, host in entries]
             arrived = torch.cuda.Event()
             arrived.record(self.stream)
         self._entries[index] = entries
@@ -72,16 +75,40 @@ class PrefetchToDevice:
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(self.device))  # after everything the caller did to the block
         self.stream.wait_event(done)
+        homing = []
         with torch.cuda.stream(self.stream):
             for owner, kind, name, host in self._entries.pop(index):
-                on_device = _get_tensor(owner, kind, name)
-                host.copy_(on_device, non_blocking=True)  # the residual written on the GPU goes home
+                on_device = _get_tensor(owner, kind, name)  # the residual written on the GPU goes home
+                staging = host if host.is_pinned() else torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+                staging.copy_(on_device, non_blocking=True)
                 on_device.record_stream(self.stream)
+                homing.append((host, staging))
                 _set_tensor(owner, kind, name, host)
+            copied = torch.cuda.Event()
+            copied.record(self.stream)
+        self._land()  # the block before: its copies finished while this one computed
+        self._homing = (index, copied, homing)
 
     def close(self) -> None:
-        """Wait for the last copies home: the host weights are read (saved) next."""
+        """Land the last copies home: the host weights are read (saved) next."""
         self.stream.synchronize()
+        self._land()
+
+    def _land(self) -> None:
+        _, copied, homing = self._homing
+        if copied is not None:
+            copied.synchronize()
+        for host, staging in homing:
+            if staging is not host:
+                host.copy_(staging)
+        self._homing = (None, None, [])
+
+
+def _staged(host: torch.Tensor) -> torch.Tensor:
+    """`host` in pinned memory: itself if pinned, else a copy in a (reused) pinned buffer."""
+    if host.is_pinned():
+        return host
+    return torch.empty(host.shape, dtype=host.dtype, pin_memory=True).copy_(host)
 
 
 def _block_tensors(block: nn.Module) -> list[tuple[nn.Module, str, str, torch.Tensor]]:

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 from .config import LoraNullConfig
 from .console import NORMAL, QUIET, VERBOSE, set_verbosity
-from .errors import LoraNullError
+from .errors import ConfigError, LoraNullError
 from .integration import config_fields
 from .saving import FLOAT_DTYPES
 
@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--output", required=True)
     inspect.add_argument("--init-dir", "--init", dest="init_dir", default=None,
                          help="A folder written by `lora-null init`, to measure its leakage.")
+    inspect.add_argument("--task-data", default=None, help="The fine-tuning inputs (same forms as --calibration): "
+                         "with --init-dir, also the leakage of its lora_A on them (room to learn the task).")
     add_config_flags(inspect, only=("num_samples", "max_length", "batch_tokens", "batch_size", "text_field", "seed",
                                     "generated_length", "generated_temperature", "generated_top_p", "generated_prompt"))
     inspect.add_argument("--dtype", choices=FLOAT_DTYPES, default="auto")
@@ -147,12 +149,15 @@ def _inspect(args: argparse.Namespace) -> dict:
     from .report import read_metadata
     from .saving import default_device, load_model, load_tokenizer
 
-    check_output(args.output, [args.model, args.calibration, args.init_dir], args.overwrite)
+    check_output(args.output, [args.model, args.calibration, args.init_dir, args.task_data], args.overwrite)
+    if args.task_data is not None and args.init_dir is None:
+        raise ConfigError("--task-data measures an init's lora_A on the fine-tuning inputs: give --init-dir too.")
     if args.init_dir is not None:
         read_metadata(Path(args.init_dir))  # a bad --init-dir fails now, not after the calibration pass
     model = load_model(args.model, args.dtype, args.device or default_device(), args.trust_remote_code)
     config = config_from_flags(args).replace(holdout_samples=0)
-    data = analyze(model, load_tokenizer(args.model, args.trust_remote_code), args.calibration, config, args.init_dir)
+    data = analyze(model, load_tokenizer(args.model, args.trust_remote_code), args.calibration, config, args.init_dir,
+                   args.task_data)
     out = write_report(data, args.output, args.overwrite)
     return {"report": str(out / "report.html"), "layers": len(data["layers"])}
 

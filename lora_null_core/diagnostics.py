@@ -46,8 +46,10 @@ def analyze(
     calibration: Optional[CalibrationSource],
     config: Optional[LoraNullConfig] = None,
     init_dir: Optional[os.PathLike] = None,
+    task_data: Optional[CalibrationSource] = None,
 ) -> dict[str, Any]:
-    """Every number of the report, per layer, as plain JSON-able data. No calibration: the model's own text."""
+    """Every number of the report, per layer, as plain JSON-able data. No calibration: the model's own text.
+    task_data (with init_dir): also the leakage of lora_A on the fine-tuning inputs, where A should have room."""
     config = config or LoraNullConfig(holdout_samples=0)
     if calibration is None:
         calibration = own_text(model, tokenizer, config.replace(holdout_samples=0), model_device(model))
@@ -56,6 +58,12 @@ def analyze(
     modules = linear_layers(model)
     covariances = collect_covariances(model, modules, batches, torch.float64, config.covariance_weighting)
     adapter, rank, settings = _initial_adapter(init_dir)
+    task = None
+    if task_data is not None and adapter is not None:
+        task_texts = choose_texts(task_data, tokenizer, config.num_samples, 0, config.seed, config.text_field)
+        task_batches = tokenize_batches(task_texts.calibration, tokenizer, config.max_length, config.batch_size,
+                                        config.batch_tokens)
+        task = collect_covariances(model, modules, task_batches, torch.float64, config.covariance_weighting)
     eigen = {group: eigendecompose(matrix) for group, matrix in covariances.matrices.items()}  # ascending
     spectra = {group: values.clamp_min(0).flip(0).tolist() for group, (values, _) in eigen.items()}
     layers = []
@@ -87,9 +95,14 @@ def analyze(
             optimum = eigen[group][1][:, : lora_a.shape[0]].T
             measured = leakages_from_covariance([lora_a, random_like(lora_a, config.seed), optimum], cov)
             entry.update(zip(("leakage", "leakage_random", "leakage_optimum"), measured))
+            if task is not None:  # energy = leakage²: the share of an average direction's energy A picks up
+                on_task = leakages_from_covariance([lora_a, random_like(lora_a, config.seed)], task.matrices[group])
+                entry.update(zip(("task_leakage", "task_leakage_random"), on_task))
+                entry.update(energy_knowledge=entry["leakage"] ** 2, energy_task=entry["task_leakage"] ** 2)
         layers.append(entry)
     return {"calibration": {"source": texts.source, "samples": len(texts.calibration),
                             "tokens": max(covariances.tokens.values())},
+            "task_data": None if task is None else {"source": task_texts.source, "samples": len(task_texts.calibration)},
             "init": str(init_dir) if init_dir else None, "init_settings": settings, "rank": rank, "layers": layers,
             "spectra": spectra}
 
@@ -181,11 +194,14 @@ def _leakage_figure(plt, data):
     for ax, (kind, layers) in zip(axes[0], types.items()):
         depth = [layer["depth"] for layer in layers]
         for key, label, style in (("leakage_random", "random A, same norm", "^:"), ("leakage", "LoRA-Null A", "o-"),
-                                  ("leakage_optimum", "best r-dim basis", "s--")):
-            ax.semilogy(depth, [max(layer[key], 1e-6) for layer in layers], style, markersize=3, label=label)
+                                  ("leakage_optimum", "best r-dim basis", "s--"),
+                                  ("task_leakage", "LoRA-Null A on the task data", "d-")):
+            if key in layers[0]:
+                ax.semilogy(depth, [max(layer[key], 1e-6) for layer in layers], style, markersize=3, label=label)
         ax.set_title(kind), ax.set_xlabel("block")
     axes[0][0].set_ylabel("leakage (1 ≈ random)"), axes[0][0].legend(fontsize=7)
-    figure.suptitle("Leakage of lora_A on these activations, by layer type and depth", y=1.04)
+    figure.suptitle("Leakage of lora_A (its energy's square root) by layer type and depth: low on knowledge keeps "
+                    "it, high on the task leaves room to learn", y=1.04, fontsize=9)
     return figure
 
 
@@ -195,6 +211,7 @@ def _html(data, images) -> str:
         f"<td>{layer['effective_rank_activations']:.1f}</td><td>{layer['effective_rank_weight']:.1f}</td>"
         + (f"<td>{layer['leakage']:.3g}</td><td>{layer['leakage_random']:.3g}</td><td>{layer['leakage_optimum']:.3g}</td>"
            if "leakage" in layer else "<td></td><td></td><td></td>")
+        + (f"<td>{layer['task_leakage']:.3g}</td>" if "task_leakage" in layer else "<td></td>")
         + f"<td>{html.escape(layer.get('recommendation', ''))}</td></tr>"
         for layer in data["layers"]
     )
@@ -204,10 +221,17 @@ def _html(data, images) -> str:
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:12px}}
 td,th{{border:1px solid #ccc;padding:2px 6px}}img{{max-width:100%}}</style></head><body>
 <h1>lora-null inspect</h1><p>Calibration: {html.escape(str(calibration['source']))}, {calibration['samples']} samples,
-{calibration['tokens']} tokens. Init: {html.escape(str(data['init']))}{_settings(data.get('init_settings'))}.</p>{pictures}
+{calibration['tokens']} tokens. Init: {html.escape(str(data['init']))}{_settings(data.get('init_settings'))}.{_task(data)}</p>
+{pictures}
 <table><tr><th>layer</th><th>d_in</th><th>tokens</th><th>eff. rank activations</th><th>eff. rank weight</th>
-<th>leakage</th><th>random A</th><th>optimum</th><th>recommendation</th></tr>{rows}</table></body></html>
+<th>leakage</th><th>random A</th><th>optimum</th><th>on task data</th><th>recommendation</th></tr>{rows}</table>
+</body></html>
 """
+
+
+def _task(data) -> str:
+    task = data.get("task_data")
+    return f" Task data: {html.escape(str(task['source']))}, {task['samples']} samples." if task else ""
 
 
 def _settings(settings: Optional[dict]) -> str:

@@ -91,6 +91,17 @@ def test_the_task_aware_init_reads_the_training_examples(cpu_run):
     assert report.calibration["task_data"]["num_samples"] == min(256, len(suite.task_train))
 
 
+def test_a_scale_suffix_on_self_and_task_inits(cpu_run):
+    from lora_null_bench.inits import is_known_init
+
+    suite = synthetic_suite("cpu", cpu_run / "cache", "cpu")
+    report = build_adapter("lora_null_task0.1_x1", suite.load_base(), suite, seed=0).lora_null_report
+    assert report.calibration["task_data"]["task_mix"] == 0.1 and report.config["a_scale"] == 1.0
+    assert is_known_init("lora_null_self_t1.3_x3") and is_known_init("lora_null_task_x1")
+    for unknown in ("lora_null_v2_x3", "lora_null_self_x0", "lora_null_task_xa", "lora_null_selfish_x2"):
+        assert not is_known_init(unknown), unknown
+
+
 def test_world_problems_are_distinct_and_correct():
     problems = world.word_problems(500, seed=3)
     assert len({p.prompt for p in problems}) == 500

@@ -73,3 +73,13 @@ def test_rows_through_a_framework_trainer_are_compared_with_the_loop_not_drawn_a
     table = markdown(rows)
     assert "through the TRL plugin" in table
     assert "| lora_null | 0.003 | 0.880 ± 0.000 | 0.200 ± 0.141 | 0.900 ± 0.000 | 0.900 ± 0.141 | 1 / 2 |" in table
+
+
+def test_another_rank_is_its_own_panel_with_its_own_lora_reference():
+    wide = [{**row(init, lr, 0, task, kept), "rank": 64} for init, lr, task, kept in
+            (("lora", 1e-3, 0.9, 0.5), ("lora_null", 1e-3, 0.9, 0.9))]
+    panels = curves([*ROWS, *wide])
+    assert set(panels) == {("m", "t"), ("m", "t, r 64")}
+    assert [p["task"] for p in panels[("m", "t, r 64")]["lora"]] == [0.9]
+    assert summary(panels[("m", "t, r 64")])["inits"]["lora_null"]["ratio"] == pytest.approx(0.2)
+    assert "## m × t, r 64" in markdown([*ROWS, *wide])

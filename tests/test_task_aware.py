@@ -81,3 +81,35 @@ def test_cli_task_data_is_recorded(saved_model, knowledge, task, tmp_path):
                  "--output", str(tmp_path / "init"), "--device", "cpu"]) == 0
     recorded = json.loads((tmp_path / "init" / "lora_null.json").read_text())["calibration"]["task_data"]
     assert recorded == {"source": str(tmp_path / "task.jsonl"), "num_samples": 64, "task_mix": 0.1}
+
+
+def test_inspect_shows_where_an_inits_a_points_on_knowledge_and_on_the_task(saved_model, knowledge, task, tmp_path,
+                                                                              capsys):
+    """`inspect --task-data`: per layer, A's energy on the task inputs beside its energy on knowledge; a task-aware
+    A has far more on the task, a plain one less; --task-data without an init is a clear error."""
+    import json
+
+    from lora_null_core.cli import main
+    from lora_null_core.tiny import write_jsonl
+
+    write_jsonl(tmp_path / "knowledge.jsonl", knowledge)
+    write_jsonl(tmp_path / "task.jsonl", task)
+    common = ["--model", str(saved_model), "--calibration", str(tmp_path / "knowledge.jsonl"), "--device", "cpu"]
+    means = {}
+    for name, extra in (("plain", []), ("aware", ["--task-data", str(tmp_path / "task.jsonl")])):
+        assert main(["init", *common, *extra, "--rank", "4", "--output", str(tmp_path / name)]) == 0
+        assert main(["inspect", *common, "--task-data", str(tmp_path / "task.jsonl"), "--init-dir",
+                     str(tmp_path / name), "--output", str(tmp_path / f"report-{name}")]) == 0
+        data = json.loads((tmp_path / f"report-{name}" / "report.json").read_text())
+        assert data["task_data"]["source"] == str(tmp_path / "task.jsonl")
+        layers = data["layers"]
+        assert all(layer["energy_task"] == pytest.approx(layer["task_leakage"] ** 2) for layer in layers)
+        means[name] = {k: sum(layer[k] for layer in layers) / len(layers) for k in ("energy_knowledge", "energy_task")}
+        html = (tmp_path / f"report-{name}" / "report.html").read_text()
+        assert "<th>on task data</th>" in html and "Task data: " in html
+    assert means["aware"]["energy_task"] > 1.5 * means["plain"]["energy_task"], means
+    assert means["aware"]["energy_task"] > 5 * means["aware"]["energy_knowledge"], means
+    assert main(["inspect", *common, "--task-data", str(tmp_path / "task.jsonl"), "--output",
+                 str(tmp_path / "no-init")]) == 2
+    assert "give --init-dir too" in capsys.readouterr().err
+    assert not (tmp_path / "no-init").exists()

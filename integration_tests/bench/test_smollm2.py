@@ -52,7 +52,8 @@ def test_frontier_pipeline_on_the_real_model(tmp_path, monkeypatch):
     assert built == ["lora", "lora_null_x3"]
     for row in rows:
         for key in ("model", "task", "init", "lr", "seed", "steps", "rank", "task_score", "task_score_base",
-                    "knowledge_kept", "knowledge_base_known", "command", "device"):
+                    "knowledge_kept", "knowledge_base_known", "command", "device", "energy_knowledge", "energy_task",
+                    "energy_knowledge_by_type"):
             assert key in row, key
         assert row["task"] == "addition" and row["task_score_base"] == 0.0 and row["knowledge_base_known"] > 0
         assert 0.0 <= row["knowledge_kept"] <= 1.0
@@ -60,3 +61,6 @@ def test_frontier_pipeline_on_the_real_model(tmp_path, monkeypatch):
     # lr 0 ran after a training run of the same init: a copy the earlier run changed would forget something.
     assert untrained["lora"]["knowledge_kept"] == 1.0
     assert untrained["lora_null_x3"]["knowledge_kept"] == 1.0
+    # A random A (LoRA's) picks up about an average direction's energy; the null-space A far less on knowledge.
+    assert 0.5 < untrained["lora"]["energy_knowledge"] < 2.0
+    assert untrained["lora_null_x3"]["energy_knowledge"] < 0.2 * untrained["lora"]["energy_knowledge"]

