@@ -40,3 +40,20 @@ def test_the_key_alone_setups_leave_the_calibration_out(run, tmp_path):
 
     assert keys("bf16") == {"adapter_init": "lora_null", "lora_null_calibration": str(tmp_path / "calibration.jsonl")}
     assert keys("qlora4_onekey") == {"adapter_init": "lora_null"} and keys("bf16", "lora") == {}
+
+
+def test_a_second_models_rows_sit_beside_the_firsts(run, tmp_path):
+    import json
+
+    output = tmp_path / "matrix.json"
+    output.write_text(json.dumps({"runs": [{"framework": "trl", "setup": "bf16", "model": "smollm2", "status": "pass"}]}))
+    for init in ("lora_null", "lora"):
+        folder = tmp_path / "work" / "runs" / f"trl-bf16-{init}"
+        folder.mkdir(parents=True)
+        (folder / "row.json").write_text(json.dumps({**row(0.0, kept=0.9 if init == "lora_null" else 0.6),
+                                                      "model": "qwen"}))
+    run.collect(argparse.Namespace(work=str(tmp_path / "work"), output=str(output)))
+    rows = json.loads(output.read_text())["runs"]
+    assert sorted((r["model"], r["status"]) for r in rows) == [("qwen", "pass"), ("smollm2", "pass")]
+    run.collect(argparse.Namespace(work=str(tmp_path / "work"), output=str(output)))  # the same model again: replaced
+    assert len(json.loads(output.read_text())["runs"]) == 2

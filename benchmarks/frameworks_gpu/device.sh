@@ -11,7 +11,11 @@
 # lora. Each framework runs on its own stack: /tmp/site-<framework> in front of /tmp/site (common.txt) and the image.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-STAGE=/tmp/stage WORK=/tmp/fw OUT=${OUT:-/tmp/out}
+# MODEL=qwen (its GGUF staged by stage.py --qwen-only): the same rows on Qwen2.5-Coder-0.5B-Instruct, in their own
+# work folder; collect puts them beside SmolLM2's.
+MODEL=${MODEL:-smollm2}
+declare -A MODEL_NAME=([smollm2]=smollm2-135m-instruct-q4_1 [qwen]=qwen2.5-coder-0.5b-instruct)
+STAGE=/tmp/stage OUT=${OUT:-/tmp/out} WORK=/tmp/fw; [ $MODEL = smollm2 ] || WORK=/tmp/fw-$MODEL
 HERE=benchmarks/frameworks_gpu RUN=benchmarks/frameworks_gpu/run.py
 REPO=$PWD
 
@@ -30,8 +34,9 @@ stage() {
 }
 
 setup() {
-  cat $STAGE/smollm2.gguf.part* > $STAGE/smollm2.gguf
-  [ "$(sha256sum $STAGE/smollm2.gguf | cut -c1-64)" = "$(cat $STAGE/smollm2.gguf.sha256)" ] || { echo "GGUF parts do not join"; return 1; }
+  local gguf=$STAGE/$MODEL.gguf
+  cat $(ls $gguf.part* | sort) > $gguf
+  [ "$(sha256sum $gguf | cut -c1-64)" = "$(cat $gguf.sha256)" ] || { echo "GGUF parts do not join"; return 1; }
   for stack in common axolotl llamafactory; do
     target=/tmp/site; [ $stack = common ] || target=/tmp/site-$stack
     python3 -m pip install -q --no-index --no-deps --no-compile --find-links $STAGE --target $target \
@@ -53,7 +58,8 @@ print(framework, {n: md.version(n) for n in dict.fromkeys(names)})
 EOF
   done
   use_stack trl
-  [ -f $WORK/meta.json ] || python3 $RUN prepare --gguf $STAGE/smollm2.gguf --work $WORK > $WORK/logs/prepare.log 2>&1 \
+  [ -f $WORK/meta.json ] || python3 $RUN prepare --gguf $gguf --name ${MODEL_NAME[$MODEL]} --work $WORK \
+    > $WORK/logs/prepare.log 2>&1 \
     || { tail -30 $WORK/logs/prepare.log; return 1; }
   tail -1 $WORK/logs/prepare.log
 }

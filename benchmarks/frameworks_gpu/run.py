@@ -90,7 +90,7 @@ def prepare(args) -> None:
     work.mkdir(parents=True, exist_ok=True)
     tasks = DATA / "tasks"
     suite = file_suite(args.gguf, DATA / "bigbench_qa_wikidata" / "task.json", tasks / f"{TASK}.train.jsonl",
-                       tasks / f"{TASK}.eval.jsonl", "gpu", work / "cache", "cuda", name="smollm2-135m-instruct-q4_1")
+                       tasks / f"{TASK}.eval.jsonl", "gpu", work / "cache", "cuda", name=args.name)
     folder = next((work / "cache").glob("*-dequantized"))
     tokenizer = suite.tokenizer
     _jsonl(work / "calibration.jsonl", [{"text": e.text} for e in suite.calibration])
@@ -425,15 +425,20 @@ def collect(args) -> None:
             row["reload"] = reload_match(ours, lora)
             row["status"] = "pass" if passes(ours, lora) else "fail"
             rows.append({k: v for k, v in row.items() if v is not None})
-    done = {(row["framework"], row["setup"]) for row in rows}
+    done = {_key(row) for row in rows}
     earlier = json.loads(output.read_text())["runs"] if output.is_file() else []
-    rows = [row for row in earlier if (row["framework"], row["setup"]) not in done] + rows
+    rows = [row for row in earlier if _key(row) not in done] + rows
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"runs": rows}, indent=1) + "\n")
     for row in rows:
         print(f"{row['framework']:13} {row['setup']:20} {row['status']:5} err {row.get('output_rel_err')} "
               f"kept {row.get('knowledge_kept')} vs {row.get('knowledge_kept_lora')}  task {row.get('task_score')} "
               f"vs {row.get('task_score_lora')}")
+
+
+def _key(row) -> tuple:
+    """A row is one framework × setup × model: a second model's rows sit beside the first's."""
+    return row["framework"], row["setup"], row.get("model")
 
 
 def reload_match(ours, lora):
@@ -473,6 +478,7 @@ def main(argv=None) -> None:
     commands = parser.add_subparsers(dest="action", required=True)
     p = commands.add_parser("prepare")
     p.add_argument("--gguf", required=True)
+    p.add_argument("--name", default="smollm2-135m-instruct-q4_1", help="The model's name in the rows.")
     p.add_argument("--work", required=True)
     t = commands.add_parser("train")
     t.add_argument("--framework", choices=FRAMEWORKS, required=True)

