@@ -35,7 +35,7 @@ stage() {
 
 setup() {
   local gguf=$STAGE/$MODEL.gguf
-  cat $(ls $gguf.part* | sort) > $gguf
+  cat $(ls $gguf.chunk* | sort) > $gguf
   [ "$(sha256sum $gguf | cut -c1-64)" = "$(cat $gguf.sha256)" ] || { echo "GGUF parts do not join"; return 1; }
   for stack in common axolotl llamafactory; do
     target=/tmp/site; [ $stack = common ] || target=/tmp/site-$stack

