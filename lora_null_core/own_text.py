@@ -103,7 +103,8 @@ def _sample(model: nn.Module, tokenizer: Any, prompts: list[list[int]], config: 
     settings = GenerationConfig(do_sample=True, temperature=config.generated_temperature,
                                 top_p=config.generated_top_p, top_k=0, max_new_tokens=config.generated_length,
                                 pad_token_id=pad, eos_token_id=eos, use_cache=True)
-    rows = max(1, config.batch_tokens // (config.generated_length + max((len(p) for p in prompts), default=1)))
+    width = config.generated_length + max((len(p) for p in prompts), default=1)
+    rows = rows_per_batch(len(prompts), width, config.batch_tokens, _cache_budget(model, device, width))
     texts: list[str] = []
     was_training = model.training
     model.eval()
@@ -122,6 +123,36 @@ def _sample(model: nn.Module, tokenizer: Any, prompts: list[list[int]], config: 
     finally:
         model.train(was_training)
     return texts
+
+
+def rows_per_batch(count: int, width: int, batch_tokens: int, budget: tuple[int, int] | None) -> int:
+    """Samples drawn at once. Each decoding step costs about the same at 100 rows as at 1 (it reads every weight
+    once), so on a GPU all samples go in one batch when their KV cache fits the budget (bytes per row, bytes),
+    else in the fewest equal batches that fit; never fewer rows than batch_tokens gives (the CPU's rule)."""
+    by_tokens = max(1, batch_tokens // width)
+    if budget is None or count == 0:
+        return by_tokens
+    per_row, allowed = budget
+    batches = -(-count // max(1, allowed // max(per_row, 1)))
+    return max(by_tokens, -(-count // batches))
+
+
+def _cache_budget(model: nn.Module, device: torch.device, width: int) -> tuple[int, int] | None:
+    """(KV-cache bytes of one sample, bytes it may take): a fifth of the GPU, at most half of what is free. None on
+    a CPU or when the model's config does not say its attention shape."""
+    if device.type != "cuda":
+        return None
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers, heads = getattr(config, "num_hidden_layers", None), getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", 0) // heads if heads else None)
+    if not (layers and kv_heads and head_dim):
+        return None
+    dtype_bytes = next((p.element_size() for p in model.parameters() if p.is_floating_point()), 2)
+    per_row = width * layers * 2 * kv_heads * head_dim * dtype_bytes
+    free, total = torch.cuda.mem_get_info(device)
+    return per_row, int(min(total / 5, free / 2))
 
 
 def _text(tokenizer: Any, prompt: list[int], generated: list[int], config: LoraNullConfig) -> str:

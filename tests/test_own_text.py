@@ -133,3 +133,16 @@ def test_two_processes_draw_seeded_shares_and_all_hold_every_text(tmp_path):
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert rank0 == rank1 and len(rank0) == 176 and len(set(rank0)) > 150
+
+
+def test_a_gpu_draws_every_sample_at_once_when_their_cache_fits():
+    """Decoding steps cost the same at 1 row as at 300, so the batch is sized by the KV cache's memory on a GPU;
+    a CPU keeps batch_tokens' rule. 7B shape: 320 samples of 129 tokens at 64 MiB of cache each."""
+    from lora_null_core.own_text import rows_per_batch
+
+    per_row = 129 * 32 * 2 * 32 * 128 * 2
+    assert rows_per_batch(320, 129, 16384, None) == 127  # CPU: three batches, as before
+    assert rows_per_batch(320, 129, 16384, (per_row, 28 * 2**30)) == 320  # a fifth of an H200: one batch
+    assert rows_per_batch(320, 129, 16384, (per_row, 13 * 2**30)) == 160  # two equal batches, not 208 + 112
+    assert rows_per_batch(320, 129, 16384, (per_row, 2**30)) == 127  # never fewer rows than batch_tokens gives
+    assert rows_per_batch(0, 129, 16384, (per_row, 2**30)) == 127

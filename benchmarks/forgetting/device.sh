@@ -11,6 +11,7 @@ cd "$(dirname "$0")/../.."
 STAGE=/tmp/stage WORK=/tmp/frontier OUT=${OUT:-/tmp/out}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 export USE_HUB_KERNELS=0  # transformers >= 5.25 fetches hub kernels by default, which no offline machine can
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # many runs share one GPU: less memory lost to fragments
 export OMP_NUM_THREADS=2  # many runs share 16 cores
 export PYTHONPATH=/tmp/site:$PWD:$PWD/benchmarks/forgetting
 declare -A NAME=([smollm2]=smollm2-135m-instruct-q4_1 [gemma]=gemma-3-270m-q4_k_m)

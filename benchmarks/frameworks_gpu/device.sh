@@ -8,7 +8,8 @@
 #   bash benchmarks/frameworks_gpu/device.sh finish [WAIT]   # wait ≤ WAIT s for them, evaluate, collect into $OUT
 #   bash benchmarks/frameworks_gpu/device.sh run ROWS        # setup, start and finish in one call
 # ROWS: framework:setup pairs, e.g. "trl:zero3_1 axolotl:bf16 llamafactory:qlora4". Each row trains lora_null and
-# lora. Each framework runs on its own stack: /tmp/site-<framework> in front of /tmp/site (common.txt) and the image.
+# lora. Each framework runs on its own stack: /tmp/site-<framework> in front of /tmp/fw-site (common.txt) and the
+# image. (/tmp/site is the frontier's, whose newer transformers, hub and kernels break LLaMA-Factory's pins.)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 # MODEL=qwen (its GGUF staged by stage.py --qwen-only): the same rows on Qwen2.5-Coder-0.5B-Instruct, in their own
@@ -22,11 +23,13 @@ REPO=$PWD
 use_stack() {  # use_stack FRAMEWORK: the environment that framework's rows (and their evaluation) run in
   local front=""
   case $1 in axolotl|llamafactory) front=/tmp/site-$1: ;; esac
-  export PYTHONPATH=$front/tmp/site:$REPO:$REPO/plugins/trl:$REPO/plugins/axolotl:$REPO/plugins/llamafactory:$REPO/benchmarks/forgetting
-  export PATH=${front:+/tmp/site-$1/bin:}/tmp/site/bin:$BASE_PATH
+  export PYTHONPATH=$front/tmp/fw-site:$REPO:$REPO/plugins/trl:$REPO/plugins/axolotl:$REPO/plugins/llamafactory:$REPO/benchmarks/forgetting
+  export PATH=${front:+/tmp/site-$1/bin:}/tmp/fw-site/bin:$BASE_PATH
 }
 BASE_PATH=$PATH
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 DS_BUILD_OPS=0
+export USE_HUB_KERNELS=0  # transformers >= 5.25 fetches hub kernels by default, which no offline machine can
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # many runs share one GPU: less memory lost to fragments
 export OMP_NUM_THREADS=2  # a dozen runs share 16 cores: torch's default of one thread per core oversubscribes them
 
 stage() {
@@ -35,10 +38,11 @@ stage() {
 
 setup() {
   local gguf=$STAGE/$MODEL.gguf
-  cat $(ls $gguf.chunk* | sort) > $gguf
+  # joined already (by the frontier's device.sh, whose chunks share these names but not their sizes: stage one set)
+  [ -f $gguf ] && [ "$(sha256sum $gguf | cut -c1-64)" = "$(cat $gguf.sha256)" ] || cat $(ls $gguf.chunk* | sort) > $gguf
   [ "$(sha256sum $gguf | cut -c1-64)" = "$(cat $gguf.sha256)" ] || { echo "GGUF parts do not join"; return 1; }
   for stack in common axolotl llamafactory; do
-    target=/tmp/site; [ $stack = common ] || target=/tmp/site-$stack
+    target=/tmp/fw-site; [ $stack = common ] || target=/tmp/site-$stack
     python3 -m pip install -q --no-index --no-deps --no-compile --find-links $STAGE --target $target \
       -r $HERE/stacks/$stack.txt || { echo "install of $stack failed"; return 1; }
   done
@@ -64,13 +68,16 @@ EOF
   tail -1 $WORK/logs/prepare.log
 }
 
-start() {  # every run of ROWS at once, detached (setsid) so that it outlives this call
+start() {  # every run of ROWS at once, detached (setsid) so that it outlives this call; a run still training is
+  # left alone, one that ended without a result (out of memory, say) starts again
   local port=29600 name
   for row in $1; do
     framework=${row%%:*} setup=${row#*:}
     for init in lora_null lora; do
       name=$framework-$setup-$init port=$((port + 1))
       [ -f $WORK/runs/$name/train.json ] && continue  # trained in an earlier call on this machine
+      pgrep -f -- "--setup $setup --init $init --work $WORK( |$)" > /dev/null && continue  # still training
+      [ -d $WORK/runs/$name ] && mv $WORK/runs/$name $WORK/runs/$name.failed-$(date +%s)  # ended without a result
       args="train --framework $framework --setup $setup --init $init --work $WORK"
       case $framework:$setup in
         trl:zero3_1)  launcher="torchrun --nproc_per_node 1 --master_port $port" ;;

@@ -396,7 +396,7 @@ def lora_a_moved(run: Path):
 
 # ---------------------------------------------------------------- collect
 REQUIRED = {"trl": ["bf16", "qlora4", "zero3_1", "ddp2", "fsdp2", "fsdp2_ram_efficient", "zero3_2", "bf16_onekey"],
-            "axolotl": ["bf16", "qlora4", "zero3_1", "ddp2", "qlora4_onekey"],
+            "axolotl": ["bf16", "qlora4", "zero3_1", "ddp2", "qlora4_onekey", "bf16_onekey"],
             "llamafactory": ["bf16", "qlora4", "zero3_1", "bf16_onekey"],
             "peft": ["qlora4"]}
 

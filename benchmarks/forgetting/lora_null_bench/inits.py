@@ -22,8 +22,10 @@ INITS = ("lora", "pissa", "milora", "corda_kpm", "lora_null_v1", "lora_null_v2",
 DEFAULT_INITS = INITS[:6]
 # `adapter_init: lora_null` with no calibration text: the model samples its own (from BOS, or from neutral chat
 # requests); the frontier's knowledge questions are never seen, so its knowledge figure is the honest test.
+# _t1: at temperature 1, the default before the frontier chose 1.3 (rows measured then carry these names).
 SELF_INITS = {"lora_null_self": {}, "lora_null_self_chat": {"generated_prompt": "chat"},
-              "lora_null_self_t1.3": {"generated_temperature": 1.3}}
+              "lora_null_self_t1": {"generated_temperature": 1.0},
+              "lora_null_self_chat_t1": {"generated_prompt": "chat", "generated_temperature": 1.0}}
 # The task-aware null space (opt-in): the default given the training examples as task data too; lora_null_task
 # uses the default task_mix, lora_null_task<μ> another (lora_null_task0.1).
 TASK_PREFIX = "lora_null_task"
