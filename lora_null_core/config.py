@@ -18,6 +18,10 @@ Weighting = Literal["token_sum", "per_sample_max"]
 # 2 is the factor at which the default, trained at LoRA's own learning rate, reaches LoRA's task score while
 # losing at most about half its knowledge; 1 under-trains on Gemma-3, 3 forgets more (benchmarks/results).
 FROZEN_A_SCALE = 2.0
+# With task data the task-aware A already carries 3-4x an average direction's task energy: at 2 it reaches the
+# task at a third of LoRA's rate and overshoots at LoRA's own; at 1 (the paper's factors) it learns at LoRA's pace
+# and loses less there on three of the frontier's four pairs (README, "Task-aware").
+TASK_A_SCALE = 1.0
 
 
 @dataclass(frozen=True)
@@ -148,7 +152,8 @@ class LoraNullConfig:
             "help": "Multiply lora_A by this and lora_B by its inverse: the same function, but with Adam the "
             "frozen-A adapter then learns about this many times faster at the same learning rate. Default: "
             f"{FROZEN_A_SCALE:g} for v2 (frozen A), so that it learns the task at LoRA's own learning rate (chosen on "
-            "the frontier benchmark, see README), 1 for v1 (A trains). 1 keeps the paper's factors."
+            f"the frontier benchmark, see README), {TASK_A_SCALE:g} with task data, 1 for v1 (A trains). 1 keeps "
+            "the paper's factors."
         },
     )
 

@@ -52,6 +52,27 @@ class CalibrationRows:
     source: str
 
 
+class TokenizedRows(Sequence):
+    """A dataset a trainer has already tokenized (its `input_ids` column), read back as text: what the model will
+    see in training, templates and responses included. Rows decode when read, so drawing 256 of a million costs
+    256 decodes."""
+
+    def __init__(self, dataset: Any, tokenizer: Any, column: str = "input_ids") -> None:
+        names = getattr(dataset, "column_names", None)
+        if names is not None and column not in names:
+            raise CalibrationDataError(f"The training dataset has no {column!r} column (columns: {', '.join(names)}); "
+                                       "it is read as the trainer tokenized it.")
+        self.dataset, self.tokenizer, self.column = dataset, tokenizer, column
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self.tokenizer.decode(self.dataset[index][self.column], skip_special_tokens=False)
+
+
 def load_rows(source: CalibrationSource) -> Sequence[Any]:
     """Rows of a local file, a saved `datasets` folder, a hub dataset name, a Dataset or a list."""
     if isinstance(source, CalibrationRows):
@@ -226,6 +247,8 @@ def _texts_in_random_order(rows: Sequence[Any], tokenizer: Any, text_field: str,
 def describe(source: CalibrationSource) -> str:
     if isinstance(source, CalibrationRows):
         return source.source
+    if isinstance(source, TokenizedRows):
+        return f"the training data as the trainer tokenized it ({len(source)} rows)"
     if isinstance(source, (str, os.PathLike)):
         return str(source)
     return f"<{type(source).__name__} of {len(source) if hasattr(source, '__len__') else '?'} rows>"

@@ -21,7 +21,7 @@ from torch import nn
 from .adapter_scope import chosen_adapter, only_adapter, restored_on_failure
 from .adapters import apply_variant, as_peft_model, check_finite_weights, check_layers, lora_layers, lora_summary
 from .block_loaders import BlockLoader
-from .config import LoraNullConfig
+from .config import TASK_A_SCALE, LoraNullConfig
 from .covariance_cache import CovarianceCache
 from .data import CalibrationSource, choose_texts, tokenize_batches
 from .distributed import alone, any_rank, collective_device, rank_and_world, shard
@@ -110,6 +110,8 @@ def _initialize(peft_model: PeftModel, layers: Mapping[str, LoraLayer], calibrat
     probe = probe_batch(batches)
     task = choose_texts(task_data, tokenizer, config.task_samples, 0, config.seed, config.text_field) \
         if task_data is not None else None
+    if task and config.a_scale is None and config.variant == "v2":
+        config = config.replace(a_scale=TASK_A_SCALE)
     task_batches = tokenize_batches(task.calibration, tokenizer, config.max_length, **batching) if task else []
     if task and len(task_batches) < world:
         raise InsufficientCalibrationError(f"{len(task.calibration)} task examples cannot feed {world} processes.")

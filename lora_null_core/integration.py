@@ -21,7 +21,8 @@ from .errors import ConfigError
 PREFIX = "lora_null_"
 NESTED_KEY = "lora_null"
 # Keys a front end reads itself (they are not LoraNullConfig fields): where the knowledge text comes from, and
-# the TRL plugin's switch for making saves right for the base they name.
+# the TRL plugin's switch for making saves right for the base they name. A front end that reads more (TRL:
+# task_data) passes its own list, so the others still refuse a key they would ignore.
 FRONT_END_KEYS = ("calibration", "export")
 
 
@@ -55,7 +56,8 @@ def config_fields() -> list[ConfigField]:
     return out
 
 
-def config_from_mapping(values: Mapping[str, Any], fallbacks: Optional[Mapping[str, Any]] = None) -> LoraNullConfig:
+def config_from_mapping(values: Mapping[str, Any], fallbacks: Optional[Mapping[str, Any]] = None,
+                        front_end_keys: tuple[str, ...] = FRONT_END_KEYS) -> LoraNullConfig:
     """LoraNullConfig from a framework config (a dict, or `vars()` of a dataclass): `lora_null_<field>` keys, or
     the fields of a nested `lora_null:` block. A key left out or set to None takes `fallbacks[field]` (what the
     framework implies, e.g. its sequence length) and then the config's own default. Unknown `lora_null_*` keys
@@ -65,8 +67,9 @@ def config_from_mapping(values: Mapping[str, Any], fallbacks: Optional[Mapping[s
         raise ConfigError(f"{NESTED_KEY}: must be a mapping of LoraNullConfig fields, got {type(nested).__name__}.")
     nested = dict(nested or {})
     names = [f.name for f in config_fields()]
-    _refuse_unknown([k[len(PREFIX):] for k in values if isinstance(k, str) and k.startswith(PREFIX)], names, PREFIX)
-    _refuse_unknown(list(nested), names, NESTED_KEY + ".")
+    _refuse_unknown([k[len(PREFIX):] for k in values if isinstance(k, str) and k.startswith(PREFIX)], names, PREFIX,
+                    front_end_keys)
+    _refuse_unknown(list(nested), names, NESTED_KEY + ".", front_end_keys)
     chosen: dict[str, Any] = {}
     for name in names:
         for source in (nested.get(name), values.get(PREFIX + name), (fallbacks or {}).get(name)):
@@ -83,7 +86,8 @@ def config_from_mapping(values: Mapping[str, Any], fallbacks: Optional[Mapping[s
 
 def lora_null_request(values: Mapping[str, Any], *, fallbacks: Optional[Mapping] = None,
                       quantized: bool = False, dora: bool = False, dora_key: str = "use_dora",
-                      adapter_key: str = "adapter_init") -> Optional[LoraNullConfig]:
+                      adapter_key: str = "adapter_init",
+                      front_end_keys: tuple[str, ...] = FRONT_END_KEYS) -> Optional[LoraNullConfig]:
     """The one validation every front end runs. None when the config does not ask for LoRA-Null; else the
     LoraNullConfig, after checking what the method needs from the framework's side (no DoRA, a base that can hold
     a residual). Without lora_null_calibration the model's own text is the knowledge source (own_text.py)."""
@@ -92,7 +96,7 @@ def lora_null_request(values: Mapping[str, Any], *, fallbacks: Optional[Mapping]
         return None
     if wanted != "lora_null":
         raise ConfigError(f"{adapter_key}: {wanted!r} is not an init lora-null knows; use lora_null or leave it out.")
-    config = config_from_mapping(values, fallbacks)
+    config = config_from_mapping(values, fallbacks, front_end_keys)
     if dora:
         raise ConfigError(f"{adapter_key}: lora_null does not support DoRA; set {dora_key}: false.")
     if quantized and config.residual:
@@ -121,8 +125,8 @@ def _unwrap_optional(kind: Any) -> Any:
     return kind
 
 
-def _refuse_unknown(keys: list[str], names: list[str], prefix: str) -> None:
-    unknown = [k for k in keys if k not in names and k not in FRONT_END_KEYS]
+def _refuse_unknown(keys: list[str], names: list[str], prefix: str, front_end_keys: tuple[str, ...]) -> None:
+    unknown = [k for k in keys if k not in names and k not in front_end_keys]
     if not unknown:
         return
     hints = []

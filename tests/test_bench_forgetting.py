@@ -95,9 +95,9 @@ def test_a_scale_suffix_on_self_and_task_inits(cpu_run):
     from lora_null_bench.inits import is_known_init
 
     suite = synthetic_suite("cpu", cpu_run / "cache", "cpu")
-    report = build_adapter("lora_null_task0.1_x1", suite.load_base(), suite, seed=0).lora_null_report
-    assert report.calibration["task_data"]["task_mix"] == 0.1 and report.config["a_scale"] == 1.0
-    assert is_known_init("lora_null_self_t1_x3") and is_known_init("lora_null_task_x1")
+    report = build_adapter("lora_null_task0.1_x2", suite.load_base(), suite, seed=0).lora_null_report
+    assert report.calibration["task_data"]["task_mix"] == 0.1 and report.config["a_scale"] == 2.0  # default: 1
+    assert is_known_init("lora_null_self_t1_x3") and is_known_init("lora_null_task_x2")
     for unknown in ("lora_null_v2_x3", "lora_null_self_x0", "lora_null_task_xa", "lora_null_selfish_x2"):
         assert not is_known_init(unknown), unknown
 

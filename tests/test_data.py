@@ -99,3 +99,21 @@ def test_a_malformed_jsonl_line_and_a_column_of_numbers_are_named(tmp_path, toke
     gaps = tmp_path / "gaps.jsonl"  # rows that lack the field are skipped, not an error
     gaps.write_text("".join(json.dumps({"text": f"fact {i}"} if i % 2 else {"other": i}) + "\n" for i in range(8)))
     assert sorted(choose_texts(str(gaps), tokenizer, 8, 0, 0, "text").calibration) == [f"fact {i}" for i in (1, 3, 5, 7)]
+
+
+def test_a_tokenized_training_set_reads_back_as_the_text_the_model_will_see(tokenizer, knowledge):
+    """TokenizedRows: what a trainer tokenized (its input_ids), decoded when drawn; only the drawn rows decode."""
+    from datasets import Dataset
+
+    from lora_null_core.data import TokenizedRows, describe
+    from lora_null_core.errors import CalibrationDataError
+
+    ids = [tokenizer(text)["input_ids"] for text in knowledge[:40]]
+    rows = TokenizedRows(Dataset.from_dict({"input_ids": ids, "completion_mask": [[1] * len(i) for i in ids]}),
+                         tokenizer)
+    drawn = choose_texts(rows, tokenizer, 8, 0, 0, "text")
+    assert drawn.source == describe(rows) == "the training data as the trainer tokenized it (40 rows)"
+    assert all(tokenizer(text, add_special_tokens=False)["input_ids"] in ids for text in drawn.calibration)
+    assert rows[0:2] == [tokenizer.decode(i) for i in ids[:2]]
+    with pytest.raises(CalibrationDataError, match="no 'input_ids' column"):
+        TokenizedRows(Dataset.from_dict({"text": ["a"]}), tokenizer)

@@ -39,6 +39,14 @@ def test_a_typo_is_refused_with_the_closest_key_not_trained_with_the_default():
         config_from_mapping({"lora_null_solver": "qr"})
 
 
+def test_a_key_only_some_front_ends_read_is_refused_by_the_others():
+    """lora_null_task_data is read by the TRL plugin alone: elsewhere it would be ignored, so it is refused."""
+    with pytest.raises(ConfigError, match="lora_null_task_data"):
+        config_from_mapping({"lora_null_task_data": "train"})
+    config = config_from_mapping({"lora_null_task_data": "train"}, front_end_keys=("calibration", "task_data"))
+    assert config == LoraNullConfig()
+
+
 def test_request_validation_is_the_same_for_every_front_end():
     assert lora_null_request({"adapter_init": "default"}) is None and lora_null_request({}) is None
     config = lora_null_request({"adapter_init": "lora_null", "lora_null_calibration": "k.jsonl", "lora_null_export": 1})

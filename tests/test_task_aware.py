@@ -113,3 +113,15 @@ def test_inspect_shows_where_an_inits_a_points_on_knowledge_and_on_the_task(save
                  str(tmp_path / "no-init")]) == 2
     assert "give --init-dir too" in capsys.readouterr().err
     assert not (tmp_path / "no-init").exists()
+
+
+def test_with_task_data_a_keeps_the_papers_factors_unless_told(make_model, tokenizer, knowledge, task):
+    """The task-aware A already carries the task: at the frozen-A default of 2 it overshoots at LoRA's rate, so with
+    task data and no a_scale the applied scale is 1; a given a_scale is kept, and without task data it is 2."""
+    aware = lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, task_data=task, **SMALL)
+    told = lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, task_data=task, a_scale=3, **SMALL)
+    plain = lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, **SMALL)
+    assert [m.lora_null_report.config["a_scale"] for m in (aware, told, plain)] == [1.0, 3.0, 2.0]
+    basis = lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, task_data=task, init="basis", **SMALL)
+    norms = [float(layer.lora_A["default"].weight.norm(dim=1).mean()) for layer in lora_layers(basis, "default").values()]
+    assert all(abs(n - 1.0) < 1e-5 for n in norms)  # the orthonormal basis, not scaled

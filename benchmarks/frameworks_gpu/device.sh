@@ -16,6 +16,8 @@ cd "$(dirname "$0")/../.."
 # work folder; collect puts them beside SmolLM2's.
 MODEL=${MODEL:-smollm2}
 declare -A MODEL_NAME=([smollm2]=smollm2-135m-instruct-q4_1 [qwen]=qwen2.5-coder-0.5b-instruct)
+# Qwen2.5-0.5B's down_proj takes 4,864 inputs, more than the 256 questions have tokens: its calibration adds the held-out probes
+declare -A PREPARE_ARGS=([smollm2]="" [qwen]=--calibration-with-heldout)
 STAGE=/tmp/stage OUT=${OUT:-/tmp/out} WORK=/tmp/fw; [ $MODEL = smollm2 ] || WORK=/tmp/fw-$MODEL
 HERE=benchmarks/frameworks_gpu RUN=benchmarks/frameworks_gpu/run.py
 REPO=$PWD
@@ -62,7 +64,7 @@ print(framework, {n: md.version(n) for n in dict.fromkeys(names)})
 EOF
   done
   use_stack trl
-  [ -f $WORK/meta.json ] || python3 $RUN prepare --gguf $gguf --name ${MODEL_NAME[$MODEL]} --work $WORK \
+  [ -f $WORK/meta.json ] || python3 $RUN prepare --gguf $gguf --name ${MODEL_NAME[$MODEL]} ${PREPARE_ARGS[$MODEL]} --work $WORK \
     > $WORK/logs/prepare.log 2>&1 \
     || { tail -30 $WORK/logs/prepare.log; return 1; }
   tail -1 $WORK/logs/prepare.log

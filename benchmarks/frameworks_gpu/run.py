@@ -93,7 +93,8 @@ def prepare(args) -> None:
                        tasks / f"{TASK}.eval.jsonl", "gpu", work / "cache", "cuda", name=args.name)
     folder = next((work / "cache").glob("*-dequantized"))
     tokenizer = suite.tokenizer
-    _jsonl(work / "calibration.jsonl", [{"text": e.text} for e in suite.calibration])
+    heldout = suite.heldout_text if args.calibration_with_heldout else []
+    _jsonl(work / "calibration.jsonl", [{"text": e.text} for e in suite.calibration] + [{"text": t} for t in heldout])
     _jsonl(work / "train.jsonl", [{"prompt": e.prompt, "completion": suite.separator + e.targets[0]}
                                   for e in suite.task_train])
     # LLaMA-Factory reads its data through dataset_info.json (alpaca columns), the same pairs
@@ -480,6 +481,9 @@ def main(argv=None) -> None:
     p.add_argument("--gguf", required=True)
     p.add_argument("--name", default="smollm2-135m-instruct-q4_1", help="The model's name in the rows.")
     p.add_argument("--work", required=True)
+    p.add_argument("--calibration-with-heldout", action="store_true",
+                   help="Calibrate on the 500 held-out probes too (disjoint from the knowledge probes): 256 questions "
+                   "give fewer tokens than a wider model's down_proj has inputs (Qwen2.5-0.5B: 4,864).")
     t = commands.add_parser("train")
     t.add_argument("--framework", choices=FRAMEWORKS, required=True)
     t.add_argument("--setup", choices=tuple(SETUPS), required=True)

@@ -286,3 +286,19 @@ def test_every_lora_null_setting_is_a_trl_key(tmp_path):
     with pytest.raises(ValueError, match="solver='qr'"):
         LoraNullSFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, adapter_init="lora_null",
                           lora_null_calibration="k.jsonl", lora_null_solver="qr")
+
+
+def test_the_training_set_as_task_data_makes_a_task_aware(workspace, tmp_path):
+    """lora_null_task_data: train hands the core the training set as SFTTrainer tokenized it; the init records it,
+    keeps the paper's factors (a_scale 1), and its A differs from the plain null space's."""
+    aware = trainer_for(workspace, tmp_path / "aware", "v2", lora_null_task_data="train", lora_null_task_samples=24)
+    report = aware.model.lora_null_report
+    task = report.calibration["task_data"]
+    assert task["source"] == f"the training data as the trainer tokenized it ({len(aware.train_dataset)} rows)"
+    assert task["num_samples"] == 24 and report.config["a_scale"] == 1.0
+    plain = trainer_for(workspace, tmp_path / "plain", "v2", lora_null_a_scale=1.0)
+    assert plain.model.lora_null_report.calibration["task_data"] is None
+    mine, theirs = adapter_state(aware.model), adapter_state(plain.model)
+    assert any(not torch.allclose(mine[k], theirs[k]) for k in mine if "lora_A" in k)
+    record = json.loads((tmp_path / "aware" / INIT_DIR / "lora_null.json").read_text())
+    assert record["calibration"]["task_data"]["num_samples"] == 24

@@ -27,9 +27,9 @@ SELF_INITS = {"lora_null_self": {}, "lora_null_self_chat": {"generated_prompt": 
               "lora_null_self_t1": {"generated_temperature": 1.0},
               "lora_null_self_chat_t1": {"generated_prompt": "chat", "generated_temperature": 1.0}}
 # The task-aware null space (opt-in): the default given the training examples as task data too; lora_null_task
-# uses the default task_mix, lora_null_task<μ> another (lora_null_task0.1).
+# uses the default task_mix (and a_scale, 1 with task data), lora_null_task<μ> another (lora_null_task0.1).
 TASK_PREFIX = "lora_null_task"
-# Any of these with "_x<c>" appended runs with a_scale c (lora_null_task_x1: task-aware with the paper's factors).
+# Any of these with "_x<c>" appended runs with a_scale c (lora_null_task_x2: task-aware at the frozen-A scale).
 SCALED = re.compile(r"^(lora_null_.+)_x([0-9.]+)$")
 
 

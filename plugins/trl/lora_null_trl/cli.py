@@ -42,6 +42,8 @@ def _check_lora_null_keys(argv: list[str]) -> None:
 
     from lora_null_core.integration import NESTED_KEY, PREFIX, config_from_mapping
 
+    from .config import KEYS_READ_HERE
+
     paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
     paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
     for path in paths:
@@ -52,7 +54,8 @@ def _check_lora_null_keys(argv: list[str]) -> None:
             continue  # TRL's parser reports a missing or broken file itself
         if isinstance(values, dict):
             config_from_mapping({k: v for k, v in values.items()
-                                 if isinstance(k, str) and (k.startswith(PREFIX) or k == NESTED_KEY)})
+                                 if isinstance(k, str) and (k.startswith(PREFIX) or k == NESTED_KEY)},
+                                front_end_keys=KEYS_READ_HERE)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,5 +1,5 @@
-"""The TRL plugin's keys: TRL's own SFTConfig plus `adapter_init`, `lora_null_calibration`, `lora_null_export`
-and one `lora_null_<field>` per LoraNullConfig field (generated from the core's config, so every setting is
+"""The TRL plugin's keys: TRL's own SFTConfig plus `adapter_init`, `lora_null_calibration`, `lora_null_task_data`,
+`lora_null_export` and one `lora_null_<field>` per LoraNullConfig field (generated from the core's config, so every setting is
 reachable and documented once)."""
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from typing import Optional
 from trl import SFTConfig
 
 from lora_null_core import LoraNullConfig
-from lora_null_core.integration import lora_null_request, prefixed_dataclass_fields
+from lora_null_core.integration import FRONT_END_KEYS, lora_null_request, prefixed_dataclass_fields
+
+KEYS_READ_HERE = (*FRONT_END_KEYS, "task_data")  # beyond LoraNullConfig's fields
 
 _KEYS = [
     ("adapter_init", str, field(default="default", metadata={
@@ -18,6 +20,10 @@ _KEYS = [
     ("lora_null_calibration", Optional[str], field(default=None, metadata={
         "help": "Calibration data carrying the knowledge to keep: .jsonl/.json/.parquet, saved dataset or hub name "
                 "(default: text the model generates itself)."})),
+    ("lora_null_task_data", Optional[str], field(default=None, metadata={
+        "help": "Experimental, task-aware A: 'train' also reads the training data as the trainer tokenized it and puts "
+                "A where knowledge inputs are weak relative to it (a path or hub name reads task data like "
+                "lora_null_calibration). Unset: the plain null space."})),
     ("lora_null_export", bool, field(default=True, metadata={
         "help": "v1 only (v2 and basis train on the original weights and need nothing): make every save right for "
                 "the base it names: the final folder holds the LoRA for the original model, a checkpoint's "
@@ -35,7 +41,7 @@ def _post_init(self) -> None:
 def _lora_null_config(self) -> Optional[LoraNullConfig]:
     """The LoraNullConfig these arguments ask for (None without `adapter_init: lora_null`); the trainer's seed
     stands in for an unset lora_null_seed."""
-    return lora_null_request(vars(self), fallbacks={"seed": self.seed})
+    return lora_null_request(vars(self), fallbacks={"seed": self.seed}, front_end_keys=KEYS_READ_HERE)
 
 
 LoraNullSFTConfig = make_dataclass(
