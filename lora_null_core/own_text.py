@@ -103,8 +103,8 @@ def _sample(model: nn.Module, tokenizer: Any, prompts: list[list[int]], config: 
     settings = GenerationConfig(do_sample=True, temperature=config.generated_temperature,
                                 top_p=config.generated_top_p, top_k=0, max_new_tokens=config.generated_length,
                                 pad_token_id=pad, eos_token_id=eos, use_cache=True)
-    width = config.generated_length + max((len(p) for p in prompts), default=1)
-    rows = rows_per_batch(len(prompts), width, config.batch_tokens, _cache_budget(model, device, width))
+    row_tokens = config.generated_length + max((len(p) for p in prompts), default=1)
+    rows = rows_per_batch(len(prompts), row_tokens, config.batch_tokens, _cache_budget(model, device, row_tokens))
     texts: list[str] = []
     was_training = model.training
     model.eval()

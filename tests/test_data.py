@@ -108,12 +108,21 @@ def test_a_tokenized_training_set_reads_back_as_the_text_the_model_will_see(toke
     from lora_null_core.data import TokenizedRows, describe
     from lora_null_core.errors import CalibrationDataError
 
+    class Counted(list):
+        reads = 0
+
+        def __getitem__(self, index):
+            Counted.reads += 1
+            return super().__getitem__(index)
+
     ids = [tokenizer(text)["input_ids"] for text in knowledge[:40]]
-    rows = TokenizedRows(Dataset.from_dict({"input_ids": ids, "completion_mask": [[1] * len(i) for i in ids]}),
-                         tokenizer)
+    rows = TokenizedRows(Counted({"input_ids": i} for i in ids), tokenizer)
     drawn = choose_texts(rows, tokenizer, 8, 0, 0, "text")
+    assert Counted.reads == 8  # of 40
     assert drawn.source == describe(rows) == "the training data as the trainer tokenized it (40 rows)"
     assert all(tokenizer(text, add_special_tokens=False)["input_ids"] in ids for text in drawn.calibration)
     assert rows[0:2] == [tokenizer.decode(i) for i in ids[:2]]
+    tokenized = Dataset.from_dict({"input_ids": ids, "completion_mask": [[1] * len(i) for i in ids]})
+    assert TokenizedRows(tokenized, tokenizer)[3] == rows[3]
     with pytest.raises(CalibrationDataError, match="no 'input_ids' column"):
         TokenizedRows(Dataset.from_dict({"text": ["a"]}), tokenizer)

@@ -16,7 +16,8 @@ cd "$(dirname "$0")/../.."
 # work folder; collect puts them beside SmolLM2's.
 MODEL=${MODEL:-smollm2}
 declare -A MODEL_NAME=([smollm2]=smollm2-135m-instruct-q4_1 [qwen]=qwen2.5-coder-0.5b-instruct)
-# Qwen2.5-0.5B's down_proj takes 4,864 inputs, more than the 256 questions have tokens: its calibration adds the held-out probes
+# Qwen2.5-0.5B's down_proj takes 4,864 inputs, more than the 256 questions have tokens: its calibration adds the
+# held-out probes
 declare -A PREPARE_ARGS=([smollm2]="" [qwen]=--calibration-with-heldout)
 STAGE=/tmp/stage OUT=${OUT:-/tmp/out} WORK=/tmp/fw; [ $MODEL = smollm2 ] || WORK=/tmp/fw-$MODEL
 HERE=benchmarks/frameworks_gpu RUN=benchmarks/frameworks_gpu/run.py

@@ -1,6 +1,6 @@
-"""The TRL plugin's keys: TRL's own SFTConfig plus `adapter_init`, `lora_null_calibration`, `lora_null_task_data`,
-`lora_null_export` and one `lora_null_<field>` per LoraNullConfig field (generated from the core's config, so every setting is
-reachable and documented once)."""
+"""The TRL plugin's keys: TRL's own SFTConfig plus `adapter_init`, `lora_null_calibration`,
+`lora_null_task_data`, `lora_null_export` and one `lora_null_<field>` per LoraNullConfig field (generated from the
+core's config, so every setting is reachable and documented once)."""
 
 from __future__ import annotations
 
