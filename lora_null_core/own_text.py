@@ -175,6 +175,12 @@ def _whole_on(model: nn.Module, device: torch.device) -> Iterator[torch.device]:
                             "own text is sampled from the whole model: pass calibration text (lora_null_calibration, "
                             "or --calibration).")
     home = params[0].device
+    offloaded = sorted({str(place) for place in (getattr(model, "hf_device_map", None) or {}).values()}
+                       & {"cpu", "disk"})
+    if offloaded:  # accelerate's hooks move those weights to the GPU for every decoding step
+        logger.warning("The model is partly offloaded (device_map puts layers on %s), so sampling its own text moves "
+                       "them to the GPU at every token and is slow. Load it whole on the GPU, or pass calibration "
+                       "text (lora_null_calibration, or --calibration).", " and ".join(offloaded))
     if home.type != "cpu" or device.type == "cpu":
         yield home
         return

@@ -28,6 +28,8 @@ def test_a_reload_is_exact_or_as_plain_lora_or_neither(run):
     assert run.reload_match(row(0.02, 0.0005), lora) == "exact"  # in the dtypes it trained in
     assert run.reload_match(row(0.033, 0.014), lora) == "as plain LoRA"  # the framework's numerics, LoRA's too
     assert run.reload_match(row(0.033, 0.014, saved_exact=False), lora) is None  # a save that differs from memory
+    assert run.reload_match(row(0.0156, 0.0156), row(0.0146)) == "as plain LoRA"  # within LoRA's gap's own spread
+    assert run.reload_match(row(0.019, 0.019), row(0.0146)) is None  # 30% further off than plain LoRA
     assert run.reload_match(row(0.53, 0.53), lora) is None  # further off than plain LoRA: a fault of ours
     assert run.passes(row(0.033, 0.014), lora)
     assert not run.passes(row(0.0, moved=0.3), lora)  # v2's lora_A not saved as the init wrote it
@@ -38,8 +40,13 @@ def test_the_key_alone_setups_leave_the_calibration_out(run, tmp_path):
     def keys(setup, init="lora_null"):
         return run.calibration_keys(argparse.Namespace(setup=setup, init=init), tmp_path)
 
+    (tmp_path / "calibration.jsonl").write_text('{"text": "a"}\n' * 256)
     assert keys("bf16") == {"adapter_init": "lora_null", "lora_null_calibration": str(tmp_path / "calibration.jsonl")}
     assert keys("qlora4_onekey") == {"adapter_init": "lora_null"} and keys("bf16", "lora") == {}
+    # Qwen2.5-0.5B's down_proj takes 4,864 inputs: its file adds the held-out probes (756 rows), and the runs read
+    # them all, not the default 256 (a GPU run refused at 2,422 tokens); 32 stay held out, as by default.
+    (tmp_path / "calibration.jsonl").write_text('{"text": "a"}\n' * 756)
+    assert keys("bf16")["lora_null_num_samples"] == 724
 
 
 def test_a_second_models_rows_sit_beside_the_firsts(run, tmp_path):

