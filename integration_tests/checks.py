@@ -113,3 +113,14 @@ def assert_export_reproduces(model_dir: Path, initial_dir: Path, residual_dir: P
     with torch.no_grad():
         expected, actual = trained(input_ids=ids).logits, exported(input_ids=ids).logits
     assert (actual - expected).norm() / expected.norm() < 1e-5
+
+
+def assert_task_aware_from_the_training_set(initial_dir: Path, plain_initial_dir: Path, rows: int, samples: int) -> None:
+    """The init read the whole training set as the trainer prepared it (`samples` of its `rows` drawn), kept the
+    paper's factors (a_scale 1, its default with task data), and its lora_A differs from the plain null space's."""
+    record = json.loads((initial_dir / "lora_null.json").read_text())
+    task = record["calibration"]["task_data"]
+    assert task["source"] == f"the training data as the trainer tokenized it ({rows} rows)", task
+    assert task["num_samples"] == samples and record["config"]["a_scale"] == 1.0, record
+    aware, plain = (factors(folder / "adapter") for folder in (initial_dir, plain_initial_dir))
+    assert any(not torch.allclose(aware[k], plain[k]) for k in aware if "lora_A" in k)

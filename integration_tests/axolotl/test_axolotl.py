@@ -14,6 +14,7 @@ from checks import (
     assert_in_null_space,
     assert_merged_is_the_fine_tuned_model,
     assert_right_on_the_base_it_names,
+    assert_task_aware_from_the_training_set,
 )
 from safetensors.torch import load_file
 
@@ -121,6 +122,16 @@ def test_the_key_alone_on_qlora_samples_the_models_own_text(workspace, tmp_path)
     assert "LoRA-Null init:" in result.stdout + result.stderr  # the summary shows in Axolotl's log
     init, trained = (load_file(folder / "adapter_model.safetensors") for folder in (out / "lora_null_init" / "adapter", out))
     assert all(torch.equal(init[k], trained[k]) for k in init if "lora_A" in k)
+
+
+def test_the_training_set_as_task_data_makes_a_task_aware(workspace, trained, tmp_path):
+    """lora_null_task_data: train hands the core the training set as Axolotl prepared it (read back from its
+    prepared-dataset cache)."""
+    out = tmp_path / "aware"
+    result = axolotl_train(config(workspace, out, lora_null_task_data="train", lora_null_task_samples=24, max_steps=1))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = len((workspace / "task" / "train.jsonl").read_text().splitlines())
+    assert_task_aware_from_the_training_set(out / "lora_null_init", trained / "lora_null_init", rows, samples=24)
 
 
 def test_every_setting_reaches_the_core_by_key_or_nested_block():

@@ -175,7 +175,7 @@ def test_the_calibration_field_left_empty_trains_on_the_models_own_text(workspac
 
     command = fill_board(browser, fresh_board, workspace, None, "own_text")
     assert command.startswith("lora-null-llamafactory train") and "--adapter_init lora_null" in command, command
-    assert "--lora_null_calibration" not in command, command
+    assert "--lora_null_calibration" not in command and "--lora_null_task_data" not in command, command
     run = start_and_wait(browser, fresh_board, "own_text")
     written = yaml.safe_load((run / "training_args.yaml").read_text())
     assert written["adapter_init"] == "lora_null" and written.get("lora_null_calibration") is None, written
@@ -198,3 +198,17 @@ def test_labels_in_every_locale_and_launch_goes_through_the_plugin(tmp_path):
     popen(["llamafactory-cli", "train", str(tmp_path / "b.yaml")])
     assert launched[0][1:] == ["-m", "lora_null_llamafactory.cli", "train", str(tmp_path / "a.yaml")]
     assert launched[1] == ["llamafactory-cli", "train", str(tmp_path / "b.yaml")]
+
+
+def test_the_task_aware_box_asks_for_the_training_set():
+    from lora_null_llamafactory import webui
+
+    class Runner:
+        class manager:  # noqa: N801 - the board's ElementManager, by id
+            get_elem_by_id = staticmethod(lambda elem_id: elem_id)
+
+    parse = webui._wrap_parse_train_args(lambda self, data: {"finetuning_type": "lora"})
+    data = {"train.adapter_init": "LoRA-Null v2", "train.lora_null_calibration": "", "train.lora_null_num_samples": 256,
+            "train.lora_null_task_data": True}
+    assert parse(Runner(), data)["lora_null_task_data"] == "train"
+    assert parse(Runner(), {**data, "train.lora_null_task_data": False})["lora_null_task_data"] is None

@@ -14,6 +14,7 @@ from checks import (
     assert_in_null_space,
     assert_merged_is_the_fine_tuned_model,
     assert_right_on_the_base_it_names,
+    assert_task_aware_from_the_training_set,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,6 +105,16 @@ def test_the_key_alone_samples_the_models_own_text(workspace, data_dir, tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((out / "lora_null_init" / "lora_null.json").read_text())
     assert record["calibration"]["source"].startswith("the model's own text")
+
+
+def test_the_training_set_as_task_data_makes_a_task_aware(workspace, data_dir, trained, tmp_path):
+    """lora_null_task_data: train hands the core the SFT training set as LLaMA-Factory tokenized it."""
+    out = tmp_path / "aware"
+    result = train(config(workspace, data_dir, out, lora_null_task_data="train", lora_null_task_samples=24,
+                          max_steps=1))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = len((workspace / "task" / "train.jsonl").read_text().splitlines())
+    assert_task_aware_from_the_training_set(out / "lora_null_init", trained / "lora_null_init", rows, samples=24)
 
 
 def test_without_the_key_it_is_plain_lora(workspace, data_dir, tmp_path):

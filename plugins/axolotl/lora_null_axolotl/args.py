@@ -6,7 +6,9 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, Field, create_model, model_validator
 
-from lora_null_core.integration import config_fields, lora_null_request
+from lora_null_core.integration import FRONT_END_KEYS, config_fields, lora_null_request
+
+KEYS_READ_HERE = (*FRONT_END_KEYS, "task_data")  # beyond LoraNullConfig's fields
 
 
 class _LoraNullKeys(BaseModel):
@@ -19,6 +21,10 @@ class _LoraNullKeys(BaseModel):
     lora_null_calibration: Optional[Union[str, dict[str, Any]]] = Field(
         default=None, json_schema_extra={"description": "Knowledge text: a path, or a dataset entry like `datasets:` (default: "
                                            "text the model generates itself)."})
+    lora_null_task_data: Optional[Union[str, dict[str, Any]]] = Field(default=None, json_schema_extra={
+        "description": "Experimental, task-aware A: 'train' also reads the training set as Axolotl prepared it and "
+                       "puts A where knowledge inputs are weak relative to it (a path or a dataset entry reads task "
+                       "data like lora_null_calibration). Unset: the plain null space."})
     lora_null: Optional[dict[str, Any]] = Field(default=None, json_schema_extra={
         "description": "The LoRA-Null settings as one block (field: value), instead of lora_null_<field> keys."})
 
@@ -31,7 +37,7 @@ class _LoraNullKeys(BaseModel):
             raise ValueError(f"adapter_init: lora_null needs `adapter: lora` (or qlora), got adapter: {data.get('adapter')!r}.")
         quantized = bool(data.get("adapter") == "qlora" or data.get("load_in_4bit") or data.get("load_in_8bit"))
         lora_null_request(data, quantized=quantized, dora=bool(data.get("peft_use_dora")), dora_key="peft_use_dora",
-                          fallbacks=fallbacks(data))
+                          fallbacks=fallbacks(data), front_end_keys=KEYS_READ_HERE)
         return data
 
 

@@ -21,11 +21,13 @@ from axolotl.integrations.base import BasePlugin
 
 from lora_null_core import LoraNullConfig, lora_null_init, save_initial_adapter
 from lora_null_core.callbacks import LoraNullCallback
+from lora_null_core.data import TokenizedRows
 from lora_null_core.distributed import rank_and_world
+from lora_null_core.errors import ConfigError
 from lora_null_core.export import INIT_DIR, finish_saved_adapter
 from lora_null_core.integration import lora_null_request
 
-from .args import fallbacks
+from .args import KEYS_READ_HERE, fallbacks
 
 LOG = logging.getLogger("axolotl.integrations.lora_null")  # Axolotl shows INFO lines of axolotl.* loggers only
 
@@ -55,12 +57,12 @@ class LoraNullPlugin(BasePlugin):
         from axolotl.loaders import load_tokenizer
 
         tokenizer = load_tokenizer(cfg)
-        texts = calibration_source(cfg)
+        texts = dataset_source(cfg.lora_null_calibration)
         attach_unfused_attention(cfg, model)
         # Every rank runs this hook: the core shards the calibration over the process group Axolotl set up,
         # all-reduces the covariances and broadcasts rank 0's factors, so every rank holds identical weights.
         lora_null_init(model, None, texts, tokenizer, lora_null_config(cfg), adapter_name=model.active_adapter,
-                       execution_device=training_device(model))
+                       execution_device=training_device(model), task_data=task_data_source(cfg, tokenizer))
         if rank_and_world()[0] == 0:
             save_initial_adapter(model, Path(cfg.output_dir) / INIT_DIR, overwrite=True)
             LOG.info("LoRA-Null init: %s", model.lora_null_report.summary())
@@ -108,13 +110,27 @@ def attach_unfused_attention(cfg: Any, model: Any) -> None:
 
 
 def lora_null_config(cfg: Any) -> LoraNullConfig:
-    return lora_null_request(cfg, fallbacks=fallbacks(cfg))
+    return lora_null_request(cfg, fallbacks=fallbacks(cfg), front_end_keys=KEYS_READ_HERE)
 
 
-def calibration_source(cfg: Any):
-    """A path goes to the core's loader; a dataset entry goes through Axolotl's own dataset loading; none asks the
-    core for the model's own text."""
-    entry = cfg.lora_null_calibration
+def task_data_source(cfg: Any, tokenizer: Any):
+    """lora_null_task_data: 'train' is the training set as Axolotl prepared it (templated and tokenized: what the
+    adapter will see), read back from Axolotl's prepared-dataset cache; anything else is read like the calibration;
+    None: no task data."""
+    if cfg.lora_null_task_data != "train":
+        return dataset_source(cfg.lora_null_task_data)
+    from axolotl.utils.data import prepare_datasets
+
+    train_dataset = prepare_datasets(cfg, tokenizer)[0]
+    if not hasattr(train_dataset, "__len__"):
+        raise ConfigError("lora_null_task_data: train needs a training set with a length (not a streamed one); "
+                          "give the task data as a file instead.")
+    return TokenizedRows(train_dataset, tokenizer)
+
+
+def dataset_source(entry: Any):
+    """A path goes to the core's loader; a dataset entry goes through Axolotl's own dataset loading; None stays
+    None (for the calibration: the core samples the model's own text)."""
     if entry is None or isinstance(entry, str):
         return entry
     from axolotl.utils.data.shared import load_dataset_with_config

@@ -1,6 +1,6 @@
 """LLaMA-Factory's FinetuningArguments plus the LoRA-Null keys (LLaMA-Factory rejects unknown YAML keys):
-`adapter_init`, `lora_null_calibration`, and one `lora_null_<field>` per LoraNullConfig field, generated from the
-core's config so every setting is reachable."""
+`adapter_init`, `lora_null_calibration`, `lora_null_task_data`, and one `lora_null_<field>` per LoraNullConfig
+field, generated from the core's config so every setting is reachable."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from typing import Literal, Optional
 from llamafactory.hparams import FinetuningArguments
 
 from lora_null_core import LoraNullConfig
-from lora_null_core.integration import lora_null_request, prefixed_dataclass_fields
+from lora_null_core.integration import FRONT_END_KEYS, lora_null_request, prefixed_dataclass_fields
+
+KEYS_READ_HERE = (*FRONT_END_KEYS, "task_data")  # beyond LoraNullConfig's fields
 
 _KEYS = [
     ("adapter_init", Literal["default", "lora_null"], field(default="default", metadata={
@@ -18,6 +20,10 @@ _KEYS = [
     ("lora_null_calibration", Optional[str], field(default=None, metadata={
         "help": "Knowledge text: a dataset name from dataset_info.json, or a file path (default: text the model "
                 "generates itself)."})),
+    ("lora_null_task_data", Optional[str], field(default=None, metadata={
+        "help": "Experimental, task-aware A: 'train' also reads the SFT training set as LLaMA-Factory tokenized it "
+                "and puts A where knowledge inputs are weak relative to it (a dataset name or a path reads task data "
+                "like lora_null_calibration). Unset: the plain null space."})),
     *prefixed_dataclass_fields(),
 ]
 
@@ -34,7 +40,7 @@ def _post_init(self) -> None:
 
 
 def _lora_null_config(self) -> Optional[LoraNullConfig]:
-    return lora_null_request(vars(self), dora=bool(self.use_dora), dora_key="use_dora")
+    return lora_null_request(vars(self), dora=bool(self.use_dora), dora_key="use_dora", front_end_keys=KEYS_READ_HERE)
 
 
 LoraNullFinetuningArguments = make_dataclass(

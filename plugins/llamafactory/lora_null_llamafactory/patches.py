@@ -1,5 +1,6 @@
-"""Where LoRA-Null enters LLaMA-Factory: its argument parser and `init_adapter` (both private names, checked
-at import so an unsupported version fails with a clear message instead of training plain LoRA)."""
+"""Where LoRA-Null enters LLaMA-Factory: its argument parser, `init_adapter` and the SFT stage's `get_dataset`
+(private names, checked at import so an unsupported version fails with a clear message instead of training plain
+LoRA)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from typing import Any, Optional
 
 from lora_null_core import lora_null_init
 from lora_null_core.callbacks import LoraNullCallback
+from lora_null_core.data import TokenizedRows
 from lora_null_core.distributed import rank_and_world
+from lora_null_core.errors import ConfigError
 from lora_null_core.export import INIT_DIR, finish_saved_adapter
 
 LOG = logging.getLogger(__name__)
@@ -26,10 +29,13 @@ def install() -> None:
     try:
         from llamafactory.hparams import FinetuningArguments, parser
         from llamafactory.model import loader
+        from llamafactory.train.sft import workflow
     except ImportError as err:
         raise ImportError(f"lora-null's LLaMA-Factory plugin needs {SUPPORTED} ({err}).") from err
-    if not hasattr(parser, "_TRAIN_ARGS") or FinetuningArguments not in parser._TRAIN_ARGS or not hasattr(loader, "init_adapter"):
-        raise ImportError(f"This LLaMA-Factory has no parser._TRAIN_ARGS / loader.init_adapter; supported: {SUPPORTED}.")
+    if not hasattr(parser, "_TRAIN_ARGS") or FinetuningArguments not in parser._TRAIN_ARGS \
+            or not hasattr(loader, "init_adapter") or not hasattr(workflow, "get_dataset"):
+        raise ImportError("This LLaMA-Factory has no parser._TRAIN_ARGS / loader.init_adapter / sft workflow "
+                          f"get_dataset; supported: {SUPPORTED}.")
     from .args import LoraNullFinetuningArguments
 
     parser._TRAIN_ARGS[parser._TRAIN_ARGS.index(FinetuningArguments)] = LoraNullFinetuningArguments
@@ -42,7 +48,22 @@ def install() -> None:
         return model
 
     loader.init_adapter = init_adapter
+    workflow.get_dataset = remembering_the_training_set(workflow.get_dataset)
     _installed = True
+
+
+_training_set: dict[str, Any] = {"value": None}
+
+
+def remembering_the_training_set(get_dataset):
+    """run_sft tokenizes its dataset before it loads the model, but init_adapter is not given it: keep the last
+    training set SFT built, for lora_null_task_data: train."""
+    def wrapped(*args, **kwargs):
+        module = get_dataset(*args, **kwargs)
+        _training_set["value"] = module.get("train_dataset")
+        return module
+
+    return wrapped
 
 
 def initialize(model: Any, model_args: Any, finetuning_args: Any) -> None:
@@ -51,12 +72,25 @@ def initialize(model: Any, model_args: Any, finetuning_args: Any) -> None:
     tokenizer = load_tokenizer(model_args)["tokenizer"]
     config = finetuning_args.lora_null_config()
     source = calibration_rows(finetuning_args.lora_null_calibration, _dataset_dir())
+    task = task_rows(finetuning_args.lora_null_task_data, tokenizer)
     # Every rank runs this: the core shards calibration over the process group and broadcasts rank 0's factors.
-    lora_null_init(model, None, source, tokenizer, config, adapter_name=model.active_adapter)
+    lora_null_init(model, None, source, tokenizer, config, adapter_name=model.active_adapter, task_data=task)
     LOG.info("LoRA-Null init (%s): %s", config.variant, model.lora_null_report.summary())
 
 
-def calibration_rows(name: Optional[str], dataset_dir: str) -> Any:
+def task_rows(name: Optional[str], tokenizer: Any) -> Any:
+    """'train': the SFT training set as LLaMA-Factory tokenized it (template, prompt and response: what the adapter
+    will see); anything else is read like the calibration; None: no task data."""
+    if name != "train":
+        return calibration_rows(name, _dataset_dir(), key="lora_null_task_data")
+    dataset = _training_set["value"]
+    if dataset is None or not hasattr(dataset, "__len__"):
+        raise ConfigError("lora_null_task_data: train reads the training set of LLaMA-Factory's SFT stage (not a "
+                          "streamed one); give the task data as a dataset name or a file instead.")
+    return TokenizedRows(dataset, tokenizer)
+
+
+def calibration_rows(name: Optional[str], dataset_dir: str, key: str = "lora_null_calibration") -> Any:
     """A dataset_info.json entry (alpaca: prompt [+ query] columns; sharegpt: messages) or a path as is; None (no
     lora_null_calibration) asks the core for the model's own text."""
     if not name:
@@ -66,7 +100,7 @@ def calibration_rows(name: Optional[str], dataset_dir: str) -> Any:
     if name not in info:
         if Path(name).exists() or "/" in name:
             return name
-        raise ValueError(f"lora_null_calibration: {name!r} is neither in {info_path} nor a file.")
+        raise ValueError(f"{key}: {name!r} is neither in {info_path} nor a file.")
     entry = info[name]
     if "file_name" in entry:
         from lora_null_core.data import load_rows
@@ -77,7 +111,7 @@ def calibration_rows(name: Optional[str], dataset_dir: str) -> Any:
 
         rows = load_rows(f"{entry['hf_hub_url']}:{entry.get('split', 'train')}")
     else:
-        raise ValueError(f"lora_null_calibration: dataset {name!r} needs file_name or hf_hub_url.")
+        raise ValueError(f"{key}: dataset {name!r} needs file_name or hf_hub_url.")
     columns = entry.get("columns", {})
     if entry.get("formatting") == "sharegpt":
         key = columns.get("messages", "conversations")

@@ -1,5 +1,5 @@
-"""LLaMA Board: an "Adapter init" choice (LoRA / PiSSA / LoRA-Null v1 / v2) with a calibration-dataset picker,
-wired into the training arguments, the previewed command and the process that starts training."""
+"""LLaMA Board: an "Adapter init" choice (LoRA / PiSSA / LoRA-Null v1 / v2) with a calibration-dataset picker and
+a task-aware box, wired into the training arguments, the previewed command and the process that starts training."""
 
 from __future__ import annotations
 
@@ -39,6 +39,15 @@ LABELS = {  # every locale LLaMA Board has
         "zh": ("校准样本数", "校准文本的数量。"),
         "ko": ("보정 샘플 수", "보정 텍스트의 수."),
         "ja": ("キャリブレーションサンプル数", "キャリブレーションテキストの数。"),
+    },
+    "lora_null_task_data": {
+        "en": ("Task-aware (experimental)", "Also read the training set and put lora_A where knowledge inputs are weak "
+               "relative to it."),
+        "ru": ("С учётом задачи (экспериментально)", "Также читать обучающий набор и размещать lora_A там, где входы "
+               "знаний слабы относительно него."),
+        "zh": ("任务感知（实验性）", "同时读取训练集，将 lora_A 放在知识输入相对其较弱的方向上。"),
+        "ko": ("작업 인식 (실험적)", "학습 데이터셋도 읽어, 지식 입력이 그에 비해 약한 방향에 lora_A를 둡니다."),
+        "ja": ("タスク考慮（実験的）", "学習データセットも読み込み、知識入力がそれに比べて弱い方向に lora_A を置きます。"),
     },
 }
 _installed = False
@@ -88,7 +97,8 @@ def _wrap_create_train_tab(original):
                 calibration = gr.Dropdown(choices=list(load_dataset_info(DEFAULT_DATA_DIR)), value=None,
                                           allow_custom_value=True)
                 num_samples = gr.Slider(minimum=16, maximum=4096, value=256, step=16)
-        ours = {adapter_init, calibration, num_samples}
+                task_data = gr.Checkbox(value=False)
+        ours = {adapter_init, calibration, num_samples, task_data}
         manager = engine.manager
         base = manager.get_base_elems
         manager.get_base_elems = lambda: base() | ours  # so the tab's buttons send our values to the Runner
@@ -100,7 +110,7 @@ def _wrap_create_train_tab(original):
             lambda d: gr.Dropdown(choices=list(load_dataset_info(d)), value=None), [elem_dict["dataset_dir"]],
             [calibration])
         elem_dict.update(lora_null_tab=tab, adapter_init=adapter_init, lora_null_calibration=calibration,
-                         lora_null_num_samples=num_samples)
+                         lora_null_num_samples=num_samples, lora_null_task_data=task_data)
         return elem_dict
 
     return create_train_tab
@@ -117,6 +127,7 @@ def _wrap_parse_train_args(original):
             args.update(adapter_init="lora_null", lora_null_variant=choice[-2:],
                         lora_null_calibration=get("train.lora_null_calibration") or None,  # None: the model's own text
                         lora_null_num_samples=int(get("train.lora_null_num_samples")),
+                        lora_null_task_data="train" if get("train.lora_null_task_data") else None,
                         pissa_init=False, pissa_convert=False)
         return args
 
