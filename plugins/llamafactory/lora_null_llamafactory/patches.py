@@ -22,7 +22,7 @@ _installed = False
 
 
 def install() -> None:
-    """Swap in the extended FinetuningArguments and wrap init_adapter; idempotent."""
+    """Swap in the extended FinetuningArguments, wrap init_adapter and the SFT stage's get_dataset; idempotent."""
     global _installed
     if _installed:
         return
