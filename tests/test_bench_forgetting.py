@@ -93,9 +93,10 @@ def test_the_task_aware_init_reads_the_training_examples(cpu_run):
 
 def test_the_key_alone_with_task_data_samples_its_own_knowledge_text(cpu_run):
     suite = synthetic_suite("cpu", cpu_run / "cache", "cpu")
-    report = build_adapter("lora_null_self_task", suite.load_base(), suite, seed=0).lora_null_report
+    report = build_adapter("lora_null_self_task1", suite.load_base(), suite, seed=0).lora_null_report
     assert report.calibration["source"].startswith("the model's own text")
     assert report.calibration["task_data"]["num_samples"] == min(256, len(suite.task_train))
+    assert report.calibration["task_data"]["task_mix"] == 1.0  # lora_null_self_task<μ>; plain: the default 0.01
 
 
 def test_a_scale_suffix_on_self_and_task_inits(cpu_run):
@@ -106,7 +107,9 @@ def test_a_scale_suffix_on_self_and_task_inits(cpu_run):
     assert report.calibration["task_data"]["task_mix"] == 0.1 and report.config["a_scale"] == 2.0  # default: 1
     assert is_known_init("lora_null_self_t1_x3") and is_known_init("lora_null_task_x2")
     assert is_known_init("lora_null_self_task") and is_known_init("lora_null_self_task_x2")
-    for unknown in ("lora_null_v2_x3", "lora_null_self_x0", "lora_null_task_xa", "lora_null_selfish_x2"):
+    assert is_known_init("lora_null_self_task1") and is_known_init("lora_null_self_task0.1_x2")
+    for unknown in ("lora_null_v2_x3", "lora_null_self_x0", "lora_null_task_xa", "lora_null_selfish_x2",
+                    "lora_null_self_task0", "lora_null_self_taskx"):
         assert not is_known_init(unknown), unknown
 
 

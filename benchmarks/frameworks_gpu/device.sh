@@ -46,8 +46,9 @@ setup() {
   [ "$(sha256sum $gguf | cut -c1-64)" = "$(cat $gguf.sha256)" ] || { echo "GGUF parts do not join"; return 1; }
   for stack in common axolotl llamafactory; do
     target=/tmp/fw-site; [ $stack = common ] || target=/tmp/site-$stack
+    [ -f $target/.installed ] && continue  # a second model's setup on the same machine
     python3 -m pip install -q --no-index --no-deps --no-compile --find-links $STAGE --target $target \
-      -r $HERE/stacks/$stack.txt || { echo "install of $stack failed"; return 1; }
+      -r $HERE/stacks/$stack.txt && touch $target/.installed || { echo "install of $stack failed"; return 1; }
   done
   mkdir -p $WORK/logs $OUT
   for framework in trl axolotl llamafactory; do  # each stack imports what its rows use, and says its versions

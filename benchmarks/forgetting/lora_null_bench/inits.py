@@ -30,7 +30,7 @@ SELF_INITS = {"lora_null_self": {}, "lora_null_self_chat": {"generated_prompt": 
 # uses the default task_mix (and a_scale, 1 with task data), lora_null_task<μ> another (lora_null_task0.1).
 TASK_PREFIX = "lora_null_task"
 # The key alone where the trainer holds the training set (TRL's lora_null_task_data: train): the model's own text
-# as knowledge, the training examples as task data.
+# as knowledge, the training examples as task data; lora_null_self_task<μ> with another task_mix.
 SELF_TASK = "lora_null_self_task"
 # Any of these with "_x<c>" appended runs with a_scale c (lora_null_task_x2: task-aware at the frozen-A scale).
 SCALED = re.compile(r"^(lora_null_.+)_x([0-9.]+)$")
@@ -68,8 +68,9 @@ def build_adapter(init: str, model: torch.nn.Module, suite: Suite, seed: int) ->
     if init in SELF_INITS:
         return lora_null_init(model, config, None, suite.tokenizer,
                               LoraNullConfig(seed=seed, **SELF_INITS[init], **scale))
-    if init == SELF_TASK:
-        return lora_null_init(model, config, None, suite.tokenizer, LoraNullConfig(seed=seed, **scale),
+    if init.startswith(SELF_TASK):
+        mix = {"task_mix": task_mix_of(init, SELF_TASK)} if init != SELF_TASK else {}
+        return lora_null_init(model, config, None, suite.tokenizer, LoraNullConfig(seed=seed, **mix, **scale),
                               task_data=suite.task_texts())
     if init.startswith("lora_null_x"):  # the default with another a_scale: lora_null_x3 = A × 3, B / 3
         return lora_null_init(model, config, [e.text for e in suite.calibration], suite.tokenizer,
@@ -87,15 +88,16 @@ def build_adapter(init: str, model: torch.nn.Module, suite: Suite, seed: int) ->
 def is_known_init(init: str) -> bool:
     scaled = SCALED.match(init)
     if scaled:
-        return _positive(scaled[2]) and (scaled[1] in (*SELF_INITS, SELF_TASK) or scaled[1].startswith(TASK_PREFIX)) \
+        return _positive(scaled[2]) and (scaled[1] in SELF_INITS or scaled[1].startswith((TASK_PREFIX, SELF_TASK))) \
             and is_known_init(scaled[1])
     if init in INITS or init in SELF_INITS or init in (TASK_PREFIX, SELF_TASK):
         return True
-    if init.startswith(TASK_PREFIX):
-        try:
-            return task_mix_of(init) > 0
-        except ValueError:
-            return False
+    for prefix in (TASK_PREFIX, SELF_TASK):
+        if init.startswith(prefix):
+            try:
+                return task_mix_of(init, prefix) > 0
+            except ValueError:
+                return False
     try:
         return init.startswith("lora_null_x") and a_scale_of(init) > 0
     except ValueError:
@@ -109,11 +111,11 @@ def _positive(text: str) -> bool:
         return False
 
 
-def task_mix_of(init: str) -> float:
+def task_mix_of(init: str, prefix: str = TASK_PREFIX) -> float:
     try:
-        return float(init.removeprefix(TASK_PREFIX))
+        return float(init.removeprefix(prefix))
     except ValueError:
-        raise ValueError(f"unknown init {init!r}: lora_null_task<task_mix>, e.g. lora_null_task0.1") from None
+        raise ValueError(f"unknown init {init!r}: {prefix}<task_mix>, e.g. {prefix}0.1") from None
 
 
 def a_scale_of(init: str) -> float:
