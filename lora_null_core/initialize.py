@@ -119,9 +119,8 @@ def _initialize(peft_model: PeftModel, layers: Mapping[str, LoraLayer], calibrat
     plan = streaming_plan(peft_model, layers, config)
     if plan is None:  # block by block, each block's weights are checked on arrival, where they are computed on
         check_finite_weights(layers)
-    if task and config.covariance_cache:
-        logger.info("The covariance cache holds knowledge covariances only; with task data it is not used.")
-    cache = None if task else CovarianceCache.open(config.covariance_cache, peft_model.get_base_model(), batches, config)
+    # The cache holds the knowledge covariances; task data, when given, is run through the model every time.
+    cache = CovarianceCache.open(config.covariance_cache, peft_model.get_base_model(), batches, config)
     cached = cache is not None and cache.has(list(layers), device)
     was_training = peft_model.training
     peft_model.eval()

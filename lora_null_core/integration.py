@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from .config import LoraNullConfig, literal_choices
+from .data import TokenizedRows
 from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "lora_null_"
 NESTED_KEY = "lora_null"
@@ -24,6 +28,9 @@ NESTED_KEY = "lora_null"
 # the TRL plugin's switch for making saves right for the base they name. A front end that reads more (TRL:
 # task_data) passes its own list, so the others still refuse a key they would ignore.
 FRONT_END_KEYS = ("calibration", "export")
+# lora_null_task_data values: unset or "auto" (see task_data_for), "train", a source, or one of these for none
+TASK_DATA_AUTO = "auto"
+TASK_DATA_OFF = ("none", "off", "false")
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,38 @@ def lora_null_request(values: Mapping[str, Any], *, fallbacks: Optional[Mapping]
                           f"cannot hold. Leave {PREFIX}variant and {PREFIX}train_base unset (v2 trains on the "
                           "original weights), or set lora_null_init: basis.")
     return config
+
+
+def task_data_for(setting: Any, calibration: Any, training_set: Callable[[], Any], tokenizer: Any,
+                  read: Callable[[Any], Any]) -> Any:
+    """The task data a front end passes the core, from its `lora_null_task_data` key.
+
+    Unset (or "auto"): the training set as the trainer prepared it whenever knowledge text is given
+    (lora_null_calibration): there the task-aware A lost less knowledge than the plain null space on the frontier
+    (README, "Task-aware"). With the key alone (the model's own text) it lost more on addition, so the plain null
+    space stays; without a training set with a length (streamed, or none) it falls back to it too, with a log line.
+    "train" asks for the training set and refuses a streamed one; "none" (or off, false) is the plain null space;
+    anything else is a source, handed to `read`; YAML's true and false mean train and none. `training_set` returns
+    the trainer's tokenized dataset (None when it has none)."""
+    if setting is False or (isinstance(setting, str) and setting.lower() in TASK_DATA_OFF):
+        return None
+    if setting is True:
+        setting = "train"
+    auto = setting is None or setting == TASK_DATA_AUTO
+    if auto and calibration is None:
+        return None
+    if not auto and setting != "train":
+        return read(setting)
+    dataset = training_set()
+    if dataset is not None and hasattr(dataset, "__len__"):
+        return TokenizedRows(dataset, tokenizer)
+    if auto:
+        logger.info("LoRA-Null: no training set with a length to read as task data (a streamed one, or none handed "
+                    "over here), so A is the plain null space. Give lora_null_task_data a file for a task-aware A.")
+        return None
+    raise ConfigError("lora_null_task_data: train reads the training set as the trainer prepared it, which needs one "
+                      "with a length (not a streamed or iterable one); give the task data as a file instead, or set "
+                      "lora_null_task_data: none.")
 
 
 def prefixed_dataclass_fields() -> list[tuple[str, Any, dataclasses.Field]]:

@@ -86,6 +86,11 @@ def test_the_self_calibrated_init_samples_the_models_own_text(cpu_run):
 
 def test_the_task_aware_init_reads_the_training_examples(cpu_run):
     suite = synthetic_suite("cpu", cpu_run / "cache", "cpu")
+    default, plain = (build_adapter(init, suite.load_base(), suite, seed=0).lora_null_report
+                      for init in ("lora_null", "lora_null_plain"))  # what the plugins do, with and without task data
+    assert default.calibration["task_data"]["num_samples"] == min(256, len(suite.task_train))
+    assert default.config["a_scale"] == 1.0 and default.calibration["task_data"]["task_mix"] == 0.01
+    assert plain.calibration["task_data"] is None and plain.config["a_scale"] == 2.0
     report = build_adapter("lora_null_task0.1", suite.load_base(), suite, seed=0).lora_null_report
     assert report.calibration["task_data"]["task_mix"] == 0.1
     assert report.calibration["task_data"]["num_samples"] == min(256, len(suite.task_train))

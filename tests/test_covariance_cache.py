@@ -131,3 +131,18 @@ def test_a_damaged_entry_is_recomputed_not_used(make_model, tokenizer, knowledge
     # and the entry was written again, intact
     third, third_samples = run(make_model, tokenizer, texts, tmp_path)
     assert third_samples < 60
+
+
+@pytest.mark.parametrize("streaming", ["on", "off"])
+def test_task_aware_runs_read_the_knowledge_side_from_the_cache(make_model, tokenizer, knowledge, task, tmp_path,
+                                                                streaming):
+    """The cache holds the knowledge covariances; task data runs every time. A task-aware run after a plain one
+    skips the calibration samples and writes the A that calibrating again gives."""
+    texts, settings = knowledge[:140], dict(streaming=streaming, accumulate_dtype="float64", task_samples=48)
+    _, first_samples = run(make_model, tokenizer, texts, tmp_path, **settings)
+    cached, cached_samples = run(make_model, tokenizer, texts, tmp_path, task_data=task, **settings)
+    fresh, _ = run(make_model, tokenizer, texts, None, task_data=task, **settings)
+    assert first_samples - cached_samples >= 120 - 48, (first_samples, cached_samples)
+    assert cached.lora_null_report.calibration["task_data"]["num_samples"] == 48
+    for name, (c_a, _, _) in factors(cached).items():
+        assert torch.allclose(c_a, factors(fresh)[name][0], atol=1e-6), name

@@ -64,3 +64,48 @@ def test_a_second_models_rows_sit_beside_the_firsts(run, tmp_path):
     assert sorted((r["model"], r["status"]) for r in rows) == [("qwen", "pass"), ("smollm2", "pass")]
     run.collect(argparse.Namespace(work=str(tmp_path / "work"), output=str(output)))  # the same model again: replaced
     assert len(json.loads(output.read_text())["runs"]) == 2
+
+
+def test_the_row_says_which_ranks_held_meta_weights_when_the_adapter_was_built(run, tmp_path, monkeypatch):
+    import json
+
+    import torch
+
+    folder = tmp_path / "work" / "runs" / "trl-fsdp2_ram_efficient-lora_null"
+    folder.mkdir(parents=True)
+    monkeypatch.setenv("RANK", "1")
+    with torch.device("meta"):  # FSDP's cpu_ram_efficient_loading: a rank other than 0 waits for rank 0's weights
+        run.record_weights_at_init(torch.nn.Linear(4, 4), folder)
+    monkeypatch.setenv("RANK", "0")
+    run.record_weights_at_init(torch.nn.Linear(4, 4), folder)
+    (folder / "row.json").write_text(json.dumps(row(0.0)))
+    output = tmp_path / "matrix.json"
+    run.collect(argparse.Namespace(work=str(tmp_path / "work"), output=str(output)))
+    (ours,) = json.loads(output.read_text())["runs"]
+    assert ours["setup"] == "fsdp2_ram_efficient" and ours["meta_weights_at_init_by_rank"] == [False, True]
+
+
+@pytest.mark.parametrize("framework", ["axolotl", "llamafactory"])
+def test_two_gpu_setups_start_their_own_two_workers_with_half_the_batch_each(run, tmp_path, monkeypatch, framework):
+    """Axolotl and LLaMA-Factory launch their workers themselves (device.sh starts them as one process): Axolotl
+    through its accelerate launcher, LLaMA-Factory as the torchrun FORCE_TORCHRUN=1 starts; the global batch stays
+    GLOBAL_BATCH."""
+    from lora_null_core.tiny import tiny_tokenizer
+
+    tiny_tokenizer(["a b c"]).save_pretrained(tmp_path / "model")
+    (tmp_path / "calibration.jsonl").write_text('{"text": "a"}\n' * 256)
+    launched = {}
+    monkeypatch.setattr(run, "run_cli", lambda command, config, work, folder, suffix, after=(): launched.update(
+        command=[*command, *after], config=config) or "")
+    train = {"axolotl": run.train_axolotl, "llamafactory": run.train_llamafactory}[framework]
+    batch_key = {"axolotl": "micro_batch_size", "llamafactory": "per_device_train_batch_size"}[framework]
+    for setup, workers in (("bf16", 1), ("ddp2", 2), ("zero3_2", 2)):
+        args = argparse.Namespace(framework=framework, setup=setup, init="lora_null", work=str(tmp_path))
+        train(args, tmp_path, tmp_path / "run", {"model": str(tmp_path / "model")}, "bf16")
+        command = " ".join(launched["command"])
+        assert launched["config"][batch_key] * workers == run.GLOBAL_BATCH, (setup, launched["config"][batch_key])
+        if framework == "axolotl":
+            assert command.startswith("axolotl train") and "--launcher accelerate --" in command
+            assert ("--multi_gpu --num_processes 2" in command) == (workers == 2), command
+        else:
+            assert ("torch.distributed.run --nproc_per_node 2" in command) == (workers == 2), command

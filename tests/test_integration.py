@@ -5,11 +5,13 @@ import dataclasses
 import pytest
 
 from lora_null_core import ConfigError, LoraNullConfig
+from lora_null_core.data import TokenizedRows
 from lora_null_core.integration import (
     config_fields,
     config_from_mapping,
     lora_null_request,
     prefixed_dataclass_fields,
+    task_data_for,
 )
 
 
@@ -45,6 +47,32 @@ def test_a_key_only_some_front_ends_read_is_refused_by_the_others():
         config_from_mapping({"lora_null_task_data": "train"})
     config = config_from_mapping({"lora_null_task_data": "train"}, front_end_keys=("calibration", "task_data"))
     assert config == LoraNullConfig()
+
+
+class Tokenized(list):
+    """A trainer's tokenized training set: rows with input_ids."""
+
+    column_names = ["input_ids"]
+
+
+def test_the_training_set_is_the_task_data_by_default_wherever_knowledge_text_is_given():
+    training = Tokenized([{"input_ids": [1, 2]}] * 3)
+    read = lambda source: ("read", source)  # noqa: E731
+    choose = lambda setting, calibration="k.jsonl", dataset=training: task_data_for(  # noqa: E731
+        setting, calibration, lambda: dataset, tokenizer=None, read=read)
+    for unset in (None, "auto"):
+        chosen = choose(unset)
+        assert isinstance(chosen, TokenizedRows) and chosen.dataset is training and len(chosen) == 3
+        assert choose(unset, calibration=None) is None  # the key alone: own text, where task data lost on addition
+        assert choose(unset, dataset=iter(training)) is None  # streamed: the plain null space, quietly
+        assert choose(unset, dataset=None) is None
+    for asked in ("train", True):  # asked for: with own text too
+        assert isinstance(choose(asked, calibration=None), TokenizedRows)
+    for off in ("none", "None", "off", "false", False):
+        assert choose(off) is None
+    assert choose("task.jsonl") == ("read", "task.jsonl") and choose({"path": "t"}) == ("read", {"path": "t"})
+    with pytest.raises(ConfigError, match="streamed or iterable.*lora_null_task_data: none"):
+        choose("train", dataset=iter(training))
 
 
 def test_request_validation_is_the_same_for_every_front_end():

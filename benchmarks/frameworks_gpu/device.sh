@@ -84,10 +84,11 @@ start() {  # every run of ROWS at once, detached (setsid) so that it outlives th
       pgrep -f -- "--framework $framework --setup $setup --init $init --work $WORK( |$)" > /dev/null && continue
       [ -d $WORK/runs/$name ] && mv $WORK/runs/$name $WORK/runs/$name.failed-$(date +%s)  # ended without a result
       args="train --framework $framework --setup $setup --init $init --work $WORK"
+      # TRL's rows are launched here; Axolotl and LLaMA-Factory start their own workers (run.py, by setup)
       case $framework:$setup in
         trl:zero3_1)  launcher="torchrun --nproc_per_node 1 --master_port $port" ;;
-        *:ddp2|*:zero3_2) launcher="torchrun --nproc_per_node 2 --master_port $port" ;;
-        *:fsdp2*)     launcher="accelerate launch --config_file $HERE/configs/$setup.yaml --main_process_port $port" ;;
+        trl:ddp2|trl:zero3_2) launcher="torchrun --nproc_per_node 2 --master_port $port" ;;
+        trl:fsdp2*)   launcher="accelerate launch --config_file $HERE/configs/$setup.yaml --main_process_port $port" ;;
         *)            launcher="python3" ;;
       esac
       ( use_stack $framework

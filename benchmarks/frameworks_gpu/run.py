@@ -197,8 +197,25 @@ def train_trl(args, work: Path, run: Path, meta: dict, kind: str) -> None:
         model=model, args=config, train_dataset=load_dataset("json", data_files=str(work / "train.jsonl"))["train"],
         processing_class=tokenizer, peft_config=lora_config(),
         callbacks=[MemoryProbe(work / "probe.pt", run)])
+    record_weights_at_init(trainer.model, run)  # the adapter is built; FSDP has not wrapped (or broadcast) yet
     trainer.train()
     trainer.save_model(str(run / "adapter"))
+
+
+def record_weights_at_init(model: torch.nn.Module, run: Path) -> None:
+    """Whether this rank's base weights were meta tensors when the adapter was built: under FSDP's
+    cpu_ram_efficient_loading every rank but 0 must hold them, so rank 0 initialized alone (collect puts the ranks'
+    answers in the row, `meta_weights_at_init_by_rank`)."""
+    rank = int(os.environ.get("RANK", "0"))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    meta = any(p.is_meta for p in base.parameters())
+    (run / f"at_init_rank{rank}.json").write_text(json.dumps({"rank": rank, "meta_weights": meta}))
+
+
+def weights_at_init(run: Path) -> list[bool] | None:
+    """Each rank's record_weights_at_init answer, in rank order; None where the run wrote none."""
+    answers = [json.loads(path.read_text()) for path in run.glob("at_init_rank*.json")]
+    return [answer["meta_weights"] for answer in sorted(answers, key=lambda a: a["rank"])] or None
 
 
 def train_peft(args, work: Path, run: Path, meta: dict, kind: str) -> None:
@@ -261,7 +278,7 @@ def train_axolotl(args, work: Path, run: Path, meta: dict, kind: str) -> str:
     sdpa attention, sample packing); the probe enters as one more plugin."""
     from transformers import AutoTokenizer
 
-    eos = AutoTokenizer.from_pretrained(meta["model"]).eos_token
+    eos, world = AutoTokenizer.from_pretrained(meta["model"]).eos_token, SETUPS[args.setup][1]
     config = {
         "base_model": meta["model"], "output_dir": str(run / "adapter"), "dataset_prepared_path": str(run / "prepared"),
         "datasets": [{"path": str(work / "train.jsonl"), "ds_type": "json", "type": {
@@ -270,7 +287,7 @@ def train_axolotl(args, work: Path, run: Path, meta: dict, kind: str) -> str:
         "train_on_inputs": False, "val_set_size": 0, "sequence_len": MAX_LENGTH, "sample_packing": True,
         "adapter": "qlora" if kind == "nf4" else "lora", "load_in_4bit": kind == "nf4",
         "lora_r": RANK, "lora_alpha": RANK, "lora_dropout": 0.0, "lora_target_linear": True,
-        "micro_batch_size": GLOBAL_BATCH, "gradient_accumulation_steps": 1, "max_steps": STEPS,
+        "micro_batch_size": GLOBAL_BATCH // world, "gradient_accumulation_steps": 1, "max_steps": STEPS,
         "learning_rate": LEARNING_RATE, "lr_scheduler": "linear", "warmup_steps": max(1, STEPS // 20),
         "weight_decay": 0.0, "max_grad_norm": 1.0, "optimizer": "adamw_torch", "bf16": True, "tf32": True,
         "gradient_checkpointing": True, "attn_implementation": "sdpa", "seed": 0, "logging_steps": 10,
@@ -283,7 +300,11 @@ def train_axolotl(args, work: Path, run: Path, meta: dict, kind: str) -> str:
         config.update(deepspeed=str(ZERO3), lora_mlp_kernel=False, lora_qkv_kernel=False, lora_o_kernel=False)
     config.update(calibration_keys(args, work))
     port = os.environ.get("MASTER_PORT", "29500")  # runs side by side each need their own
-    return run_cli(["axolotl", "train"], config, work, run, "yml", after=("--main_process_port", port))
+    # Axolotl starts its own workers (accelerate launch, with what follows "--"); several GPUs are its usual DDP, or
+    # ZeRO-3 over them
+    workers = ("--multi_gpu", "--num_processes", str(world)) if world > 1 else ()
+    return run_cli(["axolotl", "train"], config, work, run, "yml",
+                   after=("--launcher", "accelerate", "--", "--main_process_port", port, *workers))
 
 
 def train_llamafactory(args, work: Path, run: Path, meta: dict, kind: str) -> str:
@@ -292,12 +313,13 @@ def train_llamafactory(args, work: Path, run: Path, meta: dict, kind: str) -> st
     (configs/llamaboard_lora_null.yaml); only the paths and the matrix's shared settings are put over them."""
     import yaml
 
+    world = SETUPS[args.setup][1]
     config = yaml.safe_load((HERE / "configs" / "llamaboard_lora_null.yaml").read_text())
     config.update({
         "model_name_or_path": meta["model"], "dataset_dir": str(work / "lf_data"), "dataset": "addition",
         "template": "empty", "output_dir": str(run / "adapter"), "cutoff_len": MAX_LENGTH,
         "lora_rank": RANK, "lora_alpha": RANK, "lora_dropout": 0.0, "lora_target": "all",
-        "per_device_train_batch_size": GLOBAL_BATCH, "gradient_accumulation_steps": 1, "max_steps": STEPS,
+        "per_device_train_batch_size": GLOBAL_BATCH // world, "gradient_accumulation_steps": 1, "max_steps": STEPS,
         "learning_rate": LEARNING_RATE, "lr_scheduler_type": "linear", "warmup_steps": max(1, STEPS // 20),
         "max_grad_norm": 1.0, "bf16": True, "seed": 0, "logging_steps": 10,
         "report_to": "none", "plot_loss": False, "overwrite_output_dir": True, "preprocessing_num_workers": 1,
@@ -316,8 +338,9 @@ def train_llamafactory(args, work: Path, run: Path, meta: dict, kind: str) -> st
     else:
         config = {k: v for k, v in config.items() if not (k == "adapter_init" or k.startswith("lora_null_"))}
     launcher = [sys.executable, "-m", "memory_probe", "llamafactory"]
-    if args.setup.startswith("zero3"):  # a worker already (LOCAL_RANK set), as the launcher's own torchrun makes
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(SETUPS[args.setup][1]),
+    if args.setup.startswith("zero3") or world > 1:
+        # each a torchrun worker (LOCAL_RANK set): what FORCE_TORCHRUN=1 (or several GPUs) makes of the launcher
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
                     "--master_port", os.environ.get("MASTER_PORT", "29500"), "-m", "memory_probe", "llamafactory"]
     return run_cli(launcher, config, work, run, "yaml")
 
@@ -402,8 +425,8 @@ def lora_a_moved(run: Path):
 
 # ---------------------------------------------------------------- collect
 REQUIRED = {"trl": ["bf16", "qlora4", "zero3_1", "ddp2", "fsdp2", "fsdp2_ram_efficient", "zero3_2", "bf16_onekey"],
-            "axolotl": ["bf16", "qlora4", "zero3_1", "ddp2", "qlora4_onekey", "bf16_onekey"],
-            "llamafactory": ["bf16", "qlora4", "zero3_1", "bf16_onekey"],
+            "axolotl": ["bf16", "qlora4", "zero3_1", "ddp2", "zero3_2", "qlora4_onekey", "bf16_onekey"],
+            "llamafactory": ["bf16", "qlora4", "zero3_1", "ddp2", "bf16_onekey"],
             "peft": ["qlora4"]}
 
 
@@ -428,6 +451,7 @@ def collect(args) -> None:
             for key in ("knowledge_kept", "task_score", "output_rel_err", "output_rel_err_as_trained", "base_rel_err",
                         "adapter_max_rel_diff", "command"):
                 row[f"{key}_lora"] = (lora or {}).get(key)
+            row["meta_weights_at_init_by_rank"] = weights_at_init(work / "runs" / f"{framework}-{setup}-lora_null")
             row["reload"] = reload_match(ours, lora)
             row["status"] = "pass" if passes(ours, lora) else "fail"
             rows.append({k: v for k, v in row.items() if v is not None})

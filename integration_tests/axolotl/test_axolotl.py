@@ -44,12 +44,13 @@ def config(workspace, out: Path, **changes) -> Path:
     return path
 
 
-def axolotl_train(cfg: Path, command: str = "train") -> subprocess.CompletedProcess:
+def axolotl_train(cfg: Path, command: str = "train", *launcher: str) -> subprocess.CompletedProcess:
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "AXOLOTL_DO_NOT_TRACK": "1",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled", "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run([os.path.join(bin_dir, "axolotl"), command, str(cfg)], env=env, capture_output=True,
-                          text=True, timeout=900, cwd=cfg.parent)
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled", "CUDA_VISIBLE_DEVICES": "",
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([os.path.join(bin_dir, "axolotl"), command, str(cfg), *launcher], env=env,
+                          capture_output=True, text=True, timeout=900, cwd=cfg.parent)
 
 
 @pytest.fixture(scope="module")
@@ -124,14 +125,32 @@ def test_the_key_alone_on_qlora_samples_the_models_own_text(workspace, tmp_path)
     assert all(torch.equal(init[k], trained[k]) for k in init if "lora_A" in k)
 
 
-def test_the_training_set_as_task_data_makes_a_task_aware(workspace, trained, tmp_path):
-    """lora_null_task_data: train hands the core the training set as Axolotl prepared it (read back from its
-    prepared-dataset cache)."""
-    out = tmp_path / "aware"
-    result = axolotl_train(config(workspace, out, lora_null_task_data="train", lora_null_task_samples=24, max_steps=1))
+def test_with_knowledge_text_the_training_set_is_the_task_data_by_default(workspace, trained, tmp_path):
+    """With lora_null_calibration and no lora_null_task_data the core gets the training set as Axolotl prepared it
+    (read back from its prepared-dataset cache), every row of it; lora_null_task_data: none gives the plain null
+    space."""
+    out = tmp_path / "plain"
+    result = axolotl_train(config(workspace, out, lora_null_task_data="none", max_steps=1))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads((out / "lora_null_init" / "lora_null.json").read_text())["calibration"]["task_data"] is None
     rows = len((workspace / "task" / "train.jsonl").read_text().splitlines())
-    assert_task_aware_from_the_training_set(out / "lora_null_init", trained / "lora_null_init", rows, samples=24)
+    assert_task_aware_from_the_training_set(trained / "lora_null_init", out / "lora_null_init", rows, samples=rows)
+
+
+def test_two_processes_through_axolotls_launcher_train_the_adapter_the_init_wrote(workspace, tmp_path):
+    """Axolotl's multi-GPU path (its accelerate launcher, DDP): two gloo workers on the CPU. The calibration is
+    sharded over both and the factors broadcast; rank 0 saves an adapter whose frozen lora_A is the init's, in the
+    calibration's null space, right on the base it names."""
+    out = tmp_path / "ddp"
+    result = axolotl_train(config(workspace, out, micro_batch_size=2, max_steps=2), "train",
+                           "--launcher", "accelerate", "--", "--cpu", "--num_processes", "2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    init = out / "lora_null_init" / "adapter"
+    assert_in_null_space(workspace / "model", calibration_texts(workspace), init)
+    assert_right_on_the_base_it_names(workspace / "model", init, out)
+    initial, trained = (load_file(folder / "adapter_model.safetensors") for folder in (init, out))
+    assert all(torch.equal(initial[k], trained[k]) for k in initial if "lora_A" in k)
+    assert any(not torch.equal(initial[k], trained[k]) for k in initial if "lora_B" in k)
 
 
 def test_every_setting_reaches_the_core_by_key_or_nested_block():

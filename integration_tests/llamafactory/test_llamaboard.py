@@ -1,6 +1,7 @@
 """LLaMA Board with the LoRA-Null choice, started on 127.0.0.1 and driven in a real headless Chromium."""
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -164,15 +165,15 @@ def test_choosing_lora_null_produces_its_training_arguments(workspace, data_dir,
     written = yaml.safe_load((run / "training_args.yaml").read_text())
     assert written["adapter_init"] == "lora_null" and written["lora_null_variant"] == "v2", written
     assert written["lora_null_calibration"] == "knowledge" and written["finetuning_type"] == "lora", written
-    assert (run / "lora_null_init" / "lora_null.json").is_file()
+    # the box left on: with a calibration dataset the training set is the task data
+    task = json.loads((run / "lora_null_init" / "lora_null.json").read_text())["calibration"]["task_data"]
+    assert task and task["num_samples"] > 0, task
     shutil.copy(run / "training_args.yaml", ARTIFACTS / "llamaboard_training_args.yaml")
 
 
 def test_the_calibration_field_left_empty_trains_on_the_models_own_text(workspace, data_dir, fresh_board, browser):
     """Left untouched, the field stays empty (Gradio's dropdown would pick the first dataset, here the training
     set) and the run calibrates on the model's own text."""
-    import json
-
     command = fill_board(browser, fresh_board, workspace, None, "own_text")
     assert command.startswith("lora-null-llamafactory train") and "--adapter_init lora_null" in command, command
     assert "--lora_null_calibration" not in command and "--lora_null_task_data" not in command, command
@@ -200,7 +201,7 @@ def test_labels_in_every_locale_and_launch_goes_through_the_plugin(tmp_path):
     assert launched[1] == ["llamafactory-cli", "train", str(tmp_path / "b.yaml")]
 
 
-def test_the_task_aware_box_asks_for_the_training_set():
+def test_the_task_aware_box_is_on_by_default_and_turns_task_data_off():
     from lora_null_llamafactory import webui
 
     class Runner:
@@ -210,5 +211,5 @@ def test_the_task_aware_box_asks_for_the_training_set():
     parse = webui._wrap_parse_train_args(lambda self, data: {"finetuning_type": "lora"})
     data = {"train.adapter_init": "LoRA-Null v2", "train.lora_null_calibration": "", "train.lora_null_num_samples": 256,
             "train.lora_null_task_data": True}
-    assert parse(Runner(), data)["lora_null_task_data"] == "train"
-    assert parse(Runner(), {**data, "train.lora_null_task_data": False})["lora_null_task_data"] is None
+    assert parse(Runner(), data)["lora_null_task_data"] is None  # the default: the training set with calibration
+    assert parse(Runner(), {**data, "train.lora_null_task_data": False})["lora_null_task_data"] == "none"

@@ -107,14 +107,15 @@ def test_the_key_alone_samples_the_models_own_text(workspace, data_dir, tmp_path
     assert record["calibration"]["source"].startswith("the model's own text")
 
 
-def test_the_training_set_as_task_data_makes_a_task_aware(workspace, data_dir, trained, tmp_path):
-    """lora_null_task_data: train hands the core the SFT training set as LLaMA-Factory tokenized it."""
-    out = tmp_path / "aware"
-    result = train(config(workspace, data_dir, out, lora_null_task_data="train", lora_null_task_samples=24,
-                          max_steps=1))
+def test_with_knowledge_text_the_training_set_is_the_task_data_by_default(workspace, data_dir, trained, tmp_path):
+    """With lora_null_calibration and no lora_null_task_data the core gets the SFT training set as LLaMA-Factory
+    tokenized it, every row of it; lora_null_task_data: none gives the plain null space."""
+    out = tmp_path / "plain"
+    result = train(config(workspace, data_dir, out, lora_null_task_data="none", max_steps=1))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads((out / "lora_null_init" / "lora_null.json").read_text())["calibration"]["task_data"] is None
     rows = len((workspace / "task" / "train.jsonl").read_text().splitlines())
-    assert_task_aware_from_the_training_set(out / "lora_null_init", trained / "lora_null_init", rows, samples=24)
+    assert_task_aware_from_the_training_set(trained / "lora_null_init", out / "lora_null_init", rows, samples=rows)
 
 
 def test_without_the_key_it_is_plain_lora(workspace, data_dir, tmp_path):

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_null_core import LoraNullConfig, lora_null_init
 from lora_null_core.adapters import lora_layers
+from lora_null_core.data import TokenizedRows
 from lora_null_core.export import RESIDUAL_ADAPTER_DIR
 
 LORA = dict(r=4, lora_alpha=8, target_modules="all-linear")
@@ -64,11 +65,13 @@ def test_sft_trainer_trains_a_lora_null_adapter_and_exports_it(workspace, tmp_pa
     trainer = trainer_for(workspace, tmp_path / "run", variant)
     at_step0 = adapter_state(trainer.model)
 
-    # Step 0 is exactly what the core produces for the same model, data and settings.
+    # Step 0 is exactly what the core produces for the same model, data and settings: by default, beside the
+    # calibration file, the training set as the trainer tokenized it is the task data.
     core = lora_null_init(
         AutoModelForCausalLM.from_pretrained(workspace / "model", dtype=torch.float32), LoraConfig(**LORA),
         str(workspace / "calibration.jsonl"), AutoTokenizer.from_pretrained(workspace / "model"),
         LoraNullConfig(variant=variant, num_samples=200, holdout_samples=40),
+        task_data=TokenizedRows(trainer.train_dataset, trainer.processing_class),
     )
     for key, value in adapter_state(core).items():
         assert torch.allclose(at_step0[key], value, atol=1e-6), key
@@ -264,11 +267,17 @@ def test_bench_trains_a_frontier_point_through_the_plugin(workspace, tmp_path):
     assert init.keys() == now.keys()
     assert all(torch.equal(init[k], now[k]) for k in init if k.endswith("lora_A"))  # v2: A frozen at the init
     assert not all(torch.equal(init[k], now[k]) for k in init if k.endswith("lora_B"))  # B trained
-    # lora_null_x1 is the plugin with `lora_null_a_scale: 1`: the paper's A, half the default's (a_scale 2)
+    recorded = lambda name: json.loads((tmp_path / name / INIT_DIR / "lora_null.json").read_text())  # noqa: E731
+    assert recorded("run")["calibration"]["task_data"]["num_samples"] == len(sums)  # the training set, by default
+    # lora_null_plain is the plugin with `lora_null_task_data: none`, lora_null_x1 that with `lora_null_a_scale: 1`:
+    # the paper's A, half the plain default's (a_scale 2)
+    fine_tune_with_trl("lora_null_plain", suite.load_base(), suite, suite.train, 0, tmp_path / "plain")
     fine_tune_with_trl("lora_null_x1", suite.load_base(), suite, suite.train, 0, tmp_path / "x1")
-    paper = adapter_state(PeftModel.from_pretrained(suite.load_base(), str(tmp_path / "x1" / "run" / INIT_DIR / "adapter")))
+    assert recorded("plain/run")["calibration"]["task_data"] is None
+    plain, paper = (adapter_state(PeftModel.from_pretrained(suite.load_base(), str(tmp_path / name / "run" / INIT_DIR /
+                                                                                   "adapter"))) for name in ("plain", "x1"))
     for key in (k for k in init if k.endswith("lora_A")):
-        torch.testing.assert_close(init[key], 2 * paper[key])
+        torch.testing.assert_close(plain[key], 2 * paper[key])
     with pytest.raises(ValueError, match="runs lora, lora_null"):
         fine_tune_with_trl("pissa", suite.load_base(), suite, suite.train, 0, tmp_path / "x")
 
@@ -288,15 +297,16 @@ def test_every_lora_null_setting_is_a_trl_key(tmp_path):
                           lora_null_calibration="k.jsonl", lora_null_solver="qr")
 
 
-def test_the_training_set_as_task_data_makes_a_task_aware(workspace, tmp_path):
-    """lora_null_task_data: train hands the core the training set as SFTTrainer tokenized it; the init records it,
-    keeps the paper's factors (a_scale 1), and its A differs from the plain null space's."""
-    aware = trainer_for(workspace, tmp_path / "aware", "v2", lora_null_task_data="train", lora_null_task_samples=24)
+def test_with_knowledge_text_the_training_set_is_the_task_data_by_default(workspace, tmp_path):
+    """With lora_null_calibration and no lora_null_task_data the core gets the training set as SFTTrainer tokenized
+    it; the init records it, keeps the paper's factors (a_scale 1), and its A differs from the plain null space's,
+    which lora_null_task_data: none gives."""
+    aware = trainer_for(workspace, tmp_path / "aware", "v2", lora_null_task_samples=24)
     report = aware.model.lora_null_report
     task = report.calibration["task_data"]
     assert task["source"] == f"the training data as the trainer tokenized it ({len(aware.train_dataset)} rows)"
     assert task["num_samples"] == 24 and report.config["a_scale"] == 1.0
-    plain = trainer_for(workspace, tmp_path / "plain", "v2", lora_null_a_scale=1.0)
+    plain = trainer_for(workspace, tmp_path / "plain", "v2", lora_null_task_data="none", lora_null_a_scale=1.0)
     assert plain.model.lora_null_report.calibration["task_data"] is None
     mine, theirs = adapter_state(aware.model), adapter_state(plain.model)
     assert any(not torch.allclose(mine[k], theirs[k]) for k in mine if "lora_A" in k)

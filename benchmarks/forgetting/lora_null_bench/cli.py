@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     frontier.add_argument("--output", default="runs/frontier.json", help="Rows are written here as they finish.")
     frontier.add_argument("--trainer", choices=("loop", "trl"), default="loop",
                           help="loop: the harness's own training loop (every init alike); trl: TRL's SFTTrainer "
-                          "through lora_null_trl (inits lora and lora_null; bf16, gradient checkpointing).")
+                          "through lora_null_trl (inits lora, lora_null, lora_null_plain, lora_null_x<c>; bf16, gradient "
+                          "checkpointing).")
     frontier.add_argument("--eval-batch", type=int, default=None,
                           help="Prompts per generation batch (default: the size's; lower it for large vocabularies).")
     frontier.add_argument("--data-dir", default=str(SHIPPED_DATA), help="Holds bigbench_qa_wikidata/ and tasks/.")

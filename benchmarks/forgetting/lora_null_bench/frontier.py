@@ -314,7 +314,8 @@ def merge_results(paths: Sequence[Path]) -> list[dict[str, Any]]:
 
 
 def _order(init: str) -> tuple[int, str]:
-    known = ("lora", "pissa", "milora", "corda_kpm", "lora_null_v1", "lora_null_v2", "lora_null_basis", "lora_null")
+    known = ("lora", "pissa", "milora", "corda_kpm", "lora_null_v1", "lora_null_v2", "lora_null_basis", "lora_null",
+             "lora_null_plain")
     return (known.index(init) if init in known else len(known), init)
 
 

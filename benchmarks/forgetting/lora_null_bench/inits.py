@@ -18,19 +18,24 @@ from lora_null_core.adapters import lora_layers, weight_matrix, write_adapter
 
 from .suites import Suite
 
-INITS = ("lora", "pissa", "milora", "corda_kpm", "lora_null_v1", "lora_null_v2", "lora_null_basis", "lora_null")
+INITS = ("lora", "pissa", "milora", "corda_kpm", "lora_null_v1", "lora_null_v2", "lora_null_basis", "lora_null",
+         "lora_null_plain")
 DEFAULT_INITS = INITS[:6]
+# lora_null: `adapter_init: lora_null` with a calibration file and no other key, where the trainer holds the
+# training set (every plugin: lora_null_task_data unset), so the training examples are the task data too; the same
+# init as lora_null_task. lora_null_plain: the plain null space (lora_null_task_data: none; the CLI without
+# --task-data), the default until 2026-12-05, whose rows carry this name since.
 # `adapter_init: lora_null` with no calibration text: the model samples its own (from BOS, or from neutral chat
 # requests); the frontier's knowledge questions are never seen, so its knowledge figure is the honest test.
 # _t1: at temperature 1, the default before the frontier chose 1.3 (rows measured then carry these names).
 SELF_INITS = {"lora_null_self": {}, "lora_null_self_chat": {"generated_prompt": "chat"},
               "lora_null_self_t1": {"generated_temperature": 1.0},
               "lora_null_self_chat_t1": {"generated_prompt": "chat", "generated_temperature": 1.0}}
-# The task-aware null space (opt-in): the default given the training examples as task data too; lora_null_task
-# uses the default task_mix (and a_scale, 1 with task data), lora_null_task<μ> another (lora_null_task0.1).
+# The task-aware null space: the calibration and the training examples as task data; lora_null_task uses the
+# default task_mix (and a_scale, 1 with task data), lora_null_task<μ> another (lora_null_task0.1).
 TASK_PREFIX = "lora_null_task"
-# The key alone where the trainer holds the training set (TRL's lora_null_task_data: train): the model's own text
-# as knowledge, the training examples as task data; lora_null_self_task<μ> with another task_mix.
+# The key alone with lora_null_task_data: train (unset, the key alone stays plain): the model's own text as
+# knowledge, the training examples as task data; lora_null_self_task<μ> with another task_mix.
 SELF_TASK = "lora_null_self_task"
 # Any of these with "_x<c>" appended runs with a_scale c (lora_null_task_x2: task-aware at the frozen-A scale).
 SCALED = re.compile(r"^(lora_null_.+)_x([0-9.]+)$")
@@ -56,9 +61,11 @@ def build_adapter(init: str, model: torch.nn.Module, suite: Suite, seed: int) ->
         return _milora(get_peft_model(model, config))
     if init == "corda_kpm":
         return _corda_kpm(model, config, suite)
-    if init == "lora_null":  # exactly `adapter_init: lora_null` with no other key: every LoraNullConfig default
+    if init == "lora_null_plain":  # every LoraNullConfig default, no task data
         return lora_null_init(model, config, [e.text for e in suite.calibration], suite.tokenizer,
                               LoraNullConfig(seed=seed))
+    if init == "lora_null":
+        init = TASK_PREFIX
     scaled = SCALED.match(init)
     init, scale = (scaled[1], {"a_scale": float(scaled[2])}) if scaled else (init, {})
     if init.startswith(TASK_PREFIX):
@@ -72,7 +79,7 @@ def build_adapter(init: str, model: torch.nn.Module, suite: Suite, seed: int) ->
         mix = {"task_mix": task_mix_of(init, SELF_TASK)} if init != SELF_TASK else {}
         return lora_null_init(model, config, None, suite.tokenizer, LoraNullConfig(seed=seed, **mix, **scale),
                               task_data=suite.task_texts())
-    if init.startswith("lora_null_x"):  # the default with another a_scale: lora_null_x3 = A × 3, B / 3
+    if init.startswith("lora_null_x"):  # the plain null space with another a_scale: lora_null_x3 = A × 3, B / 3
         return lora_null_init(model, config, [e.text for e in suite.calibration], suite.tokenizer,
                               LoraNullConfig(seed=seed, a_scale=a_scale_of(init)))
     if init.startswith("lora_null_"):

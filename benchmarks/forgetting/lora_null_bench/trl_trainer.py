@@ -17,12 +17,13 @@ from .inits import a_scale_of, is_known_init, lora_config
 from .suites import Suite
 from .train import TrainSettings
 
-# plain SFTTrainer; the plugin with `adapter_init: lora_null` alone; and lora_null_x<c>, plus `lora_null_a_scale: c`
-TRL_INITS = ("lora", "lora_null", "lora_null_x<c>")
+# plain SFTTrainer; the plugin with `adapter_init: lora_null` and the calibration file (the training set its task
+# data); lora_null_plain, plus `lora_null_task_data: none`; and lora_null_x<c>, that plus `lora_null_a_scale: c`
+TRL_INITS = ("lora", "lora_null", "lora_null_plain", "lora_null_x<c>")
 
 
 def runs_through_trl(init: str) -> bool:
-    return init in ("lora", "lora_null") or (init.startswith("lora_null_x") and is_known_init(init))
+    return init in TRL_INITS[:3] or (init.startswith("lora_null_x") and is_known_init(init))
 
 
 def fine_tune_with_trl(init: str, model: torch.nn.Module, suite: Suite, settings: TrainSettings, seed: int,
@@ -41,6 +42,8 @@ def fine_tune_with_trl(init: str, model: torch.nn.Module, suite: Suite, settings
                               for e in suite.task_train])
     cuda = next(model.parameters()).device.type == "cuda"
     keys = {"adapter_init": "lora_null", "lora_null_calibration": str(calibration)} if init != "lora" else {}
+    if init == "lora_null_plain" or init.startswith("lora_null_x"):
+        keys["lora_null_task_data"] = "none"
     if init.startswith("lora_null_x"):
         keys["lora_null_a_scale"] = a_scale_of(init)
     args = LoraNullSFTConfig(

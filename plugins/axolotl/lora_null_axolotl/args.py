@@ -21,10 +21,12 @@ class _LoraNullKeys(BaseModel):
     lora_null_calibration: Optional[Union[str, dict[str, Any]]] = Field(
         default=None, json_schema_extra={"description": "Knowledge text: a path, or a dataset entry like `datasets:` (default: "
                                            "text the model generates itself)."})
-    lora_null_task_data: Optional[Union[str, dict[str, Any]]] = Field(default=None, json_schema_extra={
-        "description": "Experimental, task-aware A: 'train' also reads the training set as Axolotl prepared it and "
-                       "puts A where knowledge inputs are weak relative to it (a path or a dataset entry reads task "
-                       "data like lora_null_calibration). Unset: the plain null space."})
+    lora_null_task_data: Optional[Union[bool, str, dict[str, Any]]] = Field(default=None, json_schema_extra={
+        "description": "Task-aware A: put A where knowledge inputs are weak relative to the fine-tuning inputs. "
+                       "Unset (auto): the training set as Axolotl prepared it whenever lora_null_calibration is "
+                       "given, the plain null space with the model's own text; 'train': the training set always; a "
+                       "path or a dataset entry: task data read like lora_null_calibration; 'none': the plain null "
+                       "space."})
     lora_null: Optional[dict[str, Any]] = Field(default=None, json_schema_extra={
         "description": "The LoRA-Null settings as one block (field: value), instead of lora_null_<field> keys."})
 

@@ -21,11 +21,9 @@ from axolotl.integrations.base import BasePlugin
 
 from lora_null_core import LoraNullConfig, lora_null_init, save_initial_adapter
 from lora_null_core.callbacks import LoraNullCallback
-from lora_null_core.data import TokenizedRows
 from lora_null_core.distributed import rank_and_world
-from lora_null_core.errors import ConfigError
 from lora_null_core.export import INIT_DIR, finish_saved_adapter
-from lora_null_core.integration import lora_null_request
+from lora_null_core.integration import lora_null_request, task_data_for
 
 from .args import KEYS_READ_HERE, fallbacks
 
@@ -114,18 +112,16 @@ def lora_null_config(cfg: Any) -> LoraNullConfig:
 
 
 def task_data_source(cfg: Any, tokenizer: Any):
-    """lora_null_task_data: 'train' is the training set as Axolotl prepared it (templated and tokenized: what the
-    adapter will see), read back from Axolotl's prepared-dataset cache; anything else is read like the calibration;
-    None: no task data."""
-    if cfg.lora_null_task_data != "train":
-        return dataset_source(cfg.lora_null_task_data)
-    from axolotl.utils.data import prepare_datasets
+    """lora_null_task_data (task_data_for): by default the training set as Axolotl prepared it (templated and
+    tokenized: what the adapter will see, read back from its prepared-dataset cache) whenever lora_null_calibration
+    is given; a path or a dataset entry is read like the calibration."""
+    def training_set():
+        from axolotl.utils.data import prepare_datasets
 
-    train_dataset = prepare_datasets(cfg, tokenizer)[0]
-    if not hasattr(train_dataset, "__len__"):
-        raise ConfigError("lora_null_task_data: train needs a training set with a length (not a streamed one); "
-                          "give the task data as a file instead.")
-    return TokenizedRows(train_dataset, tokenizer)
+        return prepare_datasets(cfg, tokenizer)[0]
+
+    return task_data_for(cfg.lora_null_task_data, cfg.lora_null_calibration, training_set, tokenizer,
+                         read=dataset_source)
 
 
 def dataset_source(entry: Any):

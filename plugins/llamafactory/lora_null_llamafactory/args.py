@@ -21,9 +21,10 @@ _KEYS = [
         "help": "Knowledge text: a dataset name from dataset_info.json, or a file path (default: text the model "
                 "generates itself)."})),
     ("lora_null_task_data", Optional[str], field(default=None, metadata={
-        "help": "Experimental, task-aware A: 'train' also reads the SFT training set as LLaMA-Factory tokenized it "
-                "and puts A where knowledge inputs are weak relative to it (a dataset name or a path reads task data "
-                "like lora_null_calibration). Unset: the plain null space."})),
+        "help": "Task-aware A: put A where knowledge inputs are weak relative to the fine-tuning inputs. Unset "
+                "(auto): the SFT training set as LLaMA-Factory tokenized it whenever lora_null_calibration is given, "
+                "the plain null space with the model's own text; 'train': the training set always; a dataset name "
+                "or a path: task data read like lora_null_calibration; 'none': the plain null space."})),
     *prefixed_dataclass_fields(),
 ]
 

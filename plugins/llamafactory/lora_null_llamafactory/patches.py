@@ -11,10 +11,9 @@ from typing import Any, Optional
 
 from lora_null_core import lora_null_init
 from lora_null_core.callbacks import LoraNullCallback
-from lora_null_core.data import TokenizedRows
 from lora_null_core.distributed import rank_and_world
-from lora_null_core.errors import ConfigError
 from lora_null_core.export import INIT_DIR, finish_saved_adapter
+from lora_null_core.integration import task_data_for
 
 LOG = logging.getLogger(__name__)
 SUPPORTED = "LLaMA-Factory 0.9.2 to 0.9.5"
@@ -57,7 +56,7 @@ _training_set: dict[str, Any] = {"value": None}
 
 def remembering_the_training_set(get_dataset):
     """run_sft tokenizes its dataset before it loads the model, but init_adapter is not given it: keep the last
-    training set SFT built, for lora_null_task_data: train."""
+    training set SFT built, for lora_null_task_data."""
     def wrapped(*args, **kwargs):
         module = get_dataset(*args, **kwargs)
         _training_set["value"] = module.get("train_dataset")
@@ -72,22 +71,19 @@ def initialize(model: Any, model_args: Any, finetuning_args: Any) -> None:
     tokenizer = load_tokenizer(model_args)["tokenizer"]
     config = finetuning_args.lora_null_config()
     source = calibration_rows(finetuning_args.lora_null_calibration, _dataset_dir())
-    task = task_rows(finetuning_args.lora_null_task_data, tokenizer)
+    task = task_rows(finetuning_args, tokenizer)
     # Every rank runs this: the core shards calibration over the process group and broadcasts rank 0's factors.
     lora_null_init(model, None, source, tokenizer, config, adapter_name=model.active_adapter, task_data=task)
     LOG.info("LoRA-Null init (%s): %s", config.variant, model.lora_null_report.summary())
 
 
-def task_rows(name: Optional[str], tokenizer: Any) -> Any:
-    """'train': the SFT training set as LLaMA-Factory tokenized it (template, prompt and response: what the adapter
-    will see); anything else is read like the calibration; None: no task data."""
-    if name != "train":
-        return calibration_rows(name, _dataset_dir(), key="lora_null_task_data")
-    dataset = _training_set["value"]
-    if dataset is None or not hasattr(dataset, "__len__"):
-        raise ConfigError("lora_null_task_data: train reads the training set of LLaMA-Factory's SFT stage (not a "
-                          "streamed one); give the task data as a dataset name or a file instead.")
-    return TokenizedRows(dataset, tokenizer)
+def task_rows(finetuning_args: Any, tokenizer: Any) -> Any:
+    """lora_null_task_data (task_data_for): by default the SFT training set as LLaMA-Factory tokenized it (template,
+    prompt and response: what the adapter will see) whenever lora_null_calibration is given; a dataset name or a
+    path is read like the calibration."""
+    return task_data_for(finetuning_args.lora_null_task_data, finetuning_args.lora_null_calibration,
+                         lambda: _training_set["value"], tokenizer,
+                         read=lambda name: calibration_rows(name, _dataset_dir(), key="lora_null_task_data"))
 
 
 def calibration_rows(name: Optional[str], dataset_dir: str, key: str = "lora_null_calibration") -> Any:

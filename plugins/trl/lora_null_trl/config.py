@@ -21,9 +21,10 @@ _KEYS = [
         "help": "Calibration data carrying the knowledge to keep: .jsonl/.json/.parquet, saved dataset or hub name "
                 "(default: text the model generates itself)."})),
     ("lora_null_task_data", Optional[str], field(default=None, metadata={
-        "help": "Experimental, task-aware A: 'train' also reads the training data as the trainer tokenized it and puts "
-                "A where knowledge inputs are weak relative to it (a path or hub name reads task data like "
-                "lora_null_calibration). Unset: the plain null space."})),
+        "help": "Task-aware A: put A where knowledge inputs are weak relative to the fine-tuning inputs. Unset "
+                "(auto): the training data as the trainer tokenized it whenever lora_null_calibration is given, the "
+                "plain null space with the model's own text; 'train': the training data always; a path or hub name: "
+                "task data read like lora_null_calibration; 'none': the plain null space."})),
     ("lora_null_export", bool, field(default=True, metadata={
         "help": "v1 only (v2 and basis train on the original weights and need nothing): make every save right for "
                 "the base it names: the final folder holds the LoRA for the original model, a checkpoint's "

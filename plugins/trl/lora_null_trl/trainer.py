@@ -12,9 +12,9 @@ from trl import SFTTrainer
 
 from lora_null_core import lora_null_init, save_initial_adapter
 from lora_null_core.callbacks import LoraNullCallback
-from lora_null_core.data import TokenizedRows
 from lora_null_core.errors import ConfigError
 from lora_null_core.export import INIT_DIR, finish_saved_adapter
+from lora_null_core.integration import task_data_for
 
 logger = logging.getLogger(__name__)
 
@@ -51,15 +51,10 @@ class LoraNullSFTTrainer(SFTTrainer):
             logger.info("LoRA-Null init: %s", self.model.lora_null_report.summary())
 
     def _task_data(self) -> Any:
-        """lora_null_task_data: 'train' is the training set as this trainer tokenized it (chat template, prompt and
-        completion: what the adapter will see); anything else is read like the calibration; None: no task data."""
-        wanted = self.args.lora_null_task_data
-        if wanted != "train":
-            return wanted
-        if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
-            raise ConfigError("lora_null_task_data: train needs a train_dataset with a length (not an iterable one); "
-                              "pass the task data as a file instead.")
-        return TokenizedRows(self.train_dataset, self.processing_class)
+        """lora_null_task_data (task_data_for): by default the training set as this trainer tokenized it (chat
+        template, prompt and completion: what the adapter will see) whenever lora_null_calibration is given."""
+        return task_data_for(self.args.lora_null_task_data, self.args.lora_null_calibration,
+                             lambda: self.train_dataset, self.processing_class, read=lambda source: source)
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """The run's final save (a user's `trainer.save_model()`, after training, where no callback sees it) ends
