@@ -11,6 +11,7 @@ import logging
 import os
 import random
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -71,6 +72,16 @@ class TokenizedRows(Sequence):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         return self.tokenizer.decode(self.dataset[index][self.column], skip_special_tokens=False)
+
+
+@contextmanager
+def reading_task_data() -> Iterator[None]:
+    """The loaders' messages speak of calibration text, their usual input: a fault in the task data says so."""
+    try:
+        yield
+    except CalibrationDataError as err:
+        raise CalibrationDataError(f"Reading the task data (--task-data, task_data=, lora_null_task_data): {err}") \
+            from None
 
 
 def load_rows(source: CalibrationSource) -> Sequence[Any]:

@@ -23,7 +23,7 @@ from .adapters import apply_variant, as_peft_model, check_finite_weights, check_
 from .block_loaders import BlockLoader
 from .config import TASK_A_SCALE, LoraNullConfig
 from .covariance_cache import CovarianceCache
-from .data import CalibrationSource, choose_texts, tokenize_batches
+from .data import CalibrationSource, choose_texts, reading_task_data, tokenize_batches
 from .distributed import alone, any_rank, collective_device, rank_and_world, shard
 from .errors import ConfigError, InsufficientCalibrationError, UnsupportedModelError
 from .init_loop import BlockByBlock, WholeModel, run_steps, should_overlap
@@ -108,8 +108,10 @@ def _initialize(peft_model: PeftModel, layers: Mapping[str, LoraLayer], calibrat
     holdout = tokenize_batches(texts.holdout, tokenizer, config.max_length, **batching) if texts.holdout else []
     check_distinct_contexts(batches, layers, config)
     probe = probe_batch(batches)
-    task = choose_texts(task_data, tokenizer, config.task_samples, 0, config.seed, config.text_field) \
-        if task_data is not None else None
+    task = None
+    if task_data is not None:
+        with reading_task_data():
+            task = choose_texts(task_data, tokenizer, config.task_samples, 0, config.seed, config.text_field)
     if task and config.a_scale is None and config.variant == "v2":
         config = config.replace(a_scale=TASK_A_SCALE)
     task_batches = tokenize_batches(task.calibration, tokenizer, config.max_length, **batching) if task else []

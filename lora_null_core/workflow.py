@@ -12,7 +12,7 @@ from peft import LoraConfig
 from .adapters import check_lora_config
 from .atomic import atomic_output_dir, check_output
 from .config import LoraNullConfig
-from .data import CalibrationRows, CalibrationSource, describe, load_rows
+from .data import CalibrationRows, CalibrationSource, describe, load_rows, reading_task_data
 from .errors import LoraNullError
 from .initialize import lora_null_init
 from .lazy import Checkpoint, DiskBlocks, empty_model
@@ -70,7 +70,8 @@ def init_to_folder(
     if calibration is not None:  # read before the model loads: a bad file fails first (None: the model's own text)
         calibration = CalibrationRows(load_rows(calibration), describe(calibration))
     if task_data is not None:
-        task_data = CalibrationRows(load_rows(task_data), describe(task_data))
+        with reading_task_data():
+            task_data = CalibrationRows(load_rows(task_data), describe(task_data))
     device = device or default_device()
     if offload == "disk":
         return _init_from_disk(Path(model_name_or_path), calibration, Path(output_dir), lora_config, config, dtype,

@@ -180,6 +180,17 @@ def test_calibration_problems_are_named(capsys, saved_model, tmp_path):
                                               tmp_path / "folder", "--rank", 4, "--output", tmp_path / "o")
 
 
+def test_task_data_problems_say_they_are_the_task_datas(capsys, saved_model, calibration, tmp_path):
+    err = fails(capsys, "init", "--model", saved_model, "--calibration", calibration, "--task-data",
+                tmp_path / "missing.jsonl", "--rank", 4, "--output", tmp_path / "o")
+    assert "Reading the task data" in err and "missing.jsonl does not exist" in err, err
+    (tmp_path / "empty.jsonl").write_text('{"text": " "}\n')
+    err = fails(capsys, "init", "--model", saved_model, "--calibration", calibration, "--task-data",
+                tmp_path / "empty.jsonl", "--rank", 4, "--output", tmp_path / "o")
+    assert "Reading the task data" in err and "only empty texts" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_model_problems_are_named(capsys, saved_model, calibration, tmp_path):
     common = ["--calibration", calibration, "--rank", 4, "--output", tmp_path / "o"]
     assert "does not exist" in fails(capsys, "init", "--model", tmp_path / "no" / "such-model", *common)
