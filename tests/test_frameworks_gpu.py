@@ -83,6 +83,21 @@ def test_the_row_says_which_ranks_held_meta_weights_when_the_adapter_was_built(r
     run.collect(argparse.Namespace(work=str(tmp_path / "work"), output=str(output)))
     (ours,) = json.loads(output.read_text())["runs"]
     assert ours["setup"] == "fsdp2_ram_efficient" and ours["meta_weights_at_init_by_rank"] == [False, True]
+    assert "init_task_data" not in ours  # no init record: nothing claimed
+
+
+def test_the_row_says_whether_its_init_read_task_data(run, tmp_path):
+    import json
+
+    for setup, task_data in (("bf16", {"source": "the training data (64 rows)", "num_samples": 64}), ("qlora4", None)):
+        record = tmp_path / "work" / "runs" / f"trl-{setup}-lora_null" / "trainer" / "lora_null_init" / "lora_null.json"
+        record.parent.mkdir(parents=True)
+        record.write_text(json.dumps({"calibration": {"source": "k.jsonl", "task_data": task_data}}))
+        (record.parents[2] / "row.json").write_text(json.dumps(row(0.0)))
+    output = tmp_path / "matrix.json"
+    run.collect(argparse.Namespace(work=str(tmp_path / "work"), output=str(output)))
+    found = {r["setup"]: r["init_task_data"] for r in json.loads(output.read_text())["runs"]}
+    assert found == {"bf16": {"source": "the training data (64 rows)", "num_samples": 64}, "qlora4": "none"}
 
 
 @pytest.mark.parametrize("framework", ["axolotl", "llamafactory"])

@@ -451,7 +451,9 @@ def collect(args) -> None:
             for key in ("knowledge_kept", "task_score", "output_rel_err", "output_rel_err_as_trained", "base_rel_err",
                         "adapter_max_rel_diff", "command"):
                 row[f"{key}_lora"] = (lora or {}).get(key)
-            row["meta_weights_at_init_by_rank"] = weights_at_init(work / "runs" / f"{framework}-{setup}-lora_null")
+            ours_dir = work / "runs" / f"{framework}-{setup}-lora_null"
+            row["meta_weights_at_init_by_rank"] = weights_at_init(ours_dir)
+            row["init_task_data"] = init_task_data(ours_dir)
             row["reload"] = reload_match(ours, lora)
             row["status"] = "pass" if passes(ours, lora) else "fail"
             rows.append({k: v for k, v in row.items() if v is not None})
@@ -464,6 +466,15 @@ def collect(args) -> None:
         print(f"{row['framework']:13} {row['setup']:20} {row['status']:5} err {row.get('output_rel_err')} "
               f"kept {row.get('knowledge_kept')} vs {row.get('knowledge_kept_lora')}  task {row.get('task_score')} "
               f"vs {row.get('task_score_lora')}")
+
+
+def init_task_data(run: Path) -> dict | str | None:
+    """What the run's init read as task data (its lora_null.json), "none" for the plain null space: the rows say
+    which A they measured (beside a calibration file the default reads the training set since 2026-12-05)."""
+    records = sorted(run.glob("**/lora_null_init/lora_null.json"))
+    if not records:
+        return None
+    return json.loads(records[0].read_text())["calibration"].get("task_data") or "none"
 
 
 def _key(row) -> tuple:
