@@ -184,15 +184,18 @@ def test_two_processes_end_with_identical_adapters(workspace, tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed (scripts/test.sh installs it)")
-def test_zero3_save_holds_the_frozen_lora_a_and_reproduces_the_trained_model(workspace, tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_zero3_save_holds_the_frozen_lora_a_and_reproduces_the_trained_model(workspace, tmp_path, processes):
     """Under ZeRO-3, Transformers' Trainer saves a PEFT model's trainable parameters only, so v2's frozen lora_A
-    was missing from the saved adapter and PEFT loaded it from its own random init (GPU: output rel. err 0.53).
-    The plugin's save puts the init's A back; loaded the standard way, the adapter is the model that trained."""
+    was missing from the saved adapter and PEFT loaded it from its own random init (GPU: output rel. err 0.53, over
+    one rank and two). The plugin's save puts the init's A back; loaded the standard way, the adapter is the model
+    that trained, with the parameters partitioned over one process or two."""
     script = Path(__file__).with_name("zero3_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
-         str(script), str(workspace), str(tmp_path)], capture_output=True, text=True, timeout=900, env=env,
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
+         str(free_port()), str(script), str(workspace), str(tmp_path)], capture_output=True, text=True, timeout=900,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))

@@ -1,5 +1,6 @@
-"""A one-process DeepSpeed ZeRO-3 SFTTrainer run on the CPU (DeepSpeed's CPU accelerator, gloo): trains v2, saves
-the adapter through the plugin, and records the LoRA factors and logits as they are in memory at the end."""
+"""A DeepSpeed ZeRO-3 SFTTrainer run on the CPU (DeepSpeed's CPU accelerator, gloo; each process a worker): trains v2,
+saves the adapter through the plugin, and records (rank 0) the LoRA factors and logits as they are in memory at the
+end."""
 
 import sys
 from pathlib import Path
@@ -13,10 +14,10 @@ from lora_null_core.callbacks import LoraNullCallback  # noqa: E402
 
 ZERO3 = {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
          "bf16": {"enabled": False}, "zero_allow_untested_optimizer": True, "gradient_accumulation_steps": "auto",
-         "gradient_clipping": "auto", "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto"}
+         "gradient_clipping": "auto", "train_micro_batch_size_per_gpu": "auto"}  # DeepSpeed derives the global batch
 
 workspace, out = Path(sys.argv[1]), Path(sys.argv[2])
-trainer = trainer_for(workspace, out / "run", "v2", max_steps=3, use_cpu=False, deepspeed=ZERO3)
+trainer = trainer_for(workspace, out / "run", "v2", max_steps=3, use_cpu=True, deepspeed=ZERO3)
 assert hasattr(trainer.model.get_input_embeddings().weight, "ds_id"), "the base is not partitioned: no ZeRO-3"
 # As LLaMA-Factory's launcher does: the init folder written again when training begins, once DeepSpeed has
 # partitioned the adapter (on an H200 this wrote empty tensors before the callback gathered them).
@@ -31,5 +32,6 @@ with deepspeed.zero.GatheredParameters(list(model.parameters())):
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=torch.arange(3, 19).view(2, 8)).logits
-torch.save({"factors": factors, "logits": logits}, out / "memory.pt")
+if trainer.is_world_process_zero():
+    torch.save({"factors": factors, "logits": logits}, out / "memory.pt")
 trainer.save_model(str(out / "adapter"))
