@@ -56,12 +56,24 @@ def task_aware_basis(knowledge: torch.Tensor, task: torch.Tensor, rank: int, mix
         raise InvalidRankError(f"rank {rank} must be between 1 and d_in - 1 = {d_in - 1} to leave a null space.")
     eye = torch.eye(d_in, dtype=torch.float64, device=knowledge.device)
     k, t = (_unit_trace(m.to(torch.float64)) for m in (knowledge, task))
-    factor = torch.linalg.cholesky((t + t.T) / 2 + mix * eye)  # mix > 0 keeps it positive definite
+    factor = _cholesky_of_shifted((t + t.T) / 2, mix, eye)
     half = torch.linalg.solve_triangular(factor, (k + k.T) / 2, upper=False)  # L⁻¹ C_k
     whitened = torch.linalg.solve_triangular(factor, half.T, upper=False)  # L⁻¹ C_k L⁻ᵀ (C_k symmetric)
     vectors = torch.linalg.eigh((whitened + whitened.T) / 2)[1][:, :rank]
     directions = torch.linalg.solve_triangular(factor.T, vectors, upper=True)
     return torch.linalg.qr(directions).Q.contiguous()
+
+
+def _cholesky_of_shifted(covariance: torch.Tensor, shift: float, eye: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor of covariance + shift·I. A covariance summed in float32 comes out slightly indefinite
+    (Qwen2.5's, whose few massive activation channels hold most of the trace, by more than a shift of 0.01): its
+    negative eigenvalues are rounding, so they are set to zero, and the factor is taken of that nearest PSD matrix."""
+    factor, info = torch.linalg.cholesky_ex(covariance + shift * eye)
+    if int(info) == 0:
+        return factor
+    values, vectors = torch.linalg.eigh(covariance)
+    repaired = (vectors * values.clamp(min=0)) @ vectors.T
+    return torch.linalg.cholesky((repaired + repaired.T) / 2 + shift * eye)
 
 
 def _unit_trace(matrix: torch.Tensor) -> torch.Tensor:

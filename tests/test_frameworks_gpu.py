@@ -43,6 +43,7 @@ def test_the_key_alone_setups_leave_the_calibration_out(run, tmp_path):
     (tmp_path / "calibration.jsonl").write_text('{"text": "a"}\n' * 256)
     assert keys("bf16") == {"adapter_init": "lora_null", "lora_null_calibration": str(tmp_path / "calibration.jsonl")}
     assert keys("qlora4_onekey") == {"adapter_init": "lora_null"} and keys("bf16", "lora") == {}
+    assert keys("bf16", "lora_null_plain") == {**keys("bf16"), "lora_null_task_data": "none"}  # the default before
     # Qwen2.5-0.5B's down_proj takes 4,864 inputs: its file adds the held-out probes (756 rows), and the runs read
     # them all, not the default 256 (a GPU run refused at 2,422 tokens); 32 stay held out, as by default.
     (tmp_path / "calibration.jsonl").write_text('{"text": "a"}\n' * 756)
@@ -53,7 +54,8 @@ def test_a_second_models_rows_sit_beside_the_firsts(run, tmp_path):
     import json
 
     output = tmp_path / "matrix.json"
-    output.write_text(json.dumps({"runs": [{"framework": "trl", "setup": "bf16", "model": "smollm2", "status": "pass"}]}))
+    output.write_text(json.dumps({"runs": [{"framework": "trl", "setup": "bf16", "model": "smollm2", "init": "lora_null",
+                                            "status": "pass"}]}))
     for init in ("lora_null", "lora"):
         folder = tmp_path / "work" / "runs" / f"trl-bf16-{init}"
         folder.mkdir(parents=True)
@@ -64,6 +66,29 @@ def test_a_second_models_rows_sit_beside_the_firsts(run, tmp_path):
     assert sorted((r["model"], r["status"]) for r in rows) == [("qwen", "pass"), ("smollm2", "pass")]
     run.collect(argparse.Namespace(work=str(tmp_path / "work"), output=str(output)))  # the same model again: replaced
     assert len(json.loads(output.read_text())["runs"]) == 2
+
+
+def test_the_plain_null_spaces_row_sits_beside_the_defaults_against_the_same_lora(run, tmp_path):
+    import json
+
+    output = tmp_path / "matrix.json"
+    earlier = {"framework": "trl", "setup": "bf16", "model": "m", "init": "lora_null_plain", "status": "pass", "old": 1}
+    output.write_text(json.dumps({"runs": [earlier]}))
+    for init, kept in (("lora_null", 0.95), ("lora", 0.6)):
+        folder = tmp_path / "work" / "runs" / f"trl-bf16-{init}"
+        folder.mkdir(parents=True)
+        (folder / "row.json").write_text(json.dumps({**row(0.0, kept=kept), "model": "m"}))
+    run.collect(argparse.Namespace(work=str(tmp_path / "work"), output=str(output)))
+    rows = {r["init"]: r for r in json.loads(output.read_text())["runs"]}
+    assert rows["lora_null_plain"] == earlier  # a re-run of the default leaves the plain row alone
+    assert rows["lora_null"]["knowledge_kept"] == 0.95 and rows["lora_null"]["knowledge_kept_lora"] == 0.6
+    folder = tmp_path / "work" / "runs" / "trl-bf16-lora_null_plain"
+    folder.mkdir()
+    (folder / "row.json").write_text(json.dumps({**row(0.0, kept=0.9), "model": "m"}))
+    run.collect(argparse.Namespace(work=str(tmp_path / "work"), output=str(output)))
+    rows = {r["init"]: r for r in json.loads(output.read_text())["runs"]}
+    assert len(rows) == 2 and rows["lora_null_plain"]["knowledge_kept"] == 0.9  # replaced by its own re-run
+    assert rows["lora_null_plain"]["knowledge_kept_lora"] == 0.6 and rows["lora_null_plain"]["status"] == "pass"
 
 
 def test_the_row_says_which_ranks_held_meta_weights_when_the_adapter_was_built(run, tmp_path, monkeypatch):

@@ -28,6 +28,23 @@ def test_among_the_least_used_directions_it_picks_the_ones_the_task_uses():
         LoraNullConfig(task_mix=0)
 
 
+def test_a_task_covariance_left_slightly_indefinite_by_rounding_is_solved_not_refused():
+    # Qwen2.5's task inputs: a massive channel holds most of the trace, and float32 sums leave eigenvalues of about
+    # -1e-3 of it in the directions no token uses, beyond what task_mix 0.01 shifts (a Cholesky of C_t + mix·I
+    # failed there on a GPU). Knowledge is weak in dims 8-15, of which the task uses 8-11.
+    generator = torch.Generator().manual_seed(0)
+    rotation = torch.linalg.qr(torch.randn(16, 16, generator=generator, dtype=torch.float64)).Q
+    knowledge = rotation @ torch.diag(torch.tensor([1.0] * 8 + [1e-4] * 8, dtype=torch.float64)) @ rotation.T
+    rounding = [-0.05] * 4  # in the unit-trace scale, negative beyond the mix
+    task_values = torch.tensor([15.0] + [0.1] * 7 + [0.5] * 4 + rounding, dtype=torch.float64)
+    task = rotation @ torch.diag(task_values) @ rotation.T
+    with pytest.raises(torch.linalg.LinAlgError):  # what the solve met before
+        torch.linalg.cholesky(task * 16 / torch.trace(task) + 0.01 * torch.eye(16, dtype=torch.float64))
+    basis = task_aware_basis(knowledge, task, 4, 0.01)
+    assert torch.allclose(basis.T @ basis, torch.eye(4, dtype=torch.float64), atol=1e-10)
+    assert float((rotation.T @ basis)[8:12].pow(2).sum()) / 4 > 0.99  # knowledge's weakest, where the task is
+
+
 def energies(model, tokenizer, texts, layers):
     """Per layer: energy per direction of A's rows in a covariance, relative to an average direction."""
     own = dict(model.named_modules())

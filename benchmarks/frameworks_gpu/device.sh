@@ -7,9 +7,10 @@
 #   bash benchmarks/frameworks_gpu/device.sh start ROWS      # train ROWS in the background and return
 #   bash benchmarks/frameworks_gpu/device.sh finish [WAIT]   # wait ≤ WAIT s for them, evaluate, collect into $OUT
 #   bash benchmarks/frameworks_gpu/device.sh run ROWS        # setup, start and finish in one call
-# ROWS: framework:setup pairs, e.g. "trl:zero3_1 axolotl:bf16 llamafactory:qlora4". Each row trains lora_null and
-# lora. Each framework runs on its own stack: /tmp/site-<framework> in front of /tmp/fw-site (common.txt) and the
-# image. (/tmp/site is the frontier's, whose newer transformers, hub and kernels break LLaMA-Factory's pins.)
+# ROWS: framework:setup pairs, e.g. "trl:zero3_1 axolotl:bf16 llamafactory:qlora4". Each row trains $INITS (default
+# "lora_null lora"; "lora_null_plain lora" for the plain null space's rows). Each framework runs on its own stack:
+# /tmp/site-<framework> in front of /tmp/fw-site (common.txt) and the image. (/tmp/site is the frontier's, whose
+# newer transformers, hub and kernels break LLaMA-Factory's pins.)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 # MODEL=qwen (its GGUF staged by stage.py --qwen-only): the same rows on Qwen2.5-Coder-0.5B-Instruct, in their own
@@ -77,7 +78,7 @@ start() {  # every run of ROWS at once, detached (setsid) so that it outlives th
   local port=29600 name
   for row in $1; do
     framework=${row%%:*} setup=${row#*:}
-    for init in lora_null lora; do
+    for init in ${INITS:-lora_null lora}; do
       name=$framework-$setup-$init port=$((port + 1))
       [ -f $WORK/runs/$name/train.json ] && continue  # trained in an earlier call on this machine
       # still training (the framework too: axolotl:bf16 must not hide llamafactory:bf16)

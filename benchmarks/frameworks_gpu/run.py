@@ -44,6 +44,11 @@ SETUPS = {  # setup → (how the base is loaded, processes)
     "bf16_onekey": ("bf16", 1), "qlora4_onekey": ("nf4", 1),
 }
 FRAMEWORKS = ("trl", "peft", "axolotl", "llamafactory")
+# lora_null: the key and, beside the calibration file, nothing else (the default: task-aware where the trainer holds
+# the training set, since 2026-12-05); lora_null_plain: that plus `lora_null_task_data: none` (the plain null space,
+# the default before); lora: the framework's own LoRA
+OURS = ("lora_null", "lora_null_plain")
+INITS = (*OURS, "lora")
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent / "data"
 ZERO3 = HERE / "configs" / "zero3.json"
@@ -164,10 +169,13 @@ def run_dir(args) -> Path:
 
 
 def calibration_keys(args, work: Path) -> dict:
-    """The LoRA-Null keys a run adds: the key, and the calibration file unless the setup is the key alone."""
-    if args.init != "lora_null":
+    """The LoRA-Null keys a run adds: the key, the calibration file unless the setup is the key alone, and for
+    lora_null_plain the key that turns task data off."""
+    if args.init not in OURS:
         return {}
     keys = {"adapter_init": "lora_null"}
+    if args.init == "lora_null_plain":
+        keys["lora_null_task_data"] = "none"
     if not args.setup.endswith("_onekey"):
         keys["lora_null_calibration"] = str(work / "calibration.jsonl")
         # every question when prepare added the held-out probes (a wider model), less the default 32 held out
@@ -231,10 +239,10 @@ def train_peft(args, work: Path, run: Path, meta: dict, kind: str) -> None:
     tokenizer = pad_with_eos(AutoTokenizer.from_pretrained(meta["model"]))
     model = load_base(meta["model"], kind, on_gpu=True)
     config = lora_config()
-    config.init_lora_weights = args.init != "lora_null"
+    config.init_lora_weights = args.init not in OURS
     torch.manual_seed(0)
     peft_model = get_peft_model(model, config)
-    if args.init == "lora_null":
+    if args.init in OURS:  # PEFT's entry reads no task data: both are the plain null space
         keys = calibration_keys(args, work)  # no calibration: the model's own text
         settings = {"num_samples": keys["lora_null_num_samples"]} if "lora_null_num_samples" in keys else {}
         initialize_lora_null_weights(peft_model, keys.get("lora_null_calibration"), tokenizer, LoraNullConfig(**settings))
@@ -331,7 +339,7 @@ def train_llamafactory(args, work: Path, run: Path, meta: dict, kind: str) -> st
         config.update(quantization_bit=4, quantization_method="bnb", double_quantization=True)
     if args.setup.startswith("zero3"):
         config["deepspeed"] = str(ZERO3)
-    if args.init == "lora_null":
+    if args.init in OURS:
         config.update(lora_null_variant="v2", **calibration_keys(args, work))
         if args.setup.endswith("_onekey"):
             config.pop("lora_null_calibration", None)  # LLaMA Board's YAML names one; the key alone has none
@@ -431,19 +439,19 @@ REQUIRED = {"trl": ["bf16", "qlora4", "zero3_1", "ddp2", "fsdp2", "fsdp2_ram_eff
 
 
 def collect(args) -> None:
-    """The matrix: one row per framework × setup for the default init, LoRA's numbers beside it. Status pass when
+    """The matrix: one row per framework × setup × LoRA-Null init that ran, LoRA's numbers beside it. Status pass when
     the reload reproduces the model (`reload`, see reload_match), a v2 lora_A was saved as the init wrote it, and
     LoRA-Null kept more knowledge than LoRA with at least 0.95× its task score; fail otherwise or when a run left
     no row (its log says why). Rows already in the output that this work folder did not run are kept."""
     work, output = Path(args.work), Path(args.output)
     rows = []
     for framework, setups in REQUIRED.items():
-        for setup in setups:
-            ours, lora = (_row(work, f"{framework}-{setup}-{init}") for init in ("lora_null", "lora"))
-            if ours is None and lora is None:
+        for setup, init in ((setup, init) for setup in setups for init in OURS):
+            ours, lora = (_row(work, f"{framework}-{setup}-{name}") for name in (init, "lora"))
+            if ours is None and (lora is None or init != "lora_null"):  # a LoRA run alone: one failed row
                 continue
             row = {"framework": framework, "setup": setup, "model": (ours or lora or {}).get("model"),
-                   "init": "lora_null", "gpus": SETUPS[setup][1], "device": (ours or lora or {}).get("device")}
+                   "init": init, "gpus": SETUPS[setup][1], "device": (ours or lora or {}).get("device")}
             for key in ("output_rel_err", "output_rel_err_as_trained", "base_rel_err", "adapter_max_rel_diff",
                         "lora_a_moved", "task_score", "knowledge_kept", "seconds", "command", "knowledge_base_known",
                         "task_score_base", "versions"):
@@ -451,7 +459,7 @@ def collect(args) -> None:
             for key in ("knowledge_kept", "task_score", "output_rel_err", "output_rel_err_as_trained", "base_rel_err",
                         "adapter_max_rel_diff", "command"):
                 row[f"{key}_lora"] = (lora or {}).get(key)
-            ours_dir = work / "runs" / f"{framework}-{setup}-lora_null"
+            ours_dir = work / "runs" / f"{framework}-{setup}-{init}"
             row["meta_weights_at_init_by_rank"] = weights_at_init(ours_dir)
             row["init_task_data"] = init_task_data(ours_dir)
             row["reload"] = reload_match(ours, lora)
@@ -478,8 +486,9 @@ def init_task_data(run: Path) -> dict | str | None:
 
 
 def _key(row) -> tuple:
-    """A row is one framework × setup × model: a second model's rows sit beside the first's."""
-    return row["framework"], row["setup"], row.get("model")
+    """A row is one framework × setup × model × init: a second model's rows sit beside the first's, the plain null
+    space's beside the default's."""
+    return row["framework"], row["setup"], row.get("model"), row["init"]
 
 
 def reload_match(ours, lora):
@@ -528,7 +537,7 @@ def main(argv=None) -> None:
     t = commands.add_parser("train")
     t.add_argument("--framework", choices=FRAMEWORKS, required=True)
     t.add_argument("--setup", choices=tuple(SETUPS), required=True)
-    t.add_argument("--init", choices=("lora_null", "lora"), required=True)
+    t.add_argument("--init", choices=INITS, required=True)
     t.add_argument("--work", required=True)
     e = commands.add_parser("evaluate")
     e.add_argument("--work", required=True)

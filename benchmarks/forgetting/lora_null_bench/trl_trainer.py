@@ -19,11 +19,12 @@ from .train import TrainSettings
 
 # plain SFTTrainer; the plugin with `adapter_init: lora_null` and the calibration file (the training set its task
 # data); lora_null_plain, plus `lora_null_task_data: none`; and lora_null_x<c>, that plus `lora_null_a_scale: c`
-TRL_INITS = ("lora", "lora_null", "lora_null_plain", "lora_null_x<c>")
+NAMED_TRL_INITS = ("lora", "lora_null", "lora_null_plain")
+TRL_INITS = (*NAMED_TRL_INITS, "lora_null_x<c>")
 
 
 def runs_through_trl(init: str) -> bool:
-    return init in TRL_INITS[:3] or (init.startswith("lora_null_x") and is_known_init(init))
+    return init in NAMED_TRL_INITS or (init.startswith("lora_null_x") and is_known_init(init))
 
 
 def fine_tune_with_trl(init: str, model: torch.nn.Module, suite: Suite, settings: TrainSettings, seed: int,
