@@ -50,7 +50,7 @@ def task_aware_basis(knowledge: torch.Tensor, task: torch.Tensor, rank: int, mix
     `rank` generalized eigenvectors of C_k u = λ (C_t + mix·I) u with the smallest λ, each covariance normalized
     to trace d_in first, so `mix` means the same in every layer. As mix → ∞ this is the plain null basis; a small
     mix favours directions the fine-tuning data uses. Solved in float64 by a Cholesky factor L of C_t + mix·I
-    (C_t's negative eigenvalues, which are rounding, set to zero first where they exceed mix): the eigenvectors Y of
+    (C_t's negative eigenvalues, which are rounding, set to zero first when they make it fail): the eigenvectors Y of
     L⁻¹ C_k L⁻ᵀ give u = L⁻ᵀ Y."""
     d_in = knowledge.shape[0]
     if not 0 < rank < d_in:
