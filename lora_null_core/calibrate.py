@@ -168,6 +168,7 @@ def check_token_counts(covariances: Covariances, min_tokens_per_dim: float) -> N
         if covariances.tokens[key] < needed:
             raise InsufficientCalibrationError(
                 f"{key} has input width {matrix.shape[0]} but calibration gave only {covariances.tokens[key]} "
-                f"tokens (need at least {needed}). Raise num_samples or max_length, or lower min_tokens_per_dim "
-                "(0 disables the check) if a rank-deficient covariance is what you want."
+                f"tokens (need at least {needed}). Give more knowledge text, leave short_calibration at top_up (the "
+                "model's own text makes up the rest), or lower min_tokens_per_dim (0 disables the check) if a "
+                "rank-deficient covariance is what you want."
             )

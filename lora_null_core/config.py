@@ -13,6 +13,7 @@ from .errors import ConfigError
 Variant = Literal["v1", "v2"]
 InitMode = Literal["projected", "basis"]
 Weighting = Literal["token_sum", "per_sample_max"]
+ShortCalibration = Literal["top_up", "refuse"]
 
 # The default a_scale of a frozen-A (v2) adapter. On the frontier benchmark (two model families, two tasks each),
 # 2 is the factor at which the default, trained at LoRA's own learning rate, reaches LoRA's task score while
@@ -107,6 +108,14 @@ class LoraNullConfig:
         metadata={
             "help": "Refuse a layer whose calibration tokens number fewer than this times its input width: below "
             "that the covariance is rank-deficient and the null space is chosen by rounding, not by data. 0 disables."
+        },
+    )
+    short_calibration: ShortCalibration = field(
+        default="top_up",
+        metadata={
+            "help": "Knowledge text with fewer distinct contexts than min_tokens_per_dim times the widest targeted "
+            "input. top_up: read more of it than num_samples, then add the model's own text until there are enough. "
+            "refuse: stop with an error, as the check alone does."
         },
     )
 

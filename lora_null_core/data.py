@@ -6,11 +6,12 @@ samples are drawn disjointly from one seeded permutation, so leakage on held-out
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,22 +226,28 @@ def row_to_text(row: Any, tokenizer: Any, text_field: str) -> str:
 
 
 def choose_texts(
-    source: CalibrationSource, tokenizer: Any, num_samples: int, holdout_samples: int, seed: int, text_field: str
+    source: CalibrationSource, tokenizer: Any, num_samples: int, holdout_samples: int, seed: int, text_field: str,
+    until: Optional[Callable[[str], bool]] = None,
 ) -> CalibrationTexts:
-    """Draw `num_samples` calibration texts and up to `holdout_samples` disjoint held-out texts."""
+    """Draw `num_samples` calibration texts and up to `holdout_samples` disjoint held-out texts. `until` is told of
+    each calibration text in turn and says whether there are enough: when it has not said so after `num_samples`,
+    more calibration texts are drawn (after the held-out ones, which stay the same) until it does or the source
+    runs out."""
     rows = load_rows(source)
     if len(rows) == 0:
         raise CalibrationDataError(f"Calibration source {describe(source)} is empty; it needs at least one text.")
-    chosen: list[str] = []
-    for text in _texts_in_random_order(rows, tokenizer, text_field, seed):
-        chosen.append(text)
-        if len(chosen) == num_samples + holdout_samples:
-            break
-    if not chosen:
+    order = _texts_in_random_order(rows, tokenizer, text_field, seed)
+    calibration = list(itertools.islice(order, num_samples))
+    holdout = list(itertools.islice(order, holdout_samples))
+    if not calibration:
         raise CalibrationDataError(f"Calibration source {describe(source)} holds only empty texts.")
-    calibration, holdout = chosen[:num_samples], chosen[num_samples:]
+    if until is not None and not [until(text) for text in calibration][-1]:  # every text told, in turn
+        for text in order:
+            calibration.append(text)
+            if until(text):
+                break
     if len(calibration) < num_samples:
-        logger.warning("Calibration source has %d non-empty texts; asked for %d.", len(calibration), num_samples)
+        logger.info("Calibration source has %d non-empty texts; asked for %d.", len(calibration), num_samples)
     if holdout_samples and len(holdout) < holdout_samples:
         logger.info("Only %d held-out texts left after calibration (asked for %d).", len(holdout), holdout_samples)
     return CalibrationTexts(calibration, holdout, describe(source))
@@ -272,13 +279,7 @@ def tokenize_batches(texts: Sequence[str], tokenizer: Any, max_length: int, batc
     Batches are filled up to `batch_tokens` padded tokens (rows × the batch's longest row), so thousands of
     short prompts cost a few forward passes, not thousands; `batch_size` also caps the rows when given.
     `min_batches`: at least this many batches (one per process) when there are that many texts."""
-    sequences = []
-    for text in texts:
-        # A rendered chat template already carries its special tokens; adding them again would double BOS.
-        special = not _starts_with_special(text, tokenizer)
-        ids = tokenizer(text, truncation=True, max_length=max_length, add_special_tokens=special)["input_ids"]
-        if ids:
-            sequences.append(list(ids))
+    sequences = [ids for ids in (token_ids(text, tokenizer, max_length) for text in texts) if ids]
     if not sequences:
         raise CalibrationDataError("Every calibration text tokenized to zero tokens.")
     if not batch_size and not batch_tokens:
@@ -303,18 +304,39 @@ def tokenize_batches(texts: Sequence[str], tokenizer: Any, max_length: int, batc
     return batches
 
 
+def token_ids(text: str, tokenizer: Any, max_length: int) -> list[int]:
+    """A text's tokens as calibration reads them: cut at max_length, with the tokenizer's special tokens."""
+    # A rendered chat template already carries its special tokens; adding them again would double BOS.
+    special = not _starts_with_special(text, tokenizer)
+    return list(tokenizer(text, truncation=True, max_length=max_length, add_special_tokens=special)["input_ids"])
+
+
+class Contexts:
+    """The distinct token prefixes of the sequences added so far: in a causal LM a token's activations are a
+    function of its prefix, so their number bounds the rank of every layer's input covariance. 200 copies of one
+    text count as one text; a token count would not notice."""
+
+    def __init__(self) -> None:
+        self._children: dict[tuple[int, int], int] = {}  # (parent node, token) → node: a trie of the prefixes
+
+    def add(self, ids: Iterable[int]) -> int:
+        """Add one sequence; the count so far."""
+        node = 0
+        for token in ids:
+            node = self._children.setdefault((node, token), len(self._children) + 1)
+        return len(self)
+
+    def __len__(self) -> int:
+        return len(self._children)
+
+
 def distinct_contexts(batches: Sequence[TokenBatch]) -> int:
-    """How many different token prefixes the batches hold: in a causal LM a token's activations are a function
-    of its prefix, so this bounds the rank of every layer's input covariance. 200 copies of one text count
-    as one text; a token count would not notice."""
-    children: dict[tuple[int, int], int] = {}  # (parent node, token) → node: a trie of the prefixes
+    """How many different token prefixes the batches hold (Contexts)."""
+    contexts = Contexts()
     for batch in batches:
         for ids, mask in zip(batch.input_ids.tolist(), batch.attention_mask.tolist()):
-            node = 0
-            for token, real in zip(ids, mask):
-                if real:
-                    node = children.setdefault((node, token), len(children) + 1)
-    return len(children)
+            contexts.add(token for token, real in zip(ids, mask) if real)
+    return len(contexts)
 
 
 def _starts_with_special(text: str, tokenizer: Any) -> bool:

@@ -23,12 +23,12 @@ from transformers.pytorch_utils import Conv1D
 
 from .atomic import atomic_output_dir
 from .calibrate import collect_covariances
+from .calibration_set import calibration_set
 from .config import LoraNullConfig
 from .data import CalibrationSource, choose_texts, tokenize_batches
 from .errors import LoraNullError
 from .leakage import leakages_from_covariance, random_like
 from .null_space import effective_rank, eigendecompose
-from .own_text import own_text
 from .report import read_metadata
 from .saving import ADAPTER_DIR
 from .taps import model_device
@@ -50,12 +50,12 @@ def analyze(
 ) -> dict[str, Any]:
     """Every number of the report, per layer, as plain JSON-able data. No calibration: the model's own text.
     task_data (with init_dir): also the leakage of lora_A on the fine-tuning inputs, where A should have room."""
-    config = config or LoraNullConfig(holdout_samples=0)
-    if calibration is None:
-        calibration = own_text(model, tokenizer, config.replace(holdout_samples=0), model_device(model))
-    texts = choose_texts(calibration, tokenizer, config.num_samples, 0, config.seed, config.text_field)
-    batches = tokenize_batches(texts.calibration, tokenizer, config.max_length, config.batch_size, config.batch_tokens)
+    config = (config or LoraNullConfig()).replace(holdout_samples=0)
     modules = linear_layers(model)
+    widest = max(_input_width(module) for module in modules.values())
+    chosen = calibration_set(model, calibration, tokenizer, config, model_device(model), widest)  # as init tops up
+    texts = chosen.texts
+    batches = tokenize_batches(texts.calibration, tokenizer, config.max_length, config.batch_size, config.batch_tokens)
     covariances = collect_covariances(model, modules, batches, torch.float64, config.covariance_weighting)
     adapter, rank, settings = _initial_adapter(init_dir)
     task = None
@@ -100,11 +100,15 @@ def analyze(
                 entry.update(zip(("task_leakage", "task_leakage_random"), on_task))
                 entry.update(energy_knowledge=entry["leakage"] ** 2, energy_task=entry["task_leakage"] ** 2)
         layers.append(entry)
-    return {"calibration": {"source": texts.source, "samples": len(texts.calibration),
-                            "tokens": max(covariances.tokens.values())},
+    return {"calibration": {"source": texts.source, "used": chosen.used, "top_up": chosen.top_up,
+                            "samples": len(texts.calibration), "tokens": max(covariances.tokens.values())},
             "task_data": None if task is None else {"source": task_texts.source, "samples": len(task_texts.calibration)},
             "init": str(init_dir) if init_dir else None, "init_settings": settings, "rank": rank, "layers": layers,
             "spectra": spectra}
+
+
+def _input_width(module: nn.Module) -> int:
+    return module.weight.shape[0] if isinstance(module, Conv1D) else module.weight.shape[1]
 
 
 def _initial_adapter(init_dir: Optional[os.PathLike]) -> tuple[Optional[dict], Optional[int], Optional[dict]]:
@@ -220,8 +224,7 @@ def _html(data, images) -> str:
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>lora-null inspect</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:12px}}
 td,th{{border:1px solid #ccc;padding:2px 6px}}img{{max-width:100%}}</style></head><body>
-<h1>lora-null inspect</h1><p>Calibration: {html.escape(str(calibration['source']))}, {calibration['samples']} samples,
-{calibration['tokens']} tokens. Init: {html.escape(str(data['init']))}{_settings(data.get('init_settings'))}.{_task(data)}</p>
+<h1>lora-null inspect</h1><p>Calibration: {html.escape(str(calibration.get('used', calibration['source'])))}. Init: {html.escape(str(data['init']))}{_settings(data.get('init_settings'))}.{_task(data)}</p>
 {pictures}
 <table><tr><th>layer</th><th>d_in</th><th>tokens</th><th>eff. rank activations</th><th>eff. rank weight</th>
 <th>leakage</th><th>random A</th><th>optimum</th><th>on task data</th><th>recommendation</th></tr>{rows}</table>

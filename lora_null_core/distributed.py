@@ -52,6 +52,15 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+def least_on_any_rank(value: int) -> int:
+    """The smallest of every rank's `value`, on every rank (what all can agree on, e.g. rows that fit everywhere)."""
+    if rank_and_world()[1] == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.long, device=collective_device() or "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
 def shard(items: Sequence[T]) -> list[T]:
     """This rank's share, round-robin (the items come sorted by length, so shares stay balanced)."""
     rank, world = rank_and_world()

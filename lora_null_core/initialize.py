@@ -21,13 +21,13 @@ from torch import nn
 from .adapter_scope import chosen_adapter, only_adapter, restored_on_failure
 from .adapters import apply_variant, as_peft_model, check_finite_weights, check_layers, lora_layers, lora_summary
 from .block_loaders import BlockLoader
+from .calibration_set import calibration_set
 from .config import TASK_A_SCALE, LoraNullConfig
 from .covariance_cache import CovarianceCache
 from .data import CalibrationSource, choose_texts, reading_task_data, tokenize_batches
 from .distributed import alone, any_rank, collective_device, rank_and_world, shard
 from .errors import ConfigError, InsufficientCalibrationError, UnsupportedModelError
 from .init_loop import BlockByBlock, WholeModel, run_steps, should_overlap
-from .own_text import own_text
 from .report import RESIDUAL_MARKER, InitReport
 from .safeguards import check_distinct_contexts, check_function_preserved, probe_batch
 from .sequential import decoder_blocks, layers_by_block
@@ -94,11 +94,10 @@ def _initialize(peft_model: PeftModel, layers: Mapping[str, LoraLayer], calibrat
                 tokenizer: Any, config: LoraNullConfig, adapter_name: str, execution_device: Optional[str],
                 block_loader: Optional[BlockLoader], task_data: Optional[CalibrationSource] = None) -> PeftModel:
     device = torch.device(execution_device) if execution_device else execution_device_for(peft_model)
-    if calibration is None:
-        calibration = own_text(peft_model, tokenizer, config, device)
-    texts = choose_texts(
-        calibration, tokenizer, config.num_samples, config.holdout_samples, config.seed, config.text_field
-    )
+    widest = max(layer.in_features for layer in layers.values())
+    chosen = calibration_set(peft_model, calibration, tokenizer, config, device, widest)
+    texts = chosen.texts
+    logger.info("Calibrating on %s.", chosen.used)
     # Batches by token budget, and at least one per process.
     world = rank_and_world()[1]
     batching = {"batch_size": config.batch_size, "batch_tokens": config.batch_tokens, "min_batches": world}
@@ -153,6 +152,9 @@ def _initialize(peft_model: PeftModel, layers: Mapping[str, LoraLayer], calibrat
         lora=lora_summary(peft_model.peft_config[adapter_name]),
         calibration={
             "source": texts.source,
+            "used": chosen.used,  # what the covariances were summed over, in one line
+            # own text added to knowledge text short of the widest input (short_calibration: top_up), else None
+            "top_up": chosen.top_up,
             "num_samples": len(texts.calibration),
             "holdout_samples": len(texts.holdout),
             "max_length": config.max_length,

@@ -4,7 +4,9 @@ The null space needs the activations of what the model knows, and the model's ow
 dataset on disk ("self-calibration", Williams, Chrysostomou and Aletras, NAACL 2025, for quantization and pruning).
 Samples start from the BOS token alone (EOS where the tokenizer has none), or from a few neutral requests through
 the chat template; they are drawn with the adapter off, batched with a KV cache on the device the model is on,
-seeded (each process draws its own seeded share, and every process ends with all of them).
+seeded (each process draws its own seeded share, and every process ends with all of them). Under DeepSpeed ZeRO-3
+the model is gathered whole for the sampling where it fits, else one decoder block at a time for each of its
+forwards, every process stepping through generation together.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -22,9 +24,10 @@ from torch import nn
 from .config import LoraNullConfig
 from .console import progress, quiet_libraries
 from .data import CalibrationRows
-from .distributed import rank_and_world
+from .distributed import any_rank, least_on_any_rank, rank_and_world
 from .errors import CalibrationDataError, LoraNullError
-from .weights import is_zero3_partitioned
+from .sequential import block_list
+from .weights import gathered, is_zero3_partitioned
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +40,9 @@ NEUTRAL_REQUESTS = (
     "Describe anything you like.",
     "Write about whatever comes to mind.",
 )
+# Under ZeRO-3 the whole model is gathered for sampling when it takes at most this share of the free memory on
+# every rank; else each block is gathered for its own forwards only (slower: a gather per block per token).
+GATHER_WHOLE_SHARE = 0.8
 
 
 def describe_own_text(config: LoraNullConfig) -> str:
@@ -46,23 +52,29 @@ def describe_own_text(config: LoraNullConfig) -> str:
             f"temperature {config.generated_temperature:g}, top-p {config.generated_top_p:g}, seed {config.seed})")
 
 
-def own_text(peft_model: nn.Module, tokenizer: Any, config: LoraNullConfig, device: torch.device) -> CalibrationRows:
-    """num_samples + holdout_samples texts sampled from the model (with a PeftModel, its adapter off)."""
+def own_text(peft_model: nn.Module, tokenizer: Any, config: LoraNullConfig, device: torch.device,
+             count: Optional[int] = None) -> CalibrationRows:
+    """`count` texts (default num_samples + holdout_samples) sampled from the model (with a PeftModel, its adapter
+    off)."""
     if tokenizer is None:
         raise LoraNullError("Generating calibration text needs the model's tokenizer; pass it (or pass calibration "
                             "text).")
-    count = config.num_samples + config.holdout_samples
+    count = config.num_samples + config.holdout_samples if count is None else count
     rank, world = rank_and_world()
     share = len(range(rank, count, world))
     base = peft_model.get_base_model() if isinstance(peft_model, PeftModel) else peft_model
-    prompts = _prompts(tokenizer, config, first=rank, count=share)
+    # Under ZeRO-3 a forward may gather (a collective), so every rank calls generate as often, with as many rows and
+    # decoding steps: the smaller shares are padded, then cut.
+    in_step = world > 1 and is_zero3_partitioned(base.parameters())
+    drawn = -(-count // world) if in_step else share
     adapter_off = peft_model.disable_adapter() if isinstance(peft_model, PeftModel) else contextlib.nullcontext()
     with _whole_on(base, device) as where, adapter_off, _seeded(config.seed + rank, where), quiet_libraries():
-        texts = _sample(base, tokenizer, prompts, config, where)
+        prompts = _prompts(tokenizer, config, first=rank, count=drawn)
+        texts = _sample(base, tokenizer, prompts, config, where, in_step)[:share]
     if world > 1:  # every process ends with every text, so all choose the same calibration and held-out sets
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, texts)
-        texts = [text for part in gathered for text in part]
+        shares: list[Any] = [None] * world
+        dist.all_gather_object(shares, texts)
+        texts = [text for share in shares for text in share]
     kept = [text for text in texts if text.strip()]
     if not kept:
         raise CalibrationDataError(
@@ -94,8 +106,9 @@ def _prompts(tokenizer: Any, config: LoraNullConfig, first: int, count: int) -> 
 
 
 def _sample(model: nn.Module, tokenizer: Any, prompts: list[list[int]], config: LoraNullConfig,
-            device: torch.device) -> list[str]:
-    """Batched sampling with a KV cache, left-padded prompts; each text cut at its first EOS."""
+            device: torch.device, in_step: bool = False) -> list[str]:
+    """Batched sampling with a KV cache, left-padded prompts; each text cut at its first EOS. `in_step`: every rank
+    runs each forward together (ZeRO-3 may gather inside it), so all take the same batches and decoding steps."""
     from transformers import GenerationConfig
 
     eos = tokenizer.eos_token_id
@@ -105,6 +118,8 @@ def _sample(model: nn.Module, tokenizer: Any, prompts: list[list[int]], config: 
                                 pad_token_id=pad, eos_token_id=eos, use_cache=True)
     row_tokens = config.generated_length + max((len(p) for p in prompts), default=1)
     rows = rows_per_batch(len(prompts), row_tokens, config.batch_tokens, _cache_budget(model, device, row_tokens))
+    if in_step:
+        rows = least_on_any_rank(rows)
     texts: list[str] = []
     was_training = model.training
     model.eval()
@@ -115,7 +130,9 @@ def _sample(model: nn.Module, tokenizer: Any, prompts: list[list[int]], config: 
             ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
             with torch.no_grad():
-                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
+                # synced_gpus said either way: transformers would turn it on under ZeRO-3 by itself
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings,
+                                     synced_gpus=in_step)
             for prompt, row in zip(chunk, out[:, width:].tolist()):
                 if eos is not None and eos in row:
                     row = row[:row.index(eos)]
@@ -168,12 +185,16 @@ def _text(tokenizer: Any, prompt: list[int], generated: list[int], config: LoraN
 @contextlib.contextmanager
 def _whole_on(model: nn.Module, device: torch.device) -> Iterator[torch.device]:
     """Sampling needs every weight on one device: the model's own, or the execution device for a model held in CPU
-    memory (offload, or before FSDP places it) when it fits there, and back afterwards."""
+    memory (offload, or before FSDP places it) when it fits there, and back afterwards; under ZeRO-3, gathered."""
     params = list(model.parameters())
-    if any(p.is_meta for p in params) or is_zero3_partitioned(params):
-        raise LoraNullError("The model's weights are not all here (meta or DeepSpeed ZeRO-3 partitions), and its "
-                            "own text is sampled from the whole model: pass calibration text (lora_null_calibration, "
-                            "or --calibration).")
+    if is_zero3_partitioned(params):
+        with _zero3_gathered(model, device):
+            yield params[0].device
+        return
+    if any(p.is_meta for p in params):
+        raise LoraNullError("The model's weights are not all here (some are on the meta device), and its own text "
+                            "is sampled from the whole model: load the weights, or pass calibration text "
+                            "(lora_null_calibration, or --calibration).")
     home = params[0].device
     offloaded = sorted({str(place) for place in (getattr(model, "hf_device_map", None) or {}).values()}
                        & {"cpu", "disk"})
@@ -196,6 +217,58 @@ def _whole_on(model: nn.Module, device: torch.device) -> Iterator[torch.device]:
         yield device
     finally:
         model.to(home)
+
+
+@contextlib.contextmanager
+def _zero3_gathered(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """ZeRO-3 partitions gathered for sampling: the whole model at once where it fits on every rank, else the
+    weights outside the decoder blocks for the whole time and each block for each of its forwards (slower, but no
+    rank ever holds more than the rest of the model and one block)."""
+    params = list(model.parameters())
+    whole = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in params)
+    if not any_rank(whole > GATHER_WHOLE_SHARE * _free_bytes(device)):
+        with gathered(params):
+            yield
+        return
+    found = block_list(model)
+    if found is None:
+        raise LoraNullError(f"The model's own text is sampled from the whole model, whose {whole / 2**30:.1f} GiB "
+                            f"does not fit beside the rest on {device}, and its decoder blocks could not be found to "
+                            "gather one at a time: pass calibration text (lora_null_calibration, or --calibration).")
+    inside = {id(p) for p in found[1].parameters()}
+    with gathered([p for p in params if id(p) not in inside]), _gathered_per_forward(found[1]):
+        yield
+
+
+@contextlib.contextmanager
+def _gathered_per_forward(blocks: nn.ModuleList) -> Iterator[None]:
+    """Each block's partitions gathered for the length of each of its forwards, then released."""
+    held: dict[int, contextlib.ExitStack] = {}
+
+    def enter(block: nn.Module, *_: Any) -> None:
+        held[id(block)] = stack = contextlib.ExitStack()
+        stack.enter_context(gathered(list(block.parameters())))
+
+    def leave(block: nn.Module, *_: Any) -> None:
+        held.pop(id(block)).close()
+
+    handles = [hook for block in blocks
+               for hook in (block.register_forward_pre_hook(enter), block.register_forward_hook(leave))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for stack in held.values():  # a forward that raised never reached its release
+            stack.close()
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil  # accelerate's dependency, so here wherever DeepSpeed is
+
+    return psutil.virtual_memory().available
 
 
 @contextlib.contextmanager

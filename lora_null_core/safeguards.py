@@ -36,8 +36,8 @@ def check_distinct_contexts(batches: list[TokenBatch], layers: Mapping[str, Lora
     found = (f"The calibration text holds {tokens} tokens but only {contexts} distinct contexts (a token's "
              f"activations depend only on its prefix), so the activations span at most {contexts} of the {widest} "
              "input directions")
-    fix = ("more and more varied texts, or a larger max_length; min_tokens_per_dim lowers the bar "
-           "(0 disables the check)")
+    fix = ("more and more varied texts, a larger max_length, or short_calibration top_up (the model's own text "
+           "makes up the rest); min_tokens_per_dim lowers the bar (0 disables the check)")
     if contexts < wanted / 4:
         raise InsufficientCalibrationError(
             f"{found} and the null space would be picked by rounding (leakage near 0 here, that of a random A on "

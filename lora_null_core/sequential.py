@@ -53,14 +53,19 @@ class _StopForward(Exception):
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """(name, ModuleList) of the model's decoder blocks, or None where streaming cannot be trusted."""
-    config = getattr(model, "config", None)
-    count = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
-    layer_types = set(getattr(config, "layer_types", None) or [])
+    layer_types = set(getattr(getattr(model, "config", None), "layer_types", None) or [])
     if len(layer_types) > 1:
         # Per-layer masks (sliding/full attention) are built inside the model's forward; block 0's
         # keyword arguments would be wrong for the others.
         logger.info("Layers of several attention types (%s): streaming off.", ", ".join(sorted(layer_types)))
         return None
+    return block_list(model)
+
+
+def block_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """(name, ModuleList) holding one module per hidden layer, or None: the decoder blocks, whatever calls them."""
+    config = getattr(model, "config", None)
+    count = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and count and len(module) == count:
             return name, module

@@ -167,3 +167,21 @@ def test_read_examples_accepts_bigbench_and_jsonl(tmp_path):
     assert row.prompt == "Question: 2+2?\nAnswer:" and row.targets == ("4 #### 4",)
     with pytest.raises(Exception, match="row 0 needs"):
         read_examples(tmp_path / "task.jsonl", ("nope",), ("answer",))
+
+
+def test_a_step_with_a_non_finite_gradient_is_skipped_and_counted(tokenizer):
+    """One NaN gradient would turn every weight NaN (Qwen2.5 under bf16 autocast, benchmarks/README); the loop
+    leaves the weights as they were for that step and reports it."""
+    from lora_null_bench.train import TrainSettings, fine_tune
+    from lora_null_bench.world import Example
+
+    from lora_null_core.tiny import tiny_model
+
+    model = tiny_model("llama", len(tokenizer), seed=0)
+    poisoned = model.model.layers[0].mlp.down_proj.weight
+    nan_at_step = iter([False, True, False])  # the second of three steps
+    poisoned.register_hook(lambda grad: grad * float("nan") if next(nan_at_step) else grad)
+    examples = [Example("The capital of France is", ("Paris",))] * 4
+    trained = fine_tune(model, tokenizer, examples, TrainSettings(steps=3, batch_size=2, learning_rate=1e-3,
+                                                                  max_length=16), seed=0)
+    assert trained.skipped_steps == 1 and all(torch.isfinite(p).all() for p in model.parameters())

@@ -1,3 +1,4 @@
+import html
 import json
 import subprocess
 import sys
@@ -45,7 +46,20 @@ def test_too_little_calibration_gets_a_recommendation(make_model, tokenizer, kno
     from lora_null_core import LoraNullConfig
     from lora_null_core.diagnostics import analyze
 
-    data = analyze(make_model(), tokenizer, knowledge[:3], LoraNullConfig(holdout_samples=0))
+    data = analyze(make_model(), tokenizer, knowledge[:3], LoraNullConfig(short_calibration="refuse"))
     down = next(layer for layer in data["layers"] if layer["type"] == "down_proj")
     assert down["tokens"] < down["d_in"] == 128 and "at least 128 tokens" in down["recommendation"]
     assert down["numerical_rank_activations"] <= down["tokens"]
+    assert data["calibration"]["top_up"] is None
+
+
+def test_inspect_tops_short_calibration_up_as_init_does(make_model, tokenizer, knowledge):
+    """The default (short_calibration: top_up): the report analyzes what init would calibrate on, and says so."""
+    from lora_null_core.diagnostics import _html, analyze
+
+    data = analyze(make_model(), tokenizer, knowledge[:3])
+    down = next(layer for layer in data["layers"] if layer["type"] == "down_proj")
+    assert down["tokens"] >= down["d_in"] and "recommendation" not in down
+    used = data["calibration"]["used"]
+    assert used.startswith("3 rows of") and f"+ {data['calibration']['top_up']['samples']} samples of the model's " \
+        "own text" in used and html.escape(used) in _html(data, {})

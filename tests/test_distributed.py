@@ -126,10 +126,11 @@ def test_covariance_cache_under_two_processes(tmp_path, shared):
     assert len(entries) == 1 and entries[0].startswith("cache/" if shared else "cache0/")  # rank 0 writes, once
 
 
-def meta_worker(rank, world, port, folder):
+def meta_worker(rank, world, port, folder, key_alone=False):
     """FSDP's cpu_ram_efficient_loading: rank 0 holds the weights, rank 1 only meta tensors until FSDP broadcasts
     rank 0's when it wraps the model. Rank 0 must initialize alone (no collective rank 1 could not join), and
-    rank 1 must come through with its flags set, waiting for that broadcast."""
+    rank 1 must come through with its flags set, waiting for that broadcast. With the key alone rank 0 samples
+    the model's own text alone too."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -139,8 +140,9 @@ def meta_worker(rank, world, port, folder):
         else:
             with torch.device("meta"):
                 model = tiny_model("llama", len(tokenizer), seed=11)
-        peft_model = lora_null_init(model, LoraConfig(r=4, lora_alpha=8), TEXTS, tokenizer, num_samples=200,
-                                    holdout_samples=40, batch_size=8, accumulate_dtype="float64")
+        peft_model = lora_null_init(model, LoraConfig(r=4, lora_alpha=8), None if key_alone else TEXTS, tokenizer,
+                                    num_samples=200, holdout_samples=40, batch_size=8, accumulate_dtype="float64",
+                                    generated_length=16)
         layers = lora_layers(peft_model, "default")
         assert all(not layer.lora_A["default"].weight.requires_grad for layer in layers.values())
         assert (getattr(peft_model, "lora_null_report", None) is not None) == (rank == 0)
@@ -151,11 +153,13 @@ def meta_worker(rank, world, port, folder):
         dist.destroy_process_group()
 
 
-def test_rank_zero_initializes_alone_when_the_others_hold_meta_weights(tmp_path):
-    mp.spawn(meta_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("key_alone", [False, True])
+def test_rank_zero_initializes_alone_when_the_others_hold_meta_weights(tmp_path, key_alone):
+    mp.spawn(meta_worker, args=(2, free_port(), str(tmp_path), key_alone), nprocs=2, join=True)
     rank0 = load_file(str(tmp_path / "rank0.safetensors"))
     tokenizer = tiny_tokenizer(TEXTS)
-    single = lora_null_init(tiny_model("llama", len(tokenizer), seed=11), LoraConfig(r=4, lora_alpha=8), TEXTS,
-                            tokenizer, num_samples=200, holdout_samples=40, batch_size=8, accumulate_dtype="float64")
+    single = lora_null_init(tiny_model("llama", len(tokenizer), seed=11), LoraConfig(r=4, lora_alpha=8),
+                            None if key_alone else TEXTS, tokenizer, num_samples=200, holdout_samples=40, batch_size=8,
+                            accumulate_dtype="float64", generated_length=16)
     for name, layer in lora_layers(single, "default").items():  # all samples on rank 0: one process's init
         assert torch.equal(rank0[name], layer.lora_A["default"].weight.detach()), name

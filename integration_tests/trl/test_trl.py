@@ -211,6 +211,36 @@ def test_zero3_save_holds_the_frozen_lora_a_and_reproduces_the_trained_model(wor
     assert torch.allclose(reloaded, memory["logits"], atol=1e-5), float((reloaded - memory["logits"]).abs().max())
 
 
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed (scripts/test.sh installs it)")
+@pytest.mark.parametrize("processes", [1, 2])
+def test_zero3_with_the_key_alone_samples_the_partitioned_models_own_text(workspace, tmp_path, processes):
+    """The key alone used to be refused under ZeRO-3 (the weights are partitions). The own text is now sampled from
+    the model gathered whole, or block by block where it does not fit (forced here): the same texts either way.
+    In one process the init is the one the core makes from the same model unpartitioned."""
+    script = Path(__file__).with_name("zero3_onekey_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
+         str(free_port()), str(script), str(workspace), str(tmp_path)], capture_output=True, text=True, timeout=900,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    texts = json.loads((tmp_path / "texts.json").read_text())
+    assert len(texts["whole"]) == 29 and texts["block_by_block"] == texts["whole"]
+    record = json.loads((tmp_path / "run" / INIT_DIR / "lora_null.json").read_text())
+    assert record["calibration"]["source"].startswith("the model's own text") and record["calibration"]["top_up"] is None
+    if processes == 1:
+        core = lora_null_init(
+            AutoModelForCausalLM.from_pretrained(workspace / "model", dtype=torch.float32), LoraConfig(**LORA), None,
+            AutoTokenizer.from_pretrained(workspace / "model"),
+            LoraNullConfig(num_samples=24, holdout_samples=5, generated_length=12),
+        )
+        initial = load_file(str(tmp_path / "run" / INIT_DIR / "adapter" / "adapter_model.safetensors"))
+        for name, layer in lora_layers(core, "default").items():
+            expected = layer.lora_A["default"].weight.detach()
+            assert torch.allclose(initial[f"base_model.model.{name}.lora_A.weight"], expected, atol=1e-5), name
+
+
 def test_set_adapter_after_the_init_does_not_unfreeze_a_in_training(workspace, tmp_path):
     """PEFT's set_adapter, which a user calls to pick the adapter to train, turns lora_A's gradient back on; the
     plugin freezes it again when training starts, so v2's A is still the init's after training."""

@@ -74,8 +74,9 @@ def run_frontier(suite: Suite, task: str, jobs: Sequence[tuple[str, float, int]]
             free_memory()
             model, loss = fine_tune_with_trl(init, suite.load_base(), suite, settings, seed,
                                              Path(workdir or "runs/trl") / f"{init}-{lr:g}-{seed}")
+            skipped = None
         else:
-            model, loss = _train_in_loop(init, lr, seed, suite, settings, templates)
+            model, (loss, skipped) = _train_in_loop(init, lr, seed, suite, settings, templates)
         task_score, _ = accuracy(model, suite.tokenizer, suite.task_eval, suite.task_tokens, suite.eval_batch,
                                  match=exact_match)
         kept, _ = accuracy(model, suite.tokenizer, known, suite.knowledge_tokens, suite.eval_batch)
@@ -89,7 +90,7 @@ def run_frontier(suite: Suite, task: str, jobs: Sequence[tuple[str, float, int]]
         if trainer != "loop":
             row["trainer"] = trainer
         else:
-            row.update(templates["energies"])
+            row.update(templates["energies"], skipped_steps=skipped)
         logger.info("%s %s %-15s lr %-7g seed %d: task %.3f, kept %.3f", suite.model, task, init, lr, seed,
                     task_score, kept)
         rows.append(row)
@@ -111,8 +112,8 @@ def _train_in_loop(init: str, lr: float, seed: int, suite: Suite, settings, temp
                                                      "task": suite.task_texts()})
         templates.update(key=(init, seed), where=next(built.parameters()).device, model=built.cpu(), energies=measured)
     model = copy.deepcopy(templates["model"]).to(templates["where"])
-    loss = fine_tune(model, suite.tokenizer, suite.task_train, settings, seed, suite.separator, desc=f"{init} {lr:g}")
-    return model, loss
+    return model, fine_tune(model, suite.tokenizer, suite.task_train, settings, seed, suite.separator,
+                            desc=f"{init} {lr:g}")
 
 
 # ---------------------------------------------------------------- summary, table and plots

@@ -19,12 +19,15 @@ from lora_null_core.adapters import lora_layers, weight_matrix, write_adapter
 from .suites import Suite
 
 INITS = ("lora", "pissa", "milora", "corda_kpm", "lora_null_v1", "lora_null_v2", "lora_null_basis", "lora_null",
-         "lora_null_plain")
+         "lora_null_plain", "lora_null_plain_with_heldout")
 DEFAULT_INITS = INITS[:6]
 # lora_null: `adapter_init: lora_null` with a calibration file and no other key, where the trainer holds the
 # training set (every plugin: lora_null_task_data unset), so the training examples are the task data too; the same
 # init as lora_null_task. lora_null_plain: the plain null space (lora_null_task_data: none; the CLI without
 # --task-data), the default until 2026-12-05, whose rows carry this name since.
+# lora_null_plain_with_heldout: the same, reading the held-out texts (perplexity's) beside the calibration questions,
+# so that a model whose widest input outgrows the questions' contexts (Qwen2.5's down_proj) is calibrated on more
+# questions instead of being topped up with its own text: the top-up's comparison.
 # `adapter_init: lora_null` with no calibration text: the model samples its own (from BOS, or from neutral chat
 # requests); the frontier's knowledge questions are never seen, so its knowledge figure is the honest test.
 # _t1: at temperature 1, the default before the frontier chose 1.3 (rows measured then carry these names).
@@ -55,6 +58,9 @@ def build_adapter(init: str, model: torch.nn.Module, suite: Suite, seed: int) ->
     config = lora_config(suite, model)
     if init == "lora":
         return get_peft_model(model, config)
+    if init == "lora_null_plain_with_heldout":
+        return lora_null_init(model, config, [e.text for e in suite.calibration] + suite.heldout_text,
+                              suite.tokenizer, LoraNullConfig(seed=seed))
     if init == "pissa":
         return get_peft_model(model, dataclasses.replace(config, init_lora_weights="pissa"))
     if init == "milora":

@@ -54,7 +54,8 @@ def run_benchmark(suite: Suite, inits: Sequence[str], seeds: Sequence[int], size
             leakage = {f"leakage_{kind}": adapter_leakage(model, suite, texts)
                        for kind, texts in (("knowledge", suite.knowledge), ("task", suite.task_train))}
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            loss = fine_tune(model, suite.tokenizer, suite.task_train, suite.train, seed, suite.separator, desc=init)
+            loss, skipped = fine_tune(model, suite.tokenizer, suite.task_train, suite.train, seed, suite.separator,
+                                      desc=init)
             after = measure(model, suite)
             row = {
                 "init": init, "seed": seed, "size": size, "model": suite.model, **({"setting": suite.setting} if suite.setting else {}),
@@ -64,7 +65,7 @@ def run_benchmark(suite: Suite, inits: Sequence[str], seeds: Sequence[int], size
                 "known_items": len(known), "knowledge_items": len(suite.knowledge),
                 "downstream_before": before["downstream"], "downstream_items": len(suite.task_eval),
                 "perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"],
-                "function_error_after_init": init_error, **leakage, "train_loss": loss, "rank": suite.rank, "steps": suite.train.steps,
+                "function_error_after_init": init_error, **leakage, "train_loss": loss, "skipped_steps": skipped, "rank": suite.rank, "steps": suite.train.steps,
                 "batch_size": suite.train.batch_size, "learning_rate": suite.train.learning_rate,
                 "trainable_parameters": trainable, "calibration_samples": len(suite.calibration),
                 "init_seconds": round(init_seconds, 2), "seconds": round(time.perf_counter() - start, 2),

@@ -117,7 +117,7 @@ def _pretrained_world_model(spec: WorldSize, population, tokenizer, cache: Path,
     corpus = world.pretraining_corpus(population, spec.bios_per_person, seed)
     settings = TrainSettings(spec.pretrain_steps, spec.pretrain_batch, spec.pretrain_lr, max_length=96)
     loss = fine_tune(model, tokenizer, [Example("", (t,)) for t in corpus], settings, seed, separator="",
-                     desc="pretrain synthetic world")
+                     desc="pretrain synthetic world").loss
     knowledge = [q for p in population for q in world.questions(p)][:2000]
     known, _ = accuracy(model, tokenizer, knowledge, 2, 256)
     logger.info("pretrained synthetic world model: loss %.3f, closed-book accuracy %.3f", loss, known)
