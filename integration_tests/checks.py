@@ -10,7 +10,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from lora_null_core.saving import DTYPE_KEY, load_model
+from lora_null_core.io.saving import DTYPE_KEY, load_model
 
 
 def factors(folder: Path) -> dict[str, torch.Tensor]:

@@ -4,7 +4,13 @@ import json
 
 import pytest
 
-from lora_null_core.tiny import arithmetic_texts, knowledge_texts, tiny_model, tiny_tokenizer, write_jsonl
+from lora_null_core.frontends.toy_world import (
+    arithmetic_texts,
+    knowledge_texts,
+    tiny_model,
+    tiny_tokenizer,
+    write_jsonl,
+)
 
 
 @pytest.fixture(scope="session")

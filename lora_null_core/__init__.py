@@ -6,8 +6,9 @@ the CLI on top.
 """
 
 from . import console  # noqa: F401  (first: it drops import notices before PEFT brings in bitsandbytes)
-from .adapters import apply_variant
-from .calibrate import Covariances, collect_covariances
+from .calibration.covariances import Covariances, collect_covariances
+from .calibration.leakage import holdout_leakage, leakage_from_covariance
+from .calibration.taps import run_activation_pass
 from .config import LoraNullConfig
 from .errors import (
     CalibrationDataError,
@@ -22,14 +23,13 @@ from .errors import (
     OutputExistsError,
     UnsupportedModelError,
 )
-from .export import export_for_original_base, merge_to_full_model
-from .initialize import initialize_lora_null_weights, lora_null_init
-from .leakage import holdout_leakage, leakage_from_covariance
+from .frontends.jobs import init_to_folder
+from .init.api import initialize_lora_null_weights, lora_null_init
+from .init.peft_layers import apply_variant
+from .io.export import export_for_original_base, merge_to_full_model
+from .io.saving import load_initialized, save_initial_adapter, save_initialized
 from .null_space import basis_factors, effective_rank, null_basis, projected_factors
 from .report import InitReport, LayerReport
-from .saving import load_initialized, save_initial_adapter, save_initialized
-from .taps import run_activation_pass
-from .workflow import init_to_folder
 
 __version__ = "0.1.0"
 

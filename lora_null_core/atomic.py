@@ -17,10 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import LoraNullError, OutputExistsError
-
-# A folder holding one of these (or the demo's init/ folder) was written by lora-null: --overwrite may replace it.
-OUTPUT_MARKERS = ("lora_null.json", "lora_null_export.json", "lora_null_merge.json", "report.json",
-                  "init/lora_null.json")
+from .layout import OUTPUT_MARKERS
 
 
 def check_output(path: os.PathLike, inputs: Iterable[Optional[os.PathLike]] = (), overwrite: bool = False,

@@ -9,9 +9,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-METADATA_FILE = "lora_null.json"
-# Set in a residual base's config (config.json): the model is not an original, and must not be initialized again.
-RESIDUAL_MARKER = "lora_null_residual"
+from .layout import METADATA_FILE
+
 FORMAT_VERSION = 1
 
 

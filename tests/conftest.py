@@ -3,7 +3,7 @@ import logging
 import pytest
 import torch
 
-from lora_null_core.tiny import arithmetic_texts, knowledge_texts, tiny_model, tiny_tokenizer
+from lora_null_core.frontends.toy_world import arithmetic_texts, knowledge_texts, tiny_model, tiny_tokenizer
 
 logging.getLogger("lora_null_core").setLevel(logging.WARNING)
 

@@ -10,9 +10,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from lora_null_core.cli import main
-from lora_null_core.saving import load_initialized
-from lora_null_core.tiny import write_jsonl
+from lora_null_core.frontends.cli import main
+from lora_null_core.frontends.toy_world import write_jsonl
+from lora_null_core.io.saving import load_initialized
 
 from .test_export import train
 
@@ -84,7 +84,7 @@ def test_an_export_is_never_exported_again(capsys, init_dir, trained_adapter, tm
 
 
 def test_export_refuses_an_adapter_with_layers_the_init_never_wrote(capsys, init_dir, saved_model, tmp_path):
-    from lora_null_core.saving import load_model
+    from lora_null_core.io.saving import load_model
 
     wider = get_peft_model(load_model(str(saved_model), "float32"), LoraConfig(r=4, lora_alpha=4,
                                                                                 target_modules="all-linear"))

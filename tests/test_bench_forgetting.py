@@ -12,7 +12,7 @@ from lora_null_bench.report import target_check
 from lora_null_bench.run import merge_results
 from lora_null_bench.suites import read_examples, synthetic_suite
 
-from lora_null_core.adapters import lora_layers, weight_matrix
+from lora_null_core.init.peft_layers import lora_layers, weight_matrix
 
 REQUIRED = {"init", "seed", "size", "model", "knowledge_before", "knowledge_after", "downstream", "command"}
 
@@ -175,7 +175,7 @@ def test_a_step_with_a_non_finite_gradient_is_skipped_and_counted(tokenizer):
     from lora_null_bench.train import TrainSettings, fine_tune
     from lora_null_bench.world import Example
 
-    from lora_null_core.tiny import tiny_model
+    from lora_null_core.frontends.toy_world import tiny_model
 
     model = tiny_model("llama", len(tokenizer), seed=0)
     poisoned = model.model.layers[0].mlp.down_proj.weight

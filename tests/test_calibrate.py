@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from lora_null_core.calibrate import collect_covariances
-from lora_null_core.data import tokenize_batches
-from lora_null_core.diagnostics import linear_layers
+from lora_null_core.calibration.batches import tokenize_batches
+from lora_null_core.calibration.covariances import collect_covariances
+from lora_null_core.frontends.inspection import linear_layers
 
 
 def independent_covariances(model, tokenizer, texts):
@@ -66,7 +66,7 @@ def test_per_sample_max_weighting_matches_the_reference_formula(make_model, toke
 
 
 def test_gram_panels_cover_the_width_in_order():
-    from lora_null_core.calibrate import gram_panels
+    from lora_null_core.calibration.covariances import gram_panels
 
     assert gram_panels(1536) == [slice(0, 1536)]  # narrow: one panel, the plain product
     panels = gram_panels(11008)
@@ -76,7 +76,7 @@ def test_gram_panels_cover_the_width_in_order():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_summing_by_panels_then_mirroring_gives_the_whole_gram(dtype):
-    from lora_null_core.calibrate import add_gram_, gram_panels, mirror_panels_
+    from lora_null_core.calibration.covariances import add_gram_, gram_panels, mirror_panels_
 
     x = torch.randn(300, 70, generator=torch.Generator().manual_seed(0), dtype=dtype)
     panels = gram_panels(70, min_rows=16)
@@ -93,7 +93,7 @@ def test_summing_by_panels_then_mirroring_gives_the_whole_gram(dtype):
 
 def test_collector_sums_wide_inputs_by_panels(make_model, tokenizer, knowledge, monkeypatch):
     """Every layer's input summed by panels (as wide layers are) gives the covariances of the plain product."""
-    from lora_null_core import calibrate
+    from lora_null_core.calibration import covariances as calibrate
 
     model = make_model("llama", layers=1)
     batches = tokenize_batches(knowledge[:40], tokenizer, max_length=64, batch_size=8)

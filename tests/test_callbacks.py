@@ -7,10 +7,10 @@ import pytest
 from peft import LoraConfig
 
 from lora_null_core import lora_null_init
-from lora_null_core.adapters import lora_layers
-from lora_null_core.callbacks import LoraNullCallback
 from lora_null_core.errors import LoraNullError
-from lora_null_core.export import INIT_DIR
+from lora_null_core.frontends.callback import LoraNullCallback
+from lora_null_core.init.peft_layers import lora_layers
+from lora_null_core.layout import INIT_DIR
 
 SMALL = dict(num_samples=160, holdout_samples=0, batch_size=32)
 

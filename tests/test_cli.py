@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_null_core.saving import load_initialized
-from lora_null_core.tiny import write_jsonl
+from lora_null_core.frontends.toy_world import write_jsonl
+from lora_null_core.io.saving import load_initialized
 
 from .test_export import train
 
@@ -86,7 +86,7 @@ def test_every_config_field_is_a_flag_with_the_configs_choices_and_default():
     import dataclasses
 
     from lora_null_core import LoraNullConfig
-    from lora_null_core.cli import build_parser, config_from_flags
+    from lora_null_core.frontends.cli import build_parser, config_from_flags
 
     required = ["init", "--model", "m", "--calibration", "c", "--rank", "4", "--output", "o"]
     defaults = config_from_flags(build_parser().parse_args(required))

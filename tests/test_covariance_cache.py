@@ -6,11 +6,11 @@ import pytest
 import torch
 from peft import LoraConfig
 
-import lora_null_core.init_loop as init_loop
+import lora_null_core.init.loop as init_loop
 from lora_null_core import lora_null_init
-from lora_null_core.adapters import lora_layers
-from lora_null_core.covariance_cache import tokens_fingerprint, weights_fingerprint
-from lora_null_core.data import tokenize_batches
+from lora_null_core.calibration.batches import tokenize_batches
+from lora_null_core.calibration.cache import tokens_fingerprint, weights_fingerprint
+from lora_null_core.init.peft_layers import lora_layers
 
 SETTINGS = dict(num_samples=120, holdout_samples=20, batch_size=16)
 

@@ -3,7 +3,9 @@ import json
 import pytest
 import torch
 
-from lora_null_core.data import choose_texts, load_rows, tokenize_batches
+from lora_null_core.calibration.batches import tokenize_batches
+from lora_null_core.calibration.sources import load_rows
+from lora_null_core.calibration.texts import choose_texts
 
 
 @pytest.fixture
@@ -105,7 +107,7 @@ def test_a_tokenized_training_set_reads_back_as_the_text_the_model_will_see(toke
     """TokenizedRows: what a trainer tokenized (its input_ids), decoded when drawn; only the drawn rows decode."""
     from datasets import Dataset
 
-    from lora_null_core.data import TokenizedRows, describe
+    from lora_null_core.calibration.sources import TokenizedRows, describe
     from lora_null_core.errors import CalibrationDataError
 
     class Counted(list):

@@ -7,8 +7,8 @@ from pathlib import Path
 import matplotlib.image
 from peft import LoraConfig
 
-from lora_null_core.tiny import write_jsonl
-from lora_null_core.workflow import init_to_folder
+from lora_null_core.frontends.jobs import init_to_folder
+from lora_null_core.frontends.toy_world import write_jsonl
 
 CLI = Path(sys.executable).parent / "lora-null"
 
@@ -44,7 +44,7 @@ def test_inspect_report_with_an_init(tmp_path, saved_model, knowledge):
 
 def test_too_little_calibration_gets_a_recommendation(make_model, tokenizer, knowledge):
     from lora_null_core import LoraNullConfig
-    from lora_null_core.diagnostics import analyze
+    from lora_null_core.frontends.inspection import analyze
 
     data = analyze(make_model(), tokenizer, knowledge[:3], LoraNullConfig(short_calibration="refuse"))
     down = next(layer for layer in data["layers"] if layer["type"] == "down_proj")
@@ -55,7 +55,7 @@ def test_too_little_calibration_gets_a_recommendation(make_model, tokenizer, kno
 
 def test_inspect_tops_short_calibration_up_as_init_does(make_model, tokenizer, knowledge):
     """The default (short_calibration: top_up): the report analyzes what init would calibrate on, and says so."""
-    from lora_null_core.diagnostics import _html, analyze
+    from lora_null_core.frontends.inspection import _html, analyze
 
     data = analyze(make_model(), tokenizer, knowledge[:3])
     down = next(layer for layer in data["layers"] if layer["type"] == "down_proj")

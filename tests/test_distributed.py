@@ -11,10 +11,10 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 from lora_null_core import collect_covariances, lora_null_init
-from lora_null_core.adapters import lora_layers
-from lora_null_core.data import tokenize_batches
+from lora_null_core.calibration.batches import tokenize_batches
 from lora_null_core.distributed import assign_owners, shard
-from lora_null_core.tiny import arithmetic_texts, knowledge_texts, tiny_model, tiny_tokenizer
+from lora_null_core.frontends.toy_world import arithmetic_texts, knowledge_texts, tiny_model, tiny_tokenizer
+from lora_null_core.init.peft_layers import lora_layers
 
 TEXTS = knowledge_texts(160, seed=5) + arithmetic_texts(80, seed=6)
 

@@ -21,8 +21,8 @@ from lora_null_core import (
     export_for_original_base,
     lora_null_init,
 )
-from lora_null_core.tiny import write_jsonl
-from lora_null_core.workflow import init_to_folder
+from lora_null_core.frontends.jobs import init_to_folder
+from lora_null_core.frontends.toy_world import write_jsonl
 
 SMALL = dict(num_samples=160, holdout_samples=0, batch_size=32)
 
@@ -188,7 +188,7 @@ def test_calibration_without_enough_distinct_contexts_is_refused(make_model, tok
 def test_a_repeated_text_is_topped_up_with_a_warning(make_model, tokenizer, caplog):
     """By default the model's own text makes up what one repeated text lacks; since it is then nearly all of the
     calibration, the log says so as a warning (a plain top-up is an info line)."""
-    with caplog.at_level("INFO", logger="lora_null_core.calibration_set"):
+    with caplog.at_level("INFO", logger="lora_null_core.calibration.selection"):
         peft_model = lora_null_init(make_model(), LoraConfig(r=4), ["The capital of France is Paris ."] * 200,
                                     tokenizer, **SMALL)
     assert peft_model.lora_null_report.calibration["top_up"]["samples"] > 0

@@ -5,9 +5,9 @@ import torch
 from peft import LoraConfig, PeftModel
 
 from lora_null_core import export_for_original_base, merge_to_full_model
-from lora_null_core.data import tokenize_batches
-from lora_null_core.saving import DTYPE_KEY, load_initialized, load_model
-from lora_null_core.workflow import init_to_folder
+from lora_null_core.calibration.batches import tokenize_batches
+from lora_null_core.frontends.jobs import init_to_folder
+from lora_null_core.io.saving import DTYPE_KEY, load_initialized, load_model
 
 from .conftest import logits, relative_error
 
@@ -90,7 +90,8 @@ def test_what_a_trainer_saves_is_right_on_the_base_it_names(tmp_path, saved_mode
     from peft import AutoPeftModelForCausalLM
 
     from lora_null_core import lora_null_init, save_initial_adapter
-    from lora_null_core.export import EXPORT_DIR, RESIDUAL_ADAPTER_DIR, finish_saved_adapter
+    from lora_null_core.io.export import finish_saved_adapter
+    from lora_null_core.layout import EXPORT_DIR, RESIDUAL_ADAPTER_DIR
 
     def initialized():
         model = lora_null_init(load_model(str(saved_model), dtype="float32"), LoraConfig(r=4, lora_alpha=8),
@@ -150,7 +151,7 @@ def test_a_save_without_the_frozen_lora_a_gets_it_back(tmp_path, saved_model, to
 
     from lora_null_core import lora_null_init, save_initial_adapter
     from lora_null_core.errors import ExportError
-    from lora_null_core.export import finish_saved_adapter
+    from lora_null_core.io.export import finish_saved_adapter
 
     model = lora_null_init(load_model(str(saved_model), dtype="float32"), LoraConfig(r=4, lora_alpha=8), knowledge,
                            tokenizer, variant=variant, num_samples=160, holdout_samples=0, batch_size=32)
@@ -177,7 +178,7 @@ def test_a_save_without_the_frozen_lora_a_gets_it_back(tmp_path, saved_model, to
 def test_finishing_a_pickled_residual_adapter_is_a_clear_error(tmp_path, saved_model, knowledge):
     from lora_null_core import LoraNullConfig
     from lora_null_core.errors import ExportError
-    from lora_null_core.export import finish_saved_adapter
+    from lora_null_core.io.export import finish_saved_adapter
 
     init_to_folder(str(saved_model), knowledge, tmp_path / "init", LoraConfig(r=4), LoraNullConfig(variant="v1"),
                    dtype="float32")

@@ -130,7 +130,7 @@ def test_two_gpu_setups_start_their_own_two_workers_with_half_the_batch_each(run
     """Axolotl and LLaMA-Factory launch their workers themselves (device.sh starts them as one process): Axolotl
     through its accelerate launcher, LLaMA-Factory as the torchrun FORCE_TORCHRUN=1 starts; the global batch stays
     GLOBAL_BATCH."""
-    from lora_null_core.tiny import tiny_tokenizer
+    from lora_null_core.frontends.toy_world import tiny_tokenizer
 
     tiny_tokenizer(["a b c"]).save_pretrained(tmp_path / "model")
     (tmp_path / "calibration.jsonl").write_text('{"text": "a"}\n' * 256)

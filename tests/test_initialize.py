@@ -5,10 +5,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from lora_null_core import LoraNullConfig, lora_null_init
-from lora_null_core.adapters import lora_layers, weight_matrix
+from lora_null_core.calibration.texts import choose_texts
 from lora_null_core.config import FROZEN_A_SCALE
-from lora_null_core.data import choose_texts
-from lora_null_core.tiny import ARCHITECTURES
+from lora_null_core.frontends.toy_world import ARCHITECTURES
+from lora_null_core.init.peft_layers import lora_layers, weight_matrix
 
 from .conftest import logits, relative_error
 from .test_calibrate import independent_covariances
@@ -57,7 +57,7 @@ def test_init_preserves_the_function_and_lands_in_the_null_space(make_model, tok
 @pytest.mark.parametrize("architecture", ["llama", "gpt2"])
 def test_residual_written_in_row_chunks_is_exact(make_model, tokenizer, knowledge, architecture, monkeypatch):
     # One row per float64 chunk, so every row crosses a chunk border (gpt2: transposed Conv1D views).
-    import lora_null_core.adapters as adapters
+    import lora_null_core.init.peft_layers as adapters
     import lora_null_core.null_space as null_space
 
     small = functools.partial(null_space.row_chunks, bytes_per_chunk=1)
@@ -177,7 +177,7 @@ def train_steps(model, ids, steps=4):
 def test_v2_trains_on_the_original_weights_exactly_as_on_the_residual(make_model, tokenizer, knowledge):
     """Default (train_base auto, v2): base untouched, A = A₀, B = 0; training it gives the same model as the
     paper's residual form, and what it saves is a LoRA for the original model."""
-    from lora_null_core.report import RESIDUAL_MARKER
+    from lora_null_core.layout import RESIDUAL_MARKER
 
     model = make_model()
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 
 from lora_null_core import ConfigError, LoraNullConfig
-from lora_null_core.data import TokenizedRows
-from lora_null_core.integration import (
+from lora_null_core.calibration.sources import TokenizedRows
+from lora_null_core.frontends.framework_config import (
     config_fields,
     config_from_mapping,
     lora_null_request,
@@ -41,12 +41,13 @@ def test_a_typo_is_refused_with_the_closest_key_not_trained_with_the_default():
         config_from_mapping({"lora_null_solver": "qr"})
 
 
-def test_a_key_only_some_front_ends_read_is_refused_by_the_others():
-    """lora_null_task_data is read by the TRL plugin alone: elsewhere it would be ignored, so it is refused."""
-    with pytest.raises(ConfigError, match="lora_null_task_data"):
-        config_from_mapping({"lora_null_task_data": "train"})
-    config = config_from_mapping({"lora_null_task_data": "train"}, front_end_keys=("calibration", "task_data"))
-    assert config == LoraNullConfig()
+def test_the_front_ends_own_keys_pass_and_a_misspelling_of_one_is_named():
+    """Every plugin reads lora_null_calibration, lora_null_task_data and (TRL) lora_null_export itself; they are not
+    LoraNullConfig fields, and a typo of one gets the closest key, as a field's typo does."""
+    keys = {"lora_null_calibration": "facts.jsonl", "lora_null_task_data": "train", "lora_null_export": False}
+    assert config_from_mapping(keys) == LoraNullConfig()
+    with pytest.raises(ConfigError, match="lora_null_task_dta .did you mean lora_null_task_data.."):
+        config_from_mapping({"lora_null_task_dta": "train"})
 
 
 class Tokenized(list):

@@ -8,8 +8,8 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 
 from lora_null_core import LoraNullConfig, LoraNullError, load_initialized
-from lora_null_core.tiny import tiny_config
-from lora_null_core.workflow import init_to_folder
+from lora_null_core.frontends.jobs import init_to_folder
+from lora_null_core.frontends.toy_world import tiny_config
 
 from .conftest import logits, relative_error
 
@@ -63,7 +63,7 @@ def test_disk_offload_needs_a_local_safetensors_folder(tmp_path, tokenizer, know
 
 
 def test_disk_offload_holds_one_block_at_a_time(make_model, tokenizer, knowledge, tmp_path, monkeypatch):
-    import lora_null_core.workflow as workflow
+    import lora_null_core.frontends.jobs as workflow
 
     seen = []
 

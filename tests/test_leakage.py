@@ -2,8 +2,8 @@ import math
 
 import torch
 
-from lora_null_core import leakage
-from lora_null_core.leakage import leakage_from_covariance, leakages_from_covariance, random_like
+from lora_null_core.calibration import leakage
+from lora_null_core.calibration.leakage import leakage_from_covariance, leakages_from_covariance, random_like
 
 
 def test_leakages_on_one_covariance_match_the_definition(monkeypatch):

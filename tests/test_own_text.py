@@ -1,4 +1,4 @@
-"""No calibration text: the model's own samples are the knowledge source (lora_null_core/own_text.py)."""
+"""No calibration text: the model's own samples are the knowledge source (lora_null_core/calibration/own_text.py)."""
 
 import json
 import os
@@ -10,10 +10,10 @@ import torch.multiprocessing as mp
 from peft import LoraConfig, get_peft_model
 
 from lora_null_core import LoraNullConfig, LoraNullError, initialize_lora_null_weights, lora_null_init
-from lora_null_core.adapters import lora_layers
+from lora_null_core.calibration.own_text import own_text
 from lora_null_core.errors import CalibrationDataError
-from lora_null_core.own_text import own_text
-from lora_null_core.tiny import knowledge_texts, tiny_model, tiny_tokenizer
+from lora_null_core.frontends.toy_world import knowledge_texts, tiny_model, tiny_tokenizer
+from lora_null_core.init.peft_layers import lora_layers
 
 from .test_distributed import free_port
 
@@ -103,7 +103,7 @@ def test_weights_that_are_not_all_here_are_refused_by_name(make_model, tokenizer
 
 
 def test_cli_init_and_inspect_without_calibration(saved_model, tmp_path, capsys):
-    from lora_null_core.cli import main
+    from lora_null_core.frontends.cli import main
 
     assert main(["init", "--model", str(saved_model), "--rank", "4", "--output", str(tmp_path / "init"),
                  "--num-samples", "160", "--generated-length", "24", "--device", "cpu"]) == 0
@@ -140,12 +140,12 @@ def test_a_partly_offloaded_model_is_named_as_the_reason_sampling_is_slow(make_m
     back, which looks like a hang. The warning says why and what to do."""
     model = make_model()
     model.hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu", "lm_head": "disk"}
-    with caplog.at_level("WARNING", logger="lora_null_core.own_text"):
+    with caplog.at_level("WARNING", logger="lora_null_core.calibration.own_text"):
         texts(model, tokenizer)
     assert "partly offloaded (device_map puts layers on cpu and disk)" in caplog.text
     caplog.clear()
     model.hf_device_map = {"": 0}
-    with caplog.at_level("WARNING", logger="lora_null_core.own_text"):
+    with caplog.at_level("WARNING", logger="lora_null_core.calibration.own_text"):
         texts(model, tokenizer)
     assert "offloaded" not in caplog.text
 
@@ -153,7 +153,7 @@ def test_a_partly_offloaded_model_is_named_as_the_reason_sampling_is_slow(make_m
 def test_a_gpu_draws_every_sample_at_once_when_their_cache_fits():
     """Decoding steps cost the same at 1 row as at 300, so the batch is sized by the KV cache's memory on a GPU;
     a CPU keeps batch_tokens' rule. 7B shape: 320 samples of 129 tokens at 64 MiB of cache each."""
-    from lora_null_core.own_text import rows_per_batch
+    from lora_null_core.calibration.own_text import rows_per_batch
 
     per_row = 129 * 32 * 2 * 32 * 128 * 2
     assert rows_per_batch(320, 129, 16384, None) == 127  # CPU: three batches, as before

@@ -7,8 +7,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from lora_null_core import LoraNullConfig, initialize_lora_null_weights, lora_null_init
-from lora_null_core.adapters import lora_layers
 from lora_null_core.errors import UnsupportedModelError
+from lora_null_core.init.peft_layers import lora_layers
 from lora_null_core.null_space import projected_factors
 from lora_null_core.weights import float_weight, is_quantized
 
@@ -93,7 +93,7 @@ def test_a_residual_on_a_quantized_base_is_refused(saved_model, tokenizer, knowl
 def test_the_models_own_text_is_sampled_from_the_4bit_model(saved_model, tokenizer, knowledge):
     """QLoRA with the key alone: the samples come from the quantized model (with its adapter off), and the init on
     them equals an init given those same samples as calibration text."""
-    from lora_null_core.own_text import own_text
+    from lora_null_core.calibration.own_text import own_text
 
     model = load_quantized(saved_model, "nf4")
     samples = own_text(model, tokenizer, LoraNullConfig(**SMALL), torch.device("cpu")).rows

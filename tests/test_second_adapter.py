@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from lora_null_core import FunctionNotPreservedError, LoraNullConfig, initialize_lora_null_weights
-from lora_null_core.adapters import lora_layers
+from lora_null_core.init.peft_layers import lora_layers
 
 from .conftest import logits, relative_error
 
@@ -73,7 +73,7 @@ def test_a_refused_init_leaves_the_adapter_as_it_was(make_model, tokenizer, know
 def test_set_adapter_unfreezes_a_and_training_starts_with_it_frozen_again(make_model, tokenizer, knowledge, tmp_path):
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from lora_null_core.callbacks import LoraNullCallback
+    from lora_null_core.frontends.callback import LoraNullCallback
 
     model = with_trained_default(make_model, tokenizer)
     initialize_lora_null_weights(model, knowledge, tokenizer, SETTINGS, adapter_name="second")

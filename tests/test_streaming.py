@@ -5,8 +5,8 @@ import torch
 from peft import LoraConfig
 
 from lora_null_core import UnsupportedModelError, lora_null_init
-from lora_null_core.adapters import lora_layers
-from lora_null_core.tiny import ARCHITECTURES
+from lora_null_core.frontends.toy_world import ARCHITECTURES
+from lora_null_core.init.peft_layers import lora_layers
 
 from .conftest import logits, relative_error
 
@@ -56,7 +56,7 @@ def test_streaming_on_refuses_targets_outside_the_blocks(make_model, tokenizer, 
 def test_prefetched_offload_gives_the_same_init_as_plain_moves(make_model, tokenizer, knowledge):
     """--offload cpu on a GPU: blocks copied in on a side stream (pinned) while the previous one computes, and
     copied home the same way. The residual base and the factors must equal those of synchronous moves."""
-    from lora_null_core import block_loaders
+    from lora_null_core.init import block_loaders
 
     results = []
     for loader in (block_loaders.MoveToDevice(), None):  # None: the default, PrefetchToDevice here
@@ -74,7 +74,7 @@ def test_prefetched_offload_gives_the_same_init_as_plain_moves(make_model, token
 def test_the_init_announces_disjoint_phases_an_observer_can_time(make_model, tokenizer, knowledge):
     """The profiler's view (benchmarks/speed): every phase begins and ends before the next one begins, and a
     streaming init goes through all of them; after the block, observers hear nothing."""
-    from lora_null_core import phases
+    from lora_null_core.init import phases
 
     class Recorder:
         def __init__(self):
@@ -101,7 +101,7 @@ def overlapped_and_sequential(make_model, tokenizer, knowledge, monkeypatch, dev
     """The same streaming init twice: solves overlapped on the worker thread, then one after another."""
     import threading
 
-    from lora_null_core import solving
+    from lora_null_core.init import solve as solving
 
     threads = set()
     real_solve = solving.solve_owned_bases
@@ -137,7 +137,7 @@ def test_solves_overlapped_with_the_next_block_give_the_same_init(make_model, to
 
 
 def test_an_error_in_an_overlapped_solve_reaches_the_caller(make_model, tokenizer, knowledge, monkeypatch):
-    from lora_null_core import solving
+    from lora_null_core.init import solve as solving
 
     def broken(*_args, **_kwargs):
         raise torch.linalg.LinAlgError("no basis")
@@ -149,7 +149,9 @@ def test_an_error_in_an_overlapped_solve_reaches_the_caller(make_model, tokenize
 
 
 def test_when_solves_overlap(make_model, monkeypatch):
-    from lora_null_core import init_loop, phases, solving
+    from lora_null_core.init import loop as init_loop
+    from lora_null_core.init import phases
+    from lora_null_core.init import solve as solving
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     on_cpu = make_model("llama").model.layers
@@ -168,7 +170,7 @@ def test_when_solves_overlap(make_model, monkeypatch):
 
 
 def test_blocks_resident(make_model):
-    from lora_null_core.init_loop import blocks_resident
+    from lora_null_core.init.loop import blocks_resident
 
     blocks = make_model("llama").model.layers
     assert blocks_resident(blocks, torch.device("cpu"))
@@ -191,7 +193,7 @@ def test_overlapped_solves_on_a_gpu_give_the_same_init(make_model, tokenizer, kn
 def test_without_overlap_a_block_is_done_before_the_next_one_loads(make_model, tokenizer, knowledge, monkeypatch):
     """With overlap off (auto with offloaded blocks) the loop holds one block at a time, as before the overlap
     existed: block i is released before block i+1 is loaded, so the peak memory does not grow."""
-    from lora_null_core import block_loaders
+    from lora_null_core.init import block_loaders
 
     events = []
 

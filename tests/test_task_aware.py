@@ -6,9 +6,9 @@ import torch
 from peft import LoraConfig
 
 from lora_null_core import LoraNullConfig, collect_covariances, lora_null_init
-from lora_null_core.adapters import lora_layers
-from lora_null_core.data import tokenize_batches
+from lora_null_core.calibration.batches import tokenize_batches
 from lora_null_core.errors import ConfigError
+from lora_null_core.init.peft_layers import lora_layers
 from lora_null_core.null_space import null_basis, task_aware_basis
 
 SMALL = dict(num_samples=160, holdout_samples=0, task_samples=64)
@@ -88,8 +88,8 @@ def test_streaming_and_the_whole_model_pass_agree(make_model, tokenizer, knowled
 def test_cli_task_data_is_recorded(saved_model, knowledge, task, tmp_path):
     import json
 
-    from lora_null_core.cli import main
-    from lora_null_core.tiny import write_jsonl
+    from lora_null_core.frontends.cli import main
+    from lora_null_core.frontends.toy_world import write_jsonl
 
     write_jsonl(tmp_path / "knowledge.jsonl", knowledge)
     write_jsonl(tmp_path / "task.jsonl", task)
@@ -106,8 +106,8 @@ def test_inspect_shows_where_an_inits_a_points_on_knowledge_and_on_the_task(save
     A has far more on the task, a plain one less; --task-data without an init is a clear error."""
     import json
 
-    from lora_null_core.cli import main
-    from lora_null_core.tiny import write_jsonl
+    from lora_null_core.frontends.cli import main
+    from lora_null_core.frontends.toy_world import write_jsonl
 
     write_jsonl(tmp_path / "knowledge.jsonl", knowledge)
     write_jsonl(tmp_path / "task.jsonl", task)

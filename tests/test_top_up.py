@@ -1,5 +1,5 @@
 """Knowledge text short of the widest targeted input: more of it is read, then the model's own text makes up the
-rest, instead of a refusal (lora_null_core/calibration_set.py)."""
+rest, instead of a refusal (lora_null_core/calibration/selection.py)."""
 
 import os
 
@@ -11,9 +11,10 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 from lora_null_core import InsufficientCalibrationError, lora_null_init
-from lora_null_core.adapters import lora_layers
-from lora_null_core.data import choose_texts, tokenize_batches
-from lora_null_core.tiny import knowledge_texts, tiny_model, tiny_tokenizer
+from lora_null_core.calibration.batches import tokenize_batches
+from lora_null_core.calibration.texts import choose_texts
+from lora_null_core.frontends.toy_world import knowledge_texts, tiny_model, tiny_tokenizer
+from lora_null_core.init.peft_layers import lora_layers
 
 from .conftest import logits, relative_error
 from .test_distributed import free_port

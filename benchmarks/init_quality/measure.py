@@ -13,7 +13,13 @@ import torch
 from peft import LoraConfig
 
 from lora_null_core import lora_null_init
-from lora_null_core.tiny import ARCHITECTURES, arithmetic_texts, knowledge_texts, tiny_model, tiny_tokenizer
+from lora_null_core.frontends.toy_world import (
+    ARCHITECTURES,
+    arithmetic_texts,
+    knowledge_texts,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 
 def main() -> None:

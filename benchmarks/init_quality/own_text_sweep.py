@@ -23,7 +23,7 @@ from lora_null_bench.suites import file_suite, read_examples
 
 from lora_null_core import LoraNullConfig, lora_null_init
 from lora_null_core.errors import LoraNullError
-from lora_null_core.saving import default_device
+from lora_null_core.io.saving import default_device
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 TASKS = ("addition", "word_reversal")

@@ -26,7 +26,7 @@ from lora_null_bench.suites import file_suite
 from transformers import AutoModelForCausalLM
 
 from lora_null_core import LoraNullConfig, lora_null_init, null_space
-from lora_null_core.saving import default_device
+from lora_null_core.io.saving import default_device
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 

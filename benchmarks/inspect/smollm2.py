@@ -20,7 +20,7 @@ from pathlib import Path
 from lora_null_bench.cli import _smollm2_gguf
 from lora_null_bench.suites import _local_model
 
-from lora_null_core.cli import main as lora_null
+from lora_null_core.frontends.cli import main as lora_null
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "bigbench_qa_wikidata" / "task.json"
 

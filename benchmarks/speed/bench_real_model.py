@@ -41,7 +41,7 @@ def main(argv=None) -> int:
 
     import lora_null_core
     from lora_null_core import LoraNullConfig, lora_null_init
-    from lora_null_core.saving import load_model, load_tokenizer
+    from lora_null_core.io.saving import load_model, load_tokenizer
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "forgetting"))
     from lora_null_bench.suites import _local_model

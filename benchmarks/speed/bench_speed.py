@@ -218,7 +218,7 @@ def time_lora_null(args, texts, tokenizer, solver: str, offload: bool, device: s
 def time_lora_null_disk(args, texts, tokenizer, solver: str, device: str) -> dict:
     """`lora-null init --offload disk` on a checkpoint written first (not timed): blocks read from the shards in
     turn, the residual base and adapter written to a folder. Host memory: the peak RSS growth over the call."""
-    from lora_null_core.workflow import init_to_folder
+    from lora_null_core.frontends.jobs import init_to_folder
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     with tempfile.TemporaryDirectory(dir=args.cache_root) as work:
@@ -270,8 +270,8 @@ def _rss() -> int:
 
 def profile_lora_null(args, texts, tokenizer, solver: str, offload: bool, device: str) -> list[dict]:
     """Seconds and peak GPU memory of each phase of one lora_null run, from the pipeline's phase events
-    (lora_null_core.phases; the GPU is synchronized at each phase's start and end)."""
-    from lora_null_core import phases
+    (lora_null_core.init.phases; the GPU is synchronized at each phase's start and end)."""
+    from lora_null_core.init import phases
 
     totals = {name: {"seconds": 0.0, "peak_gpu_gib": float("nan"), "calls": 0} for name in phases.ALL}
 
@@ -330,8 +330,8 @@ def time_corda(args, texts, tokenizer, device: str) -> dict:
 
 def solver_check(args, texts, tokenizer, device: str) -> list[dict]:
     """Seconds and bottom-r energy (vs exact float64 eigh) of each solver on real covariances of block 0."""
-    from lora_null_core.calibrate import collect_covariances
-    from lora_null_core.data import tokenize_batches
+    from lora_null_core.calibration.batches import tokenize_batches
+    from lora_null_core.calibration.covariances import collect_covariances
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = build_model(args.shape, device, dtype)

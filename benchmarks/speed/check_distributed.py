@@ -13,7 +13,7 @@ import torch.distributed as dist
 from peft import LoraConfig
 
 from lora_null_core import lora_null_init
-from lora_null_core.tiny import arithmetic_texts, knowledge_texts, tiny_model, tiny_tokenizer
+from lora_null_core.frontends.toy_world import arithmetic_texts, knowledge_texts, tiny_model, tiny_tokenizer
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from lora_null_core.calibrate import add_gram_, gram_panels, mirror_panels_
+from lora_null_core.calibration.covariances import add_gram_, gram_panels, mirror_panels_
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_null_core.leakage import leakage_from_covariance
+from lora_null_core.calibration.leakage import leakage_from_covariance
 from lora_null_core.null_space import null_basis
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "bigbench_qa_wikidata" / "task.json"
@@ -34,10 +34,10 @@ def save(output: Path, model_path: str | None) -> None:
     from lora_null_bench.cli import _smollm2_gguf
     from lora_null_bench.suites import _local_model
 
-    from lora_null_core.calibrate import CovarianceCollector
-    from lora_null_core.data import tokenize_batches
-    from lora_null_core.saving import load_model, load_tokenizer
-    from lora_null_core.taps import run_activation_pass
+    from lora_null_core.calibration.batches import tokenize_batches
+    from lora_null_core.calibration.covariances import CovarianceCollector
+    from lora_null_core.calibration.taps import run_activation_pass
+    from lora_null_core.io.saving import load_model, load_tokenizer
 
     folder = _local_model(model_path or str(_smollm2_gguf()), Path(".cache/lora-null-bench"))
     model, tokenizer = load_model(str(folder), "float32"), load_tokenizer(str(folder))

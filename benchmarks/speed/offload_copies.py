@@ -1,5 +1,5 @@
 """What one 7B decoder block's trip between CPU memory and a GPU costs, by route: the numbers for choosing how the
-`--offload cpu` loader (lora_null_core.block_loaders.PrefetchToDevice) moves blocks.
+`--offload cpu` loader (lora_null_core.init.block_loaders.PrefetchToDevice) moves blocks.
 
     python benchmarks/speed/offload_copies.py            # prints JSON: seconds per block for each route
 

@@ -13,7 +13,7 @@ from lora_null_bench.suites import _local_model
 from peft import LoraConfig
 
 from lora_null_core import LoraNullConfig, lora_null_init
-from lora_null_core.saving import load_model, load_tokenizer
+from lora_null_core.io.saving import load_model, load_tokenizer
 
 DATA = Path(__file__).resolve().parents[2] / "benchmarks" / "data"
 

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_null_core import LoraNullConfig, lora_null_init
-from lora_null_core.adapters import lora_layers
-from lora_null_core.data import TokenizedRows
-from lora_null_core.export import RESIDUAL_ADAPTER_DIR
+from lora_null_core.calibration.sources import TokenizedRows
+from lora_null_core.init.peft_layers import lora_layers
+from lora_null_core.layout import RESIDUAL_ADAPTER_DIR
 
 LORA = dict(r=4, lora_alpha=8, target_modules="all-linear")
 

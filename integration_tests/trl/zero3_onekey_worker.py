@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_trl import trainer_for  # noqa: E402
 from zero3_worker import ZERO3  # noqa: E402
 
-from lora_null_core import own_text as sampling  # noqa: E402
+from lora_null_core.calibration import own_text as sampling
 
 workspace, out = Path(sys.argv[1]), Path(sys.argv[2])
 trainer = trainer_for(workspace, out / "run", "v2", max_steps=2, use_cpu=True, deepspeed=ZERO3,

@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from test_trl import trainer_for  # noqa: E402
 
-from lora_null_core.callbacks import LoraNullCallback  # noqa: E402
+from lora_null_core.frontends.callback import LoraNullCallback
 
 ZERO3 = {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
          "bf16": {"enabled": False}, "zero_allow_untested_optimizer": True, "gradient_accumulation_steps": "auto",

@@ -104,7 +104,7 @@ def _dispatch(args, argv: list[str]) -> int:
 def _run(args, command: str) -> int:
     import json
 
-    from lora_null_core.saving import default_device
+    from lora_null_core.io.saving import default_device
 
     from .report import markdown, plot
     from .run import merge_results, run_benchmark
@@ -180,7 +180,7 @@ def _frontier(args, command: str) -> int:
     import json
     from dataclasses import replace
 
-    from lora_null_core.saving import default_device
+    from lora_null_core.io.saving import default_device
 
     from .frontier import run_frontier
     from .run import device_name

@@ -13,10 +13,10 @@ from typing import Any
 
 from peft import PeftModel
 
-from lora_null_core.adapters import lora_layers
-from lora_null_core.data import tokenize_batches
-from lora_null_core.leakage import LeakageCollector
-from lora_null_core.taps import run_activation_pass
+from lora_null_core.calibration.batches import tokenize_batches
+from lora_null_core.calibration.leakage import LeakageCollector
+from lora_null_core.calibration.taps import run_activation_pass
+from lora_null_core.init.peft_layers import lora_layers
 
 PROBE_TEXTS = 256  # of each kind: enough tokens for every input width of these models
 

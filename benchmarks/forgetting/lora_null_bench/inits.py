@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from lora_null_core import LoraNullConfig, lora_null_init
-from lora_null_core.adapters import lora_layers, weight_matrix, write_adapter
+from lora_null_core.init.peft_layers import lora_layers, weight_matrix, write_adapter
 
 from .suites import Suite
 

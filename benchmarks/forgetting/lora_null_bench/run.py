@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from lora_null_core.adapters import lora_layers
-from lora_null_core.data import tokenize_batches
-from lora_null_core.leakage import holdout_leakage
+from lora_null_core.calibration.batches import tokenize_batches
+from lora_null_core.calibration.leakage import holdout_leakage
+from lora_null_core.init.peft_layers import lora_layers
 
 from .evaluate import accuracy, perplexity
 from .inits import build_adapter

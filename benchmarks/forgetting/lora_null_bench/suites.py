@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from lora_null_core.errors import ConfigError
-from lora_null_core.saving import atomic_output_dir
+from lora_null_core.io.saving import atomic_output_dir
 
 from . import world
 from .evaluate import accuracy, contains_target, number_matches
@@ -79,7 +79,7 @@ WORLD_SIZES = {
 
 def synthetic_suite(size: str, cache: Path, device: str, pretrain_seed: int = 0) -> Suite:
     """The embedded default: pretrain (once, cached) a small Llama on the synthetic world, then test on it."""
-    from lora_null_core.tiny import tiny_tokenizer
+    from lora_null_core.frontends.toy_world import tiny_tokenizer
 
     spec = WORLD_SIZES[size]
     population = world.people(spec.people, seed=pretrain_seed)
@@ -111,7 +111,7 @@ def _pretrained_world_model(spec: WorldSize, population, tokenizer, cache: Path,
     folder = Path(cache) / f"synthetic-world-{key}"
     if (folder / "config.json").exists():
         return folder
-    from lora_null_core.tiny import tiny_model
+    from lora_null_core.frontends.toy_world import tiny_model
 
     model = tiny_model("llama", len(tokenizer), seed=seed, hidden=spec.hidden, layers=spec.layers).to(device)
     corpus = world.pretraining_corpus(population, spec.bios_per_person, seed)
@@ -173,7 +173,7 @@ def file_suite(model: str, probes: Path, task_train: Path, task_eval: Path, size
                               prompt_format="Question: {}\nAnswer:")
     gsm_style = all("####" in e.targets[0] for e in train_rows[:50])
     random.Random(split_seed).shuffle(train_rows)
-    from lora_null_core.saving import load_tokenizer
+    from lora_null_core.io.saving import load_tokenizer
 
     tokenizer = load_tokenizer(str(folder))
     if tokenizer.pad_token is None:
@@ -251,7 +251,7 @@ def _local_model(model: str, cache: Path) -> Path:
 
 
 def _load(folder: Path, device: str) -> torch.nn.Module:
-    from lora_null_core.saving import load_model
+    from lora_null_core.io.saving import load_model
 
     return load_model(str(folder), dtype="float32").to(device).eval()
 

@@ -6,9 +6,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, Field, create_model, model_validator
 
-from lora_null_core.integration import FRONT_END_KEYS, config_fields, lora_null_request
-
-KEYS_READ_HERE = (*FRONT_END_KEYS, "task_data")  # beyond LoraNullConfig's fields
+from lora_null_core.frontends import config_fields, front_end_help, lora_null_request
 
 
 class _LoraNullKeys(BaseModel):
@@ -18,15 +16,11 @@ class _LoraNullKeys(BaseModel):
 
     adapter_init: Optional[Literal["default", "lora_null"]] = Field(
         default=None, json_schema_extra={"description": "lora_null: initialize the LoRA adapter with LoRA-Null."})
-    lora_null_calibration: Optional[Union[str, dict[str, Any]]] = Field(
-        default=None, json_schema_extra={"description": "Knowledge text: a path, or a dataset entry like `datasets:` (default: "
-                                           "text the model generates itself)."})
+    lora_null_calibration: Optional[Union[str, dict[str, Any]]] = Field(default=None, json_schema_extra={
+        "description": front_end_help("calibration", source="a path, or a dataset entry like `datasets:`")})
     lora_null_task_data: Optional[Union[bool, str, dict[str, Any]]] = Field(default=None, json_schema_extra={
-        "description": "Task-aware A: put A where knowledge inputs are weak relative to the fine-tuning inputs. "
-                       "Unset (auto): the training set as Axolotl prepared it whenever lora_null_calibration is "
-                       "given, the plain null space with the model's own text; 'train': the training set always; a "
-                       "path or a dataset entry: task data read like lora_null_calibration; 'none': the plain null "
-                       "space."})
+        "description": front_end_help("task_data", "the training set as Axolotl prepared it",
+                                      "a path or a dataset entry")})
     lora_null: Optional[dict[str, Any]] = Field(default=None, json_schema_extra={
         "description": "The LoRA-Null settings as one block (field: value), instead of lora_null_<field> keys."})
 
@@ -39,7 +33,7 @@ class _LoraNullKeys(BaseModel):
             raise ValueError(f"adapter_init: lora_null needs `adapter: lora` (or qlora), got adapter: {data.get('adapter')!r}.")
         quantized = bool(data.get("adapter") == "qlora" or data.get("load_in_4bit") or data.get("load_in_8bit"))
         lora_null_request(data, quantized=quantized, dora=bool(data.get("peft_use_dora")), dora_key="peft_use_dora",
-                          fallbacks=fallbacks(data), front_end_keys=KEYS_READ_HERE)
+                          fallbacks=fallbacks(data))
         return data
 
 

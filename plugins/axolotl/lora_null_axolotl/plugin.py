@@ -13,19 +13,21 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from types import MethodType
 from typing import Any, Optional
 
 from axolotl.integrations.base import BasePlugin
 
-from lora_null_core import LoraNullConfig, lora_null_init, save_initial_adapter
-from lora_null_core.callbacks import LoraNullCallback
-from lora_null_core.distributed import rank_and_world
-from lora_null_core.export import INIT_DIR, finish_saved_adapter
-from lora_null_core.integration import lora_null_request, task_data_for
+from lora_null_core import LoraNullConfig
+from lora_null_core.frontends import (
+    finish_training,
+    initialize_for_training,
+    lora_null_request,
+    task_data_for,
+    training_callback,
+)
 
-from .args import KEYS_READ_HERE, fallbacks
+from .args import fallbacks
 
 LOG = logging.getLogger("axolotl.integrations.lora_null")  # Axolotl shows INFO lines of axolotl.* loggers only
 
@@ -57,23 +59,17 @@ class LoraNullPlugin(BasePlugin):
         tokenizer = load_tokenizer(cfg)
         texts = dataset_source(cfg.lora_null_calibration)
         attach_unfused_attention(cfg, model)
-        # Every rank runs this hook: the core shards the calibration over the process group Axolotl set up,
-        # all-reduces the covariances and broadcasts rank 0's factors, so every rank holds identical weights.
-        lora_null_init(model, None, texts, tokenizer, lora_null_config(cfg), adapter_name=model.active_adapter,
-                       execution_device=training_device(model), task_data=task_data_source(cfg, tokenizer))
-        if rank_and_world()[0] == 0:
-            save_initial_adapter(model, Path(cfg.output_dir) / INIT_DIR, overwrite=True)
-            LOG.info("LoRA-Null init: %s", model.lora_null_report.summary())
+        initialize_for_training(model, texts, tokenizer, lora_null_config(cfg), cfg.output_dir,
+                                task_data=task_data_source(cfg, tokenizer), execution_device=training_device(model),
+                                log=LOG)
 
     def add_callbacks_pre_trainer(self, cfg: Any, model: Any) -> list:
         # Checkpoints made right for the base they name; the initial factors are saved in post_lora_load.
-        return [LoraNullCallback(save_init=False)] if is_active(cfg) else []
+        return [training_callback()] if is_active(cfg) else []
 
     def post_train(self, cfg: Any, model: Any) -> None:
-        if not is_active(cfg) or rank_and_world()[0] != 0:
-            return
-        # Axolotl calls post_train once before its final save and once after; only the second finds weights.
-        finish_saved_adapter(cfg.output_dir, Path(cfg.output_dir) / INIT_DIR, final=True)
+        if is_active(cfg):  # Axolotl calls this before its final save and after; only the second finds weights
+            finish_training(cfg.output_dir)
 
 
 def training_device(model: Any) -> Optional[str]:
@@ -108,7 +104,7 @@ def attach_unfused_attention(cfg: Any, model: Any) -> None:
 
 
 def lora_null_config(cfg: Any) -> LoraNullConfig:
-    return lora_null_request(cfg, fallbacks=fallbacks(cfg), front_end_keys=KEYS_READ_HERE)
+    return lora_null_request(cfg, fallbacks=fallbacks(cfg))
 
 
 def task_data_source(cfg: Any, tokenizer: Any):

@@ -10,21 +10,15 @@ from typing import Literal, Optional
 from llamafactory.hparams import FinetuningArguments
 
 from lora_null_core import LoraNullConfig
-from lora_null_core.integration import FRONT_END_KEYS, lora_null_request, prefixed_dataclass_fields
-
-KEYS_READ_HERE = (*FRONT_END_KEYS, "task_data")  # beyond LoraNullConfig's fields
+from lora_null_core.frontends import front_end_help, lora_null_request, prefixed_dataclass_fields
 
 _KEYS = [
     ("adapter_init", Literal["default", "lora_null"], field(default="default", metadata={
         "help": "lora_null: initialize the LoRA adapter with LoRA-Null."})),
-    ("lora_null_calibration", Optional[str], field(default=None, metadata={
-        "help": "Knowledge text: a dataset name from dataset_info.json, or a file path (default: text the model "
-                "generates itself)."})),
-    ("lora_null_task_data", Optional[str], field(default=None, metadata={
-        "help": "Task-aware A: put A where knowledge inputs are weak relative to the fine-tuning inputs. Unset "
-                "(auto): the SFT training set as LLaMA-Factory tokenized it whenever lora_null_calibration is given, "
-                "the plain null space with the model's own text; 'train': the training set always; a dataset name "
-                "or a path: task data read like lora_null_calibration; 'none': the plain null space."})),
+    ("lora_null_calibration", Optional[str], field(default=None, metadata={"help": front_end_help(
+        "calibration", source="a dataset name from dataset_info.json, or a file path")})),
+    ("lora_null_task_data", Optional[str], field(default=None, metadata={"help": front_end_help(
+        "task_data", "the SFT training set as LLaMA-Factory tokenized it", "a dataset name or a path")})),
     *prefixed_dataclass_fields(),
 ]
 
@@ -41,7 +35,7 @@ def _post_init(self) -> None:
 
 
 def _lora_null_config(self) -> Optional[LoraNullConfig]:
-    return lora_null_request(vars(self), dora=bool(self.use_dora), dora_key="use_dora", front_end_keys=KEYS_READ_HERE)
+    return lora_null_request(vars(self), dora=bool(self.use_dora), dora_key="use_dora")
 
 
 LoraNullFinetuningArguments = make_dataclass(

@@ -9,11 +9,14 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
-from lora_null_core import lora_null_init
-from lora_null_core.callbacks import LoraNullCallback
-from lora_null_core.distributed import rank_and_world
-from lora_null_core.export import INIT_DIR, finish_saved_adapter
-from lora_null_core.integration import task_data_for
+from lora_null_core.frontends import (
+    LoraNullCallback,
+    finish_training,
+    init_dir,
+    initialize_for_training,
+    load_rows,
+    task_data_for,
+)
 
 LOG = logging.getLogger(__name__)
 SUPPORTED = "LLaMA-Factory 0.9.2 to 0.9.5"
@@ -71,10 +74,10 @@ def initialize(model: Any, model_args: Any, finetuning_args: Any) -> None:
     tokenizer = load_tokenizer(model_args)["tokenizer"]
     config = finetuning_args.lora_null_config()
     source = calibration_rows(finetuning_args.lora_null_calibration, _dataset_dir())
-    task = task_rows(finetuning_args, tokenizer)
-    # Every rank runs this: the core shards calibration over the process group and broadcasts rank 0's factors.
-    lora_null_init(model, None, source, tokenizer, config, adapter_name=model.active_adapter, task_data=task)
-    LOG.info("LoRA-Null init (%s): %s", config.variant, model.lora_null_report.summary())
+    # No output folder: the callback writes the initial factors when training begins (DeepSpeed has partitioned
+    # them by then, and the callback gathers them).
+    initialize_for_training(model, source, tokenizer, config, None, task_data=task_rows(finetuning_args, tokenizer),
+                            log=LOG)
 
 
 def task_rows(finetuning_args: Any, tokenizer: Any) -> Any:
@@ -99,12 +102,8 @@ def calibration_rows(name: Optional[str], dataset_dir: str, key: str = "lora_nul
         raise ValueError(f"{key}: {name!r} is neither in {info_path} nor a file.")
     entry = info[name]
     if "file_name" in entry:
-        from lora_null_core.data import load_rows
-
         rows = load_rows(str(Path(dataset_dir) / entry["file_name"]))
     elif "hf_hub_url" in entry:
-        from lora_null_core.data import load_rows
-
         rows = load_rows(f"{entry['hf_hub_url']}:{entry.get('split', 'train')}")
     else:
         raise ValueError(f"{key}: dataset {name!r} needs file_name or hf_hub_url.")
@@ -130,10 +129,10 @@ def _dataset_dir() -> str:
 
 
 def export_final(output_dir: str) -> None:
-    """After LLaMA-Factory's final save: the output folder made right for the base it names (rank 0)."""
-    output = Path(output_dir)
-    if rank_and_world()[0] == 0 and (output / INIT_DIR).exists():
-        finish_saved_adapter(output, output / INIT_DIR, final=True)
+    """After LLaMA-Factory's final save: the output folder made right for the base it names (a run that trained
+    nothing wrote no init folder)."""
+    if init_dir(output_dir).exists():
+        finish_training(output_dir)
 
 
 __all__ = ["LoraNullCallback", "export_final", "install", "set_dataset_dir"]

@@ -6,7 +6,7 @@ then add `adapter_init="lora_null", lora_null_calibration="questions.jsonl"` to 
 `lora-null-trl sft --config cfg.yaml` with the same keys next to TRL's own.
 """
 
-from lora_null_core.export import EXPORT_DIR, INIT_DIR
+from lora_null_core.frontends import EXPORT_DIR, INIT_DIR
 
 from .config import LoraNullSFTConfig
 from .trainer import LoraNullSFTTrainer

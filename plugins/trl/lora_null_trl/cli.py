@@ -40,9 +40,7 @@ def _check_lora_null_keys(argv: list[str]) -> None:
     traceback ("not used by the HfArgumentParser"); the core names the closest valid key instead."""
     import yaml
 
-    from lora_null_core.integration import NESTED_KEY, PREFIX, config_from_mapping
-
-    from .config import KEYS_READ_HERE
+    from lora_null_core.frontends import NESTED_KEY, PREFIX, config_from_mapping
 
     paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
     paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
@@ -54,8 +52,7 @@ def _check_lora_null_keys(argv: list[str]) -> None:
             continue  # TRL's parser reports a missing or broken file itself
         if isinstance(values, dict):
             config_from_mapping({k: v for k, v in values.items()
-                                 if isinstance(k, str) and (k.startswith(PREFIX) or k == NESTED_KEY)},
-                                front_end_keys=KEYS_READ_HERE)
+                                 if isinstance(k, str) and (k.startswith(PREFIX) or k == NESTED_KEY)})
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

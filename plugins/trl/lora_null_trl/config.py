@@ -10,21 +10,15 @@ from typing import Optional
 from trl import SFTConfig
 
 from lora_null_core import LoraNullConfig
-from lora_null_core.integration import FRONT_END_KEYS, lora_null_request, prefixed_dataclass_fields
-
-KEYS_READ_HERE = (*FRONT_END_KEYS, "task_data")  # beyond LoraNullConfig's fields
+from lora_null_core.frontends import front_end_help, lora_null_request, prefixed_dataclass_fields
 
 _KEYS = [
     ("adapter_init", str, field(default="default", metadata={
         "help": "'lora_null' initializes TRL's LoRA adapter in the null space of the calibration activations."})),
-    ("lora_null_calibration", Optional[str], field(default=None, metadata={
-        "help": "Calibration data carrying the knowledge to keep: .jsonl/.json/.parquet, saved dataset or hub name "
-                "(default: text the model generates itself)."})),
-    ("lora_null_task_data", Optional[str], field(default=None, metadata={
-        "help": "Task-aware A: put A where knowledge inputs are weak relative to the fine-tuning inputs. Unset "
-                "(auto): the training data as the trainer tokenized it whenever lora_null_calibration is given, the "
-                "plain null space with the model's own text; 'train': the training data always; a path or hub name: "
-                "task data read like lora_null_calibration; 'none': the plain null space."})),
+    ("lora_null_calibration", Optional[str], field(default=None, metadata={"help": front_end_help(
+        "calibration", source="a .jsonl/.json/.parquet file, a saved dataset or a hub dataset name")})),
+    ("lora_null_task_data", Optional[str], field(default=None, metadata={"help": front_end_help(
+        "task_data", "the training data as the trainer tokenized it", "a path or a hub dataset name")})),
     ("lora_null_export", bool, field(default=True, metadata={
         "help": "v1 only (v2 and basis train on the original weights and need nothing): make every save right for "
                 "the base it names: the final folder holds the LoRA for the original model, a checkpoint's "
@@ -42,7 +36,7 @@ def _post_init(self) -> None:
 def _lora_null_config(self) -> Optional[LoraNullConfig]:
     """The LoraNullConfig these arguments ask for (None without `adapter_init: lora_null`); the trainer's seed
     stands in for an unset lora_null_seed."""
-    return lora_null_request(vars(self), fallbacks={"seed": self.seed}, front_end_keys=KEYS_READ_HERE)
+    return lora_null_request(vars(self), fallbacks={"seed": self.seed})
 
 
 LoraNullSFTConfig = make_dataclass(

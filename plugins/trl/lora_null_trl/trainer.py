@@ -10,11 +10,14 @@ from typing import Any, Optional
 from peft import PeftModel
 from trl import SFTTrainer
 
-from lora_null_core import lora_null_init, save_initial_adapter
-from lora_null_core.callbacks import LoraNullCallback
-from lora_null_core.errors import ConfigError
-from lora_null_core.export import INIT_DIR, finish_saved_adapter
-from lora_null_core.integration import task_data_for
+from lora_null_core import ConfigError
+from lora_null_core.frontends import (
+    finish_training,
+    init_dir,
+    initialize_for_training,
+    task_data_for,
+    training_callback,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +31,11 @@ class LoraNullSFTTrainer(SFTTrainer):
         if getattr(self.args, "adapter_init", "default") == "lora_null":
             self._initialize_lora_null()
             # Checkpoints, as in every plugin; the final save is save_model's.
-            self.add_callback(LoraNullCallback(save_init=False, export=self.args.lora_null_export))
+            self.add_callback(training_callback(export=self.args.lora_null_export))
 
     @property
     def lora_null_init_dir(self) -> Path:
-        return Path(self.args.output_dir) / INIT_DIR
+        return init_dir(self.args.output_dir)
 
     def _initialize_lora_null(self) -> None:
         if not isinstance(self.model, PeftModel):
@@ -40,15 +43,9 @@ class LoraNullSFTTrainer(SFTTrainer):
                 "adapter_init: lora_null needs a LoRA adapter: pass peft_config=LoraConfig(...) to the trainer "
                 "(in a TRL YAML: use_peft: true, lora_r, lora_alpha, lora_target_modules)."
             )
-        # Every process runs this; the core shards calibration over the process group the trainer set up
-        # and broadcasts rank 0's factors, so every rank holds identical weights.
-        lora_null_init(
-            self.model, None, self.args.lora_null_calibration, self.processing_class,
-            self.args.lora_null_config(), adapter_name=self.model.active_adapter, task_data=self._task_data(),
-        )
-        if self.is_world_process_zero():
-            save_initial_adapter(self.model, self.lora_null_init_dir, overwrite=True)
-            logger.info("LoRA-Null init: %s", self.model.lora_null_report.summary())
+        initialize_for_training(self.model, self.args.lora_null_calibration, self.processing_class,
+                                self.args.lora_null_config(), self.args.output_dir, task_data=self._task_data(),
+                                log=logger)
 
     def _task_data(self) -> Any:
         """lora_null_task_data (task_data_for): by default the training set as this trainer tokenized it (chat
@@ -62,7 +59,7 @@ class LoraNullSFTTrainer(SFTTrainer):
         super().save_model(output_dir, _internal_call)
         if getattr(self.args, "adapter_init", "default") != "lora_null":
             return
-        if not _internal_call and self.is_world_process_zero():
-            finish_saved_adapter(output_dir or self.args.output_dir, self.lora_null_init_dir, final=True,
-                                 export=self.args.lora_null_export)
+        if not _internal_call:
+            finish_training(output_dir or self.args.output_dir, self.lora_null_init_dir,
+                            export=self.args.lora_null_export)
 

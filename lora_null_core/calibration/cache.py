@@ -23,12 +23,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .atomic import atomic_output_dir
-from .calibrate import Covariances
-from .config import LoraNullConfig
-from .data import TokenBatch
-from .distributed import all_reduce_sum_, rank_and_world
-from .peft_names import base_name, is_adapter_parameter
+from ..atomic import atomic_output_dir
+from ..config import LoraNullConfig
+from ..distributed import all_reduce_sum_, rank_and_world
+from ..peft_names import base_name, is_adapter_parameter
+from .batches import TokenBatch
+from .covariances import Covariances
 
 logger = logging.getLogger(__name__)
 

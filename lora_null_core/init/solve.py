@@ -10,11 +10,11 @@ from typing import Any, Optional
 
 import torch
 
+from ..calibration.covariances import Covariances
+from ..console import progress
+from ..distributed import assign_owners, broadcast_, rank_and_world
+from ..null_space import null_basis, task_aware_basis
 from . import phases
-from .calibrate import Covariances
-from .console import progress
-from .distributed import assign_owners, broadcast_, rank_and_world
-from .null_space import null_basis, task_aware_basis
 from .phases import phase
 
 

@@ -9,16 +9,15 @@ from typing import Optional, Union
 import torch
 from peft import LoraConfig
 
-from .adapters import check_lora_config
-from .atomic import atomic_output_dir, check_output
-from .config import LoraNullConfig
-from .data import CalibrationRows, CalibrationSource, describe, load_rows, reading_task_data
-from .errors import LoraNullError
-from .initialize import lora_null_init
-from .lazy import Checkpoint, DiskBlocks, empty_model
-from .report import InitReport
-from .saving import (
-    BASE_DIR,
+from ..atomic import atomic_output_dir, check_output
+from ..calibration.sources import CalibrationRows, CalibrationSource, describe, load_rows, reading_task_data
+from ..config import LoraNullConfig
+from ..errors import LoraNullError
+from ..init.api import lora_null_init
+from ..init.peft_layers import check_lora_config
+from ..init.streaming import decoder_blocks
+from ..io.disk_offload import Checkpoint, DiskBlocks, empty_model
+from ..io.saving import (
     default_device,
     load_model,
     load_tokenizer,
@@ -27,7 +26,8 @@ from .saving import (
     torch_dtype,
     write_initial_adapter,
 )
-from .sequential import decoder_blocks
+from ..layout import BASE_DIR
+from ..report import InitReport
 
 
 def init_to_folder(

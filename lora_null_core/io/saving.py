@@ -18,16 +18,16 @@ from packaging.version import Version
 from peft import PeftModel
 from safetensors import SafetensorError
 
-from .adapters import apply_variant
-from .atomic import atomic_output_dir
-from .console import quiet_libraries
-from .errors import LoraNullError
-from .peft_names import base_name, is_adapter_parameter
-from .report import file_sha256, read_metadata
+from ..atomic import atomic_output_dir
+from ..console import quiet_libraries
+from ..errors import LoraNullError
+from ..init.peft_layers import apply_variant
+from ..layout import ADAPTER_DIR, BASE_DIR, CONFIG_FILE, WEIGHTS_FILE
+from ..peft_names import base_name, is_adapter_parameter
+from ..report import file_sha256, read_metadata
 
 logger = logging.getLogger(__name__)
 
-BASE_DIR, ADAPTER_DIR = "base", "adapter"
 DTYPE_KEY = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
@@ -141,13 +141,13 @@ def write_initial_adapter(peft_model: PeftModel, folder: Path, base_path: Option
         name_base(folder / ADAPTER_DIR, str(base_path) if base_path else
                   f"lora-null residual base of {report.model or 'the original model'} (not saved: rebuild it with "
                   "`lora-null init`, or load this folder with load_initialized)")
-    report.adapter_sha256 = file_sha256(folder / ADAPTER_DIR / "adapter_model.safetensors")
+    report.adapter_sha256 = file_sha256(folder / ADAPTER_DIR / WEIGHTS_FILE)
     report.write(folder)
 
 
 def name_base(adapter_dir: Path, base: str) -> None:
     """Set base_model_name_or_path in a PEFT adapter folder's adapter_config.json."""
-    config_path = Path(adapter_dir) / "adapter_config.json"
+    config_path = Path(adapter_dir) / CONFIG_FILE
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = base
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

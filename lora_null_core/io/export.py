@@ -21,21 +21,26 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_output_dir, check_output
-from .config import literal_choices
-from .console import quiet_libraries
-from .errors import ExportError
-from .report import RESIDUAL_MARKER, file_sha256, read_metadata, trains_on_residual
-from .saving import ADAPTER_DIR, BASE_DIR, load_model, load_tokenizer, name_base
+from ..atomic import atomic_output_dir, check_output
+from ..config import literal_choices
+from ..console import quiet_libraries
+from ..errors import ExportError
+from ..layout import (
+    ADAPTER_DIR,
+    BASE_DIR,
+    CONFIG_FILE,
+    EXPORT_DIR,
+    EXPORT_MARKER,
+    MERGE_MARKER,
+    RESIDUAL_ADAPTER_DIR,
+    RESIDUAL_MARKER,
+    WEIGHTS_FILE,
+)
+from ..report import file_sha256, read_metadata, trains_on_residual
+from .saving import load_model, load_tokenizer, name_base
 
 logger = logging.getLogger(__name__)
 
-# Folder names the framework plugins write next to their own output.
-INIT_DIR, EXPORT_DIR = "lora_null_init", "lora_null_export"
-RESIDUAL_ADAPTER_DIR = "lora_null_residual_adapter"  # a finished v1 run's adapter as trained, on the residual base
-# Provenance written into every export and merge: an export is never exported again.
-EXPORT_MARKER, MERGE_MARKER = "lora_null_export.json", "lora_null_merge.json"
-WEIGHTS_FILE, CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 
 

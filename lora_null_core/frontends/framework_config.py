@@ -16,18 +16,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-from .config import LoraNullConfig, literal_choices
-from .data import TokenizedRows
-from .errors import ConfigError
+from ..calibration.sources import TokenizedRows
+from ..config import LoraNullConfig, literal_choices
+from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 PREFIX = "lora_null_"
 NESTED_KEY = "lora_null"
-# Keys a front end reads itself (they are not LoraNullConfig fields): where the knowledge text comes from, and
-# the TRL plugin's switch for making saves right for the base they name. A front end that reads more (TRL:
-# task_data) passes its own list, so the others still refuse a key they would ignore.
-FRONT_END_KEYS = ("calibration", "export")
+# Keys a front end reads itself (they are not LoraNullConfig fields): where the knowledge text and the task data come
+# from, and the TRL plugin's switch for making saves right for the base they name.
+FRONT_END_KEYS = ("calibration", "task_data", "export")
 # lora_null_task_data values: unset or "auto" (see task_data_for), "train", a source, or one of these for none
 TASK_DATA_AUTO = "auto"
 TASK_DATA_OFF = ("none", "off", "false")
@@ -63,8 +62,7 @@ def config_fields() -> list[ConfigField]:
     return out
 
 
-def config_from_mapping(values: Mapping[str, Any], fallbacks: Optional[Mapping[str, Any]] = None,
-                        front_end_keys: tuple[str, ...] = FRONT_END_KEYS) -> LoraNullConfig:
+def config_from_mapping(values: Mapping[str, Any], fallbacks: Optional[Mapping[str, Any]] = None) -> LoraNullConfig:
     """LoraNullConfig from a framework config (a dict, or `vars()` of a dataclass): `lora_null_<field>` keys, or
     the fields of a nested `lora_null:` block. A key left out or set to None takes `fallbacks[field]` (what the
     framework implies, e.g. its sequence length) and then the config's own default. Unknown `lora_null_*` keys
@@ -74,9 +72,8 @@ def config_from_mapping(values: Mapping[str, Any], fallbacks: Optional[Mapping[s
         raise ConfigError(f"{NESTED_KEY}: must be a mapping of LoraNullConfig fields, got {type(nested).__name__}.")
     nested = dict(nested or {})
     names = [f.name for f in config_fields()]
-    _refuse_unknown([k[len(PREFIX):] for k in values if isinstance(k, str) and k.startswith(PREFIX)], names, PREFIX,
-                    front_end_keys)
-    _refuse_unknown(list(nested), names, NESTED_KEY + ".", front_end_keys)
+    _refuse_unknown([k[len(PREFIX):] for k in values if isinstance(k, str) and k.startswith(PREFIX)], names, PREFIX)
+    _refuse_unknown(list(nested), names, NESTED_KEY + ".")
     chosen: dict[str, Any] = {}
     for name in names:
         for source in (nested.get(name), values.get(PREFIX + name), (fallbacks or {}).get(name)):
@@ -93,8 +90,7 @@ def config_from_mapping(values: Mapping[str, Any], fallbacks: Optional[Mapping[s
 
 def lora_null_request(values: Mapping[str, Any], *, fallbacks: Optional[Mapping] = None,
                       quantized: bool = False, dora: bool = False, dora_key: str = "use_dora",
-                      adapter_key: str = "adapter_init",
-                      front_end_keys: tuple[str, ...] = FRONT_END_KEYS) -> Optional[LoraNullConfig]:
+                      adapter_key: str = "adapter_init") -> Optional[LoraNullConfig]:
     """The one validation every front end runs. None when the config does not ask for LoRA-Null; else the
     LoraNullConfig, after checking what the method needs from the framework's side (no DoRA, a base that can hold
     a residual). Without lora_null_calibration the model's own text is the knowledge source (own_text.py)."""
@@ -103,7 +99,7 @@ def lora_null_request(values: Mapping[str, Any], *, fallbacks: Optional[Mapping]
         return None
     if wanted != "lora_null":
         raise ConfigError(f"{adapter_key}: {wanted!r} is not an init lora-null knows; use lora_null or leave it out.")
-    config = config_from_mapping(values, fallbacks, front_end_keys)
+    config = config_from_mapping(values, fallbacks)
     if dora:
         raise ConfigError(f"{adapter_key}: lora_null does not support DoRA; set {dora_key}: false.")
     if quantized and config.residual:
@@ -146,6 +142,20 @@ def task_data_for(setting: Any, calibration: Any, training_set: Callable[[], Any
                       "lora_null_task_data: none.")
 
 
+def front_end_help(key: str, training_set: str = "the training set as the trainer prepared it",
+                   source: str = "a path or a hub dataset name") -> str:
+    """The help of a front end's own key (`calibration` or `task_data`), written once: each plugin names how its
+    framework holds the training set and which sources it reads."""
+    if key == "calibration":
+        return f"Knowledge text to keep: {source} (default: text the model generates itself)."
+    if key == "task_data":
+        return (f"Task-aware A: put A where knowledge inputs are weak relative to the fine-tuning inputs. Unset "
+                f"(auto): {training_set} whenever lora_null_calibration is given, the plain null space with the "
+                f"model's own text; 'train': the training set always; {source}: task data read like "
+                "lora_null_calibration; 'none': the plain null space.")
+    raise KeyError(key)
+
+
 def prefixed_dataclass_fields() -> list[tuple[str, Any, dataclasses.Field]]:
     """`lora_null_<field>` entries for `dataclasses.make_dataclass` (TRL's and LLaMA-Factory's argument
     dataclasses): each None by default, meaning "the core's default" (or what the framework implies)."""
@@ -164,13 +174,13 @@ def _unwrap_optional(kind: Any) -> Any:
     return kind
 
 
-def _refuse_unknown(keys: list[str], names: list[str], prefix: str, front_end_keys: tuple[str, ...]) -> None:
-    unknown = [k for k in keys if k not in names and k not in front_end_keys]
+def _refuse_unknown(keys: list[str], names: list[str], prefix: str) -> None:
+    unknown = [k for k in keys if k not in names and k not in FRONT_END_KEYS]
     if not unknown:
         return
     hints = []
     for key in unknown:
-        close = difflib.get_close_matches(key, names, n=1)
+        close = difflib.get_close_matches(key, [*names, *FRONT_END_KEYS], n=1)
         hints.append(prefix + key + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
     raise ConfigError(f"Unknown LoRA-Null setting(s): {', '.join(hints)}. Valid: "
                       f"{', '.join(prefix + n for n in names)}.")

@@ -11,10 +11,11 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .config import LoraNullConfig
-from .data import TokenBatch, distinct_contexts
-from .errors import FunctionNotPreservedError, InsufficientCalibrationError
-from .taps import model_device
+from ..calibration.batches import TokenBatch
+from ..calibration.contexts import distinct_contexts
+from ..config import LoraNullConfig
+from ..errors import FunctionNotPreservedError, InsufficientCalibrationError
+from ..model_parts import model_device
 
 logger = logging.getLogger(__name__)
 

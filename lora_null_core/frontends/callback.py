@@ -8,12 +8,13 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .adapter_scope import refreeze_frozen_a
-from .distributed import rank_and_world
-from .errors import LoraNullError
-from .export import INIT_DIR, finish_saved_adapter
-from .saving import save_initial_adapter
-from .weights import gathered
+from ..distributed import rank_and_world
+from ..errors import LoraNullError
+from ..init.adapter_scope import refreeze_frozen_a
+from ..io.export import finish_saved_adapter
+from ..io.saving import save_initial_adapter
+from ..layout import INIT_DIR, METADATA_FILE
+from ..weights import gathered
 
 
 def is_initialized(model: Any) -> bool:
@@ -40,7 +41,7 @@ class LoraNullCallback(TrainerCallback):
                 return
             if state.global_step == 0:
                 save_initial_adapter(model, init_dir, overwrite=True)
-            elif not (init_dir / "lora_null.json").is_file():
+            elif not (init_dir / METADATA_FILE).is_file():
                 raise LoraNullError(f"Resuming a LoRA-Null run needs {init_dir}, written when the run started; it "
                                     "is gone. Start the run again from step 0.")
 

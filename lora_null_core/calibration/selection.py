@@ -13,9 +13,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .config import LoraNullConfig
-from .data import CalibrationSource, CalibrationTexts, Contexts, choose_texts, token_ids
+from ..config import LoraNullConfig
+from .batches import token_ids
+from .contexts import Contexts
 from .own_text import own_text
+from .sources import CalibrationSource
+from .texts import CalibrationTexts, choose_texts
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ class CalibrationSet:
     top_up: Optional[dict[str, Any]] = None
 
 
-def calibration_set(model: nn.Module, calibration: Optional[CalibrationSource], tokenizer: Any,
+def select_calibration(model: nn.Module, calibration: Optional[CalibrationSource], tokenizer: Any,
                     config: LoraNullConfig, device: torch.device, widest: int) -> CalibrationSet:
     """`calibration` (None: the model's own text) drawn as `config` says, topped up to `widest` distinct contexts
     when it is short and short_calibration is top_up. Every process draws the same texts (own text is gathered)."""

@@ -9,13 +9,13 @@ from collections.abc import Mapping
 import torch
 from peft.tuners.lora import LoraLayer
 
+from ..calibration.covariances import Covariances
+from ..calibration.leakage import leakages_from_covariance, random_like
+from ..config import LoraNullConfig
+from ..report import LayerReport
 from . import phases
-from .adapters import write_adapter
-from .calibrate import Covariances
-from .config import LoraNullConfig
-from .leakage import leakages_from_covariance, random_like
+from .peft_layers import write_adapter
 from .phases import phase
-from .report import LayerReport
 
 
 def write_layers(layers: Mapping[str, LoraLayer], covariances: Covariances, null_bases, config: LoraNullConfig,

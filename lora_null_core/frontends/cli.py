@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import LoraNullConfig
-from .console import NORMAL, QUIET, VERBOSE, set_verbosity
-from .errors import ConfigError, LoraNullError
-from .integration import config_fields
-from .saving import FLOAT_DTYPES
+from ..config import LoraNullConfig
+from ..console import NORMAL, QUIET, VERBOSE, set_verbosity
+from ..errors import ConfigError, LoraNullError
+from ..io.saving import FLOAT_DTYPES
+from ..layout import CONFIG_FILE
+from .framework_config import config_fields
 
 logger = logging.getLogger("lora_null_core")
 
@@ -112,7 +113,7 @@ def config_from_flags(args: argparse.Namespace) -> LoraNullConfig:
 def _init(args: argparse.Namespace) -> dict:
     from peft import LoraConfig
 
-    from .workflow import init_to_folder
+    from .jobs import init_to_folder
 
     targets = args.target_modules if args.target_modules == "all-linear" else [t.strip() for t in args.target_modules.split(",") if t.strip()]
     lora_config = LoraConfig(
@@ -131,23 +132,23 @@ def _init(args: argparse.Namespace) -> dict:
 
 
 def _export(args: argparse.Namespace) -> dict:
-    from .export import export_for_original_base
+    from ..io.export import export_for_original_base
 
     out = export_for_original_base(args.init_dir, args.adapter, args.output, overwrite=args.overwrite)
-    return {"output": str(out), "r": json.loads((out / "adapter_config.json").read_text())["r"]}
+    return {"output": str(out), "r": json.loads((out / CONFIG_FILE).read_text())["r"]}
 
 
 def _merge(args: argparse.Namespace) -> dict:
-    from .export import merge_to_full_model
+    from ..io.export import merge_to_full_model
 
     return {"output": str(merge_to_full_model(args.init_dir, args.adapter, args.output, args.dtype, args.overwrite))}
 
 
 def _inspect(args: argparse.Namespace) -> dict:
-    from .atomic import check_output
-    from .diagnostics import analyze, write_report
-    from .report import read_metadata
-    from .saving import default_device, load_model, load_tokenizer
+    from ..atomic import check_output
+    from ..io.saving import default_device, load_model, load_tokenizer
+    from ..report import read_metadata
+    from .inspection import analyze, write_report
 
     check_output(args.output, [args.model, args.calibration, args.init_dir, args.task_data], args.overwrite)
     if args.task_data is not None and args.init_dir is None:

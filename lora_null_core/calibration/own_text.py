@@ -21,13 +21,13 @@ import torch.distributed as dist
 from peft import PeftModel
 from torch import nn
 
-from .config import LoraNullConfig
-from .console import progress, quiet_libraries
-from .data import CalibrationRows
-from .distributed import any_rank, least_on_any_rank, rank_and_world
-from .errors import CalibrationDataError, LoraNullError
-from .sequential import block_list
-from .weights import gathered, is_zero3_partitioned
+from ..config import LoraNullConfig
+from ..console import progress, quiet_libraries
+from ..distributed import any_rank, least_on_any_rank, rank_and_world
+from ..errors import CalibrationDataError, LoraNullError
+from ..model_parts import block_list
+from ..weights import gathered, is_zero3_partitioned
+from .sources import CalibrationRows
 
 logger = logging.getLogger(__name__)
 

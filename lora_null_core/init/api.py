@@ -18,21 +18,24 @@ from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from ..calibration.batches import tokenize_batches
+from ..calibration.cache import CovarianceCache
+from ..calibration.selection import select_calibration
+from ..calibration.sources import CalibrationSource, reading_task_data
+from ..calibration.texts import choose_texts
+from ..config import TASK_A_SCALE, LoraNullConfig
+from ..distributed import alone, any_rank, collective_device, rank_and_world, shard
+from ..errors import ConfigError, InsufficientCalibrationError, UnsupportedModelError
+from ..layout import RESIDUAL_MARKER
+from ..model_parts import model_device
+from ..report import InitReport
+from ..weights import is_zero3_partitioned
 from .adapter_scope import chosen_adapter, only_adapter, restored_on_failure
-from .adapters import apply_variant, as_peft_model, check_finite_weights, check_layers, lora_layers, lora_summary
 from .block_loaders import BlockLoader
-from .calibration_set import calibration_set
-from .config import TASK_A_SCALE, LoraNullConfig
-from .covariance_cache import CovarianceCache
-from .data import CalibrationSource, choose_texts, reading_task_data, tokenize_batches
-from .distributed import alone, any_rank, collective_device, rank_and_world, shard
-from .errors import ConfigError, InsufficientCalibrationError, UnsupportedModelError
-from .init_loop import BlockByBlock, WholeModel, run_steps, should_overlap
-from .report import RESIDUAL_MARKER, InitReport
+from .loop import BlockByBlock, WholeModel, run_steps, should_overlap
+from .peft_layers import apply_variant, as_peft_model, check_finite_weights, check_layers, lora_layers, lora_summary
 from .safeguards import check_distinct_contexts, check_function_preserved, probe_batch
-from .sequential import decoder_blocks, layers_by_block
-from .taps import model_device
-from .weights import is_zero3_partitioned
+from .streaming import decoder_blocks, layers_by_block
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +98,7 @@ def _initialize(peft_model: PeftModel, layers: Mapping[str, LoraLayer], calibrat
                 block_loader: Optional[BlockLoader], task_data: Optional[CalibrationSource] = None) -> PeftModel:
     device = torch.device(execution_device) if execution_device else execution_device_for(peft_model)
     widest = max(layer.in_features for layer in layers.values())
-    chosen = calibration_set(peft_model, calibration, tokenizer, config, device, widest)
+    chosen = select_calibration(peft_model, calibration, tokenizer, config, device, widest)
     texts = chosen.texts
     logger.info("Calibrating on %s.", chosen.used)
     # Batches by token budget, and at least one per process.

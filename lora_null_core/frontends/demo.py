@@ -16,14 +16,14 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from .atomic import check_output
-from .config import LoraNullConfig
-from .console import quiet_libraries
-from .data import TokenBatch, tokenize_batches
-from .export import export_for_original_base
-from .saving import load_initialized, load_model
-from .tiny import arithmetic_texts, knowledge_texts, tiny_model, tiny_tokenizer, write_jsonl
-from .workflow import init_to_folder
+from ..atomic import check_output
+from ..calibration.batches import TokenBatch, tokenize_batches
+from ..config import LoraNullConfig
+from ..console import quiet_libraries
+from ..io.export import export_for_original_base
+from ..io.saving import load_initialized, load_model
+from .jobs import init_to_folder
+from .toy_world import arithmetic_texts, knowledge_texts, tiny_model, tiny_tokenizer, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def _inspect_report(model, tokenizer, heldout_texts, work: Path) -> None:
     except ImportError:
         logger.info("matplotlib not installed: no inspect report (pip install 'lora-null[inspect]').")
         return
-    from .diagnostics import analyze, write_report
+    from .inspection import analyze, write_report
 
     config = LoraNullConfig(num_samples=len(heldout_texts), holdout_samples=0, batch_size=40)
     data = analyze(model, tokenizer, heldout_texts, config, work / "init")

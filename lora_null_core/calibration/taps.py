@@ -11,9 +11,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .console import progress
-from .data import TokenBatch
-from .errors import UnsupportedModelError
+from ..console import progress
+from ..errors import UnsupportedModelError
+from ..model_parts import input_device
+from .batches import TokenBatch
 
 
 class LayerInput:
@@ -55,13 +56,6 @@ class LayerInput:
 # visit(module_name, inputs, same_as): same_as names the first module that read the very same input tensor in
 # this forward pass (q/k/v, gate/up), so a visitor can reuse its work.
 Visitor = Callable[[str, LayerInput, Optional[str]], None]
-
-
-def model_device(model: nn.Module) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    return next(model.parameters()).device
 
 
 class InputTaps:
@@ -113,12 +107,6 @@ def batch_counts(mask: torch.Tensor) -> tuple[int, int]:
     """(real tokens, samples with a token) of a padding mask."""
     real = mask.bool()
     return int(real.sum()), int(real.any(dim=1).sum())
-
-
-def input_device(model: nn.Module) -> torch.device:
-    """Where token ids must go: the input embedding's device (which may differ from the blocks')."""
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return embeddings.weight.device if embeddings is not None else model_device(model)
 
 
 def run_activation_pass(

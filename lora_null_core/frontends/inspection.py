@@ -21,17 +21,19 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .atomic import atomic_output_dir
-from .calibrate import collect_covariances
-from .calibration_set import calibration_set
-from .config import LoraNullConfig
-from .data import CalibrationSource, choose_texts, tokenize_batches
-from .errors import LoraNullError
-from .leakage import leakages_from_covariance, random_like
-from .null_space import effective_rank, eigendecompose
-from .report import read_metadata
-from .saving import ADAPTER_DIR
-from .taps import model_device
+from ..atomic import atomic_output_dir
+from ..calibration.batches import tokenize_batches
+from ..calibration.covariances import collect_covariances
+from ..calibration.leakage import leakages_from_covariance, random_like
+from ..calibration.selection import select_calibration
+from ..calibration.sources import CalibrationSource
+from ..calibration.texts import choose_texts
+from ..config import LoraNullConfig
+from ..errors import LoraNullError
+from ..layout import ADAPTER_DIR, INSPECT_FILE, WEIGHTS_FILE
+from ..model_parts import model_device
+from ..null_space import effective_rank, eigendecompose
+from ..report import read_metadata
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -53,7 +55,7 @@ def analyze(
     config = (config or LoraNullConfig()).replace(holdout_samples=0)
     modules = linear_layers(model)
     widest = max(_input_width(module) for module in modules.values())
-    chosen = calibration_set(model, calibration, tokenizer, config, model_device(model), widest)  # as init tops up
+    chosen = select_calibration(model, calibration, tokenizer, config, model_device(model), widest)  # as init tops up
     texts = chosen.texts
     batches = tokenize_batches(texts.calibration, tokenizer, config.max_length, config.batch_size, config.batch_tokens)
     covariances = collect_covariances(model, modules, batches, torch.float64, config.covariance_weighting)
@@ -119,7 +121,7 @@ def _initial_adapter(init_dir: Optional[os.PathLike]) -> tuple[Optional[dict], O
     recorded = metadata.get("config", {})
     settings = {"variant": metadata["variant"], "init": metadata["init"],
                 "train_base": metadata.get("train_base", "residual"), "a_scale": recorded.get("a_scale", 1.0)}
-    return load_file(str(Path(init_dir) / ADAPTER_DIR / "adapter_model.safetensors")), metadata["lora"]["r"], settings
+    return load_file(str(Path(init_dir) / ADAPTER_DIR / WEIGHTS_FILE)), metadata["lora"]["r"], settings
 
 
 def _depth(name: str) -> int:
@@ -149,7 +151,7 @@ def write_report(data: dict[str, Any], output_dir: os.PathLike, overwrite: bool 
             plt.close(figure)
             (staging / filename).write_bytes(buffer.getvalue())
             images[filename] = base64.b64encode(buffer.getvalue()).decode()
-        (staging / "report.json").write_text(json.dumps(data, indent=1) + "\n")
+        (staging / INSPECT_FILE).write_text(json.dumps(data, indent=1) + "\n")
         (staging / "report.html").write_text(_html(data, images))
     return Path(output_dir)
 

@@ -17,8 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import LoraNullError
-from .peft_names import base_name
+from ..errors import LoraNullError
+from ..peft_names import base_name
 from .saving import DTYPE_KEY
 
 
@@ -62,7 +62,7 @@ def empty_model(
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .sequential import decoder_blocks
+    from ..init.streaming import decoder_blocks
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if dtype == "auto":

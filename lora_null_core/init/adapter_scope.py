@@ -15,8 +15,8 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .adapters import write_residual
-from .errors import ConfigError
+from ..errors import ConfigError
+from .peft_layers import write_residual
 
 logger = logging.getLogger(__name__)
 

@@ -14,20 +14,20 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from ..calibration.covariances import CovarianceCollector, Covariances, check_token_counts, finalize_covariances
+from ..calibration.leakage import LeakageCollector
+from ..calibration.taps import InputTaps, Visitor, run_activation_pass
+from ..config import LoraNullConfig
+from ..report import LayerReport
+from ..weights import gathered
 from . import phases
-from .adapters import bare_base_layers, check_finite_weights
 from .block_loaders import base_parameters
-from .calibrate import CovarianceCollector, Covariances, check_token_counts, finalize_covariances
-from .config import LoraNullConfig
-from .leakage import LeakageCollector
+from .factors import set_holdout, write_layers
+from .peft_layers import bare_base_layers, check_finite_weights
 from .phases import phase
-from .report import LayerReport
 from .safeguards import model_logits, relative_error
-from .sequential import capture_block_inputs, run_block, stream_blocks
-from .solving import NullBasisSolver, share_null_bases
-from .taps import InputTaps, Visitor, run_activation_pass
-from .weights import gathered
-from .writing import set_holdout, write_layers
+from .solve import NullBasisSolver, share_null_bases
+from .streaming import capture_block_inputs, run_block, stream_blocks
 
 
 @dataclass

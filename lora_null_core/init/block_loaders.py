@@ -10,7 +10,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .weights import gathered, is_zero3_partitioned
+from ..weights import gathered, is_zero3_partitioned
 
 
 class BlockLoader(Protocol):

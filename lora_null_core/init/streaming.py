@@ -18,11 +18,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..calibration.batches import TokenBatch
+from ..calibration.taps import batch_counts
+from ..console import progress
+from ..model_parts import block_list, input_device
 from .block_loaders import BlockLoader, default_loader
-from .console import progress
-from .data import TokenBatch
 from .phases import FORWARD, phase
-from .taps import batch_counts, input_device
 
 logger = logging.getLogger(__name__)
 
@@ -60,16 +61,6 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
         logger.info("Layers of several attention types (%s): streaming off.", ", ".join(sorted(layer_types)))
         return None
     return block_list(model)
-
-
-def block_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """(name, ModuleList) holding one module per hidden layer, or None: the decoder blocks, whatever calls them."""
-    config = getattr(model, "config", None)
-    count = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and count and len(module) == count:
-            return name, module
-    return None
 
 
 def capture_block_inputs(

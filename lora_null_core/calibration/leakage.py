@@ -13,9 +13,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .data import TokenBatch
-from .distributed import all_reduce_sum_
-from .null_space import row_chunks
+from ..distributed import all_reduce_sum_
+from ..null_space import row_chunks
+from .batches import TokenBatch
 from .taps import LayerInput, run_activation_pass
 
 

@@ -14,14 +14,14 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .config import LoraNullConfig
-from .console import quiet_libraries
-from .distributed import broadcast_
-from .errors import ConfigError, InvalidRankError, NoTargetModulesError, UnsupportedModelError
-from .null_space import basis_factors, projected_factors, row_chunks
-from .peft_names import base_name
-from .report import RESIDUAL_MARKER
-from .weights import float_weight, gathered, is_quantized
+from ..config import LoraNullConfig
+from ..console import quiet_libraries
+from ..distributed import broadcast_
+from ..errors import ConfigError, InvalidRankError, NoTargetModulesError, UnsupportedModelError
+from ..layout import RESIDUAL_MARKER
+from ..null_space import basis_factors, projected_factors, row_chunks
+from ..peft_names import base_name
+from ..weights import float_weight, gathered, is_quantized
 
 
 def as_peft_model(model: nn.Module, lora_config: Optional[LoraConfig], adapter_name: str) -> PeftModel:

@@ -10,9 +10,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .data import TokenBatch
-from .distributed import all_reduce_sum_, rank_and_world
-from .errors import InsufficientCalibrationError, NonFiniteActivationsError, UnsupportedModelError
+from ..distributed import all_reduce_sum_, rank_and_world
+from ..errors import InsufficientCalibrationError, NonFiniteActivationsError, UnsupportedModelError
+from .batches import TokenBatch
 from .taps import LayerInput, run_activation_pass
 
 logger = logging.getLogger(__name__)
