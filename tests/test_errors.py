@@ -192,7 +192,7 @@ def test_a_repeated_text_is_topped_up_with_a_warning(make_model, tokenizer, capl
         peft_model = lora_null_init(make_model(), LoraConfig(r=4), ["The capital of France is Paris ."] * 200,
                                     tokenizer, **SMALL)
     assert peft_model.lora_null_report.calibration["top_up"]["samples"] > 0
-    top_up = [r for r in caplog.records if r.name == "lora_null_core.calibration_set"]
+    top_up = [r for r in caplog.records if r.name == "lora_null_core.calibration.selection"]
     assert [r.levelname for r in top_up] == ["WARNING"] and "200 rows of" in top_up[0].getMessage()
 
 
