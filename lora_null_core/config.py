@@ -27,153 +27,116 @@ TASK_A_SCALE = 1.0
 
 @dataclass(frozen=True)
 class LoraNullConfig:
-    variant: Variant = field(
-        default="v2",
-        metadata={"help": "v1 trains lora_A and lora_B; v2 freezes lora_A so every update stays in the null space."},
-    )
+    """The method's settings. LoRA's own (r, alpha, targets, dropout, rsLoRA) stay in PEFT's LoraConfig; every field
+    is also a CLI flag (`--num-samples`) and a framework key (`lora_null_num_samples`). Measured effects and the
+    numbers behind the defaults are in the docs (docs/config.md).
+
+    Args:
+        variant (`Literal["v1", "v2"]`, defaults to `"v2"`): v1 trains lora_A and lora_B; v2 freezes lora_A so every
+            update stays in the null space.
+        init (`Literal["projected", "basis"]`, defaults to `"projected"`): projected: A and B factor the weight
+            projected onto the null space; basis: A is the null basis and B is 0 (works on quantized bases).
+        train_base (`Literal["auto", "original", "residual"]`, defaults to `"auto"`): the weights the adapter trains
+            on. original: the base untouched and B = 0, so a training save is a LoRA for the original model;
+            residual: the paper's base W − s·B₀A₀ (export after training); auto: original for v2 and basis, residual
+            for v1.
+        num_samples (`int`, defaults to 256): calibration samples the covariances are summed over (the usual amount:
+            more of the text is read when it is short, see short_calibration).
+        holdout_samples (`int`, defaults to 32): further samples, disjoint from calibration, on which leakage is
+            measured (0: skip).
+        max_length (`int`, defaults to 512): tokens per calibration sample; longer ones are cut.
+        batch_tokens (`int`, defaults to 16384): padded tokens per calibration forward pass (lower it if activations
+            do not fit).
+        batch_size (`Optional[int]`, defaults to `None`): also cap the samples per forward pass.
+        seed (`int`, defaults to 0): seed of the sample choice, the own-text sampling and the random-A baseline.
+        text_field (`str`, defaults to `"text"`): the column holding the text; rows with a `messages` column go through
+            the chat template.
+        generated_length (`int`, defaults to 128): tokens per sample of the model's own text at most.
+        generated_temperature (`float`, defaults to 1.3): sampling temperature of the model's own text.
+        generated_top_p (`float`, defaults to 0.95): nucleus (top-p) of the model's own text.
+        generated_prompt (`Literal["bos", "chat"]`, defaults to `"bos"`): where the own samples start: the BOS token
+            alone, or neutral requests through the chat template.
+        task_mix (`float`, defaults to 0.01): with task data, the shift μ of the task-aware solve C_k u = λ(C_t + μI)u
+            (each covariance at trace d_in); larger values approach the plain null space.
+        task_samples (`int`, defaults to 256): task examples whose inputs make the task covariance.
+        covariance_weighting (`Literal["token_sum", "per_sample_max"]`, defaults to `"token_sum"`): plain Σ x xᵀ over
+            tokens, or each sample divided by |max(x)| and averaged, as the authors' CorDA-based code does.
+        accumulate_dtype (`Literal["float32", "float64"]`, defaults to `"float32"`): precision of the covariance sums.
+        min_tokens_per_dim (`float`, defaults to 1.0): the floor of distinct contexts per input dimension of the
+            widest targeted layer (below it the null space is chosen by rounding); 0 disables it.
+        short_calibration (`Literal["top_up", "refuse"]`, defaults to `"top_up"`): knowledge text under that floor
+            is read further, then topped up with the model's own text; or refused.
+        streaming (`Literal["auto", "on", "off"]`, defaults to `"auto"`): calibrate and initialize one decoder block
+            at a time (auto: whenever the model's blocks allow it).
+        overlap (`Literal["auto", "on", "off"]`, defaults to `"auto"`): with streaming, solve block i while block
+            i+1 calibrates (auto: on when the GPU holds the weights).
+        solver (`Literal["auto", "eigh64", "eigh32", "subspace"]`, defaults to `"auto"`): how the least-used
+            directions are found (auto: the Krylov subspace solver on GPUs for layers 1024 wide or more, else eigh64).
+        max_function_error (`Optional[float]`, defaults to `None`): refuse the init when the model's output moves more
+            than this, relative (default: 1e-3, or 10× the weights' dtype epsilon if larger).
+        a_scale (`Optional[float]`, defaults to `None`): lora_A times this and lora_B divided by it: the same function,
+            a faster frozen A under Adam (default: FROZEN_A_SCALE for v2, TASK_A_SCALE with task data, 1 for v1).
+        covariance_cache (`Optional[str]`, defaults to `None`): a folder where the calibration covariances are kept, so
+            a later run with another rank, variant or init reads them instead of calibrating.
+    """
+
+    variant: Variant = field(default="v2", metadata={"help": "v1 trains A and B; v2 freezes A in the null space."})
     init: InitMode = field(
         default="projected",
-        metadata={
-            "help": "projected: A, B factor the weight projected onto the null space, base becomes W - s·B·A. "
-            "basis: A = null basis, B = 0, base untouched (works on quantized bases). Both then scale A by a_scale."
-        },
+        metadata={"help": "projected: A, B from the weight projected onto the null space; basis: A = null basis, B = 0."},
     )
     train_base: Literal["auto", "original", "residual"] = field(
         default="auto",
-        metadata={
-            "help": "The weights the adapter trains on. original: base untouched, A = A₀ (projected) and B = 0, so "
-            "what training saves is a standard LoRA for the original model; with v2 it trains exactly as the "
-            "residual form does (without weight decay or LoRA dropout). residual: the paper's form, base "
-            "W − s·B₀A₀ and B = B₀; run `export` after training. auto: original for v2 and basis, residual for v1 "
-            "(whose update B·A − B₀·A₀ is no single rank-r LoRA on the original weights)."
-        },
+        metadata={"help": "original: base untouched, B = 0; residual: base W − s·B₀A₀ (export after); auto: per variant."},
     )
-    num_samples: int = field(default=256, metadata={"help": "Calibration samples used for the covariance."})
+    num_samples: int = field(default=256, metadata={"help": "Calibration samples (more are read from a short file)."})
     holdout_samples: int = field(
-        default=32,
-        metadata={"help": "Further samples, disjoint from calibration, on which leakage is measured (0: skip)."},
+        default=32, metadata={"help": "Held-out samples for leakage, disjoint from calibration (0: skip)."}
     )
     max_length: int = field(default=512, metadata={"help": "Tokens per calibration sample (longer ones are cut)."})
-    batch_tokens: int = field(
-        default=16384,
-        metadata={
-            "help": "Padded tokens per calibration forward pass: samples are sorted by length and packed up to this, "
-            "so the pass costs what its tokens cost, not one call per few rows. Lower it if activations do not fit."
-        },
-    )
-    batch_size: Optional[int] = field(
-        default=None, metadata={"help": "Also cap the samples per forward pass (default: batch_tokens alone decides)."}
-    )
-    seed: int = field(default=0, metadata={"help": "Seed for choosing calibration samples and the random-A baseline."})
-    text_field: str = field(
-        default="text",
-        metadata={"help": "Column holding the text; rows with a 'messages' column use the chat template instead."},
-    )
-    generated_length: int = field(
-        default=128,
-        metadata={"help": "Without calibration text the model's own samples are the knowledge source: at most this "
-                  "many tokens each (num_samples + holdout_samples of them)."},
-    )
-    generated_temperature: float = field(
-        default=1.3,
-        metadata={"help": "Sampling temperature of the model's own text (1.3: less knowledge and more task energy "
-                  "in A than 1, and the better frontier on three of four model x task pairs)."},
-    )
-    generated_top_p: float = field(default=0.95, metadata={"help": "Nucleus (top-p) of the model's own text."})
+    batch_tokens: int = field(default=16384, metadata={"help": "Padded tokens per calibration forward pass."})
+    batch_size: Optional[int] = field(default=None, metadata={"help": "Also cap the samples per forward pass."})
+    seed: int = field(default=0, metadata={"help": "Seed of the sample choice, own-text sampling and random baseline."})
+    text_field: str = field(default="text", metadata={"help": "The column holding the text ('messages': chat rows)."})
+    generated_length: int = field(default=128, metadata={"help": "Tokens per sample of the model's own text at most."})
+    generated_temperature: float = field(default=1.3, metadata={"help": "Sampling temperature of the own text."})
+    generated_top_p: float = field(default=0.95, metadata={"help": "Nucleus (top-p) of the own text."})
     generated_prompt: Literal["bos", "chat"] = field(
-        default="bos",
-        metadata={"help": "Where the model's own samples start. bos: from the BOS token alone (EOS where there is "
-                  "none). chat: from neutral requests ('Tell me something you know.') through the chat template."},
+        default="bos", metadata={"help": "Own samples start from BOS alone, or from neutral chat requests."}
     )
     task_mix: float = field(
-        default=0.01,
-        metadata={"help": "With task data (the fine-tuning inputs) A is chosen where knowledge inputs are weak "
-                  "relative to task inputs: the r smallest generalized eigenvectors of C_k u = λ (C_t + task_mix·I) "
-                  "u, each covariance scaled to trace d_in. Larger values approach the plain null space. Without "
-                  "task data it is unused."},
+        default=0.01, metadata={"help": "Shift of the task-aware solve (larger: nearer the plain null space)."}
     )
     task_samples: int = field(default=256, metadata={"help": "Task examples whose inputs make the task covariance."})
     covariance_weighting: Weighting = field(
-        default="token_sum",
-        metadata={
-            "help": "token_sum: plain Σ x xᵀ over tokens. per_sample_max: each sample divided by |max(x)| and "
-            "averaged over samples, as the authors' CorDA-based code does (for exact parity)."
-        },
+        default="token_sum", metadata={"help": "token_sum: Σ x xᵀ; per_sample_max: the authors' per-sample scaling."}
     )
     accumulate_dtype: Literal["float32", "float64"] = field(
-        default="float32", metadata={"help": "Precision of the covariance sums (never lower than float32)."}
+        default="float32", metadata={"help": "Precision of the covariance sums."}
     )
     min_tokens_per_dim: float = field(
-        default=1.0,
-        metadata={
-            "help": "Refuse a layer whose calibration tokens number fewer than this times its input width: below "
-            "that the covariance is rank-deficient and the null space is chosen by rounding, not by data. 0 disables."
-        },
+        default=1.0, metadata={"help": "Distinct contexts needed per input dimension of the widest layer (0: off)."}
     )
     short_calibration: ShortCalibration = field(
-        default="top_up",
-        metadata={
-            "help": "Knowledge text with fewer distinct contexts than min_tokens_per_dim times the widest targeted "
-            "input. top_up: read more of it than num_samples, then add the model's own text until there are enough. "
-            "refuse: stop with an error, as the check alone does."
-        },
+        default="top_up", metadata={"help": "Text under that floor: top_up with the model's own text, or refuse."}
     )
-
     streaming: Literal["auto", "on", "off"] = field(
-        default="auto",
-        metadata={
-            "help": "Calibrate and initialize one decoder block at a time (peak memory: one block, its inputs and "
-            "its covariances). auto: whenever the model's blocks allow it; off: one whole-model pass."
-        },
+        default="auto", metadata={"help": "Calibrate and initialize one decoder block at a time."}
     )
-
     overlap: Literal["auto", "on", "off"] = field(
-        default="auto",
-        metadata={
-            "help": "With streaming, solve block i's null bases on a worker thread while block i+1 calibrates: a 7B "
-            "on an H100 took 15 s instead of 18 with the older solver, for a second block's covariances on the GPU. auto: on when the GPU "
-            "holds the weights (one process or several); off with --offload, where it raised the peak 40-55 % for "
-            "little or no gain (benchmarks/results/speed.md). on: always. off: never."
-        },
+        default="auto", metadata={"help": "With streaming, solve one block while the next calibrates."}
     )
-
     solver: Literal["auto", "eigh64", "eigh32", "subspace"] = field(
-        default="auto",
-        metadata={
-            "help": "How the r least-used directions are found. eigh64: exact float64 eigendecomposition. eigh32: "
-            "float32 (faster on GPUs). subspace: a Cholesky-based shift-inverted block Krylov space (fastest on wide layers, "
-            "approximate: see benchmarks/speed for its energy against eigh64). auto: subspace on GPUs for layers "
-            "1024 wide or more, eigh64 otherwise."
-        },
+        default="auto", metadata={"help": "How the least-used directions are found (auto: by device and width)."}
     )
-
     max_function_error: Optional[float] = field(
-        default=None,
-        metadata={
-            "help": "Refuse the init (nothing is saved) when the model's output moves more than this, relative. "
-            "Default: 1e-3, or 10× the machine epsilon of the weights' dtype if larger (bf16: 0.078)."
-        },
+        default=None, metadata={"help": "Refuse an init whose output moves more than this (default: by dtype)."}
     )
-
     a_scale: Optional[float] = field(
-        default=None,
-        metadata={
-            "help": "Multiply lora_A by this and lora_B by its inverse: the same function, but with Adam the "
-            "frozen-A adapter then learns about this many times faster at the same learning rate. Default: "
-            f"{FROZEN_A_SCALE:g} for v2 (frozen A), so that it learns the task at LoRA's own learning rate (chosen on "
-            f"the frontier benchmark, see README), {TASK_A_SCALE:g} with task data, 1 for v1 (A trains). 1 keeps "
-            "the paper's factors."
-        },
+        default=None, metadata={"help": "Scale A up and B down: the same function, a faster frozen A (default: by variant)."}
     )
-
     covariance_cache: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "Folder for the calibration covariances (safetensors, keyed by the model's weights, the "
-            "calibration tokens and the settings). A later run with another rank, variant or init reads them "
-            "instead of calibrating. Size: 4·d² bytes per distinct layer input (about 22 GB for a 7B model with "
-            "all linear layers targeted)."
-        },
+        default=None, metadata={"help": "Folder where calibration covariances are kept for later runs."}
     )
 
     def __post_init__(self) -> None:
@@ -208,12 +171,14 @@ class LoraNullConfig:
             return False
         return self.train_base == "residual" or (self.train_base == "auto" and self.variant == "v1")
 
-    @property
-    def resolved_a_scale(self) -> float:
-        """a_scale as applied: the one given, else FROZEN_A_SCALE for v2 (frozen A) and 1 for v1."""
+    def applied_a_scale(self, task_aware: bool = False) -> float:
+        """a_scale as applied, decided here alone: the value given; else, for v2 and basis (frozen A),
+        TASK_A_SCALE when A is task-aware and FROZEN_A_SCALE when it is not; 1 for v1 (A trains)."""
         if self.a_scale is not None:
             return float(self.a_scale)
-        return FROZEN_A_SCALE if self.variant == "v2" else 1.0
+        if self.variant != "v2":
+            return 1.0
+        return TASK_A_SCALE if task_aware else FROZEN_A_SCALE
 
     def replace(self, **changes: Any) -> LoraNullConfig:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}

@@ -60,7 +60,7 @@ class InitReport:
             "leakage_random_mean": mean([layer.leakage_random for layer in self.layers]),
             "leakage_holdout_mean": mean([layer.leakage_holdout for layer in self.layers]),
             "leakage_holdout_random_mean": mean([layer.leakage_holdout_random for layer in self.layers]),
-            "a_scale": self.config.get("a_scale", 1.0),
+            "a_scale": recorded_a_scale(self.config),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -70,6 +70,11 @@ class InitReport:
         path = Path(folder) / METADATA_FILE
         path.write_text(json.dumps(_finite(self.to_dict()), indent=2, allow_nan=False) + "\n")
         return path
+
+
+def recorded_a_scale(config: dict[str, Any]) -> float:
+    """The a_scale a record says was applied (every record since a_scale existed holds it; before, the paper's 1)."""
+    return float(config.get("a_scale", 1.0))
 
 
 def _finite(value: Any) -> Any:

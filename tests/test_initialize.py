@@ -6,7 +6,7 @@ from peft import LoraConfig, get_peft_model
 
 from lora_null_core import LoraNullConfig, lora_null_init
 from lora_null_core.calibration.texts import choose_texts
-from lora_null_core.config import FROZEN_A_SCALE
+from lora_null_core.config import FROZEN_A_SCALE, TASK_A_SCALE
 from lora_null_core.frontends.toy_world import ARCHITECTURES
 from lora_null_core.init.peft_layers import lora_layers, weight_matrix
 
@@ -125,11 +125,15 @@ def test_basis_init_leaves_the_base_untouched(make_model, tokenizer, knowledge):
 def test_default_a_scale_speeds_up_only_a_frozen_a():
     """v2 (frozen A) gets FROZEN_A_SCALE by default, v1 (A trains) the paper's factors; a given value wins."""
     assert FROZEN_A_SCALE == 2.0
-    assert LoraNullConfig().resolved_a_scale == FROZEN_A_SCALE
-    assert LoraNullConfig(init="basis").resolved_a_scale == FROZEN_A_SCALE
-    assert LoraNullConfig(variant="v1").resolved_a_scale == 1.0
-    assert LoraNullConfig(a_scale=1).resolved_a_scale == 1.0
-    assert LoraNullConfig(variant="v1", a_scale=3).resolved_a_scale == 3.0
+    assert LoraNullConfig().applied_a_scale() == FROZEN_A_SCALE
+    assert LoraNullConfig(init="basis").applied_a_scale() == FROZEN_A_SCALE
+    assert LoraNullConfig(variant="v1").applied_a_scale() == 1.0
+    assert LoraNullConfig(a_scale=1).applied_a_scale() == 1.0
+    assert LoraNullConfig(variant="v1", a_scale=3).applied_a_scale() == 3.0
+    # With task data (a task-aware A) v2's default is TASK_A_SCALE; v1 and a given value are unchanged.
+    assert LoraNullConfig().applied_a_scale(task_aware=True) == TASK_A_SCALE == 1.0
+    assert LoraNullConfig(variant="v1").applied_a_scale(task_aware=True) == 1.0
+    assert LoraNullConfig(a_scale=3).applied_a_scale(task_aware=True) == 3.0
 
 
 def test_the_report_records_the_a_scale_applied(make_model, tokenizer, knowledge):

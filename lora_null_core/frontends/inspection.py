@@ -33,7 +33,7 @@ from ..errors import LoraNullError
 from ..layout import ADAPTER_DIR, INSPECT_FILE, WEIGHTS_FILE
 from ..model_parts import model_device
 from ..null_space import effective_rank, eigendecompose
-from ..report import read_metadata
+from ..report import read_metadata, recorded_a_scale
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -120,7 +120,7 @@ def _initial_adapter(init_dir: Optional[os.PathLike]) -> tuple[Optional[dict], O
     metadata = read_metadata(Path(init_dir))
     recorded = metadata.get("config", {})
     settings = {"variant": metadata["variant"], "init": metadata["init"],
-                "train_base": metadata.get("train_base", "residual"), "a_scale": recorded.get("a_scale", 1.0)}
+                "train_base": metadata.get("train_base", "residual"), "a_scale": recorded_a_scale(recorded)}
     return load_file(str(Path(init_dir) / ADAPTER_DIR / WEIGHTS_FILE)), metadata["lora"]["r"], settings
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from peft import LoraConfig
@@ -72,17 +73,38 @@ def init_to_folder(
     if task_data is not None:
         with reading_task_data():
             task_data = CalibrationRows(load_rows(task_data), describe(task_data))
-    device = device or default_device()
-    if offload == "disk":
-        return _init_from_disk(Path(model_name_or_path), calibration, Path(output_dir), lora_config, config, dtype,
-                               device, trust_remote_code, overwrite, tokenizer, task_data)
-    # offload: weights stay in CPU memory and each decoder block visits the device in turn.
-    model = load_model(model_name_or_path, dtype, None if offload else device, trust_remote_code)
-    peft_model = lora_null_init(model, lora_config, calibration, tokenizer, config, execution_device=device,
-                                task_data=task_data)
+    job = InitJob(model_name_or_path, calibration, Path(output_dir), lora_config, config, tokenizer, dtype,
+                  device or default_device(), trust_remote_code, overwrite, task_data)
+    return _init_from_disk(job) if offload == "disk" else _init_in_memory(job, keep_on_cpu=bool(offload))
+
+
+@dataclass(frozen=True)
+class InitJob:
+    """`lora-null init` as asked, checked and its texts read: the model, the knowledge text (None: the model's own),
+    the output folder, LoRA's and the method's settings, and how to load and run the model."""
+
+    model: str
+    calibration: Optional[CalibrationRows]
+    output_dir: Path
+    lora_config: LoraConfig
+    config: LoraNullConfig
+    tokenizer: Any
+    dtype: str
+    device: str
+    trust_remote_code: bool
+    overwrite: bool
+    task_data: Optional[CalibrationRows]
+
+
+def _init_in_memory(job: InitJob, keep_on_cpu: bool) -> InitReport:
+    """The whole model loaded; with `keep_on_cpu` (offload) its weights stay in CPU memory and each decoder block
+    visits the device in turn."""
+    model = load_model(job.model, job.dtype, None if keep_on_cpu else job.device, job.trust_remote_code)
+    peft_model = lora_null_init(model, job.lora_config, job.calibration, job.tokenizer, job.config,
+                                execution_device=job.device, task_data=job.task_data)
     report = peft_model.lora_null_report
-    report.model = str(model_name_or_path)
-    save_initialized(peft_model, Path(output_dir), tokenizer, overwrite=overwrite)
+    report.model = job.model
+    save_initialized(peft_model, job.output_dir, job.tokenizer, overwrite=job.overwrite)
     return report
 
 
@@ -124,26 +146,26 @@ def _local(source: CalibrationSource) -> Optional[str]:
     return str(source) if isinstance(source, (str, os.PathLike)) else None
 
 
-def _init_from_disk(folder, calibration, output_dir, lora_config, config, dtype, device, trust_remote_code, overwrite,
-                    tokenizer, task_data=None) -> InitReport:
+def _init_from_disk(job: InitJob) -> InitReport:
     """Meta model, blocks read from the shards in turn, the residual base written block by block."""
+    folder = Path(job.model)
     checkpoint = Checkpoint(folder)
-    model = empty_model(folder, checkpoint, torch_dtype(dtype), trust_remote_code)
+    model = empty_model(folder, checkpoint, torch_dtype(job.dtype), job.trust_remote_code)
     prefix = decoder_blocks(model)[0]
-    config = (config or LoraNullConfig()).replace(streaming="on")
-    with atomic_output_dir(output_dir, overwrite) as staging:
+    with atomic_output_dir(job.output_dir, job.overwrite) as staging:
         base_dir = staging / BASE_DIR
         base_dir.mkdir()
         loader = DiskBlocks(checkpoint, base_dir, prefix)
-        peft_model = lora_null_init(model, lora_config, calibration, tokenizer, config, execution_device=device,
-                                    block_loader=loader, task_data=task_data)
+        peft_model = lora_null_init(model, job.lora_config, job.calibration, job.tokenizer,
+                                    job.config.replace(streaming="on"), execution_device=job.device,
+                                    block_loader=loader, task_data=job.task_data)
         base = peft_model.get_base_model()
         loader.restore_lora(base)
         loader.finish(base, prefix)
         base.config.save_pretrained(base_dir)
         if getattr(base, "generation_config", None) is not None:
             base.generation_config.save_pretrained(base_dir)
-        tokenizer.save_pretrained(base_dir)
+        job.tokenizer.save_pretrained(base_dir)
         peft_model.lora_null_report.model = str(folder)
-        write_initial_adapter(peft_model, staging, Path(output_dir).resolve() / BASE_DIR)
+        write_initial_adapter(peft_model, staging, job.output_dir.resolve() / BASE_DIR)
     return peft_model.lora_null_report

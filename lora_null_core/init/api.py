@@ -1,5 +1,6 @@
 """LoRA-Null initialization of a PEFT LoRA adapter: calibrate → null basis → factors → residual base (the
-steps themselves run in init_loop.py; this module checks the request, sets the loop up and records the report).
+steps themselves run in loop.py, on the inputs inputs.py prepares; this module checks the request, sets the loop up
+and records the report).
 
 `lora_null_init` takes a plain transformers model (it wraps it with your LoraConfig) or a PeftModel that
 already holds the adapter (what TRL, Axolotl and LLaMA-Factory hand you), and overwrites that adapter in
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
@@ -18,26 +20,40 @@ from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from ..calibration.batches import tokenize_batches
 from ..calibration.cache import CovarianceCache
-from ..calibration.selection import select_calibration
-from ..calibration.sources import CalibrationSource, reading_task_data
-from ..calibration.texts import choose_texts
-from ..config import TASK_A_SCALE, LoraNullConfig
+from ..calibration.sources import CalibrationSource
+from ..config import LoraNullConfig
 from ..distributed import alone, any_rank, collective_device, rank_and_world, shard
-from ..errors import ConfigError, InsufficientCalibrationError, UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
 from ..layout import RESIDUAL_MARKER
 from ..model_parts import model_device
-from ..report import InitReport
+from ..report import InitReport, LayerReport
 from ..weights import is_zero3_partitioned
 from .adapter_scope import chosen_adapter, only_adapter, restored_on_failure
 from .block_loaders import BlockLoader
-from .loop import BlockByBlock, WholeModel, run_steps, should_overlap
+from .inputs import InitInputs, prepare_inputs
+from .loop import BlockByBlock, LoopSettings, StepData, WholeModel, run_steps, should_overlap
 from .peft_layers import apply_variant, as_peft_model, check_finite_weights, check_layers, lora_layers, lora_summary
-from .safeguards import check_distinct_contexts, check_function_preserved, probe_batch
-from .streaming import decoder_blocks, layers_by_block
+from .safeguards import check_function_preserved
+from .streaming import StreamingPlan, decoder_blocks, layers_by_block
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InitRequest:
+    """One init, checked: the PeftModel and the adapter's LoRA layers to write, where the knowledge text and the task
+    data come from (None: the model's own text; no task data), and how to run it."""
+
+    peft_model: PeftModel
+    layers: Mapping[str, LoraLayer]
+    adapter_name: str
+    config: LoraNullConfig
+    tokenizer: Any
+    calibration: Optional[CalibrationSource] = None
+    task_data: Optional[CalibrationSource] = None
+    execution_device: Optional[str] = None
+    block_loader: Optional[BlockLoader] = None
 
 
 def lora_null_init(
@@ -55,8 +71,9 @@ def lora_null_init(
     """Initialize a LoRA adapter in the null space of the calibration activations; return the PeftModel.
 
     `calibration`: knowledge text to keep (a path, hub name, Dataset or list of rows); None samples the model's own
-    text instead (own_text.py; the `generated_*` settings say how). `task_data`: the fine-tuning inputs (same
-    forms); with it A is task-aware, where knowledge inputs are weak relative to these (null_space.task_aware_basis).
+    text instead (calibration/own_text.py; the `generated_*` settings say how). `task_data`: the fine-tuning inputs
+    (same forms); with it A is task-aware, where knowledge inputs are weak relative to these
+    (null_space.task_aware_basis).
 
     `overrides` replace LoraNullConfig fields, e.g. `lora_null_init(model, cfg, data, tok, variant="v2")`.
     The PeftModel carries the measurements as `.lora_null_report` (an InitReport). With streaming, blocks
@@ -69,6 +86,8 @@ def lora_null_init(
     peft_model = as_peft_model(model, lora_config, adapter_name)
     layers = lora_layers(peft_model, adapter_name)
     check_layers(layers, adapter_name, config, peft_model.get_base_model())
+    request = InitRequest(peft_model, layers, adapter_name, config, tokenizer, calibration, task_data,
+                          execution_device, block_loader)
     # FSDP's cpu_ram_efficient_loading: only rank 0 holds weights (the others hold meta tensors until FSDP
     # broadcasts rank 0's, adapter included, when it wraps the model), so rank 0 initializes alone. (A block loader
     # brings meta blocks in itself: --offload disk.)
@@ -82,96 +101,79 @@ def lora_null_init(
                                         "load the weights before initializing.")
         device = execution_device or str(execution_device_for(peft_model))  # this rank's GPU, found before alone()
         with alone():
-            return _initialize(peft_model, layers, calibration, tokenizer, config, adapter_name, device, block_loader,
-                               task_data)
+            return _initialize(replace(request, execution_device=device))
     # In memory, a refused init leaves the adapter as it was (blocks a loader brings in are written where they live;
     # ZeRO-3 partitions are not held whole).
     in_memory = block_loader is None and not is_zero3_partitioned(peft_model.parameters())
     restored = restored_on_failure(layers, adapter_name, config.residual) if in_memory else contextlib.nullcontext()
     with only_adapter(peft_model, adapter_name), restored:
-        return _initialize(peft_model, layers, calibration, tokenizer, config, adapter_name, execution_device,
-                           block_loader, task_data)
+        return _initialize(request)
 
 
-def _initialize(peft_model: PeftModel, layers: Mapping[str, LoraLayer], calibration: Optional[CalibrationSource],
-                tokenizer: Any, config: LoraNullConfig, adapter_name: str, execution_device: Optional[str],
-                block_loader: Optional[BlockLoader], task_data: Optional[CalibrationSource] = None) -> PeftModel:
-    device = torch.device(execution_device) if execution_device else execution_device_for(peft_model)
-    widest = max(layer.in_features for layer in layers.values())
-    chosen = select_calibration(peft_model, calibration, tokenizer, config, device, widest)
-    texts = chosen.texts
-    logger.info("Calibrating on %s.", chosen.used)
-    # Batches by token budget, and at least one per process.
-    world = rank_and_world()[1]
-    batching = {"batch_size": config.batch_size, "batch_tokens": config.batch_tokens, "min_batches": world}
-    batches = tokenize_batches(texts.calibration, tokenizer, config.max_length, **batching)
-    if len(batches) < world:
-        raise InsufficientCalibrationError(f"{len(texts.calibration)} calibration samples cannot feed {world} processes.")
-    holdout = tokenize_batches(texts.holdout, tokenizer, config.max_length, **batching) if texts.holdout else []
-    check_distinct_contexts(batches, layers, config)
-    probe = probe_batch(batches)
-    task = None
-    if task_data is not None:
-        with reading_task_data():
-            task = choose_texts(task_data, tokenizer, config.task_samples, 0, config.seed, config.text_field)
-    if task and config.a_scale is None and config.variant == "v2":
-        config = config.replace(a_scale=TASK_A_SCALE)
-    task_batches = tokenize_batches(task.calibration, tokenizer, config.max_length, **batching) if task else []
-    if task and len(task_batches) < world:
-        raise InsufficientCalibrationError(f"{len(task.calibration)} task examples cannot feed {world} processes.")
-
+def _initialize(request: InitRequest) -> PeftModel:
+    peft_model, layers, config = request.peft_model, request.layers, request.config
+    device = torch.device(request.execution_device) if request.execution_device else execution_device_for(peft_model)
+    inputs = prepare_inputs(peft_model, layers, request.calibration, request.task_data, request.tokenizer, config,
+                            device)
+    config = config.replace(a_scale=config.applied_a_scale(task_aware=inputs.task is not None))
     plan = streaming_plan(peft_model, layers, config)
     if plan is None:  # block by block, each block's weights are checked on arrival, where they are computed on
         check_finite_weights(layers)
     # The cache holds the knowledge covariances; task data, when given, is run through the model every time.
-    cache = CovarianceCache.open(config.covariance_cache, peft_model.get_base_model(), batches, config)
+    cache = CovarianceCache.open(config.covariance_cache, peft_model.get_base_model(), inputs.batches, config)
     cached = cache is not None and cache.has(list(layers), device)
+    # with cached covariances only the held-out data and the probe run
+    data = StepData([] if cached else shard(inputs.batches), shard(inputs.holdout), inputs.probe,
+                    shard(inputs.task_batches))
+    settings = LoopSettings(config, request.adapter_name, device, cache, cached,
+                            should_overlap(config.overlap, device, plan[0] if plan is not None else None),
+                            inputs.task is not None)
     was_training = peft_model.training
     peft_model.eval()
     try:
-        mine = [] if cached else shard(batches)  # with cached covariances only held-out data and the probe run
-        if plan is not None:
-            source = BlockByBlock(peft_model, layers, plan, mine, shard(holdout), probe, device, block_loader,
-                                  shard(task_batches))
-        else:
-            source = WholeModel(peft_model, layers, mine, shard(holdout), probe, shard(task_batches))
-        overlap = should_overlap(config.overlap, device, plan[0] if plan is not None else None)
-        report_layers = run_steps(source.steps(), config, adapter_name, cache, cached, device, overlap, bool(task))
+        source = BlockByBlock(peft_model, layers, plan, data, device, request.block_loader) if plan is not None \
+            else WholeModel(peft_model, layers, data)
+        report_layers = run_steps(source.steps(), settings)
         function_error = source.function_error()
     finally:
         peft_model.train(was_training)
     check_function_preserved(function_error, config, layers)
-    _mark_initialized(peft_model, config, adapter_name)
+    _mark_initialized(peft_model, config, request.adapter_name)
     if config.residual:  # the base now holds residuals; saved with it, so it is never initialized twice
         setattr(peft_model.get_base_model().config, RESIDUAL_MARKER, {"variant": config.variant, "init": config.init})
     logger.info("Function preserved after init: relative error %.2e.", function_error)
+    peft_model.lora_null_report = _report(request, config, inputs, report_layers, function_error, plan is not None)
+    return peft_model
 
-    peft_model.lora_null_report = InitReport(
+
+def _report(request: InitRequest, config: LoraNullConfig, inputs: InitInputs, layers: list[LayerReport],
+            function_error: float, streamed: bool) -> InitReport:
+    texts, task, base = inputs.texts, inputs.task, request.peft_model.get_base_model()
+    return InitReport(
         variant=config.variant,
         init=config.init,
         train_base="residual" if config.residual else "original",
-        adapter_name=adapter_name,
-        model=str(getattr(peft_model.get_base_model().config, "name_or_path", "") or ""),
-        lora=lora_summary(peft_model.peft_config[adapter_name]),
+        adapter_name=request.adapter_name,
+        model=str(getattr(base.config, "name_or_path", "") or ""),
+        lora=lora_summary(request.peft_model.peft_config[request.adapter_name]),
         calibration={
             "source": texts.source,
-            "used": chosen.used,  # what the covariances were summed over, in one line
+            "used": inputs.chosen.used,  # what the covariances were summed over, in one line
             # own text added to knowledge text short of the widest input (short_calibration: top_up), else None
-            "top_up": chosen.top_up,
+            "top_up": inputs.chosen.top_up,
             "num_samples": len(texts.calibration),
             "holdout_samples": len(texts.holdout),
             "max_length": config.max_length,
-            "tokens": max(layer.tokens for layer in report_layers),
+            "tokens": max(layer.tokens for layer in layers),
             # None: the plain null space; else the task data that made A task-aware
             "task_data": {"source": task.source, "num_samples": len(task.calibration), "task_mix": config.task_mix}
             if task else None,
         },
-        function_error_measure="last_block_output" if plan is not None else "logits",
-        config={**config.to_dict(), "a_scale": config.resolved_a_scale},  # as applied
+        function_error_measure="last_block_output" if streamed else "logits",
+        config=config.to_dict(),  # a_scale as applied
         function_error=function_error,
-        layers=report_layers,
+        layers=layers,
     )
-    return peft_model
 
 
 def _mark_initialized(peft_model: PeftModel, config: LoraNullConfig, adapter_name: str) -> None:
@@ -202,7 +204,8 @@ def initialize_lora_null_weights(peft_model: PeftModel, calibration: Optional[Ca
     return lora_null_init(peft_model, None, calibration, tokenizer, config, adapter_name=adapter_name, **overrides)
 
 
-def streaming_plan(peft_model: PeftModel, layers: Mapping[str, LoraLayer], config: LoraNullConfig):
+def streaming_plan(peft_model: PeftModel, layers: Mapping[str, LoraLayer],
+                   config: LoraNullConfig) -> Optional[StreamingPlan]:
     """(blocks, layer names per block) when block-by-block calibration applies, else None."""
     if config.streaming == "off":
         return None

@@ -25,7 +25,7 @@ def write_layers(layers: Mapping[str, LoraLayer], covariances: Covariances, null
     for name, layer in layers.items():
         basis = null_bases[covariances.group_of[name], layer.r[adapter_name]]
         with phase(phases.WRITE):
-            lora_as[name] = write_adapter(layer, adapter_name, basis, config.init, config.resolved_a_scale,
+            lora_as[name] = write_adapter(layer, adapter_name, basis, config.init, config.applied_a_scale(),
                                           config.residual)
     with phase(phases.REPORT):
         return layer_reports(layers, adapter_name, covariances, lora_as, config.seed), lora_as

@@ -5,15 +5,18 @@ streaming is one step per decoder block (`BlockByBlock`). `lora_null_init` (init
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from ..calibration.batches import TokenBatch
+from ..calibration.cache import CovarianceCache
 from ..calibration.covariances import CovarianceCollector, Covariances, check_token_counts, finalize_covariances
 from ..calibration.leakage import LeakageCollector
 from ..calibration.taps import InputTaps, Visitor, run_activation_pass
@@ -21,13 +24,39 @@ from ..config import LoraNullConfig
 from ..report import LayerReport
 from ..weights import gathered
 from . import phases
-from .block_loaders import base_parameters
+from .block_loaders import BlockLoader, base_parameters
 from .factors import set_holdout, write_layers
 from .peft_layers import bare_base_layers, check_finite_weights
 from .phases import phase
 from .safeguards import model_logits, relative_error
 from .solve import NullBasisSolver, share_null_bases
-from .streaming import capture_block_inputs, run_block, stream_blocks
+from .streaming import StreamingPlan, capture_block_inputs, run_block, stream_blocks
+
+
+@dataclass(frozen=True)
+class StepData:
+    """This rank's share of what the steps run through the model: calibration batches (none when the covariances
+    come from the cache), held-out batches, the probe that checks the function, and the task batches."""
+
+    batches: Sequence[TokenBatch]
+    holdout: Sequence[TokenBatch]
+    probe: TokenBatch
+    task: Sequence[TokenBatch] = ()
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """How the loop runs: the method's settings, the adapter written, where the math runs, the covariance cache
+    (and whether it already holds this run's entries), whether solves overlap the next step, and whether A is
+    task-aware."""
+
+    config: LoraNullConfig
+    adapter_name: str
+    device: torch.device
+    cache: Optional[CovarianceCache] = None
+    cached: bool = False
+    overlap: bool = False
+    task_aware: bool = False
 
 
 @dataclass
@@ -55,18 +84,18 @@ class _Solving:
     bases: Future  # this rank's own bases; the others arrive by broadcast when the step finishes
 
 
-def run_steps(steps: Iterator[InitStep], config: LoraNullConfig, adapter_name: str, cache, cached: bool,
-              device: torch.device, overlap: bool = False, task: bool = False) -> list[LayerReport]:
+def run_steps(steps: Iterator[InitStep], settings: LoopSettings) -> list[LayerReport]:
     """The one init loop: calibrate (or read the cache) → solve → write → held-out leakage, step by step.
 
     With `overlap`, step i's null bases are solved on a worker thread (its own CUDA stream) while step i+1
     calibrates: the init keeps each block's function, so block i+1's inputs do not wait for block i's factors.
     Step i is finished (written, held out) before step i+1, so every pass sees the blocks before it initialized.
-    With `task` data the bases are task-aware (solving.solve_owned_bases)."""
+    With `task_aware` the bases are task-aware (solve.solve_owned_bases)."""
+    config, adapter_name, cache, cached = settings.config, settings.adapter_name, settings.cache, settings.cached
     dtype = getattr(torch, config.accumulate_dtype)
     reports: list[LayerReport] = []
     writing = cache.writing() if cache is not None and not cached else contextlib.nullcontext()
-    with torch.no_grad(), writing as writer, NullBasisSolver(device, overlap) as solver:
+    with torch.no_grad(), writing as writer, NullBasisSolver(settings.device, settings.overlap) as solver:
         solving: Optional[_Solving] = None
         for step in steps:
             modules = {name: layer.get_base_layer() for name, layer in step.layers.items()}
@@ -80,8 +109,8 @@ def run_steps(steps: Iterator[InitStep], config: LoraNullConfig, adapter_name: s
                 step.hold_out(modules, _ignore)
                 step.finish()
                 continue
-            if cached:
-                covariances = cache.load(modules, device)
+            if cache is not None and cached:
+                covariances = cache.load(modules, settings.device)
             else:
                 covariances = finalize_covariances(collector.result, modules, config.covariance_weighting)
                 if writer is not None:
@@ -89,13 +118,13 @@ def run_steps(steps: Iterator[InitStep], config: LoraNullConfig, adapter_name: s
             check_token_counts(covariances, config.min_tokens_per_dim)
             ranks = {name: layer.r[adapter_name] for name, layer in step.layers.items()}
             task_covariances = finalize_covariances(task_collector.result, modules, config.covariance_weighting) \
-                if task else None
+                if settings.task_aware else None
             bases = solver.submit(covariances, ranks, config.solver, step.solve_progress, task_covariances,
                                   config.task_mix)
             if solving is not None:
                 reports += _finish(solving, config, adapter_name)
             solving = _Solving(step, modules, covariances, ranks, bases)
-            if not overlap:  # finished at once: only one step's block and covariances are ever held
+            if not settings.overlap:  # finished at once: only one step's block and covariances are ever held
                 reports += _finish(solving, config, adapter_name)
                 solving = None
         if solving is not None:
@@ -142,9 +171,8 @@ def blocks_resident(blocks: nn.ModuleList, device: torch.device) -> bool:
 class WholeModel:
     """One step: a forward pass of the whole model over all data, every layer tapped, every covariance held."""
 
-    def __init__(self, peft_model, layers, batches, holdout, probe, task=()) -> None:
-        self.peft_model, self.layers, self.batches, self.holdout, self.probe = peft_model, layers, batches, holdout, probe
-        self.task = task
+    def __init__(self, peft_model: PeftModel, layers: Mapping[str, LoraLayer], data: StepData) -> None:
+        self.peft_model, self.layers, self.data = peft_model, layers, data
         self.reference: Optional[torch.Tensor] = None
 
     def steps(self) -> Iterator[InitStep]:
@@ -152,18 +180,19 @@ class WholeModel:
 
     def _calibrate(self, modules, visit, task_visit) -> None:
         with bare_base_layers(self.peft_model.get_base_model()), self._gathered():
-            self.reference = model_logits(self.peft_model, self.probe)
-            run_activation_pass(self.peft_model, modules, self.batches, visit)
-            if self.task:
-                run_activation_pass(self.peft_model, modules, self.task, task_visit, desc="task inputs")
+            self.reference = model_logits(self.peft_model, self.data.probe)
+            run_activation_pass(self.peft_model, modules, self.data.batches, visit)
+            if self.data.task:
+                run_activation_pass(self.peft_model, modules, self.data.task, task_visit, desc="task inputs")
 
     def _hold_out(self, modules, visit) -> None:
         with self._gathered():
-            run_activation_pass(self.peft_model, modules, self.holdout, visit, desc="held-out leakage")
+            run_activation_pass(self.peft_model, modules, self.data.holdout, visit, desc="held-out leakage")
 
     def function_error(self) -> float:
         with gathered(self.peft_model.parameters()):
-            return relative_error(model_logits(self.peft_model, self.probe), self.reference, self.probe.attention_mask)
+            probe = self.data.probe
+            return relative_error(model_logits(self.peft_model, probe), self.reference, probe.attention_mask)
 
     def _gathered(self):
         """Under ZeRO-3 the whole model's weights (a model whose blocks cannot stream one at a time)."""
@@ -175,17 +204,19 @@ class BlockByBlock:
     probe goes through the blocks twice, as the original model computes it and through the initialized blocks,
     so the function error compounds as it would in the whole model."""
 
-    def __init__(self, peft_model, layers, plan, batches, holdout, probe, device, loader, task=()) -> None:
+    def __init__(self, peft_model: PeftModel, layers: Mapping[str, LoraLayer], plan: StreamingPlan, data: StepData,
+                 device: torch.device, loader: Optional[BlockLoader]) -> None:
         self.layers = layers
         self.blocks, self.names_by_block = plan
         self.device, self.loader = device, loader
         block_params = {id(p) for p in self.blocks.parameters()}
         outside = [p for p in base_parameters(peft_model) if id(p) not in block_params]  # embeddings (ZeRO-3)
+        ordered = [*data.batches, *data.holdout, *data.task, data.probe]
         with phase(phases.CAPTURE), gathered(outside):
-            self.calls = capture_block_inputs(peft_model, self.blocks[0], [*batches, *holdout, *task, probe], device)
-        self.calibration = range(len(batches))
-        self.held_out = range(len(batches), len(batches) + len(holdout))
-        self.task = range(self.held_out.stop, self.held_out.stop + len(task))
+            self.calls = capture_block_inputs(peft_model, self.blocks[0], ordered, device)
+        self.calibration = range(len(data.batches))
+        self.held_out = range(len(data.batches), len(data.batches) + len(data.holdout))
+        self.task = range(self.held_out.stop, self.held_out.stop + len(data.task))
         self.drift = self.calls[-1]
 
     def steps(self) -> Iterator[InitStep]:

@@ -27,6 +27,9 @@ from .phases import FORWARD, phase
 
 logger = logging.getLogger(__name__)
 
+# A model's decoder blocks and, per block index, the names of the targeted layers inside it.
+StreamingPlan = tuple[nn.ModuleList, dict[int, list[str]]]
+
 
 @dataclass
 class BlockInput:

@@ -1,0 +1,71 @@
+"""What runs through the model for one init: the calibration texts chosen (topped up when short), tokenized into
+batches, the held-out batches, the probe that checks the function, and the task batches of a task-aware init."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from ..calibration.batches import TokenBatch, tokenize_batches
+from ..calibration.selection import CalibrationSet, select_calibration
+from ..calibration.sources import CalibrationSource, reading_task_data
+from ..calibration.texts import CalibrationTexts, choose_texts
+from ..config import LoraNullConfig
+from ..distributed import rank_and_world
+from ..errors import InsufficientCalibrationError
+from .safeguards import check_distinct_contexts, probe_batch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InitInputs:
+    """Every process's batches (not yet sharded): calibration, held-out, the probe (a few of the shortest calibration
+    samples) and the task's; `chosen` says what the calibration texts are, `task` what the task data is (None: the
+    plain null space)."""
+
+    chosen: CalibrationSet
+    batches: list[TokenBatch]
+    holdout: list[TokenBatch]
+    probe: TokenBatch
+    task: Optional[CalibrationTexts] = None
+    task_batches: tuple[TokenBatch, ...] = ()
+
+    @property
+    def texts(self) -> CalibrationTexts:
+        return self.chosen.texts
+
+
+def prepare_inputs(model: nn.Module, layers: Mapping[str, LoraLayer], calibration: Optional[CalibrationSource],
+                   task_data: Optional[CalibrationSource], tokenizer: Any, config: LoraNullConfig,
+                   device: torch.device) -> InitInputs:
+    """The texts chosen and tokenized by token budget, at least one batch per process; too few distinct contexts for
+    the widest layer are refused here, before any forward pass."""
+    chosen = select_calibration(model, calibration, tokenizer, config, device,
+                                widest=max(layer.in_features for layer in layers.values()))
+    logger.info("Calibrating on %s.", chosen.used)
+    texts = chosen.texts
+    batches = _batches(texts.calibration, tokenizer, config, "calibration samples")
+    holdout = _batches(texts.holdout, tokenizer, config) if texts.holdout else []
+    check_distinct_contexts(batches, layers, config)
+    task = None
+    if task_data is not None:
+        with reading_task_data():
+            task = choose_texts(task_data, tokenizer, config.task_samples, 0, config.seed, config.text_field)
+    task_batches = tuple(_batches(task.calibration, tokenizer, config, "task examples")) if task else ()
+    return InitInputs(chosen, batches, holdout, probe_batch(batches), task, task_batches)
+
+
+def _batches(texts: list[str], tokenizer: Any, config: LoraNullConfig, what: str = "") -> list[TokenBatch]:
+    world = rank_and_world()[1]
+    batches = tokenize_batches(texts, tokenizer, config.max_length, batch_size=config.batch_size,
+                               batch_tokens=config.batch_tokens, min_batches=world)
+    if what and len(batches) < world:
+        raise InsufficientCalibrationError(f"{len(texts)} {what} cannot feed {world} processes.")
+    return batches
