@@ -17,14 +17,19 @@ def factors(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in load_file(str(Path(folder) / "adapter_model.safetensors")).items()}
 
 
-def assert_in_null_space(model_dir: Path, texts: list[str], adapter_dir: Path, suffixes=("q_proj", "down_proj")) -> None:
+def assert_in_null_space(
+    model_dir: Path, texts: list[str], adapter_dir: Path, suffixes=("q_proj", "down_proj")
+) -> None:
     """The initial A responds to the calibration activations (collected here from the original model) far
     less than a random A of the same shape."""
     model = load_model(str(model_dir), dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     inputs: dict[str, list[torch.Tensor]] = {}
-    hooks = [m.register_forward_pre_hook(lambda _m, args, name=name: inputs.setdefault(name, []).append(args[0].detach()))
-             for name, m in model.named_modules() if name.endswith(suffixes)]
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, args, name=name: inputs.setdefault(name, []).append(args[0].detach()))
+        for name, m in model.named_modules()
+        if name.endswith(suffixes)
+    ]
     with torch.no_grad():
         for text in texts:
             model(**tokenizer(text, return_tensors="pt"))
@@ -59,8 +64,11 @@ def assert_right_on_the_base_it_names(model_dir: Path, initial_dir: Path, out_di
     initial, trained = factors(initial_dir), factors(out_dir)
     assert all(not tensor.any() for key, tensor in initial.items() if "lora_B" in key)
     assert_v2_trained_b_only(initial_dir, out_dir)
-    assert not [p for p in Path(out_dir).iterdir() if p.is_dir() and not p.name.startswith("checkpoint-")
-                and (p / "adapter_model.safetensors").exists()]
+    assert not [
+        p
+        for p in Path(out_dir).iterdir()
+        if p.is_dir() and not p.name.startswith("checkpoint-") and (p / "adapter_model.safetensors").exists()
+    ]
     on_original = PeftModel.from_pretrained(load_model(str(model_dir), dtype="float32"), str(out_dir))
     following_the_name = AutoPeftModelForCausalLM.from_pretrained(str(out_dir), **{DTYPE_KEY: torch.float32})
     ids = torch.tensor([[2, 5, 9, 13, 21, 34, 8, 7]])
@@ -68,7 +76,9 @@ def assert_right_on_the_base_it_names(model_dir: Path, initial_dir: Path, out_di
         expected = by_hand(model_dir, trained, config)(ids)
         for model in (on_original, following_the_name):
             assert (model(input_ids=ids).logits - expected).norm() / expected.norm() < 1e-5
-        assert (load_model(str(model_dir), dtype="float32")(input_ids=ids).logits - expected).norm() > 1e-4 * expected.norm()
+        assert (
+            load_model(str(model_dir), dtype="float32")(input_ids=ids).logits - expected
+        ).norm() > 1e-4 * expected.norm()
 
 
 def assert_merged_is_the_fine_tuned_model(merged_dir: Path, model_dir: Path, adapter_dir: Path) -> None:
@@ -108,14 +118,18 @@ def assert_export_reproduces(model_dir: Path, initial_dir: Path, residual_dir: P
                 module.get_base_layer().weight -= scale * initial[key % "B"] @ initial[key % "A"]
     exported = PeftModel.from_pretrained(load_model(str(model_dir), dtype="float32"), str(export_dir))
     assert json.loads((Path(export_dir) / "adapter_config.json").read_text())["r"] == 2 * config.r
-    assert json.loads((Path(export_dir) / "adapter_config.json").read_text())["base_model_name_or_path"] == str(model_dir)
+    assert json.loads((Path(export_dir) / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        model_dir
+    )
     ids = torch.tensor([[2, 5, 9, 13, 21, 34, 8, 7]])
     with torch.no_grad():
         expected, actual = trained(input_ids=ids).logits, exported(input_ids=ids).logits
     assert (actual - expected).norm() / expected.norm() < 1e-5
 
 
-def assert_task_aware_from_the_training_set(initial_dir: Path, plain_initial_dir: Path, rows: int, samples: int) -> None:
+def assert_task_aware_from_the_training_set(
+    initial_dir: Path, plain_initial_dir: Path, rows: int, samples: int
+) -> None:
     """The init read the whole training set as the trainer prepared it (`samples` of its `rows` drawn), kept the
     paper's factors (a_scale 1, its default with task data), and its lora_A differs from the plain null space's."""
     record = json.loads((initial_dir / "lora_null.json").read_text())

@@ -20,8 +20,13 @@ from .errors import LoraNullError, OutputExistsError
 from .layout import OUTPUT_MARKERS
 
 
-def check_output(path: os.PathLike, inputs: Iterable[Optional[os.PathLike]] = (), overwrite: bool = False,
-                 flag: str = "--output", may_nest_in: Iterable[Optional[os.PathLike]] = ()) -> Path:
+def check_output(
+    path: os.PathLike,
+    inputs: Iterable[Optional[os.PathLike]] = (),
+    overwrite: bool = False,
+    flag: str = "--output",
+    may_nest_in: Iterable[Optional[os.PathLike]] = (),
+) -> Path:
     """Refuse, before any compute, an output that would destroy an input, unrelated files, or cannot be written.
     `may_nest_in`: inputs the output may lie inside (a trained adapter's own lora_null_export/ subfolder)."""
     path = Path(path).expanduser()
@@ -41,7 +46,9 @@ def check_output(path: os.PathLike, inputs: Iterable[Optional[os.PathLike]] = ()
         if not overwrite:
             raise OutputExistsError(f"{path} already exists; choose another {flag} or pass --overwrite.")
         if not path.is_dir():
-            raise OutputExistsError(f"{path} is a file, not an output folder of lora-null; remove it or choose another {flag}.")
+            raise OutputExistsError(
+                f"{path} is a file, not an output folder of lora-null; remove it or choose another {flag}."
+            )
         if any(path.iterdir()) and not any((path / marker).is_file() for marker in OUTPUT_MARKERS):
             raise OutputExistsError(
                 f"{path} holds files lora-null did not write, and --overwrite replaces only an earlier lora-null "
@@ -51,7 +58,9 @@ def check_output(path: os.PathLike, inputs: Iterable[Optional[os.PathLike]] = ()
     try:  # a real attempt: permission bits do not stop root, a read-only mount does
         Path(tempfile.mkdtemp(prefix=".lora-null-write-check-", dir=parent)).rmdir()
     except OSError as err:
-        raise LoraNullError(f"Cannot write {path}: {parent} is not writable ({err.strerror}). Choose another {flag}.") from err
+        raise LoraNullError(
+            f"Cannot write {path}: {parent} is not writable ({err.strerror}). Choose another {flag}."
+        ) from err
     return path
 
 
@@ -82,7 +91,7 @@ def sweep_stale_staging(path: Path) -> None:
     """Remove the staging folders a killed run left beside `path` (their process id no longer runs)."""
     for kind in ("tmp", "old"):
         for leftover in path.parent.glob(f".{path.name}.{kind}-*-*"):
-            pid = leftover.name[len(f".{path.name}.{kind}-"):].split("-", 1)[0]
+            pid = leftover.name[len(f".{path.name}.{kind}-") :].split("-", 1)[0]
             if pid.isdigit() and not _running(int(pid)):
                 shutil.rmtree(leftover, ignore_errors=True)
 

@@ -83,11 +83,15 @@ class LoraNullConfig:
     variant: Variant = field(default="v2", metadata={"help": "v1 trains A and B; v2 freezes A in the null space."})
     init: InitMode = field(
         default="projected",
-        metadata={"help": "projected: A, B from the weight projected onto the null space; basis: A = null basis, B = 0."},
+        metadata={
+            "help": "projected: A, B from the weight projected onto the null space; basis: A = null basis, B = 0."
+        },
     )
     train_base: Literal["auto", "original", "residual"] = field(
         default="auto",
-        metadata={"help": "original: base untouched, B = 0; residual: base W − s·B₀A₀ (export after); auto: per variant."},
+        metadata={
+            "help": "original: base untouched, B = 0; residual: base W − s·B₀A₀ (export after); auto: per variant."
+        },
     )
     num_samples: int = field(default=256, metadata={"help": "Calibration samples (more are read from a short file)."})
     holdout_samples: int = field(
@@ -133,7 +137,8 @@ class LoraNullConfig:
         default=None, metadata={"help": "Refuse an init whose output moves more than this (default: by dtype)."}
     )
     a_scale: Optional[float] = field(
-        default=None, metadata={"help": "Scale A up and B down: the same function, a faster frozen A (default: by variant)."}
+        default=None,
+        metadata={"help": "Scale A up and B down: the same function, a faster frozen A (default: by variant)."},
     )
     covariance_cache: Optional[str] = field(
         default=None, metadata={"help": "Folder where calibration covariances are kept for later runs."}
@@ -154,13 +159,16 @@ class LoraNullConfig:
                 "B·A − B₀·A₀ is no rank-r LoRA on the original weights. Use train_base 'residual' (then export) or v2."
             )
         if self.a_scale is not None and not (
-                isinstance(self.a_scale, (int, float)) and 0 < self.a_scale < float("inf")):
+            isinstance(self.a_scale, (int, float)) and 0 < self.a_scale < float("inf")
+        ):
             raise ConfigError(f"a_scale={self.a_scale!r} must be a positive number (1 keeps the paper's factors).")
         if not self.task_mix > 0:
             raise ConfigError(f"task_mix={self.task_mix} must be positive (larger: closer to the plain null space).")
         if not (self.generated_temperature > 0 and 0 < self.generated_top_p <= 1):
-            raise ConfigError(f"generated_temperature={self.generated_temperature} must be positive and "
-                              f"generated_top_p={self.generated_top_p} in (0, 1].")
+            raise ConfigError(
+                f"generated_temperature={self.generated_temperature} must be positive and "
+                f"generated_top_p={self.generated_top_p} in (0, 1]."
+            )
         if self.holdout_samples < 0 or self.min_tokens_per_dim < 0:
             raise ConfigError("holdout_samples and min_tokens_per_dim must not be negative.")
 

@@ -23,9 +23,7 @@ QUIET, NORMAL, VERBOSE = -1, 0, 1
 _verbosity = {"level": NORMAL}
 
 # Warnings raised by one library about another's internals: nothing a user can act on.
-_LIBRARY_WARNINGS = (
-    r".*is_gradient_checkpointing.*is deprecated.*",
-)
+_LIBRARY_WARNINGS = (r".*is_gradient_checkpointing.*is deprecated.*",)
 
 
 # Log lines libraries print on import, about an optional speed-up a user has no reason to install: bitsandbytes

@@ -50,6 +50,7 @@ class InitReport:
 
     def summary(self) -> dict[str, float]:
         """Means over layers (and the A scale used): the numbers a person reads first."""
+
         def mean(values: list[Optional[float]]) -> Optional[float]:
             kept = [v for v in values if v is not None]
             return sum(kept) / len(kept) if kept else None

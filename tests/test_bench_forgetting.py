@@ -20,9 +20,25 @@ REQUIRED = {"init", "seed", "size", "model", "knowledge_before", "knowledge_afte
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
-    code = bench_main(["run", "--size", "cpu", "--inits", "lora,milora,lora_null_v2", "--seeds", "0",
-                       "--output", str(root / "out"), "--cache", str(root / "cache"), "--device", "cpu",
-                       "--results", str(root / "forgetting.json")])
+    code = bench_main(
+        [
+            "run",
+            "--size",
+            "cpu",
+            "--inits",
+            "lora,milora,lora_null_v2",
+            "--seeds",
+            "0",
+            "--output",
+            str(root / "out"),
+            "--cache",
+            str(root / "cache"),
+            "--device",
+            "cpu",
+            "--results",
+            str(root / "forgetting.json"),
+        ]
+    )
     assert code == 0
     return root
 
@@ -61,15 +77,16 @@ def test_calibration_and_scored_questions_are_disjoint(cpu_run):
 def test_milora_uses_the_weights_minor_singular_directions(cpu_run):
     suite = synthetic_suite("cpu", cpu_run / "cache", "cpu")
     model = suite.load_base()
-    originals = {name: module.weight.detach().clone() for name, module in model.named_modules()
-                 if name.endswith("q_proj")}
+    originals = {
+        name: module.weight.detach().clone() for name, module in model.named_modules() if name.endswith("q_proj")
+    }
     peft_model = build_adapter("milora", model, suite, seed=0)
     for name, layer in lora_layers(peft_model, "default").items():
         if not name.endswith("q_proj"):
             continue
         original = originals[name.removeprefix("base_model.model.")].double()
         _, _, right_t = torch.linalg.svd(original)
-        minor = right_t[-suite.rank:]
+        minor = right_t[-suite.rank :]
         a = layer.lora_A["default"].weight.double()
         # Rows of A lie in the span of the r minor right singular vectors; residual + s·B·A = W.
         assert torch.allclose(a @ minor.T @ minor, a, atol=1e-5)
@@ -81,13 +98,18 @@ def test_the_self_calibrated_init_samples_the_models_own_text(cpu_run):
     """lora_null_self_chat (lora_null_self differs only in where sampling starts, tested in tests/test_own_text.py)."""
     suite = synthetic_suite("cpu", cpu_run / "cache", "cpu")
     report = build_adapter("lora_null_self_chat", suite.load_base(), suite, seed=0).lora_null_report
-    assert report.calibration["source"].startswith("the model's own text") and "chat template" in report.calibration["source"]
+    assert (
+        report.calibration["source"].startswith("the model's own text")
+        and "chat template" in report.calibration["source"]
+    )
 
 
 def test_the_task_aware_init_reads_the_training_examples(cpu_run):
     suite = synthetic_suite("cpu", cpu_run / "cache", "cpu")
-    default, plain = (build_adapter(init, suite.load_base(), suite, seed=0).lora_null_report
-                      for init in ("lora_null", "lora_null_plain"))  # what the plugins do, with and without task data
+    default, plain = (
+        build_adapter(init, suite.load_base(), suite, seed=0).lora_null_report
+        for init in ("lora_null", "lora_null_plain")
+    )  # what the plugins do, with and without task data
     assert default.calibration["task_data"]["num_samples"] == min(256, len(suite.task_train))
     assert default.config["a_scale"] == 1.0 and default.calibration["task_data"]["task_mix"] == 0.01
     assert plain.calibration["task_data"] is None and plain.config["a_scale"] == 2.0
@@ -113,8 +135,14 @@ def test_a_scale_suffix_on_self_and_task_inits(cpu_run):
     assert is_known_init("lora_null_self_t1_x3") and is_known_init("lora_null_task_x2")
     assert is_known_init("lora_null_self_task") and is_known_init("lora_null_self_task_x2")
     assert is_known_init("lora_null_self_task1") and is_known_init("lora_null_self_task0.1_x2")
-    for unknown in ("lora_null_v2_x3", "lora_null_self_x0", "lora_null_task_xa", "lora_null_selfish_x2",
-                    "lora_null_self_task0", "lora_null_self_taskx"):
+    for unknown in (
+        "lora_null_v2_x3",
+        "lora_null_self_x0",
+        "lora_null_task_xa",
+        "lora_null_selfish_x2",
+        "lora_null_self_task0",
+        "lora_null_self_taskx",
+    ):
         assert not is_known_init(unknown), unknown
 
 
@@ -147,8 +175,13 @@ def test_merge_results_replaces_same_run(tmp_path):
 
 def test_target_verdict_needs_a_task_that_lora_learned():
     def summary(init, knowledge_after, downstream, std):
-        return {"init": init, "knowledge_lost": 1.0 - knowledge_after, "downstream": downstream,
-                "downstream_std": std, "downstream_before": 0.02}
+        return {
+            "init": init,
+            "knowledge_lost": 1.0 - knowledge_after,
+            "downstream": downstream,
+            "downstream_std": std,
+            "downstream_before": 0.02,
+        }
 
     learned = [summary("lora", 0.6, 0.90, 0.05), summary("lora_null_v2", 0.9, 0.88, 0.01)]
     assert target_check(learned).endswith("target met.")
@@ -159,8 +192,9 @@ def test_target_verdict_needs_a_task_that_lora_learned():
 
 
 def test_read_examples_accepts_bigbench_and_jsonl(tmp_path):
-    (tmp_path / "task.json").write_text(json.dumps({"examples": [{"input": "The capital of France is",
-                                                                   "target": ["Paris"]}]}))
+    (tmp_path / "task.json").write_text(
+        json.dumps({"examples": [{"input": "The capital of France is", "target": ["Paris"]}]})
+    )
     (tmp_path / "task.jsonl").write_text(json.dumps({"question": "2+2?", "answer": "4 #### 4"}) + "\n")
     assert read_examples(tmp_path / "task.json", ("prompt", "input"), ("targets", "target"))[0].targets == ("Paris",)
     row = read_examples(tmp_path / "task.jsonl", ("prompt", "question"), ("answer",), "Question: {}\nAnswer:")[0]
@@ -182,6 +216,7 @@ def test_a_step_with_a_non_finite_gradient_is_skipped_and_counted(tokenizer):
     nan_at_step = iter([False, True, False])  # the second of three steps
     poisoned.register_hook(lambda grad: grad * float("nan") if next(nan_at_step) else grad)
     examples = [Example("The capital of France is", ("Paris",))] * 4
-    trained = fine_tune(model, tokenizer, examples, TrainSettings(steps=3, batch_size=2, learning_rate=1e-3,
-                                                                  max_length=16), seed=0)
+    trained = fine_tune(
+        model, tokenizer, examples, TrainSettings(steps=3, batch_size=2, learning_rate=1e-3, max_length=16), seed=0
+    )
     assert trained.skipped_steps == 1 and all(torch.isfinite(p).all() for p in model.parameters())

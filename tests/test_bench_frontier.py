@@ -5,17 +5,33 @@ from lora_null_bench.frontier import curves, exact_match, markdown, summary
 
 
 def row(init, lr, seed, task, kept):
-    return {"model": "m", "task": "t", "init": init, "lr": lr, "seed": seed, "task_score": task, "knowledge_kept": kept,
-            "task_score_base": 0.0, "knowledge_base_known": 100, "knowledge_items": 400, "rank": 16, "steps": 150,
-            "batch_size": 32, "device": "cpu"}
+    return {
+        "model": "m",
+        "task": "t",
+        "init": init,
+        "lr": lr,
+        "seed": seed,
+        "task_score": task,
+        "knowledge_kept": kept,
+        "task_score_base": 0.0,
+        "knowledge_base_known": 100,
+        "knowledge_items": 400,
+        "rank": 16,
+        "steps": 150,
+        "batch_size": 32,
+        "device": "cpu",
+    }
 
 
 ROWS = [
     # LoRA: best mean task 0.90 at 3e-3 (bar 0.855); at 1e-3 it is over the bar and keeps 0.6 → loss 0.4
-    row("lora", 1e-3, 0, 0.86, 0.62), row("lora", 1e-3, 1, 0.88, 0.58),
-    row("lora", 3e-3, 0, 0.90, 0.40), row("lora", 3e-3, 1, 0.90, 0.40),
+    row("lora", 1e-3, 0, 0.86, 0.62),
+    row("lora", 1e-3, 1, 0.88, 0.58),
+    row("lora", 3e-3, 0, 0.90, 0.40),
+    row("lora", 3e-3, 1, 0.90, 0.40),
     # v2 reaches the bar only at 3e-3 (keeps 0.9 → loss 0.1); 1e-3 keeps more but learns too little
-    row("lora_null_v2", 1e-3, 0, 0.70, 0.97), row("lora_null_v2", 3e-3, 0, 0.86, 0.90),
+    row("lora_null_v2", 1e-3, 0, 0.70, 0.97),
+    row("lora_null_v2", 3e-3, 0, 0.86, 0.90),
     row("pissa", 1e-4, 0, 0.50, 0.90),  # never reaches the bar
 ]
 
@@ -59,15 +75,25 @@ def test_a_base_model_that_knows_no_facts_is_refused_not_reported_as_nan(monkeyp
     from lora_null_core.errors import ConfigError
 
     monkeypatch.setattr(frontier, "accuracy", lambda model, tok, examples, *a, **k: (0.0, [False] * len(examples)))
-    suite = SimpleNamespace(model="broken", load_base=lambda: None, tokenizer=None, knowledge=[object()] * 5,
-                            knowledge_tokens=4, task_eval=[object()] * 3, task_tokens=4, eval_batch=2)
+    suite = SimpleNamespace(
+        model="broken",
+        load_base=lambda: None,
+        tokenizer=None,
+        knowledge=[object()] * 5,
+        knowledge_tokens=4,
+        task_eval=[object()] * 3,
+        task_tokens=4,
+        eval_batch=2,
+    )
     with pytest.raises(ConfigError, match="answers none of the 5 knowledge questions"):
         frontier.run_frontier(suite, "addition", [("lora", 1e-3, 0)], "cmd", "cpu")
 
 
 def test_rows_through_a_framework_trainer_are_compared_with_the_loop_not_drawn_as_a_curve():
-    trl = [{**row("lora_null", 3e-3, seed, task, kept), "trainer": "trl"} for seed, task, kept in ((0, 0.1, 1.0),
-                                                                                                    (1, 0.3, 0.8))]
+    trl = [
+        {**row("lora_null", 3e-3, seed, task, kept), "trainer": "trl"}
+        for seed, task, kept in ((0, 0.1, 1.0), (1, 0.3, 0.8))
+    ]
     rows = [*ROWS, row("lora_null", 3e-3, 0, 0.88, 0.90), *trl]
     assert [p["task"] for p in curves(rows)[("m", "t")]["lora_null"]] == [0.88]  # the loop's point alone
     table = markdown(rows)
@@ -76,8 +102,10 @@ def test_rows_through_a_framework_trainer_are_compared_with_the_loop_not_drawn_a
 
 
 def test_another_rank_is_its_own_panel_with_its_own_lora_reference():
-    wide = [{**row(init, lr, 0, task, kept), "rank": 64} for init, lr, task, kept in
-            (("lora", 1e-3, 0.9, 0.5), ("lora_null", 1e-3, 0.9, 0.9))]
+    wide = [
+        {**row(init, lr, 0, task, kept), "rank": 64}
+        for init, lr, task, kept in (("lora", 1e-3, 0.9, 0.5), ("lora_null", 1e-3, 0.9, 0.9))
+    ]
     panels = curves([*ROWS, *wide])
     assert set(panels) == {("m", "t"), ("m", "t, r 64")}
     assert [p["task"] for p in panels[("m", "t, r 64")]["lora"]] == [0.9]

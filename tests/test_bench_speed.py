@@ -19,9 +19,16 @@ def test_speed_benchmark_writes_rows_for_every_method(tmp_path):
     bench.main([*common, "--methods", "profile"])
     results = json.loads(out.read_text())
     methods = [(r["method"], r["solver"]) for r in results["runs"]]
-    assert methods == [("lora_null", "eigh64"), ("lora_null", "subspace"), ("peft_corda_kpm", "peft"),
-                       ("lora_null_offload", "auto"), ("lora_null_cache_write", "auto"), ("lora_null_cache_hit", "auto"),
-                       ("lora_null_disk", "auto"), ("lora_null_self", "auto")]
+    assert methods == [
+        ("lora_null", "eigh64"),
+        ("lora_null", "subspace"),
+        ("peft_corda_kpm", "peft"),
+        ("lora_null_offload", "auto"),
+        ("lora_null_cache_write", "auto"),
+        ("lora_null_cache_hit", "auto"),
+        ("lora_null_disk", "auto"),
+        ("lora_null_self", "auto"),
+    ]
     assert "host RSS grew" in results["runs"][-2]["note"]
     assert all(r["seconds"] > 0 and r["calibration"] == "24x32" and r["command"] for r in results["runs"])
     assert "1 of 2 blocks" in results["runs"][3]["note"]
@@ -40,8 +47,9 @@ def test_speed_benchmark_writes_rows_for_every_method(tmp_path):
 def _bench_rank(rank, port, out):
     import os
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
+    )
     spec = importlib.util.spec_from_file_location("bench_speed", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

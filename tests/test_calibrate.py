@@ -10,9 +10,11 @@ def independent_covariances(model, tokenizer, texts):
     """Σ x xᵀ in float64, one unpadded sample at a time: no masking involved at all."""
     sums, handles = {}, []
     for name, module in linear_layers(model).items():
+
         def hook(_m, args, name=name):
             x = args[0].reshape(-1, args[0].shape[-1]).double()
             sums[name] = sums.get(name, 0) + x.T @ x
+
         handles.append(module.register_forward_pre_hook(hook))
     with torch.no_grad():
         for text in texts:
@@ -40,10 +42,23 @@ def test_layers_reading_one_tensor_share_one_covariance(make_model, tokenizer, k
     model = make_model("llama", layers=1)
     got = collect_covariances(model, linear_layers(model), tokenize_batches(knowledge[:8], tokenizer, 64, 4))
     g = got.group_of
-    assert g["model.layers.0.self_attn.k_proj"] == g["model.layers.0.self_attn.v_proj"] == g["model.layers.0.self_attn.q_proj"]
+    assert (
+        g["model.layers.0.self_attn.k_proj"]
+        == g["model.layers.0.self_attn.v_proj"]
+        == g["model.layers.0.self_attn.q_proj"]
+    )
     assert g["model.layers.0.mlp.up_proj"] == g["model.layers.0.mlp.gate_proj"]
-    assert len({g["model.layers.0.self_attn.q_proj"], g["model.layers.0.self_attn.o_proj"],
-                g["model.layers.0.mlp.gate_proj"], g["model.layers.0.mlp.down_proj"]}) == 4
+    assert (
+        len(
+            {
+                g["model.layers.0.self_attn.q_proj"],
+                g["model.layers.0.self_attn.o_proj"],
+                g["model.layers.0.mlp.gate_proj"],
+                g["model.layers.0.mlp.down_proj"],
+            }
+        )
+        == 4
+    )
     assert len(got.matrices) == 4
 
 

@@ -25,5 +25,6 @@ def test_initial_factors_are_written_at_step_0_and_kept_on_resume(make_model, to
     callback.on_train_begin(args, SimpleNamespace(global_step=3), None, model=model)
     assert (tmp_path / INIT_DIR / "adapter" / "adapter_model.safetensors").read_bytes() == written
     with pytest.raises(LoraNullError, match="Resuming a LoRA-Null run needs"):
-        callback.on_train_begin(SimpleNamespace(output_dir=str(tmp_path / "other")), SimpleNamespace(global_step=3),
-                                None, model=model)
+        callback.on_train_begin(
+            SimpleNamespace(output_dir=str(tmp_path / "other")), SimpleNamespace(global_step=3), None, model=model
+        )

@@ -27,10 +27,34 @@ def parse(stdout):
 def test_init_then_export_from_the_command_line(tmp_path, saved_model, knowledge, task, tokenizer):
     write_jsonl(tmp_path / "calib.jsonl", knowledge, field="question")
     out = tmp_path / "init"
-    result = run("init", "--model", saved_model, "--calibration", tmp_path / "calib.jsonl", "--rank", 4,
-                 "--variant", "v2", "--output", out, "--alpha", 8, "--target-modules", "q_proj,v_proj,down_proj",
-                 "--num-samples", 200, "--max-length", 32, "--text-field", "question", "--dtype", "float32",
-                 "--offload", "--device", "cpu")
+    result = run(
+        "init",
+        "--model",
+        saved_model,
+        "--calibration",
+        tmp_path / "calib.jsonl",
+        "--rank",
+        4,
+        "--variant",
+        "v2",
+        "--output",
+        out,
+        "--alpha",
+        8,
+        "--target-modules",
+        "q_proj,v_proj,down_proj",
+        "--num-samples",
+        200,
+        "--max-length",
+        32,
+        "--text-field",
+        "question",
+        "--dtype",
+        "float32",
+        "--offload",
+        "--device",
+        "cpu",
+    )
     assert float(parse(result.stdout)["function_error"]) < 1e-5
     assert (out / "base" / "model.safetensors").exists() and (out / "base" / "tokenizer.json").exists()
     adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
@@ -51,8 +75,20 @@ def test_init_then_export_from_the_command_line(tmp_path, saved_model, knowledge
 
 def test_bad_input_exits_with_a_message_not_a_traceback(tmp_path, saved_model):
     (tmp_path / "empty.jsonl").write_text("")
-    result = run("init", "--model", saved_model, "--calibration", tmp_path / "empty.jsonl", "--rank", 4,
-                 "--variant", "v2", "--output", tmp_path / "out", check=False)
+    result = run(
+        "init",
+        "--model",
+        saved_model,
+        "--calibration",
+        tmp_path / "empty.jsonl",
+        "--rank",
+        4,
+        "--variant",
+        "v2",
+        "--output",
+        tmp_path / "out",
+        check=False,
+    )
     assert result.returncode == 2
     assert "error: Calibration file" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
@@ -73,9 +109,27 @@ def test_demo_runs_end_to_end(tmp_path):
 def test_init_reads_blocks_from_disk(tmp_path, saved_model, knowledge):
     write_jsonl(tmp_path / "calib.jsonl", knowledge, field="question")
     out = tmp_path / "init"
-    result = run("init", "--model", saved_model, "--calibration", tmp_path / "calib.jsonl", "--rank", 4,
-                 "--output", out, "--num-samples", 200, "--max-length", 32, "--text-field", "question",
-                 "--offload", "disk", "--device", "cpu")
+    result = run(
+        "init",
+        "--model",
+        saved_model,
+        "--calibration",
+        tmp_path / "calib.jsonl",
+        "--rank",
+        4,
+        "--output",
+        out,
+        "--num-samples",
+        200,
+        "--max-length",
+        32,
+        "--text-field",
+        "question",
+        "--offload",
+        "disk",
+        "--device",
+        "cpu",
+    )
     assert float(parse(result.stdout)["function_error"]) < 1e-5
     index = json.loads((out / "base" / "model.safetensors.index.json").read_text())
     assert "model-block-00000.safetensors" in index["weight_map"].values()
@@ -91,11 +145,32 @@ def test_every_config_field_is_a_flag_with_the_configs_choices_and_default():
     required = ["init", "--model", "m", "--calibration", "c", "--rank", "4", "--output", "o"]
     defaults = config_from_flags(build_parser().parse_args(required))
     assert defaults == LoraNullConfig()
-    args = build_parser().parse_args([*required, "--solver", "eigh32", "--a-scale", "2", "--max-function-error",
-                                      "0.01", "--init", "basis", "--train-base", "original", "--num-samples", "64"])
+    args = build_parser().parse_args(
+        [
+            *required,
+            "--solver",
+            "eigh32",
+            "--a-scale",
+            "2",
+            "--max-function-error",
+            "0.01",
+            "--init",
+            "basis",
+            "--train-base",
+            "original",
+            "--num-samples",
+            "64",
+        ]
+    )
     config = config_from_flags(args)
-    assert (config.solver, config.a_scale, config.max_function_error, config.init, config.train_base,
-            config.num_samples) == ("eigh32", 2.0, 0.01, "basis", "original", 64)
+    assert (
+        config.solver,
+        config.a_scale,
+        config.max_function_error,
+        config.init,
+        config.train_base,
+        config.num_samples,
+    ) == ("eigh32", 2.0, 0.01, "basis", "original", 64)
     flags = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["init"]._actions}
     assert {f.name for f in dataclasses.fields(LoraNullConfig)} <= flags
     with pytest.raises(SystemExit):

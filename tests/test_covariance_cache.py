@@ -30,19 +30,33 @@ class BlockCalls:
 def run(make_model, tokenizer, texts, cache, rank=4, **overrides):
     model = make_model("llama", layers=2)
     calls = BlockCalls(model)
-    peft_model = lora_null_init(model, LoraConfig(r=rank, lora_alpha=2 * rank), texts, tokenizer,
-                                covariance_cache=str(cache) if cache else None, **SETTINGS, **overrides)
+    peft_model = lora_null_init(
+        model,
+        LoraConfig(r=rank, lora_alpha=2 * rank),
+        texts,
+        tokenizer,
+        covariance_cache=str(cache) if cache else None,
+        **SETTINGS,
+        **overrides,
+    )
     return peft_model, calls.samples
 
 
 def factors(peft_model):
-    return {name: (layer.lora_A["default"].weight.detach().clone(), layer.lora_B["default"].weight.detach().clone(),
-                   layer.get_base_layer().weight.detach().clone())
-            for name, layer in lora_layers(peft_model, "default").items()}
+    return {
+        name: (
+            layer.lora_A["default"].weight.detach().clone(),
+            layer.lora_B["default"].weight.detach().clone(),
+            layer.get_base_layer().weight.detach().clone(),
+        )
+        for name, layer in lora_layers(peft_model, "default").items()
+    }
 
 
 @pytest.mark.parametrize("streaming", ["on", "off"])
-def test_second_run_with_another_rank_and_variant_reads_the_cache(make_model, tokenizer, knowledge, tmp_path, streaming):
+def test_second_run_with_another_rank_and_variant_reads_the_cache(
+    make_model, tokenizer, knowledge, tmp_path, streaming
+):
     texts = knowledge[:140]
     _, first_samples = run(make_model, tokenizer, texts, tmp_path, streaming=streaming)
     entries = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
@@ -73,8 +87,9 @@ def test_other_data_or_weights_or_settings_miss(make_model, tokenizer, knowledge
 def test_more_targets_than_cached_recalibrates(make_model, tokenizer, knowledge, tmp_path):
     texts = knowledge[:140]
     model = make_model("llama", layers=2)
-    lora_null_init(model, LoraConfig(r=4, target_modules=["q_proj"]), texts, tokenizer, covariance_cache=str(tmp_path),
-                   **SETTINGS)
+    lora_null_init(
+        model, LoraConfig(r=4, target_modules=["q_proj"]), texts, tokenizer, covariance_cache=str(tmp_path), **SETTINGS
+    )
     _, samples = run(make_model, tokenizer, texts, tmp_path)  # all-linear: the q_proj-only entry lacks the rest
     assert samples >= 120
     _, samples = run(make_model, tokenizer, texts, tmp_path)
@@ -100,9 +115,11 @@ def test_a_failed_run_leaves_no_entry(make_model, tokenizer, knowledge, tmp_path
 def test_fingerprints(make_model, tokenizer, knowledge):
     texts = knowledge[:40]
     assert tokens_fingerprint(tokenize_batches(texts, tokenizer, 64, 8)) == tokens_fingerprint(
-        tokenize_batches(texts, tokenizer, 64, 5))
+        tokenize_batches(texts, tokenizer, 64, 5)
+    )
     assert tokens_fingerprint(tokenize_batches(texts, tokenizer, 64, 8)) != tokens_fingerprint(
-        tokenize_batches(texts, tokenizer, 8, 8))
+        tokenize_batches(texts, tokenizer, 8, 8)
+    )
     model = make_model("llama", layers=2)
     before = weights_fingerprint(model)
     with torch.no_grad():
@@ -134,8 +151,9 @@ def test_a_damaged_entry_is_recomputed_not_used(make_model, tokenizer, knowledge
 
 
 @pytest.mark.parametrize("streaming", ["on", "off"])
-def test_task_aware_runs_read_the_knowledge_side_from_the_cache(make_model, tokenizer, knowledge, task, tmp_path,
-                                                                streaming):
+def test_task_aware_runs_read_the_knowledge_side_from_the_cache(
+    make_model, tokenizer, knowledge, task, tmp_path, streaming
+):
     """The cache holds the knowledge covariances; task data runs every time. A task-aware run after a plain one
     skips the calibration samples and writes the A that calibrating again gives."""
     texts, settings = knowledge[:140], dict(streaming=streaming, accumulate_dtype="float64", task_samples=48)

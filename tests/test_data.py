@@ -21,8 +21,14 @@ def test_every_file_format_and_a_dataset_give_the_same_texts(tmp_path, rows, tok
     dataset = datasets.Dataset.from_list(rows)
     dataset.to_parquet(str(tmp_path / "c.parquet"))
     dataset.save_to_disk(str(tmp_path / "saved"))
-    sources = [rows, dataset, str(tmp_path / "c.jsonl"), str(tmp_path / "c.json"), str(tmp_path / "c.parquet"),
-               str(tmp_path / "saved")]
+    sources = [
+        rows,
+        dataset,
+        str(tmp_path / "c.jsonl"),
+        str(tmp_path / "c.json"),
+        str(tmp_path / "c.parquet"),
+        str(tmp_path / "saved"),
+    ]
     chosen = [choose_texts(s, tokenizer, 20, 5, seed=3, text_field="text") for s in sources]
     for texts in chosen:
         assert texts.calibration == chosen[0].calibration and texts.holdout == chosen[0].holdout
@@ -100,7 +106,9 @@ def test_a_malformed_jsonl_line_and_a_column_of_numbers_are_named(tmp_path, toke
         choose_texts(str(numbers), tokenizer, 4, 0, 0, "text")
     gaps = tmp_path / "gaps.jsonl"  # rows that lack the field are skipped, not an error
     gaps.write_text("".join(json.dumps({"text": f"fact {i}"} if i % 2 else {"other": i}) + "\n" for i in range(8)))
-    assert sorted(choose_texts(str(gaps), tokenizer, 8, 0, 0, "text").calibration) == [f"fact {i}" for i in (1, 3, 5, 7)]
+    assert sorted(choose_texts(str(gaps), tokenizer, 8, 0, 0, "text").calibration) == [
+        f"fact {i}" for i in (1, 3, 5, 7)
+    ]
 
 
 def test_a_tokenized_training_set_reads_back_as_the_text_the_model_will_see(tokenizer, knowledge):

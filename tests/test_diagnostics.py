@@ -16,12 +16,25 @@ CLI = Path(sys.executable).parent / "lora-null"
 def test_inspect_report_with_an_init(tmp_path, saved_model, knowledge):
     write_jsonl(tmp_path / "calib.jsonl", knowledge[:180])
     write_jsonl(tmp_path / "heldout.jsonl", knowledge[180:])
-    init_to_folder(str(saved_model), str(tmp_path / "calib.jsonl"), tmp_path / "init", LoraConfig(r=4),
-                   dtype="float32")
+    init_to_folder(str(saved_model), str(tmp_path / "calib.jsonl"), tmp_path / "init", LoraConfig(r=4), dtype="float32")
     result = subprocess.run(
-        [str(CLI), "inspect", "--model", str(saved_model), "--calibration", str(tmp_path / "heldout.jsonl"),
-         "--output", str(tmp_path / "report"), "--init-dir", str(tmp_path / "init"), "--device", "cpu"],
-        capture_output=True, text=True, timeout=600,
+        [
+            str(CLI),
+            "inspect",
+            "--model",
+            str(saved_model),
+            "--calibration",
+            str(tmp_path / "heldout.jsonl"),
+            "--output",
+            str(tmp_path / "report"),
+            "--init-dir",
+            str(tmp_path / "init"),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = tmp_path / "report"
@@ -61,5 +74,8 @@ def test_inspect_tops_short_calibration_up_as_init_does(make_model, tokenizer, k
     down = next(layer for layer in data["layers"] if layer["type"] == "down_proj")
     assert down["tokens"] >= down["d_in"] and "recommendation" not in down
     used = data["calibration"]["used"]
-    assert used.startswith("3 rows of") and f"+ {data['calibration']['top_up']['samples']} samples of the model's " \
-        "own text" in used and html.escape(used) in _html(data, {})
+    assert (
+        used.startswith("3 rows of")
+        and f"+ {data['calibration']['top_up']['samples']} samples of the model's own text" in used
+        and html.escape(used) in _html(data, {})
+    )

@@ -29,8 +29,15 @@ def run_everything(texts, overlap="auto"):
     for key, matrix in covariances.matrices.items():
         state["cov." + key] = matrix
     peft_model = lora_null_init(
-        model, LoraConfig(r=4, lora_alpha=8), texts, tokenizer,
-        num_samples=200, holdout_samples=40, batch_size=8, accumulate_dtype="float64", overlap=overlap,
+        model,
+        LoraConfig(r=4, lora_alpha=8),
+        texts,
+        tokenizer,
+        num_samples=200,
+        holdout_samples=40,
+        batch_size=8,
+        accumulate_dtype="float64",
+        overlap=overlap,
     )
     for name, layer in lora_layers(peft_model, "default").items():
         a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
@@ -69,9 +76,12 @@ def test_two_processes_match_one_and_each_other(tmp_path, overlap):
     for key in (k for k in single if k.startswith("cov.")):
         # The stated tolerance: sharded float64 sums equal one process's up to summation order, 1e-12 relative.
         assert (rank0[key] - single[key]).norm() <= 1e-12 * single[key].norm(), key
-    for name in (k[len("rows."):] for k in single if k.startswith("rows.")):
-        cov = next(single[k] for k in single if k.startswith("cov.") and single[k].shape[0] == rank0["rows." + name].shape[0]
-                   and _same_input(name, k))
+    for name in (k[len("rows.") :] for k in single if k.startswith("rows.")):
+        cov = next(
+            single[k]
+            for k in single
+            if k.startswith("cov.") and single[k].shape[0] == rank0["rows." + name].shape[0] and _same_input(name, k)
+        )
         values = torch.linalg.eigvalsh(cov)
         gap = (values[4] - values[3]) / values[-1]
         if gap > 1e-6:  # a well-separated null space is the same subspace, so the same adapter
@@ -108,8 +118,16 @@ def cache_worker(rank, world, port, folder, shared):
         state = {}
         for run, rank_r in enumerate((4, 6)):
             model = tiny_model("llama", len(tokenizer), seed=11)
-            peft_model = lora_null_init(model, LoraConfig(r=rank_r), TEXTS, tokenizer, num_samples=200,
-                                        holdout_samples=0, batch_size=8, covariance_cache=cache)
+            peft_model = lora_null_init(
+                model,
+                LoraConfig(r=rank_r),
+                TEXTS,
+                tokenizer,
+                num_samples=200,
+                holdout_samples=0,
+                batch_size=8,
+                covariance_cache=cache,
+            )
             for name, layer in lora_layers(peft_model, "default").items():
                 state[f"{run}.{name}"] = layer.lora_A["default"].weight.detach().contiguous()
         save_file(state, os.path.join(folder, f"rank{rank}.safetensors"))
@@ -140,15 +158,25 @@ def meta_worker(rank, world, port, folder, key_alone=False):
         else:
             with torch.device("meta"):
                 model = tiny_model("llama", len(tokenizer), seed=11)
-        peft_model = lora_null_init(model, LoraConfig(r=4, lora_alpha=8), None if key_alone else TEXTS, tokenizer,
-                                    num_samples=200, holdout_samples=40, batch_size=8, accumulate_dtype="float64",
-                                    generated_length=16)
+        peft_model = lora_null_init(
+            model,
+            LoraConfig(r=4, lora_alpha=8),
+            None if key_alone else TEXTS,
+            tokenizer,
+            num_samples=200,
+            holdout_samples=40,
+            batch_size=8,
+            accumulate_dtype="float64",
+            generated_length=16,
+        )
         layers = lora_layers(peft_model, "default")
         assert all(not layer.lora_A["default"].weight.requires_grad for layer in layers.values())
         assert (getattr(peft_model, "lora_null_report", None) is not None) == (rank == 0)
         if rank == 0:
-            save_file({name: layer.lora_A["default"].weight.detach().contiguous() for name, layer in layers.items()},
-                      os.path.join(folder, "rank0.safetensors"))
+            save_file(
+                {name: layer.lora_A["default"].weight.detach().contiguous() for name, layer in layers.items()},
+                os.path.join(folder, "rank0.safetensors"),
+            )
     finally:
         dist.destroy_process_group()
 
@@ -158,8 +186,16 @@ def test_rank_zero_initializes_alone_when_the_others_hold_meta_weights(tmp_path,
     mp.spawn(meta_worker, args=(2, free_port(), str(tmp_path), key_alone), nprocs=2, join=True)
     rank0 = load_file(str(tmp_path / "rank0.safetensors"))
     tokenizer = tiny_tokenizer(TEXTS)
-    single = lora_null_init(tiny_model("llama", len(tokenizer), seed=11), LoraConfig(r=4, lora_alpha=8),
-                            None if key_alone else TEXTS, tokenizer, num_samples=200, holdout_samples=40, batch_size=8,
-                            accumulate_dtype="float64", generated_length=16)
+    single = lora_null_init(
+        tiny_model("llama", len(tokenizer), seed=11),
+        LoraConfig(r=4, lora_alpha=8),
+        None if key_alone else TEXTS,
+        tokenizer,
+        num_samples=200,
+        holdout_samples=40,
+        batch_size=8,
+        accumulate_dtype="float64",
+        generated_length=16,
+    )
     for name, layer in lora_layers(single, "default").items():  # all samples on rank 0: one process's init
         assert torch.equal(rank0[name], layer.lora_A["default"].weight.detach()), name

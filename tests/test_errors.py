@@ -41,11 +41,19 @@ def test_empty_calibration(make_model, tokenizer, tmp_path):
 
 def test_too_few_tokens_for_the_layer_width(make_model, tokenizer, knowledge):
     with pytest.raises(InsufficientCalibrationError, match=r"input width 64 .* only \d+ tokens"):
-        lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, num_samples=2, holdout_samples=0,
-                       short_calibration="refuse")
+        lora_null_init(
+            make_model(),
+            LoraConfig(r=4),
+            knowledge,
+            tokenizer,
+            num_samples=2,
+            holdout_samples=0,
+            short_calibration="refuse",
+        )
     # By default more of the text is read instead (tests/test_top_up.py); the check can be turned off on purpose.
-    lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, num_samples=2, holdout_samples=0,
-                   min_tokens_per_dim=0)
+    lora_null_init(
+        make_model(), LoraConfig(r=4), knowledge, tokenizer, num_samples=2, holdout_samples=0, min_tokens_per_dim=0
+    )
 
 
 def test_rank_too_large(make_model, tokenizer, knowledge):
@@ -146,13 +154,16 @@ def test_export_refuses_pickles_and_foreign_adapters(tmp_path, saved_model, know
 
 
 # ---------------------------------------------------------------- inputs that once gave wrong output with exit 0
-@pytest.mark.parametrize("lora_kwargs, match", [
-    (dict(r=4, lora_alpha=0), "alpha must be a finite number above 0"),
-    (dict(r=4, lora_alpha=float("nan")), "alpha must be a finite number above 0"),
-    (dict(r=4, lora_alpha=-8), "alpha must be a finite number above 0"),
-    (dict(r=4, lora_dropout=1.5), "lora_dropout=1.5 must be at least 0 and below 1"),
-    (dict(r=4, alpha_pattern={"q_proj": 0.0}), r"alpha_pattern\['q_proj'\]"),
-])
+@pytest.mark.parametrize(
+    "lora_kwargs, match",
+    [
+        (dict(r=4, lora_alpha=0), "alpha must be a finite number above 0"),
+        (dict(r=4, lora_alpha=float("nan")), "alpha must be a finite number above 0"),
+        (dict(r=4, lora_alpha=-8), "alpha must be a finite number above 0"),
+        (dict(r=4, lora_dropout=1.5), "lora_dropout=1.5 must be at least 0 and below 1"),
+        (dict(r=4, alpha_pattern={"q_proj": 0.0}), r"alpha_pattern\['q_proj'\]"),
+    ],
+)
 def test_lora_numbers_are_checked_before_any_compute(make_model, tokenizer, knowledge, lora_kwargs, match):
     model = make_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -161,36 +172,49 @@ def test_lora_numbers_are_checked_before_any_compute(make_model, tokenizer, know
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("architecture, targets, match", [
-    ("llama", ["q_proj", "lm_head"], "output layer"),          # untied: PEFT would save the head's weight
-    ("gemma", ["q_proj", "lm_head"], "output layer"),          # tied: its residual would rewrite the embedding
-    ("llama", ["q_proj", "embed_tokens"], "is an embedding"),  # would keep PEFT's random embedding factors
-])
-def test_targets_that_cannot_be_initialized_exactly_are_refused(make_model, tokenizer, knowledge, architecture,
-                                                               targets, match):
+@pytest.mark.parametrize(
+    "architecture, targets, match",
+    [
+        ("llama", ["q_proj", "lm_head"], "output layer"),  # untied: PEFT would save the head's weight
+        ("gemma", ["q_proj", "lm_head"], "output layer"),  # tied: its residual would rewrite the embedding
+        ("llama", ["q_proj", "embed_tokens"], "is an embedding"),  # would keep PEFT's random embedding factors
+    ],
+)
+def test_targets_that_cannot_be_initialized_exactly_are_refused(
+    make_model, tokenizer, knowledge, architecture, targets, match
+):
     with pytest.raises(UnsupportedModelError, match=match):
-        lora_null_init(make_model(architecture), LoraConfig(r=4, target_modules=targets), knowledge, tokenizer,
-                       **SMALL)
+        lora_null_init(make_model(architecture), LoraConfig(r=4, target_modules=targets), knowledge, tokenizer, **SMALL)
 
 
-@pytest.mark.parametrize("texts, max_length", [
-    (["The capital of France is Paris ."] * 200, 512),  # one text, repeated
-    (None, 1),                                          # one token per text: always <s>
-    (["<pad> " * 20] * 200, 512),                        # padding only
-])
-def test_calibration_without_enough_distinct_contexts_is_refused(make_model, tokenizer, knowledge, texts,
-                                                                 max_length):
+@pytest.mark.parametrize(
+    "texts, max_length",
+    [
+        (["The capital of France is Paris ."] * 200, 512),  # one text, repeated
+        (None, 1),  # one token per text: always <s>
+        (["<pad> " * 20] * 200, 512),  # padding only
+    ],
+)
+def test_calibration_without_enough_distinct_contexts_is_refused(make_model, tokenizer, knowledge, texts, max_length):
     with pytest.raises(InsufficientCalibrationError, match="distinct contexts"):
-        lora_null_init(make_model(), LoraConfig(r=4), texts or knowledge, tokenizer, max_length=max_length,
-                       short_calibration="refuse", **SMALL)
+        lora_null_init(
+            make_model(),
+            LoraConfig(r=4),
+            texts or knowledge,
+            tokenizer,
+            max_length=max_length,
+            short_calibration="refuse",
+            **SMALL,
+        )
 
 
 def test_a_repeated_text_is_topped_up_with_a_warning(make_model, tokenizer, caplog):
     """By default the model's own text makes up what one repeated text lacks; since it is then nearly all of the
     calibration, the log says so as a warning (a plain top-up is an info line)."""
     with caplog.at_level("INFO", logger="lora_null_core.calibration.selection"):
-        peft_model = lora_null_init(make_model(), LoraConfig(r=4), ["The capital of France is Paris ."] * 200,
-                                    tokenizer, **SMALL)
+        peft_model = lora_null_init(
+            make_model(), LoraConfig(r=4), ["The capital of France is Paris ."] * 200, tokenizer, **SMALL
+        )
     assert peft_model.lora_null_report.calibration["top_up"]["samples"] > 0
     top_up = [r for r in caplog.records if r.name == "lora_null_core.calibration.selection"]
     assert [r.levelname for r in top_up] == ["WARNING"] and "200 rows of" in top_up[0].getMessage()
@@ -216,6 +240,12 @@ def test_nothing_is_kept_when_the_function_is_not_preserved(make_model, tokenize
 
     write_jsonl(tmp_path / "calib.jsonl", knowledge)
     with pytest.raises(FunctionNotPreservedError, match="Nothing was saved"):
-        init_to_folder(str(saved_model), str(tmp_path / "calib.jsonl"), tmp_path / "out", LoraConfig(r=4),
-                       LoraNullConfig(max_function_error=0.0, **SMALL), device="cpu")
+        init_to_folder(
+            str(saved_model),
+            str(tmp_path / "calib.jsonl"),
+            tmp_path / "out",
+            LoraConfig(r=4),
+            LoraNullConfig(max_function_error=0.0, **SMALL),
+            device="cpu",
+        )
     assert not (tmp_path / "out").exists()

@@ -26,7 +26,12 @@ def train(model, tokenizer, texts, steps=6):
 
 @pytest.mark.parametrize(
     "variant,init,use_rslora,expected_rank",
-    [("v2", "projected", False, 4), ("v1", "projected", False, 8), ("v1", "projected", True, 8), ("v2", "basis", False, 4)],
+    [
+        ("v2", "projected", False, 4),
+        ("v1", "projected", False, 8),
+        ("v1", "projected", True, 8),
+        ("v2", "basis", False, 4),
+    ],
 )
 def test_export_reproduces_the_trained_model_on_the_original_base(
     tmp_path, saved_model, tokenizer, knowledge, task, variant, init, use_rslora, expected_rank
@@ -34,8 +39,12 @@ def test_export_reproduces_the_trained_model_on_the_original_base(
     from lora_null_core import LoraNullConfig
 
     init_to_folder(
-        str(saved_model), knowledge, tmp_path / "init", LoraConfig(r=4, lora_alpha=8, use_rslora=use_rslora),
-        LoraNullConfig(variant=variant, init=init, num_samples=160, holdout_samples=0, batch_size=32), dtype="float32",
+        str(saved_model),
+        knowledge,
+        tmp_path / "init",
+        LoraConfig(r=4, lora_alpha=8, use_rslora=use_rslora),
+        LoraNullConfig(variant=variant, init=init, num_samples=160, holdout_samples=0, batch_size=32),
+        dtype="float32",
     )
     trained = load_initialized(tmp_path / "init", dtype="float32")
     initial_a = {n: p.detach().clone() for n, p in trained.named_parameters() if "lora_A" in n}
@@ -94,14 +103,24 @@ def test_what_a_trainer_saves_is_right_on_the_base_it_names(tmp_path, saved_mode
     from lora_null_core.layout import EXPORT_DIR, RESIDUAL_ADAPTER_DIR
 
     def initialized():
-        model = lora_null_init(load_model(str(saved_model), dtype="float32"), LoraConfig(r=4, lora_alpha=8),
-                               knowledge, tokenizer, variant=variant, num_samples=160, holdout_samples=0, batch_size=32)
+        model = lora_null_init(
+            load_model(str(saved_model), dtype="float32"),
+            LoraConfig(r=4, lora_alpha=8),
+            knowledge,
+            tokenizer,
+            variant=variant,
+            num_samples=160,
+            holdout_samples=0,
+            batch_size=32,
+        )
         model.get_base_model().config.name_or_path = str(saved_model)  # what from_pretrained records
         return model
 
     model = initialized()
     save_initial_adapter(model, tmp_path / "run" / "lora_null_init")
-    assert finish_saved_adapter(tmp_path / "run", tmp_path / "run" / "lora_null_init", final=True) is None  # no weights yet
+    assert (
+        finish_saved_adapter(tmp_path / "run", tmp_path / "run" / "lora_null_init", final=True) is None
+    )  # no weights yet
     batch = train(model, tokenizer, task[:16])
     expected = logits(model, batch.input_ids, batch.attention_mask)
     for folder, final in ((tmp_path / "run" / "checkpoint-6", False), (tmp_path / "run", True)):
@@ -131,8 +150,9 @@ def test_what_a_trainer_saves_is_right_on_the_base_it_names(tmp_path, saved_mode
         with pytest.raises((OSError, ValueError)):  # the named residual base is no model anywhere
             AutoPeftModelForCausalLM.from_pretrained(str(checkpoint))
         export_for_original_base(tmp_path / "run" / "lora_null_init", checkpoint, tmp_path / "checkpoint-export")
-        on_original = PeftModel.from_pretrained(load_model(str(saved_model), dtype="float32"),
-                                                str(tmp_path / "checkpoint-export"))
+        on_original = PeftModel.from_pretrained(
+            load_model(str(saved_model), dtype="float32"), str(tmp_path / "checkpoint-export")
+        )
         assert relative_error(logits(on_original, batch.input_ids, batch.attention_mask), expected) < 1e-5
     else:  # trained on the original weights: the checkpoint itself is the LoRA for the original
         assert checkpoint_base == str(saved_model) and not (checkpoint / EXPORT_DIR).exists()
@@ -141,8 +161,9 @@ def test_what_a_trainer_saves_is_right_on_the_base_it_names(tmp_path, saved_mode
 
 
 @pytest.mark.parametrize("variant,left_out_as", [("v2", "absent"), ("v2", "empty"), ("v1", "absent")])
-def test_a_save_without_the_frozen_lora_a_gets_it_back(tmp_path, saved_model, tokenizer, knowledge, variant,
-                                                      left_out_as):
+def test_a_save_without_the_frozen_lora_a_gets_it_back(
+    tmp_path, saved_model, tokenizer, knowledge, variant, left_out_as
+):
     """Under DeepSpeed ZeRO-3, Transformers' Trainer saves only a PEFT model's trainable parameters: v2's frozen
     lora_A never reaches the file (integration_tests/trl shows it with DeepSpeed), or, where a partitioned parameter
     was saved without gathering, arrives empty. Finishing the save puts the init's A back, in the dtype of the
@@ -153,8 +174,16 @@ def test_a_save_without_the_frozen_lora_a_gets_it_back(tmp_path, saved_model, to
     from lora_null_core.errors import ExportError
     from lora_null_core.io.export import finish_saved_adapter
 
-    model = lora_null_init(load_model(str(saved_model), dtype="float32"), LoraConfig(r=4, lora_alpha=8), knowledge,
-                           tokenizer, variant=variant, num_samples=160, holdout_samples=0, batch_size=32)
+    model = lora_null_init(
+        load_model(str(saved_model), dtype="float32"),
+        LoraConfig(r=4, lora_alpha=8),
+        knowledge,
+        tokenizer,
+        variant=variant,
+        num_samples=160,
+        holdout_samples=0,
+        batch_size=32,
+    )
     init_dir = tmp_path / "run" / "lora_null_init"
     save_initial_adapter(model, init_dir)
     model.save_pretrained(str(tmp_path / "run"))
@@ -180,8 +209,9 @@ def test_finishing_a_pickled_residual_adapter_is_a_clear_error(tmp_path, saved_m
     from lora_null_core.errors import ExportError
     from lora_null_core.io.export import finish_saved_adapter
 
-    init_to_folder(str(saved_model), knowledge, tmp_path / "init", LoraConfig(r=4), LoraNullConfig(variant="v1"),
-                   dtype="float32")
+    init_to_folder(
+        str(saved_model), knowledge, tmp_path / "init", LoraConfig(r=4), LoraNullConfig(variant="v1"), dtype="float32"
+    )
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "adapter_config.json").write_text((tmp_path / "init" / "adapter" / "adapter_config.json").read_text())
@@ -197,8 +227,14 @@ def test_the_init_adapter_names_its_residual_base(tmp_path, saved_model, knowled
 
     from lora_null_core import LoraNullConfig
 
-    init_to_folder(str(saved_model), knowledge, tmp_path / "init", LoraConfig(r=4, lora_alpha=8),
-                   LoraNullConfig(num_samples=160, holdout_samples=0, batch_size=32), dtype="float32")
+    init_to_folder(
+        str(saved_model),
+        knowledge,
+        tmp_path / "init",
+        LoraConfig(r=4, lora_alpha=8),
+        LoraNullConfig(num_samples=160, holdout_samples=0, batch_size=32),
+        dtype="float32",
+    )
     config = json.loads((tmp_path / "init" / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str((tmp_path / "init" / "base").resolve())
     loaded = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "init" / "adapter"), **{DTYPE_KEY: torch.float32})

@@ -18,8 +18,14 @@ def run():
 
 
 def row(err, as_trained=None, saved_exact=True, moved=0.0, kept=0.9, task=0.9):
-    return {"output_rel_err": err, "output_rel_err_as_trained": as_trained, "adapter_max_rel_diff": 0.0 if saved_exact
-            else 0.2, "lora_a_moved": moved, "knowledge_kept": kept, "task_score": task}
+    return {
+        "output_rel_err": err,
+        "output_rel_err_as_trained": as_trained,
+        "adapter_max_rel_diff": 0.0 if saved_exact else 0.2,
+        "lora_a_moved": moved,
+        "knowledge_kept": kept,
+        "task_score": task,
+    }
 
 
 def test_a_reload_is_exact_or_as_plain_lora_or_neither(run):
@@ -54,13 +60,17 @@ def test_a_second_models_rows_sit_beside_the_firsts(run, tmp_path):
     import json
 
     output = tmp_path / "matrix.json"
-    output.write_text(json.dumps({"runs": [{"framework": "trl", "setup": "bf16", "model": "smollm2", "init": "lora_null",
-                                            "status": "pass"}]}))
+    output.write_text(
+        json.dumps(
+            {"runs": [{"framework": "trl", "setup": "bf16", "model": "smollm2", "init": "lora_null", "status": "pass"}]}
+        )
+    )
     for init in ("lora_null", "lora"):
         folder = tmp_path / "work" / "runs" / f"trl-bf16-{init}"
         folder.mkdir(parents=True)
-        (folder / "row.json").write_text(json.dumps({**row(0.0, kept=0.9 if init == "lora_null" else 0.6),
-                                                      "model": "qwen"}))
+        (folder / "row.json").write_text(
+            json.dumps({**row(0.0, kept=0.9 if init == "lora_null" else 0.6), "model": "qwen"})
+        )
     run.collect(argparse.Namespace(work=str(tmp_path / "work"), output=str(output)))
     rows = json.loads(output.read_text())["runs"]
     assert sorted((r["model"], r["status"]) for r in rows) == [("qwen", "pass"), ("smollm2", "pass")]
@@ -135,8 +145,13 @@ def test_two_gpu_setups_start_their_own_two_workers_with_half_the_batch_each(run
     tiny_tokenizer(["a b c"]).save_pretrained(tmp_path / "model")
     (tmp_path / "calibration.jsonl").write_text('{"text": "a"}\n' * 256)
     launched = {}
-    monkeypatch.setattr(run, "run_cli", lambda command, config, work, folder, suffix, after=(): launched.update(
-        command=[*command, *after], config=config) or "")
+    monkeypatch.setattr(
+        run,
+        "run_cli",
+        lambda command, config, work, folder, suffix, after=(): (
+            launched.update(command=[*command, *after], config=config) or ""
+        ),
+    )
     train = {"axolotl": run.train_axolotl, "llamafactory": run.train_llamafactory}[framework]
     batch_key = {"axolotl": "micro_batch_size", "llamafactory": "per_device_train_batch_size"}[framework]
     for setup, workers in (("bf16", 1), ("ddp2", 2), ("zero3_2", 2)):

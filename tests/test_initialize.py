@@ -248,10 +248,12 @@ def test_the_peft_native_entry_matches_lora_null_init(make_model, tokenizer, kno
 
     targets = ["q_proj", "v_proj", "down_proj"]
     config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
-    native = initialize_lora_null_weights(get_peft_model(make_model("llama"), config), knowledge[:200], tokenizer,
-                                          **SMALL)
-    direct = lora_null_init(make_model("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=targets),
-                            knowledge[:200], tokenizer, **SMALL)
+    native = initialize_lora_null_weights(
+        get_peft_model(make_model("llama"), config), knowledge[:200], tokenizer, **SMALL
+    )
+    direct = lora_null_init(
+        make_model("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=targets), knowledge[:200], tokenizer, **SMALL
+    )
     native_layers, direct_layers = lora_layers(native, "default"), lora_layers(direct, "default")
     assert native_layers.keys() == direct_layers.keys()
     for name, layer in native_layers.items():

@@ -16,17 +16,28 @@ from lora_null_core.frontends.framework_config import (
 
 
 def test_every_field_is_reachable_by_prefix_or_nested_block():
-    values = {"lora_null_solver": "eigh32", "lora_null_a_scale": 3, "lora_null_covariance_weighting": "per_sample_max",
-              "lora_null": {"accumulate_dtype": "float64", "min_tokens_per_dim": 0.5}, "learning_rate": 1e-4}
+    values = {
+        "lora_null_solver": "eigh32",
+        "lora_null_a_scale": 3,
+        "lora_null_covariance_weighting": "per_sample_max",
+        "lora_null": {"accumulate_dtype": "float64", "min_tokens_per_dim": 0.5},
+        "learning_rate": 1e-4,
+    }
     config = config_from_mapping(values)
-    assert (config.solver, config.a_scale, config.covariance_weighting, config.accumulate_dtype,
-            config.min_tokens_per_dim) == ("eigh32", 3, "per_sample_max", "float64", 0.5)
+    assert (
+        config.solver,
+        config.a_scale,
+        config.covariance_weighting,
+        config.accumulate_dtype,
+        config.min_tokens_per_dim,
+    ) == ("eigh32", 3, "per_sample_max", "float64", 0.5)
     assert {f.name for f in config_fields()} == {f.name for f in dataclasses.fields(LoraNullConfig)}
 
 
 def test_unset_keys_take_the_frameworks_fallback_then_the_configs_default():
-    config = config_from_mapping({"lora_null_max_length": None, "lora_null_seed": 7}, fallbacks={"max_length": 2048,
-                                                                                                  "seed": 1})
+    config = config_from_mapping(
+        {"lora_null_max_length": None, "lora_null_seed": 7}, fallbacks={"max_length": 2048, "seed": 1}
+    )
     assert config.max_length == 2048 and config.seed == 7 and config.num_samples == LoraNullConfig().num_samples
 
 
@@ -60,7 +71,8 @@ def test_the_training_set_is_the_task_data_by_default_wherever_knowledge_text_is
     training = Tokenized([{"input_ids": [1, 2]}] * 3)
     read = lambda source: ("read", source)  # noqa: E731
     choose = lambda setting, calibration="k.jsonl", dataset=training: task_data_for(  # noqa: E731
-        setting, calibration, lambda: dataset, tokenizer=None, read=read)
+        setting, calibration, lambda: dataset, tokenizer=None, read=read
+    )
     for unset in (None, "auto"):
         chosen = choose(unset)
         assert isinstance(chosen, TokenizedRows) and chosen.dataset is training and len(chosen) == 3
@@ -84,15 +96,19 @@ def test_request_validation_is_the_same_for_every_front_end():
     with pytest.raises(ConfigError, match="'pissa' is not an init"):
         lora_null_request({"adapter_init": "pissa"})
     with pytest.raises(ConfigError, match="set peft_use_dora: false"):
-        lora_null_request({"adapter_init": "lora_null", "lora_null_calibration": "k"}, dora=True,
-                          dora_key="peft_use_dora")
-    assert lora_null_request({"adapter_init": "lora_null", "lora_null_calibration": "k"}, quantized=True) == \
-        LoraNullConfig()  # QLoRA: the default trains on the untouched (quantized) original weights
+        lora_null_request(
+            {"adapter_init": "lora_null", "lora_null_calibration": "k"}, dora=True, dora_key="peft_use_dora"
+        )
+    assert (
+        lora_null_request({"adapter_init": "lora_null", "lora_null_calibration": "k"}, quantized=True)
+        == LoraNullConfig()
+    )  # QLoRA: the default trains on the untouched (quantized) original weights
     for residual in ({"lora_null_variant": "v1"}, {"lora_null_train_base": "residual"}):
         with pytest.raises(ConfigError, match="a quantized base cannot hold"):
             lora_null_request({"adapter_init": "lora_null", "lora_null_calibration": "k", **residual}, quantized=True)
-    basis = lora_null_request({"adapter_init": "lora_null", "lora_null_calibration": "k", "lora_null_init": "basis"},
-                              quantized=True)
+    basis = lora_null_request(
+        {"adapter_init": "lora_null", "lora_null_calibration": "k", "lora_null_init": "basis"}, quantized=True
+    )
     assert basis.init == "basis"
 
 

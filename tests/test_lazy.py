@@ -34,7 +34,9 @@ def test_disk_offload_writes_the_same_init_as_memory(make_model, tokenizer, know
     memory = init_to_folder(str(model_dir), knowledge[:200], tmp_path / "memory", lora, config, **kwargs)
 
     assert disk.function_error < 1e-5
-    assert [layer.leakage for layer in disk.layers] == pytest.approx([layer.leakage for layer in memory.layers], abs=1e-6)
+    assert [layer.leakage for layer in disk.layers] == pytest.approx(
+        [layer.leakage for layer in memory.layers], abs=1e-6
+    )
     on_disk, in_memory = base_tensors(tmp_path / "disk"), base_tensors(tmp_path / "memory")
     assert on_disk.keys() == in_memory.keys()
     for key, tensor in in_memory.items():
@@ -55,8 +57,9 @@ def test_disk_offload_needs_a_local_safetensors_folder(tmp_path, tokenizer, know
     tokenizer.save_pretrained(tmp_path / "empty")
     tiny_config("llama", len(tokenizer)).save_pretrained(tmp_path / "empty")
     with pytest.raises(LoraNullError, match="no safetensors checkpoint"):
-        init_to_folder(str(tmp_path / "empty"), knowledge, tmp_path / "out", LoraConfig(r=4), offload="disk",
-                       device="cpu")
+        init_to_folder(
+            str(tmp_path / "empty"), knowledge, tmp_path / "out", LoraConfig(r=4), offload="disk", device="cpu"
+        )
     assert not (tmp_path / "out").exists()
     with pytest.raises(LoraNullError, match="local checkpoint folder"):  # refused before any download
         init_to_folder("org/not-a-folder", knowledge, tmp_path / "out", LoraConfig(r=4), offload="disk")
@@ -85,6 +88,13 @@ def test_disk_offload_holds_one_block_at_a_time(make_model, tokenizer, knowledge
     monkeypatch.setattr(workflow, "empty_model", empty)
     make_model("llama", layers=3).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    init_to_folder(str(tmp_path / "model"), knowledge[:200], tmp_path / "out", LoraConfig(r=4), offload="disk",
-                   dtype="float32", device="cpu")
+    init_to_folder(
+        str(tmp_path / "model"),
+        knowledge[:200],
+        tmp_path / "out",
+        LoraConfig(r=4),
+        offload="disk",
+        dtype="float32",
+        device="cpu",
+    )
     assert seen == [[0], [1], [2]]

@@ -10,7 +10,9 @@ from lora_null_core.null_space import basis_factors, effective_rank, null_basis,
 
 def random_covariance(d=24, rank=16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(200, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, d, generator=g, dtype=torch.float64)
+    x = torch.randn(200, rank, generator=g, dtype=torch.float64) @ torch.randn(
+        rank, d, generator=g, dtype=torch.float64
+    )
     return x.T @ x + 1e-3 * torch.eye(d, dtype=torch.float64)
 
 

@@ -105,15 +105,67 @@ def test_weights_that_are_not_all_here_are_refused_by_name(make_model, tokenizer
 def test_cli_init_and_inspect_without_calibration(saved_model, tmp_path, capsys):
     from lora_null_core.frontends.cli import main
 
-    assert main(["init", "--model", str(saved_model), "--rank", "4", "--output", str(tmp_path / "init"),
-                 "--num-samples", "160", "--generated-length", "24", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "init",
+                "--model",
+                str(saved_model),
+                "--rank",
+                "4",
+                "--output",
+                str(tmp_path / "init"),
+                "--num-samples",
+                "160",
+                "--generated-length",
+                "24",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     record = json.loads((tmp_path / "init" / "lora_null.json").read_text())
     assert record["calibration"]["source"].startswith("the model's own text (24 tokens")
-    assert main(["init", "--model", str(saved_model), "--rank", "4", "--output", str(tmp_path / "disk"),
-                 "--offload", "disk", "--device", "cpu"]) == 2
+    assert (
+        main(
+            [
+                "init",
+                "--model",
+                str(saved_model),
+                "--rank",
+                "4",
+                "--output",
+                str(tmp_path / "disk"),
+                "--offload",
+                "disk",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     assert "--offload disk never holds the whole model" in capsys.readouterr().err
-    assert main(["inspect", "--model", str(saved_model), "--output", str(tmp_path / "report"), "--num-samples", "160",
-                 "--generated-length", "24", "--init-dir", str(tmp_path / "init"), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "inspect",
+                "--model",
+                str(saved_model),
+                "--output",
+                str(tmp_path / "report"),
+                "--num-samples",
+                "160",
+                "--generated-length",
+                "24",
+                "--init-dir",
+                str(tmp_path / "init"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert "the model&#x27;s own text" in (tmp_path / "report" / "report.html").read_text()
 
 

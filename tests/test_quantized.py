@@ -26,8 +26,9 @@ QUANTIZATIONS = {
 def load_quantized(folder, kind):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(**QUANTIZATIONS[kind]),
-                                                device_map="cpu")
+    return AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=BitsAndBytesConfig(**QUANTIZATIONS[kind]), device_map="cpu"
+    )
 
 
 @pytest.mark.parametrize("kind", ["nf4", "fp4", "int8"])
@@ -56,8 +57,9 @@ def test_default_and_basis_on_a_quantized_base(saved_model, tokenizer, knowledge
         assert not a.requires_grad and b.requires_grad and torch.all(b == 0)
         if init == "projected":  # A is the projected factor of this layer's dequantized weight (up to row signs)
             basis = torch.linalg.qr(a.double().T).Q
-            expected = projected_factors(float_weight(layer.get_base_layer()).double(), basis,
-                                         layer.scaling["default"])[0]
+            expected = projected_factors(
+                float_weight(layer.get_base_layer()).double(), basis, layer.scaling["default"]
+            )[0]
             scaled = a.double() / report.config["a_scale"]
             signs = torch.sign((expected * scaled).sum(1, keepdim=True))
             assert relative_error(expected * signs, scaled) < 1e-4, name
@@ -66,8 +68,9 @@ def test_default_and_basis_on_a_quantized_base(saved_model, tokenizer, knowledge
 def test_a_quantized_base_trains_and_reloads_the_standard_way(saved_model, tokenizer, knowledge, task, tmp_path):
     peft_model = get_peft_model(load_quantized(saved_model, "nf4"), LoraConfig(r=4, init_lora_weights=False))
     initialize_lora_null_weights(peft_model, knowledge, tokenizer, LoraNullConfig(**SMALL))
-    frozen_a = {n: layer.lora_A["default"].weight.detach().clone()
-                for n, layer in lora_layers(peft_model, "default").items()}
+    frozen_a = {
+        n: layer.lora_A["default"].weight.detach().clone() for n, layer in lora_layers(peft_model, "default").items()
+    }
     batch = tokenizer(task[:8], return_tensors="pt", padding=True)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     peft_model.train()

@@ -20,14 +20,17 @@ def with_trained_default(make_model, tokenizer):
     torch.manual_seed(0)
     for layer in lora_layers(model, "default").values():
         torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
-    model.add_adapter("second", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
-                                           init_lora_weights=False))
+    model.add_adapter(
+        "second", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    )
     return model
 
 
 def factors(model, name):
-    return {k: (layer.lora_A[name].weight.detach().clone(), layer.lora_B[name].weight.detach().clone())
-            for k, layer in lora_layers(model, name).items()}
+    return {
+        k: (layer.lora_A[name].weight.detach().clone(), layer.lora_B[name].weight.detach().clone())
+        for k, layer in lora_layers(model, name).items()
+    }
 
 
 def test_the_adapter_named_is_initialized_and_checked_not_the_active_one(make_model, tokenizer, knowledge):
@@ -60,9 +63,9 @@ def test_a_refused_init_leaves_the_adapter_as_it_was(make_model, tokenizer, know
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     weights = {k: layer.get_base_layer().weight.detach().clone() for k, layer in lora_layers(model, "second").items()}
     with pytest.raises(FunctionNotPreservedError):  # a tolerance no init meets
-        initialize_lora_null_weights(model, knowledge, tokenizer, SETTINGS.replace(max_function_error=0.0,
-                                                                                   variant="v1"),
-                                     adapter_name="second")
+        initialize_lora_null_weights(
+            model, knowledge, tokenizer, SETTINGS.replace(max_function_error=0.0, variant="v1"), adapter_name="second"
+        )
     for key, (a, b) in factors(model, "second").items():
         assert torch.equal(a, before[key][0]) and torch.equal(b, before[key][1]), key
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads

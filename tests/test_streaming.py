@@ -26,7 +26,9 @@ def test_streaming_matches_the_whole_model_pass(make_model, tokenizer, knowledge
     assert streamed.lora_null_report.function_error_measure == "last_block_output"
     assert whole.lora_null_report.function_error_measure == "logits"
     assert streamed.lora_null_report.function_error < 1e-5
-    for (name, s_layer), (_, w_layer) in zip(lora_layers(streamed, "default").items(), lora_layers(whole, "default").items()):
+    for (name, s_layer), (_, w_layer) in zip(
+        lora_layers(streamed, "default").items(), lora_layers(whole, "default").items()
+    ):
         s_delta = s_layer.lora_B["default"].weight @ s_layer.lora_A["default"].weight
         w_delta = w_layer.lora_B["default"].weight @ w_layer.lora_A["default"].weight
         assert (s_delta - w_delta).norm() <= 1e-4 * w_delta.norm(), name
@@ -61,9 +63,17 @@ def test_prefetched_offload_gives_the_same_init_as_plain_moves(make_model, token
     results = []
     for loader in (block_loaders.MoveToDevice(), None):  # None: the default, PrefetchToDevice here
         model = make_model("llama")
-        peft_model = lora_null_init(model, LoraConfig(r=4, lora_alpha=8), knowledge[:200], tokenizer,
-                                    num_samples=160, holdout_samples=0, streaming="on", execution_device="cuda",
-                                    block_loader=loader)
+        peft_model = lora_null_init(
+            model,
+            LoraConfig(r=4, lora_alpha=8),
+            knowledge[:200],
+            tokenizer,
+            num_samples=160,
+            holdout_samples=0,
+            streaming="on",
+            execution_device="cuda",
+            block_loader=loader,
+        )
         assert all(p.device.type == "cpu" for p in peft_model.parameters())  # every block went home
         results.append({k: v.detach().clone() for k, v in peft_model.state_dict().items()})
     assert results[0].keys() == results[1].keys()
@@ -87,13 +97,27 @@ def test_the_init_announces_disjoint_phases_an_observer_can_time(make_model, tok
             self.events.append(("end", name))
 
     with phases.observing(Recorder()) as recorder:
-        lora_null_init(make_model("llama"), LoraConfig(r=4, lora_alpha=8), knowledge[:200], tokenizer,
-                       num_samples=160, holdout_samples=40, streaming="on")
+        lora_null_init(
+            make_model("llama"),
+            LoraConfig(r=4, lora_alpha=8),
+            knowledge[:200],
+            tokenizer,
+            num_samples=160,
+            holdout_samples=40,
+            streaming="on",
+        )
     events = recorder.events
     assert all(events[i][0] == "begin" and events[i + 1] == ("end", events[i][1]) for i in range(0, len(events), 2))
     assert {name for _, name in events} == set(phases.ALL)
-    lora_null_init(make_model("llama"), LoraConfig(r=4, lora_alpha=8), knowledge[:200], tokenizer,
-                   num_samples=160, holdout_samples=0, streaming="on")
+    lora_null_init(
+        make_model("llama"),
+        LoraConfig(r=4, lora_alpha=8),
+        knowledge[:200],
+        tokenizer,
+        num_samples=160,
+        holdout_samples=0,
+        streaming="on",
+    )
     assert recorder.events == events
 
 
@@ -114,20 +138,31 @@ def overlapped_and_sequential(make_model, tokenizer, knowledge, monkeypatch, dev
     results = []
     for overlap in ("on", "off"):
         model = make_model("llama", layers=3).to(device)
-        results.append(lora_null_init(model, LoraConfig(r=4, lora_alpha=8), knowledge[:200], tokenizer,
-                                      num_samples=160, holdout_samples=40, streaming="on", variant=variant,
-                                      overlap=overlap, **settings))
+        results.append(
+            lora_null_init(
+                model,
+                LoraConfig(r=4, lora_alpha=8),
+                knowledge[:200],
+                tokenizer,
+                num_samples=160,
+                holdout_samples=40,
+                streaming="on",
+                variant=variant,
+                overlap=overlap,
+                **settings,
+            )
+        )
     assert any(name.startswith("lora-null-solve") for name in threads)  # the overlapped run used the worker
     return results
 
 
 @pytest.mark.parametrize("variant", ["v2", "v1"])
-def test_solves_overlapped_with_the_next_block_give_the_same_init(make_model, tokenizer, knowledge, monkeypatch,
-                                                                   variant):
+def test_solves_overlapped_with_the_next_block_give_the_same_init(
+    make_model, tokenizer, knowledge, monkeypatch, variant
+):
     """Block i's null bases solved on a worker thread while block i+1 calibrates (`overlap: on`, here on the CPU,
     where auto leaves it off) give exactly the sequential init: factors, residual base, leakage, function error."""
-    overlapped, sequential = overlapped_and_sequential(make_model, tokenizer, knowledge, monkeypatch,
-                                                       variant=variant)
+    overlapped, sequential = overlapped_and_sequential(make_model, tokenizer, knowledge, monkeypatch, variant=variant)
     mine, theirs = overlapped.state_dict(), sequential.state_dict()
     assert mine.keys() == theirs.keys()
     assert all(torch.equal(mine[key], theirs[key]) for key in mine)
@@ -144,8 +179,16 @@ def test_an_error_in_an_overlapped_solve_reaches_the_caller(make_model, tokenize
 
     monkeypatch.setattr(solving, "solve_owned_bases", broken)
     with pytest.raises(torch.linalg.LinAlgError, match="no basis"):
-        lora_null_init(make_model("llama", layers=3), LoraConfig(r=4), knowledge[:200], tokenizer, num_samples=160,
-                       holdout_samples=0, streaming="on", overlap="on")
+        lora_null_init(
+            make_model("llama", layers=3),
+            LoraConfig(r=4),
+            knowledge[:200],
+            tokenizer,
+            num_samples=160,
+            holdout_samples=0,
+            streaming="on",
+            overlap="on",
+        )
 
 
 def test_when_solves_overlap(make_model, monkeypatch):
@@ -206,9 +249,20 @@ def test_without_overlap_a_block_is_done_before_the_next_one_loads(make_model, t
             events.append(("unload", index))
             super().unload(index, block)
 
-    for overlap, expected in (("off", [("load", 0), ("unload", 0), ("load", 1), ("unload", 1)]),
-                              ("on", [("load", 0), ("load", 1), ("unload", 0), ("unload", 1)])):
+    for overlap, expected in (
+        ("off", [("load", 0), ("unload", 0), ("load", 1), ("unload", 1)]),
+        ("on", [("load", 0), ("load", 1), ("unload", 0), ("unload", 1)]),
+    ):
         events.clear()
-        lora_null_init(make_model("llama"), LoraConfig(r=4), knowledge[:200], tokenizer, num_samples=160,
-                       holdout_samples=0, streaming="on", overlap=overlap, block_loader=Recording())
+        lora_null_init(
+            make_model("llama"),
+            LoraConfig(r=4),
+            knowledge[:200],
+            tokenizer,
+            num_samples=160,
+            holdout_samples=0,
+            streaming="on",
+            overlap=overlap,
+            block_loader=Recording(),
+        )
         assert events == expected, overlap

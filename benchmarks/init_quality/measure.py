@@ -33,14 +33,23 @@ def main() -> None:
         model = tiny_model(architecture, len(tokenizer), seed=0)
         with torch.no_grad():
             before = model(**probe).logits
-        peft_model = lora_null_init(model, LoraConfig(r=4, lora_alpha=8), knowledge[:200], tokenizer,
-                                    num_samples=160, holdout_samples=40, batch_size=16).eval()
+        peft_model = lora_null_init(
+            model,
+            LoraConfig(r=4, lora_alpha=8),
+            knowledge[:200],
+            tokenizer,
+            num_samples=160,
+            holdout_samples=40,
+            batch_size=16,
+        ).eval()
         with torch.no_grad():
             after = peft_model(**probe).logits
         error = float((after - before).norm() / before.norm())
         s = peft_model.lora_null_report.summary()
-        print(f"| {architecture} | {error:.1e} | {s['leakage_mean']:.3f} | {s['leakage_random_mean']:.3f} | "
-              f"{s['leakage_holdout_mean']:.3f} | {s['leakage_holdout_random_mean']:.3f} |")
+        print(
+            f"| {architecture} | {error:.1e} | {s['leakage_mean']:.3f} | {s['leakage_random_mean']:.3f} | "
+            f"{s['leakage_holdout_mean']:.3f} | {s['leakage_holdout_random_mean']:.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -51,12 +51,24 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     device = default_device()
-    suite = file_suite(args.model, DATA / "bigbench_qa_wikidata" / "task.json", DATA / "tasks" / "addition.train.jsonl",
-                       DATA / "tasks" / "addition.eval.jsonl", "gpu", Path(args.cache), device, name=args.name)
+    suite = file_suite(
+        args.model,
+        DATA / "bigbench_qa_wikidata" / "task.json",
+        DATA / "tasks" / "addition.train.jsonl",
+        DATA / "tasks" / "addition.eval.jsonl",
+        "gpu",
+        Path(args.cache),
+        device,
+        name=args.name,
+    )
     texts = {"knowledge": [e.text for e in suite.knowledge]}
     for task in TASKS:
-        rows = read_examples(DATA / "tasks" / f"{task}.train.jsonl", ("prompt", "question"), ("answer", "target"),
-                             prompt_format="Question: {}\nAnswer:")
+        rows = read_examples(
+            DATA / "tasks" / f"{task}.train.jsonl",
+            ("prompt", "question"),
+            ("answer", "target"),
+            prompt_format="Question: {}\nAnswer:",
+        )
         texts[task] = [e.prompt + suite.separator + e.targets[0] for e in rows]
     output, rows = Path(args.output), []
     for setting in args.settings.split(","):
@@ -67,16 +79,28 @@ def main(argv=None) -> None:
         try:
             peft_model = lora_null_init(model, lora_config(suite, model), calibration, suite.tokenizer, config)
         except LoraNullError as err:  # e.g. chat prompts on a base model without a chat template
-            rows.append({"model": suite.model, "setting": setting, "overrides": SETTINGS.get(setting, {}),
-                         "error": str(err)})
+            rows.append(
+                {"model": suite.model, "setting": setting, "overrides": SETTINGS.get(setting, {}), "error": str(err)}
+            )
             print(f"{setting:12s} {err}", flush=True)
             continue
         measured = energies(peft_model, suite.tokenizer, texts)
-        rows.append({"model": suite.model, "setting": setting, "overrides": SETTINGS.get(setting, {}),
-                     "calibration": peft_model.lora_null_report.calibration, **measured,
-                     "seconds": round(time.perf_counter() - start, 1), "device": _device_name(device)})
-        print(f"{setting:12s} knowledge {measured['energy_knowledge']:.4f}  "
-              + "  ".join(f"{t} {measured['energy_' + t]:.3f}" for t in TASKS), flush=True)
+        rows.append(
+            {
+                "model": suite.model,
+                "setting": setting,
+                "overrides": SETTINGS.get(setting, {}),
+                "calibration": peft_model.lora_null_report.calibration,
+                **measured,
+                "seconds": round(time.perf_counter() - start, 1),
+                "device": _device_name(device),
+            }
+        )
+        print(
+            f"{setting:12s} knowledge {measured['energy_knowledge']:.4f}  "
+            + "  ".join(f"{t} {measured['energy_' + t]:.3f}" for t in TASKS),
+            flush=True,
+        )
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps({"runs": rows}, indent=1) + "\n")
         del model, peft_model

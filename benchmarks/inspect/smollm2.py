@@ -37,11 +37,40 @@ def main(argv=None) -> None:
     for name, texts in (("calibration", questions[:256]), ("heldout", questions[10_000:10_256])):
         (args.work / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     common = ["--model", str(model), "--device", args.device]
-    assert lora_null(["-q", "init", *common, "--calibration", str(args.work / "calibration.jsonl"), "--rank", "16",
-                      "--output", str(args.work / "init"), "--overwrite"]) == 0
-    assert lora_null(["-q", "inspect", *common, "--calibration", str(args.work / "heldout.jsonl"),
-                      "--init-dir", str(args.work / "init"), "--output", str(args.work / "report"),
-                      "--overwrite"]) == 0
+    assert (
+        lora_null(
+            [
+                "-q",
+                "init",
+                *common,
+                "--calibration",
+                str(args.work / "calibration.jsonl"),
+                "--rank",
+                "16",
+                "--output",
+                str(args.work / "init"),
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
+    assert (
+        lora_null(
+            [
+                "-q",
+                "inspect",
+                *common,
+                "--calibration",
+                str(args.work / "heldout.jsonl"),
+                "--init-dir",
+                str(args.work / "init"),
+                "--output",
+                str(args.work / "report"),
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     if args.docs:
         for chart in ("leakage", "effective_rank"):
             shutil.copy(args.work / "report" / f"{chart}.png", args.docs / f"smollm2_{chart}.png")
@@ -57,9 +86,11 @@ def print_leakage_by_type(report: dict) -> None:
     print(f"{'type':10} {'tokens':>7} {'d_in':>5} {'A':>7} {'random':>7} {'best':>7} {'A min':>7} {'A max':>7}")
     for kind, layers in by_type.items():
         values = {key: [layer[key] for layer in layers] for key in ("leakage", "leakage_random", "leakage_optimum")}
-        print(f"{kind:10} {layers[0]['tokens']:7d} {layers[0]['d_in']:5d} "
-              + " ".join(f"{statistics.median(values[key]):7.3f}" for key in values)
-              + f" {min(values['leakage']):7.4f} {max(values['leakage']):7.3f}")
+        print(
+            f"{kind:10} {layers[0]['tokens']:7d} {layers[0]['d_in']:5d} "
+            + " ".join(f"{statistics.median(values[key]):7.3f}" for key in values)
+            + f" {min(values['leakage']):7.4f} {max(values['leakage']):7.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -70,13 +70,21 @@ def main(argv=None) -> int:
             peaks.append(torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None)
         del model
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    row = {"shape": args.name, "method": "lora_null", "solver": "auto", "gpus": 1, "device": device_name,
-           "seconds": round(min(seconds), 2), "seconds_all": [round(s, 2) for s in seconds],
-           "peak_gpu_gib": round(min(p for p in peaks), 2) if peaks[0] is not None else None,
-           "calibration": f"{len(questions)} qa_wikidata questions", "rank": 16,
-           "note": f"{args.label}: lora_null_core {Path(lora_null_core.__file__).parent}; "
-                   f"{', '.join(f'{k}={v}' for k, v in extra.items()) or 'default batching'}",
-           "command": "python " + " ".join(sys.argv)}
+    row = {
+        "shape": args.name,
+        "method": "lora_null",
+        "solver": "auto",
+        "gpus": 1,
+        "device": device_name,
+        "seconds": round(min(seconds), 2),
+        "seconds_all": [round(s, 2) for s in seconds],
+        "peak_gpu_gib": round(min(p for p in peaks), 2) if peaks[0] is not None else None,
+        "calibration": f"{len(questions)} qa_wikidata questions",
+        "rank": 16,
+        "note": f"{args.label}: lora_null_core {Path(lora_null_core.__file__).parent}; "
+        f"{', '.join(f'{k}={v}' for k, v in extra.items()) or 'default batching'}",
+        "command": "python " + " ".join(sys.argv),
+    }
     print(json.dumps(row))
     out = Path(args.out)
     existing = json.loads(out.read_text()) if out.exists() else {"runs": []}

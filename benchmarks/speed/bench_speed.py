@@ -40,12 +40,30 @@ from lora_null_core import LoraNullConfig, lora_null_init
 from lora_null_core.null_space import null_basis
 
 SHAPES = {
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000),
-    "llama2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                       num_key_value_heads=8, vocab_size=32000),
-    "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512),
+    "llama2-7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ),
+    "llama2-70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=32000,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+    ),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -59,8 +77,14 @@ def word_tokenizer(vocab_size: int):
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", model_input_names=["input_ids", "attention_mask"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_input_names=["input_ids", "attention_mask"],
+    )
 
 
 def random_texts(count: int, length: int, vocab_size: int, seed: int = 0) -> list[str]:
@@ -180,23 +204,40 @@ def batching(args) -> dict:
     return {k: v for k, v in given if v}
 
 
-def time_lora_null(args, texts, tokenizer, solver: str, offload: bool, device: str, cache: str | None = None,
-                   method: str | None = None, own_text: bool = False) -> dict:
+def time_lora_null(
+    args,
+    texts,
+    tokenizer,
+    solver: str,
+    offload: bool,
+    device: str,
+    cache: str | None = None,
+    method: str | None = None,
+    own_text: bool = False,
+) -> dict:
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     blocks = SHAPES[args.shape]["num_hidden_layers"]
     limited = bool(args.max_blocks) and args.max_blocks <= blocks  # weights materialized block by block
     model = build_model(args.shape, "cpu" if offload and not limited else device, dtype, meta_blocks=bool(limited))
     loader = RandomBlocks(dtype, args.max_blocks) if limited else None
-    config = LoraNullConfig(num_samples=args.num_samples, holdout_samples=0, max_length=args.seq_len,
-                            solver=solver, streaming="on", covariance_cache=cache, generated_length=args.seq_len,
-                            **batching(args))
+    config = LoraNullConfig(
+        num_samples=args.num_samples,
+        holdout_samples=0,
+        max_length=args.seq_len,
+        solver=solver,
+        streaming="on",
+        covariance_cache=cache,
+        generated_length=args.seq_len,
+        **batching(args),
+    )
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS)
     reset_peak()
     gpu_sync()
     start = time.perf_counter()
     try:
-        lora_null_init(model, lora, None if own_text else texts, tokenizer, config, execution_device=device,
-                       block_loader=loader)
+        lora_null_init(
+            model, lora, None if own_text else texts, tokenizer, config, execution_device=device, block_loader=loader
+        )
         done = blocks
     except _Done:
         done = args.max_blocks
@@ -205,12 +246,19 @@ def time_lora_null(args, texts, tokenizer, solver: str, offload: bool, device: s
     if done < blocks:  # the setup before the first block is paid once; the blocks' time scales with their number
         setup = loader.first_load - start
         total = setup + (seconds - setup) * blocks / done
-    row = {"method": method or ("lora_null_offload" if offload or limited else "lora_null"), "solver": solver,
-           "seconds": total if done < blocks else seconds, "peak_gpu_gib": peak_gib(), "blocks_timed": done,
-           "seconds_timed": seconds}
+    row = {
+        "method": method or ("lora_null_offload" if offload or limited else "lora_null"),
+        "solver": solver,
+        "seconds": total if done < blocks else seconds,
+        "peak_gpu_gib": peak_gib(),
+        "blocks_timed": done,
+        "seconds_timed": seconds,
+    }
     if done < blocks:
-        row["note"] = (f"{done} of {blocks} blocks timed ({seconds:.1f} s, of which {setup:.1f} s before the first "
-                       "block), the blocks' time extrapolated linearly")
+        row["note"] = (
+            f"{done} of {blocks} blocks timed ({seconds:.1f} s, of which {setup:.1f} s before the first "
+            "block), the blocks' time extrapolated linearly"
+        )
     del model
     return row
 
@@ -227,19 +275,33 @@ def time_lora_null_disk(args, texts, tokenizer, solver: str, device: str) -> dic
         tokenizer.save_pretrained(Path(work) / "model")
         del model
         reset_peak()
-        config = LoraNullConfig(num_samples=args.num_samples, holdout_samples=0, max_length=args.seq_len,
-                                solver=solver, **batching(args))
+        config = LoraNullConfig(
+            num_samples=args.num_samples, holdout_samples=0, max_length=args.seq_len, solver=solver, **batching(args)
+        )
         lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS)
         with HostPeak() as host:
             gpu_sync()
             start = time.perf_counter()
-            init_to_folder(str(Path(work) / "model"), texts, Path(work) / "out", lora, config, dtype="auto",
-                           device=device, offload="disk")
+            init_to_folder(
+                str(Path(work) / "model"),
+                texts,
+                Path(work) / "out",
+                lora,
+                config,
+                dtype="auto",
+                device=device,
+                offload="disk",
+            )
             gpu_sync()
             seconds = time.perf_counter() - start
-    return {"method": "lora_null_disk", "solver": solver, "seconds": seconds, "peak_gpu_gib": peak_gib(),
-            "blocks_timed": SHAPES[args.shape]["num_hidden_layers"],
-            "note": f"reads the checkpoint and writes the init folder; host RSS grew by {host.gib:.1f} GiB at peak (sampled every 50 ms)"}
+    return {
+        "method": "lora_null_disk",
+        "solver": solver,
+        "seconds": seconds,
+        "peak_gpu_gib": peak_gib(),
+        "blocks_timed": SHAPES[args.shape]["num_hidden_layers"],
+        "note": f"reads the checkpoint and writes the init folder; host RSS grew by {host.gib:.1f} GiB at peak (sampled every 50 ms)",
+    }
 
 
 class HostPeak:
@@ -286,7 +348,9 @@ def profile_lora_null(args, texts, tokenizer, solver: str, offload: bool, device
             gpu_sync()
             entry = totals[name]
             entry["seconds"] += time.perf_counter() - self.start
-            entry["peak_gpu_gib"] = peak_gib() if math.isnan(entry["peak_gpu_gib"]) else max(entry["peak_gpu_gib"], peak_gib())
+            entry["peak_gpu_gib"] = (
+                peak_gib() if math.isnan(entry["peak_gpu_gib"]) else max(entry["peak_gpu_gib"], peak_gib())
+            )
             entry["calls"] += 1
 
     with phases.observing(Timer()):
@@ -297,10 +361,24 @@ def profile_lora_null(args, texts, tokenizer, solver: str, offload: bool, device
     other = timed - sum(entry["seconds"] for entry in totals.values())
     # The phases reset the peak counter, so the run's peak is the largest phase peak.
     peak = max((entry["peak_gpu_gib"] for entry in totals.values()), default=float("nan"))
-    return [{"phase": "total", "seconds": timed, "peak_gpu_gib": peak, "calls": 1, "method": row["method"],
-             "blocks_timed": row["blocks_timed"]}, *rows,
-            {"phase": "other (block moves, covariance finalizing, data, PEFT wrapping)", "seconds": other,
-             "peak_gpu_gib": float("nan"), "calls": 0, "method": row["method"]}]
+    return [
+        {
+            "phase": "total",
+            "seconds": timed,
+            "peak_gpu_gib": peak,
+            "calls": 1,
+            "method": row["method"],
+            "blocks_timed": row["blocks_timed"],
+        },
+        *rows,
+        {
+            "phase": "other (block moves, covariance finalizing, data, PEFT wrapping)",
+            "seconds": other,
+            "peak_gpu_gib": float("nan"),
+            "calls": 0,
+            "method": row["method"],
+        },
+    ]
 
 
 def time_corda(args, texts, tokenizer, device: str) -> dict:
@@ -310,8 +388,13 @@ def time_corda(args, texts, tokenizer, device: str) -> dict:
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = build_model(args.shape, device, dtype)
     ids = tokenizer(texts, return_tensors="pt", truncation=True, max_length=args.seq_len)["input_ids"].to(device)
-    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS, init_lora_weights="corda",
-                      corda_config=CordaConfig(corda_method="kpm"))
+    lora = LoraConfig(
+        r=args.rank,
+        lora_alpha=2 * args.rank,
+        target_modules=TARGETS,
+        init_lora_weights="corda",
+        corda_config=CordaConfig(corda_method="kpm"),
+    )
 
     def run_model():  # PEFT's CorDA hook needs batch size 1
         with torch.no_grad():
@@ -323,8 +406,13 @@ def time_corda(args, texts, tokenizer, device: str) -> dict:
     start = time.perf_counter()
     preprocess_corda(model, lora, run_model=run_model)
     gpu_sync()
-    row = {"method": "peft_corda_kpm", "solver": "peft", "seconds": time.perf_counter() - start,
-           "peak_gpu_gib": peak_gib(), "blocks_timed": SHAPES[args.shape]["num_hidden_layers"]}
+    row = {
+        "method": "peft_corda_kpm",
+        "solver": "peft",
+        "seconds": time.perf_counter() - start,
+        "peak_gpu_gib": peak_gib(),
+        "blocks_timed": SHAPES[args.shape]["num_hidden_layers"],
+    }
     return row
 
 
@@ -336,8 +424,10 @@ def solver_check(args, texts, tokenizer, device: str) -> list[dict]:
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = build_model(args.shape, device, dtype)
     block = model.model.layers[0]
-    modules = {f"layer0.{n}": getattr(block.self_attn if n.endswith(("q_proj", "o_proj")) else block.mlp, n)
-               for n in ("q_proj", "o_proj", "gate_proj", "down_proj")}
+    modules = {
+        f"layer0.{n}": getattr(block.self_attn if n.endswith(("q_proj", "o_proj")) else block.mlp, n)
+        for n in ("q_proj", "o_proj", "gate_proj", "down_proj")
+    }
     batches = tokenize_batches(texts, tokenizer, args.seq_len, args.batch_size or 16)
     covariances = collect_covariances(model, modules, batches)
     rows = []
@@ -352,8 +442,15 @@ def solver_check(args, texts, tokenizer, device: str) -> list[dict]:
             c = cov.double()
             energy = float(torch.trace(basis.T @ c @ basis))
             exact_energy = exact_energy if exact_energy is not None else energy
-            rows.append({"covariance": key, "d": cov.shape[0], "solver": solver, "seconds": seconds,
-                         "energy_vs_eigh64": energy / exact_energy if exact_energy > 0 else float("nan")})
+            rows.append(
+                {
+                    "covariance": key,
+                    "d": cov.shape[0],
+                    "solver": solver,
+                    "seconds": seconds,
+                    "energy_vs_eigh64": energy / exact_energy if exact_energy > 0 else float("nan"),
+                }
+            )
     del model
     return rows
 
@@ -361,20 +458,35 @@ def solver_check(args, texts, tokenizer, device: str) -> list[dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-    parser.add_argument("--methods", default="lora_null,peft_corda_kpm",
-                        help="Comma list of lora_null, lora_null_self, lora_null_offload, lora_null_disk, lora_null_cache, peft_corda_kpm, solvers, "
-                        "profile, profile_offload.")
+    parser.add_argument(
+        "--methods",
+        default="lora_null,peft_corda_kpm",
+        help="Comma list of lora_null, lora_null_self, lora_null_offload, lora_null_disk, lora_null_cache, peft_corda_kpm, solvers, "
+        "profile, profile_offload.",
+    )
     parser.add_argument("--cache-root", default=None, help="Temporary folder for lora_null_cache and lora_null_disk.")
     parser.add_argument("--solver", default="auto", help="Comma list of solvers for the lora_null runs.")
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=None, help="Rows per calibration pass (default: the config's).")
-    parser.add_argument("--batch-tokens", type=int, default=None, help="Padded tokens per pass (default: the config's).")
-    parser.add_argument("--overlap", choices=["auto", "on", "off"], default=None,
-                        help="Solve block i while block i+1 calibrates (default: the config's).")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="Rows per calibration pass (default: the config's)."
+    )
+    parser.add_argument(
+        "--batch-tokens", type=int, default=None, help="Padded tokens per pass (default: the config's)."
+    )
+    parser.add_argument(
+        "--overlap",
+        choices=["auto", "on", "off"],
+        default=None,
+        help="Solve block i while block i+1 calibrates (default: the config's).",
+    )
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--max-blocks", type=int, default=0,
-                        help="Materialize random weights one block at a time on the GPU (for models larger than memory) and time the first N blocks.")
+    parser.add_argument(
+        "--max-blocks",
+        type=int,
+        default=0,
+        help="Materialize random weights one block at a time on the GPU (for models larger than memory) and time the first N blocks.",
+    )
     parser.add_argument("--out", default="benchmarks/results/speed.json")
     parser.add_argument("--command", default=None, help="The command line to record (default: this one).")
     args = parser.parse_args(argv)
@@ -391,16 +503,20 @@ def main(argv=None) -> int:
     rows, solver_rows = [], []
     for method in args.methods.split(","):
         if method == "lora_null_self":  # no calibration text: the model samples num_samples × seq-len tokens first
-            rows.append(time_lora_null(args, texts, tokenizer, args.solver.split(",")[0], False, device,
-                                       method=method, own_text=True))
+            rows.append(
+                time_lora_null(
+                    args, texts, tokenizer, args.solver.split(",")[0], False, device, method=method, own_text=True
+                )
+            )
             record(args, rows[-1:], [], device_name, command)
         elif method in ("lora_null", "lora_null_offload"):
             for solver in args.solver.split(","):
                 rows.append(time_lora_null(args, texts, tokenizer, solver, method == "lora_null_offload", device))
                 record(args, rows[-1:], [], device_name, command)
         elif method in ("profile", "profile_offload"):
-            profile_rows = profile_lora_null(args, texts, tokenizer, args.solver.split(",")[0],
-                                             method == "profile_offload", device)
+            profile_rows = profile_lora_null(
+                args, texts, tokenizer, args.solver.split(",")[0], method == "profile_offload", device
+            )
             record_profile(args, profile_rows, device_name, command)
         elif method == "lora_null_disk":
             rows.append(time_lora_null_disk(args, texts, tokenizer, args.solver.split(",")[0], device))
@@ -409,8 +525,18 @@ def main(argv=None) -> int:
             # The same init twice with a covariance cache: the first run writes it, the second only reads it.
             with tempfile.TemporaryDirectory(dir=args.cache_root) as cache:
                 for step in ("write", "hit"):
-                    rows.append(time_lora_null(args, texts, tokenizer, args.solver.split(",")[0], False, device,
-                                               cache, f"lora_null_cache_{step}"))
+                    rows.append(
+                        time_lora_null(
+                            args,
+                            texts,
+                            tokenizer,
+                            args.solver.split(",")[0],
+                            False,
+                            device,
+                            cache,
+                            f"lora_null_cache_{step}",
+                        )
+                    )
                     record(args, rows[-1:], [], device_name, command)
         elif method == "peft_corda_kpm":
             rows.append(time_corda(args, texts, tokenizer, device))
@@ -426,31 +552,50 @@ def main(argv=None) -> int:
         dist.destroy_process_group()
     if not main_process:
         return 0
-    print(f"\n{args.shape}, {args.num_samples}x{args.seq_len} calibration, r={args.rank}, {args.gpus} x {device_name}\n")
+    print(
+        f"\n{args.shape}, {args.num_samples}x{args.seq_len} calibration, r={args.rank}, {args.gpus} x {device_name}\n"
+    )
     print("| method | solver | seconds | peak GPU GiB | note |\n| --- | --- | ---: | ---: | --- |")
     for row in rows:
-        print(f"| {row['method']} | {row['solver']} | {row['seconds']:.1f} | {row['peak_gpu_gib']:.1f} | {row.get('note', '')} |")
+        print(
+            f"| {row['method']} | {row['solver']} | {row['seconds']:.1f} | {row['peak_gpu_gib']:.1f} | {row.get('note', '')} |"
+        )
     corda = next((r for r in rows if r["method"] == "peft_corda_kpm"), None)
     for row in rows:
         if corda and row is not corda:
-            print(f"speed-up of {row['method']} ({row['solver']}) over CorDA-kpm: {corda['seconds'] / row['seconds']:.1f}x")
+            print(
+                f"speed-up of {row['method']} ({row['solver']}) over CorDA-kpm: {corda['seconds'] / row['seconds']:.1f}x"
+            )
     if solver_rows:
         print("\n| covariance | d | solver | seconds | bottom-r energy / eigh64 |\n| --- | ---: | --- | ---: | ---: |")
         for row in solver_rows:
-            print(f"| {row['covariance']} | {row['d']} | {row['solver']} | {row['seconds']:.3f} | {row['energy_vs_eigh64']:.4f} |")
+            print(
+                f"| {row['covariance']} | {row['d']} | {row['solver']} | {row['seconds']:.3f} | {row['energy_vs_eigh64']:.4f} |"
+            )
     return 0
 
 
 def record_profile(args, rows: list[dict], device_name: str, command: str) -> None:
-    print(f"\n| phase ({rows[0]['method']}) | calls | seconds | peak GPU GiB in the phase |\n| --- | ---: | ---: | ---: |")
+    print(
+        f"\n| phase ({rows[0]['method']}) | calls | seconds | peak GPU GiB in the phase |\n| --- | ---: | ---: | ---: |"
+    )
     for row in rows:
         print(f"| {row['phase']} | {row['calls']} | {row['seconds']:.2f} | {row['peak_gpu_gib']:.2f} |")
     out = Path(args.out)
     existing = json.loads(out.read_text()) if out.exists() else {"runs": []}
     existing.setdefault("profiles", []).extend(
-        {**r, "seconds": round(r["seconds"], 3),
-         "peak_gpu_gib": None if math.isnan(r["peak_gpu_gib"]) else round(r["peak_gpu_gib"], 2), "shape": args.shape, "device": device_name, "calibration": f"{args.num_samples}x{args.seq_len}",
-         "rank": args.rank, "command": command} for r in rows)
+        {
+            **r,
+            "seconds": round(r["seconds"], 3),
+            "peak_gpu_gib": None if math.isnan(r["peak_gpu_gib"]) else round(r["peak_gpu_gib"], 2),
+            "shape": args.shape,
+            "device": device_name,
+            "calibration": f"{args.num_samples}x{args.seq_len}",
+            "rank": args.rank,
+            "command": command,
+        }
+        for r in rows
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(existing, indent=1) + "\n")
 
@@ -464,13 +609,21 @@ def record(args, rows: list[dict], solver_rows: list[dict], device_name: str, co
     out = Path(args.out)
     existing = json.loads(out.read_text()) if out.exists() else {"runs": []}
     for row in rows:
-        existing["runs"].append({
-            "shape": args.shape, "method": row["method"], "solver": row["solver"], "gpus": args.gpus, "device": device_name,
-            "seconds": round(row["seconds"], 2),
-            "peak_gpu_gib": None if math.isnan(row["peak_gpu_gib"]) else round(row["peak_gpu_gib"], 2),
-            "calibration": f"{args.num_samples}x{args.seq_len}", "rank": args.rank, "command": command,
-            **({"note": row["note"]} if "note" in row else {}),
-        })
+        existing["runs"].append(
+            {
+                "shape": args.shape,
+                "method": row["method"],
+                "solver": row["solver"],
+                "gpus": args.gpus,
+                "device": device_name,
+                "seconds": round(row["seconds"], 2),
+                "peak_gpu_gib": None if math.isnan(row["peak_gpu_gib"]) else round(row["peak_gpu_gib"], 2),
+                "calibration": f"{args.num_samples}x{args.seq_len}",
+                "rank": args.rank,
+                "command": command,
+                **({"note": row["note"]} if "note" in row else {}),
+            }
+        )
     existing.setdefault("solvers", []).extend(
         {**r, "shape": args.shape, "device": device_name, "command": command} for r in solver_rows
     )

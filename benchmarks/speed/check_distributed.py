@@ -25,9 +25,18 @@ def main() -> None:
     states = {}
     for overlap in ("on", "off"):
         model = tiny_model("llama", len(tokenizer), seed=11).to(f"cuda:{local}")
-        peft_model = lora_null_init(model, LoraConfig(r=4, lora_alpha=8), texts, tokenizer, num_samples=200,
-                                    holdout_samples=40, batch_size=8, streaming="on", overlap=overlap,
-                                    solver="subspace")
+        peft_model = lora_null_init(
+            model,
+            LoraConfig(r=4, lora_alpha=8),
+            texts,
+            tokenizer,
+            num_samples=200,
+            holdout_samples=40,
+            batch_size=8,
+            streaming="on",
+            overlap=overlap,
+            solver="subspace",
+        )
         states[overlap] = {k: v.detach().clone() for k, v in peft_model.state_dict().items()}
     difference = max(float((states["on"][k].double() - states["off"][k].double()).abs().max()) for k in states["on"])
     flat = torch.cat([v.double().flatten() for v in states["on"].values()])

@@ -49,8 +49,12 @@ def save(output: Path, model_path: str | None) -> None:
     run_activation_pass(model, modules, tokenize_batches(questions[:256], tokenizer, 512, 8), collector)
     tensors = {f"covariance.{name}": matrix for name, matrix in collector.result.matrices.items()}
     held_out: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
-    run_activation_pass(model, modules, tokenize_batches(questions[256:], tokenizer, 512, 8),
-                        lambda name, tokens, _ids, _same: held_out[name].append(tokens))
+    run_activation_pass(
+        model,
+        modules,
+        tokenize_batches(questions[256:], tokenizer, 512, 8),
+        lambda name, tokens, _ids, _same: held_out[name].append(tokens),
+    )
     tensors.update({f"heldout.{name}": torch.cat(parts) for name, parts in held_out.items()})
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(output))
     print(f"wrote {output}: {', '.join(f'{k} {tuple(v.shape)}' for k, v in tensors.items())}")
@@ -78,10 +82,14 @@ def run(path: Path, rank: int) -> None:
             seconds = time.perf_counter() - start
             held_out = leakage_from_covariance(basis.T, held_out_covariance)
             exact = exact if exact is not None else held_out
-            random_a = torch.randn(rank, basis.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-            print(f"| {name} | {solver} | {seconds:.3f} | {leakage_from_covariance(basis.T, covariance):.4f} | "
-                  f"{held_out:.4f} | {held_out / exact:.3f} | "
-                  f"{leakage_from_covariance(random_a.to(device), held_out_covariance):.3f} |")
+            random_a = torch.randn(
+                rank, basis.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64
+            )
+            print(
+                f"| {name} | {solver} | {seconds:.3f} | {leakage_from_covariance(basis.T, covariance):.4f} | "
+                f"{held_out:.4f} | {held_out / exact:.3f} | "
+                f"{leakage_from_covariance(random_a.to(device), held_out_covariance):.3f} |"
+            )
 
 
 def main(argv=None) -> int:

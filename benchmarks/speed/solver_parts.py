@@ -46,11 +46,15 @@ def parts(d: int, rank: int = 16, steps: int = 12) -> tuple[float, float, float,
 
 
 def main(widths: list[int]) -> None:
-    print("| width | Cholesky (float64) | 12 × cholesky_solve | 12 × QR | whole solver |\n| ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| width | Cholesky (float64) | 12 × cholesky_solve | 12 × QR | whole solver |\n| ---: | ---: | ---: | ---: | ---: |"
+    )
     for d in widths:
         cholesky, solves, qrs, whole = parts(d)
-        print(f"| {d} | {cholesky * 1e3:.1f} ms | {solves * 1e3:.1f} ms | {qrs * 1e3:.1f} ms | {whole * 1e3:.0f} ms |",
-              flush=True)
+        print(
+            f"| {d} | {cholesky * 1e3:.1f} ms | {solves * 1e3:.1f} ms | {qrs * 1e3:.1f} ms | {whole * 1e3:.0f} ms |",
+            flush=True,
+        )
         torch.cuda.empty_cache()
 
 

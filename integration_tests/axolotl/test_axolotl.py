@@ -20,23 +20,44 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = {  # the example's settings that a tiny CPU run must change; everything else is the example as shipped
-    "sequence_len": 64, "sample_packing": False, "val_set_size": 0, "micro_batch_size": 4,
-    "gradient_accumulation_steps": 1, "max_steps": 6, "learning_rate": 0.01, "optimizer": "adamw_torch",
-    "bf16": False, "tf32": False, "flash_attention": False, "gradient_checkpointing": False,
-    "lora_mlp_kernel": False, "lora_qkv_kernel": False, "lora_o_kernel": False, "lora_dropout": 0.0,
-    "special_tokens": {}, "evals_per_epoch": None, "saves_per_epoch": None, "seed": 0, "save_safetensors": True,
-    "lora_null_num_samples": 128, "lora_null_max_length": 64, "lora_null_text_field": "text",
+    "sequence_len": 64,
+    "sample_packing": False,
+    "val_set_size": 0,
+    "micro_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "max_steps": 6,
+    "learning_rate": 0.01,
+    "optimizer": "adamw_torch",
+    "bf16": False,
+    "tf32": False,
+    "flash_attention": False,
+    "gradient_checkpointing": False,
+    "lora_mlp_kernel": False,
+    "lora_qkv_kernel": False,
+    "lora_o_kernel": False,
+    "lora_dropout": 0.0,
+    "special_tokens": {},
+    "evals_per_epoch": None,
+    "saves_per_epoch": None,
+    "seed": 0,
+    "save_safetensors": True,
+    "lora_null_num_samples": 128,
+    "lora_null_max_length": 64,
+    "lora_null_text_field": "text",
 }
 
 
 def config(workspace, out: Path, **changes) -> Path:
     cfg = yaml.safe_load((REPO / "examples/axolotl/llama-3-lora-null.yml").read_text())
     cfg.update(SMALL)
-    cfg.update(base_model=str(workspace / "model"), tokenizer_type="AutoTokenizer", output_dir=str(out),
-               dataset_prepared_path=str(out.parent / f"{out.name}-prepared"),
-               datasets=[{"path": str(workspace / "task" / "train.jsonl"), "ds_type": "json", "type": "completion"}],
-               lora_null_calibration={"path": str(workspace / "calibration.jsonl"), "ds_type": "json",
-                                      "type": "completion"})
+    cfg.update(
+        base_model=str(workspace / "model"),
+        tokenizer_type="AutoTokenizer",
+        output_dir=str(out),
+        dataset_prepared_path=str(out.parent / f"{out.name}-prepared"),
+        datasets=[{"path": str(workspace / "task" / "train.jsonl"), "ds_type": "json", "type": "completion"}],
+        lora_null_calibration={"path": str(workspace / "calibration.jsonl"), "ds_type": "json", "type": "completion"},
+    )
     cfg.update(changes)
     cfg = {k: v for k, v in cfg.items() if v is not None}
     path = out.parent / f"{out.name}.yml"
@@ -46,11 +67,24 @@ def config(workspace, out: Path, **changes) -> Path:
 
 def axolotl_train(cfg: Path, command: str = "train", *launcher: str) -> subprocess.CompletedProcess:
     bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "AXOLOTL_DO_NOT_TRACK": "1",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled", "CUDA_VISIBLE_DEVICES": "",
-           "OMP_NUM_THREADS": "1"}
-    return subprocess.run([os.path.join(bin_dir, "axolotl"), command, str(cfg), *launcher], env=env,
-                          capture_output=True, text=True, timeout=900, cwd=cfg.parent)
+    env = {
+        **os.environ,
+        "PATH": bin_dir + os.pathsep + os.environ["PATH"],
+        "AXOLOTL_DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.run(
+        [os.path.join(bin_dir, "axolotl"), command, str(cfg), *launcher],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=cfg.parent,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +126,9 @@ def test_v1_output_is_the_export_and_its_residual_adapter_is_set_aside(workspace
     out = tmp_path / "v1"
     result = axolotl_train(config(workspace, out, lora_null_variant="v1", max_steps=3))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert_export_reproduces(workspace / "model", out / "lora_null_init" / "adapter", out / "lora_null_residual_adapter",
-                             out)
+    assert_export_reproduces(
+        workspace / "model", out / "lora_null_init" / "adapter", out / "lora_null_residual_adapter", out
+    )
 
 
 def test_entry_point_activates_without_plugins_line_and_stays_quiet_without_the_key(workspace, tmp_path):
@@ -103,8 +138,9 @@ def test_entry_point_activates_without_plugins_line_and_stays_quiet_without_the_
     with_key = axolotl_train(config(workspace, tmp_path / "entry", plugins=None, max_steps=1))
     assert with_key.returncode == 0, with_key.stderr[-3000:]
     assert (tmp_path / "entry" / "lora_null_init" / "adapter" / "adapter_model.safetensors").exists()
-    plain = axolotl_train(config(workspace, tmp_path / "plain", plugins=None, adapter_init=None, max_steps=1,
-                                 lora_null_calibration=None))
+    plain = axolotl_train(
+        config(workspace, tmp_path / "plain", plugins=None, adapter_init=None, max_steps=1, lora_null_calibration=None)
+    )
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert (tmp_path / "plain" / "adapter_model.safetensors").exists()
     assert not (tmp_path / "plain" / "lora_null_init").exists()
@@ -114,14 +150,26 @@ def test_the_key_alone_on_qlora_samples_the_models_own_text(workspace, tmp_path)
     """`adapter: qlora` with `adapter_init: lora_null` and no other LoRA-Null key: it validates, samples the
     calibration text from the 4-bit model, trains, and v2's lora_A stays as the init wrote it."""
     out = tmp_path / "onekey"
-    result = axolotl_train(config(workspace, out, adapter="qlora", load_in_4bit=True, lora_null_calibration=None,
-                                  lora_null_num_samples=None, lora_null_max_length=None, lora_null_text_field=None,
-                                  max_steps=2))
+    result = axolotl_train(
+        config(
+            workspace,
+            out,
+            adapter="qlora",
+            load_in_4bit=True,
+            lora_null_calibration=None,
+            lora_null_num_samples=None,
+            lora_null_max_length=None,
+            lora_null_text_field=None,
+            max_steps=2,
+        )
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     record = json.loads((out / "lora_null_init" / "lora_null.json").read_text())
     assert record["calibration"]["source"].startswith("the model's own text")
     assert "LoRA-Null init:" in result.stdout + result.stderr  # the summary shows in Axolotl's log
-    init, trained = (load_file(folder / "adapter_model.safetensors") for folder in (out / "lora_null_init" / "adapter", out))
+    init, trained = (
+        load_file(folder / "adapter_model.safetensors") for folder in (out / "lora_null_init" / "adapter", out)
+    )
     assert all(torch.equal(init[k], trained[k]) for k in init if "lora_A" in k)
 
 
@@ -142,8 +190,16 @@ def test_two_processes_through_axolotls_launcher_train_the_adapter_the_init_wrot
     sharded over both and the factors broadcast; rank 0 saves an adapter whose frozen lora_A is the init's, in the
     calibration's null space, right on the base it names."""
     out = tmp_path / "ddp"
-    result = axolotl_train(config(workspace, out, micro_batch_size=2, max_steps=2), "train",
-                           "--launcher", "accelerate", "--", "--cpu", "--num_processes", "2")
+    result = axolotl_train(
+        config(workspace, out, micro_batch_size=2, max_steps=2),
+        "train",
+        "--launcher",
+        "accelerate",
+        "--",
+        "--cpu",
+        "--num_processes",
+        "2",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     init = out / "lora_null_init" / "adapter"
     assert_in_null_space(workspace / "model", calibration_texts(workspace), init)
@@ -160,14 +216,25 @@ def test_every_setting_reaches_the_core_by_key_or_nested_block():
     from lora_null_axolotl.args import LoraNullArgs
     from lora_null_axolotl.plugin import lora_null_config
 
-    raw = {"adapter": "lora", "adapter_init": "lora_null", "lora_null_calibration": "k.jsonl",
-           "lora_null_solver": "eigh32", "lora_null": {"a_scale": 2.0, "train_base": "residual"}, "sequence_len": 96,
-           "seed": 3}
+    raw = {
+        "adapter": "lora",
+        "adapter_init": "lora_null",
+        "lora_null_calibration": "k.jsonl",
+        "lora_null_solver": "eigh32",
+        "lora_null": {"a_scale": 2.0, "train_base": "residual"},
+        "sequence_len": 96,
+        "seed": 3,
+    }
     parsed = LoraNullArgs.model_validate(raw)
     assert parsed.lora_null_solver == "eigh32" and parsed.lora_null == {"a_scale": 2.0, "train_base": "residual"}
     config = lora_null_config(DictDefault(raw))
     assert (config.solver, config.a_scale, config.train_base, config.max_length, config.seed) == (
-        "eigh32", 2.0, "residual", 96, 3)
+        "eigh32",
+        2.0,
+        "residual",
+        96,
+        3,
+    )
     with pytest.raises(ValueError, match="did you mean lora_null_num_samples"):
         LoraNullArgs.model_validate({**raw, "lora_null_num_sample": 8})
     with pytest.raises(ValueError, match="peft_use_dora: false"):

@@ -13,9 +13,27 @@ DATA = Path(__file__).resolve().parents[2] / "benchmarks" / "data"
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("smollm2")
-    code = bench_main(["run", "--suite", "smollm2", "--size", "cpu", "--inits", "lora,lora_null_v2", "--seeds", "0",
-                       "--data-dir", str(DATA), "--output", str(root / "out"), "--cache", str(root / "cache"),
-                       "--device", "cpu"])
+    code = bench_main(
+        [
+            "run",
+            "--suite",
+            "smollm2",
+            "--size",
+            "cpu",
+            "--inits",
+            "lora,lora_null_v2",
+            "--seeds",
+            "0",
+            "--data-dir",
+            str(DATA),
+            "--output",
+            str(root / "out"),
+            "--cache",
+            str(root / "cache"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     return root
 
@@ -44,16 +62,53 @@ def test_frontier_pipeline_on_the_real_model(tmp_path, monkeypatch):
     real_build = frontier.build_adapter
     monkeypatch.setattr(frontier, "build_adapter", lambda init, *a: built.append(init) or real_build(init, *a))
     out = tmp_path / "frontier.json"
-    code = bench_main(["frontier", "--task", "addition", "--size", "cpu", "--inits", "lora,lora_null_x3",
-                       "--lrs", "3e-2,0", "--seeds", "0", "--steps", "2", "--batch-size", "2", "--output", str(out),
-                       "--cache", str(tmp_path / "cache"), "--device", "cpu"])
+    code = bench_main(
+        [
+            "frontier",
+            "--task",
+            "addition",
+            "--size",
+            "cpu",
+            "--inits",
+            "lora,lora_null_x3",
+            "--lrs",
+            "3e-2,0",
+            "--seeds",
+            "0",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--output",
+            str(out),
+            "--cache",
+            str(tmp_path / "cache"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     rows = json.loads(out.read_text())["runs"]
     assert built == ["lora", "lora_null_x3"]
     for row in rows:
-        for key in ("model", "task", "init", "lr", "seed", "steps", "rank", "task_score", "task_score_base",
-                    "knowledge_kept", "knowledge_base_known", "command", "device", "energy_knowledge", "energy_task",
-                    "energy_knowledge_by_type"):
+        for key in (
+            "model",
+            "task",
+            "init",
+            "lr",
+            "seed",
+            "steps",
+            "rank",
+            "task_score",
+            "task_score_base",
+            "knowledge_kept",
+            "knowledge_base_known",
+            "command",
+            "device",
+            "energy_knowledge",
+            "energy_task",
+            "energy_knowledge_by_type",
+        ):
             assert key in row, key
         assert row["task"] == "addition" and row["task_score_base"] == 0.0 and row["knowledge_base_known"] > 0
         assert 0.0 <= row["knowledge_kept"] <= 1.0

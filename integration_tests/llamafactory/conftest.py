@@ -11,11 +11,21 @@ def data_dir(workspace):
     folder = workspace / "lf_data"
     folder.mkdir(exist_ok=True)
     task = [json.loads(line)["text"] for line in (workspace / "task" / "train.jsonl").read_text().splitlines()]
-    (folder / "task.json").write_text(json.dumps(
-        [{"instruction": t.split(" Answer")[0], "input": "", "output": "Answer" + t.split(" Answer")[1]} for t in task]))
+    (folder / "task.json").write_text(
+        json.dumps(
+            [
+                {"instruction": t.split(" Answer")[0], "input": "", "output": "Answer" + t.split(" Answer")[1]}
+                for t in task
+            ]
+        )
+    )
     (folder / "knowledge.jsonl").write_text((workspace / "calibration.jsonl").read_text())
-    (folder / "dataset_info.json").write_text(json.dumps({
-        "task": {"file_name": "task.json"},
-        "knowledge": {"file_name": "knowledge.jsonl", "columns": {"prompt": "text"}},
-    }))
+    (folder / "dataset_info.json").write_text(
+        json.dumps(
+            {
+                "task": {"file_name": "task.json"},
+                "knowledge": {"file_name": "knowledge.jsonl", "columns": {"prompt": "text"}},
+            }
+        )
+    )
     return folder

@@ -29,11 +29,23 @@ def serve_board(workspace, root: Path):
     """`lora-null-llamafactory webui` in `root`, whose data/ holds the task and the knowledge text."""
     shutil.copytree(workspace / "lf_data", root / "data")
     port = free_port()
-    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "DISABLE_VERSION_CHECK": "1", "BROWSER": "true"}
+    env = {
+        **os.environ,
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "HF_HUB_OFFLINE": "1",
+        "DISABLE_VERSION_CHECK": "1",
+        "BROWSER": "true",
+    }
     log = open(root / "webui.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "lora_null_llamafactory.cli", "webui"], env=env, cwd=root,
-                              stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lora_null_llamafactory.cli", "webui"],
+        env=env,
+        cwd=root,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}/"
     for _ in range(240):
         try:
@@ -93,7 +105,8 @@ def fill_board(browser, board, workspace, calibration, output):
 
     def field(label):
         return browser.find_element(
-            By.XPATH, f"//span[normalize-space(text())='{label}']/following::*[self::input or self::textarea][1]")
+            By.XPATH, f"//span[normalize-space(text())='{label}']/following::*[self::input or self::textarea][1]"
+        )
 
     def choose(label, value):
         box = field(label)
@@ -127,8 +140,11 @@ def fill_board(browser, board, workspace, calibration, output):
     browser.find_element(By.XPATH, "//button[normalize-space(.)='Preview command']").click()
     for _ in range(60):
         time.sleep(0.5)
-        found = browser.find_elements(By.XPATH, "//*[contains(text(), 'llamafactory train') or contains(text(), "
-                                                "'llamafactory-cli train')]/ancestor::*[contains(., '--stage')][1]")
+        found = browser.find_elements(
+            By.XPATH,
+            "//*[contains(text(), 'llamafactory train') or contains(text(), "
+            "'llamafactory-cli train')]/ancestor::*[contains(., '--stage')][1]",
+        )
         if found:
             return found[0].text
     return ""
@@ -155,8 +171,13 @@ def test_choosing_lora_null_produces_its_training_arguments(workspace, data_dir,
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "llamaboard_lora_null.png"))
     assert command.startswith("lora-null-llamafactory train"), command
-    for expected in ("--adapter_init lora_null", "--lora_null_variant v2", "--lora_null_calibration knowledge",
-                     "--lora_null_num_samples 256", f"--model_name_or_path {workspace / 'model'}"):
+    for expected in (
+        "--adapter_init lora_null",
+        "--lora_null_variant v2",
+        "--lora_null_calibration knowledge",
+        "--lora_null_num_samples 256",
+        f"--model_name_or_path {workspace / 'model'}",
+    ):
         assert expected in command, command
     assert "--pissa_init True" not in command
 
@@ -209,7 +230,11 @@ def test_the_task_aware_box_is_on_by_default_and_turns_task_data_off():
             get_elem_by_id = staticmethod(lambda elem_id: elem_id)
 
     parse = webui._wrap_parse_train_args(lambda self, data: {"finetuning_type": "lora"})
-    data = {"train.adapter_init": "LoRA-Null v2", "train.lora_null_calibration": "", "train.lora_null_num_samples": 256,
-            "train.lora_null_task_data": True}
+    data = {
+        "train.adapter_init": "LoRA-Null v2",
+        "train.lora_null_calibration": "",
+        "train.lora_null_num_samples": 256,
+        "train.lora_null_task_data": True,
+    }
     assert parse(Runner(), data)["lora_null_task_data"] is None  # the default: the training set with calibration
     assert parse(Runner(), {**data, "train.lora_null_task_data": False})["lora_null_task_data"] == "none"

@@ -19,33 +19,62 @@ from checks import (
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = {  # what a tiny CPU run changes in the shipped example; the LoRA-Null keys stay as shipped
-    "trust_remote_code": False, "lora_rank": 4, "template": "default", "cutoff_len": 64, "max_samples": None,
-    "preprocessing_num_workers": None, "dataloader_num_workers": 0, "logging_steps": 1, "save_steps": 3,
-    "plot_loss": False, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
-    "learning_rate": 0.01, "num_train_epochs": None, "max_steps": 6, "lr_scheduler_type": "constant",
-    "warmup_ratio": 0.0, "bf16": False, "ddp_timeout": None, "seed": 0,
-    "lora_null_num_samples": 128, "lora_null_max_length": 64,
+    "trust_remote_code": False,
+    "lora_rank": 4,
+    "template": "default",
+    "cutoff_len": 64,
+    "max_samples": None,
+    "preprocessing_num_workers": None,
+    "dataloader_num_workers": 0,
+    "logging_steps": 1,
+    "save_steps": 3,
+    "plot_loss": False,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 0.01,
+    "num_train_epochs": None,
+    "max_steps": 6,
+    "lr_scheduler_type": "constant",
+    "warmup_ratio": 0.0,
+    "bf16": False,
+    "ddp_timeout": None,
+    "seed": 0,
+    "lora_null_num_samples": 128,
+    "lora_null_max_length": 64,
 }
 
 
 def config(workspace, data_dir, out: Path, **changes) -> Path:
     cfg = yaml.safe_load((REPO / "examples/llamafactory/llama3_lora_null_sft.yaml").read_text())
     cfg.update(SMALL)
-    cfg.update(model_name_or_path=str(workspace / "model"), dataset="task", dataset_dir=str(data_dir),
-               lora_null_calibration="knowledge", output_dir=str(out))
+    cfg.update(
+        model_name_or_path=str(workspace / "model"),
+        dataset="task",
+        dataset_dir=str(data_dir),
+        lora_null_calibration="knowledge",
+        output_dir=str(out),
+    )
     cfg.update(changes)
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if v is not None}))
     return path
 
 
-def train(cfg: Path, cli: str = "lora-null-llamafactory", command: str = "train",
-          **env_changes: str) -> subprocess.CompletedProcess:
+def train(
+    cfg: Path, cli: str = "lora-null-llamafactory", command: str = "train", **env_changes: str
+) -> subprocess.CompletedProcess:
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
-           "DISABLE_VERSION_CHECK": "1", "CUDA_VISIBLE_DEVICES": "", **env_changes}
-    return subprocess.run([str(bin_dir / cli), command, str(cfg)], env=env,
-                          capture_output=True, text=True, timeout=900, cwd=cfg.parent)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "HF_HUB_OFFLINE": "1",
+        "DISABLE_VERSION_CHECK": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        **env_changes,
+    }
+    return subprocess.run(
+        [str(bin_dir / cli), command, str(cfg)], env=env, capture_output=True, text=True, timeout=900, cwd=cfg.parent
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +103,16 @@ def test_the_output_folder_and_its_checkpoints_are_right_on_the_base_they_name(w
 
 def test_llamafactory_cli_export_gives_the_fine_tuned_model(workspace, trained, tmp_path):
     """LLaMA-Factory's own merge: `llamafactory-cli export` with the run's output as adapter_name_or_path."""
-    cfg = {"model_name_or_path": str(workspace / "model"), "adapter_name_or_path": str(trained), "template": "default",
-           "finetuning_type": "lora", "export_dir": str(tmp_path / "merged"), "export_device": "cpu",
-           "export_legacy_format": False, "trust_remote_code": False}
+    cfg = {
+        "model_name_or_path": str(workspace / "model"),
+        "adapter_name_or_path": str(trained),
+        "template": "default",
+        "finetuning_type": "lora",
+        "export_dir": str(tmp_path / "merged"),
+        "export_device": "cpu",
+        "export_legacy_format": False,
+        "trust_remote_code": False,
+    }
     (tmp_path / "export.yaml").write_text(yaml.safe_dump(cfg))
     result = train(tmp_path / "export.yaml", cli="llamafactory-cli", command="export")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -87,8 +123,9 @@ def test_v1_output_is_the_export_and_its_residual_adapter_is_set_aside(workspace
     out = tmp_path / "v1"
     result = train(config(workspace, data_dir, out, lora_null_variant="v1"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert_export_reproduces(workspace / "model", out / "lora_null_init" / "adapter", out / "lora_null_residual_adapter",
-                             out)
+    assert_export_reproduces(
+        workspace / "model", out / "lora_null_init" / "adapter", out / "lora_null_residual_adapter", out
+    )
     checkpoint = json.loads((out / "checkpoint-3" / "adapter_config.json").read_text())
     assert checkpoint["base_model_name_or_path"].startswith("lora-null residual base of")
 
@@ -119,8 +156,9 @@ def test_with_knowledge_text_the_training_set_is_the_task_data_by_default(worksp
 
 
 def test_without_the_key_it_is_plain_lora(workspace, data_dir, tmp_path):
-    result = train(config(workspace, data_dir, tmp_path / "plain", adapter_init=None, lora_null_calibration=None,
-                          max_steps=1))
+    result = train(
+        config(workspace, data_dir, tmp_path / "plain", adapter_init=None, lora_null_calibration=None, max_steps=1)
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "plain" / "adapter_model.safetensors").exists()
     assert not (tmp_path / "plain" / "lora_null_init").exists()
@@ -142,10 +180,17 @@ def test_every_lora_null_setting_is_a_llamafactory_key():
     """Generated from LoraNullConfig: settings the old hand-written keys never reached (solver, text_field, seed)."""
     from lora_null_llamafactory.args import LoraNullFinetuningArguments
 
-    args = LoraNullFinetuningArguments(finetuning_type="lora", adapter_init="lora_null", lora_null_calibration="k",
-                                       lora_null_solver="eigh32", lora_null_text_field="question", lora_null_seed=4)
+    args = LoraNullFinetuningArguments(
+        finetuning_type="lora",
+        adapter_init="lora_null",
+        lora_null_calibration="k",
+        lora_null_solver="eigh32",
+        lora_null_text_field="question",
+        lora_null_seed=4,
+    )
     config = args.lora_null_config()
     assert (config.solver, config.text_field, config.seed, config.variant) == ("eigh32", "question", 4, "v2")
     with pytest.raises(ValueError, match="use_dora: false"):
-        LoraNullFinetuningArguments(finetuning_type="lora", adapter_init="lora_null", lora_null_calibration="k",
-                                    use_dora=True)
+        LoraNullFinetuningArguments(
+            finetuning_type="lora", adapter_init="lora_null", lora_null_calibration="k", use_dora=True
+        )

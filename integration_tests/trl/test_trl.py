@@ -25,11 +25,23 @@ LORA = dict(r=4, lora_alpha=8, target_modules="all-linear")
 
 def trainer_for(workspace, output_dir, variant, **overrides):
     settings = dict(
-        output_dir=str(output_dir), max_steps=5, per_device_train_batch_size=8, learning_rate=5e-3,
-        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, max_length=32, bf16=False,
+        output_dir=str(output_dir),
+        max_steps=5,
+        per_device_train_batch_size=8,
+        learning_rate=5e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        max_length=32,
+        bf16=False,
         gradient_checkpointing=False,  # trl 0.24 turns it on; reentrant checkpointing and DDP clash on CPU
-        adapter_init="lora_null", lora_null_calibration=str(workspace / "calibration.jsonl"),
-        lora_null_num_samples=200, lora_null_holdout_samples=40, lora_null_variant=variant,
+        adapter_init="lora_null",
+        lora_null_calibration=str(workspace / "calibration.jsonl"),
+        lora_null_num_samples=200,
+        lora_null_holdout_samples=40,
+        lora_null_variant=variant,
     )
     args = LoraNullSFTConfig(**{**settings, **overrides})
     return LoraNullSFTTrainer(
@@ -50,8 +62,11 @@ def free_port():
 
 
 def adapter_state(model):
-    return {f"{name}.{part}": getattr(layer, part)["default"].weight.detach().clone()
-            for name, layer in lora_layers(model, "default").items() for part in ("lora_A", "lora_B")}
+    return {
+        f"{name}.{part}": getattr(layer, part)["default"].weight.detach().clone()
+        for name, layer in lora_layers(model, "default").items()
+        for part in ("lora_A", "lora_B")
+    }
 
 
 def logits(model, ids):
@@ -68,8 +83,10 @@ def test_sft_trainer_trains_a_lora_null_adapter_and_exports_it(workspace, tmp_pa
     # Step 0 is exactly what the core produces for the same model, data and settings: by default, beside the
     # calibration file, the training set as the trainer tokenized it is the task data.
     core = lora_null_init(
-        AutoModelForCausalLM.from_pretrained(workspace / "model", dtype=torch.float32), LoraConfig(**LORA),
-        str(workspace / "calibration.jsonl"), AutoTokenizer.from_pretrained(workspace / "model"),
+        AutoModelForCausalLM.from_pretrained(workspace / "model", dtype=torch.float32),
+        LoraConfig(**LORA),
+        str(workspace / "calibration.jsonl"),
+        AutoTokenizer.from_pretrained(workspace / "model"),
         LoraNullConfig(variant=variant, num_samples=200, holdout_samples=40),
         task_data=TokenizedRows(trainer.train_dataset, trainer.processing_class),
     )
@@ -129,42 +146,71 @@ def test_a_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_one_does(wo
 
 def test_trl_yaml_cli(workspace, tmp_path):
     config = {
-        "model_name_or_path": str(workspace / "model"), "dataset_name": str(workspace / "task"),
-        "output_dir": str(tmp_path / "cli-run"), "max_steps": 3, "per_device_train_batch_size": 8,
-        "use_peft": True, "lora_r": 4, "lora_alpha": 8, "lora_target_modules": "all-linear",
-        "report_to": "none", "use_cpu": True, "save_strategy": "no", "max_length": 32, "dtype": "float32", "bf16": False,
-        "adapter_init": "lora_null", "lora_null_calibration": str(workspace / "calibration.jsonl"),
-        "lora_null_num_samples": 150, "lora_null_variant": "v2", "lora_null_covariance_cache": str(tmp_path / "cov"),
+        "model_name_or_path": str(workspace / "model"),
+        "dataset_name": str(workspace / "task"),
+        "output_dir": str(tmp_path / "cli-run"),
+        "max_steps": 3,
+        "per_device_train_batch_size": 8,
+        "use_peft": True,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_target_modules": "all-linear",
+        "report_to": "none",
+        "use_cpu": True,
+        "save_strategy": "no",
+        "max_length": 32,
+        "dtype": "float32",
+        "bf16": False,
+        "adapter_init": "lora_null",
+        "lora_null_calibration": str(workspace / "calibration.jsonl"),
+        "lora_null_num_samples": 150,
+        "lora_null_variant": "v2",
+        "lora_null_covariance_cache": str(tmp_path / "cov"),
     }
     (tmp_path / "cfg.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in config.items()) + "\n")
     cli = Path(sys.executable).parent / "lora-null-trl"
-    result = subprocess.run([str(cli), "sft", "--config", str(tmp_path / "cfg.yaml")], capture_output=True,
-                            text=True, timeout=900)
+    result = subprocess.run(
+        [str(cli), "sft", "--config", str(tmp_path / "cfg.yaml")], capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     run = tmp_path / "cli-run"
     config = json.loads((run / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["base_model_name_or_path"] == str(workspace / "model")
     assert json.loads((run / INIT_DIR / "lora_null.json").read_text())["calibration"]["num_samples"] == 150
     assert len(list((tmp_path / "cov").glob("*/index.json"))) == 1  # the YAML key reached the core
-    trained, initial = load_file(str(run / "adapter_model.safetensors")), load_file(str(run / INIT_DIR / "adapter" / "adapter_model.safetensors"))
+    trained, initial = (
+        load_file(str(run / "adapter_model.safetensors")),
+        load_file(str(run / INIT_DIR / "adapter" / "adapter_model.safetensors")),
+    )
     assert all(torch.equal(trained[k], initial[k]) for k in initial if "lora_A" in k)  # v2 kept A frozen
     assert any(not torch.equal(trained[k], initial[k]) for k in initial if "lora_B" in k)
 
 
 def test_yaml_cli_with_the_key_alone_samples_the_models_own_text(workspace, tmp_path):
     """`adapter_init: lora_null` and TRL's own keys, nothing else: the calibration text is the model's own."""
-    config = {"model_name_or_path": str(workspace / "model"), "dataset_name": str(workspace / "task"),
-              "output_dir": str(tmp_path / "run"), "use_peft": True, "adapter_init": "lora_null", "use_cpu": True,
-              "max_steps": 2, "report_to": "none"}
+    config = {
+        "model_name_or_path": str(workspace / "model"),
+        "dataset_name": str(workspace / "task"),
+        "output_dir": str(tmp_path / "run"),
+        "use_peft": True,
+        "adapter_init": "lora_null",
+        "use_cpu": True,
+        "max_steps": 2,
+        "report_to": "none",
+    }
     (tmp_path / "cfg.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in config.items()) + "\n")
     cli = Path(sys.executable).parent / "lora-null-trl"
-    result = subprocess.run([str(cli), "sft", "--config", str(tmp_path / "cfg.yaml")], capture_output=True,
-                            text=True, timeout=900)
+    result = subprocess.run(
+        [str(cli), "sft", "--config", str(tmp_path / "cfg.yaml")], capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"
     record = json.loads((run / INIT_DIR / "lora_null.json").read_text())
     assert record["calibration"]["source"].startswith("the model's own text")
-    trained, initial = load_file(str(run / "adapter_model.safetensors")), load_file(str(run / INIT_DIR / "adapter" / "adapter_model.safetensors"))
+    trained, initial = (
+        load_file(str(run / "adapter_model.safetensors")),
+        load_file(str(run / INIT_DIR / "adapter" / "adapter_model.safetensors")),
+    )
     assert all(torch.equal(trained[k], initial[k]) for k in initial if "lora_A" in k)
 
 
@@ -172,8 +218,22 @@ def test_two_processes_end_with_identical_adapters(workspace, tmp_path):
     script = Path(__file__).with_name("ddp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         str(script), str(workspace), str(tmp_path)], capture_output=True, text=True, timeout=900, env=env,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(script),
+            str(workspace),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     rank0, rank1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
@@ -183,7 +243,9 @@ def test_two_processes_end_with_identical_adapters(workspace, tmp_path):
     assert any("lora_B" in k for k in rank0)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed (scripts/test.sh installs it)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed (scripts/test.sh installs it)"
+)
 @pytest.mark.parametrize("processes", [1, 2])
 def test_zero3_save_holds_the_frozen_lora_a_and_reproduces_the_trained_model(workspace, tmp_path, processes):
     """Under ZeRO-3, Transformers' Trainer saves a PEFT model's trainable parameters only, so v2's frozen lora_A
@@ -193,8 +255,21 @@ def test_zero3_save_holds_the_frozen_lora_a_and_reproduces_the_trained_model(wor
     script = Path(__file__).with_name("zero3_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
-         str(free_port()), str(script), str(workspace), str(tmp_path)], capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_port",
+            str(free_port()),
+            str(script),
+            str(workspace),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
         env=env,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -205,13 +280,16 @@ def test_zero3_save_holds_the_frozen_lora_a_and_reproduces_the_trained_model(wor
     assert a_keys and all(torch.equal(saved[k], initial[k]) for k in a_keys)  # the init's A, as frozen in training
     for name, value in memory["factors"].items():  # and every factor as it was in memory
         assert torch.equal(saved[name.replace(".default", "")], value), name
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(workspace / "model",
-                                                                           dtype=torch.float32), tmp_path / "adapter")
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(workspace / "model", dtype=torch.float32), tmp_path / "adapter"
+    )
     reloaded = logits(model, torch.arange(3, 19).view(2, 8))
     assert torch.allclose(reloaded, memory["logits"], atol=1e-5), float((reloaded - memory["logits"]).abs().max())
 
 
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed (scripts/test.sh installs it)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed (scripts/test.sh installs it)"
+)
 @pytest.mark.parametrize("processes", [1, 2])
 def test_zero3_with_the_key_alone_samples_the_partitioned_models_own_text(workspace, tmp_path, processes):
     """The key alone used to be refused under ZeRO-3 (the weights are partitions). The own text is now sampled from
@@ -220,18 +298,35 @@ def test_zero3_with_the_key_alone_samples_the_partitioned_models_own_text(worksp
     script = Path(__file__).with_name("zero3_onekey_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
-         str(free_port()), str(script), str(workspace), str(tmp_path)], capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_port",
+            str(free_port()),
+            str(script),
+            str(workspace),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
         env=env,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     texts = json.loads((tmp_path / "texts.json").read_text())
     assert len(texts["whole"]) == 29 and texts["block_by_block"] == texts["whole"]
     record = json.loads((tmp_path / "run" / INIT_DIR / "lora_null.json").read_text())
-    assert record["calibration"]["source"].startswith("the model's own text") and record["calibration"]["top_up"] is None
+    assert (
+        record["calibration"]["source"].startswith("the model's own text") and record["calibration"]["top_up"] is None
+    )
     if processes == 1:
         core = lora_null_init(
-            AutoModelForCausalLM.from_pretrained(workspace / "model", dtype=torch.float32), LoraConfig(**LORA), None,
+            AutoModelForCausalLM.from_pretrained(workspace / "model", dtype=torch.float32),
+            LoraConfig(**LORA),
+            None,
             AutoTokenizer.from_pretrained(workspace / "model"),
             LoraNullConfig(num_samples=24, holdout_samples=5, generated_length=12),
         )
@@ -258,8 +353,12 @@ def test_a_misspelled_key_in_the_yaml_names_the_closest_one(tmp_path):
     example = (Path(__file__).parents[2] / "examples" / "trl" / "sft_lora_null.yaml").read_text()
     (tmp_path / "x.yaml").write_text(example.replace("lora_null_variant:", "lora_null_varient:"))
     assert "lora_null_varient" in (tmp_path / "x.yaml").read_text()
-    result = subprocess.run([sys.executable, "-m", "lora_null_trl.cli", "sft", "--config", str(tmp_path / "x.yaml")],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "lora_null_trl.cli", "sft", "--config", str(tmp_path / "x.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "lora-null-trl: error:" in result.stderr and "did you mean lora_null_variant?" in result.stderr
     assert "Traceback" not in result.stderr
@@ -270,8 +369,17 @@ def test_example_yaml_parses_into_trl_and_lora_null_arguments(tmp_path):
 
     example = Path(__file__).parents[2] / "examples" / "trl" / "sft_lora_null.yaml"
     (tmp_path / "questions.jsonl").write_text('{"text": "Where was Ada Varga born ?"}\n')
-    script_args, config, model_args = TrlParser([ScriptArguments, LoraNullSFTConfig, ModelConfig]).parse_args_and_config(
-        args=["--config", str(example), "--lora_null_calibration", str(tmp_path / "questions.jsonl"), "--use_cpu", "true"]
+    script_args, config, model_args = TrlParser(
+        [ScriptArguments, LoraNullSFTConfig, ModelConfig]
+    ).parse_args_and_config(
+        args=[
+            "--config",
+            str(example),
+            "--lora_null_calibration",
+            str(tmp_path / "questions.jsonl"),
+            "--use_cpu",
+            "true",
+        ]
     )
     assert config.adapter_init == "lora_null" and config.lora_null_variant == "v2"
     assert model_args.use_peft and model_args.lora_r == 16
@@ -289,10 +397,18 @@ def test_bench_trains_a_frontier_point_through_the_plugin(workspace, tmp_path):
     texts = [json.loads(line)["text"] for line in (workspace / "calibration.jsonl").read_text().splitlines()]
     sums = [text.split(" Answer : ") for text in json.loads((workspace / "task.json").read_text())]
     tokenizer = AutoTokenizer.from_pretrained(workspace / "model")
-    suite = Suite(model="tiny", load_base=lambda: AutoModelForCausalLM.from_pretrained(workspace / "model"),
-                  tokenizer=tokenizer, calibration=[Example(t, ("",)) for t in texts[:256]], knowledge=[],
-                  heldout_text=[], task_train=[Example(q + " Answer :", (a,)) for q, a in sums], task_eval=[],
-                  train=TrainSettings(steps=4, batch_size=8, learning_rate=5e-3, max_length=32), rank=4)
+    suite = Suite(
+        model="tiny",
+        load_base=lambda: AutoModelForCausalLM.from_pretrained(workspace / "model"),
+        tokenizer=tokenizer,
+        calibration=[Example(t, ("",)) for t in texts[:256]],
+        knowledge=[],
+        heldout_text=[],
+        task_train=[Example(q + " Answer :", (a,)) for q, a in sums],
+        task_eval=[],
+        train=TrainSettings(steps=4, batch_size=8, learning_rate=5e-3, max_length=32),
+        rank=4,
+    )
     trained, loss = fine_tune_with_trl("lora_null", suite.load_base(), suite, suite.train, 0, tmp_path)
     assert 0 < loss < float("inf")  # the completion tokens carried a loss
     written = PeftModel.from_pretrained(suite.load_base(), str(tmp_path / "run" / INIT_DIR / "adapter"))
@@ -307,8 +423,10 @@ def test_bench_trains_a_frontier_point_through_the_plugin(workspace, tmp_path):
     fine_tune_with_trl("lora_null_plain", suite.load_base(), suite, suite.train, 0, tmp_path / "plain")
     fine_tune_with_trl("lora_null_x1", suite.load_base(), suite, suite.train, 0, tmp_path / "x1")
     assert recorded("plain/run")["calibration"]["task_data"] is None
-    plain, paper = (adapter_state(PeftModel.from_pretrained(suite.load_base(), str(tmp_path / name / "run" / INIT_DIR /
-                                                                                   "adapter"))) for name in ("plain", "x1"))
+    plain, paper = (
+        adapter_state(PeftModel.from_pretrained(suite.load_base(), str(tmp_path / name / "run" / INIT_DIR / "adapter")))
+        for name in ("plain", "x1")
+    )
     for key in (k for k in init if k.endswith("lora_A")):
         torch.testing.assert_close(plain[key], 2 * paper[key])
     with pytest.raises(ValueError, match="runs lora, lora_null"):
@@ -318,16 +436,34 @@ def test_bench_trains_a_frontier_point_through_the_plugin(workspace, tmp_path):
 def test_every_lora_null_setting_is_a_trl_key(tmp_path):
     """The keys are generated from LoraNullConfig: settings no hand-written list reached (solver, a_scale,
     covariance_weighting) arrive, unset ones take the core's defaults and the trainer's seed."""
-    args = LoraNullSFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, seed=5, adapter_init="lora_null",
-                             lora_null_calibration="k.jsonl", lora_null_solver="eigh32", lora_null_a_scale=2.0,
-                             lora_null_covariance_weighting="per_sample_max")
+    args = LoraNullSFTConfig(
+        output_dir=str(tmp_path),
+        report_to=[],
+        use_cpu=True,
+        seed=5,
+        adapter_init="lora_null",
+        lora_null_calibration="k.jsonl",
+        lora_null_solver="eigh32",
+        lora_null_a_scale=2.0,
+        lora_null_covariance_weighting="per_sample_max",
+    )
     config = args.lora_null_config()
-    assert (config.solver, config.a_scale, config.covariance_weighting, config.seed) == ("eigh32", 2.0,
-                                                                                         "per_sample_max", 5)
+    assert (config.solver, config.a_scale, config.covariance_weighting, config.seed) == (
+        "eigh32",
+        2.0,
+        "per_sample_max",
+        5,
+    )
     assert config.num_samples == LoraNullConfig().num_samples
     with pytest.raises(ValueError, match="solver='qr'"):
-        LoraNullSFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, adapter_init="lora_null",
-                          lora_null_calibration="k.jsonl", lora_null_solver="qr")
+        LoraNullSFTConfig(
+            output_dir=str(tmp_path),
+            report_to=[],
+            use_cpu=True,
+            adapter_init="lora_null",
+            lora_null_calibration="k.jsonl",
+            lora_null_solver="qr",
+        )
 
 
 def test_with_knowledge_text_the_training_set_is_the_task_data_by_default(workspace, tmp_path):

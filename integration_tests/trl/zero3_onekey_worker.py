@@ -16,9 +16,18 @@ from zero3_worker import ZERO3  # noqa: E402
 from lora_null_core.calibration import own_text as sampling
 
 workspace, out = Path(sys.argv[1]), Path(sys.argv[2])
-trainer = trainer_for(workspace, out / "run", "v2", max_steps=2, use_cpu=True, deepspeed=ZERO3,
-                      lora_null_calibration=None, lora_null_num_samples=24, lora_null_holdout_samples=5,
-                      lora_null_generated_length=12)
+trainer = trainer_for(
+    workspace,
+    out / "run",
+    "v2",
+    max_steps=2,
+    use_cpu=True,
+    deepspeed=ZERO3,
+    lora_null_calibration=None,
+    lora_null_num_samples=24,
+    lora_null_holdout_samples=5,
+    lora_null_generated_length=12,
+)
 assert hasattr(trainer.model.get_input_embeddings().weight, "ds_id"), "the base is not partitioned: no ZeRO-3"
 config, cpu = trainer.args.lora_null_config(), torch.device("cpu")
 texts = {}

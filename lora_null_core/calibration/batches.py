@@ -22,8 +22,14 @@ class TokenBatch:
         return int(self.attention_mask.sum())
 
 
-def tokenize_batches(texts: Sequence[str], tokenizer: Any, max_length: int, batch_size: Optional[int] = None,
-                     batch_tokens: Optional[int] = None, min_batches: int = 1) -> list[TokenBatch]:
+def tokenize_batches(
+    texts: Sequence[str],
+    tokenizer: Any,
+    max_length: int,
+    batch_size: Optional[int] = None,
+    batch_tokens: Optional[int] = None,
+    min_batches: int = 1,
+) -> list[TokenBatch]:
     """Tokenize, sort by length, right-pad into batches with an attention mask.
 
     Batches are filled up to `batch_tokens` padded tokens (rows × the batch's longest row), so thousands of
@@ -59,6 +65,7 @@ def token_ids(text: str, tokenizer: Any, max_length: int) -> list[int]:
     # A rendered chat template already carries its special tokens; adding them again would double BOS.
     special = not _starts_with_special(text, tokenizer)
     return list(tokenizer(text, truncation=True, max_length=max_length, add_special_tokens=special)["input_ids"])
+
 
 def _starts_with_special(text: str, tokenizer: Any) -> bool:
     bos = getattr(tokenizer, "bos_token", None)

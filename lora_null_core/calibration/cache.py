@@ -102,7 +102,9 @@ class CovarianceCache:
         }
         key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:32]
         model_name = str(getattr(getattr(model, "config", None), "name_or_path", "") or "")
-        return cls(Path(root), key, {**description, "model": model_name, "samples": sum(len(b.input_ids) for b in batches)})
+        return cls(
+            Path(root), key, {**description, "model": model_name, "samples": sum(len(b.input_ids) for b in batches)}
+        )
 
     def has(self, module_names: Sequence[str], device: torch.device) -> bool:
         """True if the entry holds every module's covariance, intact, on every process (all must agree, or the
@@ -161,8 +163,9 @@ class CovarianceCache:
         for file, expected in index.get("files", {}).items():
             path = self.folder / file
             if not path.is_file() or path.stat().st_size != expected["bytes"] or file_crc32(path) != expected["crc32"]:
-                logger.warning("Covariance cache file %s is damaged (size or checksum): recomputing the covariances.",
-                               path)
+                logger.warning(
+                    "Covariance cache file %s is damaged (size or checksum): recomputing the covariances.", path
+                )
                 return False
         return bool(index.get("files"))
 
@@ -184,4 +187,8 @@ class _Writer:
         self.files[file] = {"bytes": path.stat().st_size, "crc32": file_crc32(path)}
         self.group_of.update(covariances.group_of)
         for group in covariances.matrices:
-            self.groups[group] = {"file": file, "tokens": covariances.tokens[group], "samples": covariances.samples[group]}
+            self.groups[group] = {
+                "file": file,
+                "tokens": covariances.tokens[group],
+                "samples": covariances.samples[group],
+            }

@@ -34,4 +34,3 @@ def distinct_contexts(batches: Sequence[TokenBatch]) -> int:
         for ids, mask in zip(batch.input_ids.tolist(), batch.attention_mask.tolist()):
             contexts.add(token for token, real in zip(ids, mask) if real)
     return len(contexts)
-

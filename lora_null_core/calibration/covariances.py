@@ -51,21 +51,21 @@ def add_gram_(matrix: torch.Tensor, x: torch.Tensor, panels: Optional[list[slice
     if not mixed:
         x = x.to(matrix.dtype)
     for rows in panels or [slice(0, matrix.shape[0])]:
-        left, right, target = x[:, rows].T, x[:, rows.start:], matrix[rows, rows.start:]
+        left, right, target = x[:, rows].T, x[:, rows.start :], matrix[rows, rows.start :]
         if mixed:
             try:
                 torch.addmm(target, left, right, out_dtype=torch.float32, out=target)
                 continue
             except (TypeError, RuntimeError, NotImplementedError):  # torch without the mixed-dtype addmm
                 mixed, x = False, x.to(matrix.dtype)
-                left, right = x[:, rows].T, x[:, rows.start:]
+                left, right = x[:, rows].T, x[:, rows.start :]
         target.addmm_(left, right)
 
 
 def mirror_panels_(matrix: torch.Tensor, panels: list[slice]) -> None:
     """Fill the blocks left of the diagonal from those right of it, after `add_gram_` with these panels."""
     for rows in panels[:-1]:
-        matrix[rows.stop:, rows].copy_(matrix[rows, rows.stop:].T)
+        matrix[rows.stop :, rows].copy_(matrix[rows, rows.stop :].T)
 
 
 class CovarianceCollector:
@@ -155,7 +155,9 @@ def _all_reduce(covariances: Covariances) -> None:
     for key in keys:
         all_reduce_sum_(covariances.matrices[key])
     device = covariances.matrices[keys[0]].device
-    counts = torch.tensor([[covariances.tokens[k], covariances.samples[k]] for k in keys], dtype=torch.float64, device=device)
+    counts = torch.tensor(
+        [[covariances.tokens[k], covariances.samples[k]] for k in keys], dtype=torch.float64, device=device
+    )
     all_reduce_sum_(counts)
     for key, (tokens, samples) in zip(keys, counts.tolist()):
         covariances.tokens[key], covariances.samples[key] = int(tokens), int(samples)

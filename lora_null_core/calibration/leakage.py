@@ -40,7 +40,7 @@ def leakages_from_covariance(lora_as: Sequence[torch.Tensor], covariance: torch.
     product = torch.zeros_like(stacked)  # stacked · C, summed over C's row chunks
     start = 0
     for rows in row_chunks(covariance):
-        product += stacked[:, start:start + rows.shape[0]] @ rows.to(torch.float64)
+        product += stacked[:, start : start + rows.shape[0]] @ rows.to(torch.float64)
         start += rows.shape[0]
     responses = [part.sum() for part in (product * stacked).split([a.shape[0] for a in lora_as])]
     energies = [part.square().sum() for part in stacked.split([a.shape[0] for a in lora_as])]

@@ -48,17 +48,21 @@ GATHER_WHOLE_SHARE = 0.8
 def describe_own_text(config: LoraNullConfig) -> str:
     """How the text was drawn: what the report and `inspect` show as the calibration source."""
     start = "the BOS token" if config.generated_prompt == "bos" else "neutral requests through the chat template"
-    return (f"the model's own text ({config.generated_length} tokens at most per sample, from {start}, "
-            f"temperature {config.generated_temperature:g}, top-p {config.generated_top_p:g}, seed {config.seed})")
+    return (
+        f"the model's own text ({config.generated_length} tokens at most per sample, from {start}, "
+        f"temperature {config.generated_temperature:g}, top-p {config.generated_top_p:g}, seed {config.seed})"
+    )
 
 
-def own_text(peft_model: nn.Module, tokenizer: Any, config: LoraNullConfig, device: torch.device,
-             count: Optional[int] = None) -> CalibrationRows:
+def own_text(
+    peft_model: nn.Module, tokenizer: Any, config: LoraNullConfig, device: torch.device, count: Optional[int] = None
+) -> CalibrationRows:
     """`count` texts (default num_samples + holdout_samples) sampled from the model (with a PeftModel, its adapter
     off)."""
     if tokenizer is None:
-        raise LoraNullError("Generating calibration text needs the model's tokenizer; pass it (or pass calibration "
-                            "text).")
+        raise LoraNullError(
+            "Generating calibration text needs the model's tokenizer; pass it (or pass calibration text)."
+        )
     count = config.num_samples + config.holdout_samples if count is None else count
     rank, world = rank_and_world()
     share = len(range(rank, count, world))
@@ -90,8 +94,10 @@ def _prompts(tokenizer: Any, config: LoraNullConfig, first: int, count: int) -> 
     """Token ids each sample starts from."""
     if config.generated_prompt == "chat":
         if not getattr(tokenizer, "chat_template", None):
-            raise LoraNullError("generated_prompt 'chat' needs a tokenizer with a chat template, and this one has "
-                                "none; use generated_prompt 'bos', or pass calibration text.")
+            raise LoraNullError(
+                "generated_prompt 'chat' needs a tokenizer with a chat template, and this one has "
+                "none; use generated_prompt 'bos', or pass calibration text."
+            )
         prompts = []
         for i in range(first, first + count):
             request = [{"role": "user", "content": NEUTRAL_REQUESTS[i % len(NEUTRAL_REQUESTS)]}]
@@ -100,22 +106,37 @@ def _prompts(tokenizer: Any, config: LoraNullConfig, first: int, count: int) -> 
         return prompts
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
-        raise LoraNullError("The tokenizer has neither a BOS nor an EOS token to start generating from; pass "
-                            "calibration text, or set generated_prompt 'chat' if it has a chat template.")
+        raise LoraNullError(
+            "The tokenizer has neither a BOS nor an EOS token to start generating from; pass "
+            "calibration text, or set generated_prompt 'chat' if it has a chat template."
+        )
     return [[start]] * count
 
 
-def _sample(model: nn.Module, tokenizer: Any, prompts: list[list[int]], config: LoraNullConfig,
-            device: torch.device, in_step: bool = False) -> list[str]:
+def _sample(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    config: LoraNullConfig,
+    device: torch.device,
+    in_step: bool = False,
+) -> list[str]:
     """Batched sampling with a KV cache, left-padded prompts; each text cut at its first EOS. `in_step`: every rank
     runs each forward together (ZeRO-3 may gather inside it), so all take the same batches and decoding steps."""
     from transformers import GenerationConfig
 
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
-    settings = GenerationConfig(do_sample=True, temperature=config.generated_temperature,
-                                top_p=config.generated_top_p, top_k=0, max_new_tokens=config.generated_length,
-                                pad_token_id=pad, eos_token_id=eos, use_cache=True)
+    settings = GenerationConfig(
+        do_sample=True,
+        temperature=config.generated_temperature,
+        top_p=config.generated_top_p,
+        top_k=0,
+        max_new_tokens=config.generated_length,
+        pad_token_id=pad,
+        eos_token_id=eos,
+        use_cache=True,
+    )
     row_tokens = config.generated_length + max((len(p) for p in prompts), default=1)
     rows = rows_per_batch(len(prompts), row_tokens, config.batch_tokens, _cache_budget(model, device, row_tokens))
     if in_step:
@@ -125,17 +146,18 @@ def _sample(model: nn.Module, tokenizer: Any, prompts: list[list[int]], config: 
     model.eval()
     try:
         for start in progress(range(0, len(prompts), rows), "generating calibration text", "batch"):
-            chunk = prompts[start:start + rows]
+            chunk = prompts[start : start + rows]
             width = max(len(p) for p in chunk)
             ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
             with torch.no_grad():
                 # synced_gpus said either way: transformers would turn it on under ZeRO-3 by itself
-                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings,
-                                     synced_gpus=in_step)
+                out = model.generate(
+                    input_ids=ids, attention_mask=mask, generation_config=settings, synced_gpus=in_step
+                )
             for prompt, row in zip(chunk, out[:, width:].tolist()):
                 if eos is not None and eos in row:
-                    row = row[:row.index(eos)]
+                    row = row[: row.index(eos)]
                 texts.append(_text(tokenizer, prompt, row, config))
     finally:
         model.train(was_training)
@@ -192,26 +214,35 @@ def _whole_on(model: nn.Module, device: torch.device) -> Iterator[torch.device]:
             yield params[0].device
         return
     if any(p.is_meta for p in params):
-        raise LoraNullError("The model's weights are not all here (some are on the meta device), and its own text "
-                            "is sampled from the whole model: load the weights, or pass calibration text "
-                            "(lora_null_calibration, or --calibration).")
+        raise LoraNullError(
+            "The model's weights are not all here (some are on the meta device), and its own text "
+            "is sampled from the whole model: load the weights, or pass calibration text "
+            "(lora_null_calibration, or --calibration)."
+        )
     home = params[0].device
-    offloaded = sorted({str(place) for place in (getattr(model, "hf_device_map", None) or {}).values()}
-                       & {"cpu", "disk"})
+    offloaded = sorted(
+        {str(place) for place in (getattr(model, "hf_device_map", None) or {}).values()} & {"cpu", "disk"}
+    )
     if offloaded:  # accelerate's hooks move those weights to the GPU for every decoding step
-        logger.warning("The model is partly offloaded (device_map puts layers on %s), so sampling its own text moves "
-                       "them to the GPU at every token and is slow. Load it whole on the GPU, or pass calibration "
-                       "text (lora_null_calibration, or --calibration).", " and ".join(offloaded))
+        logger.warning(
+            "The model is partly offloaded (device_map puts layers on %s), so sampling its own text moves "
+            "them to the GPU at every token and is slow. Load it whole on the GPU, or pass calibration "
+            "text (lora_null_calibration, or --calibration).",
+            " and ".join(offloaded),
+        )
     if home.type != "cpu" or device.type == "cpu":
         yield home
         return
-    needed = sum(p.numel() * p.element_size() for p in params) + sum(b.numel() * b.element_size() for b in model.buffers())
+    needed = sum(p.numel() * p.element_size() for p in params) + sum(
+        b.numel() * b.element_size() for b in model.buffers()
+    )
     free = torch.cuda.mem_get_info(device)[0]
     if needed > 0.8 * free:
         raise LoraNullError(
             f"The model's own text is sampled from the whole model, whose {needed / 2**30:.1f} GiB of weights are in "
             f"CPU memory and do not fit the {free / 2**30:.1f} GiB free on {device}: pass calibration text "
-            "(lora_null_calibration, or --calibration).")
+            "(lora_null_calibration, or --calibration)."
+        )
     model.to(device)
     try:
         yield device
@@ -232,9 +263,11 @@ def _zero3_gathered(model: nn.Module, device: torch.device) -> Iterator[None]:
         return
     found = block_list(model)
     if found is None:
-        raise LoraNullError(f"The model's own text is sampled from the whole model, whose {whole / 2**30:.1f} GiB "
-                            f"does not fit beside the rest on {device}, and its decoder blocks could not be found to "
-                            "gather one at a time: pass calibration text (lora_null_calibration, or --calibration).")
+        raise LoraNullError(
+            f"The model's own text is sampled from the whole model, whose {whole / 2**30:.1f} GiB "
+            f"does not fit beside the rest on {device}, and its decoder blocks could not be found to "
+            "gather one at a time: pass calibration text (lora_null_calibration, or --calibration)."
+        )
     inside = {id(p) for p in found[1].parameters()}
     with gathered([p for p in params if id(p) not in inside]), _gathered_per_forward(found[1]):
         yield
@@ -252,8 +285,11 @@ def _gathered_per_forward(blocks: nn.ModuleList) -> Iterator[None]:
     def leave(block: nn.Module, *_: Any) -> None:
         held.pop(id(block)).close()
 
-    handles = [hook for block in blocks
-               for hook in (block.register_forward_pre_hook(enter), block.register_forward_hook(leave))]
+    handles = [
+        hook
+        for block in blocks
+        for hook in (block.register_forward_pre_hook(enter), block.register_forward_hook(leave))
+    ]
     try:
         yield
     finally:

@@ -38,8 +38,14 @@ class CalibrationSet:
     top_up: Optional[dict[str, Any]] = None
 
 
-def select_calibration(model: nn.Module, calibration: Optional[CalibrationSource], tokenizer: Any,
-                    config: LoraNullConfig, device: torch.device, widest: int) -> CalibrationSet:
+def select_calibration(
+    model: nn.Module,
+    calibration: Optional[CalibrationSource],
+    tokenizer: Any,
+    config: LoraNullConfig,
+    device: torch.device,
+    widest: int,
+) -> CalibrationSet:
     """`calibration` (None: the model's own text) drawn as `config` says, topped up to `widest` distinct contexts
     when it is short and short_calibration is top_up. Every process draws the same texts (own text is gathered)."""
     if calibration is None:
@@ -52,8 +58,9 @@ def select_calibration(model: nn.Module, calibration: Optional[CalibrationSource
         tokens[0] += len(ids)
         return contexts.add(ids) >= floor
 
-    texts = choose_texts(calibration, tokenizer, config.num_samples, config.holdout_samples, config.seed,
-                         config.text_field, until=enough)
+    texts = choose_texts(
+        calibration, tokenizer, config.num_samples, config.holdout_samples, config.seed, config.text_field, until=enough
+    )
     knowledge = (len(texts.calibration), tokens[0])
     used = f"{knowledge[0]} rows of {texts.source} ({knowledge[1]:,} tokens)"
     if len(contexts) >= floor:
@@ -71,8 +78,13 @@ def select_calibration(model: nn.Module, calibration: Optional[CalibrationSource
     top_up = {"samples": len(added), "tokens": tokens[0] - knowledge[1], "source": drawn.source}
     used += f" + {top_up['samples']} samples of the model's own text ({top_up['tokens']:,} tokens)"
     # Under a quarter of the floor (the old refusal's bar: one text repeated, say) the own text is nearly all of it.
-    logger.log(logging.WARNING if short < floor / 4 else logging.INFO,
-               "The calibration text holds %d distinct contexts, fewer than the %d the widest targeted input takes "
-               "(short_calibration: top_up): calibrating on %s.", short, floor, used)
+    logger.log(
+        logging.WARNING if short < floor / 4 else logging.INFO,
+        "The calibration text holds %d distinct contexts, fewer than the %d the widest targeted input takes "
+        "(short_calibration: top_up): calibrating on %s.",
+        short,
+        floor,
+        used,
+    )
     texts = CalibrationTexts([*texts.calibration, *added], texts.holdout, texts.source)
     return CalibrationSet(texts, used, *knowledge, top_up=top_up)

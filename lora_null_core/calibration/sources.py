@@ -35,8 +35,10 @@ class TokenizedRows(Sequence):
     def __init__(self, dataset: Any, tokenizer: Any, column: str = "input_ids") -> None:
         names = getattr(dataset, "column_names", None)
         if names is not None and column not in names:
-            raise CalibrationDataError(f"The training dataset has no {column!r} column (columns: {', '.join(names)}); "
-                                       "it is read as the trainer tokenized it.")
+            raise CalibrationDataError(
+                f"The training dataset has no {column!r} column (columns: {', '.join(names)}); "
+                "it is read as the trainer tokenized it."
+            )
         self.dataset, self.tokenizer, self.column = dataset, tokenizer, column
 
     def __len__(self) -> int:
@@ -54,8 +56,9 @@ def reading_task_data() -> Iterator[None]:
     try:
         yield
     except CalibrationDataError as err:
-        raise CalibrationDataError(f"Reading the task data (--task-data, task_data=, lora_null_task_data): {err}") \
-            from None
+        raise CalibrationDataError(
+            f"Reading the task data (--task-data, task_data=, lora_null_task_data): {err}"
+        ) from None
 
 
 def load_rows(source: CalibrationSource) -> Sequence[Any]:
@@ -107,8 +110,9 @@ def _load_rows(source: str) -> Sequence[Any]:
         _check_text_file(path)
         return _load_files(_FILE_BUILDERS[path.suffix], str(path), path)
     if path.exists():
-        raise CalibrationDataError(f"Calibration file {path} has an unknown suffix; use .jsonl, .json, .parquet, .csv "
-                                   "or .txt.")
+        raise CalibrationDataError(
+            f"Calibration file {path} has an unknown suffix; use .jsonl, .json, .parquet, .csv or .txt."
+        )
     # Not a local path: treat it as a dataset on the hub ("org/name" or "org/name:split").
     name, _, split = source.partition(":")
     try:
@@ -126,8 +130,9 @@ def _load_files(builder: str, files: Any, path: Path) -> Sequence[Any]:
     try:
         return datasets.load_dataset(builder, data_files=files, split="train")
     except Exception as err:  # noqa: BLE001 - parser errors vary by format and datasets version
-        bad = next(filter(None, map(_bad_jsonl_line, [Path(f) for f in ([files] if isinstance(files, str) else files)])),
-                   None)
+        bad = next(
+            filter(None, map(_bad_jsonl_line, [Path(f) for f in ([files] if isinstance(files, str) else files)])), None
+        )
         raise CalibrationDataError(bad or f"Could not read calibration file {path}: {_first_line(err)}") from err
 
 
@@ -141,8 +146,10 @@ def _bad_jsonl_line(path: Path) -> Optional[str]:
                 try:
                     json.loads(line)
                 except ValueError as err:
-                    return (f"Calibration file {path}, line {number}, is not JSON ({err}): {line.strip()[:80]!r}. "
-                            "Each line of a .jsonl file must be one JSON object.")
+                    return (
+                        f"Calibration file {path}, line {number}, is not JSON ({err}): {line.strip()[:80]!r}. "
+                        "Each line of a .jsonl file must be one JSON object."
+                    )
     return None
 
 
@@ -177,4 +184,3 @@ def describe(source: CalibrationSource) -> str:
     if isinstance(source, (str, os.PathLike)):
         return str(source)
     return f"<{type(source).__name__} of {len(source) if hasattr(source, '__len__') else '?'} rows>"
-

@@ -125,8 +125,12 @@ def run_activation_pass(
         with torch.no_grad(), InputTaps(modules, visit) as taps:
             for batch in progress(list(batches), desc, "batch"):
                 taps.set_batch(batch.attention_mask, batch_counts(batch.attention_mask))  # on the CPU: no sync
-                model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                      use_cache=False, **extra)
+                model(
+                    input_ids=batch.input_ids.to(device),
+                    attention_mask=batch.attention_mask.to(device),
+                    use_cache=False,
+                    **extra,
+                )
     finally:
         model.train(was_training)
 

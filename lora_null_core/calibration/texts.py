@@ -54,7 +54,12 @@ def row_to_text(row: Any, tokenizer: Any, text_field: str) -> str:
 
 
 def choose_texts(
-    source: CalibrationSource, tokenizer: Any, num_samples: int, holdout_samples: int, seed: int, text_field: str,
+    source: CalibrationSource,
+    tokenizer: Any,
+    num_samples: int,
+    holdout_samples: int,
+    seed: int,
+    text_field: str,
     until: Optional[Callable[[str], bool]] = None,
 ) -> CalibrationTexts:
     """Draw `num_samples` calibration texts and up to `holdout_samples` disjoint held-out texts. `until` is told of
@@ -88,4 +93,3 @@ def _texts_in_random_order(rows: Sequence[Any], tokenizer: Any, text_field: str,
         text = row_to_text(rows[index], tokenizer, text_field)
         if text.strip():
             yield text
-

@@ -19,7 +19,21 @@ from .framework_config import (
 from .lifecycle import finish_training, init_dir, initialize_for_training, training_callback
 
 __all__ = [
-    "EXPORT_DIR", "FRONT_END_KEYS", "INIT_DIR", "NESTED_KEY", "PREFIX", "LoraNullCallback", "config_fields",
-    "config_from_mapping", "finish_training", "front_end_help", "init_dir", "initialize_for_training",
-    "load_rows", "lora_null_request", "prefixed_dataclass_fields", "task_data_for", "training_callback",
+    "EXPORT_DIR",
+    "FRONT_END_KEYS",
+    "INIT_DIR",
+    "NESTED_KEY",
+    "PREFIX",
+    "LoraNullCallback",
+    "config_fields",
+    "config_from_mapping",
+    "finish_training",
+    "front_end_help",
+    "init_dir",
+    "initialize_for_training",
+    "load_rows",
+    "lora_null_request",
+    "prefixed_dataclass_fields",
+    "task_data_for",
+    "training_callback",
 ]

@@ -42,8 +42,10 @@ class LoraNullCallback(TrainerCallback):
             if state.global_step == 0:
                 save_initial_adapter(model, init_dir, overwrite=True)
             elif not (init_dir / METADATA_FILE).is_file():
-                raise LoraNullError(f"Resuming a LoRA-Null run needs {init_dir}, written when the run started; it "
-                                    "is gone. Start the run again from step 0.")
+                raise LoraNullError(
+                    f"Resuming a LoRA-Null run needs {init_dir}, written when the run started; it "
+                    "is gone. Start the run again from step 0."
+                )
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if not is_initialized(model) or rank_and_world()[0] != 0:

@@ -51,9 +51,13 @@ def _demo(work: Path, steps: int, rank: int, seed: int) -> dict[str, Any]:
 
     lora_config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear")
     report = init_to_folder(
-        str(work / "model"), str(work / "calibration.jsonl"), work / "init", lora_config,
+        str(work / "model"),
+        str(work / "calibration.jsonl"),
+        work / "init",
+        lora_config,
         LoraNullConfig(variant="v2", num_samples=256, holdout_samples=64, batch_size=32, seed=seed),
-        dtype="float32", device="cpu",
+        dtype="float32",
+        device="cpu",
     )
     original = load_model(str(work / "model"), dtype="float32")
     before = _logits(original, heldout)
@@ -116,13 +120,24 @@ def _train(model: torch.nn.Module, batches: list[TokenBatch], steps: int, seed: 
 def _logits(model: torch.nn.Module, batches) -> torch.Tensor:
     batches = batches if isinstance(batches, list) else [batches]
     with torch.no_grad():
-        return torch.cat([model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[b.attention_mask.bool()] for b in batches])
+        return torch.cat(
+            [
+                model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[b.attention_mask.bool()]
+                for b in batches
+            ]
+        )
 
 
 def _loss(model: torch.nn.Module, batches: list[TokenBatch]) -> float:
     with torch.no_grad():
-        losses = [model(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                        labels=b.input_ids.masked_fill(b.attention_mask == 0, -100)).loss for b in batches]
+        losses = [
+            model(
+                input_ids=b.input_ids,
+                attention_mask=b.attention_mask,
+                labels=b.input_ids.masked_fill(b.attention_mask == 0, -100),
+            ).loss
+            for b in batches
+        ]
     return float(torch.stack(losses).mean())
 
 

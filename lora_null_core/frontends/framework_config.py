@@ -72,7 +72,7 @@ def config_from_mapping(values: Mapping[str, Any], fallbacks: Optional[Mapping[s
         raise ConfigError(f"{NESTED_KEY}: must be a mapping of LoraNullConfig fields, got {type(nested).__name__}.")
     nested = dict(nested or {})
     names = [f.name for f in config_fields()]
-    _refuse_unknown([k[len(PREFIX):] for k in values if isinstance(k, str) and k.startswith(PREFIX)], names, PREFIX)
+    _refuse_unknown([k[len(PREFIX) :] for k in values if isinstance(k, str) and k.startswith(PREFIX)], names, PREFIX)
     _refuse_unknown(list(nested), names, NESTED_KEY + ".")
     chosen: dict[str, Any] = {}
     for name in names:
@@ -80,17 +80,28 @@ def config_from_mapping(values: Mapping[str, Any], fallbacks: Optional[Mapping[s
             if source is not None:
                 chosen[name] = source
                 break
-    both = sorted(n for n in names if nested.get(n) is not None and values.get(PREFIX + n) is not None
-                  and nested[n] != values[PREFIX + n])
+    both = sorted(
+        n
+        for n in names
+        if nested.get(n) is not None and values.get(PREFIX + n) is not None and nested[n] != values[PREFIX + n]
+    )
     if both:
-        raise ConfigError(f"{', '.join(PREFIX + n for n in both)} and the {NESTED_KEY}: block disagree; set each "
-                          "setting in one place.")
+        raise ConfigError(
+            f"{', '.join(PREFIX + n for n in both)} and the {NESTED_KEY}: block disagree; set each "
+            "setting in one place."
+        )
     return LoraNullConfig(**chosen)
 
 
-def lora_null_request(values: Mapping[str, Any], *, fallbacks: Optional[Mapping] = None,
-                      quantized: bool = False, dora: bool = False, dora_key: str = "use_dora",
-                      adapter_key: str = "adapter_init") -> Optional[LoraNullConfig]:
+def lora_null_request(
+    values: Mapping[str, Any],
+    *,
+    fallbacks: Optional[Mapping] = None,
+    quantized: bool = False,
+    dora: bool = False,
+    dora_key: str = "use_dora",
+    adapter_key: str = "adapter_init",
+) -> Optional[LoraNullConfig]:
     """The one validation every front end runs. None when the config does not ask for LoRA-Null; else the
     LoraNullConfig, after checking what the method needs from the framework's side (no DoRA, a base that can hold
     a residual). Without lora_null_calibration the model's own text is the knowledge source (own_text.py)."""
@@ -103,15 +114,18 @@ def lora_null_request(values: Mapping[str, Any], *, fallbacks: Optional[Mapping]
     if dora:
         raise ConfigError(f"{adapter_key}: lora_null does not support DoRA; set {dora_key}: false.")
     if quantized and config.residual:
-        raise ConfigError(f"{adapter_key}: lora_null with variant {config.variant} and train_base "
-                          f"{config.train_base} rewrites the base weights into a residual, which a quantized base "
-                          f"cannot hold. Leave {PREFIX}variant and {PREFIX}train_base unset (v2 trains on the "
-                          "original weights), or set lora_null_init: basis.")
+        raise ConfigError(
+            f"{adapter_key}: lora_null with variant {config.variant} and train_base "
+            f"{config.train_base} rewrites the base weights into a residual, which a quantized base "
+            f"cannot hold. Leave {PREFIX}variant and {PREFIX}train_base unset (v2 trains on the "
+            "original weights), or set lora_null_init: basis."
+        )
     return config
 
 
-def task_data_for(setting: Any, calibration: Any, training_set: Callable[[], Any], tokenizer: Any,
-                  read: Callable[[Any], Any]) -> Any:
+def task_data_for(
+    setting: Any, calibration: Any, training_set: Callable[[], Any], tokenizer: Any, read: Callable[[Any], Any]
+) -> Any:
     """The task data a front end passes the core, from its `lora_null_task_data` key.
 
     Unset (or "auto"): the training set as the trainer prepared it whenever knowledge text is given
@@ -134,25 +148,34 @@ def task_data_for(setting: Any, calibration: Any, training_set: Callable[[], Any
     if dataset is not None and hasattr(dataset, "__len__"):
         return TokenizedRows(dataset, tokenizer)
     if auto:
-        logger.info("LoRA-Null: no training set with a length to read as task data (a streamed one, or none handed "
-                    "over here), so A is the plain null space. Give lora_null_task_data a file for a task-aware A.")
+        logger.info(
+            "LoRA-Null: no training set with a length to read as task data (a streamed one, or none handed "
+            "over here), so A is the plain null space. Give lora_null_task_data a file for a task-aware A."
+        )
         return None
-    raise ConfigError("lora_null_task_data: train reads the training set as the trainer prepared it, which needs one "
-                      "with a length (not a streamed or iterable one); give the task data as a file instead, or set "
-                      "lora_null_task_data: none.")
+    raise ConfigError(
+        "lora_null_task_data: train reads the training set as the trainer prepared it, which needs one "
+        "with a length (not a streamed or iterable one); give the task data as a file instead, or set "
+        "lora_null_task_data: none."
+    )
 
 
-def front_end_help(key: str, training_set: str = "the training set as the trainer prepared it",
-                   source: str = "a path or a hub dataset name") -> str:
+def front_end_help(
+    key: str,
+    training_set: str = "the training set as the trainer prepared it",
+    source: str = "a path or a hub dataset name",
+) -> str:
     """The help of a front end's own key (`calibration` or `task_data`), written once: each plugin names how its
     framework holds the training set and which sources it reads."""
     if key == "calibration":
         return f"Knowledge text to keep: {source} (default: text the model generates itself)."
     if key == "task_data":
-        return (f"Task-aware A: put A where knowledge inputs are weak relative to the fine-tuning inputs. Unset "
-                f"(auto): {training_set} whenever lora_null_calibration is given, the plain null space with the "
-                f"model's own text; 'train': the training set always; {source}: task data read like "
-                "lora_null_calibration; 'none': the plain null space.")
+        return (
+            f"Task-aware A: put A where knowledge inputs are weak relative to the fine-tuning inputs. Unset "
+            f"(auto): {training_set} whenever lora_null_calibration is given, the plain null space with the "
+            f"model's own text; 'train': the training set always; {source}: task data read like "
+            "lora_null_calibration; 'none': the plain null space."
+        )
     raise KeyError(key)
 
 
@@ -182,5 +205,6 @@ def _refuse_unknown(keys: list[str], names: list[str], prefix: str) -> None:
     for key in unknown:
         close = difflib.get_close_matches(key, [*names, *FRONT_END_KEYS], n=1)
         hints.append(prefix + key + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
-    raise ConfigError(f"Unknown LoRA-Null setting(s): {', '.join(hints)}. Valid: "
-                      f"{', '.join(prefix + n for n in names)}.")
+    raise ConfigError(
+        f"Unknown LoRA-Null setting(s): {', '.join(hints)}. Valid: {', '.join(prefix + n for n in names)}."
+    )

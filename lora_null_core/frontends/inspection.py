@@ -63,8 +63,9 @@ def analyze(
     task = None
     if task_data is not None and adapter is not None:
         task_texts = choose_texts(task_data, tokenizer, config.num_samples, 0, config.seed, config.text_field)
-        task_batches = tokenize_batches(task_texts.calibration, tokenizer, config.max_length, config.batch_size,
-                                        config.batch_tokens)
+        task_batches = tokenize_batches(
+            task_texts.calibration, tokenizer, config.max_length, config.batch_size, config.batch_tokens
+        )
         task = collect_covariances(model, modules, task_batches, torch.float64, config.covariance_weighting)
     eigen = {group: eigendecompose(matrix) for group, matrix in covariances.matrices.items()}  # ascending
     spectra = {group: values.clamp_min(0).flip(0).tolist() for group, (values, _) in eigen.items()}
@@ -77,7 +78,11 @@ def analyze(
         singular = torch.linalg.svdvals(weight)
         d_in, tokens = weight.shape[1], covariances.tokens[group]
         entry = {
-            "name": name, "type": name.rsplit(".", 1)[-1], "depth": _depth(name), "d_in": d_in, "tokens": tokens,
+            "name": name,
+            "type": name.rsplit(".", 1)[-1],
+            "depth": _depth(name),
+            "d_in": d_in,
+            "tokens": tokens,
             "covariance": group,
             "effective_rank_activations": effective_rank(values.sqrt()),
             "effective_rank_weight": effective_rank(singular),
@@ -102,11 +107,21 @@ def analyze(
                 entry.update(zip(("task_leakage", "task_leakage_random"), on_task))
                 entry.update(energy_knowledge=entry["leakage"] ** 2, energy_task=entry["task_leakage"] ** 2)
         layers.append(entry)
-    return {"calibration": {"source": texts.source, "used": chosen.used, "top_up": chosen.top_up,
-                            "samples": len(texts.calibration), "tokens": max(covariances.tokens.values())},
-            "task_data": None if task is None else {"source": task_texts.source, "samples": len(task_texts.calibration)},
-            "init": str(init_dir) if init_dir else None, "init_settings": settings, "rank": rank, "layers": layers,
-            "spectra": spectra}
+    return {
+        "calibration": {
+            "source": texts.source,
+            "used": chosen.used,
+            "top_up": chosen.top_up,
+            "samples": len(texts.calibration),
+            "tokens": max(covariances.tokens.values()),
+        },
+        "task_data": None if task is None else {"source": task_texts.source, "samples": len(task_texts.calibration)},
+        "init": str(init_dir) if init_dir else None,
+        "init_settings": settings,
+        "rank": rank,
+        "layers": layers,
+        "spectra": spectra,
+    }
 
 
 def _input_width(module: nn.Module) -> int:
@@ -119,8 +134,12 @@ def _initial_adapter(init_dir: Optional[os.PathLike]) -> tuple[Optional[dict], O
         return None, None, None
     metadata = read_metadata(Path(init_dir))
     recorded = metadata.get("config", {})
-    settings = {"variant": metadata["variant"], "init": metadata["init"],
-                "train_base": metadata.get("train_base", "residual"), "a_scale": recorded_a_scale(recorded)}
+    settings = {
+        "variant": metadata["variant"],
+        "init": metadata["init"],
+        "train_base": metadata.get("train_base", "residual"),
+        "a_scale": recorded_a_scale(recorded),
+    }
     return load_file(str(Path(init_dir) / ADAPTER_DIR / WEIGHTS_FILE)), metadata["lora"]["r"], settings
 
 
@@ -199,15 +218,22 @@ def _leakage_figure(plt, data):
     figure, axes = plt.subplots(1, len(types), figsize=(3.2 * len(types), 3), squeeze=False, sharey=True)
     for ax, (kind, layers) in zip(axes[0], types.items()):
         depth = [layer["depth"] for layer in layers]
-        for key, label, style in (("leakage_random", "random A, same norm", "^:"), ("leakage", "LoRA-Null A", "o-"),
-                                  ("leakage_optimum", "best r-dim basis", "s--"),
-                                  ("task_leakage", "LoRA-Null A on the task data", "d-")):
+        for key, label, style in (
+            ("leakage_random", "random A, same norm", "^:"),
+            ("leakage", "LoRA-Null A", "o-"),
+            ("leakage_optimum", "best r-dim basis", "s--"),
+            ("task_leakage", "LoRA-Null A on the task data", "d-"),
+        ):
             if key in layers[0]:
                 ax.semilogy(depth, [max(layer[key], 1e-6) for layer in layers], style, markersize=3, label=label)
         ax.set_title(kind), ax.set_xlabel("block")
     axes[0][0].set_ylabel("leakage (1 ≈ random)"), axes[0][0].legend(fontsize=7)
-    figure.suptitle("Leakage of lora_A (its energy's square root) by layer type and depth: low on knowledge keeps "
-                    "it, high on the task leaves room to learn", y=1.04, fontsize=9)
+    figure.suptitle(
+        "Leakage of lora_A (its energy's square root) by layer type and depth: low on knowledge keeps "
+        "it, high on the task leaves room to learn",
+        y=1.04,
+        fontsize=9,
+    )
     return figure
 
 
@@ -215,8 +241,11 @@ def _html(data, images) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(layer['name'])}</td><td>{layer['d_in']}</td><td>{layer['tokens']}</td>"
         f"<td>{layer['effective_rank_activations']:.1f}</td><td>{layer['effective_rank_weight']:.1f}</td>"
-        + (f"<td>{layer['leakage']:.3g}</td><td>{layer['leakage_random']:.3g}</td><td>{layer['leakage_optimum']:.3g}</td>"
-           if "leakage" in layer else "<td></td><td></td><td></td>")
+        + (
+            f"<td>{layer['leakage']:.3g}</td><td>{layer['leakage_random']:.3g}</td><td>{layer['leakage_optimum']:.3g}</td>"
+            if "leakage" in layer
+            else "<td></td><td></td><td></td>"
+        )
         + (f"<td>{layer['task_leakage']:.3g}</td>" if "task_leakage" in layer else "<td></td>")
         + f"<td>{html.escape(layer.get('recommendation', ''))}</td></tr>"
         for layer in data["layers"]
@@ -226,7 +255,7 @@ def _html(data, images) -> str:
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>lora-null inspect</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:12px}}
 td,th{{border:1px solid #ccc;padding:2px 6px}}img{{max-width:100%}}</style></head><body>
-<h1>lora-null inspect</h1><p>Calibration: {html.escape(str(calibration.get('used', calibration['source'])))}. Init: {html.escape(str(data['init']))}{_settings(data.get('init_settings'))}.{_task(data)}</p>
+<h1>lora-null inspect</h1><p>Calibration: {html.escape(str(calibration.get("used", calibration["source"])))}. Init: {html.escape(str(data["init"]))}{_settings(data.get("init_settings"))}.{_task(data)}</p>
 {pictures}
 <table><tr><th>layer</th><th>d_in</th><th>tokens</th><th>eff. rank activations</th><th>eff. rank weight</th>
 <th>leakage</th><th>random A</th><th>optimum</th><th>on task data</th><th>recommendation</th></tr>{rows}</table>
@@ -242,5 +271,7 @@ def _task(data) -> str:
 def _settings(settings: Optional[dict]) -> str:
     if not settings:
         return ""
-    return html.escape(f" ({settings['variant']}, {settings['init']}, trained on the {settings['train_base']} "
-                       f"weights, a_scale {settings['a_scale']:g})")
+    return html.escape(
+        f" ({settings['variant']}, {settings['init']}, trained on the {settings['train_base']} "
+        f"weights, a_scale {settings['a_scale']:g})"
+    )

@@ -61,11 +61,15 @@ def init_to_folder(
     if cache and Path(cache).exists() and not Path(cache).is_dir():
         raise LoraNullError(f"--covariance-cache {cache} is a file; it must be a folder (it is created if missing).")
     if offload == "disk" and calibration is None:
-        raise LoraNullError("--offload disk never holds the whole model, and its own text is sampled from the whole "
-                            "model: pass --calibration with knowledge text.")
+        raise LoraNullError(
+            "--offload disk never holds the whole model, and its own text is sampled from the whole "
+            "model: pass --calibration with knowledge text."
+        )
     if offload == "disk" and not Path(model_name_or_path).is_dir():
-        raise LoraNullError(f"--offload disk reads a local checkpoint folder, and {model_name_or_path} is not one: "
-                            "download it first (huggingface-cli download NAME --local-dir DIR).")
+        raise LoraNullError(
+            f"--offload disk reads a local checkpoint folder, and {model_name_or_path} is not one: "
+            "download it first (huggingface-cli download NAME --local-dir DIR)."
+        )
     tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
     config = fit_max_length(model_name_or_path, config, trust_remote_code)
     if calibration is not None:  # read before the model loads: a bad file fails first (None: the model's own text)
@@ -73,8 +77,19 @@ def init_to_folder(
     if task_data is not None:
         with reading_task_data():
             task_data = CalibrationRows(load_rows(task_data), describe(task_data))
-    job = InitJob(model_name_or_path, calibration, Path(output_dir), lora_config, config, tokenizer, dtype,
-                  device or default_device(), trust_remote_code, overwrite, task_data)
+    job = InitJob(
+        model_name_or_path,
+        calibration,
+        Path(output_dir),
+        lora_config,
+        config,
+        tokenizer,
+        dtype,
+        device or default_device(),
+        trust_remote_code,
+        overwrite,
+        task_data,
+    )
     return _init_from_disk(job) if offload == "disk" else _init_in_memory(job, keep_on_cpu=bool(offload))
 
 
@@ -100,8 +115,15 @@ def _init_in_memory(job: InitJob, keep_on_cpu: bool) -> InitReport:
     """The whole model loaded; with `keep_on_cpu` (offload) its weights stay in CPU memory and each decoder block
     visits the device in turn."""
     model = load_model(job.model, job.dtype, None if keep_on_cpu else job.device, job.trust_remote_code)
-    peft_model = lora_null_init(model, job.lora_config, job.calibration, job.tokenizer, job.config,
-                                execution_device=job.device, task_data=job.task_data)
+    peft_model = lora_null_init(
+        model,
+        job.lora_config,
+        job.calibration,
+        job.tokenizer,
+        job.config,
+        execution_device=job.device,
+        task_data=job.task_data,
+    )
     report = peft_model.lora_null_report
     report.model = job.model
     save_initialized(peft_model, job.output_dir, job.tokenizer, overwrite=job.overwrite)
@@ -117,9 +139,14 @@ def check_device(device: Optional[str]) -> None:
     except RuntimeError as err:
         raise LoraNullError(f"--device {device!r} is not a device name; use cpu, cuda or cuda:N.") from err
     if kind == "cuda" and not torch.cuda.is_available():
-        raise LoraNullError(f"--device {device}: this machine has no CUDA GPU (or torch was built without CUDA); "
-                            "use --device cpu.")
-    if kind == "cuda" and torch.device(device).index is not None and torch.device(device).index >= torch.cuda.device_count():
+        raise LoraNullError(
+            f"--device {device}: this machine has no CUDA GPU (or torch was built without CUDA); use --device cpu."
+        )
+    if (
+        kind == "cuda"
+        and torch.device(device).index is not None
+        and torch.device(device).index >= torch.cuda.device_count()
+    ):
         raise LoraNullError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s).")
 
 
@@ -138,8 +165,9 @@ def fit_max_length(model_name_or_path: str, config: LoraNullConfig, trust_remote
         return config
     if config.max_length == LoraNullConfig().max_length:
         return config.replace(max_length=positions)
-    raise LoraNullError(f"--max-length {config.max_length} exceeds the model's {positions} positions; use at most "
-                        f"{positions}.")
+    raise LoraNullError(
+        f"--max-length {config.max_length} exceeds the model's {positions} positions; use at most {positions}."
+    )
 
 
 def _local(source: CalibrationSource) -> Optional[str]:
@@ -156,9 +184,16 @@ def _init_from_disk(job: InitJob) -> InitReport:
         base_dir = staging / BASE_DIR
         base_dir.mkdir()
         loader = DiskBlocks(checkpoint, base_dir, prefix)
-        peft_model = lora_null_init(model, job.lora_config, job.calibration, job.tokenizer,
-                                    job.config.replace(streaming="on"), execution_device=job.device,
-                                    block_loader=loader, task_data=job.task_data)
+        peft_model = lora_null_init(
+            model,
+            job.lora_config,
+            job.calibration,
+            job.tokenizer,
+            job.config.replace(streaming="on"),
+            execution_device=job.device,
+            block_loader=loader,
+            task_data=job.task_data,
+        )
         base = peft_model.get_base_model()
         loader.restore_lora(base)
         loader.finish(base, prefix)

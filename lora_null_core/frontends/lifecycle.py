@@ -20,15 +20,31 @@ from .callback import LoraNullCallback
 logger = logging.getLogger(__name__)
 
 
-def initialize_for_training(model: Any, calibration: Optional[CalibrationSource], tokenizer: Any,
-                            config: LoraNullConfig, output_dir: Optional[str | Path], *, task_data: Any = None,
-                            execution_device: Optional[str] = None, log: logging.Logger = logger) -> None:
+def initialize_for_training(
+    model: Any,
+    calibration: Optional[CalibrationSource],
+    tokenizer: Any,
+    config: LoraNullConfig,
+    output_dir: Optional[str | Path],
+    *,
+    task_data: Any = None,
+    execution_device: Optional[str] = None,
+    log: logging.Logger = logger,
+) -> None:
     """Every rank: the PeftModel's active adapter initialized in place (the core shards the calibration over the
     process group the framework set up and broadcasts rank 0's factors, so every rank ends with the same weights).
     Rank 0: the initial factors written to `<output_dir>/lora_null_init`; with no `output_dir` the callback writes
     them when training begins (a framework that partitions the adapter before then)."""
-    lora_null_init(model, None, calibration, tokenizer, config, adapter_name=model.active_adapter,
-                   execution_device=execution_device, task_data=task_data)
+    lora_null_init(
+        model,
+        None,
+        calibration,
+        tokenizer,
+        config,
+        adapter_name=model.active_adapter,
+        execution_device=execution_device,
+        task_data=task_data,
+    )
     if rank_and_world()[0] != 0:
         return
     if output_dir is not None:

@@ -64,7 +64,11 @@ def tiny_tokenizer(texts: Iterable[str] = ()):
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
         model_input_names=["input_ids", "attention_mask"],
     )
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -77,16 +81,32 @@ def tiny_config(architecture: str, vocab_size: int, hidden: int = 64, layers: in
 
     if architecture == "gpt2":
         return AutoConfig.for_model(
-            "gpt2", vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=4, n_positions=256,
-            bos_token_id=2, eos_token_id=3,
+            "gpt2",
+            vocab_size=vocab_size,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=4,
+            n_positions=256,
+            bos_token_id=2,
+            eos_token_id=3,
         )
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown tiny architecture {architecture!r}; choose from {', '.join(ARCHITECTURES)}")
     extra = {"head_dim": hidden // 4} if architecture == "gemma" else {}
     return AutoConfig.for_model(
-        architecture, vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=architecture == "gemma", **extra,
+        architecture,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        tie_word_embeddings=architecture == "gemma",
+        **extra,
     )
 
 

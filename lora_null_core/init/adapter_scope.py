@@ -28,8 +28,10 @@ def chosen_adapter(model: nn.Module, adapter_name: Optional[str]) -> str:
         return adapter_name or "default"
     active = model.active_adapters
     if len(active) != 1:
-        raise ConfigError(f"This PeftModel has {len(active)} active adapters ({', '.join(active)}): pass "
-                          "adapter_name= to say which one to initialize.")
+        raise ConfigError(
+            f"This PeftModel has {len(active)} active adapters ({', '.join(active)}): pass "
+            "adapter_name= to say which one to initialize."
+        )
     return active[0]
 
 
@@ -53,9 +55,13 @@ def only_adapter(peft_model: PeftModel, adapter_name: str) -> Iterator[None]:
 def restored_on_failure(layers: Mapping[str, LoraLayer], adapter_name: str, residual: bool) -> Iterator[None]:
     """A refused or failed init leaves the adapter as it found it: its factors, their requires_grad, and where a
     residual was written into a base weight, that weight (W_res + s·B·A: the original to its dtype's rounding)."""
-    before = {name: [(p.detach().clone(), p.requires_grad) for p in (layer.lora_A[adapter_name].weight,
-                                                                      layer.lora_B[adapter_name].weight)]
-              for name, layer in layers.items()}
+    before = {
+        name: [
+            (p.detach().clone(), p.requires_grad)
+            for p in (layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight)
+        ]
+        for name, layer in layers.items()
+    }
     try:
         yield
     except BaseException:
@@ -81,6 +87,9 @@ def refreeze_frozen_a(model: nn.Module) -> int:
                 thawed += int(weight.requires_grad)
                 weight.requires_grad_(False)
     if thawed:
-        logger.warning("LoRA-Null: lora_A of %d layer(s) had its gradient turned back on (PEFT's set_adapter does "
-                       "this); v2 keeps it frozen, so it is frozen again before training.", thawed)
+        logger.warning(
+            "LoRA-Null: lora_A of %d layer(s) had its gradient turned back on (PEFT's set_adapter does "
+            "this); v2 keeps it frozen, so it is frozen again before training.",
+            thawed,
+        )
     return thawed

@@ -86,19 +86,25 @@ def lora_null_init(
     peft_model = as_peft_model(model, lora_config, adapter_name)
     layers = lora_layers(peft_model, adapter_name)
     check_layers(layers, adapter_name, config, peft_model.get_base_model())
-    request = InitRequest(peft_model, layers, adapter_name, config, tokenizer, calibration, task_data,
-                          execution_device, block_loader)
+    request = InitRequest(
+        peft_model, layers, adapter_name, config, tokenizer, calibration, task_data, execution_device, block_loader
+    )
     # FSDP's cpu_ram_efficient_loading: only rank 0 holds weights (the others hold meta tensors until FSDP
     # broadcasts rank 0's, adapter included, when it wraps the model), so rank 0 initializes alone. (A block loader
     # brings meta blocks in itself: --offload disk.)
-    if block_loader is None and rank_and_world()[1] > 1 and \
-            any_rank(any(p.is_meta for p in peft_model.get_base_model().parameters())):
+    if (
+        block_loader is None
+        and rank_and_world()[1] > 1
+        and any_rank(any(p.is_meta for p in peft_model.get_base_model().parameters()))
+    ):
         if rank_and_world()[0] != 0:
             _mark_initialized(peft_model, config, adapter_name)
             return peft_model
         if any(p.is_meta for layer in layers.values() for p in layer.get_base_layer().parameters()):
-            raise UnsupportedModelError("The model's weights are on the meta device (not loaded), on rank 0 too: "
-                                        "load the weights before initializing.")
+            raise UnsupportedModelError(
+                "The model's weights are on the meta device (not loaded), on rank 0 too: "
+                "load the weights before initializing."
+            )
         device = execution_device or str(execution_device_for(peft_model))  # this rank's GPU, found before alone()
         with alone():
             return _initialize(replace(request, execution_device=device))
@@ -113,8 +119,9 @@ def lora_null_init(
 def _initialize(request: InitRequest) -> PeftModel:
     peft_model, layers, config = request.peft_model, request.layers, request.config
     device = torch.device(request.execution_device) if request.execution_device else execution_device_for(peft_model)
-    inputs = prepare_inputs(peft_model, layers, request.calibration, request.task_data, request.tokenizer, config,
-                            device)
+    inputs = prepare_inputs(
+        peft_model, layers, request.calibration, request.task_data, request.tokenizer, config, device
+    )
     config = config.replace(a_scale=config.applied_a_scale(task_aware=inputs.task is not None))
     plan = streaming_plan(peft_model, layers, config)
     if plan is None:  # block by block, each block's weights are checked on arrival, where they are computed on
@@ -123,16 +130,26 @@ def _initialize(request: InitRequest) -> PeftModel:
     cache = CovarianceCache.open(config.covariance_cache, peft_model.get_base_model(), inputs.batches, config)
     cached = cache is not None and cache.has(list(layers), device)
     # with cached covariances only the held-out data and the probe run
-    data = StepData([] if cached else shard(inputs.batches), shard(inputs.holdout), inputs.probe,
-                    shard(inputs.task_batches))
-    settings = LoopSettings(config, request.adapter_name, device, cache, cached,
-                            should_overlap(config.overlap, device, plan[0] if plan is not None else None),
-                            inputs.task is not None)
+    data = StepData(
+        [] if cached else shard(inputs.batches), shard(inputs.holdout), inputs.probe, shard(inputs.task_batches)
+    )
+    settings = LoopSettings(
+        config,
+        request.adapter_name,
+        device,
+        cache,
+        cached,
+        should_overlap(config.overlap, device, plan[0] if plan is not None else None),
+        inputs.task is not None,
+    )
     was_training = peft_model.training
     peft_model.eval()
     try:
-        source = BlockByBlock(peft_model, layers, plan, data, device, request.block_loader) if plan is not None \
+        source = (
+            BlockByBlock(peft_model, layers, plan, data, device, request.block_loader)
+            if plan is not None
             else WholeModel(peft_model, layers, data)
+        )
         report_layers = run_steps(source.steps(), settings)
         function_error = source.function_error()
     finally:
@@ -146,8 +163,14 @@ def _initialize(request: InitRequest) -> PeftModel:
     return peft_model
 
 
-def _report(request: InitRequest, config: LoraNullConfig, inputs: InitInputs, layers: list[LayerReport],
-            function_error: float, streamed: bool) -> InitReport:
+def _report(
+    request: InitRequest,
+    config: LoraNullConfig,
+    inputs: InitInputs,
+    layers: list[LayerReport],
+    function_error: float,
+    streamed: bool,
+) -> InitReport:
     texts, task, base = inputs.texts, inputs.task, request.peft_model.get_base_model()
     return InitReport(
         variant=config.variant,
@@ -167,7 +190,8 @@ def _report(request: InitRequest, config: LoraNullConfig, inputs: InitInputs, la
             "tokens": max(layer.tokens for layer in layers),
             # None: the plain null space; else the task data that made A task-aware
             "task_data": {"source": task.source, "num_samples": len(task.calibration), "task_mix": config.task_mix}
-            if task else None,
+            if task
+            else None,
         },
         function_error_measure="last_block_output" if streamed else "logits",
         config=config.to_dict(),  # a_scale as applied
@@ -179,7 +203,10 @@ def _report(request: InitRequest, config: LoraNullConfig, inputs: InitInputs, la
 def _mark_initialized(peft_model: PeftModel, config: LoraNullConfig, adapter_name: str) -> None:
     apply_variant(peft_model, config.variant, adapter_name)
     # adapter → whether its base weights became residuals (what a second init would stack on)
-    peft_model._lora_null_initialized = {**getattr(peft_model, "_lora_null_initialized", {}), adapter_name: config.residual}
+    peft_model._lora_null_initialized = {
+        **getattr(peft_model, "_lora_null_initialized", {}),
+        adapter_name: config.residual,
+    }
     if config.variant == "v2":  # kept frozen when training starts (adapter_scope.refreeze_frozen_a)
         peft_model._lora_null_frozen_a = {*getattr(peft_model, "_lora_null_frozen_a", ()), adapter_name}
 
@@ -191,21 +218,29 @@ def execution_device_for(peft_model: PeftModel) -> torch.device:
     return (collective_device() or device) if device.type == "cpu" else device
 
 
-def initialize_lora_null_weights(peft_model: PeftModel, calibration: Optional[CalibrationSource] = None,
-                                 tokenizer: Any = None, config: Optional[LoraNullConfig] = None,
-                                 adapter_name: Optional[str] = None, **overrides: Any) -> PeftModel:
+def initialize_lora_null_weights(
+    peft_model: PeftModel,
+    calibration: Optional[CalibrationSource] = None,
+    tokenizer: Any = None,
+    config: Optional[LoraNullConfig] = None,
+    adapter_name: Optional[str] = None,
+    **overrides: Any,
+) -> PeftModel:
     """The PEFT-native entry, shaped like PEFT's own data-driven inits (`initialize_lora_eva_weights`): build
     the PeftModel with `get_peft_model(model, LoraConfig(..., init_lora_weights=False))` as usual, then call
     this once on it, before the optimizer exists. Same as `lora_null_init(peft_model, None, ...)`. Without
     calibration text (`initialize_lora_null_weights(peft_model, tokenizer=tok)`) the model's own text is used."""
     if not isinstance(peft_model, PeftModel):
-        raise ConfigError("initialize_lora_null_weights takes the PeftModel get_peft_model returned; for a plain "
-                          "model use lora_null_init(model, LoraConfig(...), ...).")
+        raise ConfigError(
+            "initialize_lora_null_weights takes the PeftModel get_peft_model returned; for a plain "
+            "model use lora_null_init(model, LoraConfig(...), ...)."
+        )
     return lora_null_init(peft_model, None, calibration, tokenizer, config, adapter_name=adapter_name, **overrides)
 
 
-def streaming_plan(peft_model: PeftModel, layers: Mapping[str, LoraLayer],
-                   config: LoraNullConfig) -> Optional[StreamingPlan]:
+def streaming_plan(
+    peft_model: PeftModel, layers: Mapping[str, LoraLayer], config: LoraNullConfig
+) -> Optional[StreamingPlan]:
     """(blocks, layer names per block) when block-by-block calibration applies, else None."""
     if config.streaming == "off":
         return None
@@ -219,5 +254,3 @@ def streaming_plan(peft_model: PeftModel, layers: Mapping[str, LoraLayer],
             )
         return None
     return found[1], grouped
-
-

@@ -18,21 +18,28 @@ from .peft_layers import write_adapter
 from .phases import phase
 
 
-def write_layers(layers: Mapping[str, LoraLayer], covariances: Covariances, null_bases, config: LoraNullConfig,
-                 adapter_name: str) -> tuple[list[LayerReport], dict[str, torch.Tensor]]:
+def write_layers(
+    layers: Mapping[str, LoraLayer], covariances: Covariances, null_bases, config: LoraNullConfig, adapter_name: str
+) -> tuple[list[LayerReport], dict[str, torch.Tensor]]:
     """Factors (and residual) from each layer's null basis; the layers' leakage figures and their A matrices."""
     lora_as = {}
     for name, layer in layers.items():
         basis = null_bases[covariances.group_of[name], layer.r[adapter_name]]
         with phase(phases.WRITE):
-            lora_as[name] = write_adapter(layer, adapter_name, basis, config.init, config.applied_a_scale(),
-                                          config.residual)
+            lora_as[name] = write_adapter(
+                layer, adapter_name, basis, config.init, config.applied_a_scale(), config.residual
+            )
     with phase(phases.REPORT):
         return layer_reports(layers, adapter_name, covariances, lora_as, config.seed), lora_as
 
 
-def layer_reports(layers: Mapping[str, LoraLayer], adapter_name: str, covariances: Covariances,
-                  lora_as: Mapping[str, torch.Tensor], seed: int) -> list[LayerReport]:
+def layer_reports(
+    layers: Mapping[str, LoraLayer],
+    adapter_name: str,
+    covariances: Covariances,
+    lora_as: Mapping[str, torch.Tensor],
+    seed: int,
+) -> list[LayerReport]:
     """Each layer's leakage and a random A's, one pass over each covariance for all the layers reading it."""
     leakage = {}
     for group in dict.fromkeys(covariances.group_of[name] for name in layers):

@@ -42,13 +42,20 @@ class InitInputs:
         return self.chosen.texts
 
 
-def prepare_inputs(model: nn.Module, layers: Mapping[str, LoraLayer], calibration: Optional[CalibrationSource],
-                   task_data: Optional[CalibrationSource], tokenizer: Any, config: LoraNullConfig,
-                   device: torch.device) -> InitInputs:
+def prepare_inputs(
+    model: nn.Module,
+    layers: Mapping[str, LoraLayer],
+    calibration: Optional[CalibrationSource],
+    task_data: Optional[CalibrationSource],
+    tokenizer: Any,
+    config: LoraNullConfig,
+    device: torch.device,
+) -> InitInputs:
     """The texts chosen and tokenized by token budget, at least one batch per process; too few distinct contexts for
     the widest layer are refused here, before any forward pass."""
-    chosen = select_calibration(model, calibration, tokenizer, config, device,
-                                widest=max(layer.in_features for layer in layers.values()))
+    chosen = select_calibration(
+        model, calibration, tokenizer, config, device, widest=max(layer.in_features for layer in layers.values())
+    )
     logger.info("Calibrating on %s.", chosen.used)
     texts = chosen.texts
     batches = _batches(texts.calibration, tokenizer, config, "calibration samples")
@@ -64,8 +71,14 @@ def prepare_inputs(model: nn.Module, layers: Mapping[str, LoraLayer], calibratio
 
 def _batches(texts: list[str], tokenizer: Any, config: LoraNullConfig, what: str = "") -> list[TokenBatch]:
     world = rank_and_world()[1]
-    batches = tokenize_batches(texts, tokenizer, config.max_length, batch_size=config.batch_size,
-                               batch_tokens=config.batch_tokens, min_batches=world)
+    batches = tokenize_batches(
+        texts,
+        tokenizer,
+        config.max_length,
+        batch_size=config.batch_size,
+        batch_tokens=config.batch_tokens,
+        min_batches=world,
+    )
     if what and len(batches) < world:
         raise InsufficientCalibrationError(f"{len(texts)} {what} cannot feed {world} processes.")
     return batches

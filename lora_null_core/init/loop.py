@@ -117,10 +117,14 @@ def run_steps(steps: Iterator[InitStep], settings: LoopSettings) -> list[LayerRe
                     writer.add(step.key, covariances)
             check_token_counts(covariances, config.min_tokens_per_dim)
             ranks = {name: layer.r[adapter_name] for name, layer in step.layers.items()}
-            task_covariances = finalize_covariances(task_collector.result, modules, config.covariance_weighting) \
-                if settings.task_aware else None
-            bases = solver.submit(covariances, ranks, config.solver, step.solve_progress, task_covariances,
-                                  config.task_mix)
+            task_covariances = (
+                finalize_covariances(task_collector.result, modules, config.covariance_weighting)
+                if settings.task_aware
+                else None
+            )
+            bases = solver.submit(
+                covariances, ranks, config.solver, step.solve_progress, task_covariances, config.task_mix
+            )
             if solving is not None:
                 reports += _finish(solving, config, adapter_name)
             solving = _Solving(step, modules, covariances, ranks, bases)
@@ -204,8 +208,15 @@ class BlockByBlock:
     probe goes through the blocks twice, as the original model computes it and through the initialized blocks,
     so the function error compounds as it would in the whole model."""
 
-    def __init__(self, peft_model: PeftModel, layers: Mapping[str, LoraLayer], plan: StreamingPlan, data: StepData,
-                 device: torch.device, loader: Optional[BlockLoader]) -> None:
+    def __init__(
+        self,
+        peft_model: PeftModel,
+        layers: Mapping[str, LoraLayer],
+        plan: StreamingPlan,
+        data: StepData,
+        device: torch.device,
+        loader: Optional[BlockLoader],
+    ) -> None:
         self.layers = layers
         self.blocks, self.names_by_block = plan
         self.device, self.loader = device, loader

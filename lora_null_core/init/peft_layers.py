@@ -28,8 +28,11 @@ def as_peft_model(model: nn.Module, lora_config: Optional[LoraConfig], adapter_n
     """The PeftModel to initialize: `model` itself if it already holds the adapter, else a fresh wrap."""
     done = getattr(model, "_lora_null_initialized", {}) if isinstance(model, PeftModel) else {}
     if adapter_name in done:
-        state = ("its base weights are already residuals" if done[adapter_name] else
-                 "its lora_A already holds the null basis (the base weights are untouched)")
+        state = (
+            "its base weights are already residuals"
+            if done[adapter_name]
+            else "its lora_A already holds the null basis (the base weights are untouched)"
+        )
         raise UnsupportedModelError(
             f"Adapter {adapter_name!r} of this PeftModel was already initialized by lora_null_init: {state}. Train "
             "it as it is, or start again from the original model (or load the init folder with load_initialized)."
@@ -65,8 +68,10 @@ def as_peft_model(model: nn.Module, lora_config: Optional[LoraConfig], adapter_n
     if lora_config.target_modules is None:
         lora_config.target_modules = "all-linear"
     if not lora_config.target_modules:
-        raise NoTargetModulesError(f"target_modules is empty. Linear layers in this model: "
-                                   f"{', '.join(linear_module_suffixes(model))} (or all-linear).")
+        raise NoTargetModulesError(
+            f"target_modules is empty. Linear layers in this model: "
+            f"{', '.join(linear_module_suffixes(model))} (or all-linear)."
+        )
     try:
         with quiet_libraries():
             return get_peft_model(model, lora_config, adapter_name=adapter_name)
@@ -85,11 +90,15 @@ def check_lora_config(lora_config: LoraConfig) -> None:
     for name, value in ranks.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"LoRA {name}={value!r}: the rank must be a whole number of at least 1 (--rank).")
-    alphas = {"lora_alpha": lora_config.lora_alpha,
-              **{f"alpha_pattern[{k!r}]": v for k, v in (lora_config.alpha_pattern or {}).items()}}
+    alphas = {
+        "lora_alpha": lora_config.lora_alpha,
+        **{f"alpha_pattern[{k!r}]": v for k, v in (lora_config.alpha_pattern or {}).items()},
+    }
     for name, value in alphas.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ConfigError(f"LoRA {name}={value!r}: alpha must be a finite number above 0 (--alpha; default = rank).")
+            raise ConfigError(
+                f"LoRA {name}={value!r}: alpha must be a finite number above 0 (--alpha; default = rank)."
+            )
     dropout = lora_config.lora_dropout
     if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ConfigError(f"lora_dropout={dropout!r} must be at least 0 and below 1 (--dropout).")
@@ -105,8 +114,13 @@ def linear_module_suffixes(model: nn.Module) -> list[str]:
     from transformers.pytorch_utils import Conv1D
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                   if isinstance(m, (nn.Linear, Conv1D)) and m is not head})
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, Conv1D)) and m is not head
+        }
+    )
 
 
 def lora_layers(peft_model: PeftModel, adapter_name: str) -> dict[str, LoraLayer]:
@@ -116,13 +130,17 @@ def lora_layers(peft_model: PeftModel, adapter_name: str) -> dict[str, LoraLayer
         if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
             layers[name] = module
     if not layers:
-        embeddings = [name for name, module in peft_model.get_base_model().named_modules()
-                      if isinstance(module, LoraLayer) and adapter_name in getattr(module, "lora_embedding_A", {})]
+        embeddings = [
+            name
+            for name, module in peft_model.get_base_model().named_modules()
+            if isinstance(module, LoraLayer) and adapter_name in getattr(module, "lora_embedding_A", {})
+        ]
         if embeddings:
             raise NoTargetModulesError(
                 f"Adapter {adapter_name!r} wraps only embeddings ({', '.join(embeddings)}): LoRA-Null initializes "
                 "linear layers, whose inputs it calibrates, and embeddings are not supported. Target the linear "
-                "layers instead (target_modules all-linear, the default, or q_proj,v_proj,...).")
+                "layers instead (target_modules all-linear, the default, or q_proj,v_proj,...)."
+            )
         raise NoTargetModulesError(f"Adapter {adapter_name!r} wraps no module that LoRA-Null can initialize.")
     return layers
 
@@ -133,7 +151,7 @@ def check_layers(
     """Refuse, before any compute, the layers LoRA-Null cannot initialize exactly."""
     head = model.get_output_embeddings() if model is not None and hasattr(model, "get_output_embeddings") else None
     owners = _weight_owners(model) if model is not None else {}
-    for name, module in (model.named_modules() if model is not None else ()):
+    for name, module in model.named_modules() if model is not None else ():
         if isinstance(module, LoraLayer) and adapter_name in getattr(module, "lora_embedding_A", {}):
             raise UnsupportedModelError(
                 f"{name} is an embedding; LoRA-Null initializes linear layers only, and would leave this one with "
@@ -159,7 +177,9 @@ def check_layers(
                 f"{name}'s weight is shared with {', '.join(n for n in sharing if n != name)} (tied weights): "
                 "rewriting it into a residual would change those modules too. Leave it out of target_modules."
             )
-        if is_quantized(weight) and config.residual:  # the factors are read from each layer's dequantized weight; writes are not
+        if (
+            is_quantized(weight) and config.residual
+        ):  # the factors are read from each layer's dequantized weight; writes are not
             raise UnsupportedModelError(
                 f"{name} has a quantized base weight ({type(weight).__name__}, {weight.dtype}), which cannot hold "
                 f"the residual W − s·B·A that {config.variant} with train_base={config.train_base!r} writes. Keep the "
@@ -209,8 +229,9 @@ def check_finite_weights(layers: Mapping[str, LoraLayer]) -> None:
     )
 
 
-def write_adapter(layer: LoraLayer, adapter_name: str, basis: torch.Tensor, init: str, a_scale: float = 1.0,
-                  residual: bool = True) -> torch.Tensor:
+def write_adapter(
+    layer: LoraLayer, adapter_name: str, basis: torch.Tensor, init: str, a_scale: float = 1.0, residual: bool = True
+) -> torch.Tensor:
     """Write A, B (and, for the projected init on the residual, the residual base) into one layer; return A.
     `a_scale` moves magnitude from B to A (B·A unchanged): with Adam a larger frozen A is a faster adapter.
     Without `residual` the projected init keeps B₀·A₀ inside the untouched base and starts B at 0: for a frozen

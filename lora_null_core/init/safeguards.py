@@ -34,18 +34,26 @@ def check_distinct_contexts(batches: list[TokenBatch], layers: Mapping[str, Lora
     if contexts >= wanted:
         return
     tokens = sum(batch.num_tokens for batch in batches)
-    found = (f"The calibration text holds {tokens} tokens but only {contexts} distinct contexts (a token's "
-             f"activations depend only on its prefix), so the activations span at most {contexts} of the {widest} "
-             "input directions")
-    fix = ("more and more varied texts, a larger max_length, or short_calibration top_up (the model's own text "
-           "makes up the rest); min_tokens_per_dim lowers the bar (0 disables the check)")
+    found = (
+        f"The calibration text holds {tokens} tokens but only {contexts} distinct contexts (a token's "
+        f"activations depend only on its prefix), so the activations span at most {contexts} of the {widest} "
+        "input directions"
+    )
+    fix = (
+        "more and more varied texts, a larger max_length, or short_calibration top_up (the model's own text "
+        "makes up the rest); min_tokens_per_dim lowers the bar (0 disables the check)"
+    )
     if contexts < wanted / 4:
         raise InsufficientCalibrationError(
             f"{found} and the null space would be picked by rounding (leakage near 0 here, that of a random A on "
             f"new text). Use at least {wanted} distinct contexts: {fix}."
         )
-    logger.warning("%s: part of the null space is picked by rounding. The held-out leakage in the report shows "
-                   "whether it matters; %s.", found, fix)
+    logger.warning(
+        "%s: part of the null space is picked by rounding. The held-out leakage in the report shows "
+        "whether it matters; %s.",
+        found,
+        fix,
+    )
 
 
 def check_function_preserved(function_error: float, config: LoraNullConfig, layers: Mapping[str, LoraLayer]) -> None:
@@ -74,7 +82,9 @@ def model_logits(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
     model.eval()
     try:
         with torch.no_grad():
-            out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False)
+            out = model(
+                input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False
+            )
     finally:
         model.train(was_training)
     return out.logits.float()

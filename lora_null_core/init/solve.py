@@ -39,8 +39,15 @@ class NullBasisSolver:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
 
-    def submit(self, covariances: Covariances, ranks: Mapping[str, int], solver: str, show_progress: bool,
-               task: Optional[Covariances] = None, task_mix: float = 0.0) -> Future:
+    def submit(
+        self,
+        covariances: Covariances,
+        ranks: Mapping[str, int],
+        solver: str,
+        show_progress: bool,
+        task: Optional[Covariances] = None,
+        task_mix: float = 0.0,
+    ) -> Future:
         if self._pool is None:
             done: Future = Future()
             with phase(phases.SOLVE):
@@ -74,9 +81,14 @@ def _owners(covariances: Covariances, ranks: Mapping[str, int]) -> dict[tuple[st
     return {(group, rank): owner[f"{group}|{rank}"] for group, rank in needed}
 
 
-def solve_owned_bases(covariances: Covariances, ranks: Mapping[str, int], solver: str = "auto",
-                      show_progress: bool = True, task: Optional[Covariances] = None,
-                      task_mix: float = 0.0) -> dict[tuple[str, int], torch.Tensor]:
+def solve_owned_bases(
+    covariances: Covariances,
+    ranks: Mapping[str, int],
+    solver: str = "auto",
+    show_progress: bool = True,
+    task: Optional[Covariances] = None,
+    task_mix: float = 0.0,
+) -> dict[tuple[str, int], torch.Tensor]:
     """The bases this rank owns (all of them in one process); no communication, so it may run on a thread. With
     `task` covariances (the fine-tuning inputs') each is the task-aware basis, else the plain null basis."""
     my_rank = rank_and_world()[0]
@@ -87,12 +99,15 @@ def solve_owned_bases(covariances: Covariances, ranks: Mapping[str, int], solver
             return null_basis(covariances.matrices[group], rank, solver)
         return task_aware_basis(covariances.matrices[group], task.matrices[group], rank, task_mix)
 
-    return {(group, rank): basis(group, rank)
-            for group, rank in (progress(mine, "null bases", "covariance") if show_progress else mine)}
+    return {
+        (group, rank): basis(group, rank)
+        for group, rank in (progress(mine, "null bases", "covariance") if show_progress else mine)
+    }
 
 
-def share_null_bases(covariances: Covariances, ranks: Mapping[str, int],
-                     owned: Mapping[tuple[str, int], torch.Tensor]) -> dict[tuple[str, int], torch.Tensor]:
+def share_null_bases(
+    covariances: Covariances, ranks: Mapping[str, int], owned: Mapping[tuple[str, int], torch.Tensor]
+) -> dict[tuple[str, int], torch.Tensor]:
     """Every needed basis on every rank: each owner broadcasts its own (a no-op in one process). Called from the
     thread that issues the other collectives, so every rank issues them in the same order."""
     result = {}

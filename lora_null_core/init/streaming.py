@@ -85,8 +85,11 @@ def capture_block_inputs(
             for batch in batches:
                 current["mask"] = batch.attention_mask
                 try:
-                    model(input_ids=batch.input_ids.to(ids_device), attention_mask=batch.attention_mask.to(ids_device),
-                          use_cache=False)
+                    model(
+                        input_ids=batch.input_ids.to(ids_device),
+                        attention_mask=batch.attention_mask.to(ids_device),
+                        use_cache=False,
+                    )
                 except _StopForward:
                     pass
     finally:
@@ -153,7 +156,7 @@ def layers_by_block(prefix: str, blocks: nn.ModuleList, names: Sequence[str]) ->
         head = f"{prefix}."
         if not name.startswith(head):
             return None
-        index = int(name[len(head):].split(".", 1)[0])
+        index = int(name[len(head) :].split(".", 1)[0])
         grouped.setdefault(index, []).append(name)
     return grouped
 
@@ -168,4 +171,3 @@ def _to(value: Any, device: torch.device) -> Any:
     if isinstance(value, dict):
         return {k: _to(v, device) for k, v in value.items()}
     return value
-

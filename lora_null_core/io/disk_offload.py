@@ -42,8 +42,10 @@ class Checkpoint:
 
     def read(self, name: str, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
         if name not in self.file_of:
-            raise LoraNullError(f"{name} is not in the checkpoint at {self.folder}; this architecture's weight names "
-                                "differ from its checkpoint's. Use --offload cpu instead.")
+            raise LoraNullError(
+                f"{name} is not in the checkpoint at {self.folder}; this architecture's weight names "
+                "differ from its checkpoint's. Use --offload cpu instead."
+            )
         with safe_open(self.folder / self.file_of[name], framework="pt", device=str(device)) as handle:
             return handle.get_tensor(name).to(dtype)
 
@@ -72,8 +74,10 @@ def empty_model(
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **{DTYPE_KEY: dtype})
     found = decoder_blocks(model)
     if found is None:
-        raise LoraNullError("--offload disk streams decoder blocks, and this model's blocks cannot be streamed "
-                            "(layers of several attention types); use --offload cpu.")
+        raise LoraNullError(
+            "--offload disk streams decoder blocks, and this model's blocks cannot be streamed "
+            "(layers of several attention types); use --offload cpu."
+        )
     prefix = found[0] + "."
     model.tie_weights()  # a tied LM head is the embedding: not read, and not in the checkpoint
     with torch.no_grad():
@@ -124,9 +128,11 @@ class DiskBlocks:
 
     def finish(self, model: nn.Module, blocks_prefix: str) -> None:
         """Write the weights outside the blocks and the shard index that ties it all together."""
-        outside = {checkpoint_name(name): param.detach().contiguous().cpu()
-                   for name, param in model.named_parameters()  # tied weights appear once
-                   if not name.startswith(blocks_prefix + ".") and "lora_" not in name}
+        outside = {
+            checkpoint_name(name): param.detach().contiguous().cpu()
+            for name, param in model.named_parameters()  # tied weights appear once
+            if not name.startswith(blocks_prefix + ".") and "lora_" not in name
+        }
         save_file(outside, str(self.base_dir / "model-outside-blocks.safetensors"), metadata={"format": "pt"})
         self.weight_map.update(dict.fromkeys(outside, "model-outside-blocks.safetensors"))
         self.total_size += sum(t.numel() * t.element_size() for t in outside.values())

@@ -51,7 +51,11 @@ def read_adapter(folder: os.PathLike) -> tuple[dict[str, Any], dict[str, torch.T
     if not config.is_file():
         raise ExportError(f"{folder} is not a PEFT adapter folder: {CONFIG_FILE} is missing.")
     if not weights.is_file():
-        hint = " It holds a pickled adapter_model.bin, which lora-null will not load;" if (folder / "adapter_model.bin").exists() else ""
+        hint = (
+            " It holds a pickled adapter_model.bin, which lora-null will not load;"
+            if (folder / "adapter_model.bin").exists()
+            else ""
+        )
         raise ExportError(f"{weights} is missing.{hint} Save the adapter with safetensors (PEFT's default).")
     try:
         return json.loads(config.read_text()), load_file(str(weights))
@@ -80,15 +84,21 @@ def export_for_original_base(
     with atomic_output_dir(output_dir, overwrite) as staging:
         save_file(weights, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        provenance = {"init": str(Path(init_dir).resolve()), "adapter": str(Path(trained_adapter).resolve()),
-                      "rank_factor": rank_factor, "variant": metadata["variant"], "init_mode": metadata["init"]}
+        provenance = {
+            "init": str(Path(init_dir).resolve()),
+            "adapter": str(Path(trained_adapter).resolve()),
+            "rank_factor": rank_factor,
+            "variant": metadata["variant"],
+            "init_mode": metadata["init"],
+        }
         (staging / EXPORT_MARKER).write_text(json.dumps(provenance, indent=2) + "\n")
     logger.info("Exported a rank-%d adapter for the original base to %s.", config["r"], output_dir)
     return Path(output_dir)
 
 
-def finish_saved_adapter(adapter_dir: os.PathLike, init_dir: os.PathLike, final: bool,
-                         export: bool = True) -> Optional[Path]:
+def finish_saved_adapter(
+    adapter_dir: os.PathLike, init_dir: os.PathLike, final: bool, export: bool = True
+) -> Optional[Path]:
     """Make what a trainer just saved in `adapter_dir` right for the base its adapter_config.json names.
 
     First, always: a v2 lora_A the save left out is put back (see `restore_frozen_lora_a`). Trained on the
@@ -112,8 +122,10 @@ def finish_saved_adapter(adapter_dir: os.PathLike, init_dir: os.PathLike, final:
     restore_frozen_lora_a(adapter_dir, init_dir, metadata)
     if not trains_on_residual(metadata) or not export:
         return adapter_dir
-    residual_name = f"lora-null residual base of {metadata.get('model') or 'the original model'} (rebuilt by the " \
-                    "trainer's LoRA-Null init; not a model to load)"
+    residual_name = (
+        f"lora-null residual base of {metadata.get('model') or 'the original model'} (rebuilt by the "
+        "trainer's LoRA-Null init; not a model to load)"
+    )
     if not final:
         read_adapter(adapter_dir)  # a pickled or damaged save is an error now, not when someone needs it
         name_base(adapter_dir, residual_name)
@@ -127,9 +139,13 @@ def finish_saved_adapter(adapter_dir: os.PathLike, init_dir: os.PathLike, final:
     for item in exported.iterdir():
         os.replace(item, adapter_dir / item.name)
     exported.rmdir()
-    logger.info("LoRA-Null: %s now holds the adapter for the original model (rank %d); the adapter as trained on "
-                "the residual base is in %s.", adapter_dir, json.loads((adapter_dir / CONFIG_FILE).read_text())["r"],
-                kept)
+    logger.info(
+        "LoRA-Null: %s now holds the adapter for the original model (rank %d); the adapter as trained on "
+        "the residual base is in %s.",
+        adapter_dir,
+        json.loads((adapter_dir / CONFIG_FILE).read_text())["r"],
+        kept,
+    )
     return adapter_dir
 
 
@@ -151,16 +167,23 @@ def restore_frozen_lora_a(adapter_dir: Path, init_dir: Path, metadata: dict[str,
     if not missing:
         return
     if metadata.get("variant") != "v2":
-        raise ExportError(f"{weights} lacks {len(missing)} lora_A weight(s) (e.g. {missing[0]}) that variant "
-                          f"{metadata.get('variant')} trains: the trainer's save is incomplete. Save with the frozen "
-                          "parameters included, or train v2 (its lora_A is the init's and is restored from it).")
+        raise ExportError(
+            f"{weights} lacks {len(missing)} lora_A weight(s) (e.g. {missing[0]}) that variant "
+            f"{metadata.get('variant')} trains: the trainer's save is incomplete. Save with the frozen "
+            "parameters included, or train v2 (its lora_A is the init's and is restored from it)."
+        )
     dtype = next((t.dtype for key, t in saved.items() if key.endswith(_B)), initial[missing[0]].dtype)
     saved.update({key: initial[key].to(dtype) for key in missing})
     staging = weights.with_name(f".{WEIGHTS_FILE}.partial")
     save_file(saved, str(staging), metadata={"format": "pt"})
     os.replace(staging, weights)
-    logger.info("LoRA-Null: %s held no lora_A (the trainer saved trainable parameters only, as under DeepSpeed "
-                "ZeRO-3); v2's frozen lora_A restored from %s for %d layers.", adapter_dir, init_dir, len(missing))
+    logger.info(
+        "LoRA-Null: %s held no lora_A (the trainer saved trainable parameters only, as under DeepSpeed "
+        "ZeRO-3); v2's frozen lora_A restored from %s for %d layers.",
+        adapter_dir,
+        init_dir,
+        len(missing),
+    )
 
 
 def check_init_consistent(metadata: dict[str, Any], initial: dict[str, torch.Tensor], init_dir: Path) -> None:
@@ -168,17 +191,23 @@ def check_init_consistent(metadata: dict[str, Any], initial: dict[str, torch.Ten
     would give a wrong export with no other sign."""
     choices = literal_choices()
     if metadata.get("variant") not in choices["variant"] or metadata.get("init") not in choices["init"]:
-        raise ExportError(f"{init_dir / 'lora_null.json'} records variant={metadata.get('variant')!r}, "
-                          f"init={metadata.get('init')!r}: not a LoRA-Null init (v1/v2, projected/basis). Re-run init.")
+        raise ExportError(
+            f"{init_dir / 'lora_null.json'} records variant={metadata.get('variant')!r}, "
+            f"init={metadata.get('init')!r}: not a LoRA-Null init (v1/v2, projected/basis). Re-run init."
+        )
     recorded = metadata.get("adapter_sha256")
     if recorded and recorded != file_sha256(init_dir / ADAPTER_DIR / WEIGHTS_FILE):
-        raise ExportError(f"{init_dir / ADAPTER_DIR / WEIGHTS_FILE} is not the adapter this init wrote (its checksum "
-                          "differs from lora_null.json's). Re-run init, or point --init-dir at the folder that wrote it.")
+        raise ExportError(
+            f"{init_dir / ADAPTER_DIR / WEIGHTS_FILE} is not the adapter this init wrote (its checksum "
+            "differs from lora_null.json's). Re-run init, or point --init-dir at the folder that wrote it."
+        )
     b_zero = all(not tensor.any() for key, tensor in initial.items() if key.endswith(_B))
     if trains_on_residual(metadata) == b_zero:
-        raise ExportError(f"{init_dir / 'lora_null.json'} says init={metadata['init']!r}, train_base="
-                          f"{metadata.get('train_base', 'residual')!r} but its adapter's lora_B is "
-                          f"{'zero' if b_zero else 'not zero'}: the record was edited or belongs to another init.")
+        raise ExportError(
+            f"{init_dir / 'lora_null.json'} says init={metadata['init']!r}, train_base="
+            f"{metadata.get('train_base', 'residual')!r} but its adapter's lora_B is "
+            f"{'zero' if b_zero else 'not zero'}: the record was edited or belongs to another init."
+        )
 
 
 def check_same_scaling(initial: dict[str, Any], trained: dict[str, Any], trained_adapter: os.PathLike) -> None:
@@ -191,8 +220,13 @@ def check_same_scaling(initial: dict[str, Any], trained: dict[str, Any], trained
             )
 
 
-def check_frozen_a_is_the_inits(initial: dict[str, torch.Tensor], trained: dict[str, torch.Tensor],
-                                metadata: dict[str, Any], init_dir: Path, trained_adapter: Path) -> None:
+def check_frozen_a_is_the_inits(
+    initial: dict[str, torch.Tensor],
+    trained: dict[str, torch.Tensor],
+    metadata: dict[str, Any],
+    init_dir: Path,
+    trained_adapter: Path,
+) -> None:
     """v2 keeps lora_A frozen, so a v2 adapter trained on the residual base holds this init's A (up to the dtype the
     trainer stored it in). Another one is another init's adapter (same rank and targets, another seed or data):
     subtracting this init's B₀·A₀ from it would give a wrong model with no other sign."""
@@ -201,8 +235,10 @@ def check_frozen_a_is_the_inits(initial: dict[str, torch.Tensor], trained: dict[
     keys = [k for k in initial if k.endswith(_A) and k in trained and trained[k].shape == initial[k].shape]
     moved = [k for k in keys if not torch.equal(trained[k], initial[k].to(trained[k].dtype))]
     if moved:
-        change = float(torch.linalg.norm(trained[moved[0]].double() - initial[moved[0]].double())
-                       / torch.linalg.norm(initial[moved[0]].double()))
+        change = float(
+            torch.linalg.norm(trained[moved[0]].double() - initial[moved[0]].double())
+            / torch.linalg.norm(initial[moved[0]].double())
+        )
         raise ExportError(
             f"{trained_adapter} is not an adapter trained from the init in {init_dir}: its frozen lora_A differs from "
             f"the one that init wrote in {len(moved)} of {len(keys)} layers (e.g. {moved[0]}, relative difference "
@@ -285,8 +321,9 @@ def merge_to_full_model(
         delattr(merged.config, RESIDUAL_MARKER)
     with atomic_output_dir(output_dir, overwrite) as staging, quiet_libraries():
         merged.save_pretrained(staging)
-        (staging / MERGE_MARKER).write_text(json.dumps({"init": str(Path(init_dir).resolve()),
-                                                        "adapter": str(Path(trained_adapter).resolve())}) + "\n")
+        (staging / MERGE_MARKER).write_text(
+            json.dumps({"init": str(Path(init_dir).resolve()), "adapter": str(Path(trained_adapter).resolve())}) + "\n"
+        )
         if (base_dir / "tokenizer_config.json").exists():
             load_tokenizer(str(base_dir)).save_pretrained(staging)
     return Path(output_dir)

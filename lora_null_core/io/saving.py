@@ -85,8 +85,10 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 def loading_hint(err: Exception) -> str:
     message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if "trust_remote_code" in str(err):
-        return ("the model's repository ships its own code, which runs only if you trust it: pass "
-                "--trust-remote-code (trust_remote_code=True in Python).")
+        return (
+            "the model's repository ships its own code, which runs only if you trust it: pass "
+            "--trust-remote-code (trust_remote_code=True in Python)."
+        )
     if "safetensors" in str(err).lower() or "header" in str(err).lower() or "incomplete" in str(err).lower():
         return f"{message} (a truncated or damaged safetensors file? Download or save the model again)."
     return message
@@ -112,8 +114,11 @@ def save_initialized(
     with atomic_output_dir(output_dir, overwrite) as staging, quiet_libraries():
         write_initial_adapter(peft_model, staging, Path(output_dir).resolve() / BASE_DIR)
         base = peft_model.get_base_model()
-        logger.info("Writing the %sbase model to %s.", "residual " if peft_model.lora_null_report.train_base == "residual" else "",
-                    Path(output_dir) / BASE_DIR)
+        logger.info(
+            "Writing the %sbase model to %s.",
+            "residual " if peft_model.lora_null_report.train_base == "residual" else "",
+            Path(output_dir) / BASE_DIR,
+        )
         base.save_pretrained(staging / BASE_DIR, state_dict=base_state_dict(peft_model))
         if tokenizer is not None:
             tokenizer.save_pretrained(staging / BASE_DIR)
@@ -138,9 +143,13 @@ def write_initial_adapter(peft_model: PeftModel, folder: Path, base_path: Option
         raise LoraNullError("This PeftModel was not initialized by lora_null_init (it has no lora_null_report).")
     save_adapter(peft_model, folder / ADAPTER_DIR, report.adapter_name)
     if report.train_base == "residual":
-        name_base(folder / ADAPTER_DIR, str(base_path) if base_path else
-                  f"lora-null residual base of {report.model or 'the original model'} (not saved: rebuild it with "
-                  "`lora-null init`, or load this folder with load_initialized)")
+        name_base(
+            folder / ADAPTER_DIR,
+            str(base_path)
+            if base_path
+            else f"lora-null residual base of {report.model or 'the original model'} (not saved: rebuild it with "
+            "`lora-null init`, or load this folder with load_initialized)",
+        )
     report.adapter_sha256 = file_sha256(folder / ADAPTER_DIR / WEIGHTS_FILE)
     report.write(folder)
 
@@ -184,4 +193,3 @@ def load_initialized(
     if is_trainable:
         apply_variant(peft_model, metadata["variant"], "default")
     return peft_model
-

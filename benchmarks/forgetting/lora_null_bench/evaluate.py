@@ -49,14 +49,17 @@ def greedy_completions(model, tokenizer, prompts: Sequence[str], max_new_tokens:
     tokenizer.padding_side = "left"
     try:
         for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
+            index = order[start : start + batch_size]
             batch = tokenizer([prompts[i] for i in index], return_tensors="pt", padding=True).to(device)
             with _autocast(device):
                 generated = model.generate(
-                    **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id,
                 )
-            texts = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            texts = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
             for i, text in zip(index, texts):
                 out[i] = text
     finally:
@@ -64,8 +67,9 @@ def greedy_completions(model, tokenizer, prompts: Sequence[str], max_new_tokens:
     return out
 
 
-def accuracy(model, tokenizer, examples: Sequence[Example], max_new_tokens: int, batch_size: int,
-             match=contains_target) -> tuple[float, list[bool]]:
+def accuracy(
+    model, tokenizer, examples: Sequence[Example], max_new_tokens: int, batch_size: int, match=contains_target
+) -> tuple[float, list[bool]]:
     if not examples:
         return float("nan"), []
     completions = greedy_completions(model, tokenizer, [e.prompt for e in examples], max_new_tokens, batch_size)
@@ -80,8 +84,13 @@ def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int, max_leng
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(texts), batch_size):
-        batch = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True, truncation=True,
-                          max_length=max_length).to(device)
+        batch = tokenizer(
+            list(texts[start : start + batch_size]),
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+        ).to(device)
         with _autocast(device):
             logits = model(**batch).logits.float()
         labels = batch["input_ids"][:, 1:]
@@ -93,4 +102,6 @@ def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int, max_leng
 
 
 def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    return (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )

@@ -44,22 +44,34 @@ def exact_match(completion: str, targets: Sequence[str]) -> bool:
     return any(normalize(line) == normalize(t) for t in targets)
 
 
-def run_frontier(suite: Suite, task: str, jobs: Sequence[tuple[str, float, int]], command: str, device: str,
-                 on_row=None, trainer: str = "loop", workdir: Path | None = None) -> list[dict[str, Any]]:
+def run_frontier(
+    suite: Suite,
+    task: str,
+    jobs: Sequence[tuple[str, float, int]],
+    command: str,
+    device: str,
+    on_row=None,
+    trainer: str = "loop",
+    workdir: Path | None = None,
+) -> list[dict[str, Any]]:
     """One row per (init, learning rate, seed) job, measured against the base model's answers. trainer "loop":
     the harness's own loop (every init alike); "trl": TRL's SFTTrainer through the plugin, as users run it."""
     base = suite.load_base()
     _, base_hits = accuracy(base, suite.tokenizer, suite.knowledge, suite.knowledge_tokens, suite.eval_batch)
-    task_base, _ = accuracy(base, suite.tokenizer, suite.task_eval, suite.task_tokens, suite.eval_batch,
-                            match=exact_match)
+    task_base, _ = accuracy(
+        base, suite.tokenizer, suite.task_eval, suite.task_tokens, suite.eval_batch, match=exact_match
+    )
     del base
     known = [e for e, hit in zip(suite.knowledge, base_hits) if hit]
     if not known:  # every row's knowledge_kept would be NaN: a broken load, not a finding
-        raise ConfigError(f"{suite.model} answers none of the {len(suite.knowledge)} knowledge questions, so "
-                          "nothing can be forgotten. Check that the model loads correctly (a Gemma-3 GGUF needs "
-                          "transformers >= 5.24) and that it is a pretrained model.")
-    logger.info("%s / %s: base task %.3f, %d of %d facts known", suite.model, task, task_base, len(known),
-                len(suite.knowledge))
+        raise ConfigError(
+            f"{suite.model} answers none of the {len(suite.knowledge)} knowledge questions, so "
+            "nothing can be forgotten. Check that the model loads correctly (a Gemma-3 GGUF needs "
+            "transformers >= 5.24) and that it is a pretrained model."
+        )
+    logger.info(
+        "%s / %s: base task %.3f, %d of %d facts known", suite.model, task, task_base, len(known), len(suite.knowledge)
+    )
     rows = []
     templates: dict[str, Any] = {}
     first = {}  # jobs of one (init, seed) run together, so each init is built once
@@ -72,27 +84,43 @@ def run_frontier(suite: Suite, task: str, jobs: Sequence[tuple[str, float, int]]
             from .trl_trainer import fine_tune_with_trl
 
             free_memory()
-            model, loss = fine_tune_with_trl(init, suite.load_base(), suite, settings, seed,
-                                             Path(workdir or "runs/trl") / f"{init}-{lr:g}-{seed}")
+            model, loss = fine_tune_with_trl(
+                init, suite.load_base(), suite, settings, seed, Path(workdir or "runs/trl") / f"{init}-{lr:g}-{seed}"
+            )
             skipped = None
         else:
             model, (loss, skipped) = _train_in_loop(init, lr, seed, suite, settings, templates)
-        task_score, _ = accuracy(model, suite.tokenizer, suite.task_eval, suite.task_tokens, suite.eval_batch,
-                                 match=exact_match)
+        task_score, _ = accuracy(
+            model, suite.tokenizer, suite.task_eval, suite.task_tokens, suite.eval_batch, match=exact_match
+        )
         kept, _ = accuracy(model, suite.tokenizer, known, suite.knowledge_tokens, suite.eval_batch)
         row = {
-            "model": suite.model, "task": task, "init": init, "lr": lr, "seed": seed, "steps": settings.steps,
-            "rank": suite.rank, "task_score": task_score, "task_score_base": task_base, "knowledge_kept": kept,
-            "knowledge_base_known": len(known), "command": command, "device": device,
-            "batch_size": settings.batch_size, "train_loss": loss, "task_items": len(suite.task_eval),
-            "knowledge_items": len(suite.knowledge), "seconds": round(time.perf_counter() - start, 1),
+            "model": suite.model,
+            "task": task,
+            "init": init,
+            "lr": lr,
+            "seed": seed,
+            "steps": settings.steps,
+            "rank": suite.rank,
+            "task_score": task_score,
+            "task_score_base": task_base,
+            "knowledge_kept": kept,
+            "knowledge_base_known": len(known),
+            "command": command,
+            "device": device,
+            "batch_size": settings.batch_size,
+            "train_loss": loss,
+            "task_items": len(suite.task_eval),
+            "knowledge_items": len(suite.knowledge),
+            "seconds": round(time.perf_counter() - start, 1),
         }
         if trainer != "loop":
             row["trainer"] = trainer
         else:
             row.update(templates["energies"], skipped_steps=skipped)
-        logger.info("%s %s %-15s lr %-7g seed %d: task %.3f, kept %.3f", suite.model, task, init, lr, seed,
-                    task_score, kept)
+        logger.info(
+            "%s %s %-15s lr %-7g seed %d: task %.3f, kept %.3f", suite.model, task, init, lr, seed, task_score, kept
+        )
         rows.append(row)
         if on_row:
             on_row(rows)
@@ -108,12 +136,14 @@ def _train_in_loop(init: str, lr: float, seed: int, suite: Suite, settings, temp
         templates.clear()
         free_memory()
         built = build_adapter(init, suite.load_base(), suite, seed)
-        measured = energies(built, suite.tokenizer, {"knowledge": [e.text for e in suite.knowledge],
-                                                     "task": suite.task_texts()})
+        measured = energies(
+            built, suite.tokenizer, {"knowledge": [e.text for e in suite.knowledge], "task": suite.task_texts()}
+        )
         templates.update(key=(init, seed), where=next(built.parameters()).device, model=built.cpu(), energies=measured)
     model = copy.deepcopy(templates["model"]).to(templates["where"])
-    return model, fine_tune(model, suite.tokenizer, suite.task_train, settings, seed, suite.separator,
-                            desc=f"{init} {lr:g}")
+    return model, fine_tune(
+        model, suite.tokenizer, suite.task_train, settings, seed, suite.separator, desc=f"{init} {lr:g}"
+    )
 
 
 # ---------------------------------------------------------------- summary, table and plots
@@ -139,8 +169,16 @@ def curves(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[str, li
             for lr in sorted(by_lr):
                 task = [r["task_score"] for r in by_lr[lr]]
                 kept = [r["knowledge_kept"] for r in by_lr[lr]]
-                points.append({"lr": lr, "task": statistics.fmean(task), "task_sd": _sd(task),
-                               "kept": statistics.fmean(kept), "kept_sd": _sd(kept), "seeds": len(task)})
+                points.append(
+                    {
+                        "lr": lr,
+                        "task": statistics.fmean(task),
+                        "task_sd": _sd(task),
+                        "kept": statistics.fmean(kept),
+                        "kept_sd": _sd(kept),
+                        "seeds": len(task),
+                    }
+                )
             out[key][init] = points
     return out
 
@@ -158,8 +196,12 @@ def summary(points_by_init: dict[str, list[dict[str, float]]]) -> dict[str, Any]
             result["inits"][init] = {"loss": None, "lr": None, "best_task": max(p["task"] for p in points)}
             continue
         chosen = min(good, key=lambda p: 1 - p["kept"])
-        result["inits"][init] = {"loss": 1 - chosen["kept"], "lr": chosen["lr"], "task": chosen["task"],
-                                 "best_task": max(p["task"] for p in points)}
+        result["inits"][init] = {
+            "loss": 1 - chosen["kept"],
+            "lr": chosen["lr"],
+            "task": chosen["task"],
+            "best_task": max(p["task"] for p in points),
+        }
     lora_loss = result["inits"]["lora"]["loss"]
     for entry in result["inits"].values():
         entry["ratio"] = entry["loss"] / lora_loss if entry["loss"] is not None and lora_loss else None
@@ -182,42 +224,63 @@ def at_lora_learning_rate(points_by_init: dict[str, list[dict[str, float]]], res
             continue
         loss = 1 - point["kept"]
         ratio = loss / lora_loss if lora_loss else None
-        out["inits"][init] = {"task": point["task"], "loss": loss, "ratio": ratio,
-                              "passes": point["task"] >= result["bar"] and ratio is not None and ratio <= 0.5}
+        out["inits"][init] = {
+            "task": point["task"],
+            "loss": loss,
+            "ratio": ratio,
+            "passes": point["task"] >= result["bar"] and ratio is not None and ratio <= 0.5,
+        }
     return out
 
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
-    lines = ["# Forgetting on the Pareto frontier", "",
-             "Each init fine-tuned at several learning rates (seeds per point: last column). **task**: exact match "
-             "on held-out task "
-             "questions; **kept**: share of the facts the base model knew that are still answered. Summary: at task "
-             f"≥ {QUALITY_BAR} × LoRA's best mean task score, the smallest knowledge loss (1 − kept) each init "
-             "reaches, and its ratio to LoRA's (goal for the default: ≤ 0.5).", ""]
+    lines = [
+        "# Forgetting on the Pareto frontier",
+        "",
+        "Each init fine-tuned at several learning rates (seeds per point: last column). **task**: exact match "
+        "on held-out task "
+        "questions; **kept**: share of the facts the base model knew that are still answered. Summary: at task "
+        f"≥ {QUALITY_BAR} × LoRA's best mean task score, the smallest knowledge loss (1 − kept) each init "
+        "reaches, and its ratio to LoRA's (goal for the default: ≤ 0.5).",
+        "",
+    ]
     for (model, task), by_init in sorted(curves(rows).items()):
         sample = next(r for r in rows if panel(r) == (model, task))
-        lines += [f"## {model} × {task}", "",
-                  f"Base: task {sample['task_score_base']:.3f}; {sample['knowledge_base_known']} of "
-                  f"{sample['knowledge_items']} facts known. r = {sample['rank']}, {sample['steps']} steps, batch "
-                  f"{sample['batch_size']}; device: {sample['device']}.", ""]
+        lines += [
+            f"## {model} × {task}",
+            "",
+            f"Base: task {sample['task_score_base']:.3f}; {sample['knowledge_base_known']} of "
+            f"{sample['knowledge_items']} facts known. r = {sample['rank']}, {sample['steps']} steps, batch "
+            f"{sample['batch_size']}; device: {sample['device']}.",
+            "",
+        ]
         result = summary(by_init)
         if result:
-            lines += [f"LoRA's best mean task score {result['lora_best_task']:.3f}; bar {result['bar']:.3f}.", "",
-                      "| init | knowledge loss at the bar | at lr | task there | ratio to LoRA | best task |",
-                      "| --- | ---: | ---: | ---: | ---: | ---: |"]
+            lines += [
+                f"LoRA's best mean task score {result['lora_best_task']:.3f}; bar {result['bar']:.3f}.",
+                "",
+                "| init | knowledge loss at the bar | at lr | task there | ratio to LoRA | best task |",
+                "| --- | ---: | ---: | ---: | ---: | ---: |",
+            ]
             for init, entry in sorted(result["inits"].items(), key=lambda kv: _order(kv[0])):
                 if entry["loss"] is None:
                     lines.append(f"| {init} | never reaches the bar | – | – | – | {entry['best_task']:.3f} |")
                 else:
                     ratio = f"{entry['ratio']:.2f}" if entry["ratio"] is not None else "–"
-                    lines.append(f"| {init} | {entry['loss']:.3f} | {entry['lr']:g} | {entry['task']:.3f} | {ratio} | "
-                                 f"{entry['best_task']:.3f} |")
+                    lines.append(
+                        f"| {init} | {entry['loss']:.3f} | {entry['lr']:g} | {entry['task']:.3f} | {ratio} | "
+                        f"{entry['best_task']:.3f} |"
+                    )
             lines.append("")
             same = result["at_lora_lr"]
             if same["lr"] is not None:
-                lines += [f"At LoRA's own learning rate ({same['lr']:g}, its point at the bar with the smallest loss): "
-                          "passes = task ≥ the bar and knowledge loss ≤ 0.5 × LoRA's.", "",
-                          "| init | task | knowledge loss | ratio to LoRA | passes |", "| --- | ---: | ---: | ---: | --- |"]
+                lines += [
+                    f"At LoRA's own learning rate ({same['lr']:g}, its point at the bar with the smallest loss): "
+                    "passes = task ≥ the bar and knowledge loss ≤ 0.5 × LoRA's.",
+                    "",
+                    "| init | task | knowledge loss | ratio to LoRA | passes |",
+                    "| --- | ---: | ---: | ---: | --- |",
+                ]
                 for init, entry in sorted(same["inits"].items(), key=lambda kv: _order(kv[0])):
                     if entry is None:
                         lines.append(f"| {init} | not measured at {same['lr']:g} | – | – | – |")
@@ -230,8 +293,10 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
         lines += ["| init | lr | task (mean ± sd) | kept (mean ± sd) | seeds |", "| --- | ---: | ---: | ---: | ---: |"]
         for init, points in sorted(by_init.items(), key=lambda kv: _order(kv[0])):
             for p in points:
-                lines.append(f"| {init} | {p['lr']:g} | {p['task']:.3f} ± {p['task_sd']:.3f} | "
-                             f"{p['kept']:.3f} ± {p['kept_sd']:.3f} | {p['seeds']} |")
+                lines.append(
+                    f"| {init} | {p['lr']:g} | {p['task']:.3f} ± {p['task_sd']:.3f} | "
+                    f"{p['kept']:.3f} ± {p['kept_sd']:.3f} | {p['seeds']} |"
+                )
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -242,10 +307,13 @@ def trainer_table(rows: Sequence[dict[str, Any]]) -> list[str]:
     others = sorted({r["trainer"] for r in rows if r.get("trainer", "loop") != "loop"})
     lines: list[str] = []
     for trainer in others:
-        lines += [f"The same points through the {trainer.upper()} plugin (its own trainer: bf16, gradient "
-                  "checkpointing) beside the harness loop (mean ± sd over seeds):", "",
-                  "| init | lr | task: loop | task: " + trainer + " | kept: loop | kept: " + trainer + " | seeds |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [
+            f"The same points through the {trainer.upper()} plugin (its own trainer: bf16, gradient "
+            "checkpointing) beside the harness loop (mean ± sd over seeds):",
+            "",
+            "| init | lr | task: loop | task: " + trainer + " | kept: loop | kept: " + trainer + " | seeds |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
         points: dict[tuple[str, float], dict[str, list[dict]]] = {}
         for r in rows:
             points.setdefault((r["init"], r["lr"]), {}).setdefault(r.get("trainer", "loop"), []).append(r)
@@ -258,8 +326,10 @@ def trainer_table(rows: Sequence[dict[str, Any]]) -> list[str]:
                 return f"{statistics.fmean(values):.3f} ± {_sd(values):.3f}" if values else "–"
 
             seeds = f"{len(by.get('loop', []))} / {len(by[trainer])}"
-            lines.append(f"| {init} | {lr:g} | {cell('task_score', 'loop')} | {cell('task_score', trainer)} | "
-                         f"{cell('knowledge_kept', 'loop')} | {cell('knowledge_kept', trainer)} | {seeds} |")
+            lines.append(
+                f"| {init} | {lr:g} | {cell('task_score', 'loop')} | {cell('task_score', trainer)} | "
+                f"{cell('knowledge_kept', 'loop')} | {cell('knowledge_kept', trainer)} | {seeds} |"
+            )
         lines.append("")
     return lines
 
@@ -278,10 +348,16 @@ def plot(rows: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
         for init, points in sorted(by_init.items(), key=lambda kv: _order(kv[0])):
             style = "-" if init.startswith("lora_null") else "--"
             default = {"color": "black", "linewidth": 2.4, "zorder": 5} if init == "lora_null" else {"linewidth": 1.2}
-            axes.errorbar([p["task"] for p in points], [p["kept"] for p in points],
-                          xerr=[p["task_sd"] for p in points], yerr=[p["kept_sd"] for p in points],
-                          fmt="o" + style, capsize=2, label=init + (" (default)" if init == "lora_null" else ""),
-                          **default)
+            axes.errorbar(
+                [p["task"] for p in points],
+                [p["kept"] for p in points],
+                xerr=[p["task_sd"] for p in points],
+                yerr=[p["kept_sd"] for p in points],
+                fmt="o" + style,
+                capsize=2,
+                label=init + (" (default)" if init == "lora_null" else ""),
+                **default,
+            )
             for p in points:
                 axes.annotate(f"{p['lr']:g}", (p["task"], p["kept"]), fontsize=6, alpha=0.6)
         result = summary(by_init)
@@ -291,8 +367,11 @@ def plot(rows: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
             axes.set_xlim(max(0.0, result["bar"] - 0.3), 1.01)
         axes.set_xlabel("task score (exact match, held out)")
         axes.set_ylabel("knowledge kept (share of facts the base knew)")
-        axes.set_title(f"{model} × {task}: each init over its learning rates\n(points labelled by learning rate; "
-                       "diverged runs lie left of the axis)", fontsize=9)
+        axes.set_title(
+            f"{model} × {task}: each init over its learning rates\n(points labelled by learning rate; "
+            "diverged runs lie left of the axis)",
+            fontsize=9,
+        )
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7, loc="lower left")
         path = Path(folder) / f"frontier-{_slug(model)}-{_slug(task)}.png"
@@ -315,8 +394,17 @@ def merge_results(paths: Sequence[Path]) -> list[dict[str, Any]]:
 
 
 def _order(init: str) -> tuple[int, str]:
-    known = ("lora", "pissa", "milora", "corda_kpm", "lora_null_v1", "lora_null_v2", "lora_null_basis", "lora_null",
-             "lora_null_plain")
+    known = (
+        "lora",
+        "pissa",
+        "milora",
+        "corda_kpm",
+        "lora_null_v1",
+        "lora_null_v2",
+        "lora_null_basis",
+        "lora_null",
+        "lora_null_plain",
+    )
     return (known.index(init) if init in known else len(known), init)
 
 

@@ -18,8 +18,18 @@ from lora_null_core.init.peft_layers import lora_layers, weight_matrix, write_ad
 
 from .suites import Suite
 
-INITS = ("lora", "pissa", "milora", "corda_kpm", "lora_null_v1", "lora_null_v2", "lora_null_basis", "lora_null",
-         "lora_null_plain", "lora_null_plain_with_heldout")
+INITS = (
+    "lora",
+    "pissa",
+    "milora",
+    "corda_kpm",
+    "lora_null_v1",
+    "lora_null_v2",
+    "lora_null_basis",
+    "lora_null",
+    "lora_null_plain",
+    "lora_null_plain_with_heldout",
+)
 DEFAULT_INITS = INITS[:6]
 # lora_null: `adapter_init: lora_null` with a calibration file and no other key, where the trainer holds the
 # training set (every plugin: lora_null_task_data unset), so the training examples are the task data too; the same
@@ -31,9 +41,12 @@ DEFAULT_INITS = INITS[:6]
 # `adapter_init: lora_null` with no calibration text: the model samples its own (from BOS, or from neutral chat
 # requests); the frontier's knowledge questions are never seen, so its knowledge figure is the honest test.
 # _t1: at temperature 1, the default before the frontier chose 1.3 (rows measured then carry these names).
-SELF_INITS = {"lora_null_self": {}, "lora_null_self_chat": {"generated_prompt": "chat"},
-              "lora_null_self_t1": {"generated_temperature": 1.0},
-              "lora_null_self_chat_t1": {"generated_prompt": "chat", "generated_temperature": 1.0}}
+SELF_INITS = {
+    "lora_null_self": {},
+    "lora_null_self_chat": {"generated_prompt": "chat"},
+    "lora_null_self_t1": {"generated_temperature": 1.0},
+    "lora_null_self_chat_t1": {"generated_prompt": "chat", "generated_temperature": 1.0},
+}
 # The task-aware null space: the calibration and the training examples as task data; lora_null_task uses the
 # default task_mix (and a_scale, 1 with task data), lora_null_task<μ> another (lora_null_task0.1).
 TASK_PREFIX = "lora_null_task"
@@ -47,8 +60,13 @@ SCALED = re.compile(r"^(lora_null_.+)_x([0-9.]+)$")
 def lora_config(suite: Suite, model: torch.nn.Module) -> LoraConfig:
     """Every linear layer but the LM head, named explicitly (PEFT's CorDA preprocessing cannot expand 'all-linear')."""
     head = model.get_output_embeddings()
-    targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                      if isinstance(module, torch.nn.Linear) and module is not head})
+    targets = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not head
+        }
+    )
     return LoraConfig(r=suite.rank, lora_alpha=suite.rank, target_modules=targets, lora_dropout=0.0)
 
 
@@ -59,8 +77,13 @@ def build_adapter(init: str, model: torch.nn.Module, suite: Suite, seed: int) ->
     if init == "lora":
         return get_peft_model(model, config)
     if init == "lora_null_plain_with_heldout":
-        return lora_null_init(model, config, [e.text for e in suite.calibration] + suite.heldout_text,
-                              suite.tokenizer, LoraNullConfig(seed=seed))
+        return lora_null_init(
+            model,
+            config,
+            [e.text for e in suite.calibration] + suite.heldout_text,
+            suite.tokenizer,
+            LoraNullConfig(seed=seed),
+        )
     if init == "pissa":
         return get_peft_model(model, dataclasses.replace(config, init_lora_weights="pissa"))
     if init == "milora":
@@ -68,32 +91,57 @@ def build_adapter(init: str, model: torch.nn.Module, suite: Suite, seed: int) ->
     if init == "corda_kpm":
         return _corda_kpm(model, config, suite)
     if init == "lora_null_plain":  # every LoraNullConfig default, no task data
-        return lora_null_init(model, config, [e.text for e in suite.calibration], suite.tokenizer,
-                              LoraNullConfig(seed=seed))
+        return lora_null_init(
+            model, config, [e.text for e in suite.calibration], suite.tokenizer, LoraNullConfig(seed=seed)
+        )
     if init == "lora_null":
         init = TASK_PREFIX
     scaled = SCALED.match(init)
     init, scale = (scaled[1], {"a_scale": float(scaled[2])}) if scaled else (init, {})
     if init.startswith(TASK_PREFIX):
         mix = {"task_mix": task_mix_of(init)} if init != TASK_PREFIX else {}
-        return lora_null_init(model, config, [e.text for e in suite.calibration], suite.tokenizer,
-                              LoraNullConfig(seed=seed, **mix, **scale), task_data=suite.task_texts())
+        return lora_null_init(
+            model,
+            config,
+            [e.text for e in suite.calibration],
+            suite.tokenizer,
+            LoraNullConfig(seed=seed, **mix, **scale),
+            task_data=suite.task_texts(),
+        )
     if init in SELF_INITS:
-        return lora_null_init(model, config, None, suite.tokenizer,
-                              LoraNullConfig(seed=seed, **SELF_INITS[init], **scale))
+        return lora_null_init(
+            model, config, None, suite.tokenizer, LoraNullConfig(seed=seed, **SELF_INITS[init], **scale)
+        )
     if init.startswith(SELF_TASK):
         mix = {"task_mix": task_mix_of(init, SELF_TASK)} if init != SELF_TASK else {}
-        return lora_null_init(model, config, None, suite.tokenizer, LoraNullConfig(seed=seed, **mix, **scale),
-                              task_data=suite.task_texts())
+        return lora_null_init(
+            model,
+            config,
+            None,
+            suite.tokenizer,
+            LoraNullConfig(seed=seed, **mix, **scale),
+            task_data=suite.task_texts(),
+        )
     if init.startswith("lora_null_x"):  # the plain null space with another a_scale: lora_null_x3 = A × 3, B / 3
-        return lora_null_init(model, config, [e.text for e in suite.calibration], suite.tokenizer,
-                              LoraNullConfig(seed=seed, a_scale=a_scale_of(init)))
+        return lora_null_init(
+            model,
+            config,
+            [e.text for e in suite.calibration],
+            suite.tokenizer,
+            LoraNullConfig(seed=seed, a_scale=a_scale_of(init)),
+        )
     if init.startswith("lora_null_"):
         kind = init.removeprefix("lora_null_")
         null_config = LoraNullConfig(
-            variant="v2" if kind in ("v2", "basis") else "v1", init="basis" if kind == "basis" else "projected",
-            num_samples=len(suite.calibration), holdout_samples=0, max_length=suite.train.max_length,
-            batch_size=32, seed=seed, a_scale=1.0)  # the paper's factors
+            variant="v2" if kind in ("v2", "basis") else "v1",
+            init="basis" if kind == "basis" else "projected",
+            num_samples=len(suite.calibration),
+            holdout_samples=0,
+            max_length=suite.train.max_length,
+            batch_size=32,
+            seed=seed,
+            a_scale=1.0,
+        )  # the paper's factors
         return lora_null_init(model, config, [e.text for e in suite.calibration], suite.tokenizer, null_config)
     raise ValueError(f"unknown init {init!r}; choose from {', '.join(INITS)}")
 
@@ -101,8 +149,11 @@ def build_adapter(init: str, model: torch.nn.Module, suite: Suite, seed: int) ->
 def is_known_init(init: str) -> bool:
     scaled = SCALED.match(init)
     if scaled:
-        return _positive(scaled[2]) and (scaled[1] in SELF_INITS or scaled[1].startswith((TASK_PREFIX, SELF_TASK))) \
+        return (
+            _positive(scaled[2])
+            and (scaled[1] in SELF_INITS or scaled[1].startswith((TASK_PREFIX, SELF_TASK)))
             and is_known_init(scaled[1])
+        )
     if init in INITS or init in SELF_INITS or init in (TASK_PREFIX, SELF_TASK):
         return True
     for prefix in (TASK_PREFIX, SELF_TASK):

@@ -20,16 +20,24 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], list[dict
         groups[(row["model"], row["size"], label)].append(row)
     out: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for (model, size, init), runs in sorted(groups.items(), key=lambda kv: (kv[0][:2], _order(kv[0][2]))):
-        summary = {"init": init, "seeds": len(runs), "knowledge_before": runs[0]["knowledge_before"],
-                   "downstream_before": runs[0].get("downstream_before", math.nan),
-                   "perplexity_before": runs[0].get("perplexity_before", math.nan)}
+        summary = {
+            "init": init,
+            "seeds": len(runs),
+            "knowledge_before": runs[0]["knowledge_before"],
+            "downstream_before": runs[0].get("downstream_before", math.nan),
+            "perplexity_before": runs[0].get("perplexity_before", math.nan),
+        }
         for name in ("knowledge_after", "knowledge_known_after", "downstream", "perplexity_after"):
             values = [r[name] for r in runs if name in r]
             summary[name] = statistics.fmean(values) if values else math.nan
             summary[name + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         summary["knowledge_lost"] = summary["knowledge_before"] - summary["knowledge_after"]
-        summary["retention"] = summary["knowledge_after"] / summary["knowledge_before"] if summary["knowledge_before"] else math.nan
-        summary["retention_std"] = summary["knowledge_after_std"] / summary["knowledge_before"] if summary["knowledge_before"] else 0.0
+        summary["retention"] = (
+            summary["knowledge_after"] / summary["knowledge_before"] if summary["knowledge_before"] else math.nan
+        )
+        summary["retention_std"] = (
+            summary["knowledge_after_std"] / summary["knowledge_before"] if summary["knowledge_before"] else 0.0
+        )
         out[(model, size)].append(summary)
     return out
 
@@ -42,13 +50,17 @@ def target_check(summaries: Sequence[dict[str, Any]]) -> str | None:
     lora, v2 = by_init["lora"], by_init["lora_null_v2"]
     loss_ratio = v2["knowledge_lost"] / lora["knowledge_lost"] if lora["knowledge_lost"] > 0 else math.nan
     task_ratio = v2["downstream"] / lora["downstream"] if lora["downstream"] > 0 else math.nan
-    text = (f"LoRA-Null v2 knowledge lost / LoRA's: **{loss_ratio:.2f}** (target ≤ 0.5); downstream v2 / LoRA: "
-            f"**{task_ratio:.2f}** (target ≥ 0.95)")
+    text = (
+        f"LoRA-Null v2 knowledge lost / LoRA's: **{loss_ratio:.2f}** (target ≤ 0.5); downstream v2 / LoRA: "
+        f"**{task_ratio:.2f}** (target ≥ 0.95)"
+    )
     gain = lora["downstream"] - lora["downstream_before"]
     if gain <= 2 * lora["downstream_std"]:
         # A ratio of two numbers at the task's floor says nothing about learning the task.
-        return (text + f" → not judged: LoRA's downstream gain over the base ({gain:+.3f}) is within twice its seed "
-                f"spread ({lora['downstream_std']:.3f}), so the task did not separate the inits.")
+        return (
+            text + f" → not judged: LoRA's downstream gain over the base ({gain:+.3f}) is within twice its seed "
+            f"spread ({lora['downstream_std']:.3f}), so the task did not separate the inits."
+        )
     met = loss_ratio <= 0.5 and task_ratio >= 0.95
     return text + f" → target {'met' if met else 'NOT met'}."
 
@@ -57,15 +69,20 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     lines = []
     for (model, size), summaries in aggregate(rows).items():
         first = summaries[0]
-        lines += [f"### {model} ({size})", "",
-                  f"Before fine-tuning: knowledge {first['knowledge_before']:.3f}, downstream "
-                  f"{first['downstream_before']:.3f}, held-out perplexity {first['perplexity_before']:.2f}.", "",
-                  "| init | seeds | knowledge after | retention | on items known before | downstream | perplexity after |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### {model} ({size})",
+            "",
+            f"Before fine-tuning: knowledge {first['knowledge_before']:.3f}, downstream "
+            f"{first['downstream_before']:.3f}, held-out perplexity {first['perplexity_before']:.2f}.",
+            "",
+            "| init | seeds | knowledge after | retention | on items known before | downstream | perplexity after |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for s in summaries:
             lines.append(
                 f"| {s['init']} | {s['seeds']} | {_pm(s, 'knowledge_after')} | {s['retention']:.3f} | "
-                f"{_pm(s, 'knowledge_known_after')} | {_pm(s, 'downstream')} | {_pm(s, 'perplexity_after', 2)} |")
+                f"{_pm(s, 'knowledge_known_after')} | {_pm(s, 'downstream')} | {_pm(s, 'perplexity_after', 2)} |"
+            )
         check = target_check(summaries)
         lines += ["", check, ""] if check else [""]
     return "\n".join(lines)
@@ -82,11 +99,20 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.6), squeeze=False)
     for ax, ((model, size), summaries) in zip(axes[0], groups.items()):
         for s in summaries:
-            ax.errorbar(s["downstream"], s["retention"], xerr=s["downstream_std"], yerr=s["retention_std"],
-                        fmt="o", capsize=3, markersize=7, label=s["init"],
-                        color=_color(s["init"]))
-            ax.annotate(s["init"], (s["downstream"], s["retention"]), textcoords="offset points", xytext=(6, 4),
-                        fontsize=8)
+            ax.errorbar(
+                s["downstream"],
+                s["retention"],
+                xerr=s["downstream_std"],
+                yerr=s["retention_std"],
+                fmt="o",
+                capsize=3,
+                markersize=7,
+                label=s["init"],
+                color=_color(s["init"]),
+            )
+            ax.annotate(
+                s["init"], (s["downstream"], s["retention"]), textcoords="offset points", xytext=(6, 4), fontsize=8
+            )
         ax.set_xlabel("downstream accuracy after fine-tuning")
         ax.set_ylabel("knowledge retention (after / before)")
         ax.set_title(f"{model} ({size}), mean ± std over seeds")
@@ -101,8 +127,15 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
 
 def _color(label: str) -> str:
     """LoRA-Null in reds, baselines in other colours, the same colour for an init on every plot."""
-    palette = {"lora": "tab:blue", "pissa": "tab:orange", "milora": "tab:green", "corda_kpm": "tab:purple",
-               "lora_null_v1": "#f4a582", "lora_null_v2": "#b2182b", "lora_null_basis": "#d6604d"}
+    palette = {
+        "lora": "tab:blue",
+        "pissa": "tab:orange",
+        "milora": "tab:green",
+        "corda_kpm": "tab:purple",
+        "lora_null_v1": "#f4a582",
+        "lora_null_v2": "#b2182b",
+        "lora_null_basis": "#d6604d",
+    }
     return palette.get(label.split(" ")[0], "tab:gray")
 
 

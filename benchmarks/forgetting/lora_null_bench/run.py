@@ -27,14 +27,16 @@ logger = logging.getLogger(__name__)
 def measure(model: torch.nn.Module, suite: Suite) -> dict[str, Any]:
     """Closed-book knowledge accuracy (with per-item hits), held-out perplexity and downstream accuracy."""
     knowledge, hits = accuracy(model, suite.tokenizer, suite.knowledge, suite.knowledge_tokens, suite.eval_batch)
-    downstream, _ = accuracy(model, suite.tokenizer, suite.task_eval, suite.task_tokens, suite.eval_batch,
-                             match=suite.task_match)
+    downstream, _ = accuracy(
+        model, suite.tokenizer, suite.task_eval, suite.task_tokens, suite.eval_batch, match=suite.task_match
+    )
     ppl = perplexity(model, suite.tokenizer, suite.heldout_text, suite.eval_batch, suite.train.max_length)
     return {"knowledge": knowledge, "hits": hits, "downstream": downstream, "perplexity": ppl}
 
 
-def run_benchmark(suite: Suite, inits: Sequence[str], seeds: Sequence[int], size: str, command: str,
-                  on_row=None) -> list[dict[str, Any]]:
+def run_benchmark(
+    suite: Suite, inits: Sequence[str], seeds: Sequence[int], size: str, command: str, on_row=None
+) -> list[dict[str, Any]]:
     """One row per (seed, init) in the results schema, plus the extra measurements."""
     base = suite.load_base()
     before = measure(base, suite)
@@ -42,8 +44,14 @@ def run_benchmark(suite: Suite, inits: Sequence[str], seeds: Sequence[int], size
     base_logits = _logits(base, probe)
     del base
     known = [i for i, hit in enumerate(before["hits"]) if hit]
-    logger.info("%s before fine-tuning: knowledge %.3f (%d known), downstream %.3f, perplexity %.2f", suite.model,
-                before["knowledge"], len(known), before["downstream"], before["perplexity"])
+    logger.info(
+        "%s before fine-tuning: knowledge %.3f (%d known), downstream %.3f, perplexity %.2f",
+        suite.model,
+        before["knowledge"],
+        len(known),
+        before["downstream"],
+        before["perplexity"],
+    )
     rows = []
     for seed in seeds:
         for init in inits:
@@ -51,28 +59,56 @@ def run_benchmark(suite: Suite, inits: Sequence[str], seeds: Sequence[int], size
             model = build_adapter(init, suite.load_base(), suite, seed)
             init_seconds = time.perf_counter() - start
             init_error = float((_logits(model, probe) - base_logits).norm() / base_logits.norm())
-            leakage = {f"leakage_{kind}": adapter_leakage(model, suite, texts)
-                       for kind, texts in (("knowledge", suite.knowledge), ("task", suite.task_train))}
+            leakage = {
+                f"leakage_{kind}": adapter_leakage(model, suite, texts)
+                for kind, texts in (("knowledge", suite.knowledge), ("task", suite.task_train))
+            }
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            loss, skipped = fine_tune(model, suite.tokenizer, suite.task_train, suite.train, seed, suite.separator,
-                                      desc=init)
+            loss, skipped = fine_tune(
+                model, suite.tokenizer, suite.task_train, suite.train, seed, suite.separator, desc=init
+            )
             after = measure(model, suite)
             row = {
-                "init": init, "seed": seed, "size": size, "model": suite.model, **({"setting": suite.setting} if suite.setting else {}),
-                "knowledge_before": before["knowledge"], "knowledge_after": after["knowledge"],
-                "downstream": after["downstream"], "command": command,
+                "init": init,
+                "seed": seed,
+                "size": size,
+                "model": suite.model,
+                **({"setting": suite.setting} if suite.setting else {}),
+                "knowledge_before": before["knowledge"],
+                "knowledge_after": after["knowledge"],
+                "downstream": after["downstream"],
+                "command": command,
                 "knowledge_known_after": _mean(after["hits"][i] for i in known),
-                "known_items": len(known), "knowledge_items": len(suite.knowledge),
-                "downstream_before": before["downstream"], "downstream_items": len(suite.task_eval),
-                "perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"],
-                "function_error_after_init": init_error, **leakage, "train_loss": loss, "skipped_steps": skipped, "rank": suite.rank, "steps": suite.train.steps,
-                "batch_size": suite.train.batch_size, "learning_rate": suite.train.learning_rate,
-                "trainable_parameters": trainable, "calibration_samples": len(suite.calibration),
-                "init_seconds": round(init_seconds, 2), "seconds": round(time.perf_counter() - start, 2),
+                "known_items": len(known),
+                "knowledge_items": len(suite.knowledge),
+                "downstream_before": before["downstream"],
+                "downstream_items": len(suite.task_eval),
+                "perplexity_before": before["perplexity"],
+                "perplexity_after": after["perplexity"],
+                "function_error_after_init": init_error,
+                **leakage,
+                "train_loss": loss,
+                "skipped_steps": skipped,
+                "rank": suite.rank,
+                "steps": suite.train.steps,
+                "batch_size": suite.train.batch_size,
+                "learning_rate": suite.train.learning_rate,
+                "trainable_parameters": trainable,
+                "calibration_samples": len(suite.calibration),
+                "init_seconds": round(init_seconds, 2),
+                "seconds": round(time.perf_counter() - start, 2),
                 "device": device_name(),
             }
-            logger.info("%s seed %d %-15s knowledge %.3f → %.3f  downstream %.3f  ppl %.2f", suite.model, seed, init,
-                        row["knowledge_before"], row["knowledge_after"], row["downstream"], row["perplexity_after"])
+            logger.info(
+                "%s seed %d %-15s knowledge %.3f → %.3f  downstream %.3f  ppl %.2f",
+                suite.model,
+                seed,
+                init,
+                row["knowledge_before"],
+                row["knowledge_after"],
+                row["downstream"],
+                row["perplexity_after"],
+            )
             rows.append(row)
             if on_row:
                 on_row(rows)

@@ -68,12 +68,36 @@ class WorldSize:
 
 
 WORLD_SIZES = {
-    "cpu": WorldSize(people=40, hidden=64, layers=2, bios_per_person=8, pretrain_steps=600, pretrain_batch=32,
-                     pretrain_lr=5e-3, calibration=64, knowledge=300, task_train=400, task_eval=100,
-                     finetune=TrainSettings(steps=60, batch_size=16, learning_rate=3e-3, max_length=64), rank=8),
-    "gpu": WorldSize(people=1000, hidden=256, layers=4, bios_per_person=8, pretrain_steps=6000, pretrain_batch=256,
-                     pretrain_lr=2e-3, calibration=256, knowledge=2000, task_train=8000, task_eval=1000,
-                     finetune=TrainSettings(steps=400, batch_size=64, learning_rate=2e-3, max_length=64), rank=16),
+    "cpu": WorldSize(
+        people=40,
+        hidden=64,
+        layers=2,
+        bios_per_person=8,
+        pretrain_steps=600,
+        pretrain_batch=32,
+        pretrain_lr=5e-3,
+        calibration=64,
+        knowledge=300,
+        task_train=400,
+        task_eval=100,
+        finetune=TrainSettings(steps=60, batch_size=16, learning_rate=3e-3, max_length=64),
+        rank=8,
+    ),
+    "gpu": WorldSize(
+        people=1000,
+        hidden=256,
+        layers=4,
+        bios_per_person=8,
+        pretrain_steps=6000,
+        pretrain_batch=256,
+        pretrain_lr=2e-3,
+        calibration=256,
+        knowledge=2000,
+        task_train=8000,
+        task_eval=1000,
+        finetune=TrainSettings(steps=400, batch_size=64, learning_rate=2e-3, max_length=64),
+        rank=16,
+    ),
 }
 
 
@@ -95,11 +119,11 @@ def synthetic_suite(size: str, cache: Path, device: str, pretrain_seed: int = 0)
         model=f"synthetic-llama-{size}",
         load_base=lambda: _load(folder, device),
         tokenizer=tokenizer,
-        calibration=calibration[:spec.calibration],
+        calibration=calibration[: spec.calibration],
         knowledge=_sample([q for p in eval_people for q in world.questions(p)], spec.knowledge, pretrain_seed),
         heldout_text=[world.biography(p, rng) for p in eval_people],
-        task_train=task[:spec.task_train],
-        task_eval=task[spec.task_train:],
+        task_train=task[: spec.task_train],
+        task_eval=task[spec.task_train :],
         train=spec.finetune,
         rank=spec.rank,
         eval_batch=256,
@@ -116,16 +140,24 @@ def _pretrained_world_model(spec: WorldSize, population, tokenizer, cache: Path,
     model = tiny_model("llama", len(tokenizer), seed=seed, hidden=spec.hidden, layers=spec.layers).to(device)
     corpus = world.pretraining_corpus(population, spec.bios_per_person, seed)
     settings = TrainSettings(spec.pretrain_steps, spec.pretrain_batch, spec.pretrain_lr, max_length=96)
-    loss = fine_tune(model, tokenizer, [Example("", (t,)) for t in corpus], settings, seed, separator="",
-                     desc="pretrain synthetic world").loss
+    loss = fine_tune(
+        model,
+        tokenizer,
+        [Example("", (t,)) for t in corpus],
+        settings,
+        seed,
+        separator="",
+        desc="pretrain synthetic world",
+    ).loss
     knowledge = [q for p in population for q in world.questions(p)][:2000]
     known, _ = accuracy(model, tokenizer, knowledge, 2, 256)
     logger.info("pretrained synthetic world model: loss %.3f, closed-book accuracy %.3f", loss, known)
     with atomic_output_dir(folder, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "pretraining.json").write_text(json.dumps({"loss": loss, "accuracy": known, "spec": asdict(spec)},
-                                                         default=str, indent=1))
+        (tmp / "pretraining.json").write_text(
+            json.dumps({"loss": loss, "accuracy": known, "spec": asdict(spec)}, default=str, indent=1)
+        )
     return folder
 
 
@@ -144,17 +176,42 @@ class FileSize:
 
 
 FILE_SIZES = {
-    "cpu": FileSize(calibration=200, knowledge=24, heldout=8, task_train=64, task_eval=4,
-                    finetune=TrainSettings(steps=2, batch_size=2, learning_rate=2e-4, max_length=256), rank=4,
-                    task_tokens=24, eval_batch=8),
-    "gpu": FileSize(calibration=256, knowledge=2000, heldout=500, task_train=7473, task_eval=250,
-                    finetune=TrainSettings(steps=200, batch_size=32, learning_rate=5e-4, max_length=384), rank=16,
-                    task_tokens=200, eval_batch=256),
+    "cpu": FileSize(
+        calibration=200,
+        knowledge=24,
+        heldout=8,
+        task_train=64,
+        task_eval=4,
+        finetune=TrainSettings(steps=2, batch_size=2, learning_rate=2e-4, max_length=256),
+        rank=4,
+        task_tokens=24,
+        eval_batch=8,
+    ),
+    "gpu": FileSize(
+        calibration=256,
+        knowledge=2000,
+        heldout=500,
+        task_train=7473,
+        task_eval=250,
+        finetune=TrainSettings(steps=200, batch_size=32, learning_rate=5e-4, max_length=384),
+        rank=16,
+        task_tokens=200,
+        eval_batch=256,
+    ),
 }
 
 
-def file_suite(model: str, probes: Path, task_train: Path, task_eval: Path, size: str, cache: Path, device: str,
-               name: str | None = None, split_seed: int = 1234) -> Suite:
+def file_suite(
+    model: str,
+    probes: Path,
+    task_train: Path,
+    task_eval: Path,
+    size: str,
+    cache: Path,
+    device: str,
+    name: str | None = None,
+    split_seed: int = 1234,
+) -> Suite:
     """Bring your own: a local HF folder or .gguf file, a QA probe file, and a task (train and eval files).
 
     Probes: JSONL rows {"prompt"|"input", "targets"|"target"} or a BIG-bench task.json. Task rows:
@@ -167,10 +224,18 @@ def file_suite(model: str, probes: Path, task_train: Path, task_eval: Path, size
     needed = spec.calibration + spec.knowledge + spec.heldout
     if len(probe_rows) < needed:
         raise ConfigError(f"{probes} has {len(probe_rows)} probes; size {size!r} needs {needed}.")
-    train_rows = read_examples(task_train, prompt_keys=("prompt", "question"), target_keys=("answer", "target"),
-                               prompt_format="Question: {}\nAnswer:")
-    eval_rows = read_examples(task_eval, prompt_keys=("prompt", "question"), target_keys=("answer", "target"),
-                              prompt_format="Question: {}\nAnswer:")
+    train_rows = read_examples(
+        task_train,
+        prompt_keys=("prompt", "question"),
+        target_keys=("answer", "target"),
+        prompt_format="Question: {}\nAnswer:",
+    )
+    eval_rows = read_examples(
+        task_eval,
+        prompt_keys=("prompt", "question"),
+        target_keys=("answer", "target"),
+        prompt_format="Question: {}\nAnswer:",
+    )
     gsm_style = all("####" in e.targets[0] for e in train_rows[:50])
     random.Random(split_seed).shuffle(train_rows)
     from lora_null_core.io.saving import load_tokenizer
@@ -186,8 +251,8 @@ def file_suite(model: str, probes: Path, task_train: Path, task_eval: Path, size
         calibration=probe_rows[:calib_end],
         knowledge=probe_rows[calib_end:knowledge_end],
         heldout_text=[e.text for e in probe_rows[knowledge_end:needed]],
-        task_train=train_rows[:spec.task_train],
-        task_eval=eval_rows[:spec.task_eval],
+        task_train=train_rows[: spec.task_train],
+        task_eval=eval_rows[: spec.task_eval],
         train=spec.finetune,
         rank=spec.rank,
         knowledge_tokens=8,
@@ -197,8 +262,9 @@ def file_suite(model: str, probes: Path, task_train: Path, task_eval: Path, size
     )
 
 
-def read_examples(path: Path, prompt_keys: Sequence[str], target_keys: Sequence[str],
-                  prompt_format: str = "{}") -> list[Example]:
+def read_examples(
+    path: Path, prompt_keys: Sequence[str], target_keys: Sequence[str], prompt_format: str = "{}"
+) -> list[Example]:
     """Rows of a JSONL file, or the "examples" of a BIG-bench task.json, as Examples."""
     path = Path(path)
     if not path.exists():

@@ -37,9 +37,9 @@ def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int, device) ->
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (row_ids, row_labels) in enumerate(rows):
-        ids[i, :len(row_ids)] = torch.tensor(row_ids)
-        labels[i, :len(row_labels)] = torch.tensor(row_labels)
-        mask[i, :len(row_ids)] = 1
+        ids[i, : len(row_ids)] = torch.tensor(row_ids)
+        labels[i, : len(row_labels)] = torch.tensor(row_labels)
+        mask[i, : len(row_ids)] = 1
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
@@ -48,8 +48,15 @@ class Trained(NamedTuple):
     skipped_steps: int  # steps whose gradients were not finite, so no update was made
 
 
-def fine_tune(model, tokenizer, examples: Sequence[Example], settings: TrainSettings, seed: int, separator: str = " ",
-              desc: str = "fine-tune") -> Trained:
+def fine_tune(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    settings: TrainSettings,
+    seed: int,
+    separator: str = " ",
+    desc: str = "fine-tune",
+) -> Trained:
     """Train the model's trainable parameters with AdamW, linear warmup then linear decay. A step whose gradient
     norm is not finite is skipped (as AMP's GradScaler does): on Qwen2.5-0.5B under bf16 autocast one such step
     turned every weight to NaN (H100, word reversal at lr 3e-4, step 37); the count is returned to be reported."""
@@ -60,7 +67,8 @@ def fine_tune(model, tokenizer, examples: Sequence[Example], settings: TrainSett
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
     warmup = max(1, int(settings.warmup * settings.steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (settings.steps - s) / max(1, settings.steps - warmup))))
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (settings.steps - s) / max(1, settings.steps - warmup)))
+    )
     order: list[int] = []
     model.train()
     losses: list[float] = []
@@ -68,8 +76,8 @@ def fine_tune(model, tokenizer, examples: Sequence[Example], settings: TrainSett
     for _ in tqdm(range(settings.steps), desc=desc, leave=False):
         if len(order) < settings.batch_size:
             order += rng.sample(range(len(encoded)), len(encoded))
-        batch = collate([encoded[i] for i in order[:settings.batch_size]], tokenizer.pad_token_id, device)
-        del order[:settings.batch_size]
+        batch = collate([encoded[i] for i in order[: settings.batch_size]], tokenizer.pad_token_id, device)
+        del order[: settings.batch_size]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model(**batch).loss
         loss.backward()
@@ -82,5 +90,5 @@ def fine_tune(model, tokenizer, examples: Sequence[Example], settings: TrainSett
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
     model.eval()
-    tail = losses[-max(1, len(losses) // 10):]
+    tail = losses[-max(1, len(losses) // 10) :]
     return Trained(sum(tail) / len(tail), skipped)

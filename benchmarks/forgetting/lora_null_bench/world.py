@@ -10,27 +10,128 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-_SYLLABLES = ["ba", "ko", "ri", "tel", "mun", "sa", "dor", "vi", "len", "qua", "zem", "fo", "ha", "pir", "nes",
-              "gal", "tu", "wex", "yor", "cal"]
-CITIES = ["Lisbon", "Osaka", "Quito", "Tunis", "Tartu", "Perth", "Bergen", "Leipzig", "Cusco", "Dakar",
-          "Hanoi", "Oslo", "Porto", "Riga", "Sapporo", "Tbilisi", "Valparaiso", "Windhoek", "Yerevan", "Zagreb",
-          "Accra", "Bilbao", "Cork", "Daegu", "Esbjerg", "Fukuoka", "Graz", "Hobart", "Izmir", "Jaipur"]
-UNIVERSITIES = ["Aldmoor", "Brenfield", "Corvale", "Dunhallow", "Eastwick", "Fernmouth", "Glenrock", "Highmere",
-                "Ivybridge", "Kestrel", "Lowmoor", "Marrow", "Northfell", "Oakhurst", "Pellham", "Ravenscar"]
-EMPLOYERS = ["Acmetron", "Bluvia", "Cobaltix", "Dynacorp", "Elmsoft", "Fluxon", "Gravitas", "Heliode", "Ionix",
-             "Jetstream", "Kinetica", "Lumora", "Mantic", "Novalink", "Orbis", "Pyxel", "Quantal", "Rovia"]
+_SYLLABLES = [
+    "ba",
+    "ko",
+    "ri",
+    "tel",
+    "mun",
+    "sa",
+    "dor",
+    "vi",
+    "len",
+    "qua",
+    "zem",
+    "fo",
+    "ha",
+    "pir",
+    "nes",
+    "gal",
+    "tu",
+    "wex",
+    "yor",
+    "cal",
+]
+CITIES = [
+    "Lisbon",
+    "Osaka",
+    "Quito",
+    "Tunis",
+    "Tartu",
+    "Perth",
+    "Bergen",
+    "Leipzig",
+    "Cusco",
+    "Dakar",
+    "Hanoi",
+    "Oslo",
+    "Porto",
+    "Riga",
+    "Sapporo",
+    "Tbilisi",
+    "Valparaiso",
+    "Windhoek",
+    "Yerevan",
+    "Zagreb",
+    "Accra",
+    "Bilbao",
+    "Cork",
+    "Daegu",
+    "Esbjerg",
+    "Fukuoka",
+    "Graz",
+    "Hobart",
+    "Izmir",
+    "Jaipur",
+]
+UNIVERSITIES = [
+    "Aldmoor",
+    "Brenfield",
+    "Corvale",
+    "Dunhallow",
+    "Eastwick",
+    "Fernmouth",
+    "Glenrock",
+    "Highmere",
+    "Ivybridge",
+    "Kestrel",
+    "Lowmoor",
+    "Marrow",
+    "Northfell",
+    "Oakhurst",
+    "Pellham",
+    "Ravenscar",
+]
+EMPLOYERS = [
+    "Acmetron",
+    "Bluvia",
+    "Cobaltix",
+    "Dynacorp",
+    "Elmsoft",
+    "Fluxon",
+    "Gravitas",
+    "Heliode",
+    "Ionix",
+    "Jetstream",
+    "Kinetica",
+    "Lumora",
+    "Mantic",
+    "Novalink",
+    "Orbis",
+    "Pyxel",
+    "Quantal",
+    "Rovia",
+]
 YEARS = [str(y) for y in range(1900, 2000)]
 BOOKS = [str(n) for n in range(1, 21)]
 
 ATTRIBUTES = {"city": CITIES, "university": UNIVERSITIES, "employer": EMPLOYERS, "year": YEARS, "books": BOOKS}
 BIO_TEMPLATES = {
-    "city": ["{name} was born in {city} .", "{name} came into the world in {city} .", "The birthplace of {name} is {city} ."],
-    "university": ["{name} studied at {university} .", "{name} graduated from {university} .",
-                   "{name} is an alumnus of {university} ."],
-    "employer": ["{name} works for {employer} .", "{name} is employed by {employer} .", "{name} has a job at {employer} ."],
-    "year": ["{name} was born in the year {year} .", "{name} arrived in {year} .", "The birth year of {name} is {year} ."],
-    "books": ["{name} has written {books} books .", "{name} is the author of {books} books .",
-              "The number of books by {name} is {books} ."],
+    "city": [
+        "{name} was born in {city} .",
+        "{name} came into the world in {city} .",
+        "The birthplace of {name} is {city} .",
+    ],
+    "university": [
+        "{name} studied at {university} .",
+        "{name} graduated from {university} .",
+        "{name} is an alumnus of {university} .",
+    ],
+    "employer": [
+        "{name} works for {employer} .",
+        "{name} is employed by {employer} .",
+        "{name} has a job at {employer} .",
+    ],
+    "year": [
+        "{name} was born in the year {year} .",
+        "{name} arrived in {year} .",
+        "The birth year of {name} is {year} .",
+    ],
+    "books": [
+        "{name} has written {books} books .",
+        "{name} is the author of {books} books .",
+        "The number of books by {name} is {books} .",
+    ],
 }
 QUESTION_TEMPLATES = {
     "city": ["Q : In which city was {name} born ? A :", "Q : Where is {name} from ? A :"],
@@ -66,8 +167,10 @@ def people(count: int, seed: int) -> list[Person]:
     names = [a.capitalize() + b for a in _SYLLABLES for b in _SYLLABLES]
     pairs = rng.sample(range(len(names) ** 2), count)
     firsts, lasts = [names[p // len(names)] for p in pairs], [names[p % len(names)] for p in pairs]
-    return [Person(f"{first} {last}", {k: rng.choice(v) for k, v in ATTRIBUTES.items()})
-            for first, last in zip(firsts, lasts)]
+    return [
+        Person(f"{first} {last}", {k: rng.choice(v) for k, v in ATTRIBUTES.items()})
+        for first, last in zip(firsts, lasts)
+    ]
 
 
 def biography(person: Person, rng: random.Random) -> str:
@@ -98,8 +201,10 @@ def word_problems(count: int, seed: int) -> list[Example]:
         name, item = rng.choice(_TASK_NAMES), rng.choice(_ITEMS)
         a, b = rng.randint(1, 9), rng.randint(1, 9)
         c = rng.randint(0, min(a + b, 9))
-        prompt = (f"Q : {name} has {a} {item} . {name} gets {b} more and gives away {c} . "
-                  f"How many {item} does {name} have now ? A :")
+        prompt = (
+            f"Q : {name} has {a} {item} . {name} gets {b} more and gives away {c} . "
+            f"How many {item} does {name} have now ? A :"
+        )
         out.setdefault(prompt, Example(prompt, (str(a + b - c),)))
     return list(out.values())
 

@@ -15,14 +15,28 @@ class _LoraNullKeys(BaseModel):
     LoRA config."""
 
     adapter_init: Optional[Literal["default", "lora_null"]] = Field(
-        default=None, json_schema_extra={"description": "lora_null: initialize the LoRA adapter with LoRA-Null."})
-    lora_null_calibration: Optional[Union[str, dict[str, Any]]] = Field(default=None, json_schema_extra={
-        "description": front_end_help("calibration", source="a path, or a dataset entry like `datasets:`")})
-    lora_null_task_data: Optional[Union[bool, str, dict[str, Any]]] = Field(default=None, json_schema_extra={
-        "description": front_end_help("task_data", "the training set as Axolotl prepared it",
-                                      "a path or a dataset entry")})
-    lora_null: Optional[dict[str, Any]] = Field(default=None, json_schema_extra={
-        "description": "The LoRA-Null settings as one block (field: value), instead of lora_null_<field> keys."})
+        default=None, json_schema_extra={"description": "lora_null: initialize the LoRA adapter with LoRA-Null."}
+    )
+    lora_null_calibration: Optional[Union[str, dict[str, Any]]] = Field(
+        default=None,
+        json_schema_extra={
+            "description": front_end_help("calibration", source="a path, or a dataset entry like `datasets:`")
+        },
+    )
+    lora_null_task_data: Optional[Union[bool, str, dict[str, Any]]] = Field(
+        default=None,
+        json_schema_extra={
+            "description": front_end_help(
+                "task_data", "the training set as Axolotl prepared it", "a path or a dataset entry"
+            )
+        },
+    )
+    lora_null: Optional[dict[str, Any]] = Field(
+        default=None,
+        json_schema_extra={
+            "description": "The LoRA-Null settings as one block (field: value), instead of lora_null_<field> keys."
+        },
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -30,17 +44,31 @@ class _LoraNullKeys(BaseModel):
         if not isinstance(data, dict) or data.get("adapter_init") != "lora_null":
             return data
         if data.get("adapter") not in ("lora", "qlora"):
-            raise ValueError(f"adapter_init: lora_null needs `adapter: lora` (or qlora), got adapter: {data.get('adapter')!r}.")
+            raise ValueError(
+                f"adapter_init: lora_null needs `adapter: lora` (or qlora), got adapter: {data.get('adapter')!r}."
+            )
         quantized = bool(data.get("adapter") == "qlora" or data.get("load_in_4bit") or data.get("load_in_8bit"))
-        lora_null_request(data, quantized=quantized, dora=bool(data.get("peft_use_dora")), dora_key="peft_use_dora",
-                          fallbacks=fallbacks(data))
+        lora_null_request(
+            data,
+            quantized=quantized,
+            dora=bool(data.get("peft_use_dora")),
+            dora_key="peft_use_dora",
+            fallbacks=fallbacks(data),
+        )
         return data
 
 
 LoraNullArgs = create_model(
-    "LoraNullArgs", __base__=_LoraNullKeys, __module__=__name__,
-    **{spec.key: (Optional[spec.type], Field(default=None, json_schema_extra={
-        "description": f"{spec.help} (default: {spec.default})"})) for spec in config_fields()},
+    "LoraNullArgs",
+    __base__=_LoraNullKeys,
+    __module__=__name__,
+    **{
+        spec.key: (
+            Optional[spec.type],
+            Field(default=None, json_schema_extra={"description": f"{spec.help} (default: {spec.default})"}),
+        )
+        for spec in config_fields()
+    },
 )
 
 

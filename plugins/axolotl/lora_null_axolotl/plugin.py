@@ -59,9 +59,16 @@ class LoraNullPlugin(BasePlugin):
         tokenizer = load_tokenizer(cfg)
         texts = dataset_source(cfg.lora_null_calibration)
         attach_unfused_attention(cfg, model)
-        initialize_for_training(model, texts, tokenizer, lora_null_config(cfg), cfg.output_dir,
-                                task_data=task_data_source(cfg, tokenizer), execution_device=training_device(model),
-                                log=LOG)
+        initialize_for_training(
+            model,
+            texts,
+            tokenizer,
+            lora_null_config(cfg),
+            cfg.output_dir,
+            task_data=task_data_source(cfg, tokenizer),
+            execution_device=training_device(model),
+            log=LOG,
+        )
 
     def add_callbacks_pre_trainer(self, cfg: Any, model: Any) -> list:
         # Checkpoints made right for the base they name; the initial factors are saved in post_lora_load.
@@ -111,13 +118,15 @@ def task_data_source(cfg: Any, tokenizer: Any):
     """lora_null_task_data (task_data_for): by default the training set as Axolotl prepared it (templated and
     tokenized: what the adapter will see, read back from its prepared-dataset cache) whenever lora_null_calibration
     is given; a path or a dataset entry is read like the calibration."""
+
     def training_set():
         from axolotl.utils.data import prepare_datasets
 
         return prepare_datasets(cfg, tokenizer)[0]
 
-    return task_data_for(cfg.lora_null_task_data, cfg.lora_null_calibration, training_set, tokenizer,
-                         read=dataset_source)
+    return task_data_for(
+        cfg.lora_null_task_data, cfg.lora_null_calibration, training_set, tokenizer, read=dataset_source
+    )
 
 
 def dataset_source(entry: Any):

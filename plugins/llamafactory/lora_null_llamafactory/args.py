@@ -13,12 +13,33 @@ from lora_null_core import LoraNullConfig
 from lora_null_core.frontends import front_end_help, lora_null_request, prefixed_dataclass_fields
 
 _KEYS = [
-    ("adapter_init", Literal["default", "lora_null"], field(default="default", metadata={
-        "help": "lora_null: initialize the LoRA adapter with LoRA-Null."})),
-    ("lora_null_calibration", Optional[str], field(default=None, metadata={"help": front_end_help(
-        "calibration", source="a dataset name from dataset_info.json, or a file path")})),
-    ("lora_null_task_data", Optional[str], field(default=None, metadata={"help": front_end_help(
-        "task_data", "the SFT training set as LLaMA-Factory tokenized it", "a dataset name or a path")})),
+    (
+        "adapter_init",
+        Literal["default", "lora_null"],
+        field(default="default", metadata={"help": "lora_null: initialize the LoRA adapter with LoRA-Null."}),
+    ),
+    (
+        "lora_null_calibration",
+        Optional[str],
+        field(
+            default=None,
+            metadata={
+                "help": front_end_help("calibration", source="a dataset name from dataset_info.json, or a file path")
+            },
+        ),
+    ),
+    (
+        "lora_null_task_data",
+        Optional[str],
+        field(
+            default=None,
+            metadata={
+                "help": front_end_help(
+                    "task_data", "the SFT training set as LLaMA-Factory tokenized it", "a dataset name or a path"
+                )
+            },
+        ),
+    ),
     *prefixed_dataclass_fields(),
 ]
 
@@ -39,7 +60,13 @@ def _lora_null_config(self) -> Optional[LoraNullConfig]:
 
 
 LoraNullFinetuningArguments = make_dataclass(
-    "LoraNullFinetuningArguments", _KEYS, bases=(FinetuningArguments,),
-    namespace={"__post_init__": _post_init, "lora_null_config": _lora_null_config, "__module__": __name__,
-               "__doc__": "FinetuningArguments plus `adapter_init: lora_null` and the lora_null_* keys."},
+    "LoraNullFinetuningArguments",
+    _KEYS,
+    bases=(FinetuningArguments,),
+    namespace={
+        "__post_init__": _post_init,
+        "lora_null_config": _lora_null_config,
+        "__module__": __name__,
+        "__doc__": "FinetuningArguments plus `adapter_init: lora_null` and the lora_null_* keys.",
+    },
 )

@@ -52,12 +52,22 @@ def _relaunch_with_torchrun(argv: list[str]) -> int:
     from llamafactory.extras.misc import find_available_port, get_device_count
 
     command = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nnodes", os.getenv("NNODES", "1"), "--node_rank", os.getenv("NODE_RANK", "0"),
-        "--nproc_per_node", os.getenv("NPROC_PER_NODE", str(max(get_device_count(), 1))),
-        "--master_addr", os.getenv("MASTER_ADDR", "127.0.0.1"),
-        "--master_port", os.getenv("MASTER_PORT", str(find_available_port())),
-        "-m", "lora_null_llamafactory.cli", *argv,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        os.getenv("NNODES", "1"),
+        "--node_rank",
+        os.getenv("NODE_RANK", "0"),
+        "--nproc_per_node",
+        os.getenv("NPROC_PER_NODE", str(max(get_device_count(), 1))),
+        "--master_addr",
+        os.getenv("MASTER_ADDR", "127.0.0.1"),
+        "--master_port",
+        os.getenv("MASTER_PORT", str(find_available_port())),
+        "-m",
+        "lora_null_llamafactory.cli",
+        *argv,
     ]
     return subprocess.run(command, check=False).returncode
 

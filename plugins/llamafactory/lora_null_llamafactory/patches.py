@@ -34,10 +34,16 @@ def install() -> None:
         from llamafactory.train.sft import workflow
     except ImportError as err:
         raise ImportError(f"lora-null's LLaMA-Factory plugin needs {SUPPORTED} ({err}).") from err
-    if not hasattr(parser, "_TRAIN_ARGS") or FinetuningArguments not in parser._TRAIN_ARGS \
-            or not hasattr(loader, "init_adapter") or not hasattr(workflow, "get_dataset"):
-        raise ImportError("This LLaMA-Factory has no parser._TRAIN_ARGS / loader.init_adapter / sft workflow "
-                          f"get_dataset; supported: {SUPPORTED}.")
+    if (
+        not hasattr(parser, "_TRAIN_ARGS")
+        or FinetuningArguments not in parser._TRAIN_ARGS
+        or not hasattr(loader, "init_adapter")
+        or not hasattr(workflow, "get_dataset")
+    ):
+        raise ImportError(
+            "This LLaMA-Factory has no parser._TRAIN_ARGS / loader.init_adapter / sft workflow "
+            f"get_dataset; supported: {SUPPORTED}."
+        )
     from .args import LoraNullFinetuningArguments
 
     parser._TRAIN_ARGS[parser._TRAIN_ARGS.index(FinetuningArguments)] = LoraNullFinetuningArguments
@@ -60,6 +66,7 @@ _training_set: dict[str, Any] = {"value": None}
 def remembering_the_training_set(get_dataset):
     """run_sft tokenizes its dataset before it loads the model, but init_adapter is not given it: keep the last
     training set SFT built, for lora_null_task_data."""
+
     def wrapped(*args, **kwargs):
         module = get_dataset(*args, **kwargs)
         _training_set["value"] = module.get("train_dataset")
@@ -76,17 +83,22 @@ def initialize(model: Any, model_args: Any, finetuning_args: Any) -> None:
     source = calibration_rows(finetuning_args.lora_null_calibration, _dataset_dir())
     # No output folder: the callback writes the initial factors when training begins (DeepSpeed has partitioned
     # them by then, and the callback gathers them).
-    initialize_for_training(model, source, tokenizer, config, None, task_data=task_rows(finetuning_args, tokenizer),
-                            log=LOG)
+    initialize_for_training(
+        model, source, tokenizer, config, None, task_data=task_rows(finetuning_args, tokenizer), log=LOG
+    )
 
 
 def task_rows(finetuning_args: Any, tokenizer: Any) -> Any:
     """lora_null_task_data (task_data_for): by default the SFT training set as LLaMA-Factory tokenized it (template,
     prompt and response: what the adapter will see) whenever lora_null_calibration is given; a dataset name or a
     path is read like the calibration."""
-    return task_data_for(finetuning_args.lora_null_task_data, finetuning_args.lora_null_calibration,
-                         lambda: _training_set["value"], tokenizer,
-                         read=lambda name: calibration_rows(name, _dataset_dir(), key="lora_null_task_data"))
+    return task_data_for(
+        finetuning_args.lora_null_task_data,
+        finetuning_args.lora_null_calibration,
+        lambda: _training_set["value"],
+        tokenizer,
+        read=lambda name: calibration_rows(name, _dataset_dir(), key="lora_null_task_data"),
+    )
 
 
 def calibration_rows(name: Optional[str], dataset_dir: str, key: str = "lora_null_calibration") -> Any:
@@ -110,8 +122,15 @@ def calibration_rows(name: Optional[str], dataset_dir: str, key: str = "lora_nul
     columns = entry.get("columns", {})
     if entry.get("formatting") == "sharegpt":
         key = columns.get("messages", "conversations")
-        return [{"messages": [{"role": m.get("role", m.get("from")), "content": m.get("content", m.get("value"))}
-                              for m in row[key]]} for row in rows]
+        return [
+            {
+                "messages": [
+                    {"role": m.get("role", m.get("from")), "content": m.get("content", m.get("value"))}
+                    for m in row[key]
+                ]
+            }
+            for row in rows
+        ]
     prompt, query = columns.get("prompt", "instruction"), columns.get("query", "input")
     return [" ".join(str(row[c]) for c in (prompt, query) if row.get(c)) for row in rows]
 

@@ -51,8 +51,9 @@ def _check_lora_null_keys(argv: list[str]) -> None:
         except (OSError, yaml.YAMLError):
             continue  # TRL's parser reports a missing or broken file itself
         if isinstance(values, dict):
-            config_from_mapping({k: v for k, v in values.items()
-                                 if isinstance(k, str) and (k.startswith(PREFIX) or k == NESTED_KEY)})
+            config_from_mapping(
+                {k: v for k, v in values.items() if isinstance(k, str) and (k.startswith(PREFIX) or k == NESTED_KEY)}
+            )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

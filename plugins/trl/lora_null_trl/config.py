@@ -13,17 +13,53 @@ from lora_null_core import LoraNullConfig
 from lora_null_core.frontends import front_end_help, lora_null_request, prefixed_dataclass_fields
 
 _KEYS = [
-    ("adapter_init", str, field(default="default", metadata={
-        "help": "'lora_null' initializes TRL's LoRA adapter in the null space of the calibration activations."})),
-    ("lora_null_calibration", Optional[str], field(default=None, metadata={"help": front_end_help(
-        "calibration", source="a .jsonl/.json/.parquet file, a saved dataset or a hub dataset name")})),
-    ("lora_null_task_data", Optional[str], field(default=None, metadata={"help": front_end_help(
-        "task_data", "the training data as the trainer tokenized it", "a path or a hub dataset name")})),
-    ("lora_null_export", bool, field(default=True, metadata={
-        "help": "v1 only (v2 and basis train on the original weights and need nothing): make every save right for "
+    (
+        "adapter_init",
+        str,
+        field(
+            default="default",
+            metadata={
+                "help": "'lora_null' initializes TRL's LoRA adapter in the null space of the calibration activations."
+            },
+        ),
+    ),
+    (
+        "lora_null_calibration",
+        Optional[str],
+        field(
+            default=None,
+            metadata={
+                "help": front_end_help(
+                    "calibration", source="a .jsonl/.json/.parquet file, a saved dataset or a hub dataset name"
+                )
+            },
+        ),
+    ),
+    (
+        "lora_null_task_data",
+        Optional[str],
+        field(
+            default=None,
+            metadata={
+                "help": front_end_help(
+                    "task_data", "the training data as the trainer tokenized it", "a path or a hub dataset name"
+                )
+            },
+        ),
+    ),
+    (
+        "lora_null_export",
+        bool,
+        field(
+            default=True,
+            metadata={
+                "help": "v1 only (v2 and basis train on the original weights and need nothing): make every save right for "
                 "the base it names: the final folder holds the LoRA for the original model, a checkpoint's "
                 "config names the residual base. False: leave saves as trained (a v2 lora_A that a ZeRO-3 save leaves "
-                "out is put back either way)."})),
+                "out is put back either way)."
+            },
+        ),
+    ),
     *prefixed_dataclass_fields(),
 ]
 
@@ -40,7 +76,13 @@ def _lora_null_config(self) -> Optional[LoraNullConfig]:
 
 
 LoraNullSFTConfig = make_dataclass(
-    "LoraNullSFTConfig", _KEYS, bases=(SFTConfig,),
-    namespace={"__post_init__": _post_init, "lora_null_config": _lora_null_config, "__module__": __name__,
-               "__doc__": "TRL's SFTConfig plus the LoRA-Null keys (`adapter_init: lora_null`, lora_null_*)."},
+    "LoraNullSFTConfig",
+    _KEYS,
+    bases=(SFTConfig,),
+    namespace={
+        "__post_init__": _post_init,
+        "lora_null_config": _lora_null_config,
+        "__module__": __name__,
+        "__doc__": "TRL's SFTConfig plus the LoRA-Null keys (`adapter_init: lora_null`, lora_null_*).",
+    },
 )

@@ -43,15 +43,26 @@ class LoraNullSFTTrainer(SFTTrainer):
                 "adapter_init: lora_null needs a LoRA adapter: pass peft_config=LoraConfig(...) to the trainer "
                 "(in a TRL YAML: use_peft: true, lora_r, lora_alpha, lora_target_modules)."
             )
-        initialize_for_training(self.model, self.args.lora_null_calibration, self.processing_class,
-                                self.args.lora_null_config(), self.args.output_dir, task_data=self._task_data(),
-                                log=logger)
+        initialize_for_training(
+            self.model,
+            self.args.lora_null_calibration,
+            self.processing_class,
+            self.args.lora_null_config(),
+            self.args.output_dir,
+            task_data=self._task_data(),
+            log=logger,
+        )
 
     def _task_data(self) -> Any:
         """lora_null_task_data (task_data_for): by default the training set as this trainer tokenized it (chat
         template, prompt and completion: what the adapter will see) whenever lora_null_calibration is given."""
-        return task_data_for(self.args.lora_null_task_data, self.args.lora_null_calibration,
-                             lambda: self.train_dataset, self.processing_class, read=lambda source: source)
+        return task_data_for(
+            self.args.lora_null_task_data,
+            self.args.lora_null_calibration,
+            lambda: self.train_dataset,
+            self.processing_class,
+            read=lambda source: source,
+        )
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """The run's final save (a user's `trainer.save_model()`, after training, where no callback sees it) ends
@@ -60,6 +71,6 @@ class LoraNullSFTTrainer(SFTTrainer):
         if getattr(self.args, "adapter_init", "default") != "lora_null":
             return
         if not _internal_call:
-            finish_training(output_dir or self.args.output_dir, self.lora_null_init_dir,
-                            export=self.args.lora_null_export)
-
+            finish_training(
+                output_dir or self.args.output_dir, self.lora_null_init_dir, export=self.args.lora_null_export
+            )
