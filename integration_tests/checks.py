@@ -41,7 +41,7 @@ def assert_in_null_space(
         x = torch.cat([c.reshape(-1, c.shape[-1]) for c in chunks])
         a = initial[f"base_model.model.{name}.lora_A.weight"]
         random = torch.randn(a.shape, generator=torch.Generator().manual_seed(0))
-        leak = lambda m: float((x @ m.T).norm() / (m.norm() * x.norm()))  # noqa: E731
+        leak = lambda m, x=x: float((x @ m.T).norm() / (m.norm() * x.norm()))  # noqa: E731
         assert leak(a) < 0.5 * leak(random), name
 
 

@@ -26,7 +26,8 @@ from .errors import (
 from .frontends.jobs import init_to_folder
 from .init.api import initialize_lora_null_weights, lora_null_init
 from .init.peft_layers import apply_variant
-from .io.export import export_for_original_base, merge_to_full_model
+from .io.export import export_for_original_base
+from .io.merge import merge_to_full_model
 from .io.saving import load_initialized, save_initial_adapter, save_initialized
 from .null_space import basis_factors, effective_rank, null_basis, projected_factors
 from .report import InitReport, LayerReport

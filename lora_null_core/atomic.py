@@ -14,7 +14,6 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Optional
 
 from .errors import LoraNullError, OutputExistsError
 from .layout import OUTPUT_MARKERS
@@ -22,10 +21,10 @@ from .layout import OUTPUT_MARKERS
 
 def check_output(
     path: os.PathLike,
-    inputs: Iterable[Optional[os.PathLike]] = (),
+    inputs: Iterable[os.PathLike | None] = (),
     overwrite: bool = False,
     flag: str = "--output",
-    may_nest_in: Iterable[Optional[os.PathLike]] = (),
+    may_nest_in: Iterable[os.PathLike | None] = (),
 ) -> Path:
     """Refuse, before any compute, an output that would destroy an input, unrelated files, or cannot be written.
     `may_nest_in`: inputs the output may lie inside (a trained adapter's own lora_null_export/ subfolder)."""

@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from .errors import ConfigError
 
@@ -99,7 +99,7 @@ class LoraNullConfig:
     )
     max_length: int = field(default=512, metadata={"help": "Tokens per calibration sample (longer ones are cut)."})
     batch_tokens: int = field(default=16384, metadata={"help": "Padded tokens per calibration forward pass."})
-    batch_size: Optional[int] = field(default=None, metadata={"help": "Also cap the samples per forward pass."})
+    batch_size: int | None = field(default=None, metadata={"help": "Also cap the samples per forward pass."})
     seed: int = field(default=0, metadata={"help": "Seed of the sample choice, own-text sampling and random baseline."})
     text_field: str = field(default="text", metadata={"help": "The column holding the text ('messages': chat rows)."})
     generated_length: int = field(default=128, metadata={"help": "Tokens per sample of the model's own text at most."})
@@ -133,14 +133,14 @@ class LoraNullConfig:
     solver: Literal["auto", "eigh64", "eigh32", "subspace"] = field(
         default="auto", metadata={"help": "How the least-used directions are found (auto: by device and width)."}
     )
-    max_function_error: Optional[float] = field(
+    max_function_error: float | None = field(
         default=None, metadata={"help": "Refuse an init whose output moves more than this (default: by dtype)."}
     )
-    a_scale: Optional[float] = field(
+    a_scale: float | None = field(
         default=None,
         metadata={"help": "Scale A up and B down: the same function, a faster frozen A (default: by variant)."},
     )
-    covariance_cache: Optional[str] = field(
+    covariance_cache: str | None = field(
         default=None, metadata={"help": "Folder where calibration covariances are kept for later runs."}
     )
 

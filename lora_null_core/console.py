@@ -13,7 +13,7 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Iterable, Iterator
-from typing import Optional, TypeVar
+from typing import TypeVar
 
 from tqdm.auto import tqdm
 
@@ -57,7 +57,7 @@ def set_verbosity(level: int) -> None:
     )
 
 
-def progress(iterable: Iterable[T], desc: str, unit: str, total: Optional[int] = None) -> Iterator[T]:
+def progress(iterable: Iterable[T], desc: str, unit: str, total: int | None = None) -> Iterator[T]:
     """A bar for one long stage; none when quiet. Bars vanish when done, so the log keeps only results."""
     return iter(tqdm(iterable, desc=desc, unit=unit, total=total, leave=False, disable=_verbosity["level"] == QUIET))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Optional, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -36,7 +36,7 @@ def alone() -> Iterator[None]:
         _alone = before
 
 
-def collective_device() -> Optional[torch.device]:
+def collective_device() -> torch.device | None:
     """The device the process group's collectives need (NCCL: this rank's GPU); None in one process or on gloo."""
     if rank_and_world()[1] > 1 and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())

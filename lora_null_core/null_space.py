@@ -89,7 +89,8 @@ def subspace_null_basis(covariance: torch.Tensor, rank: int, oversample: int = 1
     One Cholesky of C + δI costs d³/3; each step is two triangular solves with rank + oversample right-hand
     sides, and those narrow solves, not the factorization, dominate on GPUs (they are latency-bound). A block
     Krylov space keeps every step's block, so 4 solves are enough (bottom-r energy 1.03–1.06× of eigh64 on the
-    Llama-2-7B shape's covariances; held-out leakage 0.98–1.00× of eigh64's on SmolLM2's; benchmarks/speed). Real covariances are rank-deficient, and summed in float32 their null
+    Llama-2-7B shape's covariances; held-out leakage 0.98–1.00× of eigh64's on SmolLM2's; benchmarks/speed). Real
+    covariances are rank-deficient, and summed in float32 their null
     directions come out slightly negative (SmolLM2's down_proj inputs: about 50 eigenvalues down to
     −3e-9·λ_max). δ is therefore set at the rounding level of the sums, eps(dtype)·λ_max (λ_max from a few power
     steps), not of the mean diagonal; δ moves no eigenvector, and eigenvalues below it are rounding anyway.

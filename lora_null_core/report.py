@@ -7,7 +7,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from .layout import METADATA_FILE
 
@@ -24,8 +24,8 @@ class LayerReport:
     tokens: int
     leakage: float  # on the calibration activations
     leakage_random: float  # a random A of the same norm, same activations
-    leakage_holdout: Optional[float] = None
-    leakage_holdout_random: Optional[float] = None
+    leakage_holdout: float | None = None
+    leakage_holdout_random: float | None = None
 
 
 @dataclass
@@ -45,13 +45,13 @@ class InitReport:
     # "residual": the base became W − s·B₀A₀ and the adapter starts at B₀ (export afterwards); "original": the base
     # is untouched and the adapter starts at B = 0, so what training saves is a LoRA for the original model.
     train_base: str = "residual"
-    adapter_sha256: Optional[str] = None  # of adapter/adapter_model.safetensors: export checks it is the same file
+    adapter_sha256: str | None = None  # of adapter/adapter_model.safetensors: export checks it is the same file
     format_version: int = FORMAT_VERSION
 
     def summary(self) -> dict[str, float]:
         """Means over layers (and the A scale used): the numbers a person reads first."""
 
-        def mean(values: list[Optional[float]]) -> Optional[float]:
+        def mean(values: list[float | None]) -> float | None:
             kept = [v for v in values if v is not None]
             return sum(kept) / len(kept) if kept else None
 

@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 
@@ -86,7 +88,7 @@ def test_gram_panels_cover_the_width_in_order():
     assert gram_panels(1536) == [slice(0, 1536)]  # narrow: one panel, the plain product
     panels = gram_panels(11008)
     assert len(panels) == 8 and panels[0].start == 0 and panels[-1].stop == 11008
-    assert all(a.stop == b.start for a, b in zip(panels, panels[1:]))
+    assert all(a.stop == b.start for a, b in itertools.pairwise(panels))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -184,7 +184,8 @@ def test_a_library_notice_on_import_is_dropped_and_nothing_else():
     script = (
         "import logging, lora_null_core\n"
         "log = logging.getLogger('bitsandbytes.backends.cpu.ops')\n"
-        "log.warning('Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please pip install kernels', 'x')\n"
+        "log.warning('Failed to load CPU gemm_4bit_forward from kernels-community: %s. '\n"
+        "            'Please pip install kernels', 'x')\n"
         "log.warning('a warning that stays')\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

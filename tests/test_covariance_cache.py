@@ -143,7 +143,7 @@ def test_a_damaged_entry_is_recomputed_not_used(make_model, tokenizer, knowledge
     part.write_bytes(bytes(data))
     again, samples = run(make_model, tokenizer, texts, tmp_path)
     assert samples >= 120  # calibrated again
-    for name, (a, b, w) in factors(fresh).items():
+    for name, (a, _b, _w) in factors(fresh).items():
         assert torch.equal(a, factors(again)[name][0]), name
     # and the entry was written again, intact
     third, third_samples = run(make_model, tokenizer, texts, tmp_path)

@@ -54,7 +54,7 @@ def test_batches_are_right_padded_truncated_and_masked(tokenizer):
     lengths = sorted(int(n) for b in batches for n in b.attention_mask.sum(1))
     assert lengths == [3, 8, 12]  # BOS + words; the long one cut at 12
     for b in batches:
-        for row, mask in zip(b.input_ids, b.attention_mask):
+        for row, mask in zip(b.input_ids, b.attention_mask, strict=True):
             assert torch.all(row[mask == 0] == tokenizer.pad_token_id)
             assert mask.tolist() == sorted(mask.tolist(), reverse=True)  # padding only on the right
 

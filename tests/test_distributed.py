@@ -87,7 +87,7 @@ def test_two_processes_match_one_and_each_other(tmp_path, overlap):
         if gap > 1e-6:  # a well-separated null space is the same subspace, so the same adapter
             assert (rank0["delta." + name] - single["delta." + name]).norm() <= 1e-6 * single["delta." + name].norm()
         # Whatever the gap, the distributed basis holds no more calibration energy than the single one.
-        energy = lambda rows: torch.trace(rows.T @ cov @ rows)  # noqa: E731
+        energy = lambda rows, cov=cov: torch.trace(rows.T @ cov @ rows)  # noqa: E731
         assert energy(rank0["rows." + name]) <= energy(single["rows." + name]) * (1 + 1e-6) + 1e-12 * values[-1]
     assert torch.allclose(rank0["holdout"], single["holdout"], rtol=1e-6)
 

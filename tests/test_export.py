@@ -99,7 +99,7 @@ def test_what_a_trainer_saves_is_right_on_the_base_it_names(tmp_path, saved_mode
     from peft import AutoPeftModelForCausalLM
 
     from lora_null_core import lora_null_init, save_initial_adapter
-    from lora_null_core.io.export import finish_saved_adapter
+    from lora_null_core.io.trainer_saves import finish_saved_adapter
     from lora_null_core.layout import EXPORT_DIR, RESIDUAL_ADAPTER_DIR
 
     def initialized():
@@ -172,7 +172,7 @@ def test_a_save_without_the_frozen_lora_a_gets_it_back(
 
     from lora_null_core import lora_null_init, save_initial_adapter
     from lora_null_core.errors import ExportError
-    from lora_null_core.io.export import finish_saved_adapter
+    from lora_null_core.io.trainer_saves import finish_saved_adapter
 
     model = lora_null_init(
         load_model(str(saved_model), dtype="float32"),
@@ -207,7 +207,7 @@ def test_a_save_without_the_frozen_lora_a_gets_it_back(
 def test_finishing_a_pickled_residual_adapter_is_a_clear_error(tmp_path, saved_model, knowledge):
     from lora_null_core import LoraNullConfig
     from lora_null_core.errors import ExportError
-    from lora_null_core.io.export import finish_saved_adapter
+    from lora_null_core.io.trainer_saves import finish_saved_adapter
 
     init_to_folder(
         str(saved_model), knowledge, tmp_path / "init", LoraConfig(r=4), LoraNullConfig(variant="v1"), dtype="float32"

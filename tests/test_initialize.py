@@ -161,7 +161,7 @@ def test_a_scale_moves_magnitude_from_b_to_a_and_keeps_the_function(make_model, 
         torch.testing.assert_close(weight_matrix(layer), weight_matrix(plain_layers[name]), rtol=1e-4, atol=1e-6)
     assert scaled.lora_null_report.config["a_scale"] == 3.0
     # Leakage compares directions, not sizes: the same with any factor.
-    for mine, theirs in zip(scaled.lora_null_report.layers, plain.lora_null_report.layers):
+    for mine, theirs in zip(scaled.lora_null_report.layers, plain.lora_null_report.layers, strict=True):
         assert mine.leakage == pytest.approx(theirs.leakage, rel=1e-3, abs=1e-7)
 
 

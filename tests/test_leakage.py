@@ -16,7 +16,7 @@ def test_leakages_on_one_covariance_match_the_definition(monkeypatch):
     monkeypatch.setattr(leakage, "row_chunks", lambda m: chunks(m, bytes_per_chunk=8 * 40 * 7))  # chunks of 7 rows
     got = leakages_from_covariance(matrices, covariance)
     xs = x.float().double()
-    for a, value in zip(matrices, got):
+    for a, value in zip(matrices, got, strict=True):
         a = a.double()
         expected = (xs @ a.T).norm() / (a.norm() * xs.norm() / math.sqrt(40))
         assert math.isclose(value, float(expected), rel_tol=1e-5)

@@ -192,12 +192,12 @@ def test_a_partly_offloaded_model_is_named_as_the_reason_sampling_is_slow(make_m
     back, which looks like a hang. The warning says why and what to do."""
     model = make_model()
     model.hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu", "lm_head": "disk"}
-    with caplog.at_level("WARNING", logger="lora_null_core.calibration.own_text"):
+    with caplog.at_level("WARNING", logger="lora_null_core.calibration.whole_model"):
         texts(model, tokenizer)
     assert "partly offloaded (device_map puts layers on cpu and disk)" in caplog.text
     caplog.clear()
     model.hf_device_map = {"": 0}
-    with caplog.at_level("WARNING", logger="lora_null_core.calibration.own_text"):
+    with caplog.at_level("WARNING", logger="lora_null_core.calibration.whole_model"):
         texts(model, tokenizer)
     assert "offloaded" not in caplog.text
 

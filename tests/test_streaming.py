@@ -27,13 +27,13 @@ def test_streaming_matches_the_whole_model_pass(make_model, tokenizer, knowledge
     assert whole.lora_null_report.function_error_measure == "logits"
     assert streamed.lora_null_report.function_error < 1e-5
     for (name, s_layer), (_, w_layer) in zip(
-        lora_layers(streamed, "default").items(), lora_layers(whole, "default").items()
+        lora_layers(streamed, "default").items(), lora_layers(whole, "default").items(), strict=True
     ):
         s_delta = s_layer.lora_B["default"].weight @ s_layer.lora_A["default"].weight
         w_delta = w_layer.lora_B["default"].weight @ w_layer.lora_A["default"].weight
         assert (s_delta - w_delta).norm() <= 1e-4 * w_delta.norm(), name
         assert torch.allclose(s_layer.get_base_layer().weight, w_layer.get_base_layer().weight, atol=1e-5), name
-    for s_entry, w_entry in zip(streamed.lora_null_report.layers, whole.lora_null_report.layers):
+    for s_entry, w_entry in zip(streamed.lora_null_report.layers, whole.lora_null_report.layers, strict=True):
         assert s_entry.name == w_entry.name and s_entry.tokens == w_entry.tokens
         assert s_entry.leakage_holdout == pytest.approx(w_entry.leakage_holdout, rel=1e-3, abs=1e-6)
     ids = tokenizer(knowledge[-2:], return_tensors="pt", padding=True)
@@ -167,7 +167,7 @@ def test_solves_overlapped_with_the_next_block_give_the_same_init(
     assert mine.keys() == theirs.keys()
     assert all(torch.equal(mine[key], theirs[key]) for key in mine)
     assert overlapped.lora_null_report.function_error == sequential.lora_null_report.function_error
-    for a, b in zip(overlapped.lora_null_report.layers, sequential.lora_null_report.layers):
+    for a, b in zip(overlapped.lora_null_report.layers, sequential.lora_null_report.layers, strict=True):
         assert (a.name, a.leakage, a.leakage_holdout) == (b.name, b.leakage, b.leakage_holdout)
 
 

@@ -11,7 +11,8 @@ Prints a table, a ratio against CorDA when both ran, and appends rows to the res
 (benchmarks/results/speed.json by default). Peak GPU memory is torch's max_memory_allocated over the call.
 `lora_null_offload` keeps the weights in CPU memory and streams one block at a time to the GPU;
 `lora_null_self` gives no calibration text, so the model first samples its own (as many samples and tokens as
-the given set: compare with `lora_null` at the same --seq-len); `lora_null_cache` runs twice with a covariance cache (the first run writes it, the second skips calibration);
+the given set: compare with `lora_null` at the same --seq-len); `lora_null_cache` runs twice with a covariance
+cache (the first run writes it, the second skips calibration);
 `lora_null_disk` saves the model first and times `--offload disk` (blocks read from the shards);
 `profile`/`profile_offload` split one run's time and peak GPU memory by phase; with
 --max-blocks N only the first N blocks are processed (weights materialized per block on the GPU) and
@@ -300,7 +301,8 @@ def time_lora_null_disk(args, texts, tokenizer, solver: str, device: str) -> dic
         "seconds": seconds,
         "peak_gpu_gib": peak_gib(),
         "blocks_timed": SHAPES[args.shape]["num_hidden_layers"],
-        "note": f"reads the checkpoint and writes the init folder; host RSS grew by {host.gib:.1f} GiB at peak (sampled every 50 ms)",
+        "note": f"reads the checkpoint and writes the init folder; host RSS grew by {host.gib:.1f} GiB at peak "
+        "(sampled every 50 ms)",
     }
 
 
@@ -461,8 +463,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--methods",
         default="lora_null,peft_corda_kpm",
-        help="Comma list of lora_null, lora_null_self, lora_null_offload, lora_null_disk, lora_null_cache, peft_corda_kpm, solvers, "
-        "profile, profile_offload.",
+        help="Comma list of lora_null, lora_null_self, lora_null_offload, lora_null_disk, lora_null_cache, "
+        "peft_corda_kpm, solvers, profile, profile_offload.",
     )
     parser.add_argument("--cache-root", default=None, help="Temporary folder for lora_null_cache and lora_null_disk.")
     parser.add_argument("--solver", default="auto", help="Comma list of solvers for the lora_null runs.")
@@ -485,7 +487,8 @@ def main(argv=None) -> int:
         "--max-blocks",
         type=int,
         default=0,
-        help="Materialize random weights one block at a time on the GPU (for models larger than memory) and time the first N blocks.",
+        help="Materialize random weights one block at a time on the GPU (for models larger than memory) and time "
+        "the first N blocks.",
     )
     parser.add_argument("--out", default="benchmarks/results/speed.json")
     parser.add_argument("--command", default=None, help="The command line to record (default: this one).")
@@ -558,19 +561,22 @@ def main(argv=None) -> int:
     print("| method | solver | seconds | peak GPU GiB | note |\n| --- | --- | ---: | ---: | --- |")
     for row in rows:
         print(
-            f"| {row['method']} | {row['solver']} | {row['seconds']:.1f} | {row['peak_gpu_gib']:.1f} | {row.get('note', '')} |"
+            f"| {row['method']} | {row['solver']} | {row['seconds']:.1f} | {row['peak_gpu_gib']:.1f} | "
+            f"{row.get('note', '')} |"
         )
     corda = next((r for r in rows if r["method"] == "peft_corda_kpm"), None)
     for row in rows:
         if corda and row is not corda:
             print(
-                f"speed-up of {row['method']} ({row['solver']}) over CorDA-kpm: {corda['seconds'] / row['seconds']:.1f}x"
+                f"speed-up of {row['method']} ({row['solver']}) over CorDA-kpm: "
+                f"{corda['seconds'] / row['seconds']:.1f}x"
             )
     if solver_rows:
         print("\n| covariance | d | solver | seconds | bottom-r energy / eigh64 |\n| --- | ---: | --- | ---: | ---: |")
         for row in solver_rows:
             print(
-                f"| {row['covariance']} | {row['d']} | {row['solver']} | {row['seconds']:.3f} | {row['energy_vs_eigh64']:.4f} |"
+                f"| {row['covariance']} | {row['d']} | {row['solver']} | {row['seconds']:.3f} | "
+                f"{row['energy_vs_eigh64']:.4f} |"
             )
     return 0
 

@@ -36,7 +36,7 @@ def main() -> None:
         ways = {
             "m += gram": lambda m, x=x: m.add_(gram(x)),
             "add_gram_, whole": lambda m, x=x: add_gram_(m, x),
-            f"add_gram_, {len(panels)} panels": lambda m, x=x: add_gram_(m, x, panels),
+            f"add_gram_, {len(panels)} panels": lambda m, x=x, panels=panels: add_gram_(m, x, panels),
         }
         for name, add in ways.items():
             matrix = torch.zeros(width, width, device=device)

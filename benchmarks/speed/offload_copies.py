@@ -39,7 +39,7 @@ def main(repeats: int = 4) -> dict:
     staging = [torch.empty_like(t).pin_memory() for t in host]
 
     def stage_h2d():
-        for src, buf, dst in zip(host, staging, on_gpu):
+        for src, buf, dst in zip(host, staging, on_gpu, strict=True):
             buf.copy_(src)
             dst.copy_(buf, non_blocking=True)
 
@@ -47,10 +47,10 @@ def main(repeats: int = 4) -> dict:
     routes = {
         "pin_fresh": lambda: kept.append([t.pin_memory() for t in host]),
         "pin_cached": lambda: [t.pin_memory() for t in host],
-        "pageable_h2d": lambda: [d.copy_(t) for d, t in zip(on_gpu, host)],
-        "pageable_d2h": lambda: [t.copy_(d) for d, t in zip(on_gpu, host)],
-        "pinned_h2d": lambda: [d.copy_(t, non_blocking=True) for d, t in zip(on_gpu, pinned)],
-        "pinned_d2h": lambda: [t.copy_(d, non_blocking=True) for d, t in zip(on_gpu, pinned)],
+        "pageable_h2d": lambda: [d.copy_(t) for d, t in zip(on_gpu, host, strict=True)],
+        "pageable_d2h": lambda: [t.copy_(d) for d, t in zip(on_gpu, host, strict=True)],
+        "pinned_h2d": lambda: [d.copy_(t, non_blocking=True) for d, t in zip(on_gpu, pinned, strict=True)],
+        "pinned_d2h": lambda: [t.copy_(d, non_blocking=True) for d, t in zip(on_gpu, pinned, strict=True)],
         "stage_h2d": stage_h2d,
     }
     result = {name: round(timed(fn, repeats), 4) for name, fn in routes.items()}

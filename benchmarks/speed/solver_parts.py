@@ -47,7 +47,8 @@ def parts(d: int, rank: int = 16, steps: int = 12) -> tuple[float, float, float,
 
 def main(widths: list[int]) -> None:
     print(
-        "| width | Cholesky (float64) | 12 × cholesky_solve | 12 × QR | whole solver |\n| ---: | ---: | ---: | ---: | ---: |"
+        "| width | Cholesky (float64) | 12 × cholesky_solve | 12 × QR | whole solver |\n"
+        "| ---: | ---: | ---: | ---: | ---: |"
     )
     for d in widths:
         cholesky, solves, qrs, whole = parts(d)

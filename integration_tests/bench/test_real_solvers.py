@@ -43,7 +43,7 @@ def test_subspace_solver_matches_eigh64_on_real_rank_deficient_covariances(smoll
     exact = init(smollm2, "eigh64", covariance_cache)
     fast = init(smollm2, "subspace", covariance_cache)  # the same covariances, read from the cache
     assert fast.function_error < 1e-5 and exact.function_error < 1e-5
-    for ours, reference in zip(fast.layers, exact.layers):
+    for ours, reference in zip(fast.layers, exact.layers, strict=True):
         assert ours.name == reference.name
         # Held-out leakage: what the basis is for. Within 1.1× of the exact solver, far below a random A.
         assert ours.leakage_holdout <= 1.1 * reference.leakage_holdout + 1e-3, ours.name

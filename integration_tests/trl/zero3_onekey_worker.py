@@ -13,8 +13,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_trl import trainer_for  # noqa: E402
 from zero3_worker import ZERO3  # noqa: E402
 
-from lora_null_core.calibration import own_text as sampling
-
 workspace, out = Path(sys.argv[1]), Path(sys.argv[2])
 trainer = trainer_for(
     workspace,
@@ -31,9 +29,9 @@ trainer = trainer_for(
 assert hasattr(trainer.model.get_input_embeddings().weight, "ds_id"), "the base is not partitioned: no ZeRO-3"
 config, cpu = trainer.args.lora_null_config(), torch.device("cpu")
 texts = {}
-for mode, share in (("whole", sampling.GATHER_WHOLE_SHARE), ("block_by_block", 0.0)):
-    sampling.GATHER_WHOLE_SHARE = share
-    texts[mode] = sampling.own_text(trainer.model, trainer.processing_class, config, cpu).rows
+for mode, share in (("whole", whole_model.GATHER_WHOLE_SHARE), ("block_by_block", 0.0)):
+    whole_model.GATHER_WHOLE_SHARE = share
+    texts[mode] = own_text.own_text(trainer.model, trainer.processing_class, config, cpu).rows
 trainer.train()
 if trainer.is_world_process_zero():
     (out / "texts.json").write_text(json.dumps(texts))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -26,8 +26,8 @@ def tokenize_batches(
     texts: Sequence[str],
     tokenizer: Any,
     max_length: int,
-    batch_size: Optional[int] = None,
-    batch_tokens: Optional[int] = None,
+    batch_size: int | None = None,
+    batch_tokens: int | None = None,
     min_batches: int = 1,
 ) -> list[TokenBatch]:
     """Tokenize, sort by length, right-pad into batches with an attention mask.

@@ -16,7 +16,6 @@ import logging
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors import safe_open
@@ -36,7 +35,7 @@ FORMAT = 2  # 2: the index records each file's size and CRC-32
 _SAMPLES_PER_TENSOR = 1024
 
 
-def weights_fingerprint(model: nn.Module) -> Optional[str]:
+def weights_fingerprint(model: nn.Module) -> str | None:
     """Hash of the base model's weights, or None if any is not materialized (meta device).
 
     LoRA tensors are left out and PEFT's `.base_layer` unwrapped, so the same weights give the same hash
@@ -60,7 +59,7 @@ def tokens_fingerprint(batches: Sequence[TokenBatch]) -> str:
     """Hash of the real (non-padding) tokens of every sample: batch size and padding do not change it."""
     digest = hashlib.sha256()
     for batch in batches:
-        for ids, mask in zip(batch.input_ids, batch.attention_mask):
+        for ids, mask in zip(batch.input_ids, batch.attention_mask, strict=True):
             digest.update(ids[mask.bool()].to(torch.int64).numpy().tobytes())
             digest.update(b"|")
     return digest.hexdigest()
@@ -84,8 +83,8 @@ class CovarianceCache:
 
     @classmethod
     def open(
-        cls, root: Optional[str], model: nn.Module, batches: Sequence[TokenBatch], config: LoraNullConfig
-    ) -> Optional[CovarianceCache]:
+        cls, root: str | None, model: nn.Module, batches: Sequence[TokenBatch], config: LoraNullConfig
+    ) -> CovarianceCache | None:
         """The entry for this model, data and settings; None without a root or with unmaterialized weights."""
         if not root:
             return None
@@ -119,7 +118,7 @@ class CovarianceCache:
             logger.info("Covariances read from the cache %s: calibration skipped.", self.folder)
         return present
 
-    def load(self, modules: Mapping[str, nn.Module], device: Optional[torch.device] = None) -> Covariances:
+    def load(self, modules: Mapping[str, nn.Module], device: torch.device | None = None) -> Covariances:
         """The covariances of `modules`, each on `device` or else on its module's device."""
         index = self._index()
         result = Covariances()
@@ -148,7 +147,7 @@ class CovarianceCache:
             (staging / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
         logger.info("Covariances cached in %s.", self.folder)
 
-    def _index(self) -> Optional[dict]:
+    def _index(self) -> dict | None:
         path = self.folder / "index.json"
         if not path.is_file():
             return None
@@ -171,7 +170,7 @@ class CovarianceCache:
 
 
 class _Writer:
-    def __init__(self, staging: Optional[Path]) -> None:
+    def __init__(self, staging: Path | None) -> None:
         self.staging = staging
         self.group_of: dict[str, str] = {}
         self.groups: dict[str, dict] = {}

@@ -31,6 +31,6 @@ def distinct_contexts(batches: Sequence[TokenBatch]) -> int:
     """How many different token prefixes the batches hold (Contexts)."""
     contexts = Contexts()
     for batch in batches:
-        for ids, mask in zip(batch.input_ids.tolist(), batch.attention_mask.tolist()):
-            contexts.add(token for token, real in zip(ids, mask) if real)
+        for ids, mask in zip(batch.input_ids.tolist(), batch.attention_mask.tolist(), strict=True):
+            contexts.add(token for token, real in zip(ids, mask, strict=True) if real)
     return len(contexts)

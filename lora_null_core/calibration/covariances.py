@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from torch import nn
@@ -39,10 +39,10 @@ def gram_panels(d: int, min_rows: int = 1024, most: int = 8) -> list[slice]:
     if count < 2:
         return [slice(0, d)]
     bounds = [round(i * d / count) for i in range(count + 1)]
-    return [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
+    return [slice(start, stop) for start, stop in itertools.pairwise(bounds)]
 
 
-def add_gram_(matrix: torch.Tensor, x: torch.Tensor, panels: Optional[list[slice]] = None) -> None:
+def add_gram_(matrix: torch.Tensor, x: torch.Tensor, panels: list[slice] | None = None) -> None:
     """matrix += xᵀx, on and right of the diagonal blocks of `panels` (default: one panel, all of it; with
     several, `mirror_panels_` completes the matrix). No d×d temporary (462 MiB for a 7B down_proj) where the GPU
     accumulates in place: bf16/fp16 inputs (exact in fp32) multiplied with fp32 accumulation, about 17× faster
@@ -87,7 +87,7 @@ class CovarianceCollector:
         self._unmirrored.clear()
         return self._result
 
-    def __call__(self, name: str, inputs: LayerInput, same_as: Optional[str]) -> None:
+    def __call__(self, name: str, inputs: LayerInput, same_as: str | None) -> None:
         result = self._result
         groups = result.group_of
         if same_as is not None:
@@ -159,7 +159,7 @@ def _all_reduce(covariances: Covariances) -> None:
         [[covariances.tokens[k], covariances.samples[k]] for k in keys], dtype=torch.float64, device=device
     )
     all_reduce_sum_(counts)
-    for key, (tokens, samples) in zip(keys, counts.tolist()):
+    for key, (tokens, samples) in zip(keys, counts.tolist(), strict=True):
         covariances.tokens[key], covariances.samples[key] = int(tokens), int(samples)
 
 

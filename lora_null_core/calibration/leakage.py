@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Optional
 
 import torch
 from torch import nn
@@ -65,7 +64,7 @@ class LeakageCollector:
         self.random = {name: random_like(a, seed) for name, a in self.a.items()}
         self.sums = {name: torch.zeros(3, dtype=torch.float64, device=a.device) for name, a in self.a.items()}
 
-    def __call__(self, name: str, inputs: LayerInput, _same_as: Optional[str]) -> None:
+    def __call__(self, name: str, inputs: LayerInput, _same_as: str | None) -> None:
         x = inputs.masked.to(torch.float64)  # padding rows are zero and add nothing to the three sums
         a, r = self.a[name].to(x.device), self.random[name].to(x.device)
         self.sums[name] += torch.stack([(x @ a.T).square().sum(), (x @ r.T).square().sum(), x.square().sum()]).to(

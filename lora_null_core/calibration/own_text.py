@@ -5,8 +5,7 @@ dataset on disk ("self-calibration", Williams, Chrysostomou and Aletras, NAACL 2
 Samples start from the BOS token alone (EOS where the tokenizer has none), or from a few neutral requests through
 the chat template; they are drawn with the adapter off, batched with a KV cache on the device the model is on,
 seeded (each process draws its own seeded share, and every process ends with all of them). Under DeepSpeed ZeRO-3
-the model is gathered whole for the sampling where it fits, else one decoder block at a time for each of its
-forwards, every process stepping through generation together.
+every process steps through generation together (whole_model.py gathers the weights).
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,11 +22,11 @@ from torch import nn
 
 from ..config import LoraNullConfig
 from ..console import progress, quiet_libraries
-from ..distributed import any_rank, least_on_any_rank, rank_and_world
+from ..distributed import least_on_any_rank, rank_and_world
 from ..errors import CalibrationDataError, LoraNullError
-from ..model_parts import block_list
-from ..weights import gathered, is_zero3_partitioned
+from ..weights import is_zero3_partitioned
 from .sources import CalibrationRows
+from .whole_model import whole_on
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +39,6 @@ NEUTRAL_REQUESTS = (
     "Describe anything you like.",
     "Write about whatever comes to mind.",
 )
-# Under ZeRO-3 the whole model is gathered for sampling when it takes at most this share of the free memory on
-# every rank; else each block is gathered for its own forwards only (slower: a gather per block per token).
-GATHER_WHOLE_SHARE = 0.8
 
 
 def describe_own_text(config: LoraNullConfig) -> str:
@@ -55,7 +51,7 @@ def describe_own_text(config: LoraNullConfig) -> str:
 
 
 def own_text(
-    peft_model: nn.Module, tokenizer: Any, config: LoraNullConfig, device: torch.device, count: Optional[int] = None
+    peft_model: nn.Module, tokenizer: Any, config: LoraNullConfig, device: torch.device, count: int | None = None
 ) -> CalibrationRows:
     """`count` texts (default num_samples + holdout_samples) sampled from the model (with a PeftModel, its adapter
     off)."""
@@ -72,7 +68,7 @@ def own_text(
     in_step = world > 1 and is_zero3_partitioned(base.parameters())
     drawn = -(-count // world) if in_step else share
     adapter_off = peft_model.disable_adapter() if isinstance(peft_model, PeftModel) else contextlib.nullcontext()
-    with _whole_on(base, device) as where, adapter_off, _seeded(config.seed + rank, where), quiet_libraries():
+    with whole_on(base, device) as where, adapter_off, _seeded(config.seed + rank, where), quiet_libraries():
         prompts = _prompts(tokenizer, config, first=rank, count=drawn)
         texts = _sample(base, tokenizer, prompts, config, where, in_step)[:share]
     if world > 1:  # every process ends with every text, so all choose the same calibration and held-out sets
@@ -155,7 +151,7 @@ def _sample(
                 out = model.generate(
                     input_ids=ids, attention_mask=mask, generation_config=settings, synced_gpus=in_step
                 )
-            for prompt, row in zip(chunk, out[:, width:].tolist()):
+            for prompt, row in zip(chunk, out[:, width:].tolist(), strict=True):
                 if eos is not None and eos in row:
                     row = row[: row.index(eos)]
                 texts.append(_text(tokenizer, prompt, row, config))
@@ -202,109 +198,6 @@ def _text(tokenizer: Any, prompt: list[int], generated: list[int], config: LoraN
     if config.generated_prompt == "bos":
         return tokenizer.decode(generated, skip_special_tokens=True)
     return tokenizer.decode(prompt + generated, skip_special_tokens=False)
-
-
-@contextlib.contextmanager
-def _whole_on(model: nn.Module, device: torch.device) -> Iterator[torch.device]:
-    """Sampling needs every weight on one device: the model's own, or the execution device for a model held in CPU
-    memory (offload, or before FSDP places it) when it fits there, and back afterwards; under ZeRO-3, gathered."""
-    params = list(model.parameters())
-    if is_zero3_partitioned(params):
-        with _zero3_gathered(model, device):
-            yield params[0].device
-        return
-    if any(p.is_meta for p in params):
-        raise LoraNullError(
-            "The model's weights are not all here (some are on the meta device), and its own text "
-            "is sampled from the whole model: load the weights, or pass calibration text "
-            "(lora_null_calibration, or --calibration)."
-        )
-    home = params[0].device
-    offloaded = sorted(
-        {str(place) for place in (getattr(model, "hf_device_map", None) or {}).values()} & {"cpu", "disk"}
-    )
-    if offloaded:  # accelerate's hooks move those weights to the GPU for every decoding step
-        logger.warning(
-            "The model is partly offloaded (device_map puts layers on %s), so sampling its own text moves "
-            "them to the GPU at every token and is slow. Load it whole on the GPU, or pass calibration "
-            "text (lora_null_calibration, or --calibration).",
-            " and ".join(offloaded),
-        )
-    if home.type != "cpu" or device.type == "cpu":
-        yield home
-        return
-    needed = sum(p.numel() * p.element_size() for p in params) + sum(
-        b.numel() * b.element_size() for b in model.buffers()
-    )
-    free = torch.cuda.mem_get_info(device)[0]
-    if needed > 0.8 * free:
-        raise LoraNullError(
-            f"The model's own text is sampled from the whole model, whose {needed / 2**30:.1f} GiB of weights are in "
-            f"CPU memory and do not fit the {free / 2**30:.1f} GiB free on {device}: pass calibration text "
-            "(lora_null_calibration, or --calibration)."
-        )
-    model.to(device)
-    try:
-        yield device
-    finally:
-        model.to(home)
-
-
-@contextlib.contextmanager
-def _zero3_gathered(model: nn.Module, device: torch.device) -> Iterator[None]:
-    """ZeRO-3 partitions gathered for sampling: the whole model at once where it fits on every rank, else the
-    weights outside the decoder blocks for the whole time and each block for each of its forwards (slower, but no
-    rank ever holds more than the rest of the model and one block)."""
-    params = list(model.parameters())
-    whole = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in params)
-    if not any_rank(whole > GATHER_WHOLE_SHARE * _free_bytes(device)):
-        with gathered(params):
-            yield
-        return
-    found = block_list(model)
-    if found is None:
-        raise LoraNullError(
-            f"The model's own text is sampled from the whole model, whose {whole / 2**30:.1f} GiB "
-            f"does not fit beside the rest on {device}, and its decoder blocks could not be found to "
-            "gather one at a time: pass calibration text (lora_null_calibration, or --calibration)."
-        )
-    inside = {id(p) for p in found[1].parameters()}
-    with gathered([p for p in params if id(p) not in inside]), _gathered_per_forward(found[1]):
-        yield
-
-
-@contextlib.contextmanager
-def _gathered_per_forward(blocks: nn.ModuleList) -> Iterator[None]:
-    """Each block's partitions gathered for the length of each of its forwards, then released."""
-    held: dict[int, contextlib.ExitStack] = {}
-
-    def enter(block: nn.Module, *_: Any) -> None:
-        held[id(block)] = stack = contextlib.ExitStack()
-        stack.enter_context(gathered(list(block.parameters())))
-
-    def leave(block: nn.Module, *_: Any) -> None:
-        held.pop(id(block)).close()
-
-    handles = [
-        hook
-        for block in blocks
-        for hook in (block.register_forward_pre_hook(enter), block.register_forward_hook(leave))
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        for stack in held.values():  # a forward that raised never reached its release
-            stack.close()
-
-
-def _free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    import psutil  # accelerate's dependency, so here wherever DeepSpeed is
-
-    return psutil.virtual_memory().available
 
 
 @contextlib.contextmanager

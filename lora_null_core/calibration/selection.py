@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,12 +35,12 @@ class CalibrationSet:
     used: str
     knowledge_samples: int
     knowledge_tokens: int
-    top_up: Optional[dict[str, Any]] = None
+    top_up: dict[str, Any] | None = None
 
 
 def select_calibration(
     model: nn.Module,
-    calibration: Optional[CalibrationSource],
+    calibration: CalibrationSource | None,
     tokenizer: Any,
     config: LoraNullConfig,
     device: torch.device,

@@ -9,12 +9,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 from ..console import quiet_libraries
 from ..errors import CalibrationDataError
 
-CalibrationSource = Union[str, os.PathLike, Sequence[Any], Any]  # path, hub name, datasets.Dataset, list of rows
+CalibrationSource = str | os.PathLike | Sequence[Any] | Any  # path, hub name, datasets.Dataset, list of rows
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
@@ -136,7 +136,7 @@ def _load_files(builder: str, files: Any, path: Path) -> Sequence[Any]:
         raise CalibrationDataError(bad or f"Could not read calibration file {path}: {_first_line(err)}") from err
 
 
-def _bad_jsonl_line(path: Path) -> Optional[str]:
+def _bad_jsonl_line(path: Path) -> str | None:
     """datasets only says "An error occurred while generating the dataset": the file and line that is not JSON."""
     if path.suffix != ".jsonl":
         return None

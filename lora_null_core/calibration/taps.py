@@ -6,7 +6,6 @@ leakage (leakage.py) is another.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import Optional
 
 import torch
 from torch import nn
@@ -29,8 +28,8 @@ class LayerInput:
     def __init__(self, raw: torch.Tensor, mask: torch.Tensor, num_tokens: int, num_samples: int, name: str) -> None:
         self.raw, self.mask, self.name = raw, mask, name
         self.num_tokens, self.num_samples = num_tokens, num_samples
-        self._masked: Optional[torch.Tensor] = None
-        self._rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._masked: torch.Tensor | None = None
+        self._rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def masked(self) -> torch.Tensor:
@@ -55,7 +54,7 @@ class LayerInput:
 
 # visit(module_name, inputs, same_as): same_as names the first module that read the very same input tensor in
 # this forward pass (q/k/v, gate/up), so a visitor can reuse its work.
-Visitor = Callable[[str, LayerInput, Optional[str]], None]
+Visitor = Callable[[str, LayerInput, str | None], None]
 
 
 class InputTaps:
@@ -68,11 +67,11 @@ class InputTaps:
     def __init__(self, modules: Mapping[str, nn.Module], visit: Visitor) -> None:
         self.modules, self.visit = modules, visit
         self._handles: list = []
-        self._mask: Optional[torch.Tensor] = None
+        self._mask: torch.Tensor | None = None
         self._counts = (0, 0)
         self._last: tuple = (None, None, None)  # raw input, leader name, its LayerInput
 
-    def set_batch(self, mask: torch.Tensor, counts: Optional[tuple[int, int]] = None) -> None:
+    def set_batch(self, mask: torch.Tensor, counts: tuple[int, int] | None = None) -> None:
         """`counts`: (real tokens, samples) of the batch, known on the host; from `mask` otherwise."""
         self._mask, self._last = mask.bool(), (None, None, None)
         self._counts = counts if counts is not None else batch_counts(mask)

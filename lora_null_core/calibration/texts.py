@@ -9,7 +9,7 @@ import logging
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from ..errors import CalibrationDataError
 from .sources import CalibrationSource, describe, load_rows
@@ -60,7 +60,7 @@ def choose_texts(
     holdout_samples: int,
     seed: int,
     text_field: str,
-    until: Optional[Callable[[str], bool]] = None,
+    until: Callable[[str], bool] | None = None,
 ) -> CalibrationTexts:
     """Draw `num_samples` calibration texts and up to `holdout_samples` disjoint held-out texts. `until` is told of
     each calibration text in turn and says whether there are enough: when it has not said so after `num_samples`,

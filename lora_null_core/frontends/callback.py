@@ -11,8 +11,8 @@ from transformers import TrainerCallback
 from ..distributed import rank_and_world
 from ..errors import LoraNullError
 from ..init.adapter_scope import refreeze_frozen_a
-from ..io.export import finish_saved_adapter
 from ..io.saving import save_initial_adapter
+from ..io.trainer_saves import finish_saved_adapter
 from ..layout import INIT_DIR, METADATA_FILE
 from ..weights import gathered
 
@@ -23,8 +23,8 @@ def is_initialized(model: Any) -> bool:
 
 class LoraNullCallback(TrainerCallback):
     """on_train_begin: keep v2's lora_A frozen, and write `<output_dir>/lora_null_init` unless the plugin already did
-    (a resumed run has loaded trained weights by then, so it keeps the folder its first run wrote). on_save: finish the checkpoint
-    (`export` off: only restore what the save left out, see export.finish_saved_adapter)."""
+    (a resumed run has loaded trained weights by then, so it keeps the folder its first run wrote). on_save: finish
+    the checkpoint (`export` off: only restore what the save left out, see export.finish_saved_adapter)."""
 
     def __init__(self, save_init: bool = True, export: bool = True) -> None:
         self.save_init, self.export = save_init, export

@@ -6,8 +6,8 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from ..config import LoraNullConfig
 from ..console import NORMAL, QUIET, VERBOSE, set_verbosity
@@ -147,7 +147,7 @@ def _extension_commands() -> dict:
     return {point.name: point for point in entry_points(group="lora_null.commands")}
 
 
-def add_config_flags(parser, only: Optional[Sequence[str]] = None) -> None:
+def add_config_flags(parser, only: Sequence[str] | None = None) -> None:
     """One flag per LoraNullConfig field (--num-samples, --solver, …): type, choices, default and help come from
     the config, so a new field is a new flag with nothing restated here."""
     for spec in config_fields():
@@ -217,7 +217,7 @@ def _export(args: argparse.Namespace) -> dict:
 
 
 def _merge(args: argparse.Namespace) -> dict:
-    from ..io.export import merge_to_full_model
+    from ..io.merge import merge_to_full_model
 
     return {"output": str(merge_to_full_model(args.init_dir, args.adapter, args.output, args.dtype, args.overwrite))}
 
@@ -253,7 +253,7 @@ def _demo(args: argparse.Namespace) -> dict:
     return run_demo(Path(args.output), steps=args.steps, overwrite=args.overwrite)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extension = _extension_commands().get(argv[0]) if argv else None
     if extension is not None:  # e.g. `lora-null bench …`, registered by the lora_null_bench package

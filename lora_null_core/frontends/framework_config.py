@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 from ..calibration.sources import TokenizedRows
 from ..config import LoraNullConfig, literal_choices
@@ -41,7 +42,7 @@ class ConfigField:
     type: Any
     default: Any
     help: str
-    choices: Optional[tuple[Any, ...]]
+    choices: tuple[Any, ...] | None
 
     @property
     def key(self) -> str:
@@ -62,7 +63,7 @@ def config_fields() -> list[ConfigField]:
     return out
 
 
-def config_from_mapping(values: Mapping[str, Any], fallbacks: Optional[Mapping[str, Any]] = None) -> LoraNullConfig:
+def config_from_mapping(values: Mapping[str, Any], fallbacks: Mapping[str, Any] | None = None) -> LoraNullConfig:
     """LoraNullConfig from a framework config (a dict, or `vars()` of a dataclass): `lora_null_<field>` keys, or
     the fields of a nested `lora_null:` block. A key left out or set to None takes `fallbacks[field]` (what the
     framework implies, e.g. its sequence length) and then the config's own default. Unknown `lora_null_*` keys
@@ -96,12 +97,12 @@ def config_from_mapping(values: Mapping[str, Any], fallbacks: Optional[Mapping[s
 def lora_null_request(
     values: Mapping[str, Any],
     *,
-    fallbacks: Optional[Mapping] = None,
+    fallbacks: Mapping | None = None,
     quantized: bool = False,
     dora: bool = False,
     dora_key: str = "use_dora",
     adapter_key: str = "adapter_init",
-) -> Optional[LoraNullConfig]:
+) -> LoraNullConfig | None:
     """The one validation every front end runs. None when the config does not ask for LoRA-Null; else the
     LoraNullConfig, after checking what the method needs from the framework's side (no DoRA, a base that can hold
     a residual). Without lora_null_calibration the model's own text is the knowledge source (own_text.py)."""
@@ -185,12 +186,12 @@ def prefixed_dataclass_fields() -> list[tuple[str, Any, dataclasses.Field]]:
     out = []
     for spec in config_fields():
         help_text = f"{spec.help} (default: {spec.default})"
-        out.append((spec.key, Optional[spec.type], dataclasses.field(default=None, metadata={"help": help_text})))
+        out.append((spec.key, spec.type | None, dataclasses.field(default=None, metadata={"help": help_text})))
     return out
 
 
 def _unwrap_optional(kind: Any) -> Any:
-    if typing.get_origin(kind) is Union:
+    if typing.get_origin(kind) in (Union, types.UnionType):  # Optional[X], or X | None
         rest = [a for a in typing.get_args(kind) if a is not type(None)]
         if len(rest) == 1:
             return rest[0]

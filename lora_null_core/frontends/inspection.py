@@ -14,7 +14,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -45,10 +45,10 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
 def analyze(
     model: nn.Module,
     tokenizer: Any,
-    calibration: Optional[CalibrationSource],
-    config: Optional[LoraNullConfig] = None,
-    init_dir: Optional[os.PathLike] = None,
-    task_data: Optional[CalibrationSource] = None,
+    calibration: CalibrationSource | None,
+    config: LoraNullConfig | None = None,
+    init_dir: os.PathLike | None = None,
+    task_data: CalibrationSource | None = None,
 ) -> dict[str, Any]:
     """Every number of the report, per layer, as plain JSON-able data. No calibration: the model's own text.
     task_data (with init_dir): also the leakage of lora_A on the fine-tuning inputs, where A should have room."""
@@ -101,10 +101,10 @@ def analyze(
             cov = covariances.matrices[group]
             optimum = eigen[group][1][:, : lora_a.shape[0]].T
             measured = leakages_from_covariance([lora_a, random_like(lora_a, config.seed), optimum], cov)
-            entry.update(zip(("leakage", "leakage_random", "leakage_optimum"), measured))
+            entry.update(zip(("leakage", "leakage_random", "leakage_optimum"), measured, strict=True))
             if task is not None:  # energy = leakage²: the share of an average direction's energy A picks up
                 on_task = leakages_from_covariance([lora_a, random_like(lora_a, config.seed)], task.matrices[group])
-                entry.update(zip(("task_leakage", "task_leakage_random"), on_task))
+                entry.update(zip(("task_leakage", "task_leakage_random"), on_task, strict=True))
                 entry.update(energy_knowledge=entry["leakage"] ** 2, energy_task=entry["task_leakage"] ** 2)
         layers.append(entry)
     return {
@@ -128,7 +128,7 @@ def _input_width(module: nn.Module) -> int:
     return module.weight.shape[0] if isinstance(module, Conv1D) else module.weight.shape[1]
 
 
-def _initial_adapter(init_dir: Optional[os.PathLike]) -> tuple[Optional[dict], Optional[int], Optional[dict]]:
+def _initial_adapter(init_dir: os.PathLike | None) -> tuple[dict | None, int | None, dict | None]:
     """The init folder's adapter, rank, and the settings that shape its factors (as its lora_null.json records)."""
     if init_dir is None:
         return None, None, None
@@ -185,7 +185,7 @@ def _by_type(data):
 def _effective_rank_figure(plt, data):
     types = _by_type(data)
     figure, axes = plt.subplots(1, len(types), figsize=(3.2 * len(types), 3), squeeze=False)
-    for ax, (kind, layers) in zip(axes[0], types.items()):
+    for ax, (kind, layers) in zip(axes[0], types.items(), strict=True):
         depth = [layer["depth"] for layer in layers]
         ax.plot(depth, [layer["effective_rank_weight"] for layer in layers], "o-", label="weight")
         ax.plot(depth, [layer["effective_rank_activations"] for layer in layers], "s-", label="input activations")
@@ -198,7 +198,7 @@ def _effective_rank_figure(plt, data):
 def _spectra_figure(plt, data):
     types = _by_type(data)
     figure, axes = plt.subplots(1, len(types), figsize=(3.2 * len(types), 3), squeeze=False)
-    for ax, (kind, layers) in zip(axes[0], types.items()):
+    for ax, (kind, layers) in zip(axes[0], types.items(), strict=True):
         for layer in layers:
             act = torch.tensor(data["spectra"][layer["covariance"]]).clamp_min(1e-30).sqrt()
             weight = torch.tensor(layer["weight_spectrum"])
@@ -216,7 +216,7 @@ def _leakage_figure(plt, data):
     types = {kind: [layer for layer in layers if "leakage" in layer] for kind, layers in _by_type(data).items()}
     types = {kind: layers for kind, layers in types.items() if layers}
     figure, axes = plt.subplots(1, len(types), figsize=(3.2 * len(types), 3), squeeze=False, sharey=True)
-    for ax, (kind, layers) in zip(axes[0], types.items()):
+    for ax, (kind, layers) in zip(axes[0], types.items(), strict=True):
         depth = [layer["depth"] for layer in layers]
         for key, label, style in (
             ("leakage_random", "random A, same norm", "^:"),
@@ -251,11 +251,12 @@ def _html(data, images) -> str:
         for layer in data["layers"]
     )
     pictures = "".join(f'<p><img alt="{name}" src="data:image/png;base64,{b64}"></p>' for name, b64 in images.items())
-    calibration = data["calibration"]
+    used = html.escape(str(data["calibration"].get("used", data["calibration"]["source"])))
+    init = html.escape(str(data["init"])) + _settings(data.get("init_settings"))
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>lora-null inspect</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:12px}}
 td,th{{border:1px solid #ccc;padding:2px 6px}}img{{max-width:100%}}</style></head><body>
-<h1>lora-null inspect</h1><p>Calibration: {html.escape(str(calibration.get("used", calibration["source"])))}. Init: {html.escape(str(data["init"]))}{_settings(data.get("init_settings"))}.{_task(data)}</p>
+<h1>lora-null inspect</h1><p>Calibration: {used}. Init: {init}.{_task(data)}</p>
 {pictures}
 <table><tr><th>layer</th><th>d_in</th><th>tokens</th><th>eff. rank activations</th><th>eff. rank weight</th>
 <th>leakage</th><th>random A</th><th>optimum</th><th>on task data</th><th>recommendation</th></tr>{rows}</table>
@@ -268,7 +269,7 @@ def _task(data) -> str:
     return f" Task data: {html.escape(str(task['source']))}, {task['samples']} samples." if task else ""
 
 
-def _settings(settings: Optional[dict]) -> str:
+def _settings(settings: dict | None) -> str:
     if not settings:
         return ""
     return html.escape(

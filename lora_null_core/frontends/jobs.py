@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from peft import LoraConfig
@@ -33,16 +33,16 @@ from ..report import InitReport
 
 def init_to_folder(
     model_name_or_path: str,
-    calibration: Optional[CalibrationSource],
+    calibration: CalibrationSource | None,
     output_dir: os.PathLike,
     lora_config: LoraConfig,
-    config: Optional[LoraNullConfig] = None,
+    config: LoraNullConfig | None = None,
     dtype: str = "auto",
-    device: Optional[str] = None,
+    device: str | None = None,
     trust_remote_code: bool = False,
     overwrite: bool = False,
-    offload: Union[bool, str] = False,
-    task_data: Optional[CalibrationSource] = None,
+    offload: bool | str = False,
+    task_data: CalibrationSource | None = None,
 ) -> InitReport:
     """Initialize `model_name_or_path` and write OUT/base, OUT/adapter and OUT/lora_null.json.
 
@@ -99,7 +99,7 @@ class InitJob:
     the output folder, LoRA's and the method's settings, and how to load and run the model."""
 
     model: str
-    calibration: Optional[CalibrationRows]
+    calibration: CalibrationRows | None
     output_dir: Path
     lora_config: LoraConfig
     config: LoraNullConfig
@@ -108,7 +108,7 @@ class InitJob:
     device: str
     trust_remote_code: bool
     overwrite: bool
-    task_data: Optional[CalibrationRows]
+    task_data: CalibrationRows | None
 
 
 def _init_in_memory(job: InitJob, keep_on_cpu: bool) -> InitReport:
@@ -130,7 +130,7 @@ def _init_in_memory(job: InitJob, keep_on_cpu: bool) -> InitReport:
     return report
 
 
-def check_device(device: Optional[str]) -> None:
+def check_device(device: str | None) -> None:
     """A device name torch knows and this machine has."""
     if device is None:
         return
@@ -170,7 +170,7 @@ def fit_max_length(model_name_or_path: str, config: LoraNullConfig, trust_remote
     )
 
 
-def _local(source: CalibrationSource) -> Optional[str]:
+def _local(source: CalibrationSource) -> str | None:
     return str(source) if isinstance(source, (str, os.PathLike)) else None
 
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ..calibration.sources import CalibrationSource
 from ..config import LoraNullConfig
 from ..distributed import rank_and_world
 from ..init.api import lora_null_init
-from ..io.export import finish_saved_adapter
 from ..io.saving import save_initial_adapter
+from ..io.trainer_saves import finish_saved_adapter
 from ..layout import INIT_DIR
 from .callback import LoraNullCallback
 
@@ -22,13 +22,13 @@ logger = logging.getLogger(__name__)
 
 def initialize_for_training(
     model: Any,
-    calibration: Optional[CalibrationSource],
+    calibration: CalibrationSource | None,
     tokenizer: Any,
     config: LoraNullConfig,
-    output_dir: Optional[str | Path],
+    output_dir: str | Path | None,
     *,
     task_data: Any = None,
-    execution_device: Optional[str] = None,
+    execution_device: str | None = None,
     log: logging.Logger = logger,
 ) -> None:
     """Every rank: the PeftModel's active adapter initialized in place (the core shards the calibration over the
@@ -57,7 +57,7 @@ def training_callback(save_init: bool = False, export: bool = True) -> LoraNullC
     return LoraNullCallback(save_init=save_init, export=export)
 
 
-def finish_training(saved_dir: str | Path, init_folder: Optional[str | Path] = None, export: bool = True) -> None:
+def finish_training(saved_dir: str | Path, init_folder: str | Path | None = None, export: bool = True) -> None:
     """Rank 0, after the framework's final save into `saved_dir`: that folder made right for the base it names
     (`init_folder`: the run's init folder, by default `<saved_dir>/lora_null_init`)."""
     if rank_and_world()[0] == 0:

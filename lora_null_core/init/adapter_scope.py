@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Mapping
-from typing import Optional
 
 import torch
 from peft import PeftModel
@@ -16,12 +15,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..errors import ConfigError
-from .peft_layers import write_residual
+from .factors import write_residual
 
 logger = logging.getLogger(__name__)
 
 
-def chosen_adapter(model: nn.Module, adapter_name: Optional[str]) -> str:
+def chosen_adapter(model: nn.Module, adapter_name: str | None) -> str:
     """The adapter named; else the PeftModel's active adapter (what `set_adapter` chose); "default" for a model
     that is wrapped here."""
     if adapter_name is not None or not isinstance(model, PeftModel):

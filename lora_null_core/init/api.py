@@ -13,7 +13,7 @@ import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel
@@ -50,22 +50,22 @@ class InitRequest:
     adapter_name: str
     config: LoraNullConfig
     tokenizer: Any
-    calibration: Optional[CalibrationSource] = None
-    task_data: Optional[CalibrationSource] = None
-    execution_device: Optional[str] = None
-    block_loader: Optional[BlockLoader] = None
+    calibration: CalibrationSource | None = None
+    task_data: CalibrationSource | None = None
+    execution_device: str | None = None
+    block_loader: BlockLoader | None = None
 
 
 def lora_null_init(
     model: nn.Module,
-    lora_config: Optional[LoraConfig],
-    calibration: Optional[CalibrationSource],
+    lora_config: LoraConfig | None,
+    calibration: CalibrationSource | None,
     tokenizer: Any,
-    config: Optional[LoraNullConfig] = None,
-    adapter_name: Optional[str] = None,
-    execution_device: Optional[str] = None,
-    block_loader: Optional[BlockLoader] = None,
-    task_data: Optional[CalibrationSource] = None,
+    config: LoraNullConfig | None = None,
+    adapter_name: str | None = None,
+    execution_device: str | None = None,
+    block_loader: BlockLoader | None = None,
+    task_data: CalibrationSource | None = None,
     **overrides: Any,
 ) -> PeftModel:
     """Initialize a LoRA adapter in the null space of the calibration activations; return the PeftModel.
@@ -220,10 +220,10 @@ def execution_device_for(peft_model: PeftModel) -> torch.device:
 
 def initialize_lora_null_weights(
     peft_model: PeftModel,
-    calibration: Optional[CalibrationSource] = None,
+    calibration: CalibrationSource | None = None,
     tokenizer: Any = None,
-    config: Optional[LoraNullConfig] = None,
-    adapter_name: Optional[str] = None,
+    config: LoraNullConfig | None = None,
+    adapter_name: str | None = None,
     **overrides: Any,
 ) -> PeftModel:
     """The PEFT-native entry, shaped like PEFT's own data-driven inits (`initialize_lora_eva_weights`): build
@@ -240,7 +240,7 @@ def initialize_lora_null_weights(
 
 def streaming_plan(
     peft_model: PeftModel, layers: Mapping[str, LoraLayer], config: LoraNullConfig
-) -> Optional[StreamingPlan]:
+) -> StreamingPlan | None:
     """(blocks, layer names per block) when block-by-block calibration applies, else None."""
     if config.streaming == "off":
         return None

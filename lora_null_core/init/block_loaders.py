@@ -68,7 +68,7 @@ class PrefetchToDevice:
         self.prefetch(index, block)
         copies, arrived = self._incoming.pop(index)
         torch.cuda.current_stream(self.device).wait_event(arrived)
-        for (owner, kind, name, _host), on_device in zip(self._entries[index], copies):
+        for (owner, kind, name, _host), on_device in zip(self._entries[index], copies, strict=True):
             _set_tensor(owner, kind, name, on_device)
 
     def unload(self, index: int, block: nn.Module) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -34,7 +34,7 @@ class InitInputs:
     batches: list[TokenBatch]
     holdout: list[TokenBatch]
     probe: TokenBatch
-    task: Optional[CalibrationTexts] = None
+    task: CalibrationTexts | None = None
     task_batches: tuple[TokenBatch, ...] = ()
 
     @property
@@ -45,8 +45,8 @@ class InitInputs:
 def prepare_inputs(
     model: nn.Module,
     layers: Mapping[str, LoraLayer],
-    calibration: Optional[CalibrationSource],
-    task_data: Optional[CalibrationSource],
+    calibration: CalibrationSource | None,
+    task_data: CalibrationSource | None,
     tokenizer: Any,
     config: LoraNullConfig,
     device: torch.device,

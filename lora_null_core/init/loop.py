@@ -8,7 +8,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -53,7 +53,7 @@ class LoopSettings:
     config: LoraNullConfig
     adapter_name: str
     device: torch.device
-    cache: Optional[CovarianceCache] = None
+    cache: CovarianceCache | None = None
     cached: bool = False
     overlap: bool = False
     task_aware: bool = False
@@ -96,7 +96,7 @@ def run_steps(steps: Iterator[InitStep], settings: LoopSettings) -> list[LayerRe
     reports: list[LayerReport] = []
     writing = cache.writing() if cache is not None and not cached else contextlib.nullcontext()
     with torch.no_grad(), writing as writer, NullBasisSolver(settings.device, settings.overlap) as solver:
-        solving: Optional[_Solving] = None
+        solving: _Solving | None = None
         for step in steps:
             modules = {name: layer.get_base_layer() for name, layer in step.layers.items()}
             collector = CovarianceCollector(dtype, config.covariance_weighting)
@@ -150,7 +150,7 @@ def _finish(solving: _Solving, config: LoraNullConfig, adapter_name: str) -> lis
     return reports
 
 
-def should_overlap(setting: str, device: torch.device, blocks: Optional[nn.ModuleList]) -> bool:
+def should_overlap(setting: str, device: torch.device, blocks: nn.ModuleList | None) -> bool:
     """The `overlap` setting resolved for a run streaming `blocks` (None: one whole-model step, nothing to overlap).
 
     With several processes the worker only solves; the bases are broadcast when the step finishes, from the
@@ -177,7 +177,7 @@ class WholeModel:
 
     def __init__(self, peft_model: PeftModel, layers: Mapping[str, LoraLayer], data: StepData) -> None:
         self.peft_model, self.layers, self.data = peft_model, layers, data
-        self.reference: Optional[torch.Tensor] = None
+        self.reference: torch.Tensor | None = None
 
     def steps(self) -> Iterator[InitStep]:
         yield InitStep("model", self.layers, self._calibrate, self._hold_out, solve_progress=True)
@@ -215,7 +215,7 @@ class BlockByBlock:
         plan: StreamingPlan,
         data: StepData,
         device: torch.device,
-        loader: Optional[BlockLoader],
+        loader: BlockLoader | None,
     ) -> None:
         self.layers = layers
         self.blocks, self.names_by_block = plan

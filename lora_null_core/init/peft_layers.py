@@ -7,7 +7,7 @@ import contextlib
 import copy
 import math
 from collections.abc import Iterator, Mapping
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -16,15 +16,13 @@ from torch import nn
 
 from ..config import LoraNullConfig
 from ..console import quiet_libraries
-from ..distributed import broadcast_
 from ..errors import ConfigError, InvalidRankError, NoTargetModulesError, UnsupportedModelError
 from ..layout import RESIDUAL_MARKER
-from ..null_space import basis_factors, projected_factors, row_chunks
 from ..peft_names import base_name
-from ..weights import float_weight, gathered, is_quantized
+from ..weights import float_weight, is_quantized
 
 
-def as_peft_model(model: nn.Module, lora_config: Optional[LoraConfig], adapter_name: str) -> PeftModel:
+def as_peft_model(model: nn.Module, lora_config: LoraConfig | None, adapter_name: str) -> PeftModel:
     """The PeftModel to initialize: `model` itself if it already holds the adapter, else a fresh wrap."""
     done = getattr(model, "_lora_null_initialized", {}) if isinstance(model, PeftModel) else {}
     if adapter_name in done:
@@ -146,7 +144,7 @@ def lora_layers(peft_model: PeftModel, adapter_name: str) -> dict[str, LoraLayer
 
 
 def check_layers(
-    layers: Mapping[str, LoraLayer], adapter_name: str, config: LoraNullConfig, model: Optional[nn.Module] = None
+    layers: Mapping[str, LoraLayer], adapter_name: str, config: LoraNullConfig, model: nn.Module | None = None
 ) -> None:
     """Refuse, before any compute, the layers LoRA-Null cannot initialize exactly."""
     head = model.get_output_embeddings() if model is not None and hasattr(model, "get_output_embeddings") else None
@@ -227,48 +225,6 @@ def check_finite_weights(layers: Mapping[str, LoraLayer]) -> None:
     raise UnsupportedModelError(
         f"{name}'s weight contains NaN or Inf: the checkpoint is damaged. Reload or re-download the model."
     )
-
-
-def write_adapter(
-    layer: LoraLayer, adapter_name: str, basis: torch.Tensor, init: str, a_scale: float = 1.0, residual: bool = True
-) -> torch.Tensor:
-    """Write A, B (and, for the projected init on the residual, the residual base) into one layer; return A.
-    `a_scale` moves magnitude from B to A (B·A unchanged): with Adam a larger frozen A is a faster adapter.
-    Without `residual` the projected init keeps B₀·A₀ inside the untouched base and starts B at 0: for a frozen
-    A the same training, and the trained adapter is a standard LoRA for the original weights."""
-    lora_a_param = layer.lora_A[adapter_name].weight
-    lora_b_param = layer.lora_B[adapter_name].weight
-    scaling = layer.scaling[adapter_name]
-    base_weight = layer.get_base_layer().weight
-    with gathered([base_weight, lora_a_param, lora_b_param], modify=True):
-        if init == "projected":
-            original = weight_matrix(layer).detach()
-            lora_a, lora_b = projected_factors(original, basis.to(original.device), scaling)
-        else:
-            lora_a, lora_b = basis_factors(basis, layer.out_features)
-        lora_a, lora_b = lora_a * a_scale, lora_b / a_scale if residual else torch.zeros_like(lora_b)
-        # Rank 0's factors everywhere: identical adapters on every process, whatever the SVD's last bits did.
-        broadcast_(lora_a)
-        broadcast_(lora_b)
-        with torch.no_grad():
-            lora_a_param.copy_(lora_a.to(lora_a_param.device))
-            lora_b_param.copy_(lora_b.to(lora_b_param.device))
-            if init == "projected" and residual:
-                write_residual(layer, lora_a_param, lora_b_param, scaling)
-        return lora_a_param.detach().clone()  # a ZeRO-3 partition empties the parameter on the way out
-
-
-def write_residual(layer: LoraLayer, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
-    """W_res = W − s·B·A with the stored (rounded) factors, so W_res + s·B·A equals W to the precision of
-    W_res's own dtype. In float64 row chunks: a full float64 copy of a 70B down_proj would be 1.9 GB."""
-    original = weight_matrix(layer).detach()  # shares the parameter's storage
-    lora_a = lora_a.detach().to(original.device, torch.float64)
-    lora_b = lora_b.detach().to(original.device, torch.float64)
-    start = 0
-    for rows in row_chunks(original):
-        end = start + rows.shape[0]
-        rows.copy_(rows.double() - scaling * lora_b[start:end] @ lora_a)  # views: writes into the base weight
-        start = end
 
 
 def apply_variant(peft_model: PeftModel, variant: str, adapter_name: str = "default") -> None:

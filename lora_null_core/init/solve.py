@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -26,7 +26,7 @@ class NullBasisSolver:
     def __init__(self, device: torch.device, overlap: bool) -> None:
         self.device, self.overlap = device, overlap
         self.cuda = device.type == "cuda"
-        self._pool: Optional[ThreadPoolExecutor] = None
+        self._pool: ThreadPoolExecutor | None = None
         self._stream = None
 
     def __enter__(self) -> NullBasisSolver:
@@ -45,7 +45,7 @@ class NullBasisSolver:
         ranks: Mapping[str, int],
         solver: str,
         show_progress: bool,
-        task: Optional[Covariances] = None,
+        task: Covariances | None = None,
         task_mix: float = 0.0,
     ) -> Future:
         if self._pool is None:
@@ -86,7 +86,7 @@ def solve_owned_bases(
     ranks: Mapping[str, int],
     solver: str = "auto",
     show_progress: bool = True,
-    task: Optional[Covariances] = None,
+    task: Covariances | None = None,
     task_mix: float = 0.0,
 ) -> dict[tuple[str, int], torch.Tensor]:
     """The bases this rank owns (all of them in one process); no communication, so it may run on a thread. With

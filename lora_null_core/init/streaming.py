@@ -13,7 +13,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,7 +39,7 @@ class BlockInput:
     args: tuple
     kwargs: dict
     mask: torch.Tensor
-    counts: Optional[tuple[int, int]] = None
+    counts: tuple[int, int] | None = None
 
     @property
     def hidden(self) -> torch.Tensor:
@@ -118,7 +118,7 @@ def stream_blocks(
     blocks: nn.ModuleList,
     layer_names: Mapping[int, list[str]],
     device: torch.device,
-    loader: Optional[BlockLoader] = None,
+    loader: BlockLoader | None = None,
 ) -> Iterator[StreamStep]:
     """Yield each block on `device`; the caller releases it (`step.release()`), possibly after asking for the next
     one (the init solves block i while block i+1 runs), so up to two blocks are held, plus one being prefetched.
@@ -149,7 +149,7 @@ def stream_blocks(
             close()
 
 
-def layers_by_block(prefix: str, blocks: nn.ModuleList, names: Sequence[str]) -> Optional[dict[int, list[str]]]:
+def layers_by_block(prefix: str, blocks: nn.ModuleList, names: Sequence[str]) -> dict[int, list[str]] | None:
     """Group module names by the block they live in; None if any lies outside every block."""
     grouped: dict[int, list[str]] = {}
     for name in names:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -56,7 +56,7 @@ def checkpoint_name(parameter_name: str) -> str:
 
 
 def empty_model(
-    folder: Path, checkpoint: Checkpoint, dtype: Union[torch.dtype, str] = "auto", trust_remote_code: bool = False
+    folder: Path, checkpoint: Checkpoint, dtype: torch.dtype | str = "auto", trust_remote_code: bool = False
 ) -> nn.Module:
     """The model with meta weights except those outside the decoder blocks, which are read into CPU memory.
     Buffers (rotary frequencies) are built for real, as the model's constructor computes them. dtype "auto":
@@ -81,7 +81,7 @@ def empty_model(
     prefix = found[0] + "."
     model.tie_weights()  # a tied LM head is the embedding: not read, and not in the checkpoint
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for name, _param in model.named_parameters():
             if not name.startswith(prefix):
                 _set(model, name, checkpoint.read(name, "cpu", dtype))
     model.tie_weights()
@@ -140,7 +140,7 @@ class DiskBlocks:
         (self.base_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n")
 
 
-def _set(model: nn.Module, name: str, value: torch.Tensor, requires_grad: Optional[bool] = False) -> None:
+def _set(model: nn.Module, name: str, value: torch.Tensor, requires_grad: bool | None = False) -> None:
     """Replace parameter `name` of `model` by `value` (meta parameters cannot be filled in place)."""
     owner_name, _, attr = name.rpartition(".")
     owner: Any = model.get_submodule(owner_name) if owner_name else model

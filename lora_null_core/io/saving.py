@@ -10,7 +10,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import transformers
@@ -57,7 +57,7 @@ def check_model_source(name_or_path: str) -> None:
         )
 
 
-def load_model(name_or_path: str, dtype: str = "auto", device: Optional[str] = None, trust_remote_code: bool = False):
+def load_model(name_or_path: str, dtype: str = "auto", device: str | None = None, trust_remote_code: bool = False):
     """A causal LM from a local folder or hub name, from safetensors only; remote code runs only when asked for."""
     from transformers import AutoModelForCausalLM
 
@@ -134,7 +134,7 @@ def save_initial_adapter(peft_model: PeftModel, output_dir: os.PathLike, overwri
     return Path(output_dir)
 
 
-def write_initial_adapter(peft_model: PeftModel, folder: Path, base_path: Optional[os.PathLike] = None) -> None:
+def write_initial_adapter(peft_model: PeftModel, folder: Path, base_path: os.PathLike | None = None) -> None:
     """adapter/ and lora_null.json. The adapter runs on the residual base, never on the original model, so its
     config names `base_path` (OUT/base) or, where no base is written, says where one comes from: a tool that
     loads the base named there cannot pick the original by mistake."""
@@ -175,9 +175,9 @@ def save_adapter(peft_model: PeftModel, folder: Path, adapter_name: str) -> None
 
 def load_initialized(
     init_dir: os.PathLike,
-    adapter: Optional[os.PathLike] = None,
+    adapter: os.PathLike | None = None,
     dtype: str = "auto",
-    device: Optional[str] = None,
+    device: str | None = None,
     is_trainable: bool = True,
 ) -> PeftModel:
     """The residual base with the LoRA-Null adapter (or a later checkpoint of it), ready to train.

@@ -60,7 +60,7 @@ def greedy_completions(model, tokenizer, prompts: Sequence[str], max_new_tokens:
                     eos_token_id=tokenizer.eos_token_id,
                 )
             texts = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-            for i, text in zip(index, texts):
+            for i, text in zip(index, texts, strict=True):
                 out[i] = text
     finally:
         tokenizer.padding_side = side
@@ -73,7 +73,7 @@ def accuracy(
     if not examples:
         return float("nan"), []
     completions = greedy_completions(model, tokenizer, [e.prompt for e in examples], max_new_tokens, batch_size)
-    hits = [bool(match(c, e.targets)) for c, e in zip(completions, examples)]
+    hits = [bool(match(c, e.targets)) for c, e in zip(completions, examples, strict=True)]
     return sum(hits) / len(hits), hits
 
 

@@ -62,7 +62,7 @@ def run_frontier(
         base, suite.tokenizer, suite.task_eval, suite.task_tokens, suite.eval_batch, match=exact_match
     )
     del base
-    known = [e for e, hit in zip(suite.knowledge, base_hits) if hit]
+    known = [e for e, hit in zip(suite.knowledge, base_hits, strict=True) if hit]
     if not known:  # every row's knowledge_kept would be NaN: a broken load, not a finding
         raise ConfigError(
             f"{suite.model} answers none of the {len(suite.knowledge)} knowledge questions, so "
@@ -321,7 +321,7 @@ def trainer_table(rows: Sequence[dict[str, Any]]) -> list[str]:
             if trainer not in by:
                 continue
 
-            def cell(key: str, name: str) -> str:
+            def cell(key: str, name: str, by: dict = by) -> str:
                 values = [r[key] for r in by.get(name, [])]
                 return f"{statistics.fmean(values):.3f} ± {_sd(values):.3f}" if values else "–"
 

@@ -14,7 +14,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from lora_null_core import LoraNullConfig, lora_null_init
-from lora_null_core.init.peft_layers import lora_layers, weight_matrix, write_adapter
+from lora_null_core.init.factors import write_adapter
+from lora_null_core.init.peft_layers import lora_layers, weight_matrix
 
 from .suites import Suite
 

@@ -97,7 +97,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
 
     groups = aggregate(rows)
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.6), squeeze=False)
-    for ax, ((model, size), summaries) in zip(axes[0], groups.items()):
+    for ax, ((model, size), summaries) in zip(axes[0], groups.items(), strict=True):
         for s in summaries:
             ax.errorbar(
                 s["downstream"],

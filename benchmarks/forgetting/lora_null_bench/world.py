@@ -169,7 +169,7 @@ def people(count: int, seed: int) -> list[Person]:
     firsts, lasts = [names[p // len(names)] for p in pairs], [names[p % len(names)] for p in pairs]
     return [
         Person(f"{first} {last}", {k: rng.choice(v) for k, v in ATTRIBUTES.items()})
-        for first, last in zip(firsts, lasts)
+        for first, last in zip(firsts, lasts, strict=True)
     ]
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, create_model, model_validator
 
@@ -14,16 +14,16 @@ class _LoraNullKeys(BaseModel):
     generated `lora_null_<field>` keys below (or a nested `lora_null:` block). Everything else is Axolotl's own
     LoRA config."""
 
-    adapter_init: Optional[Literal["default", "lora_null"]] = Field(
+    adapter_init: Literal["default", "lora_null"] | None = Field(
         default=None, json_schema_extra={"description": "lora_null: initialize the LoRA adapter with LoRA-Null."}
     )
-    lora_null_calibration: Optional[Union[str, dict[str, Any]]] = Field(
+    lora_null_calibration: str | dict[str, Any] | None = Field(
         default=None,
         json_schema_extra={
             "description": front_end_help("calibration", source="a path, or a dataset entry like `datasets:`")
         },
     )
-    lora_null_task_data: Optional[Union[bool, str, dict[str, Any]]] = Field(
+    lora_null_task_data: bool | str | dict[str, Any] | None = Field(
         default=None,
         json_schema_extra={
             "description": front_end_help(
@@ -31,7 +31,7 @@ class _LoraNullKeys(BaseModel):
             )
         },
     )
-    lora_null: Optional[dict[str, Any]] = Field(
+    lora_null: dict[str, Any] | None = Field(
         default=None,
         json_schema_extra={
             "description": "The LoRA-Null settings as one block (field: value), instead of lora_null_<field> keys."
@@ -64,7 +64,7 @@ LoraNullArgs = create_model(
     __module__=__name__,
     **{
         spec.key: (
-            Optional[spec.type],
+            spec.type | None,
             Field(default=None, json_schema_extra={"description": f"{spec.help} (default: {spec.default})"}),
         )
         for spec in config_fields()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from types import MethodType
-from typing import Any, Optional
+from typing import Any
 
 from axolotl.integrations.base import BasePlugin
 
@@ -79,7 +79,7 @@ class LoraNullPlugin(BasePlugin):
             finish_training(cfg.output_dir)
 
 
-def training_device(model: Any) -> Optional[str]:
+def training_device(model: Any) -> str | None:
     """The GPU this rank will train on, where the model is still on the CPU in post_lora_load (Axolotl moves a bf16
     model later: on an H200, Qwen2.5-Coder-0.5B sampled its own text on the CPU at 280 s a batch); None otherwise,
     for the core's default (where the model is)."""

@@ -5,7 +5,7 @@ field, generated from the core's config so every setting is reachable."""
 from __future__ import annotations
 
 from dataclasses import field, make_dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 from llamafactory.hparams import FinetuningArguments
 
@@ -20,7 +20,7 @@ _KEYS = [
     ),
     (
         "lora_null_calibration",
-        Optional[str],
+        str | None,
         field(
             default=None,
             metadata={
@@ -30,7 +30,7 @@ _KEYS = [
     ),
     (
         "lora_null_task_data",
-        Optional[str],
+        str | None,
         field(
             default=None,
             metadata={
@@ -55,7 +55,7 @@ def _post_init(self) -> None:
     self.lora_null_config()
 
 
-def _lora_null_config(self) -> Optional[LoraNullConfig]:
+def _lora_null_config(self) -> LoraNullConfig | None:
     return lora_null_request(vars(self), dora=bool(self.use_dora), dora_key="use_dora")
 
 

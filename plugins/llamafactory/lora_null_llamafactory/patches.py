@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from lora_null_core.frontends import (
     LoraNullCallback,
@@ -101,7 +101,7 @@ def task_rows(finetuning_args: Any, tokenizer: Any) -> Any:
     )
 
 
-def calibration_rows(name: Optional[str], dataset_dir: str, key: str = "lora_null_calibration") -> Any:
+def calibration_rows(name: str | None, dataset_dir: str, key: str = "lora_null_calibration") -> Any:
     """A dataset_info.json entry (alpaca: prompt [+ query] columns; sharegpt: messages) or a path as is; None (no
     lora_null_calibration) asks the core for the model's own text."""
     if not name:

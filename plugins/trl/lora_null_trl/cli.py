@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from lora_null_core import LoraNullError
 
@@ -56,7 +56,7 @@ def _check_lora_null_keys(argv: list[str]) -> None:
             )
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "sft":
         print("usage: lora-null-trl sft --config cfg.yaml [TRL sft arguments]", file=sys.stderr)

@@ -5,7 +5,6 @@ core's config, so every setting is reachable and documented once)."""
 from __future__ import annotations
 
 from dataclasses import field, make_dataclass
-from typing import Optional
 
 from trl import SFTConfig
 
@@ -25,7 +24,7 @@ _KEYS = [
     ),
     (
         "lora_null_calibration",
-        Optional[str],
+        str | None,
         field(
             default=None,
             metadata={
@@ -37,7 +36,7 @@ _KEYS = [
     ),
     (
         "lora_null_task_data",
-        Optional[str],
+        str | None,
         field(
             default=None,
             metadata={
@@ -53,8 +52,8 @@ _KEYS = [
         field(
             default=True,
             metadata={
-                "help": "v1 only (v2 and basis train on the original weights and need nothing): make every save right for "
-                "the base it names: the final folder holds the LoRA for the original model, a checkpoint's "
+                "help": "v1 only (v2 and basis train on the original weights and need nothing): make every save "
+                "right for the base it names: the final folder holds the LoRA for the original model, a checkpoint's "
                 "config names the residual base. False: leave saves as trained (a v2 lora_A that a ZeRO-3 save leaves "
                 "out is put back either way)."
             },
@@ -69,7 +68,7 @@ def _post_init(self) -> None:
     self.lora_null_config()  # validate now, not after the model is loaded
 
 
-def _lora_null_config(self) -> Optional[LoraNullConfig]:
+def _lora_null_config(self) -> LoraNullConfig | None:
     """The LoraNullConfig these arguments ask for (None without `adapter_init: lora_null`); the trainer's seed
     stands in for an unset lora_null_seed."""
     return lora_null_request(vars(self), fallbacks={"seed": self.seed})

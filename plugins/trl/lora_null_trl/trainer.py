@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from peft import PeftModel
 from trl import SFTTrainer
@@ -64,7 +64,7 @@ class LoraNullSFTTrainer(SFTTrainer):
             read=lambda source: source,
         )
 
-    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The run's final save (a user's `trainer.save_model()`, after training, where no callback sees it) ends
         up right for the base its adapter_config.json names; checkpoints are LoraNullCallback's."""
         super().save_model(output_dir, _internal_call)
