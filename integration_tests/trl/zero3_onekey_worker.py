@@ -13,6 +13,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_trl import trainer_for  # noqa: E402
 from zero3_worker import ZERO3  # noqa: E402
 
+from lora_null_core.calibration import own_text, whole_model  # noqa: E402
+
 workspace, out = Path(sys.argv[1]), Path(sys.argv[2])
 trainer = trainer_for(
     workspace,
