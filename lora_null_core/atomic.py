@@ -18,13 +18,16 @@ from pathlib import Path
 from .errors import LoraNullError, OutputExistsError
 from .layout import OUTPUT_MARKERS
 
+# A path as callers give it: a string or a path object.
+StrPath = str | os.PathLike[str]
+
 
 def check_output(
-    path: os.PathLike,
-    inputs: Iterable[os.PathLike | None] = (),
+    path: StrPath,
+    inputs: Iterable[StrPath | None] = (),
     overwrite: bool = False,
     flag: str = "--output",
-    may_nest_in: Iterable[os.PathLike | None] = (),
+    may_nest_in: Iterable[StrPath | None] = (),
 ) -> Path:
     """Refuse, before any compute, an output that would destroy an input, unrelated files, or cannot be written.
     `may_nest_in`: inputs the output may lie inside (a trained adapter's own lora_null_export/ subfolder)."""
@@ -64,7 +67,7 @@ def check_output(
 
 
 @contextlib.contextmanager
-def atomic_output_dir(path: os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(path: StrPath, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; it becomes `path` only if the block finishes."""
     path = Path(path)
     if path.exists() and not overwrite:

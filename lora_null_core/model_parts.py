@@ -3,6 +3,8 @@ go to."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -26,5 +28,12 @@ def model_device(model: nn.Module) -> torch.device:
 
 def input_device(model: nn.Module) -> torch.device:
     """Where token ids must go: the input embedding's device (which may differ from the blocks')."""
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
     return embeddings.weight.device if embeddings is not None else model_device(model)
+
+
+def keep_on(model: nn.Module, name: str, value: Any) -> None:
+    """A plain value kept on a model as an attribute (what nn.Module.__setattr__ does with one, without its typing,
+    which admits only tensors and modules)."""
+    object.__setattr__(model, name, value)

@@ -48,7 +48,7 @@ class InitReport:
     adapter_sha256: str | None = None  # of adapter/adapter_model.safetensors: export checks it is the same file
     format_version: int = FORMAT_VERSION
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, float | None]:
         """Means over layers (and the A scale used): the numbers a person reads first."""
 
         def mean(values: list[float | None]) -> float | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,10 +20,18 @@ def is_quantized(weight: torch.Tensor) -> bool:
     return type(weight).__name__ in _BNB_PARAMS or weight.dtype not in FLOAT_DTYPES
 
 
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """A layer's `weight` parameter (nn.Module's attribute lookup types it as a tensor or a module)."""
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}.weight is a {type(weight).__name__}, not a tensor.")
+    return weight
+
+
 def float_weight(base_layer: nn.Module, fan_in_fan_out: bool = False) -> torch.Tensor:
     """The weight as a float (d_out, d_in) matrix: the parameter itself (a view, writable) when it is stored in
     float, else a dequantized copy of this one layer (bitsandbytes' own dequantization)."""
-    weight = base_layer.weight
+    weight = weight_of(base_layer)
     if is_quantized(weight):
         weight = _dequantized(base_layer)
     return weight.T if fan_in_fan_out else weight
@@ -31,14 +40,15 @@ def float_weight(base_layer: nn.Module, fan_in_fan_out: bool = False) -> torch.T
 def _dequantized(base_layer: nn.Module) -> torch.Tensor:
     """bitsandbytes' own dequantization, leaving the layer's state as it was (PEFT's helper rewrites an 8-bit
     layer's state on the CPU, after which it no longer runs)."""
-    weight = base_layer.weight
+    weight: Any = weight_of(base_layer)  # a bitsandbytes parameter: its quantization state rides on it
     kind = type(weight).__name__
     if kind == "Params4bit":
         import bitsandbytes as bnb
 
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
     if kind == "Int8Params":
-        scales = weight.SCB if getattr(weight, "SCB", None) is not None else base_layer.state.SCB
+        layer: Any = base_layer
+        scales = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB
         return weight.data.float() * (scales.float().view(-1, 1) / 127.0)
     if weight.dtype.is_floating_point:  # float8 and other float storage
         return weight
@@ -56,7 +66,7 @@ def gathered(params: Iterable[torch.Tensor], modify: bool = False) -> Iterator[N
     time, so no rank ever holds the whole model); nothing to do otherwise. With `modify`, what is written into them
     inside is kept: rank 0's values are partitioned again on the way out (every rank writes the same ones).
     Parameters already gathered by an outer `gathered` are left to it (DeepSpeed's own context does not nest)."""
-    params = [p for p in params if hasattr(p, "ds_id") and getattr(p.ds_status, "name", "") != "AVAILABLE"]
+    params = [p for p in params if hasattr(p, "ds_id") and _status(p) != "AVAILABLE"]
     if not params:
         yield
         return
@@ -64,3 +74,8 @@ def gathered(params: Iterable[torch.Tensor], modify: bool = False) -> Iterator[N
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
         yield
+
+
+def _status(param: Any) -> str:
+    """A ZeRO-3 parameter's gathering state (AVAILABLE: gathered)."""
+    return getattr(param.ds_status, "name", "")

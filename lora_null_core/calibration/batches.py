@@ -69,4 +69,4 @@ def token_ids(text: str, tokenizer: Any, max_length: int) -> list[int]:
 
 def _starts_with_special(text: str, tokenizer: Any) -> bool:
     bos = getattr(tokenizer, "bos_token", None)
-    return bool(bos) and text.startswith(bos)
+    return isinstance(bos, str) and bool(bos) and text.startswith(bos)

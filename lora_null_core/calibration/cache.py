@@ -121,6 +121,8 @@ class CovarianceCache:
     def load(self, modules: Mapping[str, nn.Module], device: torch.device | None = None) -> Covariances:
         """The covariances of `modules`, each on `device` or else on its module's device."""
         index = self._index()
+        if index is None:
+            raise FileNotFoundError(f"{self.folder} holds no covariance cache entry (see has() first)")
         result = Covariances()
         for name, module in modules.items():
             group = index["group_of"][name]

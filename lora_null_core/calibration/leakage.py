@@ -49,7 +49,7 @@ def leakages_from_covariance(lora_as: Sequence[torch.Tensor], covariance: torch.
     return [_normalize(values[i], values[count + i], values[-1], covariance.shape[0]) for i in range(count)]
 
 
-def _normalize(response: float, a_energy: float, x_energy: float, d_in: int) -> float:
+def _normalize(response: float, a_energy: float | torch.Tensor, x_energy: float, d_in: int) -> float:
     denominator = float(a_energy) * float(x_energy) / d_in
     if denominator <= 0:
         return float("nan")

@@ -110,7 +110,7 @@ def _prompts(tokenizer: Any, config: LoraNullConfig, first: int, count: int) -> 
 
 
 def _sample(
-    model: nn.Module,
+    model: Any,
     tokenizer: Any,
     prompts: list[list[int]],
     config: LoraNullConfig,
@@ -177,7 +177,7 @@ def _cache_budget(model: nn.Module, device: torch.device, width: int) -> tuple[i
     a CPU or when the model's config does not say its attention shape."""
     if device.type != "cuda":
         return None
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     layers, heads = getattr(config, "num_hidden_layers", None), getattr(config, "num_attention_heads", None)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads

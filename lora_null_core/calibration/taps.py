@@ -83,6 +83,8 @@ class InputTaps:
             if raw is last_raw:
                 self.visit(name, inputs, leader)
                 return
+            if self._mask is None:
+                raise RuntimeError("InputTaps.set_batch was not called before the forward pass")
             if self._mask.device != raw.device:
                 self._mask = self._mask.to(raw.device)
             inputs = LayerInput(raw, self._mask, *self._counts, name)
@@ -138,7 +140,8 @@ def _takes_logits_to_keep(model: nn.Module) -> bool:
     """The pass needs the layers' inputs, not the logits: transformers' causal LMs can skip all but one position."""
     import inspect
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
     try:
         return "logits_to_keep" in inspect.signature(base.forward).parameters
     except (TypeError, ValueError):

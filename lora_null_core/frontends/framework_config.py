@@ -180,7 +180,7 @@ def front_end_help(
     raise KeyError(key)
 
 
-def prefixed_dataclass_fields() -> list[tuple[str, Any, dataclasses.Field]]:
+def prefixed_dataclass_fields() -> list[tuple[str, Any, Any]]:
     """`lora_null_<field>` entries for `dataclasses.make_dataclass` (TRL's and LLaMA-Factory's argument
     dataclasses): each None by default, meaning "the core's default" (or what the framework implies)."""
     out = []

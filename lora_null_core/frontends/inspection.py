@@ -12,7 +12,6 @@ import base64
 import html
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..atomic import atomic_output_dir
+from ..atomic import StrPath, atomic_output_dir
 from ..calibration.batches import tokenize_batches
 from ..calibration.covariances import collect_covariances
 from ..calibration.leakage import leakages_from_covariance, random_like
@@ -30,15 +29,17 @@ from ..calibration.sources import CalibrationSource
 from ..calibration.texts import choose_texts
 from ..config import LoraNullConfig
 from ..errors import LoraNullError
+from ..init.peft_layers import output_layer
 from ..layout import ADAPTER_DIR, INSPECT_FILE, WEIGHTS_FILE
 from ..model_parts import model_device
 from ..null_space import effective_rank, eigendecompose
 from ..report import read_metadata, recorded_a_scale
+from ..weights import weight_of
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every linear layer but the output head: what `target_modules="all-linear"` targets."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output_layer(model)
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and m is not head}
 
 
@@ -47,7 +48,7 @@ def analyze(
     tokenizer: Any,
     calibration: CalibrationSource | None,
     config: LoraNullConfig | None = None,
-    init_dir: os.PathLike | None = None,
+    init_dir: StrPath | None = None,
     task_data: CalibrationSource | None = None,
 ) -> dict[str, Any]:
     """Every number of the report, per layer, as plain JSON-able data. No calibration: the model's own text.
@@ -73,7 +74,7 @@ def analyze(
     for name, module in modules.items():
         group = covariances.group_of[name]
         values = torch.tensor(spectra[group], dtype=torch.float64)
-        weight = module.weight.detach().double()
+        weight = weight_of(module).detach().double()
         weight = weight.T if isinstance(module, Conv1D) else weight
         singular = torch.linalg.svdvals(weight)
         d_in, tokens = weight.shape[1], covariances.tokens[group]
@@ -125,10 +126,10 @@ def analyze(
 
 
 def _input_width(module: nn.Module) -> int:
-    return module.weight.shape[0] if isinstance(module, Conv1D) else module.weight.shape[1]
+    return int(weight_of(module).shape[0 if isinstance(module, Conv1D) else 1])
 
 
-def _initial_adapter(init_dir: os.PathLike | None) -> tuple[dict | None, int | None, dict | None]:
+def _initial_adapter(init_dir: StrPath | None) -> tuple[dict | None, int | None, dict | None]:
     """The init folder's adapter, rank, and the settings that shape its factors (as its lora_null.json records)."""
     if init_dir is None:
         return None, None, None
@@ -150,7 +151,7 @@ def _depth(name: str) -> int:
     return 0
 
 
-def write_report(data: dict[str, Any], output_dir: os.PathLike, overwrite: bool = False) -> Path:
+def write_report(data: dict[str, Any], output_dir: StrPath, overwrite: bool = False) -> Path:
     """report.html (self-contained: images inlined), the PNGs beside it, and report.json."""
     try:
         import matplotlib

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from peft import LoraConfig
 
-from ..atomic import atomic_output_dir, check_output
+from ..atomic import StrPath, atomic_output_dir, check_output
 from ..calibration.sources import CalibrationRows, CalibrationSource, describe, load_rows, reading_task_data
 from ..config import LoraNullConfig
 from ..errors import LoraNullError
@@ -34,7 +34,7 @@ from ..report import InitReport
 def init_to_folder(
     model_name_or_path: str,
     calibration: CalibrationSource | None,
-    output_dir: os.PathLike,
+    output_dir: StrPath,
     lora_config: LoraConfig,
     config: LoraNullConfig | None = None,
     dtype: str = "auto",
@@ -179,7 +179,10 @@ def _init_from_disk(job: InitJob) -> InitReport:
     folder = Path(job.model)
     checkpoint = Checkpoint(folder)
     model = empty_model(folder, checkpoint, torch_dtype(job.dtype), job.trust_remote_code)
-    prefix = decoder_blocks(model)[0]
+    found = decoder_blocks(model)
+    if found is None:  # empty_model refuses such a model already
+        raise LoraNullError(f"{folder}: the model's decoder blocks cannot be streamed; use --offload cpu.")
+    prefix = found[0]
     with atomic_output_dir(job.output_dir, job.overwrite) as staging:
         base_dir = staging / BASE_DIR
         base_dir.mkdir()
@@ -194,7 +197,7 @@ def _init_from_disk(job: InitJob) -> InitReport:
             block_loader=loader,
             task_data=job.task_data,
         )
-        base = peft_model.get_base_model()
+        base: Any = peft_model.get_base_model()  # a transformers model
         loader.restore_lora(base)
         loader.finish(base, prefix)
         base.config.save_pretrained(base_dir)

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .factors import write_residual
+from .peft_layers import factor_weights
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +56,7 @@ def restored_on_failure(layers: Mapping[str, LoraLayer], adapter_name: str, resi
     """A refused or failed init leaves the adapter as it found it: its factors, their requires_grad, and where a
     residual was written into a base weight, that weight (W_res + s·B·A: the original to its dtype's rounding)."""
     before = {
-        name: [
-            (p.detach().clone(), p.requires_grad)
-            for p in (layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight)
-        ]
+        name: [(p.detach().clone(), p.requires_grad) for p in factor_weights(layer, adapter_name)]
         for name, layer in layers.items()
     }
     try:
@@ -67,7 +65,7 @@ def restored_on_failure(layers: Mapping[str, LoraLayer], adapter_name: str, resi
         with torch.no_grad():
             for name, layer in layers.items():
                 (a0, a_grad), (b0, b_grad) = before[name]
-                a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+                a, b = factor_weights(layer, adapter_name)
                 if residual and not torch.equal(a, a0):  # this layer's residual was written
                     write_residual(layer, a, b, -layer.scaling[adapter_name])
                 a.copy_(a0), b.copy_(b0)
@@ -82,7 +80,7 @@ def refreeze_frozen_a(model: nn.Module) -> int:
     for adapter_name in getattr(model, "_lora_null_frozen_a", ()):
         for module in model.modules():
             if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
-                weight = module.lora_A[adapter_name].weight
+                weight = factor_weights(module, adapter_name)[0]
                 thawed += int(weight.requires_grad)
                 weight.requires_grad_(False)
     if thawed:

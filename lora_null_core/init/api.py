@@ -26,7 +26,7 @@ from ..config import LoraNullConfig
 from ..distributed import alone, any_rank, collective_device, rank_and_world, shard
 from ..errors import ConfigError, UnsupportedModelError
 from ..layout import RESIDUAL_MARKER
-from ..model_parts import model_device
+from ..model_parts import keep_on, model_device
 from ..report import InitReport, LayerReport
 from ..weights import is_zero3_partitioned
 from .adapter_scope import chosen_adapter, only_adapter, restored_on_failure
@@ -159,7 +159,8 @@ def _initialize(request: InitRequest) -> PeftModel:
     if config.residual:  # the base now holds residuals; saved with it, so it is never initialized twice
         setattr(peft_model.get_base_model().config, RESIDUAL_MARKER, {"variant": config.variant, "init": config.init})
     logger.info("Function preserved after init: relative error %.2e.", function_error)
-    peft_model.lora_null_report = _report(request, config, inputs, report_layers, function_error, plan is not None)
+    report = _report(request, config, inputs, report_layers, function_error, plan is not None)
+    keep_on(peft_model, "lora_null_report", report)
     return peft_model
 
 
@@ -203,12 +204,11 @@ def _report(
 def _mark_initialized(peft_model: PeftModel, config: LoraNullConfig, adapter_name: str) -> None:
     apply_variant(peft_model, config.variant, adapter_name)
     # adapter → whether its base weights became residuals (what a second init would stack on)
-    peft_model._lora_null_initialized = {
-        **getattr(peft_model, "_lora_null_initialized", {}),
-        adapter_name: config.residual,
-    }
+    initialized = {**getattr(peft_model, "_lora_null_initialized", {}), adapter_name: config.residual}
+    keep_on(peft_model, "_lora_null_initialized", initialized)
     if config.variant == "v2":  # kept frozen when training starts (adapter_scope.refreeze_frozen_a)
-        peft_model._lora_null_frozen_a = {*getattr(peft_model, "_lora_null_frozen_a", ()), adapter_name}
+        frozen = {*getattr(peft_model, "_lora_null_frozen_a", ()), adapter_name}
+        keep_on(peft_model, "_lora_null_frozen_a", frozen)
 
 
 def execution_device_for(peft_model: PeftModel) -> torch.device:
@@ -245,8 +245,8 @@ def streaming_plan(
     if config.streaming == "off":
         return None
     found = decoder_blocks(peft_model.get_base_model())
-    grouped = layers_by_block(found[0], found[1], list(layers)) if found else None
-    if grouped is None:
+    grouped = layers_by_block(found[0], found[1], list(layers)) if found is not None else None
+    if found is None or grouped is None:
         if config.streaming == "on":
             raise UnsupportedModelError(
                 "streaming='on' needs every target inside the decoder blocks of a model whose blocks share one "

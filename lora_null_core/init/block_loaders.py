@@ -5,7 +5,7 @@ drives them; `--offload disk` brings its own (lazy.DiskBlocks), the speed benchm
 from __future__ import annotations
 
 import contextlib
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -122,12 +122,14 @@ def _block_tensors(block: nn.Module) -> list[tuple[nn.Module, str, str, torch.Te
 
 
 def _get_tensor(owner: nn.Module, kind: str, name: str) -> torch.Tensor:
-    return (owner._parameters if kind == "parameter" else owner._buffers)[name].data
+    table: dict[str, Any] = owner._parameters if kind == "parameter" else owner._buffers
+    return table[name].data
 
 
 def _set_tensor(owner: nn.Module, kind: str, name: str, tensor: torch.Tensor) -> None:
     if kind == "parameter":
-        owner._parameters[name].data = tensor
+        parameter: Any = owner._parameters[name]
+        parameter.data = tensor
     else:
         owner._buffers[name] = tensor
 

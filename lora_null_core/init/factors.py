@@ -16,9 +16,9 @@ from ..config import LoraNullConfig
 from ..distributed import broadcast_
 from ..null_space import basis_factors, projected_factors, row_chunks
 from ..report import LayerReport
-from ..weights import gathered
+from ..weights import gathered, weight_of
 from . import phases
-from .peft_layers import weight_matrix
+from .peft_layers import factor_weights, layer_widths, weight_matrix
 from .phases import phase
 
 
@@ -54,8 +54,8 @@ def layer_reports(
     return [
         LayerReport(
             name=name,
-            d_in=layer.in_features,
-            d_out=layer.out_features,
+            d_in=layer_widths(layer)[0],
+            d_out=layer_widths(layer)[1],
             rank=layer.r[adapter_name],
             covariance=covariances.group_of[name],
             tokens=covariances.tokens[covariances.group_of[name]],
@@ -79,16 +79,15 @@ def write_adapter(
     `a_scale` moves magnitude from B to A (B·A unchanged): with Adam a larger frozen A is a faster adapter.
     Without `residual` the projected init keeps B₀·A₀ inside the untouched base and starts B at 0: for a frozen
     A the same training, and the trained adapter is a standard LoRA for the original weights."""
-    lora_a_param = layer.lora_A[adapter_name].weight
-    lora_b_param = layer.lora_B[adapter_name].weight
+    lora_a_param, lora_b_param = factor_weights(layer, adapter_name)
     scaling = layer.scaling[adapter_name]
-    base_weight = layer.get_base_layer().weight
+    base_weight = weight_of(layer.get_base_layer())
     with gathered([base_weight, lora_a_param, lora_b_param], modify=True):
         if init == "projected":
             original = weight_matrix(layer).detach()
             lora_a, lora_b = projected_factors(original, basis.to(original.device), scaling)
         else:
-            lora_a, lora_b = basis_factors(basis, layer.out_features)
+            lora_a, lora_b = basis_factors(basis, layer_widths(layer)[1])
         lora_a, lora_b = lora_a * a_scale, lora_b / a_scale if residual else torch.zeros_like(lora_b)
         # Rank 0's factors everywhere: identical adapters on every process, whatever the SVD's last bits did.
         broadcast_(lora_a)

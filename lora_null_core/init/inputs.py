@@ -19,6 +19,7 @@ from ..calibration.texts import CalibrationTexts, choose_texts
 from ..config import LoraNullConfig
 from ..distributed import rank_and_world
 from ..errors import InsufficientCalibrationError
+from .peft_layers import layer_widths
 from .safeguards import check_distinct_contexts, probe_batch
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def prepare_inputs(
     """The texts chosen and tokenized by token budget, at least one batch per process; too few distinct contexts for
     the widest layer are refused here, before any forward pass."""
     chosen = select_calibration(
-        model, calibration, tokenizer, config, device, widest=max(layer.in_features for layer in layers.values())
+        model, calibration, tokenizer, config, device, widest=max(layer_widths(layer)[0] for layer in layers.values())
     )
     logger.info("Calibrating on %s.", chosen.used)
     texts = chosen.texts

@@ -196,6 +196,8 @@ class WholeModel:
     def function_error(self) -> float:
         with gathered(self.peft_model.parameters()):
             probe = self.data.probe
+            if self.reference is None:
+                raise RuntimeError("the function error is measured after the calibration step ran")
             return relative_error(model_logits(self.peft_model, probe), self.reference, probe.attention_mask)
 
     def _gathered(self):

@@ -19,7 +19,7 @@ from ..console import quiet_libraries
 from ..errors import ConfigError, InvalidRankError, NoTargetModulesError, UnsupportedModelError
 from ..layout import RESIDUAL_MARKER
 from ..peft_names import base_name
-from ..weights import float_weight, is_quantized
+from ..weights import float_weight, is_quantized, weight_of
 
 
 def as_peft_model(model: nn.Module, lora_config: LoraConfig | None, adapter_name: str) -> PeftModel:
@@ -111,7 +111,7 @@ def linear_module_suffixes(model: nn.Module) -> list[str]:
     """Distinct last name parts of linear layers (q_proj, c_attn, …): what target_modules can name."""
     from transformers.pytorch_utils import Conv1D
 
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = output_layer(model)
     return sorted(
         {
             name.rsplit(".", 1)[-1]
@@ -147,7 +147,7 @@ def check_layers(
     layers: Mapping[str, LoraLayer], adapter_name: str, config: LoraNullConfig, model: nn.Module | None = None
 ) -> None:
     """Refuse, before any compute, the layers LoRA-Null cannot initialize exactly."""
-    head = model.get_output_embeddings() if model is not None and hasattr(model, "get_output_embeddings") else None
+    head = output_layer(model) if model is not None else None
     owners = _weight_owners(model) if model is not None else {}
     for name, module in model.named_modules() if model is not None else ():
         if isinstance(module, LoraLayer) and adapter_name in getattr(module, "lora_embedding_A", {}):
@@ -168,7 +168,7 @@ def check_layers(
                 "when tied, it is also the input embedding, so no exact init and export exist. Leave it out of "
                 "target_modules (the default, all-linear, already does)."
             )
-        weight = base_layer.weight
+        weight = weight_of(base_layer)
         sharing = owners.get(id(weight), [])
         if len(sharing) > 1:
             raise UnsupportedModelError(
@@ -183,7 +183,7 @@ def check_layers(
                 f"the residual W − s·B·A that {config.variant} with train_base={config.train_base!r} writes. Keep the "
                 "default (v2, trained on the original weights) or init basis: both leave the base untouched."
             )
-        d_in, d_out = layer.in_features, layer.out_features
+        d_in, d_out = layer_widths(layer)
         rank = layer.r[adapter_name]
         if rank >= d_in or (config.init == "projected" and rank > d_out):
             limit = d_in - 1 if config.init == "basis" else min(d_in - 1, d_out)
@@ -191,6 +191,28 @@ def check_layers(
                 f"rank {rank} is too large for {name} (d_in={d_in}, d_out={d_out}): the null space needs "
                 f"rank < d_in. Use a rank ≤ {limit}, or leave this layer out of target_modules."
             )
+
+
+def output_layer(model: nn.Module) -> nn.Module | None:
+    """The model's output layer (LM head), where the model says which it is."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    head = get_output() if callable(get_output) else None
+    return head if isinstance(head, nn.Module) else None
+
+
+def layer_widths(layer: LoraLayer) -> tuple[int, int]:
+    """(d_in, d_out) of a LoRA layer (PEFT sets them from the base layer when it wraps it)."""
+    d_in, d_out = layer.in_features, layer.out_features
+    if d_in is None or d_out is None:
+        raise UnsupportedModelError(
+            f"{type(layer.get_base_layer()).__name__} does not say its input and output widths."
+        )
+    return int(d_in), int(d_out)
+
+
+def factor_weights(layer: LoraLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapter's lora_A and lora_B weights in one layer."""
+    return weight_of(layer.lora_A[adapter_name]), weight_of(layer.lora_B[adapter_name])
 
 
 def _weight_owners(model: nn.Module) -> dict[int, list[str]]:
@@ -206,14 +228,14 @@ def _weight_owners(model: nn.Module) -> dict[int, list[str]]:
 def weight_matrix(layer: LoraLayer) -> torch.Tensor:
     """The base weight as (d_out, d_in), whatever the layer stores (Conv1D keeps it transposed; a quantized layer
     gives a dequantized copy). Under ZeRO-3, read it inside `gathered`."""
-    return float_weight(layer.get_base_layer(), layer.fan_in_fan_out)
+    return float_weight(layer.get_base_layer(), bool(getattr(layer, "fan_in_fan_out", False)))
 
 
 def check_finite_weights(layers: Mapping[str, LoraLayer]) -> None:
     """Refuse a damaged checkpoint (NaN or Inf in a targeted weight) by the layer's name, before it is computed with.
     Called where the weights are computed on (a block streamed to a GPU is checked there: a 7B's check on the
     CPU took ~6 s), with one synchronization for all the layers."""
-    weights = {name: layer.get_base_layer().weight for name, layer in layers.items()}
+    weights = {name: weight_of(layer.get_base_layer()) for name, layer in layers.items()}
     checked = {name: w for name, w in weights.items() if not w.is_meta and not is_quantized(w) and w.numel()}
     if not checked:
         return
@@ -234,7 +256,8 @@ def apply_variant(peft_model: PeftModel, variant: str, adapter_name: str = "defa
         layer.lora_B[adapter_name].weight.requires_grad_(True)
 
 
-def lora_summary(lora_config: LoraConfig) -> dict[str, Any]:
+def lora_summary(lora_config: Any) -> dict[str, Any]:
+    """A LoraConfig's numbers for the report (PEFT holds it as a PeftConfig)."""
     targets = lora_config.target_modules
     return {
         "r": lora_config.r,

@@ -16,6 +16,8 @@ from ..calibration.contexts import distinct_contexts
 from ..config import LoraNullConfig
 from ..errors import FunctionNotPreservedError, InsufficientCalibrationError
 from ..model_parts import model_device
+from ..weights import weight_of
+from .peft_layers import layer_widths
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ def check_distinct_contexts(batches: list[TokenBatch], layers: Mapping[str, Lora
     questions give 1,361 distinct contexts for SmolLM2's 1,536-wide down_proj inputs)."""
     if not config.min_tokens_per_dim:
         return
-    widest = max(layer.in_features for layer in layers.values())
+    widest = max(layer_widths(layer)[0] for layer in layers.values())
     wanted = int(config.min_tokens_per_dim * widest)
     contexts = distinct_contexts(batches)
     if contexts >= wanted:
@@ -60,7 +62,7 @@ def check_function_preserved(function_error: float, config: LoraNullConfig, laye
     """Refuse a model that no longer computes what it did (NaN factors, a layer the init could not make exact)."""
     tolerance = config.max_function_error
     if tolerance is None:  # rounding of W − s·B·A in the weights' own dtype, and of the forward pass itself
-        dtype = next(iter(layers.values())).get_base_layer().weight.dtype
+        dtype = weight_of(next(iter(layers.values())).get_base_layer()).dtype
         tolerance = max(1e-3, 10 * torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-3
     if not math.isfinite(function_error) or function_error > tolerance:
         raise FunctionNotPreservedError(

@@ -27,7 +27,7 @@ class NullBasisSolver:
         self.device, self.overlap = device, overlap
         self.cuda = device.type == "cuda"
         self._pool: ThreadPoolExecutor | None = None
-        self._stream = None
+        self._stream: torch.cuda.Stream | None = None
 
     def __enter__(self) -> NullBasisSolver:
         if self.overlap:
@@ -64,10 +64,12 @@ class NullBasisSolver:
         with torch.no_grad():
             if not self.cuda:
                 return solve_owned_bases(covariances, ranks, solver, False, task, task_mix)
-            with torch.cuda.stream(self._stream):
-                self._stream.wait_event(ready)
+            stream = self._stream
+            assert stream is not None  # made in __enter__ whenever the worker runs on a GPU
+            with torch.cuda.stream(stream):
+                stream.wait_event(ready)
                 bases = solve_owned_bases(covariances, ranks, solver, False, task, task_mix)
-            self._stream.synchronize()
+            stream.synchronize()
             for basis in bases.values():
                 if basis.is_cuda:
                     basis.record_stream(caller)

@@ -69,7 +69,9 @@ def empty_model(
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if dtype == "auto":
         dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if not isinstance(dtype, torch.dtype):
+        raise LoraNullError(f"{dtype!r} is not a torch dtype.")
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **{DTYPE_KEY: dtype})
     found = decoder_blocks(model)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..atomic import atomic_output_dir, check_output
+from ..atomic import StrPath, atomic_output_dir, check_output
 from ..config import literal_choices
 from ..errors import ExportError
 from ..layout import (
@@ -37,7 +36,7 @@ logger = logging.getLogger(__name__)
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 
 
-def read_adapter(folder: os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_adapter(folder: StrPath) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """adapter_config.json and the safetensors weights of a PEFT adapter folder (never a pickle)."""
     folder = Path(folder)
     weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE
@@ -57,7 +56,7 @@ def read_adapter(folder: os.PathLike) -> tuple[dict[str, Any], dict[str, torch.T
 
 
 def export_for_original_base(
-    init_dir: os.PathLike, trained_adapter: os.PathLike, output_dir: os.PathLike, overwrite: bool = False
+    init_dir: StrPath, trained_adapter: StrPath, output_dir: StrPath, overwrite: bool = False
 ) -> Path:
     """Write a PEFT adapter that, on the original base model, reproduces the trained model exactly."""
     check_output(output_dir, [init_dir, trained_adapter], overwrite, may_nest_in=[trained_adapter])
@@ -113,7 +112,7 @@ def check_init_consistent(metadata: dict[str, Any], initial: dict[str, torch.Ten
         )
 
 
-def check_same_scaling(initial: dict[str, Any], trained: dict[str, Any], trained_adapter: os.PathLike) -> None:
+def check_same_scaling(initial: dict[str, Any], trained: dict[str, Any], trained_adapter: StrPath) -> None:
     """The trained adapter must use the init's rank and scaling: B₀·A₀ is subtracted at the init's scale."""
     for key in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern"):
         if (initial.get(key) or None) != (trained.get(key) or None):

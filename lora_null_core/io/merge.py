@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from ..atomic import atomic_output_dir, check_output
+from ..atomic import StrPath, atomic_output_dir, check_output
 from ..console import quiet_libraries
 from ..errors import ExportError
 from ..layout import BASE_DIR, MERGE_MARKER, RESIDUAL_MARKER
@@ -15,9 +14,9 @@ from .saving import load_model, load_tokenizer
 
 
 def merge_to_full_model(
-    init_dir: os.PathLike,
-    trained_adapter: os.PathLike,
-    output_dir: os.PathLike,
+    init_dir: StrPath,
+    trained_adapter: StrPath,
+    output_dir: StrPath,
     dtype: str = "auto",
     overwrite: bool = False,
 ) -> Path:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from packaging.version import Version
 from peft import PeftModel
 from safetensors import SafetensorError
 
-from ..atomic import atomic_output_dir
+from ..atomic import StrPath, atomic_output_dir
 from ..console import quiet_libraries
 from ..errors import LoraNullError
 from ..init.peft_layers import apply_variant
@@ -65,7 +64,7 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str | None = None
     kwargs = {DTYPE_KEY: torch_dtype(dtype), "trust_remote_code": trust_remote_code, "use_safetensors": True}
     try:
         with quiet_libraries():
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+            model: Any = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
         raise LoraNullError(f"Could not load model {name_or_path!r}: {loading_hint(err)}") from err
     return model.to(device) if device else model
@@ -108,12 +107,12 @@ def base_state_dict(peft_model: PeftModel) -> dict[str, torch.Tensor]:
 
 
 def save_initialized(
-    peft_model: PeftModel, output_dir: os.PathLike, tokenizer: Any = None, overwrite: bool = False
+    peft_model: PeftModel, output_dir: StrPath, tokenizer: Any = None, overwrite: bool = False
 ) -> Path:
     """Write base/, adapter/ and lora_null.json of an initialized model into `output_dir`, atomically."""
     with atomic_output_dir(output_dir, overwrite) as staging, quiet_libraries():
         write_initial_adapter(peft_model, staging, Path(output_dir).resolve() / BASE_DIR)
-        base = peft_model.get_base_model()
+        base: Any = peft_model.get_base_model()  # a transformers model
         logger.info(
             "Writing the %sbase model to %s.",
             "residual " if peft_model.lora_null_report.train_base == "residual" else "",
@@ -126,7 +125,7 @@ def save_initialized(
     return Path(output_dir)
 
 
-def save_initial_adapter(peft_model: PeftModel, output_dir: os.PathLike, overwrite: bool = False) -> Path:
+def save_initial_adapter(peft_model: PeftModel, output_dir: StrPath, overwrite: bool = False) -> Path:
     """Write only adapter/ and lora_null.json: all `export` needs, when the base can be rebuilt by
     re-running the (deterministic) init, as a trainer resuming from a checkpoint does."""
     with atomic_output_dir(output_dir, overwrite) as staging:
@@ -134,7 +133,7 @@ def save_initial_adapter(peft_model: PeftModel, output_dir: os.PathLike, overwri
     return Path(output_dir)
 
 
-def write_initial_adapter(peft_model: PeftModel, folder: Path, base_path: os.PathLike | None = None) -> None:
+def write_initial_adapter(peft_model: PeftModel, folder: Path, base_path: StrPath | None = None) -> None:
     """adapter/ and lora_null.json. The adapter runs on the residual base, never on the original model, so its
     config names `base_path` (OUT/base) or, where no base is written, says where one comes from: a tool that
     loads the base named there cannot pick the original by mistake."""
@@ -174,8 +173,8 @@ def save_adapter(peft_model: PeftModel, folder: Path, adapter_name: str) -> None
 
 
 def load_initialized(
-    init_dir: os.PathLike,
-    adapter: os.PathLike | None = None,
+    init_dir: StrPath,
+    adapter: StrPath | None = None,
     dtype: str = "auto",
     device: str | None = None,
     is_trainable: bool = True,

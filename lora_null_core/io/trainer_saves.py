@@ -11,7 +11,7 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from ..atomic import atomic_output_dir
+from ..atomic import StrPath, atomic_output_dir
 from ..errors import ExportError
 from ..layout import ADAPTER_DIR, CONFIG_FILE, EXPORT_DIR, EXPORT_MARKER, RESIDUAL_ADAPTER_DIR, WEIGHTS_FILE
 from ..report import read_metadata, trains_on_residual
@@ -21,9 +21,7 @@ from .saving import name_base
 logger = logging.getLogger(__name__)
 
 
-def finish_saved_adapter(
-    adapter_dir: os.PathLike, init_dir: os.PathLike, final: bool, export: bool = True
-) -> Path | None:
+def finish_saved_adapter(adapter_dir: StrPath, init_dir: StrPath, final: bool, export: bool = True) -> Path | None:
     """Make what a trainer just saved in `adapter_dir` right for the base its adapter_config.json names.
 
     First, always: a v2 lora_A the save left out is put back (see `restore_frozen_lora_a`). Trained on the
