@@ -55,10 +55,16 @@ status=0
 for suite in "${suites[@]}"; do
   echo "=== suite: $suite"
   case $suite in
-    lint)        venv core -e ".[test]"  # ruff pinned in the test extra, rules in pyproject.toml
-                 .venvs/core/bin/ruff check . || status=1; continue ;;
+    # ruff (rules in pyproject.toml), ruff format, mypy (its config there too) and the docs site, at the versions
+    # the test and lint extras pin; the core suite's environment, so it is built once.
+    lint)        venv core -e ".[test,lint]" "$BNB"
+                 .venvs/core/bin/ruff check . || status=1
+                 .venvs/core/bin/ruff format --check . || status=1
+                 .venvs/core/bin/mypy || status=1
+                 NO_MKDOCS_2_WARNING=1 .venvs/core/bin/mkdocs build --strict --quiet --site-dir "$(mktemp -d)" || status=1
+                 continue ;;
     # bitsandbytes runs 4-bit and 8-bit layers on the CPU too: tests/test_quantized.py loads real nf4/fp4/int8 bases.
-    core)        venv core -e ".[test]" "$BNB"; tests=tests ;;
+    core)        venv core -e ".[test,lint]" "$BNB"; tests=tests ;;
     core-oldest) venv core-oldest -e ".[test]" "$BNB" "transformers==4.55.4" "peft==0.18.0" "datasets==3.6.0"; tests=tests ;;
     # DeepSpeed (no compiled ops: its CPU accelerator and gloo) for the ZeRO-3 save test.
     trl)         venv trl -e ".[test,trl]" "trl==1.16.0" "$DEEPSPEED"; tests=integration_tests/trl ;;
