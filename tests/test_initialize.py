@@ -57,11 +57,11 @@ def test_init_preserves_the_function_and_lands_in_the_null_space(make_model, tok
 @pytest.mark.parametrize("architecture", ["llama", "gpt2"])
 def test_residual_written_in_row_chunks_is_exact(make_model, tokenizer, knowledge, architecture, monkeypatch):
     # One row per float64 chunk, so every row crosses a chunk border (gpt2: transposed Conv1D views).
-    import lora_null_core.init.peft_layers as adapters
+    import lora_null_core.init.factors as factors
     import lora_null_core.null_space as null_space
 
     small = functools.partial(null_space.row_chunks, bytes_per_chunk=1)
-    monkeypatch.setattr(adapters, "row_chunks", small)
+    monkeypatch.setattr(factors, "row_chunks", small)
     monkeypatch.setattr(null_space, "row_chunks", small)
     peft_model, original, _ = init_and_compare(make_model, tokenizer, knowledge, architecture)
     for name, layer in lora_layers(peft_model, "default").items():
