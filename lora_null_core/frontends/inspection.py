@@ -176,7 +176,7 @@ def write_report(data: dict[str, Any], output_dir: StrPath, overwrite: bool = Fa
     return Path(output_dir)
 
 
-def _by_type(data):
+def _by_type(data: dict[str, Any]) -> dict[str, list[dict]]:
     types: dict[str, list[dict]] = {}
     for layer in data["layers"]:
         types.setdefault(layer["type"], []).append(layer)

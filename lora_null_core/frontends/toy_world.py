@@ -1,4 +1,6 @@
-"""Tiny models, tokenizers and texts built locally, for the demo and the tests: no hub, seconds on a CPU."""
+"""The demo's toy world, built locally: tiny models of several architectures with random weights (from configs,
+no hub), a word-level tokenizer, and synthetic knowledge and arithmetic texts. The tests and the synthetic benchmark
+reuse it."""
 
 from __future__ import annotations
 
