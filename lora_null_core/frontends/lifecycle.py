@@ -49,7 +49,7 @@ def initialize_for_training(
         return
     if output_dir is not None:
         save_initial_adapter(model, init_dir(output_dir), overwrite=True)
-    log.info("LoRA-Null init (%s): %s", config.variant, model.lora_null_report.summary())
+    log.info("LoRA-Null init: %s", {"variant": config.variant, **model.lora_null_report.summary()})
 
 
 def training_callback(save_init: bool = False, export: bool = True) -> LoraNullCallback:
