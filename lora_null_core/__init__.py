@@ -29,6 +29,8 @@ from .init.peft_layers import apply_variant
 from .io.export import export_for_original_base
 from .io.merge import merge_to_full_model
 from .io.saving import load_initialized, save_initial_adapter, save_initialized
+from .meter.measure import forgetting
+from .meter.reference import ForgettingReference, forgetting_reference
 from .null_space import basis_factors, effective_rank, null_basis, projected_factors
 from .report import InitReport, LayerReport
 
@@ -39,6 +41,7 @@ __all__ = [
     "ConfigError",
     "Covariances",
     "ExportError",
+    "ForgettingReference",
     "FunctionNotPreservedError",
     "InitReport",
     "InsufficientCalibrationError",
@@ -55,6 +58,8 @@ __all__ = [
     "collect_covariances",
     "effective_rank",
     "export_for_original_base",
+    "forgetting",
+    "forgetting_reference",
     "holdout_leakage",
     "init_to_folder",
     "initialize_lora_null_weights",

@@ -8,6 +8,8 @@ INIT_DIR, EXPORT_DIR = "lora_null_init", "lora_null_export"
 RESIDUAL_ADAPTER_DIR = "lora_null_residual_adapter"  # a finished v1 run's adapter as trained, on the residual base
 # Provenance written into every export and merge: an export is never exported again.
 EXPORT_MARKER, MERGE_MARKER = "lora_null_export.json", "lora_null_merge.json"
+# The forgetting meter's reference (the original model's samples and their log-probabilities), beside lora_null_init/.
+FORGETTING_REFERENCE = "lora_null_forgetting.safetensors"
 # `inspect`'s numbers, beside its report.html.
 INSPECT_FILE = "report.json"
 # PEFT's adapter files.

@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ROOT / "lora_null_core"
-ORDER = ["calibration", "init", "io", "frontends"]  # a folder may import the ones before it
+ORDER = ["calibration", "init", "io", "meter", "frontends"]  # a folder may import the ones before it
 
 
 def imported_modules(source: str, module: str) -> set[str]:

@@ -55,6 +55,31 @@ def own_text(
 ) -> CalibrationRows:
     """`count` texts (default num_samples + holdout_samples) sampled from the model (with a PeftModel, its adapter
     off)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    samples = own_samples(peft_model, tokenizer, config, device, count)
+    texts = [_text(tokenizer, prompt, _before(generated, eos), config) for prompt, generated in samples]
+    kept = [text for text in texts if text.strip()]
+    if not kept:
+        raise CalibrationDataError(
+            f"Every sample the model generated was empty (it ended at once, {len(texts)} tries). Pass calibration "
+            "text, or set generated_prompt to the other start ('bos' or 'chat')."
+        )
+    if len(kept) < len(texts):
+        logger.info("%d of %d generated samples were empty and are left out.", len(texts) - len(kept), len(texts))
+    return CalibrationRows(kept, describe_own_text(config))
+
+
+def own_samples(
+    peft_model: nn.Module,
+    tokenizer: Any,
+    config: LoraNullConfig,
+    device: torch.device,
+    count: int | None = None,
+    what: str = "calibration text",
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt, generated) token ids of `count` samples (default num_samples + holdout_samples) drawn from the model
+    (with a PeftModel, its adapter off), each generated part ending at its first EOS, kept. Every process draws a
+    seeded share and ends with all of them, in the same order."""
     if tokenizer is None:
         raise LoraNullError(
             "Generating calibration text needs the model's tokenizer; pass it (or pass calibration text)."
@@ -70,20 +95,17 @@ def own_text(
     adapter_off = peft_model.disable_adapter() if isinstance(peft_model, PeftModel) else contextlib.nullcontext()
     with whole_on(base, device) as where, adapter_off, _seeded(config.seed + rank, where), quiet_libraries():
         prompts = _prompts(tokenizer, config, first=rank, count=drawn)
-        texts = _sample(base, tokenizer, prompts, config, where, in_step)[:share]
-    if world > 1:  # every process ends with every text, so all choose the same calibration and held-out sets
+        generated = _generate(base, tokenizer, prompts, config, where, in_step, what)
+    samples = list(zip(prompts, generated, strict=True))[:share]
+    if world > 1:  # every process ends with every sample, so all choose the same calibration and held-out sets
         shares: list[Any] = [None] * world
-        dist.all_gather_object(shares, texts)
-        texts = [text for share in shares for text in share]
-    kept = [text for text in texts if text.strip()]
-    if not kept:
-        raise CalibrationDataError(
-            f"Every sample the model generated was empty (it ended at once, {len(texts)} tries). Pass calibration "
-            "text, or set generated_prompt to the other start ('bos' or 'chat')."
-        )
-    if len(kept) < len(texts):
-        logger.info("%d of %d generated samples were empty and are left out.", len(texts) - len(kept), len(texts))
-    return CalibrationRows(kept, describe_own_text(config))
+        dist.all_gather_object(shares, samples)
+        samples = [sample for share in shares for sample in share]
+    return samples
+
+
+def _before(generated: list[int], eos: int | None) -> list[int]:
+    return generated[:-1] if eos is not None and generated and generated[-1] == eos else generated
 
 
 def _prompts(tokenizer: Any, config: LoraNullConfig, first: int, count: int) -> list[list[int]]:
@@ -109,15 +131,16 @@ def _prompts(tokenizer: Any, config: LoraNullConfig, first: int, count: int) -> 
     return [[start]] * count
 
 
-def _sample(
+def _generate(
     model: Any,
     tokenizer: Any,
     prompts: list[list[int]],
     config: LoraNullConfig,
     device: torch.device,
     in_step: bool = False,
-) -> list[str]:
-    """Batched sampling with a KV cache, left-padded prompts; each text cut at its first EOS. `in_step`: every rank
+    what: str = "calibration text",
+) -> list[list[int]]:
+    """Batched sampling with a KV cache, left-padded prompts; each sample cut after its first EOS. `in_step`: every rank
     runs each forward together (ZeRO-3 may gather inside it), so all take the same batches and decoding steps."""
     from transformers import GenerationConfig
 
@@ -137,11 +160,11 @@ def _sample(
     rows = rows_per_batch(len(prompts), row_tokens, config.batch_tokens, _cache_budget(model, device, row_tokens))
     if in_step:
         rows = least_on_any_rank(rows)
-    texts: list[str] = []
+    generated: list[list[int]] = []
     was_training = model.training
     model.eval()
     try:
-        for start in progress(range(0, len(prompts), rows), "generating calibration text", "batch"):
+        for start in progress(range(0, len(prompts), rows), f"generating {what}", "batch"):
             chunk = prompts[start : start + rows]
             width = max(len(p) for p in chunk)
             ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
@@ -151,13 +174,11 @@ def _sample(
                 out = model.generate(
                     input_ids=ids, attention_mask=mask, generation_config=settings, synced_gpus=in_step
                 )
-            for prompt, row in zip(chunk, out[:, width:].tolist(), strict=True):
-                if eos is not None and eos in row:
-                    row = row[: row.index(eos)]
-                texts.append(_text(tokenizer, prompt, row, config))
+            for row in out[:, width:].tolist():
+                generated.append(row[: row.index(eos) + 1] if eos is not None and eos in row else row)
     finally:
         model.train(was_training)
-    return texts
+    return generated
 
 
 def rows_per_batch(count: int, width: int, batch_tokens: int, budget: tuple[int, int] | None) -> int:

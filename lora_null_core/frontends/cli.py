@@ -1,4 +1,4 @@
-"""`lora-null` command line: init, export, merge, inspect, demo, bench."""
+"""`lora-null` command line: init, export, merge, inspect, forgetting, demo, bench."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from ..console import NORMAL, QUIET, VERBOSE, set_verbosity
 from ..errors import ConfigError, LoraNullError
 from ..io.saving import FLOAT_DTYPES
 from ..layout import CONFIG_FILE
+from . import meter_command
 from .framework_config import config_fields
 
 logger = logging.getLogger("lora_null_core")
@@ -129,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--device", default=None)
     inspect.add_argument("--trust-remote-code", action="store_true")
     inspect.add_argument("--overwrite", action="store_true")
+
+    meter_command.add_parser(commands)
 
     demo = commands.add_parser("demo", help="Run init → train → export on a tiny bundled model (CPU, ~1 min).")
     demo.add_argument("--output", default="lora-null-demo")
@@ -261,7 +264,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s" if args.verbose else "lora-null: %(message)s")
     set_verbosity(QUIET if args.quiet else VERBOSE if args.verbose else NORMAL)
-    handler = {"init": _init, "export": _export, "merge": _merge, "inspect": _inspect, "demo": _demo}[args.command]
+    handler = {
+        "init": _init,
+        "export": _export,
+        "merge": _merge,
+        "inspect": _inspect,
+        "forgetting": meter_command.run,
+        "demo": _demo,
+    }[args.command]
     try:
         result = handler(args)
     except LoraNullError as err:

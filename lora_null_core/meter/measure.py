@@ -1,0 +1,46 @@
+"""The tuned model's drift on the reference: KL(original ‖ tuned) per token on the original model's own samples,
+and the cross-entropy rise on held-out knowledge text. Under several processes each scores a share and the sums are
+all-reduced, so every rank gets the same numbers; every rank runs as many forwards, which a sharded model (ZeRO-3,
+FSDP) needs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..distributed import all_reduce_sum_, collective_device, rank_and_world
+from .reference import ForgettingReference
+from .scoring import token_logprobs
+
+
+def forgetting(model: Any, reference: ForgettingReference, batch_size: int = 16) -> dict[str, float | None]:
+    """{"kl": KL(original ‖ tuned) per sampled token, "ce_rise": the rise of cross-entropy per token on the
+    reference's knowledge text (None without), "tokens": sampled tokens scored}. `model` as it trains: a PeftModel
+    with its adapter on, or whatever wraps it for the framework."""
+    rows, kept = _share(len(reference.ids))
+    sampled = reference.sampled[rows] & kept[:, None]
+    tuned = token_logprobs(model, reference.ids[rows], reference.mask[rows], sampled, batch_size)
+    sums = [float(((reference.logprobs[rows] - tuned) * sampled).sum()), float(sampled.sum())]
+    texts = reference.texts()
+    if texts is not None:
+        ids, mask, scored, original = texts
+        rows, kept = _share(len(ids))
+        scored = scored[rows] & kept[:, None]
+        nll = -token_logprobs(model, ids[rows], mask[rows], scored, batch_size).double().sum()
+        sums += [float(nll - (original[rows] * kept).sum()), float(scored.sum())]
+    totals = all_reduce_sum_(torch.tensor(sums, dtype=torch.float64, device=collective_device() or "cpu")).tolist()
+    return {
+        "kl": totals[0] / max(totals[1], 1.0),
+        "ce_rise": totals[2] / max(totals[3], 1.0) if texts is not None else None,
+        "tokens": totals[1],
+    }
+
+
+def _share(count: int) -> tuple[list[int], torch.Tensor]:
+    """This rank's rows, round-robin, padded with row 0 so that every rank scores as many; and which are its own
+    (the padding counts for nothing)."""
+    rank, world = rank_and_world()
+    rows = list(range(rank, count, world))
+    padding = -(-count // world) - len(rows)
+    return rows + [0] * padding, torch.tensor([True] * len(rows) + [False] * padding)

@@ -1,0 +1,49 @@
+"""Each token's log-probability under a model, for sequences of token ids: the one scoring both the reference and the
+tuned model go through, so the two sides of the estimate are computed alike."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..model_parts import input_device
+
+
+def padded(
+    sequences: Sequence[Sequence[int]], flags: Sequence[Sequence[bool]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, mask, flags) right-padded to the longest sequence: mask marks real tokens, flags the given positions."""
+    width = max((len(s) for s in sequences), default=1)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    marked = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, (sequence, flag) in enumerate(zip(sequences, flags, strict=True)):
+        ids[row, : len(sequence)] = torch.tensor(list(sequence), dtype=torch.long)
+        mask[row, : len(sequence)] = True
+        marked[row, : len(flag)] = torch.tensor(list(flag), dtype=torch.bool)
+    return ids, mask, marked
+
+
+def token_logprobs(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, scored: torch.Tensor, batch_size: int = 16
+) -> torch.Tensor:
+    """log p(x_t | x_<t) at the `scored` positions (0 elsewhere; position 0 has no prediction), in float32, on the
+    CPU. The model runs in eval mode and is left as it was."""
+    device = input_device(model)
+    out = torch.zeros(ids.shape, dtype=torch.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(ids), batch_size):
+                rows = slice(start, start + batch_size)
+                batch_ids, batch_mask = ids[rows].to(device), mask[rows].to(device)
+                logits = model(input_ids=batch_ids, attention_mask=batch_mask.long(), use_cache=False).logits
+                nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch_ids[:, 1:], reduction="none")
+                out[rows, 1:] = -nll.cpu()
+    finally:
+        model.train(was_training)
+    return out * scored

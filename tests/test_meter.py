@@ -1,0 +1,161 @@
+"""The forgetting meter (lora_null_core/meter): KL(original ‖ tuned) per token on the original model's own samples."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from lora_null_core import ForgettingReference, LoraNullError, forgetting, forgetting_reference
+from lora_null_core.frontends.toy_world import knowledge_texts, tiny_model, tiny_tokenizer
+from lora_null_core.init.peft_layers import lora_layers
+
+from .test_distributed import free_port
+
+
+def tuned(model, scale, seed=0):
+    """A PeftModel whose random LoRA update has the given size (0: the original function)."""
+    peft_model = get_peft_model(model, LoraConfig(r=4, init_lora_weights=False))
+    generator = torch.Generator().manual_seed(seed)
+    for layer in lora_layers(peft_model, "default").values():
+        weight = layer.lora_B["default"].weight
+        with torch.no_grad():
+            weight.copy_(scale * torch.randn(weight.shape, generator=generator))
+    return peft_model
+
+
+def test_the_reference_holds_samples_and_their_log_probabilities(make_model, tokenizer, tmp_path):
+    reference = forgetting_reference(make_model(), tokenizer, samples=12, length=10, seed=3)
+    assert reference.ids.shape[0] == 12 and reference.ids.shape[1] <= 11  # BOS + at most 10 drawn tokens
+    assert reference.tokens > 12 and not reference.sampled[:, 0].any()  # the BOS prompt is not scored
+    assert (reference.logprobs[reference.sampled] < 0).all() and (reference.logprobs[~reference.sampled] == 0).all()
+    assert reference.settings["temperature"] == 1.0 and reference.settings["top_p"] == 1.0
+    path = reference.save(tmp_path / "ref.safetensors")
+    again = ForgettingReference.load(path)
+    assert torch.equal(again.ids, reference.ids) and torch.equal(again.logprobs, reference.logprobs)
+    assert again.settings == reference.settings and again.texts() is None
+
+
+def test_an_unchanged_model_forgot_nothing_and_a_larger_update_forgets_more(make_model, tokenizer, knowledge):
+    reference = forgetting_reference(make_model(), tokenizer, samples=16, length=12, texts=knowledge[:20])
+    same = forgetting(tuned(make_model(), 0.0), reference)
+    assert same["kl"] == pytest.approx(0.0, abs=1e-6) and same["ce_rise"] == pytest.approx(0.0, abs=1e-6)
+    small, large = (forgetting(tuned(make_model(), scale), reference) for scale in (0.05, 0.5))
+    assert 0 < small["kl"] < large["kl"] and small["ce_rise"] < large["ce_rise"]
+    assert small["tokens"] == reference.tokens
+
+
+def test_the_estimate_is_the_kl_of_the_models_own_distribution(tokenizer):
+    """Samples at temperature 1 and no nucleus make the mean of log p − log q an unbiased estimate: it agrees with
+    the exact KL summed over the vocabulary at the same prefixes, within its sampling error."""
+    model = tiny_model("llama", len(tokenizer), seed=1)
+    reference = forgetting_reference(model, tokenizer, samples=200, length=8, seed=5)
+    changed = tuned(tiny_model("llama", len(tokenizer), seed=1), 0.3)
+    estimate = forgetting(changed, reference)["kl"]
+    ids, mask = reference.ids, reference.mask
+    with torch.no_grad():
+        p = F.log_softmax(model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1].float(), -1)
+        q = F.log_softmax(changed(input_ids=ids, attention_mask=mask.long()).logits[:, :-1].float(), -1)
+    exact = ((p.exp() * (p - q)).sum(-1) * reference.sampled[:, 1:]).sum() / reference.sampled.sum()
+    assert estimate == pytest.approx(float(exact), rel=0.15)
+
+
+def meter_worker(rank, world, port, folder):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        tokenizer = tiny_tokenizer(knowledge_texts(240, seed=0))
+        reference = ForgettingReference.load(os.path.join(folder, "ref.safetensors"))
+        result = forgetting(tuned(tiny_model("llama", len(tokenizer), seed=2), 0.2), reference, batch_size=3)
+        save_file({"kl": torch.tensor([result["kl"], result["tokens"]])}, os.path.join(folder, f"rank{rank}.st"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_measure_what_one_does(tmp_path):
+    """Each scores a share (the odd one padded, so both run as many forwards) and the sums are all-reduced."""
+    tokenizer = tiny_tokenizer(knowledge_texts(240, seed=0))
+    reference = forgetting_reference(tiny_model("llama", len(tokenizer), seed=2), tokenizer, samples=11, length=9)
+    reference.save(tmp_path / "ref.safetensors")
+    single = forgetting(tuned(tiny_model("llama", len(tokenizer), seed=2), 0.2), reference, batch_size=3)
+    mp.spawn(meter_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        kl, tokens = load_file(str(tmp_path / f"rank{rank}.st"))["kl"].tolist()
+        assert tokens == single["tokens"] and kl == pytest.approx(single["kl"], rel=1e-5)
+
+
+def test_a_file_that_is_no_reference_is_refused(tmp_path):
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(LoraNullError, match="not a lora-null forgetting reference"):
+        ForgettingReference.load(tmp_path / "other.safetensors")
+    with pytest.raises(LoraNullError, match="does not exist"):
+        ForgettingReference.load(tmp_path / "missing.safetensors")
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "lora_null_core.frontends.cli", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_the_command_measures_a_saved_adapter_and_plots_a_run(saved_model, tokenizer, knowledge, tmp_path):
+    adapter = tmp_path / "adapter"
+    tuned(tiny_model("llama", len(tokenizer), seed=3), 0.3).save_pretrained(adapter)
+    (tmp_path / "facts.txt").write_text("\n".join(knowledge[:10]) + "\n")
+    result = run_cli(
+        "forgetting",
+        "--model",
+        str(saved_model),
+        "--adapter",
+        str(adapter),
+        "--samples",
+        "8",
+        "--length",
+        "8",
+        "--texts",
+        str(tmp_path / "facts.txt"),
+        "--save-reference",
+        str(tmp_path / "ref.safetensors"),
+        "--device",
+        "cpu",
+    )
+    assert result.returncode == 0, result.stderr
+    printed = dict(line.split(maxsplit=1) for line in result.stdout.strip().splitlines())
+    assert printed["samples"] == "8" and float(printed["ce_rise"]) != 0
+    # What the Python API measures with the reference the command drew and saved.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(saved_model, dtype=torch.float32)
+    measured = forgetting(
+        PeftModel.from_pretrained(base, adapter), ForgettingReference.load(tmp_path / "ref.safetensors")
+    )
+    assert float(printed["kl"]) == pytest.approx(measured["kl"], rel=1e-2, abs=1e-6)
+    again = run_cli(
+        "forgetting",
+        "--model",
+        str(saved_model),
+        "--adapter",
+        str(adapter),
+        "--reference",
+        str(tmp_path / "ref.safetensors"),
+        "--device",
+        "cpu",
+    )
+    assert dict(line.split(maxsplit=1) for line in again.stdout.strip().splitlines())["kl"] == printed["kl"]
+    state = {"log_history": [{"step": 10, "loss": 1.0, "forgetting/kl": 0.01}, {"step": 20, "forgetting/kl": 0.03}]}
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state))
+    plotted = run_cli(
+        "forgetting", "--plot", str(tmp_path / "trainer_state.json"), "--output", str(tmp_path / "kl.png")
+    )
+    assert plotted.returncode == 0, plotted.stderr
+    assert (tmp_path / "kl.png").stat().st_size > 1000
+    missing = run_cli("forgetting", "--model", str(saved_model))
+    assert missing.returncode == 2 and "--adapter" in missing.stderr and "Traceback" not in missing.stderr
