@@ -164,6 +164,30 @@ def test_without_the_key_it_is_plain_lora(workspace, data_dir, tmp_path):
     assert not (tmp_path / "plain" / "lora_null_init").exists()
 
 
+def test_the_forgetting_meter_logs_in_a_plain_lora_run_and_by_default_with_the_key(
+    workspace, data_dir, trained, tmp_path
+):
+    """lora_null_forgetting: true on a run without adapter_init: LLaMA-Factory takes the key and its trainer logs
+    forgetting/kl every 2 steps (trainer_state.json); with adapter_init: lora_null the meter is on by default."""
+    out = tmp_path / "meter"
+    cfg = config(
+        workspace,
+        data_dir,
+        out,
+        adapter_init=None,
+        lora_null_calibration=None,
+        max_steps=4,
+        lora_null_forgetting=True,
+        lora_null_forgetting_steps=2,
+    )
+    result = train(cfg)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [row["step"] for row in history if "forgetting/kl" in row] == [2, 4]
+    assert (out / "lora_null_forgetting.safetensors").is_file() and not (out / "lora_null_init").exists()
+    assert (trained / "lora_null_forgetting.safetensors").is_file()
+
+
 def test_torchrun_relaunch_patches_every_worker(workspace, data_dir, tmp_path):
     """LLaMA-Factory's multi-device path (FORCE_TORCHRUN / several GPUs): two gloo workers on CPU."""
     out = tmp_path / "ddp"

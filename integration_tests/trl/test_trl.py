@@ -336,6 +336,32 @@ def test_zero3_with_the_key_alone_samples_the_partitioned_models_own_text(worksp
             assert torch.allclose(initial[f"base_model.model.{name}.lora_A.weight"], expected, atol=1e-5), name
 
 
+def test_the_forgetting_meter_logs_through_the_trainer(workspace, tmp_path):
+    """On by default with adapter_init: lora_null: forgetting/kl in the log history every N steps and at the end,
+    and the reference beside the init folder; a plain LoRA run takes the key too, and without it has no meter."""
+    trainer = trainer_for(
+        workspace, tmp_path / "run", "v2", max_steps=5, lora_null_forgetting_steps=2, learning_rate=5e-2
+    )
+    trainer.train()
+    readings = [(row["step"], row["forgetting/kl"]) for row in trainer.state.log_history if "forgetting/kl" in row]
+    assert [step for step, _ in readings] == [2, 4, 5] and readings[-1][1] > 0
+    assert (tmp_path / "run" / "lora_null_forgetting.safetensors").is_file()
+    plain = trainer_for(
+        workspace,
+        tmp_path / "plain",
+        "v2",
+        max_steps=2,
+        adapter_init="default",
+        lora_null_forgetting=True,
+        lora_null_forgetting_steps=1,
+    )
+    plain.train()
+    assert [row["step"] for row in plain.state.log_history if "forgetting/kl" in row] == [1, 2]
+    off = trainer_for(workspace, tmp_path / "off", "v2", max_steps=1, adapter_init="default")
+    off.train()
+    assert not any("forgetting/kl" in row for row in off.state.log_history)
+
+
 def test_set_adapter_after_the_init_does_not_unfreeze_a_in_training(workspace, tmp_path):
     """PEFT's set_adapter, which a user calls to pick the adapter to train, turns lora_A's gradient back on; the
     plugin freezes it again when training starts, so v2's A is still the init's after training."""

@@ -17,14 +17,17 @@ from .framework_config import (
     task_data_for,
 )
 from .lifecycle import finish_training, init_dir, initialize_for_training, training_callback
+from .meter_callback import ForgettingCallback, attach_meters, meter_wanted
 
 __all__ = [
     "EXPORT_DIR",
+    "ForgettingCallback",
     "FRONT_END_KEYS",
     "INIT_DIR",
     "NESTED_KEY",
     "PREFIX",
     "LoraNullCallback",
+    "attach_meters",
     "config_fields",
     "config_from_mapping",
     "finish_training",
@@ -33,6 +36,7 @@ __all__ = [
     "initialize_for_training",
     "load_rows",
     "lora_null_request",
+    "meter_wanted",
     "prefixed_dataclass_fields",
     "task_data_for",
     "training_callback",

@@ -26,8 +26,9 @@ logger = logging.getLogger(__name__)
 PREFIX = "lora_null_"
 NESTED_KEY = "lora_null"
 # Keys a front end reads itself (they are not LoraNullConfig fields): where the knowledge text and the task data come
-# from, and the TRL plugin's switch for making saves right for the base they name.
-FRONT_END_KEYS = ("calibration", "task_data", "export")
+# from, the forgetting meter's switch and pace, and the TRL plugin's switch for making saves right for the base they
+# name.
+FRONT_END_KEYS = ("calibration", "task_data", "forgetting", "forgetting_steps", "export")
 # lora_null_task_data values: unset or "auto" (see task_data_for), "train", a source, or one of these for none
 TASK_DATA_AUTO = "auto"
 TASK_DATA_OFF = ("none", "off", "false")
@@ -170,6 +171,13 @@ def front_end_help(
     framework holds the training set and which sources it reads."""
     if key == "calibration":
         return f"Knowledge text to keep: {source} (default: text the model generates itself)."
+    if key == "forgetting":
+        return (
+            "The forgetting meter: log forgetting/kl, KL(original ‖ tuned) per token on the original model's "
+            "own samples, while training (default: on with adapter_init lora_null; works on plain LoRA too)."
+        )
+    if key == "forgetting_steps":
+        return "Steps between two readings of the forgetting meter (default: 50)."
     if key == "task_data":
         return (
             f"Task-aware A: put A where knowledge inputs are weak relative to the fine-tuning inputs. Unset "

@@ -20,6 +20,7 @@ from torch import nn
 from ..atomic import StrPath
 from ..calibration.batches import token_ids
 from ..calibration.own_text import own_samples
+from ..calibration.whole_model import whole_on
 from ..config import LoraNullConfig
 from ..errors import LoraNullError
 from ..model_parts import model_device
@@ -111,42 +112,40 @@ def forgetting_reference(
     seed: int = 0,
     texts: Sequence[str] | None = None,
     batch_size: int = 16,
+    device: torch.device | str | None = None,
 ) -> ForgettingReference:
     """`samples` texts of at most `length` tokens drawn from the model as it is now (a PeftModel's adapter off), from
     BOS, at temperature 1 with no nucleus (samples from the model's own distribution: what makes the KL estimate
-    unbiased), with their log-probabilities; `texts`: held-out knowledge rows, kept with their cross-entropy."""
+    unbiased), with their log-probabilities; `texts`: held-out knowledge rows, kept with their cross-entropy.
+    `device`: where to run (default: where the model is; a model held in CPU memory visits it when it fits)."""
     if samples < 1 or length < 1:
         raise LoraNullError(f"samples={samples} and length={length} must be at least 1.")
     config = LoraNullConfig(
         generated_length=length, generated_temperature=1.0, generated_top_p=1.0, seed=seed, generated_prompt="bos"
     )
-    device = model_device(model)
-    drawn = own_samples(model, tokenizer, config, device, count=samples, what="the forgetting meter's samples")
+    where = torch.device(device) if device is not None else model_device(model)
+    drawn = own_samples(model, tokenizer, config, where, count=samples, what="the forgetting meter's samples")
     ids, mask, sampled = padded(
         [prompt + generated for prompt, generated in drawn],
         [[False] * len(prompt) + [True] * len(generated) for prompt, generated in drawn],
         _pad_id(tokenizer),
     )
+    settings = {
+        "samples": samples,
+        "length": length,
+        "seed": seed,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "model": str(getattr(getattr(model, "config", None), "name_or_path", "") or ""),
+    }
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
     adapter_off = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
-    with adapter_off:
-        logprobs = token_logprobs(model, ids, mask, sampled, batch_size)
+    with whole_on(base, where), adapter_off:
         reference = ForgettingReference(
-            ids,
-            mask,
-            sampled,
-            logprobs,
-            {
-                "samples": samples,
-                "length": length,
-                "seed": seed,
-                "temperature": 1.0,
-                "top_p": 1.0,
-                "model": str(getattr(getattr(model, "config", None), "name_or_path", "") or ""),
-            },
+            ids, mask, sampled, token_logprobs(model, ids, mask, sampled, batch_size), settings
         )
         if texts:
-            rows = [token_ids(text, tokenizer, 512) for text in texts]
-            rows = [row for row in rows if len(row) > 1]
+            rows = [row for row in (token_ids(text, tokenizer, 512) for text in texts) if len(row) > 1]
             text_ids, text_mask, scored = padded(
                 rows, [[False] + [True] * (len(row) - 1) for row in rows], _pad_id(tokenizer)
             )

@@ -31,6 +31,12 @@ class _LoraNullKeys(BaseModel):
             )
         },
     )
+    lora_null_forgetting: bool | None = Field(
+        default=None, json_schema_extra={"description": front_end_help("forgetting")}
+    )
+    lora_null_forgetting_steps: int | None = Field(
+        default=None, ge=1, json_schema_extra={"description": front_end_help("forgetting_steps")}
+    )
     lora_null: dict[str, Any] | None = Field(
         default=None,
         json_schema_extra={

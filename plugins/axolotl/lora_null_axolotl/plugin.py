@@ -20,9 +20,11 @@ from axolotl.integrations.base import BasePlugin
 
 from lora_null_core import LoraNullConfig
 from lora_null_core.frontends import (
+    ForgettingCallback,
     finish_training,
     initialize_for_training,
     lora_null_request,
+    meter_wanted,
     task_data_for,
     training_callback,
 )
@@ -37,6 +39,8 @@ def is_active(cfg: Any) -> bool:
 
 
 class LoraNullPlugin(BasePlugin):
+    meter: ForgettingCallback | None = None  # drawn before any init rewrites the model, added to the trainer
+
     def get_input_args(self) -> str:
         return "lora_null_axolotl.args.LoraNullArgs"
 
@@ -45,6 +49,7 @@ class LoraNullPlugin(BasePlugin):
         return {"init_lora_weights": False} if is_active(cfg) else {}
 
     def post_lora_load(self, cfg: Any, model: Any) -> None:
+        self.draw_meter(cfg, model)  # the original model's samples: before the init below
         if not is_active(cfg):
             return
         if cfg.lora_model_dir:  # a saved adapter was loaded (merge-lora, inference, training on): keep its weights
@@ -69,6 +74,21 @@ class LoraNullPlugin(BasePlugin):
             execution_device=training_device(model),
             log=LOG,
         )
+
+    def post_model_load(self, cfg: Any, model: Any) -> None:
+        self.draw_meter(cfg, model)  # a run without an adapter: post_lora_load never came
+
+    def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
+        if self.meter is not None:
+            trainer.add_callback(self.meter.attach(trainer))
+
+    def draw_meter(self, cfg: Any, model: Any) -> None:
+        """The forgetting meter's reference, once, where lora_null_forgetting (or adapter_init: lora_null) asks."""
+        wanted, every = meter_wanted(cfg, getattr(cfg, "adapter_init", None))
+        if wanted and self.meter is None:
+            from axolotl.loaders import load_tokenizer
+
+            self.meter = ForgettingCallback(every).draw(model, load_tokenizer(cfg), device=training_device(model))
 
     def add_callbacks_pre_trainer(self, cfg: Any, model: Any) -> list:
         # Checkpoints made right for the base they name; the initial factors are saved in post_lora_load.

@@ -40,6 +40,12 @@ _KEYS = [
             },
         ),
     ),
+    ("lora_null_forgetting", bool | None, field(default=None, metadata={"help": front_end_help("forgetting")})),
+    (
+        "lora_null_forgetting_steps",
+        int | None,
+        field(default=None, metadata={"help": front_end_help("forgetting_steps")}),
+    ),
     *prefixed_dataclass_fields(),
 ]
 

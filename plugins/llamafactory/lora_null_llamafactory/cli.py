@@ -25,14 +25,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from llamafactory.hparams.parser import read_args
     from llamafactory.train.tuner import run_exp
 
-    from .patches import LoraNullCallback, export_final, install, set_dataset_dir
+    from .patches import LoraNullCallback, export_final, forgetting_meter, install, set_dataset_dir
 
     install()
     sys.argv = [sys.argv[0], *argv[1:]]  # read_args takes the YAML and overrides from sys.argv, as llamafactory-cli
     args = read_args()
+    callbacks = [LoraNullCallback()]
     if isinstance(args, dict):
         set_dataset_dir(args.get("dataset_dir", "data"))
-    run_exp(args, callbacks=[LoraNullCallback()])
+        meter = forgetting_meter(args)
+        callbacks += [meter] if meter is not None else []
+    run_exp(args, callbacks=callbacks)
     if isinstance(args, dict) and args.get("adapter_init") == "lora_null":
         export_final(args["output_dir"])
     return 0

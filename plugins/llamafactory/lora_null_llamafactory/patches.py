@@ -10,11 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from lora_null_core.frontends import (
+    ForgettingCallback,
     LoraNullCallback,
+    attach_meters,
     finish_training,
     init_dir,
     initialize_for_training,
     load_rows,
+    meter_wanted,
     task_data_for,
 )
 
@@ -51,16 +54,43 @@ def install() -> None:
 
     def init_adapter(config, model, model_args, finetuning_args, is_trainable):
         model = original(config, model, model_args, finetuning_args, is_trainable)
+        meter = _meter["value"]
+        if is_trainable and meter is not None and meter.reference is None:  # the original model's, before the init
+            from llamafactory.model import load_tokenizer
+
+            meter.draw(model, load_tokenizer(model_args)["tokenizer"])
         if is_trainable and getattr(finetuning_args, "adapter_init", "default") == "lora_null":
             initialize(model, model_args, finetuning_args)
         return model
 
     loader.init_adapter = init_adapter
     workflow.get_dataset = remembering_the_training_set(workflow.get_dataset)
+    workflow.CustomSeq2SeqTrainer = attaching_meters(workflow.CustomSeq2SeqTrainer)
     _installed = True
 
 
 _training_set: dict[str, Any] = {"value": None}
+_meter: dict[str, ForgettingCallback | None] = {"value": None}
+
+
+def forgetting_meter(args: dict[str, Any]) -> ForgettingCallback | None:
+    """The forgetting meter of an SFT run whose keys ask for it (lora_null_forgetting, or adapter_init: lora_null):
+    its reference is drawn in init_adapter, and the trainer LLaMA-Factory builds is attached to it."""
+    wanted, every = meter_wanted(args, args.get("adapter_init"))
+    _meter["value"] = ForgettingCallback(every) if wanted and args.get("stage", "sft") == "sft" else None
+    return _meter["value"]
+
+
+def attaching_meters(trainer_class: type) -> type:
+    """The SFT stage's trainer class, attaching itself to the forgetting meter among its callbacks."""
+
+    class WithMeters(trainer_class):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            attach_meters(self)
+
+    WithMeters.__name__ = WithMeters.__qualname__ = trainer_class.__name__
+    return WithMeters
 
 
 def remembering_the_training_set(get_dataset):
@@ -154,4 +184,4 @@ def export_final(output_dir: str) -> None:
         finish_training(output_dir)
 
 
-__all__ = ["LoraNullCallback", "export_final", "install", "set_dataset_dir"]
+__all__ = ["LoraNullCallback", "export_final", "forgetting_meter", "install", "set_dataset_dir"]

@@ -47,6 +47,16 @@ _KEYS = [
         ),
     ),
     (
+        "lora_null_forgetting",
+        bool | None,
+        field(default=None, metadata={"help": front_end_help("forgetting")}),
+    ),
+    (
+        "lora_null_forgetting_steps",
+        int | None,
+        field(default=None, metadata={"help": front_end_help("forgetting_steps")}),
+    ),
+    (
         "lora_null_export",
         bool,
         field(

@@ -12,9 +12,11 @@ from trl import SFTTrainer
 
 from lora_null_core import ConfigError
 from lora_null_core.frontends import (
+    ForgettingCallback,
     finish_training,
     init_dir,
     initialize_for_training,
+    meter_wanted,
     task_data_for,
     training_callback,
 )
@@ -28,7 +30,11 @@ class LoraNullSFTTrainer(SFTTrainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if getattr(self.args, "adapter_init", "default") == "lora_null":
+        adapter_init = getattr(self.args, "adapter_init", "default")
+        meter, every = meter_wanted(vars(self.args), adapter_init)
+        if meter:  # drawn before the init: the reference is the original model's
+            self.add_callback(ForgettingCallback(every).draw(self.model, self.processing_class).attach(self))
+        if adapter_init == "lora_null":
             self._initialize_lora_null()
             # Checkpoints, as in every plugin; the final save is save_model's.
             self.add_callback(training_callback(export=self.args.lora_null_export))

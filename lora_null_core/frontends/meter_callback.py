@@ -1,0 +1,97 @@
+"""The forgetting meter in a training run: `forgetting/kl` (and `forgetting/ce_rise` with knowledge text) logged
+through the trainer's own log every few steps and at the end, so they reach the console, TensorBoard and W&B like
+the loss. A plugin draws the reference where it holds the model before training (`meter_for`), adds the callback,
+and attaches the trainer once it exists."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers import Trainer, TrainerCallback
+
+from ..distributed import rank_and_world
+from ..errors import ConfigError
+from ..layout import FORGETTING_REFERENCE
+from ..meter.measure import forgetting
+from ..meter.reference import ForgettingReference, forgetting_reference
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STEPS = 50  # one measurement (two batches' worth of forwards) per 50 steps: about 1-2 % of training
+
+
+class ForgettingCallback(TrainerCallback):
+    """Measures the model the trainer trains against its reference every `every` steps and after the last step. The
+    reference is drawn (`draw`) where the plugin holds the model before training, before any init rewrites it."""
+
+    def __init__(self, every: int = DEFAULT_STEPS, reference: ForgettingReference | None = None) -> None:
+        self.reference, self.every = reference, every
+        self.trainer: Any = None
+        self._measured_at = -1
+
+    def draw(
+        self, model: Any, tokenizer: Any, texts: Sequence[str] | None = None, device: Any = None
+    ) -> ForgettingCallback:
+        """The reference drawn now from `model` as it is (a PeftModel's adapter off); every process takes part and
+        ends with the same one."""
+        self.reference = forgetting_reference(model, tokenizer, texts=texts, device=device)
+        logger.info(
+            "Forgetting meter: %d samples of the model's own text (%d tokens), measured every %d steps.",
+            len(self.reference.ids),
+            self.reference.tokens,
+            self.every,
+        )
+        return self
+
+    def attach(self, trainer: Any) -> ForgettingCallback:
+        """The trainer whose log the values go through (and whose model is measured)."""
+        self.trainer = trainer
+        return self
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.reference is not None and rank_and_world()[0] == 0 and state.global_step == 0:
+            self.reference.save(Path(args.output_dir) / FORGETTING_REFERENCE)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if state.global_step % self.every == 0:
+            self._measure(state, model)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if state.global_step != self._measured_at:
+            self._measure(state, model)
+
+    def _measure(self, state: Any, model: Any) -> None:
+        if self.trainer is None or self.reference is None:
+            raise ConfigError(
+                "The forgetting meter needs its reference drawn (draw) and a trainer to log through "
+                "(attach) before training."
+            )
+        result = forgetting(getattr(self.trainer, "model", None) or model, self.reference)
+        metrics = {
+            f"forgetting/{key}": float(value) for key, value in result.items() if key != "tokens" and value is not None
+        }
+        # Trainer's own log, not a subclass's: TRL's would flush its step metrics early
+        Trainer.log(self.trainer, metrics)
+        self._measured_at = state.global_step
+
+
+def meter_wanted(values: Mapping[str, Any], adapter_init: Any) -> tuple[bool, int]:
+    """(on, every how many steps) from a framework config's `lora_null_forgetting` and `lora_null_forgetting_steps`:
+    on when asked for, and by default with `adapter_init: lora_null`."""
+    setting = values.get("lora_null_forgetting")
+    steps = values.get("lora_null_forgetting_steps") or DEFAULT_STEPS
+    if not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"lora_null_forgetting_steps={steps!r} must be a whole number of steps, at least 1.")
+    on = setting if setting is not None else adapter_init == "lora_null"
+    return bool(on), steps
+
+
+def attach_meters(trainer: Any) -> None:
+    """Give every ForgettingCallback among a trainer's callbacks that trainer (for a framework that builds the trainer
+    itself from a list of callbacks)."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, ForgettingCallback):
+            callback.attach(trainer)
