@@ -111,3 +111,38 @@ def test_another_rank_is_its_own_panel_with_its_own_lora_reference():
     assert [p["task"] for p in panels[("m", "t, r 64")]["lora"]] == [0.9]
     assert summary(panels[("m", "t, r 64")])["inits"]["lora_null"]["ratio"] == pytest.approx(0.2)
     assert "## m × t, r 64" in markdown([*ROWS, *wide])
+
+
+def test_the_meters_rank_correlation_and_overhead():
+    from lora_null_bench.meter_report import meter_summary, ranks, spearman
+
+    assert ranks([3.0, 1.0, 2.0, 1.0]) == [4.0, 1.5, 3.0, 1.5]  # ties share their mean rank
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    rows = [
+        {
+            "model": "m",
+            "task": "t",
+            "init": i,
+            "lr": lr,
+            "knowledge_kept": kept,
+            "meter_kl": kl,
+            "device": "H100",
+            "steps": 150,
+            "batch_size": 32,
+            "train_seconds": 60.0,
+            "meter_seconds": 0.5,
+        }
+        for i, lr, kept, kl in [
+            ("lora", 1e-3, 0.6, 0.30),
+            ("lora", 3e-4, 0.8, 0.10),
+            ("x", 1e-3, 0.9, 0.05),
+            ("x", 3e-4, 0.95, 0.02),
+        ]
+    ]
+    summary = meter_summary(rows + [{"model": "m", "task": "t", "knowledge_kept": 0.5}])  # a row without a reading
+    assert summary["pairs"] == [
+        {"model": "m", "task": "t", "spearman": pytest.approx(1.0), "runs": 4, "device": "H100"}
+    ]
+    # 150 steps at one reading per 50, and one at the end: 4 readings of 0.5 s over 60 s of training
+    assert summary["overhead"][0]["fraction"] == pytest.approx(4 * 0.5 / 60)

@@ -159,3 +159,17 @@ def test_the_command_measures_a_saved_adapter_and_plots_a_run(saved_model, token
     assert (tmp_path / "kl.png").stat().st_size > 1000
     missing = run_cli("forgetting", "--model", str(saved_model))
     assert missing.returncode == 2 and "--adapter" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_the_meter_is_on_by_default_with_the_key_and_on_request_without():
+    from lora_null_core.errors import ConfigError
+    from lora_null_core.frontends import meter_wanted
+
+    assert meter_wanted({}, "lora_null") == (True, 50) and meter_wanted({}, None) == (False, 50)
+    assert meter_wanted({"lora_null_forgetting": True, "lora_null_forgetting_steps": 10}, None) == (True, 10)
+    assert meter_wanted({"lora_null_forgetting": False}, "lora_null") == (False, 50)
+    assert meter_wanted({"lora_null_forgetting": "false"}, "lora_null") == (False, 50)  # as a launcher passes it
+    with pytest.raises(ConfigError, match="not true or false"):
+        meter_wanted({"lora_null_forgetting": "maybe"}, None)
+    with pytest.raises(ConfigError, match="at least 1"):
+        meter_wanted({"lora_null_forgetting_steps": -2}, None)

@@ -119,3 +119,8 @@ def test_frontier_pipeline_on_the_real_model(tmp_path, monkeypatch):
     # A random A (LoRA's) picks up about an average direction's energy; the null-space A far less on knowledge.
     assert 0.5 < untrained["lora"]["energy_knowledge"] < 2.0
     assert untrained["lora_null_x3"]["energy_knowledge"] < 0.2 * untrained["lora"]["energy_knowledge"]
+    # The forgetting meter reads each run: an untrained copy drifted nowhere, a trained one somewhere.
+    trained = {row["init"]: row for row in rows if row["lr"] > 0}
+    assert untrained["lora"]["meter_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert trained["lora"]["meter_kl"] > 0 and trained["lora"]["meter_seconds"] > 0
+    assert trained["lora"]["train_seconds"] > 0

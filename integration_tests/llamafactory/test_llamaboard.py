@@ -238,3 +238,28 @@ def test_the_task_aware_box_is_on_by_default_and_turns_task_data_off():
     }
     assert parse(Runner(), data)["lora_null_task_data"] is None  # the default: the training set with calibration
     assert parse(Runner(), {**data, "train.lora_null_task_data": False})["lora_null_task_data"] == "none"
+
+
+def test_the_forgetting_meter_box_is_the_keys_default_with_lora_null_and_asks_for_it_otherwise():
+    from lora_null_llamafactory import webui
+
+    class Runner:
+        class manager:  # noqa: N801 - the board's ElementManager, by id
+            get_elem_by_id = staticmethod(lambda elem_id: elem_id)
+
+    parse = webui._wrap_parse_train_args(lambda self, data: {"finetuning_type": "lora"})
+    data = {
+        "train.adapter_init": "LoRA-Null v2",
+        "train.lora_null_calibration": "",
+        "train.lora_null_num_samples": 256,
+        "train.lora_null_task_data": True,
+        "train.lora_null_forgetting": True,
+    }
+    assert parse(Runner(), data)["lora_null_forgetting"] is None  # on: the default with the key
+    assert parse(Runner(), {**data, "train.lora_null_forgetting": False})["lora_null_forgetting"] == "false"
+    plain = parse(Runner(), {**data, "train.adapter_init": "LoRA"})
+    assert plain["lora_null_forgetting"] is True and "adapter_init" not in plain
+    assert "lora_null_forgetting" not in parse(
+        Runner(), {**data, "train.adapter_init": "LoRA", "train.lora_null_forgetting": False}
+    )
+    assert webui._through_the_plugin(plain) and not webui._through_the_plugin({"finetuning_type": "lora"})

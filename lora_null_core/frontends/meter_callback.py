@@ -85,6 +85,20 @@ def meter_wanted(values: Mapping[str, Any], adapter_init: Any) -> tuple[bool, in
     steps = values.get("lora_null_forgetting_steps") or DEFAULT_STEPS
     if not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"lora_null_forgetting_steps={steps!r} must be a whole number of steps, at least 1.")
+    if isinstance(setting, str):  # a value a launcher passed on as text (LLaMA Board keeps false only as text)
+        words = {
+            "true": True,
+            "on": True,
+            "yes": True,
+            "1": True,
+            "false": False,
+            "off": False,
+            "no": False,
+            "0": False,
+        }
+        if setting.lower() not in words:
+            raise ConfigError(f"lora_null_forgetting={setting!r} is not true or false.")
+        setting = words[setting.lower()]
     on = setting if setting is not None else adapter_init == "lora_null"
     return bool(on), steps
 

@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     frontier_report.add_argument("--results", nargs="+", default=["benchmarks/results/frontier.json"])
     frontier_report.add_argument("--merged", default=None, help="Also write the merged rows here (frontier.json).")
     frontier_report.add_argument("--output", default="benchmarks/results")
+    meter = commands.add_parser(
+        "meter", help="meter.json: the forgetting meter's rank correlation with knowledge lost."
+    )
+    meter.add_argument("--results", nargs="+", default=["benchmarks/results/frontier.json"])
+    meter.add_argument("--output", default="benchmarks/results/meter.json")
     report = commands.add_parser("report", help="Table and plot from a results file.")
     report.add_argument("--results", default="benchmarks/results/forgetting.json")
     report.add_argument("--output", default="benchmarks/results", help="Writes forgetting.md and forgetting.png.")
@@ -120,6 +125,8 @@ def _dispatch(args, argv: list[str]) -> int:
         return _frontier(args, "lora-null bench " + shlex.join(argv))
     if args.action == "frontier-report":
         return _frontier_report(args)
+    if args.action == "meter":
+        return _meter(args)
     return _run(args, "lora-null bench " + shlex.join(argv))
 
 
@@ -300,6 +307,21 @@ def _frontier_report(args) -> int:
             print(f"plot: {path}")
     except ImportError:
         print("matplotlib not installed: no plots (pip install 'lora-null[inspect]').")
+    return 0
+
+
+def _meter(args) -> int:
+    import json
+
+    from .frontier import merge_results
+    from .meter_report import meter_summary
+
+    summary = meter_summary(merge_results([Path(p) for p in args.results]))
+    Path(args.output).write_text(json.dumps(summary, indent=1) + "\n")
+    for pair in summary["pairs"]:
+        print(f"{pair['model']} × {pair['task']}: Spearman {pair['spearman']:.3f} over {pair['runs']} runs")
+    for entry in summary["overhead"]:
+        print(f"{entry['setup']}: meter {100 * entry['fraction']:.1f} % of training")
     return 0
 
 

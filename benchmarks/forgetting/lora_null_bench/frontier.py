@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from lora_null_core import forgetting, forgetting_reference
 from lora_null_core.errors import ConfigError
 
 from .energies import energies
@@ -61,7 +62,6 @@ def run_frontier(
     task_base, _ = accuracy(
         base, suite.tokenizer, suite.task_eval, suite.task_tokens, suite.eval_batch, match=exact_match
     )
-    del base
     known = [e for e, hit in zip(suite.knowledge, base_hits, strict=True) if hit]
     if not known:  # every row's knowledge_kept would be NaN: a broken load, not a finding
         raise ConfigError(
@@ -72,6 +72,10 @@ def run_frontier(
     logger.info(
         "%s / %s: base task %.3f, %d of %d facts known", suite.model, task, task_base, len(known), len(suite.knowledge)
     )
+    # The forgetting meter's reference: the base model's own samples (the same for every run of this process, so
+    # the meter's reading of each run can be ranked against the knowledge it lost: benchmarks/results/meter.json).
+    reference = forgetting_reference(base, suite.tokenizer, seed=0)
+    del base
     rows = []
     templates: dict[str, Any] = {}
     first = {}  # jobs of one (init, seed) run together, so each init is built once
@@ -94,6 +98,9 @@ def run_frontier(
             model, suite.tokenizer, suite.task_eval, suite.task_tokens, suite.eval_batch, match=exact_match
         )
         kept, _ = accuracy(model, suite.tokenizer, known, suite.knowledge_tokens, suite.eval_batch)
+        metered = time.perf_counter()
+        meter_kl = forgetting(model, reference)["kl"]
+        meter_seconds = time.perf_counter() - metered
         row = {
             "model": suite.model,
             "task": task,
@@ -113,11 +120,14 @@ def run_frontier(
             "task_items": len(suite.task_eval),
             "knowledge_items": len(suite.knowledge),
             "seconds": round(time.perf_counter() - start, 1),
+            # the forgetting meter's reading after training, and what one reading cost
+            "meter_kl": meter_kl,
+            "meter_seconds": round(meter_seconds, 3),
         }
         if trainer != "loop":
             row["trainer"] = trainer
         else:
-            row.update(templates["energies"], skipped_steps=skipped)
+            row.update(templates["energies"], skipped_steps=skipped, train_seconds=round(templates["train_seconds"], 2))
         logger.info(
             "%s %s %-15s lr %-7g seed %d: task %.3f, kept %.3f", suite.model, task, init, lr, seed, task_score, kept
         )
@@ -141,9 +151,12 @@ def _train_in_loop(init: str, lr: float, seed: int, suite: Suite, settings, temp
         )
         templates.update(key=(init, seed), where=next(built.parameters()).device, model=built.cpu(), energies=measured)
     model = copy.deepcopy(templates["model"]).to(templates["where"])
-    return model, fine_tune(
+    started = time.perf_counter()
+    trained = fine_tune(
         model, suite.tokenizer, suite.task_train, settings, seed, suite.separator, desc=f"{init} {lr:g}"
     )
+    templates["train_seconds"] = time.perf_counter() - started
+    return model, trained
 
 
 # ---------------------------------------------------------------- summary, table and plots

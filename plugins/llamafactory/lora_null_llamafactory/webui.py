@@ -1,6 +1,7 @@
-"""LLaMA Board: an "Adapter init" choice (LoRA / PiSSA / LoRA-Null v1 / v2) with a calibration-dataset picker and
-a task-aware box (on: the training set as task data wherever a calibration dataset is picked), wired into the
-training arguments, the previewed command and the process that starts training."""
+"""LLaMA Board: an "Adapter init" choice (LoRA / PiSSA / LoRA-Null v1 / v2) with a calibration-dataset picker, a
+task-aware box (on: the training set as task data wherever a calibration dataset is picked) and a forgetting-meter
+box (on: forgetting/kl logged while training, whichever init), wired into the training arguments, the previewed
+command and the process that starts training."""
 
 from __future__ import annotations
 
@@ -87,6 +88,16 @@ LABELS = {  # every locale LLaMA Board has
             "方向に lora_A を置きます（ベンチマークで忘却が少ない）。オフ：通常のヌル空間。",
         ),
     },
+    "lora_null_forgetting": {
+        "en": ("Forgetting meter", "Log forgetting/kl while training: how far the model drifts from what it knew."),
+        "ru": (
+            "Измеритель забывания",
+            "Записывать forgetting/kl при обучении: насколько модель уходит от своих знаний.",
+        ),
+        "zh": ("遗忘度量", "训练时记录 forgetting/kl：模型偏离其原有知识的程度。"),
+        "ko": ("망각 측정", "학습 중 forgetting/kl 기록: 모델이 알던 것에서 얼마나 멀어지는지."),
+        "ja": ("忘却メーター", "学習中に forgetting/kl を記録：モデルが元の知識からどれだけ離れたか。"),
+    },
 }
 _installed = False
 
@@ -139,7 +150,8 @@ def _wrap_create_train_tab(original):
                 )
                 num_samples = gr.Slider(minimum=16, maximum=4096, value=256, step=16)
                 task_data = gr.Checkbox(value=True)  # on: lora_null_task_data left to its default (auto)
-        ours = {adapter_init, calibration, num_samples, task_data}
+                forgetting = gr.Checkbox(value=True)  # on: the meter, LoRA-Null's default, for any init
+        ours = {adapter_init, calibration, num_samples, task_data, forgetting}
         manager = engine.manager
         base = manager.get_base_elems
         manager.get_base_elems = lambda: base() | ours  # so the tab's buttons send our values to the Runner
@@ -158,6 +170,7 @@ def _wrap_create_train_tab(original):
             lora_null_calibration=calibration,
             lora_null_num_samples=num_samples,
             lora_null_task_data=task_data,
+            lora_null_forgetting=forgetting,
         )
         return elem_dict
 
@@ -169,6 +182,9 @@ def _wrap_parse_train_args(original):
         args = original(self, data)
         get = lambda elem_id: data[self.manager.get_elem_by_id(elem_id)]  # noqa: E731
         choice = get("train.adapter_init")
+        meter = bool(get("train.lora_null_forgetting"))
+        if meter and choice not in ("LoRA-Null v1", "LoRA-Null v2"):
+            args.update(lora_null_forgetting=True)  # with LoRA-Null the meter is on by default
         if choice == "PiSSA" and args.get("finetuning_type") == "lora":
             args.update(pissa_init=True, pissa_convert=True)
         elif choice in ("LoRA-Null v1", "LoRA-Null v2"):
@@ -178,6 +194,7 @@ def _wrap_parse_train_args(original):
                 lora_null_calibration=get("train.lora_null_calibration") or None,  # None: the model's own text
                 lora_null_num_samples=int(get("train.lora_null_num_samples")),
                 lora_null_task_data=None if get("train.lora_null_task_data") else "none",
+                lora_null_forgetting=None if meter else "false",  # text: LLaMA Board drops a False value
                 pissa_init=False,
                 pissa_convert=False,
             )
@@ -189,7 +206,7 @@ def _wrap_parse_train_args(original):
 def _wrap_gen_cmd(original):
     def gen_cmd(args: dict[str, Any]) -> str:
         text = original(args)
-        return text.replace("llamafactory-cli train", LAUNCHER, 1) if args.get("adapter_init") == "lora_null" else text
+        return text.replace("llamafactory-cli train", LAUNCHER, 1) if _through_the_plugin(args) else text
 
     return gen_cmd
 
@@ -205,7 +222,12 @@ def _wrap_popen(original):
 
 def _uses_lora_null(config_path: str) -> bool:
     with open(config_path, encoding="utf-8") as f:
-        return (yaml.safe_load(f) or {}).get("adapter_init") == "lora_null"
+        return _through_the_plugin(yaml.safe_load(f) or {})
+
+
+def _through_the_plugin(args: dict[str, Any]) -> bool:
+    """A run that needs the plugin's launcher: LoRA-Null, or the forgetting meter on another init."""
+    return args.get("adapter_init") == "lora_null" or args.get("lora_null_forgetting") is True
 
 
 def run() -> None:

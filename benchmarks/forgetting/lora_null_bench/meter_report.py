@@ -1,0 +1,70 @@
+"""Is the forgetting meter right? For each model × task pair of the frontier, the Spearman correlation between the
+meter's reading after training (`meter_kl`) and the knowledge the run lost (1 − knowledge_kept), over every init and
+learning rate; and what the meter costs a run at its default pace (one reading per 50 steps, and one at the end)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+DEFAULT_PACE = 50  # lora_null_forgetting_steps' default
+
+
+def ranks(values: Sequence[float]) -> list[float]:
+    """Each value's rank (1-based), ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    result = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for i in order[start : end + 1]:
+            result[i] = (start + end) / 2 + 1
+        start = end + 1
+    return result
+
+
+def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """The Pearson correlation of the ranks (NaN with fewer than 3 pairs or a constant side)."""
+    if len(xs) < 3:
+        return math.nan
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    sx = math.sqrt(sum((r - mx) ** 2 for r in rx))
+    sy = math.sqrt(sum((r - my) ** 2 for r in ry))
+    if sx == 0 or sy == 0:
+        return math.nan
+    return sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True)) / (sx * sy)
+
+
+def meter_summary(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """meter.json: {"pairs": [{model, task, spearman, runs, device}], "overhead": [{setup, fraction, device}]}."""
+    by_pair: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row.get("meter_kl") is not None and row.get("knowledge_kept") is not None:
+            by_pair[row["model"], row["task"]].append(row)
+    pairs = []
+    for (model, task), runs in sorted(by_pair.items()):
+        rho = spearman([r["meter_kl"] for r in runs], [1 - r["knowledge_kept"] for r in runs])
+        pairs.append({"model": model, "task": task, "spearman": rho, "runs": len(runs), "device": _devices(runs)})
+    overhead = []
+    for (model, task), runs in sorted(by_pair.items()):
+        timed = [r for r in runs if r.get("train_seconds") and r.get("meter_seconds") is not None]
+        if timed:
+            fractions = [(r["steps"] // DEFAULT_PACE + 1) * r["meter_seconds"] / r["train_seconds"] for r in timed]
+            overhead.append(
+                {
+                    "setup": f"{model} × {task}, {timed[0]['steps']} steps, batch {timed[0]['batch_size']}",
+                    "fraction": statistics.fmean(fractions),
+                    "device": _devices(timed),
+                }
+            )
+    return {"pairs": pairs, "overhead": overhead}
+
+
+def _devices(rows: Sequence[dict[str, Any]]) -> str:
+    return ", ".join(sorted({str(r.get("device")) for r in rows}))
