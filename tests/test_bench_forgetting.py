@@ -220,3 +220,25 @@ def test_a_step_with_a_non_finite_gradient_is_skipped_and_counted(tokenizer):
         model, tokenizer, examples, TrainSettings(steps=3, batch_size=2, learning_rate=1e-3, max_length=16), seed=0
     )
     assert trained.skipped_steps == 1 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_meter_is_read_in_training_at_its_pace_and_its_time_kept_apart(tokenizer):
+    """The frontier reads the meter every 50 steps as the trainer callback does: the readings come back with their
+    steps and the model in eval mode while it reads, and their time is counted apart from training's."""
+    from lora_null_bench.train import TrainSettings, fine_tune
+    from lora_null_bench.world import Example
+
+    from lora_null_core.frontends.toy_world import tiny_model
+
+    model = tiny_model("llama", len(tokenizer), seed=0)
+    modes = []
+
+    def meter() -> float:
+        modes.append(model.training)
+        return float(len(modes))
+
+    examples = [Example("The capital of France is", ("Paris",))] * 4
+    settings = TrainSettings(steps=5, batch_size=2, learning_rate=1e-3, max_length=16)
+    trained = fine_tune(model, tokenizer, examples, settings, seed=0, meter=meter, meter_every=2)
+    assert trained.meter_curve == [(2, 1.0), (4, 2.0)] and modes == [False, False] and trained.meter_seconds > 0
+    assert fine_tune(model, tokenizer, examples, settings, seed=0).meter_curve == []

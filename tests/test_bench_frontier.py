@@ -146,3 +146,34 @@ def test_the_meters_rank_correlation_and_overhead():
     ]
     # 150 steps at one reading per 50, and one at the end: 4 readings of 0.5 s over 60 s of training
     assert summary["overhead"][0]["fraction"] == pytest.approx(4 * 0.5 / 60)
+
+
+def test_a_measured_overhead_and_the_meters_curve_at_loras_own_rate(tmp_path):
+    """Rows that read the meter in training give the overhead as measured, and the curve plot takes LoRA's own
+    learning rate (the frontier summary's: 1e-3 here) for every init drawn."""
+    pytest.importorskip("matplotlib")
+    from lora_null_bench.meter_report import meter_summary, plot_meter_curves
+
+    rows = [
+        {
+            **row(init, lr, seed, task, kept),
+            "meter_kl": kl,
+            "train_seconds": 50.0,
+            "meter_seconds": 0.5,
+            "meter_seconds_in_training": 1.5,
+            "meter_curve": [[50, kl / 3], [100, kl / 2], [150, kl]],
+        }
+        for init, lr, seed, task, kept, kl in [
+            ("lora", 1e-3, 0, 0.86, 0.62, 0.3),
+            ("lora", 1e-3, 1, 0.88, 0.58, 0.4),
+            ("lora", 3e-3, 0, 0.90, 0.40, 0.9),
+            ("lora_null", 1e-3, 0, 0.87, 0.90, 0.1),
+            ("lora_null", 3e-3, 0, 0.89, 0.80, 0.2),
+        ]
+    ]
+    overhead = meter_summary(rows)["overhead"][0]
+    assert overhead["measured"] and overhead["fraction"] == pytest.approx(2.0 / 50)
+    path = plot_meter_curves(rows, "m", "t", tmp_path / "meter.png")
+    assert path.stat().st_size > 1000
+    with pytest.raises(ValueError, match="no LoRA point"):
+        plot_meter_curves(rows, "m", "other task", tmp_path / "none.png")

@@ -133,7 +133,7 @@ def test_the_command_measures_a_saved_adapter_and_plots_a_run(saved_model, token
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(saved_model, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(saved_model)
     measured = forgetting(
         PeftModel.from_pretrained(base, adapter), ForgettingReference.load(tmp_path / "ref.safetensors")
     )
@@ -173,3 +173,22 @@ def test_the_meter_is_on_by_default_with_the_key_and_on_request_without():
         meter_wanted({"lora_null_forgetting": "maybe"}, None)
     with pytest.raises(ConfigError, match="at least 1"):
         meter_wanted({"lora_null_forgetting_steps": -2}, None)
+
+
+def test_the_callback_scores_the_rows_an_init_holds_out_of_the_knowledge_file(make_model, tokenizer, knowledge):
+    """With a knowledge file the meter's cross-entropy rise is measured on the rows the init holds out for its
+    leakage check (never calibrated on, even when more rows are read), and it is not drawn without one."""
+    from lora_null_core import LoraNullConfig
+    from lora_null_core.calibration.batches import token_ids
+    from lora_null_core.calibration.texts import choose_texts
+    from lora_null_core.frontends import ForgettingCallback
+
+    config = LoraNullConfig(num_samples=3, holdout_samples=6, seed=5)
+    meter = ForgettingCallback(every=1).draw(make_model(), tokenizer, knowledge, config)
+    chosen = choose_texts(knowledge, tokenizer, 3, 6, 5, "text", until=lambda text: False)  # every row read
+    scored = meter.reference.texts()
+    assert scored is not None and len(scored[0]) == 6 == meter.reference.settings["texts"]
+    rows = [row[mask].tolist() for row, mask in zip(scored[0], scored[1], strict=True)]
+    assert rows == [token_ids(text, tokenizer, 512) for text in chosen.holdout]
+    assert not set(chosen.holdout) & set(chosen.calibration)
+    assert ForgettingCallback().draw(make_model(), tokenizer).reference.texts() is None

@@ -148,14 +148,14 @@ def test_entry_point_activates_without_plugins_line_and_stays_quiet_without_the_
 
 def test_the_forgetting_meter_logs_in_a_plain_lora_run_and_by_default_with_the_key(workspace, trained, tmp_path):
     """lora_null_forgetting: true on a run without adapter_init: Axolotl's schema keeps the key and its trainer logs
-    forgetting/kl every 2 steps; with adapter_init: lora_null the meter is on by default (its reference is saved)."""
+    forgetting/kl every 2 steps, and forgetting/ce_rise on the held-out rows of the knowledge file it names; with
+    adapter_init: lora_null the meter is on by default (its reference is saved)."""
     out = tmp_path / "meter"
     result = axolotl_train(
         config(
             workspace,
             out,
             adapter_init=None,
-            lora_null_calibration=None,
             max_steps=4,
             lora_null_forgetting=True,
             lora_null_forgetting_steps=2,
@@ -163,7 +163,7 @@ def test_the_forgetting_meter_logs_in_a_plain_lora_run_and_by_default_with_the_k
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     logged = result.stdout + result.stderr
-    assert logged.count("'forgetting/kl'") >= 2, logged[-3000:]
+    assert logged.count("'forgetting/kl'") >= 2 and logged.count("'forgetting/ce_rise'") >= 2, logged[-3000:]
     assert (out / "lora_null_forgetting.safetensors").is_file() and not (out / "lora_null_init").exists()
     assert (trained / "lora_null_forgetting.safetensors").is_file()
 

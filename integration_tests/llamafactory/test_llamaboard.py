@@ -235,6 +235,7 @@ def test_the_task_aware_box_is_on_by_default_and_turns_task_data_off():
         "train.lora_null_calibration": "",
         "train.lora_null_num_samples": 256,
         "train.lora_null_task_data": True,
+        "train.lora_null_forgetting": True,
     }
     assert parse(Runner(), data)["lora_null_task_data"] is None  # the default: the training set with calibration
     assert parse(Runner(), {**data, "train.lora_null_task_data": False})["lora_null_task_data"] == "none"

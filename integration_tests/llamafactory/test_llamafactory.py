@@ -168,14 +168,14 @@ def test_the_forgetting_meter_logs_in_a_plain_lora_run_and_by_default_with_the_k
     workspace, data_dir, trained, tmp_path
 ):
     """lora_null_forgetting: true on a run without adapter_init: LLaMA-Factory takes the key and its trainer logs
-    forgetting/kl every 2 steps (trainer_state.json); with adapter_init: lora_null the meter is on by default."""
+    forgetting/kl every 2 steps (trainer_state.json), and forgetting/ce_rise on the held-out rows of the knowledge
+    dataset it names; with adapter_init: lora_null the meter is on by default."""
     out = tmp_path / "meter"
     cfg = config(
         workspace,
         data_dir,
         out,
         adapter_init=None,
-        lora_null_calibration=None,
         max_steps=4,
         lora_null_forgetting=True,
         lora_null_forgetting_steps=2,
@@ -184,6 +184,7 @@ def test_the_forgetting_meter_logs_in_a_plain_lora_run_and_by_default_with_the_k
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert [row["step"] for row in history if "forgetting/kl" in row] == [2, 4]
+    assert all("forgetting/ce_rise" in row for row in history if "forgetting/kl" in row)
     assert (out / "lora_null_forgetting.safetensors").is_file() and not (out / "lora_null_init").exists()
     assert (trained / "lora_null_forgetting.safetensors").is_file()
 

@@ -337,14 +337,18 @@ def test_zero3_with_the_key_alone_samples_the_partitioned_models_own_text(worksp
 
 
 def test_the_forgetting_meter_logs_through_the_trainer(workspace, tmp_path):
-    """On by default with adapter_init: lora_null: forgetting/kl in the log history every N steps and at the end,
-    and the reference beside the init folder; a plain LoRA run takes the key too, and without it has no meter."""
+    """On by default with adapter_init: lora_null: forgetting/kl (and forgetting/ce_rise on the knowledge file's
+    held-out rows) in the log history every N steps and at the end, and the reference beside the init folder; a
+    plain LoRA run takes the key too, and without it has no meter."""
     trainer = trainer_for(
         workspace, tmp_path / "run", "v2", max_steps=5, lora_null_forgetting_steps=2, learning_rate=5e-2
     )
     trainer.train()
     readings = [(row["step"], row["forgetting/kl"]) for row in trainer.state.log_history if "forgetting/kl" in row]
     assert [step for step, _ in readings] == [2, 4, 5] and readings[-1][1] > 0
+    # With a knowledge file, the cross-entropy rise on the rows the init held out, logged beside it.
+    rises = [row["forgetting/ce_rise"] for row in trainer.state.log_history if "forgetting/kl" in row]
+    assert len(rises) == 3 and rises[-1] != 0
     assert (tmp_path / "run" / "lora_null_forgetting.safetensors").is_file()
     plain = trainer_for(
         workspace,

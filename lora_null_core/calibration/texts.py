@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import LoraNullConfig
 from ..errors import CalibrationDataError
 from .sources import CalibrationSource, describe, load_rows
 
@@ -84,6 +85,15 @@ def choose_texts(
     if holdout_samples and len(holdout) < holdout_samples:
         logger.info("Only %d held-out texts left after calibration (asked for %d).", len(holdout), holdout_samples)
     return CalibrationTexts(calibration, holdout, describe(source))
+
+
+def held_out_texts(source: CalibrationSource, tokenizer: Any, config: LoraNullConfig) -> list[str]:
+    """The rows an init from `source` with `config` holds out for its leakage check: knowledge the null space never
+    saw, so the forgetting meter's cross-entropy rise on them is an honest one (a top-up reads more rows after
+    them, never them)."""
+    return choose_texts(
+        source, tokenizer, config.num_samples, config.holdout_samples, config.seed, config.text_field
+    ).holdout
 
 
 def _texts_in_random_order(rows: Sequence[Any], tokenizer: Any, text_field: str, seed: int) -> Iterator[str]:

@@ -6,12 +6,15 @@ and attaches the trainer once it exists."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
+from ..calibration.sources import CalibrationSource
+from ..calibration.texts import held_out_texts
+from ..config import LoraNullConfig
 from ..distributed import rank_and_world
 from ..errors import ConfigError
 from ..layout import FORGETTING_REFERENCE
@@ -33,15 +36,23 @@ class ForgettingCallback(TrainerCallback):
         self._measured_at = -1
 
     def draw(
-        self, model: Any, tokenizer: Any, texts: Sequence[str] | None = None, device: Any = None
+        self,
+        model: Any,
+        tokenizer: Any,
+        knowledge: CalibrationSource | None = None,
+        config: LoraNullConfig | None = None,
+        device: Any = None,
     ) -> ForgettingCallback:
         """The reference drawn now from `model` as it is (a PeftModel's adapter off); every process takes part and
-        ends with the same one."""
+        ends with the same one. `knowledge`: the run's knowledge file, whose held-out rows (those an init with
+        `config` holds out) give `forgetting/ce_rise`."""
+        texts = held_out_texts(knowledge, tokenizer, config or LoraNullConfig()) if knowledge is not None else None
         self.reference = forgetting_reference(model, tokenizer, texts=texts, device=device)
         logger.info(
-            "Forgetting meter: %d samples of the model's own text (%d tokens), measured every %d steps.",
+            "Forgetting meter: %d samples of the model's own text (%d tokens)%s, measured every %d steps.",
             len(self.reference.ids),
             self.reference.tokens,
+            f" and {len(texts)} held-out knowledge rows" if texts else "",
             self.every,
         )
         return self

@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     meter.add_argument("--results", nargs="+", default=["benchmarks/results/frontier.json"])
     meter.add_argument("--output", default="benchmarks/results/meter.json")
+    meter.add_argument(
+        "--plot",
+        nargs=2,
+        metavar=("MODEL", "TASK"),
+        help="Also draw the meter over training steps for LoRA and lora_null on this pair (meter-MODEL-TASK.png).",
+    )
     report = commands.add_parser("report", help="Table and plot from a results file.")
     report.add_argument("--results", default="benchmarks/results/forgetting.json")
     report.add_argument("--output", default="benchmarks/results", help="Writes forgetting.md and forgetting.png.")
@@ -322,6 +328,12 @@ def _meter(args) -> int:
         print(f"{pair['model']} × {pair['task']}: Spearman {pair['spearman']:.3f} over {pair['runs']} runs")
     for entry in summary["overhead"]:
         print(f"{entry['setup']}: meter {100 * entry['fraction']:.1f} % of training")
+    if args.plot:
+        from .meter_report import plot_meter_curves
+
+        model, task = args.plot
+        path = Path(args.output).with_name(f"meter-{model}-{task}.png")
+        print(f"plot: {plot_meter_curves(merge_results([Path(p) for p in args.results]), model, task, path)}")
     return 0
 
 

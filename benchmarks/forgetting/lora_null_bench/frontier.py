@@ -30,6 +30,7 @@ from lora_null_core.errors import ConfigError
 from .energies import energies
 from .evaluate import accuracy, normalize
 from .inits import build_adapter
+from .meter_report import DEFAULT_PACE
 from .run import free_memory
 from .suites import Suite
 from .train import fine_tune
@@ -93,7 +94,7 @@ def run_frontier(
             )
             skipped = None
         else:
-            model, (loss, skipped) = _train_in_loop(init, lr, seed, suite, settings, templates)
+            model, (loss, skipped, *_) = _train_in_loop(init, lr, seed, suite, settings, templates, reference)
         task_score, _ = accuracy(
             model, suite.tokenizer, suite.task_eval, suite.task_tokens, suite.eval_batch, match=exact_match
         )
@@ -127,7 +128,14 @@ def run_frontier(
         if trainer != "loop":
             row["trainer"] = trainer
         else:
-            row.update(templates["energies"], skipped_steps=skipped, train_seconds=round(templates["train_seconds"], 2))
+            row.update(
+                templates["energies"],
+                skipped_steps=skipped,
+                train_seconds=round(templates["train_seconds"], 2),
+                # readings in training at the callback's default pace (the plot's curve; the measured overhead)
+                meter_curve=[*templates["meter_curve"], (settings.steps, meter_kl)],
+                meter_seconds_in_training=round(templates["meter_seconds_in_training"], 3),
+            )
         logger.info(
             "%s %s %-15s lr %-7g seed %d: task %.3f, kept %.3f", suite.model, task, init, lr, seed, task_score, kept
         )
@@ -139,9 +147,11 @@ def run_frontier(
     return rows
 
 
-def _train_in_loop(init: str, lr: float, seed: int, suite: Suite, settings, templates: dict[str, Any]):
+def _train_in_loop(
+    init: str, lr: float, seed: int, suite: Suite, settings, templates: dict[str, Any], reference: Any = None
+):
     """An init does not depend on the learning rate: build it once per (init, seed), keep it on the CPU, train a
-    copy per learning rate."""
+    copy per learning rate. With a meter `reference`, the meter is read in training as the callback would."""
     if templates.get("key") != (init, seed):
         templates.clear()
         free_memory()
@@ -153,9 +163,18 @@ def _train_in_loop(init: str, lr: float, seed: int, suite: Suite, settings, temp
     model = copy.deepcopy(templates["model"]).to(templates["where"])
     started = time.perf_counter()
     trained = fine_tune(
-        model, suite.tokenizer, suite.task_train, settings, seed, suite.separator, desc=f"{init} {lr:g}"
+        model,
+        suite.tokenizer,
+        suite.task_train,
+        settings,
+        seed,
+        suite.separator,
+        desc=f"{init} {lr:g}",
+        meter=(lambda: forgetting(model, reference)["kl"]) if reference is not None else None,
+        meter_every=DEFAULT_PACE,
     )
-    templates["train_seconds"] = time.perf_counter() - started
+    templates["train_seconds"] = time.perf_counter() - started - trained.meter_seconds
+    templates.update(meter_curve=trained.meter_curve, meter_seconds_in_training=trained.meter_seconds)
     return model, trained
 
 

@@ -1,6 +1,7 @@
 """Is the forgetting meter right? For each model × task pair of the frontier, the Spearman correlation between the
 meter's reading after training (`meter_kl`) and the knowledge the run lost (1 − knowledge_kept), over every init and
-learning rate; and what the meter costs a run at its default pace (one reading per 50 steps, and one at the end)."""
+learning rate; what the meter costs a run at its default pace (one reading per 50 steps, and one at the end); and its
+curve over the steps of one pair."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 DEFAULT_PACE = 50  # lora_null_forgetting_steps' default
@@ -55,15 +57,62 @@ def meter_summary(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, An
     for (model, task), runs in sorted(by_pair.items()):
         timed = [r for r in runs if r.get("train_seconds") and r.get("meter_seconds") is not None]
         if timed:
-            fractions = [(r["steps"] // DEFAULT_PACE + 1) * r["meter_seconds"] / r["train_seconds"] for r in timed]
             overhead.append(
                 {
                     "setup": f"{model} × {task}, {timed[0]['steps']} steps, batch {timed[0]['batch_size']}",
-                    "fraction": statistics.fmean(fractions),
+                    "fraction": statistics.fmean(_overhead(r) for r in timed),
                     "device": _devices(timed),
+                    "measured": all("meter_seconds_in_training" in r for r in timed),
                 }
             )
     return {"pairs": pairs, "overhead": overhead}
+
+
+def _overhead(row: dict[str, Any]) -> float:
+    """The meter's time over the training's: its readings in training and the one at the end where the run measured
+    them (meter_seconds_in_training), else one reading's time times the readings the default pace makes."""
+    if "meter_seconds_in_training" in row:
+        return (row["meter_seconds_in_training"] + row["meter_seconds"]) / row["train_seconds"]
+    return (row["steps"] // DEFAULT_PACE + 1) * row["meter_seconds"] / row["train_seconds"]
+
+
+def plot_meter_curves(
+    rows: Sequence[dict[str, Any]], model: str, task: str, path: Path, inits: Sequence[str] = ("lora", "lora_null")
+) -> Path:
+    """The meter over training steps for `inits` on one pair, at LoRA's own learning rate (its point at the task bar
+    with the smallest knowledge loss, as the frontier's summary picks it), mean over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .frontier import curves, summary
+
+    lr = summary(curves(rows).get((model, task), {})).get("at_lora_lr", {}).get("lr")
+    if lr is None:
+        raise ValueError(f"{model} × {task}: no LoRA point at the task bar to take the learning rate from.")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for init in inits:
+        runs = [
+            r["meter_curve"]
+            for r in rows
+            if (r["model"], r["task"], r["init"], r["lr"]) == (model, task, init, lr) and r.get("meter_curve")
+        ]
+        if runs:
+            steps = [step for step, _ in runs[0]]
+            mean = [statistics.fmean(run[i][1] for run in runs) for i in range(len(steps))]
+            ax.plot(steps, mean, marker="o", label=f"{init} ({len(runs)} seeds)")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("forgetting/kl (nats per token)")
+    ax.set_title(f"{model} × {task}, lr {lr:g}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _devices(rows: Sequence[dict[str, Any]]) -> str:

@@ -64,7 +64,7 @@ def run_benchmark(
                 for kind, texts in (("knowledge", suite.knowledge), ("task", suite.task_train))
             }
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            loss, skipped = fine_tune(
+            loss, skipped, *_ = fine_tune(
                 model, suite.tokenizer, suite.task_train, suite.train, seed, suite.separator, desc=init
             )
             after = measure(model, suite)

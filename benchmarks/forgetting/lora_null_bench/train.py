@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -46,6 +47,8 @@ def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int, device) ->
 class Trained(NamedTuple):
     loss: float  # mean over the last tenth of the steps
     skipped_steps: int  # steps whose gradients were not finite, so no update was made
+    meter_curve: list[tuple[int, float]]  # (step, the meter's reading) every meter_every steps, when metered
+    meter_seconds: float  # time the readings took, not counted as training
 
 
 def fine_tune(
@@ -56,10 +59,13 @@ def fine_tune(
     seed: int,
     separator: str = " ",
     desc: str = "fine-tune",
+    meter: Callable[[], float] | None = None,
+    meter_every: int = 50,
 ) -> Trained:
     """Train the model's trainable parameters with AdamW, linear warmup then linear decay. A step whose gradient
     norm is not finite is skipped (as AMP's GradScaler does): on Qwen2.5-0.5B under bf16 autocast one such step
-    turned every weight to NaN (H100, word reversal at lr 3e-4, step 37); the count is returned to be reported."""
+    turned every weight to NaN (H100, word reversal at lr 3e-4, step 37); the count is returned to be reported.
+    `meter`: read every `meter_every` steps, as the trainer callback does (the model in eval mode meanwhile)."""
     device = next(model.parameters()).device
     encoded = [encode(tokenizer, e, separator, settings.max_length) for e in examples]
     rng = random.Random(seed)
@@ -73,7 +79,9 @@ def fine_tune(
     model.train()
     losses: list[float] = []
     skipped = 0
-    for _ in tqdm(range(settings.steps), desc=desc, leave=False):
+    curve: list[tuple[int, float]] = []
+    metering = 0.0
+    for step in tqdm(range(1, settings.steps + 1), desc=desc, leave=False):
         if len(order) < settings.batch_size:
             order += rng.sample(range(len(encoded)), len(encoded))
         batch = collate([encoded[i] for i in order[: settings.batch_size]], tokenizer.pad_token_id, device)
@@ -89,6 +97,12 @@ def fine_tune(
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
+        if meter is not None and step % meter_every == 0:
+            started = time.perf_counter()
+            model.eval()
+            curve.append((step, meter()))
+            model.train()
+            metering += time.perf_counter() - started
     model.eval()
     tail = losses[-max(1, len(losses) // 10) :]
-    return Trained(sum(tail) / len(tail), skipped)
+    return Trained(sum(tail) / len(tail), skipped, curve, metering)

@@ -88,7 +88,14 @@ class LoraNullPlugin(BasePlugin):
         if wanted and self.meter is None:
             from axolotl.loaders import load_tokenizer
 
-            self.meter = ForgettingCallback(every).draw(model, load_tokenizer(cfg), device=training_device(model))
+            knowledge = dataset_source(cfg.lora_null_calibration)  # its held-out rows: forgetting/ce_rise
+            self.meter = ForgettingCallback(every).draw(
+                model,
+                load_tokenizer(cfg),
+                knowledge,
+                lora_null_config(cfg) if knowledge is not None else None,
+                device=training_device(model),
+            )
 
     def add_callbacks_pre_trainer(self, cfg: Any, model: Any) -> list:
         # Checkpoints made right for the base they name; the initial factors are saved in post_lora_load.

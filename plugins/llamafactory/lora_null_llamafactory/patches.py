@@ -58,7 +58,9 @@ def install() -> None:
         if is_trainable and meter is not None and meter.reference is None:  # the original model's, before the init
             from llamafactory.model import load_tokenizer
 
-            meter.draw(model, load_tokenizer(model_args)["tokenizer"])
+            knowledge = calibration_rows(finetuning_args.lora_null_calibration, _dataset_dir())  # for ce_rise
+            config = finetuning_args.lora_null_config() if knowledge is not None else None
+            meter.draw(model, load_tokenizer(model_args)["tokenizer"], knowledge, config)
         if is_trainable and getattr(finetuning_args, "adapter_init", "default") == "lora_null":
             initialize(model, model_args, finetuning_args)
         return model

@@ -33,7 +33,10 @@ class LoraNullSFTTrainer(SFTTrainer):
         adapter_init = getattr(self.args, "adapter_init", "default")
         meter, every = meter_wanted(vars(self.args), adapter_init)
         if meter:  # drawn before the init: the reference is the original model's
-            self.add_callback(ForgettingCallback(every).draw(self.model, self.processing_class).attach(self))
+            knowledge = getattr(self.args, "lora_null_calibration", None)  # its held-out rows: forgetting/ce_rise
+            config = self.args.lora_null_config() if knowledge is not None else None
+            meter = ForgettingCallback(every).draw(self.model, self.processing_class, knowledge, config)
+            self.add_callback(meter.attach(self))
         if adapter_init == "lora_null":
             self._initialize_lora_null()
             # Checkpoints, as in every plugin; the final save is save_model's.
