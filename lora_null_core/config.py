@@ -59,6 +59,9 @@ class LoraNullConfig:
         task_mix (`float`, defaults to 0.01): with task data, the shift μ of the task-aware solve C_k u = λ(C_t + μI)u
             (each covariance at trace d_in); larger values approach the plain null space.
         task_samples (`int`, defaults to 256): task examples whose inputs make the task covariance.
+        weight_prior (`float`, defaults to 0.0): experimental (off at 0): β in C/tr + β·WᵀW/tr, the knowledge
+            covariance the bases are solved from, so the input directions a layer's weight responds to most are
+            avoided where calibration samples are thin (the q/k/v or gate/up sharing an input add their WᵀW).
         covariance_weighting (`Literal["token_sum", "per_sample_max"]`, defaults to `"token_sum"`): plain Σ x xᵀ over
             tokens, or each sample divided by |max(x)| and averaged, as the authors' CorDA-based code does.
         accumulate_dtype (`Literal["float32", "float64"]`, defaults to `"float32"`): precision of the covariance sums.
@@ -112,6 +115,10 @@ class LoraNullConfig:
         default=0.01, metadata={"help": "Shift of the task-aware solve (larger: nearer the plain null space)."}
     )
     task_samples: int = field(default=256, metadata={"help": "Task examples whose inputs make the task covariance."})
+    weight_prior: float = field(
+        default=0.0,
+        metadata={"help": "Experimental: β of the weight prior added to the knowledge covariance (0: off)."},
+    )
     covariance_weighting: Weighting = field(
         default="token_sum", metadata={"help": "token_sum: Σ x xᵀ; per_sample_max: the authors' per-sample scaling."}
     )
@@ -171,6 +178,8 @@ class LoraNullConfig:
             )
         if self.holdout_samples < 0 or self.min_tokens_per_dim < 0:
             raise ConfigError("holdout_samples and min_tokens_per_dim must not be negative.")
+        if not 0 <= self.weight_prior < float("inf"):
+            raise ConfigError(f"weight_prior={self.weight_prior} must be 0 (off) or a positive number.")
 
     @property
     def residual(self) -> bool:

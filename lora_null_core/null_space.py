@@ -56,7 +56,7 @@ def task_aware_basis(knowledge: torch.Tensor, task: torch.Tensor, rank: int, mix
     if not 0 < rank < d_in:
         raise InvalidRankError(f"rank {rank} must be between 1 and d_in - 1 = {d_in - 1} to leave a null space.")
     eye = torch.eye(d_in, dtype=torch.float64, device=knowledge.device)
-    k, t = (_unit_trace(m.to(torch.float64)) for m in (knowledge, task))
+    k, t = (unit_trace(m.to(torch.float64)) for m in (knowledge, task))
     factor = _cholesky_of_shifted((t + t.T) / 2, mix, eye)
     half = torch.linalg.solve_triangular(factor, (k + k.T) / 2, upper=False)  # L⁻¹ C_k
     whitened = torch.linalg.solve_triangular(factor, half.T, upper=False)  # L⁻¹ C_k L⁻ᵀ (C_k symmetric)
@@ -77,7 +77,7 @@ def _cholesky_of_shifted(covariance: torch.Tensor, shift: float, eye: torch.Tens
     return torch.linalg.cholesky((repaired + repaired.T) / 2 + shift * eye)
 
 
-def _unit_trace(matrix: torch.Tensor) -> torch.Tensor:
+def unit_trace(matrix: torch.Tensor) -> torch.Tensor:
     """Scaled to trace d (an average direction then holds energy 1); a zero matrix stays zero."""
     trace = float(torch.trace(matrix))
     return matrix * (matrix.shape[0] / trace) if trace > 0 else matrix

@@ -146,6 +146,24 @@ def test_a_scale_suffix_on_self_and_task_inits(cpu_run):
         assert not is_known_init(unknown), unknown
 
 
+def test_a_weight_prior_suffix_on_the_lora_null_inits(cpu_run):
+    """_w<β> appended last: the own-text, task-aware, plain and scaled inits with the weight prior β (#49)."""
+    from lora_null_bench.inits import is_known_init
+
+    suite = synthetic_suite("cpu", cpu_run / "cache", "cpu")
+    report = build_adapter("lora_null_task_x2_w0.5", suite.load_base(), suite, seed=0).lora_null_report
+    assert report.config["weight_prior"] == 0.5 and report.config["a_scale"] == 2.0
+    assert report.calibration["task_data"] is not None
+    assert (
+        build_adapter("lora_null_plain_w2", suite.load_base(), suite, seed=0).lora_null_report.config["weight_prior"]
+        == 2.0
+    )
+    for known in ("lora_null_w0.1", "lora_null_self_w0.1", "lora_null_self_task0.1_w1", "lora_null_x3_w0.1"):
+        assert is_known_init(known), known
+    for unknown in ("lora_w0.1", "lora_null_v2_w0.1", "lora_null_self_w0", "lora_null_self_wx", "pissa_w1"):
+        assert not is_known_init(unknown), unknown
+
+
 def test_world_problems_are_distinct_and_correct():
     problems = world.word_problems(500, seed=3)
     assert len({p.prompt for p in problems}) == 500

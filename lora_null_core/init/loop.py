@@ -31,6 +31,7 @@ from .phases import phase
 from .safeguards import model_logits, relative_error
 from .solve import NullBasisSolver, share_null_bases
 from .streaming import StreamingPlan, capture_block_inputs, run_block, stream_blocks
+from .weight_prior import with_weight_prior
 
 
 @dataclass(frozen=True)
@@ -122,8 +123,12 @@ def run_steps(steps: Iterator[InitStep], settings: LoopSettings) -> list[LayerRe
                 if settings.task_aware
                 else None
             )
+            # With a weight prior the bases are solved from C/tr + β·WᵀW/tr; the reports keep the measured C.
+            solve_from = (
+                with_weight_prior(covariances, step.layers, config.weight_prior) if config.weight_prior else covariances
+            )
             bases = solver.submit(
-                covariances, ranks, config.solver, step.solve_progress, task_covariances, config.task_mix
+                solve_from, ranks, config.solver, step.solve_progress, task_covariances, config.task_mix
             )
             if solving is not None:
                 reports += _finish(solving, config, adapter_name)

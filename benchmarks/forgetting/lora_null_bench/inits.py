@@ -56,6 +56,9 @@ TASK_PREFIX = "lora_null_task"
 SELF_TASK = "lora_null_self_task"
 # Any of these with "_x<c>" appended runs with a_scale c (lora_null_task_x2: task-aware at the frozen-A scale).
 SCALED = re.compile(r"^(lora_null_.+)_x([0-9.]+)$")
+# lora_null, lora_null_plain, the task-aware, own-text and scaled inits with "_w<β>" appended last run with the
+# weight prior β (#49: lora_null_self_w0.1 solves from C_own/tr + 0.1·WᵀW/tr).
+PRIOR = re.compile(r"^(lora_null(?:_.+)?)_w([0-9.]+)$")
 
 
 def lora_config(suite: Suite, model: torch.nn.Module) -> LoraConfig:
@@ -75,6 +78,8 @@ def build_adapter(init: str, model: torch.nn.Module, suite: Suite, seed: int) ->
     """Wrap `model` (modified in place) with the named init; trainable parameters are set as the init intends."""
     torch.manual_seed(seed)
     config = lora_config(suite, model)
+    prior = PRIOR.match(init)
+    init, weighted = (prior[1], {"weight_prior": float(prior[2])}) if prior else (init, {})
     if init == "lora":
         return get_peft_model(model, config)
     if init == "lora_null_plain_with_heldout":
@@ -93,12 +98,13 @@ def build_adapter(init: str, model: torch.nn.Module, suite: Suite, seed: int) ->
         return _corda_kpm(model, config, suite)
     if init == "lora_null_plain":  # every LoraNullConfig default, no task data
         return lora_null_init(
-            model, config, [e.text for e in suite.calibration], suite.tokenizer, LoraNullConfig(seed=seed)
+            model, config, [e.text for e in suite.calibration], suite.tokenizer, LoraNullConfig(seed=seed, **weighted)
         )
     if init == "lora_null":
         init = TASK_PREFIX
     scaled = SCALED.match(init)
     init, scale = (scaled[1], {"a_scale": float(scaled[2])}) if scaled else (init, {})
+    scale.update(weighted)
     if init.startswith(TASK_PREFIX):
         mix = {"task_mix": task_mix_of(init)} if init != TASK_PREFIX else {}
         return lora_null_init(
@@ -129,7 +135,7 @@ def build_adapter(init: str, model: torch.nn.Module, suite: Suite, seed: int) ->
             config,
             [e.text for e in suite.calibration],
             suite.tokenizer,
-            LoraNullConfig(seed=seed, a_scale=a_scale_of(init)),
+            LoraNullConfig(seed=seed, a_scale=a_scale_of(init), **weighted),
         )
     if init.startswith("lora_null_"):
         kind = init.removeprefix("lora_null_")
@@ -148,6 +154,12 @@ def build_adapter(init: str, model: torch.nn.Module, suite: Suite, seed: int) ->
 
 
 def is_known_init(init: str) -> bool:
+    prior = PRIOR.match(init)
+    if prior:
+        rest = prior[1]
+        weighable = rest in ("lora_null", "lora_null_plain") or rest.startswith(("lora_null_x", "lora_null_self"))
+        weighable = weighable or rest.startswith(TASK_PREFIX) or bool(SCALED.match(rest))
+        return _positive(prior[2]) and weighable and is_known_init(rest)
     scaled = SCALED.match(init)
     if scaled:
         return (
