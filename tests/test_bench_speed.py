@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import torch
+
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "speed" / "bench_speed.py"
 
 
@@ -68,3 +70,24 @@ def test_speed_benchmark_under_two_processes_writes_one_row(tmp_path, capfd):
     runs = json.loads(out.read_text())["runs"]
     assert [(r["method"], r["gpus"]) for r in runs] == [("lora_null", 2)]
     assert runs[0]["seconds"] > 0
+
+
+def test_qlora_with_the_key_alone_runs_end_to_end_on_layer_by_layer_nf4_weights(tmp_path):
+    """#50's 70B row on the tiny shape: the nf4 model is built a layer at a time, the key alone samples, calibrates
+    and writes the adapter with every block run, and the row says so (bitsandbytes' CPU backend here)."""
+    import pytest
+
+    pytest.importorskip("bitsandbytes")
+    spec = importlib.util.spec_from_file_location("qlora_key_alone", SCRIPT.with_name("qlora_key_alone.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = bench.build_nf4_model("tiny", "cpu", torch.float32)
+    quantized = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert len(quantized) == 7 * 2 and all(m.weight.dtype == torch.uint8 for m in quantized)
+    assert not any(p.is_meta for p in model.parameters()) and model.is_loaded_in_4bit
+    out = tmp_path / "speed.json"
+    bench.main(["--shape", "tiny", "--samples", "24", "--length", "16", "--out", str(out)])
+    row = json.loads(out.read_text())["runs"][-1]
+    assert row["method"] == "lora_null_self_nf4" and row["blocks_timed"] == 2 and row["calibration"] == "24x16 own text"
+    assert row["function_error"] < 1e-5 and row["adapter_mib"] > 0 and "own text" in row["calibration_used"]
+    assert 0 < sum(row["phases"].values()) <= row["seconds"] and row["seconds_before_first_block"] > 0
