@@ -62,6 +62,11 @@ def progress(iterable: Iterable[T], desc: str, unit: str, total: int | None = No
     return iter(tqdm(iterable, desc=desc, unit=unit, total=total, leave=False, disable=_verbosity["level"] == QUIET))
 
 
+def progress_bar(total: int, desc: str, unit: str) -> tqdm:
+    """The same bar, advanced by hand (`update(n)`, then `close()`): for a stage whose steps vary in size."""
+    return tqdm(desc=desc, unit=unit, total=total, leave=False, disable=_verbosity["level"] == QUIET)
+
+
 @contextlib.contextmanager
 def quiet_libraries() -> Iterator[None]:
     """Silence transformers', datasets' and PEFT's own bars and internal warnings for the block."""

@@ -158,7 +158,13 @@ def test_a_weight_prior_suffix_on_the_lora_null_inits(cpu_run):
         build_adapter("lora_null_plain_w2", suite.load_base(), suite, seed=0).lora_null_report.config["weight_prior"]
         == 2.0
     )
-    for known in ("lora_null_w0.1", "lora_null_self_w0.1", "lora_null_self_task0.1_w1", "lora_null_x3_w0.1"):
+    for known in (
+        "lora_null_w0.1",
+        "lora_null_self_w0.1",
+        "lora_null_self_task0.1_w1",
+        "lora_null_x3_w0.1",
+        "lora_null_self_4k64_w0.3",
+    ):
         assert is_known_init(known), known
     for unknown in ("lora_w0.1", "lora_null_v2_w0.1", "lora_null_self_w0", "lora_null_self_wx", "pissa_w1"):
         assert not is_known_init(unknown), unknown

@@ -209,7 +209,32 @@ def test_a_gpu_draws_every_sample_at_once_when_their_cache_fits():
 
     per_row = 129 * 32 * 2 * 32 * 128 * 2
     assert rows_per_batch(320, 129, 16384, None) == 127  # CPU: three batches, as before
-    assert rows_per_batch(320, 129, 16384, (per_row, 28 * 2**30)) == 320  # a fifth of an H200: one batch
+    assert rows_per_batch(320, 129, 16384, (per_row, 28 * 2**30)) == 320  # 28 GiB allowed: one batch
     assert rows_per_batch(320, 129, 16384, (per_row, 13 * 2**30)) == 160  # two equal batches, not 208 + 112
     assert rows_per_batch(320, 129, 16384, (per_row, 2**30)) == 127  # never fewer rows than batch_tokens gives
     assert rows_per_batch(0, 129, 16384, (per_row, 2**30)) == 127
+
+
+def test_sampling_out_of_gpu_memory_halves_the_batch_and_draws_it_again(make_model, tokenizer):
+    """The batch is sized from an estimate of the KV cache against most of the free memory; where it runs out, the
+    batch is drawn again at half the rows, down to one, and every sample still comes back. Under ZeRO-3's lockstep
+    it is raised: every rank would have to halve together."""
+    from lora_null_core.calibration.own_text import _generate
+
+    model = make_model()
+    real = model.generate
+    sizes = []
+
+    def generate(*args, input_ids, **kwargs):
+        sizes.append(len(input_ids))
+        if len(input_ids) > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, input_ids=input_ids, **kwargs)
+
+    model.generate = generate
+    config = LoraNullConfig(generated_length=8, batch_tokens=16 * 9)  # 16 rows of 1 + 8 tokens a batch
+    drawn = _generate(model, tokenizer, [[tokenizer.bos_token_id]] * 10, config, torch.device("cpu"))
+    assert len(drawn) == 10 and all(0 < len(row) <= 8 for row in drawn)
+    assert sizes == [10, 8, 4, 4, 2]  # 16 rows (all 10) fail, 8 fail, then 4 at a time
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        _generate(model, tokenizer, [[tokenizer.bos_token_id]] * 10, config, torch.device("cpu"), in_step=True)

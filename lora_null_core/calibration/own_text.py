@@ -21,7 +21,7 @@ from peft import PeftModel
 from torch import nn
 
 from ..config import LoraNullConfig
-from ..console import progress, quiet_libraries
+from ..console import progress_bar, quiet_libraries
 from ..distributed import least_on_any_rank, rank_and_world
 from ..errors import CalibrationDataError, LoraNullError
 from ..weights import is_zero3_partitioned
@@ -163,20 +163,33 @@ def _generate(
     generated: list[list[int]] = []
     was_training = model.training
     model.eval()
+    bar = progress_bar(len(prompts), f"generating {what}", "sample")
     try:
-        for start in progress(range(0, len(prompts), rows), f"generating {what}", "batch"):
-            chunk = prompts[start : start + rows]
+        while len(generated) < len(prompts):
+            chunk = prompts[len(generated) : len(generated) + rows]
             width = max(len(p) for p in chunk)
             ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-            with torch.no_grad():
-                # synced_gpus said either way: transformers would turn it on under ZeRO-3 by itself
-                out = model.generate(
-                    input_ids=ids, attention_mask=mask, generation_config=settings, synced_gpus=in_step
-                )
+            try:
+                with torch.no_grad():
+                    # synced_gpus said either way: transformers would turn it on under ZeRO-3 by itself
+                    out = model.generate(
+                        input_ids=ids, attention_mask=mask, generation_config=settings, synced_gpus=in_step
+                    )
+            except torch.cuda.OutOfMemoryError:
+                # The budget is an estimate: halve and draw this batch again. Not in step: every rank would have to.
+                if in_step or rows == 1:
+                    raise
+                del ids, mask
+                torch.cuda.empty_cache()
+                rows = max(1, rows // 2)
+                logger.info("Sampling ran out of GPU memory: %d rows at a time from here.", rows)
+                continue
             for row in out[:, width:].tolist():
                 generated.append(row[: row.index(eos) + 1] if eos is not None and eos in row else row)
+            bar.update(len(chunk))
     finally:
+        bar.close()
         model.train(was_training)
     return generated
 
@@ -193,9 +206,14 @@ def rows_per_batch(count: int, width: int, batch_tokens: int, budget: tuple[int,
     return max(by_tokens, -(-count // batches))
 
 
+FREE_SHARE = 0.8  # of the GPU's free memory, for the samples' KV cache and sampling logits (the rest: activations)
+LOGITS_BYTES = 24  # per vocabulary entry and row while sampling: float32 logits, their sorted copy and its indices
+
+
 def _cache_budget(model: nn.Module, device: torch.device, width: int) -> tuple[int, int] | None:
-    """(KV-cache bytes of one sample, bytes it may take): a fifth of the GPU, at most half of what is free. None on
-    a CPU or when the model's config does not say its attention shape."""
+    """(bytes one sample takes while drawn: its KV cache and its sampling logits, bytes they may take): most of
+    what is free, as an estimate that _generate backs off from when it runs out. None on a CPU or when the
+    model's config does not say its attention shape."""
     if device.type != "cuda":
         return None
     config: Any = getattr(model, "config", None)
@@ -207,8 +225,9 @@ def _cache_budget(model: nn.Module, device: torch.device, width: int) -> tuple[i
         return None
     dtype_bytes = next((p.element_size() for p in model.parameters() if p.is_floating_point()), 2)
     per_row = width * layers * 2 * kv_heads * head_dim * dtype_bytes
-    free, total = torch.cuda.mem_get_info(device)
-    return per_row, int(min(total / 5, free / 2))
+    per_row += LOGITS_BYTES * int(getattr(config, "vocab_size", 0) or 0)
+    free, _ = torch.cuda.mem_get_info(device)
+    return per_row, int(FREE_SHARE * free)
 
 
 def _text(tokenizer: Any, prompt: list[int], generated: list[int], config: LoraNullConfig) -> str:

@@ -47,6 +47,9 @@ SELF_INITS = {
     "lora_null_self_chat": {"generated_prompt": "chat"},
     "lora_null_self_t1": {"generated_temperature": 1.0},
     "lora_null_self_chat_t1": {"generated_prompt": "chat", "generated_temperature": 1.0},
+    # #49's coverage: more, shorter samples for about the same sampling time (1,024 or 4,096 × 64 tokens)
+    "lora_null_self_1k64": {"num_samples": 1024, "generated_length": 64},
+    "lora_null_self_4k64": {"num_samples": 4096, "generated_length": 64},
 }
 # The task-aware null space: the calibration and the training examples as task data; lora_null_task uses the
 # default task_mix (and a_scale, 1 with task data), lora_null_task<μ> another (lora_null_task0.1).
