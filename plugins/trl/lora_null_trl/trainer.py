@@ -31,8 +31,8 @@ class LoraNullSFTTrainer(SFTTrainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         adapter_init = getattr(self.args, "adapter_init", "default")
-        meter, every = meter_wanted(vars(self.args), adapter_init)
-        if meter:  # drawn before the init: the reference is the original model's
+        metered, every = meter_wanted(vars(self.args), adapter_init)
+        if metered:  # drawn before the init: the reference is the original model's
             knowledge = getattr(self.args, "lora_null_calibration", None)  # its held-out rows: forgetting/ce_rise
             config = self.args.lora_null_config() if knowledge is not None else None
             meter = ForgettingCallback(every).draw(self.model, self.processing_class, knowledge, config)
