@@ -160,7 +160,7 @@ def test_a_measured_overhead_and_the_meters_curve_at_loras_own_rate(tmp_path):
             "meter_kl": kl,
             "train_seconds": 50.0,
             "meter_seconds": 0.5,
-            "meter_seconds_in_training": 1.5,
+            "meter_seconds_at_pace": 2.0,  # readings at 50, 100 and 150 (the last step: no extra one)
             "meter_curve": [[50, kl / 3], [100, kl / 2], [150, kl]],
         }
         for init, lr, seed, task, kept, kl in [

@@ -128,13 +128,15 @@ def run_frontier(
         if trainer != "loop":
             row["trainer"] = trainer
         else:
+            # The meter as the callback reads it: every 50 steps, and at the end unless the last step was read.
+            curve = templates["meter_curve"]
+            ended = bool(curve) and curve[-1][0] == settings.steps
             row.update(
                 templates["energies"],
                 skipped_steps=skipped,
                 train_seconds=round(templates["train_seconds"], 2),
-                # readings in training at the callback's default pace (the plot's curve; the measured overhead)
-                meter_curve=[*templates["meter_curve"], (settings.steps, meter_kl)],
-                meter_seconds_in_training=round(templates["meter_seconds_in_training"], 3),
+                meter_curve=curve if ended else [*curve, (settings.steps, meter_kl)],
+                meter_seconds_at_pace=round(templates["meter_seconds"] + (0 if ended else meter_seconds), 3),
             )
         logger.info(
             "%s %s %-15s lr %-7g seed %d: task %.3f, kept %.3f", suite.model, task, init, lr, seed, task_score, kept
@@ -174,7 +176,7 @@ def _train_in_loop(
         meter_every=DEFAULT_PACE,
     )
     templates["train_seconds"] = time.perf_counter() - started - trained.meter_seconds
-    templates.update(meter_curve=trained.meter_curve, meter_seconds_in_training=trained.meter_seconds)
+    templates.update(meter_curve=trained.meter_curve, meter_seconds=trained.meter_seconds)
     return model, trained
 
 

@@ -62,17 +62,17 @@ def meter_summary(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, An
                     "setup": f"{model} × {task}, {timed[0]['steps']} steps, batch {timed[0]['batch_size']}",
                     "fraction": statistics.fmean(_overhead(r) for r in timed),
                     "device": _devices(timed),
-                    "measured": all("meter_seconds_in_training" in r for r in timed),
+                    "measured": all("meter_seconds_at_pace" in r for r in timed),
                 }
             )
     return {"pairs": pairs, "overhead": overhead}
 
 
 def _overhead(row: dict[str, Any]) -> float:
-    """The meter's time over the training's: its readings in training and the one at the end where the run measured
-    them (meter_seconds_in_training), else one reading's time times the readings the default pace makes."""
-    if "meter_seconds_in_training" in row:
-        return (row["meter_seconds_in_training"] + row["meter_seconds"]) / row["train_seconds"]
+    """The meter's time over the training's: what its readings at the default pace took where the run read them so
+    (meter_seconds_at_pace), else one reading's time times the readings that pace makes."""
+    if "meter_seconds_at_pace" in row:
+        return row["meter_seconds_at_pace"] / row["train_seconds"]
     return (row["steps"] // DEFAULT_PACE + 1) * row["meter_seconds"] / row["train_seconds"]
 
 
