@@ -124,3 +124,7 @@ def test_frontier_pipeline_on_the_real_model(tmp_path, monkeypatch):
     assert untrained["lora"]["meter_kl"] == pytest.approx(0.0, abs=1e-6)
     assert trained["lora"]["meter_kl"] > 0 and trained["lora"]["meter_seconds"] > 0
     assert trained["lora"]["train_seconds"] > 0
+    # Read as the callback reads it: its last reading is the one after the last step, and its time is kept.
+    last_step, last_kl = trained["lora"]["meter_curve"][-1]
+    assert last_step == trained["lora"]["steps"] and last_kl == pytest.approx(trained["lora"]["meter_kl"])
+    assert trained["lora"]["meter_seconds_at_pace"] > 0
