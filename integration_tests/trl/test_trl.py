@@ -23,6 +23,18 @@ from lora_null_core.layout import RESIDUAL_ADAPTER_DIR
 LORA = dict(r=4, lora_alpha=8, target_modules="all-linear")
 
 
+# DeepSpeed ZeRO-3 on the CPU for the worker scripts (DeepSpeed derives the global batch). Kept here, not in a worker:
+# importing a worker script runs it.
+ZERO3 = {
+    "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+    "bf16": {"enabled": False},
+    "zero_allow_untested_optimizer": True,
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+}
+
+
 def trainer_for(workspace, output_dir, variant, **overrides):
     settings = dict(
         output_dir=str(output_dir),

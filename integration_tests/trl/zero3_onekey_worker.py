@@ -10,8 +10,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_trl import trainer_for  # noqa: E402
-from zero3_worker import ZERO3  # noqa: E402
+from test_trl import ZERO3, trainer_for  # noqa: E402
 
 from lora_null_core.calibration import own_text, whole_model  # noqa: E402
 

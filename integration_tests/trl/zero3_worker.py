@@ -8,18 +8,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_trl import trainer_for  # noqa: E402
+from test_trl import ZERO3, trainer_for  # noqa: E402
 
 from lora_null_core.frontends.callback import LoraNullCallback
-
-ZERO3 = {
-    "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
-    "bf16": {"enabled": False},
-    "zero_allow_untested_optimizer": True,
-    "gradient_accumulation_steps": "auto",
-    "gradient_clipping": "auto",
-    "train_micro_batch_size_per_gpu": "auto",
-}  # DeepSpeed derives the global batch
 
 workspace, out = Path(sys.argv[1]), Path(sys.argv[2])
 trainer = trainer_for(workspace, out / "run", "v2", max_steps=3, use_cpu=True, deepspeed=ZERO3)
