@@ -175,5 +175,7 @@ def test_a_measured_overhead_and_the_meters_curve_at_loras_own_rate(tmp_path):
     assert overhead["measured"] and overhead["fraction"] == pytest.approx(2.0 / 50)
     path = plot_meter_curves(rows, "m", "t", tmp_path / "meter.png")
     assert path.stat().st_size > 1000
-    with pytest.raises(ValueError, match="no LoRA point"):
+    from lora_null_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no LoRA point.*Pairs in these results: m t"):
         plot_meter_curves(rows, "m", "other task", tmp_path / "none.png")

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lora_null_core.errors import ConfigError
+
 DEFAULT_PACE = 50  # lora_null_forgetting_steps' default
 
 
@@ -88,9 +90,13 @@ def plot_meter_curves(
 
     from .frontier import curves, summary
 
-    lr = summary(curves(rows).get((model, task), {})).get("at_lora_lr", {}).get("lr")
+    panels = curves(rows)
+    lr = summary(panels.get((model, task), {})).get("at_lora_lr", {}).get("lr")
     if lr is None:
-        raise ValueError(f"{model} × {task}: no LoRA point at the task bar to take the learning rate from.")
+        raise ConfigError(
+            f"{model} × {task}: no LoRA point at the task bar to take the learning rate from. Pairs in these "
+            f"results: {', '.join(f'{m} {t}' for m, t in sorted(panels)) or 'none'}."
+        )
     fig, ax = plt.subplots(figsize=(6, 4))
     for init in inits:
         runs = [
