@@ -222,45 +222,42 @@ def test_labels_in_every_locale_and_launch_goes_through_the_plugin(tmp_path):
     assert launched[1] == ["llamafactory-cli", "train", str(tmp_path / "b.yaml")]
 
 
-def test_the_task_aware_box_is_on_by_default_and_turns_task_data_off():
+# What the board sends for the LoRA-Null boxes, by element id (the real form sends every element).
+BOARD_DATA = {
+    "train.adapter_init": "LoRA-Null v2",
+    "train.lora_null_calibration": "",
+    "train.lora_null_num_samples": 256,
+    "train.lora_null_task_data": True,
+    "train.lora_null_forgetting": True,
+}
+
+
+def board_parse(data):
+    """The board's argument parsing with the plugin's wrapper, over a stand-in for LLaMA-Factory's own."""
     from lora_null_llamafactory import webui
 
     class Runner:
         class manager:  # noqa: N801 - the board's ElementManager, by id
             get_elem_by_id = staticmethod(lambda elem_id: elem_id)
 
-    parse = webui._wrap_parse_train_args(lambda self, data: {"finetuning_type": "lora"})
-    data = {
-        "train.adapter_init": "LoRA-Null v2",
-        "train.lora_null_calibration": "",
-        "train.lora_null_num_samples": 256,
-        "train.lora_null_task_data": True,
-        "train.lora_null_forgetting": True,
-    }
-    assert parse(Runner(), data)["lora_null_task_data"] is None  # the default: the training set with calibration
-    assert parse(Runner(), {**data, "train.lora_null_task_data": False})["lora_null_task_data"] == "none"
+    return webui._wrap_parse_train_args(lambda self, data: {"finetuning_type": "lora"})(Runner(), data)
+
+
+def test_the_task_aware_box_is_on_by_default_and_turns_task_data_off():
+    data = dict(BOARD_DATA)
+    assert board_parse(data)["lora_null_task_data"] is None  # the default: the training set with calibration
+    assert board_parse({**data, "train.lora_null_task_data": False})["lora_null_task_data"] == "none"
 
 
 def test_the_forgetting_meter_box_is_the_keys_default_with_lora_null_and_asks_for_it_otherwise():
+    data = dict(BOARD_DATA)
+    assert board_parse(data)["lora_null_forgetting"] is None  # on: the default with the key
+    assert board_parse({**data, "train.lora_null_forgetting": False})["lora_null_forgetting"] == "false"
+    plain = board_parse({**data, "train.adapter_init": "LoRA"})
+    assert plain["lora_null_forgetting"] is True and "adapter_init" not in plain
+    assert "lora_null_forgetting" not in board_parse(
+        {**data, "train.adapter_init": "LoRA", "train.lora_null_forgetting": False}
+    )
     from lora_null_llamafactory import webui
 
-    class Runner:
-        class manager:  # noqa: N801 - the board's ElementManager, by id
-            get_elem_by_id = staticmethod(lambda elem_id: elem_id)
-
-    parse = webui._wrap_parse_train_args(lambda self, data: {"finetuning_type": "lora"})
-    data = {
-        "train.adapter_init": "LoRA-Null v2",
-        "train.lora_null_calibration": "",
-        "train.lora_null_num_samples": 256,
-        "train.lora_null_task_data": True,
-        "train.lora_null_forgetting": True,
-    }
-    assert parse(Runner(), data)["lora_null_forgetting"] is None  # on: the default with the key
-    assert parse(Runner(), {**data, "train.lora_null_forgetting": False})["lora_null_forgetting"] == "false"
-    plain = parse(Runner(), {**data, "train.adapter_init": "LoRA"})
-    assert plain["lora_null_forgetting"] is True and "adapter_init" not in plain
-    assert "lora_null_forgetting" not in parse(
-        Runner(), {**data, "train.adapter_init": "LoRA", "train.lora_null_forgetting": False}
-    )
     assert webui._through_the_plugin(plain) and not webui._through_the_plugin({"finetuning_type": "lora"})

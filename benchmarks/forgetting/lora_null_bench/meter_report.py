@@ -89,6 +89,7 @@ def plot_meter_curves(
     import matplotlib.pyplot as plt
 
     from .frontier import curves, summary
+    from .report import save_figure
 
     panels = curves(rows)
     lr = summary(panels.get((model, task), {})).get("at_lora_lr", {}).get("lr")
@@ -113,12 +114,7 @@ def plot_meter_curves(
     ax.set_title(f"{model} × {task}, lr {lr:g}")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _devices(rows: Sequence[dict[str, Any]]) -> str:

@@ -117,6 +117,13 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         ax.set_ylabel("knowledge retention (after / before)")
         ax.set_title(f"{model} ({size}), mean ± std over seeds")
         ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Laid out, written (its folder made) and closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
