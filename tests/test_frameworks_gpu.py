@@ -164,3 +164,24 @@ def test_two_gpu_setups_start_their_own_two_workers_with_half_the_batch_each(run
             assert ("--multi_gpu --num_processes 2" in command) == (workers == 2), command
         else:
             assert ("torch.distributed.run --nproc_per_node 2" in command) == (workers == 2), command
+
+
+def test_a_key_alone_row_compares_with_its_base_setups_lora_unless_it_has_its_own(run, tmp_path):
+    import json
+
+    def write(name, kept):
+        folder = tmp_path / "work" / "runs" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "row.json").write_text(json.dumps({**row(0.0, kept=kept), "model": "m"}))
+
+    output = tmp_path / "matrix.json"
+    write("trl-qlora4_onekey-lora_null", 0.9)
+    write("trl-qlora4-lora", 0.6)
+    write("trl-bf16-lora", 0.7)  # another base setup's LoRA: not qlora4_onekey's
+    run.collect(argparse.Namespace(work=str(tmp_path / "work"), output=str(output)))
+    (onekey,) = [r for r in json.loads(output.read_text())["runs"] if r["setup"] == "qlora4_onekey"]
+    assert onekey["knowledge_kept_lora"] == 0.6 and onekey["status"] == "pass"
+    write("trl-qlora4_onekey-lora", 0.95)  # a LoRA run of its own comes first
+    run.collect(argparse.Namespace(work=str(tmp_path / "work"), output=str(output)))
+    (onekey,) = [r for r in json.loads(output.read_text())["runs"] if r["setup"] == "qlora4_onekey"]
+    assert onekey["knowledge_kept_lora"] == 0.95 and onekey["status"] == "fail"

@@ -77,11 +77,14 @@ EOF
 
 start() {  # every run of ROWS at once, detached (setsid) so that it outlives this call; a run still training is
   # left alone, one that ended without a result (out of memory, say) starts again
-  local port=29600 name
+  local port=29600 name started=" "
   for row in $1; do
-    framework=${row%%:*} setup=${row#*:}
+    framework=${row%%:*} row_setup=${row#*:}
     for init in ${INITS:-lora_null lora}; do
+      # plain LoRA ignores the key alone: a _onekey row's LoRA is its base setup's, trained once (run.py base_setups_lora)
+      setup=$row_setup; [ $init = lora ] && setup=${row_setup%_onekey}
       name=$framework-$setup-$init port=$((port + 1))
+      [[ $started == *" $name "* ]] && continue; started+="$name "  # bf16 and bf16_onekey in one ROWS
       [ -f $WORK/runs/$name/train.json ] && continue  # trained in an earlier call on this machine
       # still training (the framework too: axolotl:bf16 must not hide llamafactory:bf16)
       pgrep -f -- "--framework $framework --setup $setup --init $init --work $WORK( |$)" > /dev/null && continue

@@ -612,10 +612,11 @@ REQUIRED = {
         "fsdp2_ram_efficient",
         "zero3_2",
         "bf16_onekey",
+        "qlora4_onekey",
         "zero3_1_onekey",
     ],
     "axolotl": ["bf16", "qlora4", "zero3_1", "ddp2", "zero3_2", "qlora4_onekey", "bf16_onekey", "zero3_1_onekey"],
-    "llamafactory": ["bf16", "qlora4", "zero3_1", "ddp2", "bf16_onekey", "zero3_1_onekey"],
+    "llamafactory": ["bf16", "qlora4", "zero3_1", "ddp2", "bf16_onekey", "qlora4_onekey", "zero3_1_onekey"],
     "peft": ["qlora4"],
 }
 
@@ -632,6 +633,7 @@ def collect(args) -> None:
             ours, lora = (_row(work, f"{framework}-{setup}-{name}") for name in (init, "lora"))
             if ours is None and (lora is None or init != "lora_null"):  # a LoRA run alone: one failed row
                 continue
+            lora = lora or base_setups_lora(work, framework, setup)
             row = {
                 "framework": framework,
                 "setup": setup,
@@ -730,6 +732,12 @@ def passes(ours, lora) -> bool:
         and ours["knowledge_kept"] > lora["knowledge_kept"]
         and ours["task_score"] >= 0.95 * lora["task_score"]
     )
+
+
+def base_setups_lora(work: Path, framework: str, setup: str):
+    """The key alone changes nothing for plain LoRA, so a `_onekey` setup with no LoRA run of its own compares with
+    its base setup's (`bf16` for `bf16_onekey`): one LoRA training less (device.sh trains it once)."""
+    return _row(work, f"{framework}-{setup.removesuffix('_onekey')}-lora") if setup.endswith("_onekey") else None
 
 
 def _row(work: Path, name: str):
