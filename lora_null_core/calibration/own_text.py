@@ -155,6 +155,7 @@ def _generate(
         pad_token_id=pad,
         eos_token_id=eos,
         use_cache=True,
+        cache_implementation=DECODING_CACHE,
     )
     row_tokens = config.generated_length + max((len(p) for p in prompts), default=1)
     rows = rows_per_batch(len(prompts), row_tokens, config.batch_tokens, _cache_budget(model, device, row_tokens))
@@ -206,6 +207,7 @@ def rows_per_batch(count: int, width: int, batch_tokens: int, budget: tuple[int,
     return max(by_tokens, -(-count // batches))
 
 
+DECODING_CACHE: str | None = None  # transformers' cache_implementation while sampling (None: its default, dynamic)
 FREE_SHARE = 0.8  # of the GPU's free memory, for the samples' KV cache and sampling logits (the rest: activations)
 LOGITS_BYTES = 24  # per vocabulary entry and row while sampling: float32 logits, their sorted copy and its indices
 

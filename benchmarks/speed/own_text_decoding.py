@@ -1,0 +1,74 @@
+"""Where the key alone's sampling time goes: own_samples on a model shape with random weights, per KV-cache kind
+and sample length, each timed after one warm-up draw (the shape's tokenizer never samples EOS on purpose, so every
+sample runs its full length, the worst case).
+
+    python benchmarks/speed/own_text_decoding.py --shape llama2-7b --lengths 128,512 --caches dynamic,static
+
+Prints one JSON row per (cache, length): seconds, seconds per decoding step, peak GPU memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_speed import SHAPES, build_model, word_tokenizer  # noqa: E402
+
+from lora_null_core import LoraNullConfig  # noqa: E402
+from lora_null_core.calibration import own_text  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--lengths", default="128,512")
+    parser.add_argument("--caches", default="dynamic,static", help="transformers' cache_implementation values")
+    parser.add_argument("--output", type=Path, default=None, help="Also write the rows here (JSON).")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(args.shape, device.type, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    tokenizer = word_tokenizer(SHAPES[args.shape]["vocab_size"])
+    rows = []
+    for cache in args.caches.split(","):
+        own_text.DECODING_CACHE = None if cache == "dynamic" else cache
+        for length in (int(n) for n in args.lengths.split(",")):
+            config = LoraNullConfig(num_samples=args.samples, holdout_samples=0, generated_length=length)
+            own_text.own_samples(model, tokenizer, config.replace(num_samples=8), device)  # warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            samples = own_text.own_samples(model, tokenizer, config, device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            steps = max(len(generated) for _, generated in samples)
+            rows.append(
+                {
+                    "shape": args.shape,
+                    "cache": cache,
+                    "samples": len(samples),
+                    "length": length,
+                    "steps": steps,
+                    "seconds": round(seconds, 2),
+                    "ms_per_step": round(1000 * seconds / max(steps, 1), 2),
+                    "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None,
+                    "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                    "command": "python " + " ".join(sys.argv),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    if args.output:
+        args.output.write_text(json.dumps({"runs": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
