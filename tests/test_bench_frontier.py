@@ -1,5 +1,7 @@
 """The frontier summary: the bar, each init's smallest loss at or above it, and the ratio to LoRA's."""
 
+import math
+
 import pytest
 from lora_null_bench.frontier import curves, exact_match, markdown, summary
 
@@ -142,10 +144,47 @@ def test_the_meters_rank_correlation_and_overhead():
     ]
     summary = meter_summary(rows + [{"model": "m", "task": "t", "knowledge_kept": 0.5}])  # a row without a reading
     assert summary["pairs"] == [
-        {"model": "m", "task": "t", "spearman": pytest.approx(1.0), "runs": 4, "device": "H100"}
+        {
+            "model": "m",
+            "task": "t",
+            "spearman": pytest.approx(1.0),
+            "runs": 4,
+            "device": "H100",
+            "spearman_within_init": {},  # no init has 3 runs
+            "spearman_within_init_mean": pytest.approx(math.nan, nan_ok=True),
+        }
     ]
     # 150 steps at one reading per 50, and one at the end: 4 readings of 0.5 s over 60 s of training
     assert summary["overhead"][0]["fraction"] == pytest.approx(4 * 0.5 / 60)
+
+
+def test_the_meter_ranks_each_inits_rates_even_where_inits_disagree():
+    """An init that protects the meter's own samples reads low at every rate (the smollm2 rows of 2026-12-06): the
+    ranking across inits is weak while each init's rates are ranked right."""
+    from lora_null_bench.meter_report import meter_summary
+
+    rows = [
+        {"model": "m", "task": "t", "init": init, "lr": lr, "knowledge_kept": kept, "meter_kl": kl}
+        for init, lr, kept, kl in [
+            ("lora", 3e-4, 0.85, 0.05),
+            ("lora", 1e-3, 0.64, 0.16),
+            ("lora", 3e-3, 0.47, 0.37),
+            ("self", 3e-4, 0.94, 0.002),
+            ("self", 1e-3, 0.90, 0.010),
+            ("self", 3e-3, 0.82, 0.043),
+            ("null", 3e-4, 0.95, 0.012),
+            ("null", 1e-3, 0.94, 0.078),
+            ("null", 3e-3, 0.93, 0.12),  # its loss ties its neighbours' in rank order only
+        ]
+    ]
+    (pair,) = meter_summary(rows)["pairs"]
+    assert pair["spearman"] < 0.8
+    assert pair["spearman_within_init"] == {
+        "lora": pytest.approx(1.0),
+        "null": pytest.approx(1.0),
+        "self": pytest.approx(1.0),
+    }
+    assert pair["spearman_within_init_mean"] == pytest.approx(1.0)
 
 
 def test_a_measured_overhead_and_the_meters_curve_at_loras_own_rate(tmp_path):

@@ -3,6 +3,7 @@
 #   python benchmarks/forgetting/stage.py .whl/frontier            # here, where PyPI is reachable
 #   bash benchmarks/forgetting/device.sh stage DIR                 # on the machine: add DIR's files to /tmp/stage
 #   bash benchmarks/forgetting/device.sh start PLAN MODEL [JOBS]   # MODEL's lines of PLAN, JOBS at a time, detached
+#     (Gemma-3 processes take up to 8 GiB each, a 4,096-sample init more: on an 80 GB H100, 6 at a time)
 #   bash benchmarks/forgetting/device.sh finish [WAIT]             # wait ≤ WAIT s, merge every row into $OUT
 # PLAN: one process per line, "model task inits lrs seeds [rank]" (plans/*.txt); model is smollm2, gemma, qwen or
 # qwen15 (Qwen2.5-Coder-0.5B/1.5B-Instruct: the framework matrix's `stage.py --model qwen|qwen15` parts, with the
@@ -10,6 +11,7 @@
 # A line may also be "model sweep": the own-text sampling sweep (benchmarks/init_quality/own_text_sweep.py).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+source benchmarks/gpu_in_use.sh
 STAGE=/tmp/stage WORK=/tmp/frontier OUT=${OUT:-/tmp/out}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 export USE_HUB_KERNELS=0  # transformers >= 5.25 fetches hub kernels by default, which no offline machine can
@@ -43,6 +45,7 @@ gguf_of() {  # gguf_of MODEL: its GGUF path, once its files are joined and the l
 
 start() {  # start PLAN MODEL [JOBS]: dequantize once into the shared cache, then every line of MODEL, JOBS at once
   local plan=$1 model=$2 jobs=${3:-12} gguf
+  warn_if_gpu_in_use
   gguf=$(gguf_of $model) || return 1
   mkdir -p $WORK/rows $WORK/logs
   python3 -c "import sys; from pathlib import Path; from lora_null_bench.suites import _local_model

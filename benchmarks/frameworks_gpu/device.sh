@@ -13,6 +13,7 @@
 # newer transformers, hub and kernels break LLaMA-Factory's pins.)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+source benchmarks/gpu_in_use.sh
 # MODEL=qwen or qwen15 (its GGUF staged by stage.py --model qwen|qwen15): the same rows on Qwen2.5-Coder-0.5B- or
 # 1.5B-Instruct, in their own work folder; collect puts them beside SmolLM2's.
 MODEL=${MODEL:-smollm2}
@@ -78,6 +79,7 @@ EOF
 start() {  # every run of ROWS at once, detached (setsid) so that it outlives this call; a run still training is
   # left alone, one that ended without a result (out of memory, say) starts again
   local port=29600 name started=" "
+  warn_if_gpu_in_use
   for row in $1; do
     framework=${row%%:*} row_setup=${row#*:}
     for init in ${INITS:-lora_null lora}; do

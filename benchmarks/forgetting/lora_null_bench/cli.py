@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot",
         nargs=2,
         metavar=("MODEL", "TASK"),
-        help="Also draw the meter over training steps for LoRA and lora_null on this pair (meter-MODEL-TASK.png).",
+        help="Also draw the meter over training steps for LoRA, lora_null and lora_null_self on this pair "
+        "(meter-MODEL-TASK.png).",
     )
     report = commands.add_parser("report", help="Table and plot from a results file.")
     report.add_argument("--results", default="benchmarks/results/forgetting.json")
@@ -325,7 +326,10 @@ def _meter(args) -> int:
     summary = meter_summary(merge_results([Path(p) for p in args.results]))
     Path(args.output).write_text(json.dumps(summary, indent=1) + "\n")
     for pair in summary["pairs"]:
-        print(f"{pair['model']} × {pair['task']}: Spearman {pair['spearman']:.3f} over {pair['runs']} runs")
+        print(
+            f"{pair['model']} × {pair['task']}: Spearman {pair['spearman']:.3f} over {pair['runs']} runs; "
+            f"within each init {pair['spearman_within_init_mean']:.3f} ({len(pair['spearman_within_init'])} inits)"
+        )
     for entry in summary["overhead"]:
         print(f"{entry['setup']}: meter {100 * entry['fraction']:.1f} % of training")
     if args.plot:

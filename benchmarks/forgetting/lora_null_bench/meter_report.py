@@ -1,7 +1,8 @@
 """Is the forgetting meter right? For each model × task pair of the frontier, the Spearman correlation between the
 meter's reading after training (`meter_kl`) and the knowledge the run lost (1 − knowledge_kept), over every init and
-learning rate; what the meter costs a run at its default pace (one reading per 50 steps, and one at the end); and its
-curve over the steps of one pair."""
+learning rate, and within each init over its learning rates (what a user choosing a rate reads it for); what the meter
+costs a run at its default pace (one reading per 50 steps, and one at the end); and its curve over the steps of one
+pair."""
 
 from __future__ import annotations
 
@@ -53,8 +54,22 @@ def meter_summary(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, An
             by_pair[row["model"], row["task"]].append(row)
     pairs = []
     for (model, task), runs in sorted(by_pair.items()):
-        rho = spearman([r["meter_kl"] for r in runs], [1 - r["knowledge_kept"] for r in runs])
-        pairs.append({"model": model, "task": task, "spearman": rho, "runs": len(runs), "device": _devices(runs)})
+        by_init: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for run in runs:
+            by_init[run["init"]].append(run)
+        within = {init: _rho(rows) for init, rows in sorted(by_init.items()) if len(rows) >= 3}
+        pairs.append(
+            {
+                "model": model,
+                "task": task,
+                "spearman": _rho(runs),
+                "runs": len(runs),
+                "device": _devices(runs),
+                # one init over its learning rates (>= 3 runs); the mean leaves out an init whose losses all tie
+                "spearman_within_init": within,
+                "spearman_within_init_mean": _mean_finite(within.values()),
+            }
+        )
     overhead = []
     for (model, task), runs in sorted(by_pair.items()):
         timed = [r for r in runs if r.get("train_seconds") and r.get("meter_seconds") is not None]
@@ -70,6 +85,15 @@ def meter_summary(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, An
     return {"pairs": pairs, "overhead": overhead}
 
 
+def _rho(runs: Sequence[dict[str, Any]]) -> float:
+    return spearman([r["meter_kl"] for r in runs], [1 - r["knowledge_kept"] for r in runs])
+
+
+def _mean_finite(values) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return statistics.fmean(finite) if finite else math.nan
+
+
 def _overhead(row: dict[str, Any]) -> float:
     """The meter's time over the training's: what its readings at the default pace took where the run read them so
     (meter_seconds_at_pace), else one reading's time times the readings that pace makes."""
@@ -79,7 +103,11 @@ def _overhead(row: dict[str, Any]) -> float:
 
 
 def plot_meter_curves(
-    rows: Sequence[dict[str, Any]], model: str, task: str, path: Path, inits: Sequence[str] = ("lora", "lora_null")
+    rows: Sequence[dict[str, Any]],
+    model: str,
+    task: str,
+    path: Path,
+    inits: Sequence[str] = ("lora", "lora_null", "lora_null_self"),
 ) -> Path:
     """The meter over training steps for `inits` on one pair, at LoRA's own learning rate (its point at the task bar
     with the smallest knowledge loss, as the frontier's summary picks it), mean over seeds."""
@@ -108,7 +136,7 @@ def plot_meter_curves(
         if runs:
             steps = [step for step, _ in runs[0]]
             mean = [statistics.fmean(run[i][1] for run in runs) for i in range(len(steps))]
-            ax.plot(steps, mean, marker="o", label=f"{init} ({len(runs)} seeds)")
+            ax.plot(steps, mean, marker="o", label=f"{init} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
     ax.set_xlabel("training step")
     ax.set_ylabel("forgetting/kl (nats per token)")
     ax.set_title(f"{model} × {task}, lr {lr:g}")
