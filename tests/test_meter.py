@@ -165,10 +165,10 @@ def test_the_meter_is_on_by_default_with_the_key_and_on_request_without():
     from lora_null_core.errors import ConfigError
     from lora_null_core.frontends import meter_wanted
 
-    assert meter_wanted({}, "lora_null") == (True, 50) and meter_wanted({}, None) == (False, 50)
+    assert meter_wanted({}, "lora_null") == (True, None) and meter_wanted({}, None) == (False, None)  # default pace
     assert meter_wanted({"lora_null_forgetting": True, "lora_null_forgetting_steps": 10}, None) == (True, 10)
-    assert meter_wanted({"lora_null_forgetting": False}, "lora_null") == (False, 50)
-    assert meter_wanted({"lora_null_forgetting": "false"}, "lora_null") == (False, 50)  # as a launcher passes it
+    assert meter_wanted({"lora_null_forgetting": False}, "lora_null") == (False, None)
+    assert meter_wanted({"lora_null_forgetting": "false"}, "lora_null") == (False, None)  # as a launcher passes it
     with pytest.raises(ConfigError, match="not true or false"):
         meter_wanted({"lora_null_forgetting": "maybe"}, None)
     with pytest.raises(ConfigError, match="at least 1"):
@@ -192,3 +192,34 @@ def test_the_callback_scores_the_rows_an_init_holds_out_of_the_knowledge_file(ma
     assert rows == [token_ids(text, tokenizer, 512) for text in chosen.holdout]
     assert not set(chosen.holdout) & set(chosen.calibration)
     assert ForgettingCallback().draw(make_model(), tokenizer).reference.texts() is None
+
+
+def test_the_default_pace_keeps_the_meter_within_a_twentieth_of_training_time(monkeypatch):
+    """Every 50 steps, except where the training since the last reading took less than 20 times that reading: a
+    reading of 2 s after 50 steps of 0.1 s (5 s) waits until 40 s of training have passed. A pace given is kept."""
+    from types import SimpleNamespace
+
+    from lora_null_core.frontends import ForgettingCallback, meter_callback
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(meter_callback, "perf_counter", lambda: clock["now"])
+
+    def readings(callback, step_seconds, reading_seconds, steps=600):
+        read = []
+
+        def measure(state, model):  # a reading: its time passes on the clock, as _measure's would
+            started = clock["now"]
+            clock["now"] += reading_seconds
+            read.append(state.global_step)
+            callback._since, callback._reading_seconds = clock["now"], clock["now"] - started
+
+        callback._measure = measure
+        callback.on_train_begin(SimpleNamespace(output_dir="unused"), SimpleNamespace(global_step=1), None)
+        for step in range(1, steps + 1):
+            clock["now"] += step_seconds
+            callback.on_step_end(None, SimpleNamespace(global_step=step), None)
+        return read
+
+    assert readings(ForgettingCallback(), 0.1, 2.0) == [50, 450]  # 2 s a reading: 40 s of training between two
+    assert readings(ForgettingCallback(), 1.0, 2.0) == list(range(50, 601, 50))  # 50 s of training pays for 2 s
+    assert readings(ForgettingCallback(every=50), 0.1, 2.0) == list(range(50, 601, 50))  # the pace the user gave

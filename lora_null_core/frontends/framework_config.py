@@ -177,7 +177,10 @@ def front_end_help(
             "own samples, while training (default: on with adapter_init lora_null; works on plain LoRA too)."
         )
     if key == "forgetting_steps":
-        return "Steps between two readings of the forgetting meter (default: 50)."
+        return (
+            "Steps between two readings of the forgetting meter (default: 50, fewer where readings would take "
+            "more than 5% of training time)."
+        )
     if key == "task_data":
         return (
             f"Task-aware A: put A where knowledge inputs are weak relative to the fine-tuning inputs. Unset "
