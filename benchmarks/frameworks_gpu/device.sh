@@ -83,7 +83,7 @@ start() {  # every run of ROWS at once, detached (setsid) so that it outlives th
   for row in $1; do
     framework=${row%%:*} row_setup=${row#*:}
     for init in ${INITS:-lora_null lora}; do
-      # plain LoRA ignores the key alone: a _onekey row's LoRA is its base setup's, trained once (run.py base_setups_lora)
+      # LoRA ignores the key alone: a _onekey row's LoRA is its base setup's, trained once (run.py base_setups_lora)
       setup=$row_setup; [ $init = lora ] && setup=${row_setup%_onekey}
       name=$framework-$setup-$init port=$((port + 1))
       [[ $started == *" $name "* ]] && continue; started+="$name "  # bf16 and bf16_onekey in one ROWS

@@ -192,8 +192,8 @@ def _generate(
     finally:
         bar.close()
         model.train(was_training)
-        if device.type == "cuda":  # the batch's KV cache back to the GPU, not held by this process's allocator:
-            torch.cuda.empty_cache()  # runs sharing the GPU ran out of memory beside a finished sampler (2026-12-06)
+        if device.type == "cuda":  # hand the KV cache back: other runs on the GPU ran out of memory beside a
+            torch.cuda.empty_cache()  # finished sampler's cached blocks (2026-12-06)
     return generated
 
 
