@@ -34,7 +34,7 @@ class ForgettingCallback(TrainerCallback):
 
     `every` None (the default): every 50 steps, but a reading is skipped while the training since the last one has
     not taken 20 times as long as that reading did, so the meter costs at most 5 % of training time (the last reading
-    aside). A small model's short steps would otherwise pay 15-40 % (frontier runs, 2026-12-06). Every rank takes the
+    aside). A small model's short steps would otherwise pay 16-42 % (frontier runs, 2026-12-06). Every rank takes the
     same decision, since a reading is collective. A number of steps given is kept to exactly."""
 
     def __init__(self, every: int | None = None, reference: ForgettingReference | None = None) -> None:
