@@ -123,6 +123,9 @@ def test_frontier_pipeline_on_the_real_model(tmp_path, monkeypatch):
     trained = {row["init"]: row for row in rows if row["lr"] > 0}
     assert untrained["lora"]["meter_kl"] == pytest.approx(0.0, abs=1e-6)
     assert trained["lora"]["meter_kl"] > 0 and trained["lora"]["meter_seconds"] > 0
+    # and its cross-entropy rise on held-out knowledge rows: none untrained, some after training at 3e-2
+    assert untrained["lora"]["meter_ce_rise"] == pytest.approx(0.0, abs=1e-5)
+    assert trained["lora"]["meter_ce_rise"] != pytest.approx(0.0, abs=1e-5)
     assert trained["lora"]["train_seconds"] > 0
     # Read as the callback reads it: its last reading is the one after the last step, and its time is kept.
     last_step, last_kl = trained["lora"]["meter_curve"][-1]

@@ -329,6 +329,11 @@ def _meter(args) -> int:
         print(
             f"{pair['model']} × {pair['task']}: Spearman {pair['spearman']:.3f} over {pair['runs']} runs; "
             f"within each init {pair['spearman_within_init_mean']:.3f} ({len(pair['spearman_within_init'])} inits)"
+            + (
+                f"; ce_rise {pair['spearman_ce_rise']:.3f} over {pair['runs_ce_rise']} runs"
+                if pair["runs_ce_rise"]
+                else ""
+            )
         )
     for entry in summary["overhead"]:
         print(f"{entry['setup']}: meter {100 * entry['fraction']:.1f} % of training")

@@ -38,6 +38,7 @@ from .train import fine_tune
 logger = logging.getLogger(__name__)
 
 QUALITY_BAR = 0.95  # "the task score users need": within 5 % of LoRA's best
+METER_TEXTS = 64  # held-out knowledge rows the meter's cross-entropy rise is read on (as many as its own samples)
 
 
 def exact_match(completion: str, targets: Sequence[str]) -> bool:
@@ -74,8 +75,9 @@ def run_frontier(
         "%s / %s: base task %.3f, %d of %d facts known", suite.model, task, task_base, len(known), len(suite.knowledge)
     )
     # The forgetting meter's reference: the base model's own samples (the same for every run of this process, so
-    # the meter's reading of each run can be ranked against the knowledge it lost: benchmarks/results/meter.json).
-    reference = forgetting_reference(base, suite.tokenizer, seed=0)
+    # the meter's reading of each run can be ranked against the knowledge it lost: benchmarks/results/meter.json),
+    # and held-out knowledge rows no init calibrates on, for the cross-entropy rise a knowledge file gives a run.
+    reference = forgetting_reference(base, suite.tokenizer, seed=0, texts=suite.heldout_text[:METER_TEXTS])
     del base
     rows = []
     templates: dict[str, Any] = {}
@@ -100,7 +102,8 @@ def run_frontier(
         )
         kept, _ = accuracy(model, suite.tokenizer, known, suite.knowledge_tokens, suite.eval_batch)
         metered = time.perf_counter()
-        meter_kl = forgetting(model, reference)["kl"]
+        meter = forgetting(model, reference)
+        meter_kl = meter["kl"]
         meter_seconds = time.perf_counter() - metered
         row = {
             "model": suite.model,
@@ -123,6 +126,7 @@ def run_frontier(
             "seconds": round(time.perf_counter() - start, 1),
             # the forgetting meter's reading after training, and what one reading cost
             "meter_kl": meter_kl,
+            "meter_ce_rise": meter["ce_rise"],
             "meter_seconds": round(meter_seconds, 3),
         }
         if trainer != "loop":

@@ -1,6 +1,7 @@
 """Is the forgetting meter right? For each model × task pair of the frontier, the Spearman correlation between the
 meter's reading after training (`meter_kl`) and the knowledge the run lost (1 − knowledge_kept), over every init and
-learning rate, and within each init over its learning rates (what a user choosing a rate reads it for); what the meter
+learning rate, and within each init over its learning rates (what a user choosing a rate reads it for); the same for
+the cross-entropy rise on held-out knowledge rows (`meter_ce_rise`), where the runs read it; what the meter
 costs a run at its default pace (one reading per 50 steps, and one at the end); and its curve over the steps of one
 pair."""
 
@@ -58,6 +59,7 @@ def meter_summary(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, An
         for run in runs:
             by_init[run["init"]].append(run)
         within = {init: _rho(rows) for init, rows in sorted(by_init.items()) if len(rows) >= 3}
+        with_texts = [r for r in runs if r.get("meter_ce_rise") is not None]
         pairs.append(
             {
                 "model": model,
@@ -68,6 +70,9 @@ def meter_summary(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, An
                 # one init over its learning rates (>= 3 runs); the mean leaves out an init whose losses all tie
                 "spearman_within_init": within,
                 "spearman_within_init_mean": _mean_finite(within.values()),
+                # the cross-entropy rise on held-out knowledge rows, where the runs read it
+                "spearman_ce_rise": _rho(with_texts, "meter_ce_rise"),
+                "runs_ce_rise": len(with_texts),
             }
         )
     overhead = []
@@ -85,8 +90,8 @@ def meter_summary(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, An
     return {"pairs": pairs, "overhead": overhead}
 
 
-def _rho(runs: Sequence[dict[str, Any]]) -> float:
-    return spearman([r["meter_kl"] for r in runs], [1 - r["knowledge_kept"] for r in runs])
+def _rho(runs: Sequence[dict[str, Any]], reading: str = "meter_kl") -> float:
+    return spearman([r[reading] for r in runs], [1 - r["knowledge_kept"] for r in runs])
 
 
 def _mean_finite(values) -> float:
