@@ -76,7 +76,8 @@ def run_frontier(
     )
     # The forgetting meter's reference: the base model's own samples (the same for every run of this process, so
     # the meter's reading of each run can be ranked against the knowledge it lost: benchmarks/results/meter.json),
-    # and held-out knowledge rows no init calibrates on, for the cross-entropy rise a knowledge file gives a run.
+    # and held-out knowledge rows (apart from the calibration questions and the scored facts), for the cross-entropy
+    # rise a knowledge file gives a run.
     reference = forgetting_reference(base, suite.tokenizer, seed=0, texts=suite.heldout_text[:METER_TEXTS])
     del base
     rows = []
