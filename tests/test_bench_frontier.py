@@ -216,6 +216,9 @@ def test_a_measured_overhead_and_the_meters_curve_at_loras_own_rate(tmp_path):
     ]
     overhead = meter_summary(rows)["overhead"][0]
     assert overhead["measured"] and overhead["fraction"] == pytest.approx(2.0 / 50)
+    framework_row = {"framework": "trl", "setup": "bf16", "model": "m", "meter_seconds": 2.0, "train_runtime": 80.0}
+    last = meter_summary(rows, [framework_row, {"framework": "trl", "setup": "qlora4"}])["overhead"]
+    assert len(last) == 2 and last[-1]["fraction"] == pytest.approx(2.0 / 80) and last[-1]["pace"] == "default"
     path = plot_meter_curves(rows, "m", "t", tmp_path / "meter.png")
     assert path.stat().st_size > 1000
     from lora_null_core.errors import ConfigError

@@ -179,9 +179,33 @@ def test_a_key_alone_row_compares_with_its_base_setups_lora_unless_it_has_its_ow
     write("trl-qlora4-lora", 0.6)
     write("trl-bf16-lora", 0.7)  # another base setup's LoRA: not qlora4_onekey's
     run.collect(argparse.Namespace(work=str(tmp_path / "work"), output=str(output)))
-    (onekey,) = [r for r in json.loads(output.read_text())["runs"] if r["setup"] == "qlora4_onekey"]
+    rows = json.loads(output.read_text())["runs"]
+    (onekey,) = [r for r in rows if r["setup"] == "qlora4_onekey"]
     assert onekey["knowledge_kept_lora"] == 0.6 and onekey["status"] == "pass"
+    assert [r["setup"] for r in rows] == ["qlora4_onekey"]  # the LoRA runs it trained alone are not failed rows
+    (tmp_path / "work" / "logs").mkdir()
+    (tmp_path / "work" / "logs" / "trl-bf16-lora_null.log").write_text("out of memory")  # started, left no row
+    run.collect(argparse.Namespace(work=str(tmp_path / "work"), output=str(output)))
+    (failed,) = [r for r in json.loads(output.read_text())["runs"] if r["setup"] == "bf16"]
+    assert failed["status"] == "fail" and failed["knowledge_kept_lora"] == 0.7
     write("trl-qlora4_onekey-lora", 0.95)  # a LoRA run of its own comes first
     run.collect(argparse.Namespace(work=str(tmp_path / "work"), output=str(output)))
     (onekey,) = [r for r in json.loads(output.read_text())["runs"] if r["setup"] == "qlora4_onekey"]
     assert onekey["knowledge_kept_lora"] == 0.95 and onekey["status"] == "fail"
+
+
+def test_the_meters_cost_is_read_from_the_log_the_trainer_printed(run, tmp_path):
+    """The running total of `forgetting/seconds` (the last one) and `train_runtime`, from TRL's run log or an
+    Axolotl or LLaMA-Factory run's framework.log; nothing where either is missing."""
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "runs" / "llamafactory-bf16-lora_null").mkdir(parents=True)
+    (tmp_path / "logs" / "trl-bf16-lora_null.log").write_text(
+        "{'forgetting/kl': '0.09', 'forgetting/seconds': '1.193', 'epoch': '0.4'}\n"
+        "{'train_runtime': '54.36', 'epoch': '1.2'}\n{'forgetting/kl': '0.12', 'forgetting/seconds': '2.122'}\n"
+    )
+    (tmp_path / "runs" / "llamafactory-bf16-lora_null" / "framework.log").write_text(
+        "{'train_runtime': 42.7, 'epoch': 1.2}\n"
+    )
+    assert run.meter_cost(tmp_path, "trl-bf16-lora_null") == {"meter_seconds": 2.122, "train_runtime": 54.36}
+    assert run.meter_cost(tmp_path, "llamafactory-bf16-lora_null") == {}  # no reading logged
+    assert run.meter_cost(tmp_path, "axolotl-bf16-lora_null") == {}  # no log

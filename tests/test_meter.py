@@ -37,6 +37,7 @@ def test_the_reference_holds_samples_and_their_log_probabilities(make_model, tok
     assert reference.tokens > 12 and not reference.sampled[:, 0].any()  # the BOS prompt is not scored
     assert (reference.logprobs[reference.sampled] < 0).all() and (reference.logprobs[~reference.sampled] == 0).all()
     assert reference.settings["temperature"] == 1.0 and reference.settings["top_p"] == 1.0
+    assert reference.settings["scoring_seconds"] > 0  # what the first reading will cost, priced by the pace
     path = reference.save(tmp_path / "ref.safetensors")
     again = ForgettingReference.load(path)
     assert torch.equal(again.ids, reference.ids) and torch.equal(again.logprobs, reference.logprobs)
@@ -223,3 +224,7 @@ def test_the_default_pace_keeps_the_meter_within_a_twentieth_of_training_time(mo
     assert readings(ForgettingCallback(), 0.1, 2.0) == [50, 450]  # 2 s a reading: 40 s of training between two
     assert readings(ForgettingCallback(), 1.0, 2.0) == list(range(50, 601, 50))  # 50 s of training pays for 2 s
     assert readings(ForgettingCallback(every=50), 0.1, 2.0) == list(range(50, 601, 50))  # the pace the user gave
+    # a reference whose scoring took 2 s prices the first reading too: 40 s of training first (step 320 of 0.125 s)
+    drawn = SimpleNamespace(settings={"scoring_seconds": 2.0})
+    assert readings(ForgettingCallback(reference=drawn), 0.125, 2.0) == [350]
+    assert readings(ForgettingCallback(), 0.125, 2.0) == [50, 400]

@@ -50,6 +50,10 @@ start() {  # start PLAN MODEL [JOBS]: dequantize once into the shared cache, the
   mkdir -p $WORK/rows $WORK/logs
   python3 -c "import sys; from pathlib import Path; from lora_null_bench.suites import _local_model
 print(_local_model(sys.argv[1], Path(sys.argv[2])))" $gguf $WORK/cache || return 1
+  # The runs import from a snapshot of the code: every later call copies the working tree over this one, and a run
+  # that imported a module while that copy was under way failed with ModuleNotFoundError (2026-12-06)
+  local code=$WORK/code-$model-$(date +%s)
+  mkdir -p $code && cp -r lora_null_core benchmarks pyproject.toml $code/ || return 1
   local batch=""; [ $model = smollm2 ] || batch="--eval-batch 64"  # Gemma's and Qwen's vocabularies: 4-5x SmolLM2's
   grep -n "^$model " $plan | while IFS=: read -r line spec; do
     set -- $spec
@@ -59,7 +63,8 @@ print(_local_model(sys.argv[1], Path(sys.argv[2])))" $gguf $WORK/cache || return
       echo "python3 -m lora_null_bench.cli frontier --task $2 --model $gguf --name ${NAME[$model]} --inits $3 --lrs $4 --seeds $5 ${6:+--rank $6} --steps 150 $batch --cache $WORK/cache --output $WORK/rows/$model-$line.json > $WORK/logs/$model-$line.log 2>&1"
     fi
   done > $WORK/$model.jobs
-  ( setsid bash -c "xargs -P $jobs -I{} -d '\n' bash -c {} < $WORK/$model.jobs" < /dev/null > /dev/null 2>&1 & )
+  ( cd $code && PYTHONPATH=/tmp/site:$code:$code/benchmarks/forgetting \
+      setsid bash -c "xargs -P $jobs -I{} -d '\n' bash -c {} < $WORK/$model.jobs" < /dev/null > /dev/null 2>&1 & )
   sleep 1; echo "$model: $(wc -l < $WORK/$model.jobs) processes, $jobs at a time"
 }
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -631,9 +632,10 @@ def collect(args) -> None:
     for framework, setups in REQUIRED.items():
         for setup, init in ((setup, init) for setup in setups for init in OURS):
             ours, lora = (_row(work, f"{framework}-{setup}-{name}") for name in (init, "lora"))
-            if ours is None and (lora is None or init != "lora_null"):  # a LoRA run alone: one failed row
-                continue
             lora = lora or base_setups_lora(work, framework, setup)
+            # a LoRA run alone is one failed row, unless ours never started: a `_onekey` row's LoRA trained alone
+            if ours is None and (lora is None or init != "lora_null" or not started(work, framework, setup, init)):
+                continue
             row = {
                 "framework": framework,
                 "setup": setup,
@@ -671,6 +673,7 @@ def collect(args) -> None:
             row["meta_weights_at_init_by_rank"] = weights_at_init(ours_dir)
             row["init_task_data"] = init_task_data(ours_dir)
             row["reload"] = reload_match(ours, lora)
+            row.update(meter_cost(work, f"{framework}-{setup}-{init}"))
             row["status"] = "pass" if passes(ours, lora) else "fail"
             rows.append({k: v for k, v in row.items() if v is not None})
     done = {_key(row) for row in rows}
@@ -684,6 +687,20 @@ def collect(args) -> None:
             f"kept {row.get('knowledge_kept')} vs {row.get('knowledge_kept_lora')}  task {row.get('task_score')} "
             f"vs {row.get('task_score_lora')}"
         )
+
+
+def meter_cost(work: Path, name: str) -> dict[str, float]:
+    """What the forgetting meter's readings took in a run (its last `forgetting/seconds`, the running total) and the
+    trainer's `train_runtime`, from the log the trainer printed (TRL's run log; Axolotl's and LLaMA-Factory's
+    framework.log): the meter's cost on a real model and step, in the framework's own run."""
+    found: dict[str, float] = {}
+    for log in (work / "logs" / f"{name}.log", work / "runs" / name / "framework.log"):
+        text = log.read_text(errors="replace") if log.is_file() else ""
+        for key, field in (("forgetting/seconds", "meter_seconds"), ("train_runtime", "train_runtime")):
+            values = re.findall(rf"'{key}': '?([0-9.]+)", text)
+            if values:
+                found[field] = float(values[-1])
+    return found if len(found) == 2 else {}
 
 
 def init_task_data(run: Path) -> dict | str | None:
@@ -738,6 +755,11 @@ def base_setups_lora(work: Path, framework: str, setup: str):
     """The key alone changes nothing for plain LoRA, so a `_onekey` setup with no LoRA run of its own compares with
     its base setup's (`bf16` for `bf16_onekey`): one LoRA training less (device.sh trains it once)."""
     return _row(work, f"{framework}-{setup.removesuffix('_onekey')}-lora") if setup.endswith("_onekey") else None
+
+
+def started(work: Path, framework: str, setup: str, init: str) -> bool:
+    """Whether device.sh started this run (its log), so a missing row is a failure, not a run never asked for."""
+    return (work / "logs" / f"{framework}-{setup}-{init}.log").is_file()
 
 
 def _row(work: Path, name: str):

@@ -277,3 +277,38 @@ def test_a_model_axolotl_holds_on_the_cpu_is_initialized_on_the_gpu_it_trains_on
     assert training_device(model) == "cuda:1"
     model.to("meta")
     assert training_device(model) is None  # not on the CPU: already placed
+
+
+def test_the_meter_samples_a_model_whose_attention_axolotl_rewrote_for_its_lora_kernels(workspace, monkeypatch):
+    """lora_qkv_kernel and lora_o_kernel (on by default on a GPU) rewrite the attention class to call apply_qkv and
+    apply_o, which Axolotl attaches to each layer only after post_lora_load: the meter's reference, drawn there on a
+    plain LoRA run, must still sample the model (on an H100 it failed with "no attribute 'apply_qkv'")."""
+    from axolotl.monkeypatch import lora_kernels
+    from axolotl.utils.dict import DictDefault
+    from lora_null_axolotl.plugin import LoraNullPlugin
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    cfg = DictDefault(
+        base_model=str(workspace / "model"),
+        model_config_type="llama",
+        lora_qkv_kernel=True,
+        lora_o_kernel=True,
+        lora_null_forgetting=True,
+    )
+    monkeypatch.setattr(LlamaAttention, "forward", LlamaAttention.forward)  # put back after the test
+    lora_kernels.patch_self_attn_lora(cfg)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(workspace / "model")
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj"]))
+        tokenizer = AutoTokenizer.from_pretrained(workspace / "model")
+        monkeypatch.setattr("axolotl.loaders.load_tokenizer", lambda cfg: tokenizer)
+        with pytest.raises(AttributeError, match="apply_qkv"):  # the rewritten class, as Axolotl leaves it here
+            model(torch.tensor([[1, 2, 3]]))
+        plugin = LoraNullPlugin()
+        plugin.post_lora_load(cfg, model)
+    finally:
+        del LlamaAttention._original_forward
+    assert plugin.meter is not None and plugin.meter.reference is not None
+    assert plugin.meter.reference.tokens > 0

@@ -42,7 +42,8 @@ class ForgettingCallback(TrainerCallback):
         self.time_share = None if every else TIME_SHARE
         self.trainer: Any = None
         self._measured_at = -1
-        self._reading_seconds = 0.0  # what the last reading took
+        self._reading_seconds = _scoring_seconds(reference)  # what the last reading took (before one: an estimate)
+        self._meter_seconds = 0.0  # what every reading so far took: logged, so a run shows what the meter cost
         self._since = perf_counter()  # when it ended (or training began)
 
     def draw(
@@ -58,6 +59,7 @@ class ForgettingCallback(TrainerCallback):
         `config` holds out) give `forgetting/ce_rise`."""
         texts = held_out_texts(knowledge, tokenizer, config or LoraNullConfig()) if knowledge is not None else None
         self.reference = forgetting_reference(model, tokenizer, texts=texts, device=device)
+        self._reading_seconds = _scoring_seconds(self.reference)
         logger.info(
             "Forgetting meter: %d samples of the model's own text (%d tokens)%s, measured every %d steps%s.",
             len(self.reference.ids),
@@ -103,11 +105,19 @@ class ForgettingCallback(TrainerCallback):
         metrics = {
             f"forgetting/{key}": float(value) for key, value in result.items() if key != "tokens" and value is not None
         }
+        self._since = perf_counter()
+        self._reading_seconds = self._since - started
+        self._meter_seconds += self._reading_seconds
+        metrics["forgetting/seconds"] = round(self._meter_seconds, 3)
         # Trainer's own log, not a subclass's: TRL's would flush its step metrics early
         Trainer.log(self.trainer, metrics)
         self._measured_at = state.global_step
-        self._since = perf_counter()
-        self._reading_seconds = self._since - started
+
+
+def _scoring_seconds(reference: ForgettingReference | None) -> float:
+    """What scoring the reference took when it was drawn: the same forwards as a reading, so the default pace
+    prices the first reading too (a 1.5B's first reading took 1.2-4.1 s after 50 one-minute runs' steps)."""
+    return float(reference.settings.get("scoring_seconds", 0.0)) if reference is not None else 0.0
 
 
 def meter_wanted(values: Mapping[str, Any], adapter_init: Any) -> tuple[bool, int | None]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +142,7 @@ def forgetting_reference(
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     adapter_off = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
     with whole_on(base, where), adapter_off:
+        started = time.perf_counter()
         reference = ForgettingReference(
             ids, mask, sampled, token_logprobs(model, ids, mask, sampled, batch_size), settings
         )
@@ -157,6 +159,8 @@ def forgetting_reference(
                 nll,
             )
             reference.settings["texts"] = len(rows)
+        # the forwards a reading repeats: what the first reading will cost, before any has been taken
+        reference.settings["scoring_seconds"] = round(time.perf_counter() - started, 3)
     return reference
 
 

@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     meter.add_argument("--results", nargs="+", default=["benchmarks/results/frontier.json"])
     meter.add_argument("--output", default="benchmarks/results/meter.json")
     meter.add_argument(
+        "--framework-rows",
+        default=None,
+        help="frameworks_gpu.json: the meter's cost in the framework matrix's runs (callback at its default pace).",
+    )
+    meter.add_argument(
         "--plot",
         nargs=2,
         metavar=("MODEL", "TASK"),
@@ -323,7 +328,8 @@ def _meter(args) -> int:
     from .frontier import merge_results
     from .meter_report import meter_summary
 
-    summary = meter_summary(merge_results([Path(p) for p in args.results]))
+    framework_rows = json.loads(Path(args.framework_rows).read_text())["runs"] if args.framework_rows else []
+    summary = meter_summary(merge_results([Path(p) for p in args.results]), framework_rows)
     Path(args.output).write_text(json.dumps(summary, indent=1) + "\n")
     for pair in summary["pairs"]:
         print(

@@ -47,8 +47,12 @@ def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True)) / (sx * sy)
 
 
-def meter_summary(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """meter.json: {"pairs": [{model, task, spearman, runs, device}], "overhead": [{setup, fraction, device}]}."""
+def meter_summary(
+    rows: Sequence[dict[str, Any]], framework_rows: Sequence[dict[str, Any]] = ()
+) -> dict[str, list[dict[str, Any]]]:
+    """meter.json: {"pairs": [{model, task, spearman, runs, device}], "overhead": [{setup, fraction, device}]}.
+    The overhead comes from the frontier's runs (read every 50 steps) and from the framework matrix's rows
+    (`framework_rows`, frameworks_gpu.json: the callback at its default pace, in each framework's own run)."""
     by_pair: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         if row.get("meter_kl") is not None and row.get("knowledge_kept") is not None:
@@ -85,6 +89,18 @@ def meter_summary(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, An
                     "fraction": statistics.fmean(_overhead(r) for r in timed),
                     "device": _devices(timed),
                     "measured": all("meter_seconds_at_pace" in r for r in timed),
+                    "pace": f"every {DEFAULT_PACE} steps",
+                }
+            )
+    for row in framework_rows:
+        if row.get("meter_seconds") is not None and row.get("train_runtime"):
+            overhead.append(
+                {
+                    "setup": f"{row['framework']} {row['setup']}, {row.get('model')}",
+                    "fraction": row["meter_seconds"] / row["train_runtime"],
+                    "device": row.get("device"),
+                    "measured": True,
+                    "pace": "default",
                 }
             )
     return {"pairs": pairs, "overhead": overhead}

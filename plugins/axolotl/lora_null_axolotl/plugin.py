@@ -49,6 +49,7 @@ class LoraNullPlugin(BasePlugin):
         return {"init_lora_weights": False} if is_active(cfg) else {}
 
     def post_lora_load(self, cfg: Any, model: Any) -> None:
+        attach_unfused_attention(cfg, model)  # the meter's sampling and the init's calibration run the model
         self.draw_meter(cfg, model)  # the original model's samples: before the init below
         if not is_active(cfg):
             return
@@ -63,7 +64,6 @@ class LoraNullPlugin(BasePlugin):
 
         tokenizer = load_tokenizer(cfg)
         texts = dataset_source(cfg.lora_null_calibration)
-        attach_unfused_attention(cfg, model)
         initialize_for_training(
             model,
             texts,
@@ -120,9 +120,10 @@ def training_device(model: Any) -> str | None:
 def attach_unfused_attention(cfg: Any, model: Any) -> None:
     """With lora_qkv_kernel or lora_o_kernel (on by default on a GPU), Axolotl rewrites the attention class's forward
     before the model loads, to call `self.apply_qkv` and `self.apply_o`, but attaches those to each layer only after
-    post_lora_load: in between the model cannot run (an H200 run failed with "'LlamaAttention' object has no
-    attribute 'apply_qkv'"). Attach Axolotl's own unfused versions, as Axolotl itself does first before choosing
-    its fused ones, so the calibration's forward passes run and see each projection's input."""
+    post_lora_load: in between the model cannot run. An H200 run failed with "'LlamaAttention' object has no attribute
+    'apply_qkv'" in the init, an H100 run on Qwen2.5-Coder-1.5B with 'Qwen2Attention' in the meter's sampling. Attach
+    Axolotl's own unfused versions, as Axolotl itself does first before choosing its fused ones, so the meter's
+    sampling and the calibration's forward passes run and see each projection's input."""
     if not (cfg.lora_qkv_kernel or cfg.lora_o_kernel):
         return
     from axolotl.monkeypatch import lora_kernels as kernels
