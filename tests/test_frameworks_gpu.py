@@ -209,3 +209,36 @@ def test_the_meters_cost_is_read_from_the_log_the_trainer_printed(run, tmp_path)
     assert run.meter_cost(tmp_path, "trl-bf16-lora_null") == {"meter_seconds": 2.122, "train_runtime": 54.36}
     assert run.meter_cost(tmp_path, "llamafactory-bf16-lora_null") == {}  # no reading logged
     assert run.meter_cost(tmp_path, "axolotl-bf16-lora_null") == {}  # no log
+
+
+def test_a_qlora_reload_quantizes_what_the_framework_quantized(run, tmp_path):
+    """LLaMA-Factory quantizes the checkpoint's float32 weights (its embeddings stay float32 in memory), Axolotl and
+    TRL bf16 ones: the reload casts to the same dtype before quantizing. bf16 runs and runs without the record: bf16."""
+    import json
+
+    import torch
+
+    def dtypes(embeddings):
+        (tmp_path / "memory_dtypes.json").write_text(
+            json.dumps({"base_model.model.model.embed_tokens.weight": embeddings, "x.lora_A.weight": "float32"})
+        )
+
+    assert run.quantized_from(tmp_path, "nf4") is torch.bfloat16  # no record
+    dtypes("float32")
+    assert run.quantized_from(tmp_path, "nf4") is torch.float32
+    assert run.quantized_from(tmp_path, "bf16") is torch.bfloat16
+    dtypes("bfloat16")
+    assert run.quantized_from(tmp_path, "nf4") is torch.bfloat16
+
+
+def test_a_staged_part_leaves_room_for_the_whole_working_tree():
+    """A call carries 64 MiB, the working tree included: the default part is 64 MiB less the whole checkout's tree
+    (its data alone is several MiB) less the margin."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stage_gpu", SCRIPT.with_name("stage.py"))
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    data = sum(f.stat().st_size for f in (SCRIPT.parents[1] / "data").rglob("*") if f.is_file()) / 2**20
+    tree = 64 - stage.part_mib(margin=0)
+    assert tree > data > 1 and stage.part_mib() == pytest.approx(64 - tree - 4)

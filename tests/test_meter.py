@@ -228,3 +228,62 @@ def test_the_default_pace_keeps_the_meter_within_a_twentieth_of_training_time(mo
     drawn = SimpleNamespace(settings={"scoring_seconds": 2.0})
     assert readings(ForgettingCallback(reference=drawn), 0.125, 2.0) == [350]
     assert readings(ForgettingCallback(), 0.125, 2.0) == [50, 400]
+
+
+def own_answers(model, tokenizer, questions):
+    """Question/answer rows whose answers are the model's own greedy continuations: a base that knows them all."""
+    from lora_null_core.meter.answers import answers_given
+
+    pairs = []
+    for question in questions:
+        ids = tokenizer(question, return_tensors="pt")["input_ids"]
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        if answer:
+            pairs.append((question, answer))
+    assert all(answers_given(model, tokenizer, pairs))
+    return pairs
+
+
+def test_answers_the_base_gives_are_counted_and_a_larger_update_keeps_fewer(make_model, tokenizer, knowledge):
+    """Greedy answers to question/answer rows: all kept by an unchanged model, fewer after a large random update; the
+    share is over the answers the base gave (None where it gave none)."""
+    from lora_null_core.meter.answers import answers_given, answers_kept, qa_pairs
+
+    questions = [" ".join(text.split()[:4]) for text in knowledge[:24]]
+    pairs = own_answers(make_model(seed=3), tokenizer, questions)
+    assert len(pairs) >= 12
+    kept = {}
+    for scale in (0.0, 3.0):
+        model = tuned(make_model(seed=3), scale)
+        with model.disable_adapter():
+            base = answers_given(model, tokenizer, pairs)
+        kept[scale] = answers_kept(base, answers_given(model, tokenizer, pairs))
+    assert kept[0.0] == {"answers_kept": 1.0, "answers_base_known": len(pairs), "answers": len(pairs)}
+    assert kept[3.0]["answers_kept"] < 0.5
+    assert answers_kept([False, False], [True, False])["answers_kept"] is None
+    rows = [{"question": "q?", "answer": " a "}, {"prompt": "p", "completion": "c"}, {"text": "t"}, "plain"]
+    assert qa_pairs(rows) == [("q?", "a"), ("p", "c")]
+    with pytest.raises(LoraNullError, match="'question' and 'answer'"):
+        qa_pairs([{"text": "no answers here"}])
+
+
+def test_the_command_counts_the_answers_still_given(saved_model, tokenizer, knowledge, tmp_path):
+    """`lora-null forgetting --answers --texts qa.jsonl`: the share of the base's answers the adapter keeps, beside
+    the KL and the cross-entropy rise on the same rows; --answers without --texts is a clear error."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(saved_model)
+    pairs = own_answers(base, tokenizer, [" ".join(text.split()[:4]) for text in knowledge[:16]])
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in pairs))
+    adapter = tmp_path / "adapter"
+    tuned(tiny_model("llama", len(tokenizer), seed=3), 3.0).save_pretrained(adapter)
+    common = ["forgetting", "--model", str(saved_model), "--adapter", str(adapter), "--device", "cpu"]
+    result = run_cli(*common, "--samples", "4", "--length", "8", "--texts", str(qa), "--answers")
+    assert result.returncode == 0, result.stderr
+    printed = dict(line.split(maxsplit=1) for line in result.stdout.strip().splitlines())
+    assert int(printed["answers_base_known"]) == len(pairs) == int(printed["answers"])
+    assert float(printed["answers_kept"]) < 0.5 and float(printed["ce_rise"]) > 0
+    refused = run_cli(*common, "--answers")
+    assert refused.returncode == 2 and "--texts" in refused.stderr and "Traceback" not in refused.stderr

@@ -42,8 +42,8 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--part-mb",
         type=float,
-        default=52,
-        help="MiB per part: one call carries 64 MiB, the working tree (~11 MiB) included",
+        default=None,
+        help="MiB per part (default: what fits beside this checkout's working tree in one 64 MiB call, less 4)",
     )
     parser.add_argument(
         "--loaders-only",
@@ -51,6 +51,7 @@ def main(argv=None) -> None:
         help="Only the loader stack: for the Qwen models, whose GGUFs the framework matrix's stage.py --model stages",
     )
     args = parser.parse_args(argv)
+    args.part_mb = args.part_mb or stage_gpu.part_mib()
     if args.output.exists():
         shutil.rmtree(args.output)
     with tempfile.TemporaryDirectory() as tmp:

@@ -65,9 +65,10 @@ from memory_probe import BASE_LOGITS_FILE, DTYPES_FILE, FACTORS_FILE, LOGITS_FIL
 
 
 # ---------------------------------------------------------------- loading, as every framework run does
-def load_base(folder: str, kind: str, on_gpu: bool = False):
+def load_base(folder: str, kind: str, on_gpu: bool = False, dtype: torch.dtype = torch.bfloat16):
     """The base model in bf16, or in 4-bit nf4 (bf16 compute) as QLoRA loads it (always onto this process's GPU);
-    bf16 stays on the CPU unless `on_gpu`, for the trainer (or FSDP, or ZeRO-3) to place."""
+    bf16 stays on the CPU unless `on_gpu`, for the trainer (or FSDP, or ZeRO-3) to place. `dtype`: what the weights
+    are cast to first, and for nf4 what is quantized (see quantized_from)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     extra = {}
@@ -79,7 +80,7 @@ def load_base(folder: str, kind: str, on_gpu: bool = False):
             bnb_4bit_use_double_quant=True,
         )
         extra["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, **extra)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
     return model.cuda() if on_gpu and kind == "bf16" else model
 
 
@@ -520,7 +521,8 @@ def evaluate(args) -> None:
     meta = json.loads((work / "meta.json").read_text())
     trained = json.loads((run / "train.json").read_text())
     base_name = json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model = PeftModel.from_pretrained(load_base(base_name, trained["kind"], on_gpu=True), run / "adapter")
+    base = load_base(base_name, trained["kind"], on_gpu=True, dtype=quantized_from(run, trained["kind"]))
+    model = PeftModel.from_pretrained(base, run / "adapter")
     tokenizer = pad_with_eos(AutoTokenizer.from_pretrained(base_name))
     probe = torch.load(work / "probe.pt")
     memory, mask = torch.load(run / LOGITS_FILE), probe["attention_mask"].bool()
@@ -564,6 +566,20 @@ def evaluate(args) -> None:
     }
     (run / "row.json").write_text(json.dumps(row, indent=1))
     print(json.dumps(row))
+
+
+def quantized_from(run: Path, kind: str) -> torch.dtype:
+    """The dtype a QLoRA run's framework quantized its base from, so the reload quantizes the same weights: 4-bit
+    codes and scales drawn from float32 weights differ from those drawn from the same weights rounded to bf16 (0.4 %
+    of SmolLM2's codes; its logits then differ by 0.05, as much as LLaMA-Factory's QLoRA base gap). LLaMA-Factory
+    loads the checkpoint's float32 and quantizes that; its embeddings stay float32 in memory, which tells it. bf16
+    otherwise, and for bf16 runs (their dtypes in memory are compared as trained)."""
+    path = run / DTYPES_FILE
+    if kind != "nf4" or not path.is_file():
+        return torch.bfloat16
+    dtypes = json.loads(path.read_text())
+    embeddings = [dtype for name, dtype in dtypes.items() if name.endswith("embed_tokens.weight")]
+    return torch.float32 if embeddings == ["float32"] else torch.bfloat16
 
 
 def saved_against_memory(run: Path):

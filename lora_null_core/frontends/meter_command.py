@@ -26,6 +26,12 @@ def add_parser(commands: Any) -> None:
         default=None,
         help="Held-out knowledge text (a .jsonl/.json/.txt/… file): also the cross-entropy rise on it.",
     )
+    meter.add_argument(
+        "--answers",
+        action="store_true",
+        help="With --texts of question/answer (or prompt/completion) rows: the share of the answers the base gives "
+        "that the tuned model still gives, decoding greedily (slower: it generates).",
+    )
     meter.add_argument("--samples", type=int, default=64, help="Samples drawn from the base model (default: 64).")
     meter.add_argument("--length", type=int, default=128, help="Tokens per sample at most (default: 128).")
     meter.add_argument("--seed", type=int, default=0)
@@ -52,18 +58,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from peft import PeftModel
 
     from ..calibration.sources import load_rows
-    from ..calibration.texts import row_to_text
     from ..console import quiet_libraries
     from ..io.saving import default_device, load_model, load_tokenizer
+    from ..meter.answers import answers_given, answers_kept, qa_pairs
     from ..meter.measure import forgetting
     from ..meter.reference import ForgettingReference, forgetting_reference
 
     if not (Path(args.adapter) / "adapter_config.json").is_file():
         raise LoraNullError(f"--adapter {args.adapter} holds no adapter_config.json: point it at a PEFT adapter.")
+    if args.answers and args.texts is None:
+        raise LoraNullError("--answers asks the questions of --texts: give the question/answer file with --texts.")
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
-    texts = None
-    if args.texts is not None:
-        texts = [row_to_text(row, tokenizer, "text") for row in load_rows(args.texts)]
+    rows = load_rows(args.texts) if args.texts is not None else None
+    texts = [_text(row, tokenizer) for row in rows] if rows is not None else None
+    pairs = qa_pairs(rows) if args.answers and rows is not None else None
     base = load_model(args.model, args.dtype, args.device or default_device(), args.trust_remote_code)
     if args.reference is not None:
         reference = ForgettingReference.load(args.reference)
@@ -73,7 +81,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         reference.save(args.save_reference)
     with quiet_libraries():
         tuned = PeftModel.from_pretrained(base, args.adapter)
-    return {**forgetting(tuned, reference), "samples": len(reference.ids)}
+    result = {**forgetting(tuned, reference), "samples": len(reference.ids)}
+    if pairs is not None:
+        with tuned.disable_adapter():
+            known = answers_given(tuned, tokenizer, pairs)
+        result.update(answers_kept(known, answers_given(tuned, tokenizer, pairs)))
+    return result
+
+
+def _text(row: Any, tokenizer: Any) -> str:
+    """A row's text for the cross-entropy rise: its text field or messages, or a question followed by its answer."""
+    from collections.abc import Mapping
+
+    from ..calibration.texts import row_to_text
+    from ..meter.answers import QA_FIELDS
+
+    for question, answer in QA_FIELDS:
+        if isinstance(row, Mapping) and "text" not in row and isinstance(row.get(question), str):
+            return f"{row[question]} {row.get(answer) or ''}".strip()
+    return row_to_text(row, tokenizer, "text")
 
 
 def plot(state_file: Path, output: Path) -> dict[str, Any]:
