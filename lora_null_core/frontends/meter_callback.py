@@ -116,7 +116,7 @@ class ForgettingCallback(TrainerCallback):
 
 def _scoring_seconds(reference: ForgettingReference | None) -> float:
     """What scoring the reference took when it was drawn: the same forwards as a reading, so the default pace
-    prices the first reading too (a 1.5B's first reading took 1.2-4.1 s after 50 one-minute runs' steps)."""
+    prices the first reading too (on the 1.5B's one-minute framework runs, the first reading took 1.2-4.1 s)."""
     return float(reference.settings.get("scoring_seconds", 0.0)) if reference is not None else 0.0
 
 
