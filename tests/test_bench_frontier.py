@@ -154,6 +154,8 @@ def test_the_meters_rank_correlation_and_overhead():
             "spearman_within_init_mean": pytest.approx(math.nan, nan_ok=True),
             "spearman_ce_rise": pytest.approx(math.nan, nan_ok=True),  # no run read it
             "runs_ce_rise": 0,
+            "spearman_answers": pytest.approx(math.nan, nan_ok=True),
+            "runs_answers": 0,
         }
     ]
     # 150 steps at one reading per 50, and one at the end: 4 readings of 0.5 s over 60 s of training
@@ -181,8 +183,11 @@ def test_the_meter_ranks_each_inits_rates_even_where_inits_disagree():
     ]
     for row in rows:  # the rise on held-out knowledge rows follows the facts lost, whatever the init protects
         row["meter_ce_rise"] = 2 * (1 - row["knowledge_kept"])
+    for row in rows[:6]:  # the held-out answers too, where the runs read them: kept answers, lost facts
+        row["meter_answers_kept"] = row["knowledge_kept"] - 0.01
     (pair,) = meter_summary(rows)["pairs"]
     assert pair["spearman"] < 0.8 and pair["spearman_ce_rise"] == pytest.approx(1.0) and pair["runs_ce_rise"] == 9
+    assert pair["spearman_answers"] == pytest.approx(1.0) and pair["runs_answers"] == 6
     assert pair["spearman_within_init"] == {
         "lora": pytest.approx(1.0),
         "null": pytest.approx(1.0),

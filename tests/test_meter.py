@@ -75,21 +75,28 @@ def meter_worker(rank, world, port, folder):
         tokenizer = tiny_tokenizer(knowledge_texts(240, seed=0))
         reference = ForgettingReference.load(os.path.join(folder, "ref.safetensors"))
         result = forgetting(tuned(tiny_model("llama", len(tokenizer), seed=2), 0.2), reference, batch_size=3)
-        save_file({"kl": torch.tensor([result["kl"], result["tokens"]])}, os.path.join(folder, f"rank{rank}.st"))
+        readings = [result["kl"], result["tokens"], result["answers_kept"]]
+        save_file({"kl": torch.tensor(readings)}, os.path.join(folder, f"rank{rank}.st"))
     finally:
         dist.destroy_process_group()
 
 
 def test_two_processes_measure_what_one_does(tmp_path):
-    """Each scores a share (the odd one padded, so both run as many forwards) and the sums are all-reduced."""
-    tokenizer = tiny_tokenizer(knowledge_texts(240, seed=0))
-    reference = forgetting_reference(tiny_model("llama", len(tokenizer), seed=2), tokenizer, samples=11, length=9)
+    """Each scores a share (the odd one padded, so both run as many forwards) and the sums are all-reduced: the KL
+    and the share of answers kept."""
+    knowledge = knowledge_texts(240, seed=0)
+    tokenizer = tiny_tokenizer(knowledge)
+    base = tiny_model("llama", len(tokenizer), seed=2)
+    pairs = own_answers(base, tokenizer, [" ".join(text.split()[:4]) for text in knowledge[:16]])[:9]
+    reference = forgetting_reference(base, tokenizer, samples=11, length=9, answers=pairs)
+    assert reference.settings["answers_base_known"] == 9  # odd: one rank scores a padding row
     reference.save(tmp_path / "ref.safetensors")
     single = forgetting(tuned(tiny_model("llama", len(tokenizer), seed=2), 0.2), reference, batch_size=3)
     mp.spawn(meter_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
-        kl, tokens = load_file(str(tmp_path / f"rank{rank}.st"))["kl"].tolist()
+        kl, tokens, answers = load_file(str(tmp_path / f"rank{rank}.st"))["kl"].tolist()
         assert tokens == single["tokens"] and kl == pytest.approx(single["kl"], rel=1e-5)
+        assert answers == pytest.approx(single["answers_kept"])
 
 
 def test_a_file_that_is_no_reference_is_refused(tmp_path):
@@ -231,37 +238,55 @@ def test_the_default_pace_keeps_the_meter_within_a_twentieth_of_training_time(mo
 
 
 def own_answers(model, tokenizer, questions):
-    """Question/answer rows whose answers are the model's own greedy continuations: a base that knows them all."""
-    from lora_null_core.meter.answers import answers_given
-
+    """Question/answer rows whose answers are the model's own greedy continuations (3 tokens): a base that gives them
+    all."""
     pairs = []
     for question in questions:
         ids = tokenizer(question, return_tensors="pt")["input_ids"]
         out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
-        if answer:
-            pairs.append((question, answer))
-    assert all(answers_given(model, tokenizer, pairs))
+        drawn = out[0, ids.shape[1] :].tolist()
+        if not set(drawn) & set(tokenizer.all_special_ids):  # an answer is text: no BOS or EOS inside it
+            pairs.append((question, tokenizer.decode(drawn).strip()))
     return pairs
 
 
-def test_answers_the_base_gives_are_counted_and_a_larger_update_keeps_fewer(make_model, tokenizer, knowledge):
-    """Greedy answers to question/answer rows: all kept by an unchanged model, fewer after a large random update; the
-    share is over the answers the base gave (None where it gave none)."""
-    from lora_null_core.meter.answers import answers_given, answers_kept, qa_pairs
+def greedy_gives(model, tokenizer, pairs):
+    """Per row, whether greedy generation after the question reproduces the answer's tokens: what the meter reads
+    from one forward."""
+    from lora_null_core.meter.answers import answer_rows
 
-    questions = [" ".join(text.split()[:4]) for text in knowledge[:24]]
-    pairs = own_answers(make_model(seed=3), tokenizer, questions)
-    assert len(pairs) >= 12
-    kept = {}
-    for scale in (0.0, 3.0):
-        model = tuned(make_model(seed=3), scale)
-        with model.disable_adapter():
-            base = answers_given(model, tokenizer, pairs)
-        kept[scale] = answers_kept(base, answers_given(model, tokenizer, pairs))
-    assert kept[0.0] == {"answers_kept": 1.0, "answers_base_known": len(pairs), "answers": len(pairs)}
-    assert kept[3.0]["answers_kept"] < 0.5
-    assert answers_kept([False, False], [True, False])["answers_kept"] is None
+    ids, mask, positions = answer_rows(pairs, tokenizer, tokenizer.eos_token_id)
+    out = []
+    for row in range(len(ids)):
+        answer = ids[row][positions[row]]
+        prompt = ids[row][: int(positions[row].nonzero()[0])][None]
+        generated = model.generate(prompt, max_new_tokens=len(answer), do_sample=False, pad_token_id=0)
+        out.append(generated[0, prompt.shape[1] :].tolist() == answer.tolist())
+    return out
+
+
+def test_answers_the_base_gives_are_counted_and_a_larger_update_keeps_fewer(make_model, tokenizer, knowledge, tmp_path):
+    """The base's greedy answers, read from one forward each, are the ones generation reproduces; an unchanged model
+    keeps them all, a large random update fewer; the reference keeps them through a save."""
+    from lora_null_core.meter.answers import given, qa_pairs
+    from lora_null_core.meter.scoring import token_scores
+
+    base = make_model(seed=3)
+    pairs = own_answers(base, tokenizer, [" ".join(text.split()[:4]) for text in knowledge[:24]])
+    wrong = [(question, "nothing like it at all") for question, _ in pairs[:4]]
+    reference = forgetting_reference(base, tokenizer, samples=4, length=6, answers=pairs + wrong)
+    assert reference.settings["answers"] == len(pairs) + 4
+    assert reference.settings["answers_base_known"] == len(pairs) >= 12  # the generated ones, not the wrong ones
+    reference = ForgettingReference.load(reference.save(tmp_path / "ref.safetensors"))
+    assert forgetting(tuned(make_model(seed=3), 0.0), reference)["answers_kept"] == 1.0
+    changed = tuned(make_model(seed=3), 3.0)
+    assert forgetting(changed, reference)["answers_kept"] < 0.5
+    ids, mask, positions = reference.answers()
+    one_forward = given(token_scores(changed, ids, mask, positions)[1], positions).tolist()
+    assert one_forward == greedy_gives(changed, tokenizer, pairs)
+    assert forgetting(changed, forgetting_reference(base, tokenizer, samples=4, length=6))["answers_kept"] is None
+    none_known = forgetting_reference(base, tokenizer, samples=4, length=6, answers=wrong)
+    assert none_known.settings["answers_base_known"] == 0 and forgetting(changed, none_known)["answers_kept"] is None
     rows = [{"question": "q?", "answer": " a "}, {"prompt": "p", "completion": "c"}, {"text": "t"}, "plain"]
     assert qa_pairs(rows) == [("q?", "a"), ("p", "c")]
     with pytest.raises(LoraNullError, match="'question' and 'answer'"):
@@ -270,7 +295,8 @@ def test_answers_the_base_gives_are_counted_and_a_larger_update_keeps_fewer(make
 
 def test_the_command_counts_the_answers_still_given(saved_model, tokenizer, knowledge, tmp_path):
     """`lora-null forgetting --answers --texts qa.jsonl`: the share of the base's answers the adapter keeps, beside
-    the KL and the cross-entropy rise on the same rows; --answers without --texts is a clear error."""
+    the KL and the cross-entropy rise on the same rows; --answers without --texts, or beside --reference, is a clear
+    error."""
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(saved_model)
@@ -287,3 +313,5 @@ def test_the_command_counts_the_answers_still_given(saved_model, tokenizer, know
     assert float(printed["answers_kept"]) < 0.5 and float(printed["ce_rise"]) > 0
     refused = run_cli(*common, "--answers")
     assert refused.returncode == 2 and "--texts" in refused.stderr and "Traceback" not in refused.stderr
+    both = run_cli(*common, "--answers", "--texts", str(qa), "--reference", str(tmp_path / "r.safetensors"))
+    assert both.returncode == 2 and "--reference" in both.stderr and "Traceback" not in both.stderr

@@ -126,6 +126,9 @@ def test_frontier_pipeline_on_the_real_model(tmp_path, monkeypatch):
     # and its cross-entropy rise on held-out knowledge rows: none untrained, some after training at 3e-2
     assert untrained["lora"]["meter_ce_rise"] == pytest.approx(0.0, abs=1e-5)
     assert trained["lora"]["meter_ce_rise"] != pytest.approx(0.0, abs=1e-5)
+    # and the held-out questions' answers: an untrained copy still gives every one the base gave (None: this size
+    # holds out 8 questions, and the base may give none of them first)
+    assert untrained["lora"]["meter_answers_kept"] in (None, 1.0) and "meter_answers_kept" in trained["lora"]
     assert trained["lora"]["train_seconds"] > 0
     # Read as the callback reads it: its last reading is the one after the last step, and its time is kept.
     last_step, last_kl = trained["lora"]["meter_curve"][-1]

@@ -30,7 +30,7 @@ def add_parser(commands: Any) -> None:
         "--answers",
         action="store_true",
         help="With --texts of question/answer (or prompt/completion) rows: the share of the answers the base gives "
-        "that the tuned model still gives, decoding greedily (slower: it generates).",
+        "(greedily) that the tuned model still gives.",
     )
     meter.add_argument("--samples", type=int, default=64, help="Samples drawn from the base model (default: 64).")
     meter.add_argument("--length", type=int, default=128, help="Tokens per sample at most (default: 128).")
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ..calibration.sources import load_rows
     from ..console import quiet_libraries
     from ..io.saving import default_device, load_model, load_tokenizer
-    from ..meter.answers import answers_given, answers_kept, qa_pairs
+    from ..meter.answers import qa_pairs
     from ..meter.measure import forgetting
     from ..meter.reference import ForgettingReference, forgetting_reference
 
@@ -68,6 +68,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise LoraNullError(f"--adapter {args.adapter} holds no adapter_config.json: point it at a PEFT adapter.")
     if args.answers and args.texts is None:
         raise LoraNullError("--answers asks the questions of --texts: give the question/answer file with --texts.")
+    if args.answers and args.reference is not None:
+        raise LoraNullError(
+            "--answers draws the base's answers into a new reference; --reference reads one drawn before "
+            "(with its answers, if it has any): give one of the two."
+        )
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     rows = load_rows(args.texts) if args.texts is not None else None
     texts = [_text(row, tokenizer) for row in rows] if rows is not None else None
@@ -76,16 +81,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.reference is not None:
         reference = ForgettingReference.load(args.reference)
     else:
-        reference = forgetting_reference(base, tokenizer, args.samples, args.length, args.seed, texts)
+        reference = forgetting_reference(base, tokenizer, args.samples, args.length, args.seed, texts, answers=pairs)
     if args.save_reference is not None:
         reference.save(args.save_reference)
     with quiet_libraries():
         tuned = PeftModel.from_pretrained(base, args.adapter)
     result = {**forgetting(tuned, reference), "samples": len(reference.ids)}
-    if pairs is not None:
-        with tuned.disable_adapter():
-            known = answers_given(tuned, tokenizer, pairs)
-        result.update(answers_kept(known, answers_given(tuned, tokenizer, pairs)))
+    if reference.answers() is not None:
+        result.update({key: reference.settings[key] for key in ("answers", "answers_base_known")})
     return result
 
 

@@ -25,7 +25,8 @@ from ..calibration.whole_model import whole_on
 from ..config import LoraNullConfig
 from ..errors import LoraNullError
 from ..model_parts import model_device
-from .scoring import padded, token_logprobs
+from .answers import answer_rows, given
+from .scoring import padded, token_logprobs, token_scores
 
 FORMAT = 1
 
@@ -44,6 +45,9 @@ class ForgettingReference:
     text_mask: torch.Tensor | None = None  # (rows, length) bool: real tokens
     text_scored: torch.Tensor | None = None  # (rows, length) bool: tokens predicted (all but each row's first)
     text_nll: torch.Tensor | None = None  # (rows,) float64: each row's summed NLL under the original model
+    answer_ids: torch.Tensor | None = None  # (rows, length) long: question + answer, of the answers the original gave
+    answer_mask: torch.Tensor | None = None  # (rows, length) bool: real tokens
+    answer_scored: torch.Tensor | None = None  # (rows, length) bool: the answer's tokens
 
     @property
     def tokens(self) -> int:
@@ -54,6 +58,12 @@ class ForgettingReference:
         if self.text_ids is None or self.text_mask is None or self.text_scored is None or self.text_nll is None:
             return None
         return self.text_ids, self.text_mask, self.text_scored, self.text_nll
+
+    def answers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(ids, mask, answer positions) of the question/answer rows the original model answered, or None without."""
+        if self.answer_ids is None or self.answer_mask is None or self.answer_scored is None:
+            return None
+        return self.answer_ids, self.answer_mask, self.answer_scored
 
     def save(self, path: StrPath) -> Path:
         """One safetensors file (a few MB), written whole or not at all."""
@@ -70,6 +80,10 @@ class ForgettingReference:
             tensors.update(
                 text_ids=ids, text_mask=mask.to(torch.uint8), text_scored=scored.to(torch.uint8), text_nll=nll
             )
+        answers = self.answers()
+        if answers is not None:
+            ids, mask, scored = answers
+            tensors.update(answer_ids=ids, answer_mask=mask.to(torch.uint8), answer_scored=scored.to(torch.uint8))
         staging = path.with_name(f".{path.name}.tmp")
         save_file(
             {k: v.contiguous().cpu() for k, v in tensors.items()},
@@ -91,8 +105,9 @@ class ForgettingReference:
         if metadata.get("format") != str(FORMAT):
             raise LoraNullError(f"{path} is not a lora-null forgetting reference (format {metadata.get('format')}).")
         tensors = load_file(str(path))
-        text = {k: tensors[k] for k in ("text_ids", "text_mask", "text_scored", "text_nll") if k in tensors}
-        for key in ("text_mask", "text_scored"):
+        optional = ("text_ids", "text_mask", "text_scored", "text_nll", "answer_ids", "answer_mask", "answer_scored")
+        text = {k: tensors[k] for k in optional if k in tensors}
+        for key in ("text_mask", "text_scored", "answer_mask", "answer_scored"):
             if key in text:
                 text[key] = text[key].bool()
         return cls(
@@ -114,10 +129,12 @@ def forgetting_reference(
     texts: Sequence[str] | None = None,
     batch_size: int = 16,
     device: torch.device | str | None = None,
+    answers: Sequence[tuple[str, str]] | None = None,
 ) -> ForgettingReference:
     """`samples` texts of at most `length` tokens drawn from the model as it is now (a PeftModel's adapter off), from
     BOS, at temperature 1 with no nucleus (samples from the model's own distribution: what makes the KL estimate
-    unbiased), with their log-probabilities; `texts`: held-out knowledge rows, kept with their cross-entropy.
+    unbiased), with their log-probabilities; `texts`: held-out knowledge rows, kept with their cross-entropy;
+    `answers`: (question, answer) pairs, of which those the model answers now are kept (meter/answers.py).
     `device`: where to run (default: where the model is; a model held in CPU memory visits it when it fits)."""
     if samples < 1 or length < 1:
         raise LoraNullError(f"samples={samples} and length={length} must be at least 1.")
@@ -159,6 +176,15 @@ def forgetting_reference(
                 nll,
             )
             reference.settings["texts"] = len(rows)
+        if answers:
+            ids, mask, positions = answer_rows(answers, tokenizer, _pad_id(tokenizer))
+            known = given(token_scores(model, ids, mask, positions, batch_size)[1], positions)
+            reference.answer_ids, reference.answer_mask, reference.answer_scored = (
+                ids[known],
+                mask[known],
+                positions[known],
+            )
+            reference.settings.update(answers=len(answers), answers_base_known=int(known.sum()))
         # the forwards a reading repeats: what the first reading will cost, before any has been taken
         reference.settings["scoring_seconds"] = round(time.perf_counter() - started, 3)
     return reference

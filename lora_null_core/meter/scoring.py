@@ -32,8 +32,17 @@ def token_logprobs(
 ) -> torch.Tensor:
     """log p(x_t | x_<t) at the `scored` positions (0 elsewhere; position 0 has no prediction), in float32, on the
     CPU. The model runs in eval mode and is left as it was."""
+    return token_scores(model, ids, mask, scored, batch_size)[0]
+
+
+def token_scores(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, scored: torch.Tensor, batch_size: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token_logprobs, hits) from the same forwards: hits marks the `scored` positions whose token is the model's
+    most likely one there, so a row whose scored positions all hit is what greedy decoding would produce."""
     device = input_device(model)
     out = torch.zeros(ids.shape, dtype=torch.float32)
+    hits = torch.zeros(ids.shape, dtype=torch.bool)
     was_training = model.training
     model.eval()
     try:
@@ -44,6 +53,7 @@ def token_logprobs(
                 logits = model(input_ids=batch_ids, attention_mask=batch_mask.long(), use_cache=False).logits
                 nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch_ids[:, 1:], reduction="none")
                 out[rows, 1:] = -nll.cpu()
+                hits[rows, 1:] = (logits[:, :-1].argmax(-1) == batch_ids[:, 1:]).cpu()
     finally:
         model.train(was_training)
-    return out * scored
+    return out * scored, hits & scored

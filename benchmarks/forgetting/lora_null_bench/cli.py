@@ -340,6 +340,11 @@ def _meter(args) -> int:
                 if pair["runs_ce_rise"]
                 else ""
             )
+            + (
+                f"; answers {pair['spearman_answers']:.3f} over {pair['runs_answers']} runs"
+                if pair["runs_answers"]
+                else ""
+            )
         )
     for entry in summary["overhead"]:
         print(f"{entry['setup']}: meter {100 * entry['fraction']:.1f} % of training")

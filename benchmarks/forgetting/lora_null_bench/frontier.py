@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 QUALITY_BAR = 0.95  # "the task score users need": within 5 % of LoRA's best
 METER_TEXTS = 64  # held-out knowledge rows the meter's cross-entropy rise is read on (as many as its own samples)
+# held-out questions the meter's answers are read on: an answer counts only where it comes first, stricter than the
+# benchmark's match within 8 tokens, so SmolLM2 gives 4 of the first 64 (CPU); all 500 give a finer share
+METER_QUESTIONS = 500
 
 
 def exact_match(completion: str, targets: Sequence[str]) -> bool:
@@ -77,8 +80,14 @@ def run_frontier(
     # The forgetting meter's reference: the base model's own samples (the same for every run of this process, so
     # the meter's reading of each run can be ranked against the knowledge it lost: benchmarks/results/meter.json),
     # and held-out knowledge rows (apart from the calibration questions and the scored facts), for the cross-entropy
-    # rise a knowledge file gives a run.
-    reference = forgetting_reference(base, suite.tokenizer, seed=0, texts=suite.heldout_text[:METER_TEXTS])
+    # rise a knowledge file gives a run, and the share of their answers the base gave that a run still gives.
+    reference = forgetting_reference(
+        base,
+        suite.tokenizer,
+        seed=0,
+        texts=suite.heldout_text[:METER_TEXTS],
+        answers=suite.heldout_answers[:METER_QUESTIONS] or None,
+    )
     del base
     rows = []
     templates: dict[str, Any] = {}
@@ -128,6 +137,7 @@ def run_frontier(
             # the forgetting meter's reading after training, and what one reading cost
             "meter_kl": meter_kl,
             "meter_ce_rise": meter["ce_rise"],
+            "meter_answers_kept": meter["answers_kept"],
             "meter_seconds": round(meter_seconds, 3),
         }
         if trainer != "loop":

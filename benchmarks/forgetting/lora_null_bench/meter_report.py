@@ -1,7 +1,8 @@
 """Is the forgetting meter right? For each model × task pair of the frontier, the Spearman correlation between the
 meter's reading after training (`meter_kl`) and the knowledge the run lost (1 − knowledge_kept), over every init and
 learning rate, and within each init over its learning rates (what a user choosing a rate reads it for); the same for
-the cross-entropy rise on held-out knowledge rows (`meter_ce_rise`), where the runs read it; what the meter
+the cross-entropy rise on held-out knowledge rows (`meter_ce_rise`) and the share of their answers still given
+(`meter_answers_kept`), where the runs read them; what the meter
 costs a run at its default pace (one reading per 50 steps, and one at the end); and its curve over the steps of one
 pair."""
 
@@ -64,6 +65,7 @@ def meter_summary(
             by_init[run["init"]].append(run)
         within = {init: _rho(rows) for init, rows in sorted(by_init.items()) if len(rows) >= 3}
         with_texts = [r for r in runs if r.get("meter_ce_rise") is not None]
+        with_answers = [r for r in runs if r.get("meter_answers_kept") is not None]
         pairs.append(
             {
                 "model": model,
@@ -77,6 +79,11 @@ def meter_summary(
                 # the cross-entropy rise on held-out knowledge rows, where the runs read it
                 "spearman_ce_rise": _rho(with_texts, "meter_ce_rise"),
                 "runs_ce_rise": len(with_texts),
+                # the share of the held-out rows' base answers still given: lost is 1 minus it, like the facts'
+                "spearman_answers": spearman(
+                    [1 - r["meter_answers_kept"] for r in with_answers], [1 - r["knowledge_kept"] for r in with_answers]
+                ),
+                "runs_answers": len(with_answers),
             }
         )
     overhead = []

@@ -8,7 +8,7 @@ import json
 import logging
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ class Suite:
     separator: str = " "
     eval_batch: int = 64
     setting: str = ""  # overrides of the size's defaults, e.g. "lr=0.01, r=64": rows differ from the default table
+    heldout_answers: list[tuple[str, str]] = field(default_factory=list)  # the held-out rows as (question, answer)
 
     def task_texts(self) -> list[str]:
         """The training examples as fine-tuning reads them (prompt, separator, first answer)."""
@@ -251,6 +252,7 @@ def file_suite(
         calibration=probe_rows[:calib_end],
         knowledge=probe_rows[calib_end:knowledge_end],
         heldout_text=[e.text for e in probe_rows[knowledge_end:needed]],
+        heldout_answers=[(e.prompt, e.targets[0]) for e in probe_rows[knowledge_end:needed]],
         task_train=train_rows[: spec.task_train],
         task_eval=eval_rows[: spec.task_eval],
         train=spec.finetune,
