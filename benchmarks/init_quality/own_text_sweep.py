@@ -27,7 +27,8 @@ from lora_null_core.io.saving import default_device
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 TASKS = ("addition", "word_reversal")
-SETTINGS = {  # name → LoraNullConfig overrides of the defaults (from BOS, 128 tokens, T 1, top-p 0.95, 256)
+SETTINGS = {  # name → LoraNullConfig overrides of the defaults (from BOS, 128 tokens, T 1.3, top-p 0.95, 256; the
+    # rows of own_text_sweep.json before 2026-12-06 ran at T 1, the default then)
     "bos": {},
     "chat": {"generated_prompt": "chat"},
     "bos_len64": {"generated_length": 64},
@@ -38,6 +39,10 @@ SETTINGS = {  # name → LoraNullConfig overrides of the defaults (from BOS, 128
     "bos_top_p1": {"generated_top_p": 1.0},
     "bos_n64": {"num_samples": 64},
     "bos_n1024": {"num_samples": 1024},
+    # #49: knowledge is read from short questions, all of whose tokens sit near the start of a text, where a
+    # model's activations differ most; 128-token samples give those positions a tenth of the covariance
+    "bos_len16_n2048": {"generated_length": 16, "num_samples": 2048},
+    "bos_len32_n1024": {"generated_length": 32, "num_samples": 1024},
 }
 
 

@@ -32,6 +32,9 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--lengths", default="128,512")
     parser.add_argument("--output", type=Path, default=None, help="Also write the rows here (JSON).")
+    parser.add_argument(
+        "--profile", type=int, default=0, help="Also profile a draw of this many steps: its top CUDA and CPU ops."
+    )
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(args.shape, device.type, torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -65,7 +68,41 @@ def main(argv=None) -> int:
         print(json.dumps(rows[-1]), flush=True)
         if args.output:  # after each row: a call that runs out of time keeps what it measured
             args.output.write_text(json.dumps({"runs": rows}, indent=1) + "\n")
+    if args.profile:
+        rows.append(profiled(model, tokenizer, device, args.samples, args.profile))
+        print(json.dumps(rows[-1]), flush=True)
+        if args.output:
+            args.output.write_text(json.dumps({"runs": rows}, indent=1) + "\n")
     return 0
+
+
+def profiled(model, tokenizer, device: torch.device, samples: int, steps: int) -> dict:
+    """Where a draw's time goes: the ops that take the most device and host time, and the wall time beside them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    config = LoraNullConfig(num_samples=samples, holdout_samples=0, generated_length=steps)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        own_text.own_samples(model, tokenizer, config, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    averages = prof.key_averages()
+
+    def top(key: str) -> list[dict]:
+        ranked = sorted(averages, key=lambda e: getattr(e, key), reverse=True)[:15]
+        return [{"op": e.key, "ms": round(getattr(e, key) / 1000, 1), "calls": e.count} for e in ranked]
+
+    device_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return {
+        "profile_steps": steps,
+        "samples": samples,
+        "seconds_profiled": round(seconds, 2),
+        "device_ms_total": round(sum(getattr(e, device_key) for e in averages) / 1000, 1),
+        "top_device": top(device_key),
+        "top_host": top("self_cpu_time_total"),
+    }
 
 
 if __name__ == "__main__":
