@@ -230,3 +230,21 @@ def test_a_measured_overhead_and_the_meters_curve_at_loras_own_rate(tmp_path):
 
     with pytest.raises(ConfigError, match="no LoRA point.*Pairs in these results: m t"):
         plot_meter_curves(rows, "m", "other task", tmp_path / "none.png")
+
+
+def test_meter_json_writes_a_correlation_it_cannot_take_as_null(tmp_path):
+    import json
+
+    from lora_null_bench.cli import main
+
+    results = tmp_path / "frontier.json"
+    row = {"model": "m", "task": "t", "init": "lora", "lr": 1e-3, "seed": 0, "steps": 150, "rank": 16}
+    row.update(knowledge_kept=0.6, meter_kl=0.3)
+    results.write_text(json.dumps({"runs": [row]}))  # one run: no correlation
+    main(["meter", "--results", str(results), "--output", str(tmp_path / "meter.json")])
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    pair = json.loads((tmp_path / "meter.json").read_text(), parse_constant=refuse)["pairs"][0]
+    assert pair["spearman"] is None and pair["runs"] == 1

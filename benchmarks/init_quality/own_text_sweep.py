@@ -43,6 +43,8 @@ SETTINGS = {  # name → LoraNullConfig overrides of the defaults (from BOS, 128
     # model's activations differ most; 128-token samples give those positions a tenth of the covariance
     "bos_len16_n2048": {"generated_length": 16, "num_samples": 2048},
     "bos_len32_n1024": {"generated_length": 32, "num_samples": 1024},
+    "bos_len8_n4096": {"generated_length": 8, "num_samples": 4096},
+    "bos_len16_n4096": {"generated_length": 16, "num_samples": 4096},
 }
 
 

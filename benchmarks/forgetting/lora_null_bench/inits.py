@@ -50,9 +50,11 @@ SELF_INITS = {
     # #49's coverage: more, shorter samples for about the same sampling time (1,024 or 4,096 × 64 tokens)
     "lora_null_self_1k64": {"num_samples": 1024, "generated_length": 64},
     "lora_null_self_4k64": {"num_samples": 4096, "generated_length": 64},
-    # and far shorter ones (2,048 x 16 tokens): knowledge is read from short questions, whose tokens all sit near
-    # a text's start; on SmolLM2 their held-out energy fell from 0.102 to 0.085 (own_text_sweep.py, CPU)
+    # and far shorter ones (2,048 x 16 and 4,096 x 8 tokens): knowledge is read from short questions, whose tokens
+    # all sit near a text's start; on SmolLM2 their held-out energy fell from 0.102 to 0.085 and 0.084
+    # (own_text_sweep.py, CPU)
     "lora_null_self_2k16": {"num_samples": 2048, "generated_length": 16},
+    "lora_null_self_4k8": {"num_samples": 4096, "generated_length": 8},
 }
 # The task-aware null space: the calibration and the training examples as task data; lora_null_task uses the
 # default task_mix (and a_scale, 1 with task data), lora_null_task<μ> another (lora_null_task0.1).
