@@ -23,9 +23,12 @@ declare -A NAME=([smollm2]=smollm2-135m-instruct-q4_1 [gemma]=gemma-3-270m-q4_k_
 
 stage() { mkdir -p $STAGE && cp -r "$1"/. $STAGE/ && echo "staged: $(ls $STAGE | wc -l) files"; }
 
-joined() {  # joined FILE: FILE rebuilt from its chunks and checked against FILE.sha256
-  [ -f $STAGE/$1 ] || cat $(ls $STAGE/$1.chunk* | sort) > $STAGE/$1
-  [ "$(sha256sum $STAGE/$1 | cut -c1-64)" = "$(cat $STAGE/$1.sha256)" ] || { echo "$1: chunks do not join" >&2; return 1; }
+joined() {  # joined FILE: FILE rebuilt from its chunks and checked against FILE.sha256; a join that failed (a
+  # part not staged yet) is removed, so the next call joins again
+  sums() { [ "$(sha256sum $STAGE/$1 | cut -c1-64)" = "$(cat $STAGE/$1.sha256)" ]; }
+  [ -f $STAGE/$1 ] && sums $1 && return 0
+  cat $(ls $STAGE/$1.chunk* | sort) > $STAGE/$1
+  sums $1 || { rm -f $STAGE/$1; echo "$1: chunks do not join (a part not staged yet?)" >&2; return 1; }
 }
 
 gguf_of() {  # gguf_of MODEL: its GGUF path, once its files are joined and the loaders installed
