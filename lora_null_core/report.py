@@ -69,7 +69,7 @@ class InitReport:
 
     def write(self, folder: Path) -> Path:
         path = Path(folder) / METADATA_FILE
-        path.write_text(json.dumps(_finite(self.to_dict()), indent=2, allow_nan=False) + "\n")
+        path.write_text(json.dumps(json_safe(self.to_dict()), indent=2, allow_nan=False) + "\n")
         return path
 
 
@@ -78,14 +78,14 @@ def recorded_a_scale(config: dict[str, Any]) -> float:
     return float(config.get("a_scale", 1.0))
 
 
-def _finite(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN and Inf become null: JSON has no such numbers, and other readers reject them."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 

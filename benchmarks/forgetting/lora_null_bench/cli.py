@@ -322,26 +322,17 @@ def _frontier_report(args) -> int:
     return 0
 
 
-def _nan_as_null(value):
-    """JSON has no NaN (a correlation with too few runs): null, which every reader takes."""
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: _nan_as_null(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_nan_as_null(v) for v in value]
-    return value
-
-
 def _meter(args) -> int:
     import json
+
+    from lora_null_core.report import json_safe
 
     from .frontier import merge_results
     from .meter_report import meter_summary
 
     framework_rows = json.loads(Path(args.framework_rows).read_text())["runs"] if args.framework_rows else []
     summary = meter_summary(merge_results([Path(p) for p in args.results]), framework_rows)
-    Path(args.output).write_text(json.dumps(_nan_as_null(summary), indent=1) + "\n")
+    Path(args.output).write_text(json.dumps(json_safe(summary), indent=1, allow_nan=False) + "\n")
     for pair in summary["pairs"]:
         print(
             f"{pair['model']} × {pair['task']}: Spearman {pair['spearman']:.3f} over {pair['runs']} runs; "
