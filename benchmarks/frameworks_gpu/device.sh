@@ -80,6 +80,11 @@ start() {  # every run of ROWS at once, detached (setsid) so that it outlives th
   # left alone, one that ended without a result (out of memory, say) starts again
   local port=29600 name started=" "
   warn_if_gpu_in_use
+  # The runs import from a snapshot of the code, as the frontier's do: a later call copies the working tree over this
+  # one, and a plugin imports the core only once the model has loaded, while that copy may be under way
+  local code=$WORK/code-$(date +%s)
+  mkdir -p $code && cp -r lora_null_core plugins benchmarks pyproject.toml $code/ || return 1
+  REPO=$code RUN=$code/$RUN
   for row in $1; do
     framework=${row%%:*} row_setup=${row#*:}
     for init in ${INITS:-lora_null lora}; do
