@@ -56,6 +56,18 @@ def test_the_key_alone_setups_leave_the_calibration_out(run, tmp_path):
     assert keys("bf16")["lora_null_num_samples"] == 724
 
 
+def test_axolotl_setups_turn_its_kernels_off_only_where_asked(run, tmp_path):
+    off = {"lora_mlp_kernel": False, "lora_qkv_kernel": False, "lora_o_kernel": False}
+    assert run.axolotl_setup_keys("bf16") == {} == run.axolotl_setup_keys("bf16_onekey")
+    assert run.axolotl_setup_keys("bf16_nokernels") == off == run.axolotl_setup_keys("bf16_nokernels_onekey")
+    assert run.axolotl_setup_keys("zero3_1") == {**off, "deepspeed": str(run.ZERO3)}
+    # the key alone without kernels compares with LoRA without kernels, not with the kernels' LoRA
+    for setup, kept in (("bf16", 0.4), ("bf16_nokernels", 0.5)):
+        (tmp_path / "runs" / f"axolotl-{setup}-lora").mkdir(parents=True)
+        (tmp_path / "runs" / f"axolotl-{setup}-lora" / "row.json").write_text(f'{{"knowledge_kept": {kept}}}')
+    assert run.base_setups_lora(tmp_path, "axolotl", "bf16_nokernels_onekey") == {"knowledge_kept": 0.5}
+
+
 def test_a_second_models_rows_sit_beside_the_firsts(run, tmp_path):
     import json
 

@@ -50,6 +50,9 @@ SETUPS = {  # setup → (how the base is loaded, processes)
     "bf16_onekey": ("bf16", 1),
     "qlora4_onekey": ("nf4", 1),
     "zero3_1_onekey": ("bf16", 1),
+    # Axolotl with its fused LoRA kernels off (on by default on a GPU): do they make the bf16 reload gap?
+    "bf16_nokernels": ("bf16", 1),
+    "bf16_nokernels_onekey": ("bf16", 1),
 }
 FRAMEWORKS = ("trl", "peft", "axolotl", "llamafactory")
 # lora_null: the key and, beside the calibration file, nothing else (the default: task-aware where the trainer holds
@@ -369,6 +372,18 @@ def run_cli(command: list[str], config: dict, work: Path, run: Path, suffix: str
     return " ".join(shlex.quote(c) for c in command)
 
 
+def axolotl_setup_keys(setup: str) -> dict:
+    """What a setup changes in Axolotl's config: ZeRO-3's DeepSpeed file, and Axolotl's fused LoRA kernels (on by
+    default on a GPU) off under ZeRO-3, where they failed for plain LoRA too ("self and mat2 must have the same dtype,
+    but got BFloat16 and Float"), and in the `_nokernels` setups, which ask whether they make the bf16 reload gap."""
+    keys: dict = {}
+    if setup.startswith("zero3") or "_nokernels" in setup:
+        keys.update(lora_mlp_kernel=False, lora_qkv_kernel=False, lora_o_kernel=False)
+    if setup.startswith("zero3"):
+        keys["deepspeed"] = str(ZERO3)
+    return keys
+
+
 def train_axolotl(args, work: Path, run: Path, meta: dict, kind: str) -> str:
     """The real `axolotl train config.yml`, with Axolotl's usual GPU settings on (bf16, gradient checkpointing,
     sdpa attention, sample packing); the probe enters as one more plugin."""
@@ -422,11 +437,7 @@ def train_axolotl(args, work: Path, run: Path, meta: dict, kind: str) -> str:
         "dataset_num_proc": 1,
         "plugins": ["lora_null_axolotl.LoraNullPlugin", "memory_probe.MemoryProbePlugin"],
     }
-    if args.setup.startswith("zero3"):
-        # Axolotl's fused LoRA kernels (auto-enabled) failed under ZeRO-3 for plain LoRA too: "self and mat2 must
-        # have the same dtype, but got BFloat16 and Float" (frameworks_gpu.json, axolotl zero3_1 notes)
-        config.update(deepspeed=str(ZERO3), lora_mlp_kernel=False, lora_qkv_kernel=False, lora_o_kernel=False)
-    config.update(calibration_keys(args, work))
+    config.update(axolotl_setup_keys(args.setup), **calibration_keys(args, work))
     port = os.environ.get("MASTER_PORT", "29500")  # runs side by side each need their own
     # Axolotl starts its own workers (accelerate launch, with what follows "--"); several GPUs are its usual DDP, or
     # ZeRO-3 over them
@@ -632,7 +643,18 @@ REQUIRED = {
         "qlora4_onekey",
         "zero3_1_onekey",
     ],
-    "axolotl": ["bf16", "qlora4", "zero3_1", "ddp2", "zero3_2", "qlora4_onekey", "bf16_onekey", "zero3_1_onekey"],
+    "axolotl": [
+        "bf16",
+        "qlora4",
+        "zero3_1",
+        "ddp2",
+        "zero3_2",
+        "qlora4_onekey",
+        "bf16_onekey",
+        "zero3_1_onekey",
+        "bf16_nokernels",
+        "bf16_nokernels_onekey",
+    ],
     "llamafactory": ["bf16", "qlora4", "zero3_1", "ddp2", "bf16_onekey", "qlora4_onekey", "zero3_1_onekey"],
     "peft": ["qlora4"],
 }
