@@ -3,10 +3,13 @@ each timed after one warm-up draw (the shape's tokenizer never samples EOS on pu
 length, the worst case).
 
     python benchmarks/speed/own_text_decoding.py --shape llama2-7b --lengths 128,512 --output decoding.json
+    python benchmarks/speed/own_text_decoding.py --shape llama2-7b --lengths 128 --decoders generate,graphed
 
-Prints one JSON row per length (seconds, milliseconds per decoding step, peak GPU memory) as it is measured, and
-writes the rows so far after each. A static KV cache with compiled decoding was measured too and dropped: 45.1 s
-against 9.4 s for 256 samples of 128 tokens on the Llama-2-7B shape, compilation included (H100, 2026-12-06).
+`--decoders graphed` times the CUDA-graph prototype (graph_decoding.py) beside own_text's `generate`, in one call.
+Prints one JSON row per decoder and length (seconds, milliseconds per decoding step, peak GPU memory) as it is
+measured, and writes the rows so far after each. A static KV cache with compiled decoding was measured too and
+dropped: 45.1 s against 9.4 s for 256 samples of 128 tokens on the Llama-2-7B shape, compilation included (H100,
+2026-12-06).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import graph_decoding  # noqa: E402
 from bench_speed import SHAPES, build_model, word_tokenizer  # noqa: E402
 
 from lora_null_core import LoraNullConfig  # noqa: E402
@@ -32,6 +36,10 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--lengths", default="128,512")
     parser.add_argument("--output", type=Path, default=None, help="Also write the rows here (JSON).")
+    parser.add_argument("--decoders", default="generate", help="generate (own_text's), graphed (the prototype).")
+    parser.add_argument(
+        "--graph-batch", type=int, default=256, help="Samples the graphed prototype draws at once (their KV cache)."
+    )
     parser.add_argument(
         "--profile", type=int, default=0, help="Also profile a draw of this many steps: its top CUDA and CPU ops."
     )
@@ -40,40 +48,67 @@ def main(argv=None) -> int:
     model = build_model(args.shape, device.type, torch.bfloat16 if device.type == "cuda" else torch.float32)
     tokenizer = word_tokenizer(SHAPES[args.shape]["vocab_size"])
     rows = []
-    for length in (int(n) for n in args.lengths.split(",")):
-        config = LoraNullConfig(num_samples=args.samples, holdout_samples=0, generated_length=length)
-        own_text.own_samples(model, tokenizer, config.replace(num_samples=8), device)  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        samples = own_text.own_samples(model, tokenizer, config, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        steps = max(len(generated) for _, generated in samples)
-        rows.append(
-            {
-                "shape": args.shape,
-                "samples": len(samples),
-                "length": length,
-                "steps": steps,
-                "seconds": round(seconds, 2),
-                "ms_per_step": round(1000 * seconds / max(steps, 1), 2),
-                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None,
-                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                "command": "python " + " ".join(sys.argv),
-            }
-        )
-        print(json.dumps(rows[-1]), flush=True)
-        if args.output:  # after each row: a call that runs out of time keeps what it measured
-            args.output.write_text(json.dumps({"runs": rows}, indent=1) + "\n")
+    for decoder in args.decoders.split(","):
+        for length in (int(n) for n in args.lengths.split(",")):
+            config = LoraNullConfig(num_samples=args.samples, holdout_samples=0, generated_length=length)
+            draw = timed_draw(decoder, model, tokenizer, config, device, args.graph_batch)
+            draw(config.replace(num_samples=8))  # warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            steps, extra = draw(config)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            peak = round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None
+            rows.append(
+                {
+                    "shape": args.shape,
+                    "decoder": decoder,
+                    "samples": args.samples,
+                    "length": length,
+                    "steps": steps,
+                    "seconds": round(seconds, 2),
+                    "ms_per_step": round(1000 * seconds / max(steps, 1), 2),
+                    **extra,
+                    "peak_gib": peak,
+                    "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                    "command": "python " + " ".join(sys.argv),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+            if args.output:  # after each row: a call that runs out of time keeps what it measured
+                args.output.write_text(json.dumps({"runs": rows}, indent=1) + "\n")
     if args.profile:
         rows.append(profiled(model, tokenizer, device, args.samples, args.profile))
         print(json.dumps(rows[-1]), flush=True)
         if args.output:
             args.output.write_text(json.dumps({"runs": rows}, indent=1) + "\n")
     return 0
+
+
+def timed_draw(decoder: str, model, tokenizer, config: LoraNullConfig, device: torch.device, graph_batch: int):
+    """A function drawing `config`'s samples with `decoder`, returning (decoding steps, what else to record)."""
+
+    def generate(config: LoraNullConfig) -> tuple[int, dict]:
+        samples = own_text.own_samples(model, tokenizer, config, device)
+        return max(len(generated) for _, generated in samples), {}
+
+    def graphed(config: LoraNullConfig) -> tuple[int, dict]:
+        draws = []
+        for first in range(0, config.num_samples, graph_batch):
+            batch = min(graph_batch, config.num_samples - first)
+            _, timings = graph_decoding.sample(
+                model, batch, config.generated_length, tokenizer.bos_token_id, config.generated_temperature,
+                config.generated_top_p, seed=config.seed + first,
+            )  # fmt: skip
+            draws.append(timings)
+        extra = {"graphed": all(t["graphed"] for t in draws), "draws": len(draws)}
+        extra["capture_seconds"] = round(sum(t.get("capture_seconds", 0) for t in draws), 2)
+        return config.generated_length * len(draws), extra
+
+    return {"generate": generate, "graphed": graphed}[decoder]
 
 
 def profiled(model, tokenizer, device: torch.device, samples: int, steps: int) -> dict:
