@@ -54,3 +54,17 @@ def test_the_draw_follows_temperature_and_top_p(decoding):
     frequencies = torch.bincount(drawn, minlength=5).float() / len(drawn)
     assert kept.tolist() == [True, True, True, False, False]
     assert torch.allclose(frequencies, expected, atol=0.015), (frequencies, expected)
+
+
+def test_the_decoding_benchmark_times_both_decoders_in_one_call(decoding, tmp_path):
+    import json
+
+    spec = importlib.util.spec_from_file_location("own_text_decoding", SCRIPT.with_name("own_text_decoding.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "decoding.json"
+    args = ["--samples", "8", "--lengths", "6", "--decoders", "generate,graphed", "--graph-batch", "4"]
+    bench.main([*args, "--output", str(out)])
+    rows = json.loads(out.read_text())["runs"]
+    assert [(r["decoder"], r["length"], r["steps"]) for r in rows] == [("generate", 6, 6), ("graphed", 6, 6)]
+    assert rows[1]["draws"] == 2 and rows[1]["graphed"] is False  # 8 samples 4 at a time; no GPU to capture on

@@ -54,7 +54,7 @@ def sample(
         tokens[:, 0] = step()  # position 0: the start token; this first forward also allocates the cache
         replay = _captured(step, position, cache) if graphed and device.type == "cuda" else None
         if replay is not None:
-            timings.update(graphed=True, capture_seconds=round(time.perf_counter() - start, 3))
+            timings.update(graphed=True, prefill_and_capture_seconds=round(time.perf_counter() - start, 3))
         for t in range(1, length):
             ids.copy_(tokens[:, t - 1 : t])
             position.fill_(t)

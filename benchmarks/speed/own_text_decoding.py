@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     for decoder in args.decoders.split(","):
         for length in (int(n) for n in args.lengths.split(",")):
             config = LoraNullConfig(num_samples=args.samples, holdout_samples=0, generated_length=length)
-            draw = timed_draw(decoder, model, tokenizer, config, device, args.graph_batch)
+            draw = timed_draw(decoder, model, tokenizer, device, args.graph_batch)
             draw(config.replace(num_samples=8))  # warm-up
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -88,8 +88,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def timed_draw(decoder: str, model, tokenizer, config: LoraNullConfig, device: torch.device, graph_batch: int):
-    """A function drawing `config`'s samples with `decoder`, returning (decoding steps, what else to record)."""
+def timed_draw(decoder: str, model, tokenizer, device: torch.device, graph_batch: int):
+    """A function drawing a config's samples with `decoder`, returning (decoding steps: the longest sample, what
+    else to record)."""
 
     def generate(config: LoraNullConfig) -> tuple[int, dict]:
         samples = own_text.own_samples(model, tokenizer, config, device)
@@ -105,8 +106,8 @@ def timed_draw(decoder: str, model, tokenizer, config: LoraNullConfig, device: t
             )  # fmt: skip
             draws.append(timings)
         extra = {"graphed": all(t["graphed"] for t in draws), "draws": len(draws)}
-        extra["capture_seconds"] = round(sum(t.get("capture_seconds", 0) for t in draws), 2)
-        return config.generated_length * len(draws), extra
+        extra["prefill_and_capture_seconds"] = round(sum(t.get("prefill_and_capture_seconds", 0) for t in draws), 2)
+        return config.generated_length, extra
 
     return {"generate": generate, "graphed": graphed}[decoder]
 
