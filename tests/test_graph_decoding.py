@@ -68,3 +68,10 @@ def test_the_decoding_benchmark_times_both_decoders_in_one_call(decoding, tmp_pa
     rows = json.loads(out.read_text())["runs"]
     assert [(r["decoder"], r["length"], r["steps"]) for r in rows] == [("generate", 6, 6), ("graphed", 6, 6)]
     assert rows[1]["draws"] == 2 and rows[1]["graphed"] is False  # 8 samples 4 at a time; no GPU to capture on
+    assert rows[1]["replay_vs_eager"] is None  # nothing replayed to check
+
+
+def test_a_zero_exponential_draw_picks_no_token_outside_the_nucleus(decoding, monkeypatch):
+    monkeypatch.setattr(torch.Tensor, "exponential_", lambda self, *args, **kwargs: self.zero_())
+    logits = torch.tensor([[0.0, 3.0, 1.0, -2.0]])
+    assert decoding.draw(logits, temperature=1.0, top_p=0.5).tolist() == [1]  # the only token in the nucleus

@@ -32,6 +32,39 @@ def sample(
 ) -> tuple[torch.Tensor, dict]:
     """(batch × length sampled token ids, timings). `graphed`: capture the decoding step where the model is on a
     GPU."""
+    tokens, timings, _ = _decode(model, batch, length, start_id, temperature, top_p, seed, graphed)
+    return tokens, timings
+
+
+def replay_matches_eager(model: Any, start_id: int, batch: int = 2, length: int = 16) -> float | None:
+    """How far a replayed decoding differs from the eager one, greedy (top-p near 0) from the same start: the
+    largest relative difference over every layer's cached keys and values (written at each step's position, from
+    hidden states that went through each step's attention mask), so a position or mask the capture fixed shows even
+    where the greedy tokens agree. None when the step could not be captured."""
+    graphed, timings, graph_cache = _decode(model, batch, length, start_id, 1.0, 1e-9, 0, True)
+    if not timings["graphed"]:
+        return None
+    eager, _, eager_cache = _decode(model, batch, length, start_id, 1.0, 1e-9, 0, False)
+    if not torch.equal(graphed, eager):
+        return float("inf")
+    worst = 0.0
+    for ours, theirs in zip(graph_cache.layers, eager_cache.layers, strict=True):
+        for a, b in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
+            worst = max(worst, float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)))
+    return worst
+
+
+def _decode(
+    model: Any,
+    batch: int,
+    length: int,
+    start_id: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    graphed: bool,
+) -> tuple[torch.Tensor, dict, Any]:
+    """sample(), and the static cache it filled."""
     from transformers import StaticCache
 
     device = next(model.parameters()).device
@@ -62,7 +95,7 @@ def sample(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         timings["seconds"] = round(time.perf_counter() - start, 3)
-    return tokens, timings
+    return tokens, timings, cache
 
 
 def draw(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -72,7 +105,9 @@ def draw(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor
     probs = scores.softmax(dim=-1)
     outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before a token already reaches top_p
     scores = scores.masked_fill(outside, float("-inf"))
-    noise = -torch.empty_like(scores).exponential_().log()  # Gumbel(0, 1)
+    # Gumbel(0, 1); an exponential draw of exactly 0 (about one in 2^24) would give +inf, and inf - inf a NaN that
+    # argmax would pick, outside the nucleus too
+    noise = -torch.empty_like(scores).exponential_().clamp_(min=torch.finfo(scores.dtype).tiny).log()
     return order.gather(-1, (scores + noise).argmax(dim=-1, keepdim=True)).squeeze(-1)
 
 

@@ -48,6 +48,10 @@ def main(argv=None) -> int:
     model = build_model(args.shape, device.type, torch.bfloat16 if device.type == "cuda" else torch.float32)
     tokenizer = word_tokenizer(SHAPES[args.shape]["vocab_size"])
     rows = []
+    # a replay that fixed a position or a mask at capture would be fast and wrong: checked once against eager decoding
+    replay_vs_eager = None
+    if "graphed" in args.decoders.split(",") and tokenizer.bos_token_id is not None:
+        replay_vs_eager = graph_decoding.replay_matches_eager(model, tokenizer.bos_token_id)
     for decoder in args.decoders.split(","):
         for length in (int(n) for n in args.lengths.split(",")):
             config = LoraNullConfig(num_samples=args.samples, holdout_samples=0, generated_length=length)
@@ -72,6 +76,7 @@ def main(argv=None) -> int:
                     "seconds": round(seconds, 2),
                     "ms_per_step": round(1000 * seconds / max(steps, 1), 2),
                     **extra,
+                    **({"replay_vs_eager": replay_vs_eager} if decoder == "graphed" else {}),
                     "peak_gib": peak,
                     "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                     "command": "python " + " ".join(sys.argv),
