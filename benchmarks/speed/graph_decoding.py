@@ -36,7 +36,7 @@ def sample(
     return tokens, timings
 
 
-def replay_matches_eager(model: Any, start_id: int, batch: int = 2, length: int = 16) -> float | None:
+def replay_vs_eager(model: Any, start_id: int, batch: int = 2, length: int = 16) -> float | None:
     """How far a replayed decoding differs from the eager one, greedy (top-p near 0) from the same start: the
     largest relative difference over every layer's cached keys and values (written at each step's position, from
     hidden states that went through each step's attention mask), so a position or mask the capture fixed shows even

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     # a replay that fixed a position or a mask at capture would be fast and wrong: checked once against eager decoding
     replay_vs_eager = None
     if "graphed" in args.decoders.split(",") and tokenizer.bos_token_id is not None:
-        replay_vs_eager = graph_decoding.replay_matches_eager(model, tokenizer.bos_token_id)
+        replay_vs_eager = graph_decoding.replay_vs_eager(model, tokenizer.bos_token_id)
     for decoder in args.decoders.split(","):
         for length in (int(n) for n in args.lengths.split(",")):
             config = LoraNullConfig(num_samples=args.samples, holdout_samples=0, generated_length=length)
