@@ -56,6 +56,9 @@ class LoraNullConfig:
         generated_top_p (`float`, defaults to 0.95): nucleus (top-p) of the model's own text.
         generated_prompt (`Literal["bos", "chat"]`, defaults to `"bos"`): where the own samples start: the BOS token
             alone, or neutral requests through the chat template.
+        generated_decoding (`Literal["generate", "graphed"]`, defaults to `"generate"`): how the own samples are
+            drawn: transformers' generate, or each decoding step replayed as one CUDA graph (on a GPU, from BOS, not
+            under ZeRO-3, transformers >= 5; elsewhere generate draws): 2.5-2.9x faster on the Llama-2-7B shape.
         task_mix (`float`, defaults to 0.01): with task data, the shift μ of the task-aware solve C_k u = λ(C_t + μI)u
             (each covariance at trace d_in); larger values approach the plain null space.
         task_samples (`int`, defaults to 256): task examples whose inputs make the task covariance.
@@ -110,6 +113,10 @@ class LoraNullConfig:
     generated_top_p: float = field(default=0.95, metadata={"help": "Nucleus (top-p) of the own text."})
     generated_prompt: Literal["bos", "chat"] = field(
         default="bos", metadata={"help": "Own samples start from BOS alone, or from neutral chat requests."}
+    )
+    generated_decoding: Literal["generate", "graphed"] = field(
+        default="generate",
+        metadata={"help": "Own samples drawn by generate, or replayed step by step from a CUDA graph (GPU)."},
     )
     task_mix: float = field(
         default=0.01, metadata={"help": "Shift of the task-aware solve (larger: nearer the plain null space)."}

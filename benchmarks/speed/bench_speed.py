@@ -11,7 +11,8 @@ Prints a table, a ratio against CorDA when both ran, and appends rows to the res
 (benchmarks/results/speed.json by default). Peak GPU memory is torch's max_memory_allocated over the call.
 `lora_null_offload` keeps the weights in CPU memory and streams one block at a time to the GPU;
 `lora_null_self` gives no calibration text, so the model first samples its own (as many samples and tokens as
-the given set: compare with `lora_null` at the same --seq-len); `lora_null_cache` runs twice with a covariance
+the given set: compare with `lora_null` at the same --seq-len; `lora_null_self_graphed` draws them with
+`generated_decoding: graphed`); `lora_null_cache` runs twice with a covariance
 cache (the first run writes it, the second skips calibration);
 `lora_null_disk` saves the model first and times `--offload disk` (blocks read from the shards);
 `profile`/`profile_offload` split one run's time and peak GPU memory by phase; with
@@ -230,6 +231,7 @@ def time_lora_null(
         covariance_cache=cache,
         generated_length=args.seq_len,
         **batching(args),
+        **({"generated_decoding": "graphed"} if method == "lora_null_self_graphed" else {}),
     )
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS)
     reset_peak()
@@ -463,8 +465,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--methods",
         default="lora_null,peft_corda_kpm",
-        help="Comma list of lora_null, lora_null_self, lora_null_offload, lora_null_disk, lora_null_cache, "
-        "peft_corda_kpm, solvers, profile, profile_offload.",
+        help="Comma list of lora_null, lora_null_self, lora_null_self_graphed, lora_null_offload, lora_null_disk, "
+        "lora_null_cache, peft_corda_kpm, solvers, profile, profile_offload.",
     )
     parser.add_argument("--cache-root", default=None, help="Temporary folder for lora_null_cache and lora_null_disk.")
     parser.add_argument("--solver", default="auto", help="Comma list of solvers for the lora_null runs.")
@@ -505,8 +507,8 @@ def main(argv=None) -> int:
     texts = random_texts(args.num_samples, args.seq_len, vocab)
     rows, solver_rows = [], []
     for method in args.methods.split(","):
-        if method == "lora_null_self":  # no calibration text: the model samples num_samples × seq-len tokens first
-            rows.append(
+        if method in ("lora_null_self", "lora_null_self_graphed"):  # no calibration text: the model samples
+            rows.append(  # num_samples × seq-len tokens first (graphed: generated_decoding graphed)
                 time_lora_null(
                     args, texts, tokenizer, args.solver.split(",")[0], False, device, method=method, own_text=True
                 )

@@ -5,11 +5,11 @@ length, the worst case).
     python benchmarks/speed/own_text_decoding.py --shape llama2-7b --lengths 128,512 --output decoding.json
     python benchmarks/speed/own_text_decoding.py --shape llama2-7b --lengths 128 --decoders generate,graphed
 
-`--decoders graphed` times the CUDA-graph prototype (graph_decoding.py) beside own_text's `generate`, in one call.
-Prints one JSON row per decoder and length (seconds, milliseconds per decoding step, peak GPU memory) as it is
-measured, and writes the rows so far after each. A static KV cache with compiled decoding was measured too and
-dropped: 45.1 s against 9.4 s for 256 samples of 128 tokens on the Llama-2-7B shape, compilation included (H100,
-2026-12-06).
+`--decoders generate,graphed` times both of own_text's decoders (`generated_decoding`) in one call. Prints one JSON
+row per decoder and length (seconds, milliseconds per decoding step, peak GPU memory) as it is measured, and writes
+the rows so far after each. A static KV cache with compiled decoding (generate's `cache_implementation="static"`)
+was measured too and dropped: 45.1 s against 9.4 s for 256 samples of 128 tokens on the Llama-2-7B shape,
+compilation included (H100, 2026-12-06).
 """
 
 from __future__ import annotations
@@ -23,11 +23,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import graph_decoding  # noqa: E402
 from bench_speed import SHAPES, build_model, word_tokenizer  # noqa: E402
 
 from lora_null_core import LoraNullConfig  # noqa: E402
-from lora_null_core.calibration import own_text  # noqa: E402
+from lora_null_core.calibration import graphed_decoding, own_text  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -36,10 +35,7 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--lengths", default="128,512")
     parser.add_argument("--output", type=Path, default=None, help="Also write the rows here (JSON).")
-    parser.add_argument("--decoders", default="generate", help="generate (own_text's), graphed (the prototype).")
-    parser.add_argument(
-        "--graph-batch", type=int, default=256, help="Samples the graphed prototype draws at once (their KV cache)."
-    )
+    parser.add_argument("--decoders", default="generate", help="Comma list of generated_decoding values.")
     parser.add_argument(
         "--profile", type=int, default=0, help="Also profile a draw of this many steps: its top CUDA and CPU ops."
     )
@@ -50,12 +46,14 @@ def main(argv=None) -> int:
     rows = []
     # a replay that fixed a position or a mask at capture would be fast and wrong: checked once against eager decoding
     replay_vs_eager = None
-    if "graphed" in args.decoders.split(",") and tokenizer.bos_token_id is not None:
-        replay_vs_eager = graph_decoding.replay_vs_eager(model, tokenizer.bos_token_id)
+    if "graphed" in args.decoders.split(",") and graphed_decoding.supported():
+        replay_vs_eager = graphed_decoding.replay_vs_eager(model, tokenizer.bos_token_id)
     for decoder in args.decoders.split(","):
         for length in (int(n) for n in args.lengths.split(",")):
-            config = LoraNullConfig(num_samples=args.samples, holdout_samples=0, generated_length=length)
-            draw = timed_draw(decoder, model, tokenizer, device, args.graph_batch)
+            config = LoraNullConfig(
+                num_samples=args.samples, holdout_samples=0, generated_length=length, generated_decoding=decoder
+            )
+            draw = timed_draw(model, tokenizer, device)
             draw(config.replace(num_samples=8))  # warm-up
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -93,28 +91,16 @@ def main(argv=None) -> int:
     return 0
 
 
-def timed_draw(decoder: str, model, tokenizer, device: torch.device, graph_batch: int):
-    """A function drawing a config's samples with `decoder`, returning (decoding steps: the longest sample, what
-    else to record)."""
+def timed_draw(model, tokenizer, device: torch.device):
+    """A function drawing a config's samples as own_text does, returning (decoding steps: the longest sample, what
+    else to record: how many distinct samples there are, which would drop if a replayed draw reused its noise)."""
 
-    def generate(config: LoraNullConfig) -> tuple[int, dict]:
+    def draw(config: LoraNullConfig) -> tuple[int, dict]:
         samples = own_text.own_samples(model, tokenizer, config, device)
-        return max(len(generated) for _, generated in samples), {}
+        distinct = len({tuple(generated) for _, generated in samples})
+        return max(len(generated) for _, generated in samples), {"distinct_samples": distinct}
 
-    def graphed(config: LoraNullConfig) -> tuple[int, dict]:
-        draws = []
-        for first in range(0, config.num_samples, graph_batch):
-            batch = min(graph_batch, config.num_samples - first)
-            _, timings = graph_decoding.sample(
-                model, batch, config.generated_length, tokenizer.bos_token_id, config.generated_temperature,
-                config.generated_top_p, seed=config.seed + first,
-            )  # fmt: skip
-            draws.append(timings)
-        extra = {"graphed": all(t["graphed"] for t in draws), "draws": len(draws)}
-        extra["prefill_and_capture_seconds"] = round(sum(t.get("prefill_and_capture_seconds", 0) for t in draws), 2)
-        return config.generated_length, extra
-
-    return {"generate": generate, "graphed": graphed}[decoder]
+    return draw
 
 
 def profiled(model, tokenizer, device: torch.device, samples: int, steps: int) -> dict:

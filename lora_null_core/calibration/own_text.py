@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from ..console import progress_bar, quiet_libraries
 from ..distributed import least_on_any_rank, rank_and_world
 from ..errors import CalibrationDataError, LoraNullError
 from ..weights import is_zero3_partitioned
+from . import graphed_decoding
 from .sources import CalibrationRows
 from .whole_model import whole_on
 
@@ -142,6 +143,48 @@ def _generate(
 ) -> list[list[int]]:
     """Batched sampling with a KV cache, left-padded prompts; each sample cut after its first EOS. `in_step`: every rank
     runs each forward together (ZeRO-3 may gather inside it), so all take the same batches and decoding steps."""
+    eos = tokenizer.eos_token_id
+    draw_batch = _graphed_drawer(model, prompts, config, device, in_step) or _generate_drawer(
+        model, tokenizer, config, in_step
+    )
+    row_tokens = config.generated_length + max((len(p) for p in prompts), default=1)
+    rows = rows_per_batch(len(prompts), row_tokens, config.batch_tokens, _cache_budget(model, device, row_tokens))
+    if in_step:
+        rows = least_on_any_rank(rows)
+    generated: list[list[int]] = []
+    was_training = model.training
+    model.eval()
+    bar = progress_bar(len(prompts), f"generating {what}", "sample")
+    try:
+        while len(generated) < len(prompts):
+            chunk = prompts[len(generated) : len(generated) + rows]
+            try:
+                with torch.no_grad():
+                    drawn = draw_batch(chunk, device)
+            except torch.cuda.OutOfMemoryError:
+                # The budget is an estimate: halve and draw this batch again. Not in step: every rank would have to.
+                if in_step or rows == 1:
+                    raise
+                torch.cuda.empty_cache()
+                rows = max(1, rows // 2)
+                logger.info("Sampling ran out of GPU memory: %d rows at a time from here.", rows)
+                continue
+            for row in drawn.tolist():
+                generated.append(row[: row.index(eos) + 1] if eos is not None and eos in row else row)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        model.train(was_training)
+        if device.type == "cuda":  # hand the KV cache back: other runs on the GPU ran out of memory beside a
+            torch.cuda.empty_cache()  # finished sampler's cached blocks (2026-12-06)
+    return generated
+
+
+DrawBatch = Callable[[list[list[int]], torch.device], torch.Tensor]
+
+
+def _generate_drawer(model: Any, tokenizer: Any, config: LoraNullConfig, in_step: bool) -> DrawBatch:
+    """Draws a batch with transformers' generate (left-padded prompts): the generated token ids, padded after EOS."""
     from transformers import GenerationConfig
 
     eos = tokenizer.eos_token_id
@@ -156,44 +199,56 @@ def _generate(
         eos_token_id=eos,
         use_cache=True,  # the default dynamic cache: a static one with compiled decoding took 4.8x as long for 256
     )  # samples of 128 tokens on the Llama-2-7B shape, compilation included (H100, 2026-12-06)
-    row_tokens = config.generated_length + max((len(p) for p in prompts), default=1)
-    rows = rows_per_batch(len(prompts), row_tokens, config.batch_tokens, _cache_budget(model, device, row_tokens))
+
+    def draw_batch(chunk: list[list[int]], device: torch.device) -> torch.Tensor:
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        # synced_gpus said either way: transformers would turn it on under ZeRO-3 by itself
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings, synced_gpus=in_step)
+        return out[:, width:]
+
+    return draw_batch
+
+
+def _graphed_drawer(
+    model: Any, prompts: list[list[int]], config: LoraNullConfig, device: torch.device, in_step: bool
+) -> DrawBatch | None:
+    """With `generated_decoding: graphed`, a drawer that replays each decoding step as a CUDA graph; None (generate
+    draws) where it cannot: off a GPU, from chat prompts, under ZeRO-3 (a forward may gather) or with transformers
+    older than 5."""
+    if config.generated_decoding != "graphed" or not prompts:
+        return None
+    why = _why_not_graphed(prompts, device, in_step)
+    if why is not None:
+        logger.info("generated_decoding 'graphed' is not used (%s): sampling with generate.", why)
+        return None
+    start_id, told = prompts[0][0], False
+
+    def draw_batch(chunk: list[list[int]], device: torch.device) -> torch.Tensor:
+        nonlocal told
+        tokens, graphed, _ = graphed_decoding.decode(
+            model, len(chunk), config.generated_length, start_id, config.generated_temperature, config.generated_top_p
+        )
+        if not graphed and not told:
+            told = True
+            logger.info("The decoding step could not be captured as a CUDA graph: it runs step by step instead.")
+        return tokens
+
+    return draw_batch
+
+
+def _why_not_graphed(prompts: list[list[int]], device: torch.device, in_step: bool) -> str | None:
+    """Why the graphed decoder cannot draw these samples here, or None when it can."""
+    if device.type != "cuda":
+        return "the model is not on a GPU"
+    if len({tuple(p) for p in prompts}) != 1 or len(prompts[0]) != 1:
+        return "the samples start from chat prompts"
     if in_step:
-        rows = least_on_any_rank(rows)
-    generated: list[list[int]] = []
-    was_training = model.training
-    model.eval()
-    bar = progress_bar(len(prompts), f"generating {what}", "sample")
-    try:
-        while len(generated) < len(prompts):
-            chunk = prompts[len(generated) : len(generated) + rows]
-            width = max(len(p) for p in chunk)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-            try:
-                with torch.no_grad():
-                    # synced_gpus said either way: transformers would turn it on under ZeRO-3 by itself
-                    out = model.generate(
-                        input_ids=ids, attention_mask=mask, generation_config=settings, synced_gpus=in_step
-                    )
-            except torch.cuda.OutOfMemoryError:
-                # The budget is an estimate: halve and draw this batch again. Not in step: every rank would have to.
-                if in_step or rows == 1:
-                    raise
-                del ids, mask
-                torch.cuda.empty_cache()
-                rows = max(1, rows // 2)
-                logger.info("Sampling ran out of GPU memory: %d rows at a time from here.", rows)
-                continue
-            for row in out[:, width:].tolist():
-                generated.append(row[: row.index(eos) + 1] if eos is not None and eos in row else row)
-            bar.update(len(chunk))
-    finally:
-        bar.close()
-        model.train(was_training)
-        if device.type == "cuda":  # hand the KV cache back: other runs on the GPU ran out of memory beside a
-            torch.cuda.empty_cache()  # finished sampler's cached blocks (2026-12-06)
-    return generated
+        return "every rank must step through generate together under ZeRO-3"
+    if not graphed_decoding.supported():
+        return "it needs transformers 5 or later"
+    return None
 
 
 def rows_per_batch(count: int, width: int, batch_tokens: int, budget: tuple[int, int] | None) -> int:

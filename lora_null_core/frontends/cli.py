@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
             "generated_temperature",
             "generated_top_p",
             "generated_prompt",
+            "generated_decoding",
         ),
     )
     inspect.add_argument("--dtype", choices=FLOAT_DTYPES, default="auto")
