@@ -1,5 +1,6 @@
 """The frontier summary: the bar, each init's smallest loss at or above it, and the ratio to LoRA's."""
 
+import json
 import math
 
 import pytest
@@ -248,3 +249,33 @@ def test_meter_json_writes_a_correlation_it_cannot_take_as_null(tmp_path):
 
     pair = json.loads((tmp_path / "meter.json").read_text(), parse_constant=refuse)["pairs"][0]
     assert pair["spearman"] is None and pair["runs"] == 1
+
+
+def test_a_plan_is_cut_to_the_points_no_row_holds(tmp_path):
+    """device.sh start … missing: a line keeps only the rates its (init, seed) still lacks, split by (init, seed);
+    other models, sweeps and comments pass through; a row at another rank or step count is another point."""
+    from lora_null_bench.plan_lines import main, missing_lines
+
+    plan = [
+        "# a comment",
+        "q spell lora,lora_null_self 1e-4,3e-4,1e-3 0,1",
+        "q words lora 3e-4 0 64",
+        "g spell lora 1e-3 0",
+        "q sweep",
+    ]
+    done = [("lora", 0.0001, 0), ("lora", 0.0003, 0), ("lora", 0.001, 0), ("lora_null_self", 0.001, 1)]
+    rows = [{**row(init, lr, seed, 0.5, 0.9), "model": "Q", "task": "spell"} for init, lr, seed in done]
+    rows.append({**row("lora", 3e-4, 0, 0.5, 0.9), "model": "Q", "task": "words"})  # rank 16: not the rank-64 point
+    assert missing_lines(plan, "q", "Q", rows) == [
+        "# a comment",
+        "q spell lora 1e-4,3e-4,1e-3 1",
+        "q spell lora_null_self 1e-4,3e-4,1e-3 0",
+        "q spell lora_null_self 1e-4,3e-4 1",
+        "q words lora 3e-4 0 64",
+        "g spell lora 1e-3 0",
+        "q sweep",
+    ]
+    results = tmp_path / "rows.json"
+    results.write_text(json.dumps({"runs": rows}))
+    (tmp_path / "plan.txt").write_text("\n".join(plan) + "\n")
+    assert main([str(tmp_path / "plan.txt"), "q", "Q", str(results), str(tmp_path / "absent.json")]) == 0

@@ -86,7 +86,7 @@ def test_a_zero_exponential_draw_picks_no_token_outside_the_nucleus(monkeypatch)
 def test_off_a_gpu_the_setting_falls_back_to_generate_and_says_why(make_model, tokenizer, caplog):
     model, config = make_model(), LoraNullConfig(num_samples=12, holdout_samples=0, generated_length=10)
     cpu = torch.device("cpu")
-    with caplog.at_level("INFO", logger="lora_null_core.calibration.own_text"):
+    with caplog.at_level("INFO", logger="lora_null_core.calibration.graphed_decoding"):
         graphed = own_text.own_samples(model, tokenizer, config.replace(generated_decoding="graphed"), cpu)
     assert graphed == own_text.own_samples(model, tokenizer, config, cpu)
     assert "'graphed' is not used (the model is not on a GPU)" in caplog.text
@@ -95,7 +95,7 @@ def test_off_a_gpu_the_setting_falls_back_to_generate_and_says_why(make_model, t
 def test_own_text_draws_through_the_graphed_decoder_where_it_may(make_model, tokenizer, monkeypatch):
     """Where the decoder is allowed (here: told so on the CPU, where it runs eagerly), own_text's samples come from
     it: seeded, batched, each cut after its first EOS, and not generate's."""
-    monkeypatch.setattr(own_text, "_why_not_graphed", lambda *args: None)
+    monkeypatch.setattr(graphed_decoding, "why_not", lambda *args: None)
     model, cpu = make_model(), torch.device("cpu")
     config = LoraNullConfig(
         num_samples=40, holdout_samples=0, generated_length=12, batch_tokens=16 * 13, generated_decoding="graphed"

@@ -2,7 +2,8 @@
 # The frontier on a GPU machine with no network. Parts come from stage.py and arrive by back-to-back calls:
 #   python benchmarks/forgetting/stage.py .whl/frontier            # here, where PyPI is reachable
 #   bash benchmarks/forgetting/device.sh stage DIR                 # on the machine: add DIR's files to /tmp/stage
-#   bash benchmarks/forgetting/device.sh start PLAN MODEL [JOBS]   # MODEL's lines of PLAN, JOBS at a time, detached
+#   bash benchmarks/forgetting/device.sh start PLAN MODEL [JOBS] [missing]  # MODEL's lines of PLAN, JOBS at a time,
+#     detached; "missing": only the points no row holds yet (lora_null_bench/plan_lines.py)
 #     (Gemma-3 processes take up to 8 GiB each, a 4,096-sample init more: on an 80 GB H100, 6 at a time)
 #   bash benchmarks/forgetting/device.sh finish [WAIT]             # wait ≤ WAIT s, merge every row into $OUT
 # PLAN: one process per line, "model task inits lrs seeds [rank]" (plans/*.txt); model is smollm2, gemma, qwen or
@@ -11,7 +12,7 @@
 # A line may also be "model sweep": the own-text sampling sweep (benchmarks/init_quality/own_text_sweep.py).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-source benchmarks/gpu_in_use.sh
+source benchmarks/device_common.sh
 STAGE=/tmp/stage WORK=/tmp/frontier OUT=${OUT:-/tmp/out}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 export USE_HUB_KERNELS=0  # transformers >= 5.25 fetches hub kernels by default, which no offline machine can
@@ -46,24 +47,31 @@ gguf_of() {  # gguf_of MODEL: its GGUF path, once its files are joined and the l
   esac
 }
 
-start() {  # start PLAN MODEL [JOBS]: dequantize once into the shared cache, then every line of MODEL, JOBS at once
-  local plan=$1 model=$2 jobs=${3:-12} gguf
+start() {  # start PLAN MODEL [JOBS] [missing]: dequantize once into the shared cache, then every line of MODEL, JOBS
+  # at once; with "missing", only the points that no row in benchmarks/results or in this machine's rows holds yet
+  local plan=$1 model=$2 jobs=${3:-12} only=${4:-} gguf stamp=$(date +%s)
   warn_if_gpu_in_use
   gguf=$(gguf_of $model) || return 1
   mkdir -p $WORK/rows $WORK/logs
   python3 -c "import sys; from pathlib import Path; from lora_null_bench.suites import _local_model
 print(_local_model(sys.argv[1], Path(sys.argv[2])))" $gguf $WORK/cache || return 1
-  # The runs import from a snapshot of the code: every later call copies the working tree over this one, and a run
-  # that imported a module while that copy was under way failed with ModuleNotFoundError (2026-12-06)
-  local code=$WORK/code-$model-$(date +%s)
-  mkdir -p $code && cp -r lora_null_core benchmarks pyproject.toml $code/ || return 1
+  local code=$WORK/code-$model-$stamp lines=$WORK/plan-$model-$stamp.txt
+  code_snapshot $code || return 1
+  if [ "$only" = missing ]; then
+    python3 -m lora_null_bench.plan_lines $plan $model ${NAME[$model]} benchmarks/results/frontier.json \
+      benchmarks/results/frontier_meter.json $WORK/rows/*.json > $lines || return 1
+  else
+    cp $plan $lines
+  fi
   local batch=""; [ $model = smollm2 ] || batch="--eval-batch 64"  # Gemma's and Qwen's vocabularies: 4-5x SmolLM2's
-  grep -n "^$model " $plan | while IFS=: read -r line spec; do
+  # rows and logs named by plan, start and line: a later start on this machine writes beside them, never over them
+  local run=$model-$(basename $plan .txt)-$stamp
+  grep -n "^$model " $lines | while IFS=: read -r line spec; do
     set -- $spec
     if [ "$2" = sweep ]; then
       echo "python3 benchmarks/init_quality/own_text_sweep.py --model $gguf --name ${NAME[$model]} --cache $WORK/cache --output $WORK/rows/sweep-$model.json > $WORK/logs/sweep-$model.log 2>&1"
     else
-      echo "python3 -m lora_null_bench.cli frontier --task $2 --model $gguf --name ${NAME[$model]} --inits $3 --lrs $4 --seeds $5 ${6:+--rank $6} --steps 150 $batch --cache $WORK/cache --output $WORK/rows/$model-$line.json > $WORK/logs/$model-$line.log 2>&1"
+      echo "python3 -m lora_null_bench.cli frontier --task $2 --model $gguf --name ${NAME[$model]} --inits $3 --lrs $4 --seeds $5 ${6:+--rank $6} --steps 150 $batch --cache $WORK/cache --output $WORK/rows/$run-$line.json > $WORK/logs/$run-$line.log 2>&1"
     fi
   done > $WORK/$model.jobs
   ( cd $code && PYTHONPATH=/tmp/site:$code:$code/benchmarks/forgetting \
@@ -95,7 +103,7 @@ EOF
 
 case $1 in
   stage)  stage "$2" ;;
-  start)  start "$2" "$3" "${4:-12}" ;;
+  start)  start "$2" "$3" "${4:-12}" "${5:-}" ;;
   finish) finish "${2:-540}" ;;
   *)      echo "usage: device.sh stage DIR | start PLAN MODEL [JOBS] | finish [WAIT]"; exit 2 ;;
 esac

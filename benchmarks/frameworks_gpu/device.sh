@@ -13,7 +13,7 @@
 # newer transformers, hub and kernels break LLaMA-Factory's pins.)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-source benchmarks/gpu_in_use.sh
+source benchmarks/device_common.sh
 # MODEL=qwen or qwen15 (its GGUF staged by stage.py --model qwen|qwen15): the same rows on Qwen2.5-Coder-0.5B- or
 # 1.5B-Instruct, in their own work folder; collect puts them beside SmolLM2's.
 MODEL=${MODEL:-smollm2}
@@ -80,10 +80,8 @@ start() {  # every run of ROWS at once, detached (setsid) so that it outlives th
   # left alone, one that ended without a result (out of memory, say) starts again
   local port=29600 name started=" "
   warn_if_gpu_in_use
-  # The runs import from a snapshot of the code, as the frontier's do: a later call copies the working tree over this
-  # one, and a plugin imports the core only once the model has loaded, while that copy may be under way
   local code=$WORK/code-$(date +%s)
-  mkdir -p $code && cp -r lora_null_core plugins benchmarks pyproject.toml $code/ || return 1
+  code_snapshot $code || return 1
   REPO=$code RUN=$code/$RUN
   for row in $1; do
     framework=${row%%:*} row_setup=${row#*:}

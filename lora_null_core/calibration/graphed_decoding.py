@@ -15,9 +15,57 @@ advanced in place by each forward, so a replayed graph advances it too); positio
 from __future__ import annotations
 
 import inspect
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from ..config import LoraNullConfig
+
+logger = logging.getLogger(__name__)
+
+# Draws one batch of samples from their prompts: the generated token ids (the caller cuts each after its first EOS).
+DrawBatch = Callable[[list[list[int]], torch.device], torch.Tensor]
+
+
+def drawer(
+    model: Any, prompts: list[list[int]], config: LoraNullConfig, device: torch.device, in_step: bool
+) -> DrawBatch | None:
+    """With `generated_decoding: graphed`, own_text's drawer of a batch; None (generate draws) where it cannot run:
+    off a GPU, from chat prompts, under ZeRO-3 (a forward may gather) or with transformers older than 5."""
+    if config.generated_decoding != "graphed" or not prompts:
+        return None
+    why = why_not(prompts, device, in_step)
+    if why is not None:
+        logger.info("generated_decoding 'graphed' is not used (%s): sampling with generate.", why)
+        return None
+    start_id, told = prompts[0][0], False
+
+    def draw_batch(chunk: list[list[int]], device: torch.device) -> torch.Tensor:
+        nonlocal told
+        tokens, graphed, _ = decode(
+            model, len(chunk), config.generated_length, start_id, config.generated_temperature, config.generated_top_p
+        )
+        if not graphed and not told:
+            told = True
+            logger.info("The decoding step could not be captured as a CUDA graph: it runs step by step instead.")
+        return tokens
+
+    return draw_batch
+
+
+def why_not(prompts: list[list[int]], device: torch.device, in_step: bool) -> str | None:
+    """Why these samples cannot be drawn graphed here, or None when they can."""
+    if device.type != "cuda":
+        return "the model is not on a GPU"
+    if len({tuple(p) for p in prompts}) != 1 or len(prompts[0]) != 1:
+        return "the samples start from chat prompts"
+    if in_step:
+        return "every rank must step through generate together under ZeRO-3"
+    if not supported():
+        return "it needs transformers 5 or later"
+    return None
 
 
 def supported() -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ from ..distributed import least_on_any_rank, rank_and_world
 from ..errors import CalibrationDataError, LoraNullError
 from ..weights import is_zero3_partitioned
 from . import graphed_decoding
+from .graphed_decoding import DrawBatch
 from .sources import CalibrationRows
 from .whole_model import whole_on
 
@@ -144,7 +145,7 @@ def _generate(
     """Batched sampling with a KV cache, left-padded prompts; each sample cut after its first EOS. `in_step`: every rank
     runs each forward together (ZeRO-3 may gather inside it), so all take the same batches and decoding steps."""
     eos = tokenizer.eos_token_id
-    draw_batch = _graphed_drawer(model, prompts, config, device, in_step) or _generate_drawer(
+    draw_batch = graphed_decoding.drawer(model, prompts, config, device, in_step) or _generate_drawer(
         model, tokenizer, config, in_step
     )
     row_tokens = config.generated_length + max((len(p) for p in prompts), default=1)
@@ -180,9 +181,6 @@ def _generate(
     return generated
 
 
-DrawBatch = Callable[[list[list[int]], torch.device], torch.Tensor]
-
-
 def _generate_drawer(model: Any, tokenizer: Any, config: LoraNullConfig, in_step: bool) -> DrawBatch:
     """Draws a batch with transformers' generate (left-padded prompts): the generated token ids, padded after EOS."""
     from transformers import GenerationConfig
@@ -209,46 +207,6 @@ def _generate_drawer(model: Any, tokenizer: Any, config: LoraNullConfig, in_step
         return out[:, width:]
 
     return draw_batch
-
-
-def _graphed_drawer(
-    model: Any, prompts: list[list[int]], config: LoraNullConfig, device: torch.device, in_step: bool
-) -> DrawBatch | None:
-    """With `generated_decoding: graphed`, a drawer that replays each decoding step as a CUDA graph; None (generate
-    draws) where it cannot: off a GPU, from chat prompts, under ZeRO-3 (a forward may gather) or with transformers
-    older than 5."""
-    if config.generated_decoding != "graphed" or not prompts:
-        return None
-    why = _why_not_graphed(prompts, device, in_step)
-    if why is not None:
-        logger.info("generated_decoding 'graphed' is not used (%s): sampling with generate.", why)
-        return None
-    start_id, told = prompts[0][0], False
-
-    def draw_batch(chunk: list[list[int]], device: torch.device) -> torch.Tensor:
-        nonlocal told
-        tokens, graphed, _ = graphed_decoding.decode(
-            model, len(chunk), config.generated_length, start_id, config.generated_temperature, config.generated_top_p
-        )
-        if not graphed and not told:
-            told = True
-            logger.info("The decoding step could not be captured as a CUDA graph: it runs step by step instead.")
-        return tokens
-
-    return draw_batch
-
-
-def _why_not_graphed(prompts: list[list[int]], device: torch.device, in_step: bool) -> str | None:
-    """Why the graphed decoder cannot draw these samples here, or None when it can."""
-    if device.type != "cuda":
-        return "the model is not on a GPU"
-    if len({tuple(p) for p in prompts}) != 1 or len(prompts[0]) != 1:
-        return "the samples start from chat prompts"
-    if in_step:
-        return "every rank must step through generate together under ZeRO-3"
-    if not graphed_decoding.supported():
-        return "it needs transformers 5 or later"
-    return None
 
 
 def rows_per_batch(count: int, width: int, batch_tokens: int, budget: tuple[int, int] | None) -> int:
