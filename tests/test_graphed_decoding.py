@@ -120,3 +120,12 @@ def test_the_decoding_benchmark_times_both_decoders_in_one_call(tmp_path):
     assert [(r["decoder"], r["length"], r["steps"]) for r in rows] == [("generate", 6, 6), ("graphed", 6, 6)]
     assert all(r["distinct_samples"] == 8 for r in rows)
     assert rows[1]["replay_vs_eager"] is None  # no GPU: nothing replayed to check
+
+
+def test_at_top_p_one_no_token_is_cut_by_rounding(monkeypatch):
+    """With top_p 1 generate samples the whole distribution. Here the first token's probability rounds to 1.0 in
+    float32, so a nucleus test would cut the rest; a draw whose noise favours the last token must still pick it."""
+    logits = torch.tensor([[0.0, -20.0, -20.0]])
+    assert logits.softmax(-1)[0, 0] == 1.0
+    monkeypatch.setattr(torch.Tensor, "exponential_", lambda self, *a, **k: self.copy_(torch.tensor([1.0, 1.0, 1e-30])))
+    assert graphed_decoding.draw(logits, temperature=1.0, top_p=1.0).tolist() == [2]

@@ -128,9 +128,10 @@ def draw(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor
     """One token per row, as `generate` samples (temperature, then the smallest set of tokens whose probability
     reaches top_p, at least one), by the Gumbel-max trick: no host synchronization, so it can be captured."""
     scores, order = (logits.float() / temperature).sort(dim=-1, descending=True)
-    probs = scores.softmax(dim=-1)
-    outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before a token already reaches top_p
-    scores = scores.masked_fill(outside, float("-inf"))
+    if top_p < 1:  # at 1 every token stays (a cumulative sum rounded up to 1 would drop the tail)
+        probs = scores.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # the mass before a token already reaches top_p
+        scores = scores.masked_fill(outside, float("-inf"))
     # Gumbel(0, 1); an exponential draw of exactly 0 (about one in 2^24) would give +inf, and inf - inf a NaN that
     # argmax would pick, outside the nucleus too
     noise = -torch.empty_like(scores).exponential_().clamp_(min=torch.finfo(scores.dtype).tiny).log()
