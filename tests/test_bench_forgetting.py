@@ -104,6 +104,14 @@ def test_the_self_calibrated_init_samples_the_models_own_text(cpu_run):
     )
 
 
+def test_the_graphed_key_alone_is_the_key_alone_off_a_gpu(cpu_run):
+    """lora_null_self_graphed asks for generated_decoding graphed; on the CPU generate draws, so it is the key alone."""
+    suite = synthetic_suite("cpu", cpu_run / "cache", "cpu")
+    graphed = build_adapter("lora_null_self_graphed", suite.load_base(), suite, seed=0).state_dict()
+    plain = build_adapter("lora_null_self", suite.load_base(), suite, seed=0).state_dict()
+    assert graphed.keys() == plain.keys() and all(torch.equal(graphed[k], plain[k]) for k in plain)
+
+
 def test_the_task_aware_init_reads_the_training_examples(cpu_run):
     suite = synthetic_suite("cpu", cpu_run / "cache", "cpu")
     default, plain = (

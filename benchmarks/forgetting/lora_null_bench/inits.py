@@ -55,6 +55,9 @@ SELF_INITS = {
     # (own_text_sweep.py, CPU)
     "lora_null_self_2k16": {"num_samples": 2048, "generated_length": 16},
     "lora_null_self_4k8": {"num_samples": 4096, "generated_length": 8},
+    # #50: the same distribution drawn by the CUDA-graph decoder; its rows must match lora_null_self's within seed
+    # noise before it becomes the default
+    "lora_null_self_graphed": {"generated_decoding": "graphed"},
 }
 # The task-aware null space: the calibration and the training examples as task data; lora_null_task uses the
 # default task_mix (and a_scale, 1 with task data), lora_null_task<μ> another (lora_null_task0.1).
