@@ -105,5 +105,5 @@ case $1 in
   stage)  stage "$2" ;;
   start)  start "$2" "$3" "${4:-12}" "${5:-}" ;;
   finish) finish "${2:-540}" ;;
-  *)      echo "usage: device.sh stage DIR | start PLAN MODEL [JOBS] | finish [WAIT]"; exit 2 ;;
+  *)      echo "usage: device.sh stage DIR | start PLAN MODEL [JOBS] [missing] | finish [WAIT]"; exit 2 ;;
 esac
