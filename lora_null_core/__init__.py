@@ -21,6 +21,7 @@ from .errors import (
     NonFiniteActivationsError,
     NoTargetModulesError,
     OutputExistsError,
+    OwnTextUnavailableError,
     UnsupportedModelError,
 )
 from .frontends.jobs import init_to_folder
@@ -52,6 +53,7 @@ __all__ = [
     "NoTargetModulesError",
     "NonFiniteActivationsError",
     "OutputExistsError",
+    "OwnTextUnavailableError",
     "UnsupportedModelError",
     "apply_variant",
     "basis_factors",

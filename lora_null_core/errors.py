@@ -9,6 +9,15 @@ class CalibrationDataError(LoraNullError):
     """The calibration source is missing, empty, or has no usable text."""
 
 
+class OwnTextUnavailableError(LoraNullError):
+    """The model's own text cannot be drawn here (weights missing, or the model too large for the free GPU memory).
+    `cause` is the reason without the fix, so a caller that draws it for its own purpose (a top-up) names its own."""
+
+    def __init__(self, cause: str, fix: str):
+        super().__init__(f"{cause}: {fix}")
+        self.cause = cause
+
+
 class InsufficientCalibrationError(LoraNullError):
     """Too few calibration tokens to estimate a layer's input covariance."""
 

@@ -253,7 +253,8 @@ def test_meter_json_writes_a_correlation_it_cannot_take_as_null(tmp_path):
 
 def test_a_plan_is_cut_to_the_points_no_row_holds(tmp_path):
     """device.sh start … missing: a line keeps only the rates its (init, seed) still lacks, split by (init, seed);
-    other models, sweeps and comments pass through; a row at another rank or step count is another point."""
+    other models, sweeps and comments pass through; a row at another rank or step count, or of another trainer, is
+    another point."""
     from lora_null_bench.plan_lines import main, missing_lines
 
     plan = [
@@ -266,6 +267,7 @@ def test_a_plan_is_cut_to_the_points_no_row_holds(tmp_path):
     done = [("lora", 0.0001, 0), ("lora", 0.0003, 0), ("lora", 0.001, 0), ("lora_null_self", 0.001, 1)]
     rows = [{**row(init, lr, seed, 0.5, 0.9), "model": "Q", "task": "spell"} for init, lr, seed in done]
     rows.append({**row("lora", 3e-4, 0, 0.5, 0.9), "model": "Q", "task": "words"})  # rank 16: not the rank-64 point
+    rows.append({**row("lora", 1e-4, 1, 0.5, 0.9), "model": "Q", "task": "spell", "trainer": "trl"})  # not the loop's
     assert missing_lines(plan, "q", "Q", rows) == [
         "# a comment",
         "q spell lora 1e-4,3e-4,1e-3 1",

@@ -11,7 +11,8 @@ from peft import LoraConfig, get_peft_model
 
 from lora_null_core import LoraNullConfig, LoraNullError, initialize_lora_null_weights, lora_null_init
 from lora_null_core.calibration.own_text import own_text
-from lora_null_core.errors import CalibrationDataError
+from lora_null_core.calibration.whole_model import whole_on
+from lora_null_core.errors import CalibrationDataError, OwnTextUnavailableError
 from lora_null_core.frontends.toy_world import knowledge_texts, tiny_model, tiny_tokenizer
 from lora_null_core.init.peft_layers import lora_layers
 
@@ -100,6 +101,17 @@ def test_weights_that_are_not_all_here_are_refused_by_name(make_model, tokenizer
         model.model.layers[1].mlp.down_proj.weight = torch.nn.Parameter(torch.empty(64, 160))
     with pytest.raises(LoraNullError, match="not all here .* pass calibration text"):
         texts(model, tokenizer)
+
+
+def test_a_model_in_cpu_memory_too_large_for_the_free_gpu_memory_is_refused_with_what_is_free(make_model, monkeypatch):
+    """Sampling moves a model held in CPU memory to the GPU when it fits: the refusal says how much is free of how
+    much (a training run refused this beside other processes that held the GPU)."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2**10, 80 * 2**30))
+    model = make_model()
+    with pytest.raises(OwnTextUnavailableError, match=r"do not fit the 0\.0 GiB free on cuda:0 \(of 80\.0 GiB"):
+        with whole_on(model, torch.device("cuda:0")):
+            pass
+    assert next(model.parameters()).device == CPU
 
 
 def test_cli_init_and_inspect_without_calibration(saved_model, tmp_path, capsys):

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
-from lora_null_core import InsufficientCalibrationError, lora_null_init
+from lora_null_core import InsufficientCalibrationError, OwnTextUnavailableError, lora_null_init
 from lora_null_core.calibration.batches import tokenize_batches
 from lora_null_core.calibration.texts import choose_texts
 from lora_null_core.frontends.toy_world import knowledge_texts, tiny_model, tiny_tokenizer
@@ -66,6 +66,21 @@ def test_more_of_the_knowledge_text_is_read_before_any_own_text(make_model, toke
     longer = choose_texts(knowledge, tokenizer, 3, 8, 0, "text", until=lambda text: False)
     assert longer.holdout == usual.holdout and longer.calibration[:3] == usual.calibration
     assert len(longer.calibration) == 240 - 8 and not set(longer.calibration) & set(longer.holdout)
+
+
+def test_a_top_up_that_cannot_sample_names_the_short_text_and_its_fix(make_model, tokenizer, knowledge):
+    """Own text that cannot be drawn (here: weights on the meta device; on a GPU: too little free memory) where it
+    would top up a short file: the error says the file is short and how much text would do, not "pass calibration
+    text", which the user did."""
+    model = make_model()
+    with torch.device("meta"):
+        model.model.layers[1].mlp.down_proj.weight = torch.nn.Parameter(torch.empty(64, 160))
+    with pytest.raises(OwnTextUnavailableError) as raised:
+        lora_null_init(model, LoraConfig(r=4, target_modules="all-linear"), knowledge[:5], tokenizer, **FIVE)
+    message = str(raised.value)
+    assert "fewer than the 128 the widest targeted input takes" in message and "not all here" in message
+    assert message.endswith("give calibration text with at least 128 distinct contexts (more rows, or longer ones)")
+    assert "pass calibration text" not in message
 
 
 def test_own_text_short_of_the_floor_is_topped_up_too(make_model, tokenizer):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..config import LoraNullConfig
+from ..errors import OwnTextUnavailableError
 from .batches import token_ids
 from .contexts import Contexts
 from .own_text import own_text
@@ -69,7 +70,14 @@ def select_calibration(
     added: list[str] = []
     for attempt in range(TOP_UP_ROUNDS):
         count = math.ceil(1.25 * (floor - len(contexts)) / config.generated_length) + 1
-        drawn = own_text(model, tokenizer, config.replace(seed=config.seed + 7919 * (attempt + 1)), device, count)
+        try:
+            drawn = own_text(model, tokenizer, config.replace(seed=config.seed + 7919 * (attempt + 1)), device, count)
+        except OwnTextUnavailableError as error:
+            raise OwnTextUnavailableError(
+                f"The calibration text holds {short} distinct contexts, fewer than the {floor} the widest targeted "
+                f"input takes, and the model's own text that would top it up cannot be drawn. {error.cause}",
+                f"give calibration text with at least {floor} distinct contexts (more rows, or longer ones)",
+            ) from None
         for text in drawn.rows:
             added.append(text)
             enough(text)

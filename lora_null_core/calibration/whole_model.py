@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..distributed import any_rank
-from ..errors import LoraNullError
+from ..errors import OwnTextUnavailableError
 from ..model_parts import block_list
 from ..weights import gathered, is_zero3_partitioned
 
@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 # Under ZeRO-3 the whole model is gathered for sampling when it takes at most this share of the free memory on
 # every rank; else each block is gathered for its own forwards only (slower: a gather per block per token).
 GATHER_WHOLE_SHARE = 0.8
+CALIBRATION_FIX = "pass calibration text (lora_null_calibration, or --calibration)"
 
 
 @contextlib.contextmanager
@@ -34,10 +35,10 @@ def whole_on(model: nn.Module, device: torch.device) -> Iterator[torch.device]:
             yield params[0].device
         return
     if any(p.is_meta for p in params):
-        raise LoraNullError(
-            "The model's weights are not all here (some are on the meta device), and its own text "
-            "is sampled from the whole model: load the weights, or pass calibration text "
-            "(lora_null_calibration, or --calibration)."
+        raise OwnTextUnavailableError(
+            "The model's weights are not all here (some are on the meta device), and its own text is sampled from "
+            "the whole model",
+            f"load the weights, or {CALIBRATION_FIX}",
         )
     home = params[0].device
     offloaded = sorted(
@@ -56,12 +57,13 @@ def whole_on(model: nn.Module, device: torch.device) -> Iterator[torch.device]:
     needed = sum(p.numel() * p.element_size() for p in params) + sum(
         b.numel() * b.element_size() for b in model.buffers()
     )
-    free = torch.cuda.mem_get_info(device)[0]
+    free, total = torch.cuda.mem_get_info(device)
     if needed > 0.8 * free:
-        raise LoraNullError(
+        raise OwnTextUnavailableError(
             f"The model's own text is sampled from the whole model, whose {needed / 2**30:.1f} GiB of weights are in "
-            f"CPU memory and do not fit the {free / 2**30:.1f} GiB free on {device}: pass calibration text "
-            "(lora_null_calibration, or --calibration)."
+            f"CPU memory and do not fit the {free / 2**30:.1f} GiB free on {device} (of {total / 2**30:.1f} GiB: "
+            "other processes may hold the rest)",
+            CALIBRATION_FIX,
         )
     model.to(device)
     try:
@@ -83,10 +85,10 @@ def _zero3_gathered(model: nn.Module, device: torch.device) -> Iterator[None]:
         return
     found = block_list(model)
     if found is None:
-        raise LoraNullError(
-            f"The model's own text is sampled from the whole model, whose {whole / 2**30:.1f} GiB "
-            f"does not fit beside the rest on {device}, and its decoder blocks could not be found to "
-            "gather one at a time: pass calibration text (lora_null_calibration, or --calibration)."
+        raise OwnTextUnavailableError(
+            f"The model's own text is sampled from the whole model, whose {whole / 2**30:.1f} GiB does not fit "
+            f"beside the rest on {device}, and its decoder blocks could not be found to gather one at a time",
+            CALIBRATION_FIX,
         )
     inside = {id(p) for p in found[1].parameters()}
     with gathered([p for p in params if id(p) not in inside]), _gathered_per_forward(found[1]):

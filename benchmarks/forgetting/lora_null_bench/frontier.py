@@ -31,6 +31,7 @@ from .energies import energies
 from .evaluate import accuracy, normalize
 from .inits import build_adapter
 from .meter_report import DEFAULT_PACE
+from .plan_lines import point_key
 from .run import free_memory
 from .suites import Suite
 from .train import fine_tune
@@ -437,8 +438,7 @@ def merge_results(paths: Sequence[Path]) -> list[dict[str, Any]]:
     rows: dict[tuple, dict[str, Any]] = {}
     for path in paths:
         for row in json.loads(Path(path).read_text())["runs"]:
-            key = tuple(row[k] for k in ("model", "task", "init", "lr", "seed", "steps", "rank"))
-            rows[(*key, row.get("trainer", "loop"))] = row
+            rows[point_key(row)] = row
     return list(rows.values())
 
 

@@ -50,6 +50,9 @@ SELF_INITS = {
     # #49's coverage: more, shorter samples for about the same sampling time (1,024 or 4,096 × 64 tokens)
     "lora_null_self_1k64": {"num_samples": 1024, "generated_length": 64},
     "lora_null_self_4k64": {"num_samples": 4096, "generated_length": 64},
+    # and 4x the tokens at the default length, for a wide input: Qwen2.5-1.5B's down_proj takes 8,960, which 256 x 128
+    # tokens cover 3.7 times (SmolLM2's 1,536: 21 times); its key alone's knowledge loss varies 2x between seeds
+    "lora_null_self_1k128": {"num_samples": 1024, "generated_length": 128},
     # and far shorter ones (2,048 x 16 and 4,096 x 8 tokens): knowledge is read from short questions, whose tokens
     # all sit near a text's start; on SmolLM2 their held-out energy fell from 0.102 to 0.085 and 0.084
     # (own_text_sweep.py, CPU)

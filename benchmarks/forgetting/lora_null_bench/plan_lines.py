@@ -6,7 +6,7 @@ PLAN lines are "model task inits lrs seeds [rank]" (benchmarks/forgetting/plans/
 (qwen15), NAME the rows' model name (qwen2.5-coder-1.5b-instruct). Each (init, seed) of a line becomes one line with
 the learning rates it still lacks (a process builds its init once and trains it at each rate); lines of other models,
 sweeps and comments pass through unchanged. A point is (model, task, init, lr, seed, steps, rank), as the frontier
-merges rows.
+merges rows (`point_key`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ RANK = 16  # the frontier's default rank
 
 def missing_lines(lines: Iterable[str], model: str, name: str, rows: Iterable[dict]) -> list[str]:
     """The plan's lines for `model` with only the points no row has, split by (init, seed)."""
-    done = {_key(row) for row in rows}
+    done = {point_key(row) for row in rows}
     out = []
     for line in lines:
         fields = line.split()
@@ -33,18 +33,18 @@ def missing_lines(lines: Iterable[str], model: str, name: str, rows: Iterable[di
         rank = int(fields[5]) if len(fields) > 5 else RANK
         for init in inits:
             for seed in seeds:
-                todo = [lr for lr in lrs if (name, task, init, _lr(lr), int(seed), STEPS, rank) not in done]
+                point = {"model": name, "task": task, "init": init, "seed": int(seed), "steps": STEPS, "rank": rank}
+                todo = [lr for lr in lrs if point_key({**point, "lr": lr}) not in done]
                 if todo:
                     out.append(" ".join([model, task, init, ",".join(todo), seed, *fields[5:6]]))
     return out
 
 
-def _lr(value: str | float) -> str:
-    return f"{float(value):.6g}"
-
-
-def _key(row: dict) -> tuple:
-    return (row["model"], row["task"], row["init"], _lr(row["lr"]), row["seed"], row["steps"], row["rank"])
+def point_key(row: dict) -> tuple:
+    """One frontier point: the frontier keeps one row for it (the latest), and a plan skips it once a row has it. The
+    rate is read as a number ("3e-4" in a plan is 0.0003 in a row); the plans' own loop is the default trainer."""
+    keys = ("model", "task", "init", "lr", "seed", "steps", "rank")
+    return (*(float(row[k]) if k == "lr" else row[k] for k in keys), row.get("trainer", "loop"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
