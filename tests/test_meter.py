@@ -81,6 +81,18 @@ def meter_worker(rank, world, port, folder):
         dist.destroy_process_group()
 
 
+def test_scoring_a_few_rows_at_a_time_gives_what_scoring_them_at_once_does(make_model, tokenizer, monkeypatch):
+    """The loss is taken over a few rows of float32 logits at a time (a reading must not spike a training run's GPU
+    memory); the log-probabilities are the same to the bit."""
+    from lora_null_core.meter import scoring
+
+    reference = forgetting_reference(make_model(seed=3), tokenizer, samples=6, length=9)
+    at_once = scoring.token_logprobs(make_model(seed=5), reference.ids, reference.mask, reference.sampled, 6)
+    monkeypatch.setattr(scoring, "LOSS_CHUNK_BYTES", 1)  # one row a time
+    one_by_one = scoring.token_logprobs(make_model(seed=5), reference.ids, reference.mask, reference.sampled, 6)
+    assert torch.equal(at_once, one_by_one) and at_once.ne(0).sum() > 20
+
+
 def test_two_processes_measure_what_one_does(tmp_path):
     """Each scores a share (the odd one padded, so both run as many forwards) and the sums are all-reduced: the KL
     and the share of answers kept."""

@@ -44,6 +44,7 @@ def drawer(
 
     def draw_batch(chunk: list[list[int]], device: torch.device) -> torch.Tensor:
         nonlocal told
+        del device  # decode runs where the model is, which own_samples made the execution device (whole_on)
         tokens, graphed, _ = decode(
             model, len(chunk), config.generated_length, start_id, config.generated_temperature, config.generated_top_p
         )
@@ -79,8 +80,9 @@ def decode(
     model: Any, batch: int, length: int, start_id: int, temperature: float, top_p: float, graphed: bool = True
 ) -> tuple[torch.Tensor, bool, Any]:
     """(batch × length token ids drawn from `start_id`, whether the steps were replayed from a captured graph, the
-    static cache they filled). Draws from torch's current random state: the caller seeds it. `graphed`: capture
-    the step where the model is on a GPU."""
+    static cache they filled: benchmarks/speed/own_text_decoding.py compares a replayed cache with an eager one).
+    Draws from torch's current random state: the caller seeds it. `graphed`: capture the step where the model is on
+    a GPU."""
     from transformers import StaticCache
 
     device = next(model.parameters()).device
@@ -104,24 +106,6 @@ def decode(
             position.fill_(t)
             tokens[:, t] = replay() if replay is not None else step()
     return tokens, replay is not None, cache
-
-
-def replay_vs_eager(model: Any, start_id: int, batch: int = 2, length: int = 16) -> float | None:
-    """How far a replayed decoding differs from the eager one, greedy (top-p near 0) from the same start: the
-    largest relative difference over every layer's cached keys and values (written at each step's position, from
-    hidden states that went through each step's attention mask), so a position or mask the capture fixed shows even
-    where the greedy tokens agree. None when the step could not be captured."""
-    replayed, graphed, replay_cache = decode(model, batch, length, start_id, 1.0, 1e-9, True)
-    if not graphed:
-        return None
-    eager, _, eager_cache = decode(model, batch, length, start_id, 1.0, 1e-9, False)
-    if not torch.equal(replayed, eager):
-        return float("inf")
-    worst = 0.0
-    for ours, theirs in zip(replay_cache.layers, eager_cache.layers, strict=True):
-        for a, b in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
-            worst = max(worst, float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)))
-    return worst
 
 
 def draw(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:

@@ -11,6 +11,10 @@ import torch.nn.functional as F
 
 from ..model_parts import input_device
 
+# float32 logits scored at once: a reading runs inside a user's training, on a GPU the run may have filled, and
+# 16 rows of 128 tokens over a 152k vocabulary (Qwen2.5's) would take 1.2 GiB in float32, twice over in the loss
+LOSS_CHUNK_BYTES = 256 * 2**20
+
 
 def padded(
     sequences: Sequence[Sequence[int]], flags: Sequence[Sequence[bool]], pad_id: int
@@ -51,9 +55,19 @@ def token_scores(
                 rows = slice(start, start + batch_size)
                 batch_ids, batch_mask = ids[rows].to(device), mask[rows].to(device)
                 logits = model(input_ids=batch_ids, attention_mask=batch_mask.long(), use_cache=False).logits
-                nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch_ids[:, 1:], reduction="none")
-                out[rows, 1:] = -nll.cpu()
+                out[rows, 1:] = -_nll(logits[:, :-1], batch_ids[:, 1:]).cpu()
                 hits[rows, 1:] = (logits[:, :-1].argmax(-1) == batch_ids[:, 1:]).cpu()
     finally:
         model.train(was_training)
     return out * scored, hits & scored
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy at each position in float32, a few rows at a time (LOSS_CHUNK_BYTES of float32 logits)."""
+    rows = max(1, LOSS_CHUNK_BYTES // max(1, 4 * logits.shape[1] * logits.shape[2]))
+    return torch.cat(
+        [
+            F.cross_entropy(part.float().transpose(1, 2), goal, reduction="none")
+            for part, goal in zip(logits.split(rows), targets.split(rows), strict=True)
+        ]
+    )
