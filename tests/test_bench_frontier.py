@@ -50,6 +50,22 @@ def test_summary_picks_the_smallest_loss_at_or_above_the_bar():
     assert "| pissa | never reaches the bar |" in table and "| lora_null_v2 | 0.100 | 0.003 | 0.860 | 0.25 |" in table
 
 
+def test_the_scoreboard_reads_each_pair_against_both_issues_bars():
+    """At LoRA's rate (1e-3: loss 0.40, bar 0.855): the default (loss 0.15, 0.375×) and the key alone (0.12, 0.30×)
+    pass #47; the key alone loses more than the plain null space (0.10), so #49 fails; without the plain null space
+    #49 is open. A task LoRA lifts by less than 0.3 is not a pair."""
+    at_rate = [row("lora_null", 1e-3, 0, 0.86, 0.85), row("lora_null_self", 1e-3, 0, 0.87, 0.88)]
+    plain = row("lora_null_plain", 1e-3, 0, 0.86, 0.90)
+    learned = next(line for line in markdown([*ROWS, *at_rate, plain]).splitlines() if line.startswith("| m × t |"))
+    assert learned == (
+        "| m × t | 0.001: 0.870 / 0.400 | 0.855 | 0.860 / 0.150 (0.38×) | 0.870 / 0.120 (0.30×, 1.20× plain) | "
+        "passes | fails |"
+    )
+    assert markdown([*ROWS, *at_rate]).count("| passes | open |") == 1
+    unlearned = [{**r, "task_score_base": 0.7} for r in [*ROWS, *at_rate]]
+    assert "| m × t | 0.001: 0.870 / 0.400 | 0.855 | not a pair: LoRA lifts the task by 0.20 |" in markdown(unlearned)
+
+
 def test_at_loras_learning_rate_each_init_is_judged_against_the_bar_and_half_loras_loss():
     rows = [*ROWS, row("lora_null", 1e-3, 0, 0.86, 0.85), row("lora_null_x3", 1e-3, 0, 0.80, 0.95)]
     same = summary(curves(rows)[("m", "t")])["at_lora_lr"]

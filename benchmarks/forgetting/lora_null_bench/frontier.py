@@ -33,6 +33,7 @@ from .inits import build_adapter
 from .meter_report import DEFAULT_PACE
 from .plan_lines import point_key
 from .run import free_memory
+from .scoreboard import scoreboard
 from .suites import Suite
 from .train import fine_tune
 
@@ -294,8 +295,17 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
         "reaches, and its ratio to LoRA's (goal for the default: ≤ 0.5).",
         "",
     ]
-    for (model, task), by_init in sorted(curves(rows).items()):
-        sample = next(r for r in rows if panel(r) == (model, task))
+    panels = sorted(curves(rows).items())
+    samples = {key: next(r for r in rows if panel(r) == key) for key, _ in panels}
+    lines += scoreboard(
+        [
+            (model, task, samples[model, task]["task_score_base"], summary(by_init))
+            for (model, task), by_init in panels
+            if samples[model, task].get("rank", 16) == 16
+        ]
+    )
+    for (model, task), by_init in panels:
+        sample = samples[model, task]
         lines += [
             f"## {model} × {task}",
             "",
