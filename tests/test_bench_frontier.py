@@ -4,7 +4,8 @@ import json
 import math
 
 import pytest
-from lora_null_bench.frontier import curves, exact_match, markdown, summary
+from lora_null_bench.frontier import exact_match
+from lora_null_bench.frontier_report import curves, markdown, summary
 
 
 def row(init, lr, seed, task, kept):

@@ -304,7 +304,7 @@ def _frontier(args, command: str) -> int:
 def _frontier_report(args) -> int:
     import json
 
-    from .frontier import markdown, merge_results, plot
+    from .frontier_report import markdown, merge_results, plot
 
     rows = merge_results([Path(p) for p in args.results])
     output = Path(args.output)
@@ -327,7 +327,7 @@ def _meter(args) -> int:
 
     from lora_null_core.report import json_safe
 
-    from .frontier import merge_results
+    from .frontier_report import merge_results
     from .meter_report import meter_summary
 
     framework_rows = json.loads(Path(args.framework_rows).read_text())["runs"] if args.framework_rows else []

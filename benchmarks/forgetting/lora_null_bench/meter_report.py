@@ -144,7 +144,7 @@ def plot_meter_curves(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .frontier import curves, summary
+    from .frontier_report import curves, summary
     from .report import save_figure
 
     panels = curves(rows)
