@@ -67,6 +67,25 @@ def test_the_scoreboard_reads_each_pair_against_both_issues_bars():
     assert "| m × t | 0.001: 0.870 / 0.400 | 0.855 | not a pair: LoRA lifts the task by 0.20 |" in markdown(unlearned)
 
 
+def test_the_energies_table_averages_each_inits_seeds_once_whatever_the_rates():
+    """An init's A is built once per seed and trained at each rate: its energies count once per seed."""
+
+    def measured(init, lr, seed, knowledge, task):
+        return {**row(init, lr, seed, 0.86, 0.9), "energy_knowledge": knowledge, "energy_task": task}
+
+    rows = [
+        *ROWS,
+        measured("lora_null", 1e-3, 0, 0.05, 3.0),
+        measured("lora_null", 1e-3, 1, 0.07, 5.0),
+        measured("lora_null_self", 1e-3, 0, 0.12, 0.10),
+        measured("lora_null_self", 3e-3, 0, 0.12, 0.10),
+        measured("lora_null_self", 1e-3, 1, 0.10, 0.20),
+    ]
+    table = markdown(rows)
+    assert "| m × t | 0.060 / 4.000 (2) | – | 0.110 / 0.150 (2) |" in table
+    assert "energy on the held-out facts" not in markdown(ROWS)  # no energies measured: no table
+
+
 def test_at_loras_learning_rate_each_init_is_judged_against_the_bar_and_half_loras_loss():
     rows = [*ROWS, row("lora_null", 1e-3, 0, 0.86, 0.85), row("lora_null_x3", 1e-3, 0, 0.80, 0.95)]
     same = summary(curves(rows)[("m", "t")])["at_lora_lr"]

@@ -21,6 +21,9 @@ export OMP_NUM_THREADS=2  # many runs share 16 cores
 export PYTHONPATH=/tmp/site:$PWD:$PWD/benchmarks/forgetting
 declare -A NAME=([smollm2]=smollm2-135m-instruct-q4_1 [gemma]=gemma-3-270m-q4_k_m [qwen]=qwen2.5-coder-0.5b-instruct
                  [qwen15]=qwen2.5-coder-1.5b-instruct)
+# GiB a run takes at its peak, with a margin (the 1.5B's processes held 14-26 GiB on 2026-12-07): no more runs at a time
+# than fit the GPU at that size, and each held back until that much is free (device_common.sh), so JOBS is a ceiling
+declare -A NEED=([smollm2]=5 [gemma]=10 [qwen]=14 [qwen15]=26)
 
 stage() { mkdir -p $STAGE && cp -r "$1"/. $STAGE/ && echo "staged: $(ls $STAGE | wc -l) files"; }
 
@@ -51,6 +54,7 @@ start() {  # start PLAN MODEL [JOBS] [missing]: dequantize once into the shared 
   # at once; with "missing", only the points that no row in benchmarks/results or in this machine's rows holds yet
   local plan=$1 model=$2 jobs=${3:-12} only=${4:-} gguf stamp=$(date +%s)
   warn_if_gpu_in_use
+  jobs=$(jobs_that_fit $jobs ${NEED[$model]})
   gguf=$(gguf_of $model) || return 1
   mkdir -p $WORK/rows $WORK/logs
   python3 -c "import sys; from pathlib import Path; from lora_null_bench.suites import _local_model
@@ -71,9 +75,10 @@ print(_local_model(sys.argv[1], Path(sys.argv[2])))" $gguf $WORK/cache || return
     if [ "$2" = sweep ]; then
       echo "python3 benchmarks/init_quality/own_text_sweep.py --model $gguf --name ${NAME[$model]} --cache $WORK/cache --output $WORK/rows/sweep-$model.json > $WORK/logs/sweep-$model.log 2>&1"
     else
-      echo "python3 -m lora_null_bench.cli frontier --task $2 --model $gguf --name ${NAME[$model]} --inits $3 --lrs $4 --seeds $5 ${6:+--rank $6} --steps 150 $batch --cache $WORK/cache --output $WORK/rows/$run-$line.json > $WORK/logs/$run-$line.log 2>&1"
+      echo "gpu_gate ${NEED[$model]} && python3 -m lora_null_bench.cli frontier --task $2 --model $gguf --name ${NAME[$model]} --inits $3 --lrs $4 --seeds $5 ${6:+--rank $6} --steps 150 $batch --cache $WORK/cache --output $WORK/rows/$run-$line.json > $WORK/logs/$run-$line.log 2>&1"
     fi
   done > $WORK/$model.jobs
+  export -f gpu_gate
   ( cd $code && PYTHONPATH=/tmp/site:$code:$code/benchmarks/forgetting \
       setsid bash -c "xargs -P $jobs -I{} -d '\n' bash -c {} < $WORK/$model.jobs" < /dev/null > /dev/null 2>&1 & )
   sleep 1; echo "$model: $(wc -l < $WORK/$model.jobs) processes, $jobs at a time"

@@ -13,7 +13,7 @@ from typing import Any
 
 from .inits import INITS
 from .plan_lines import point_key
-from .scoreboard import scoreboard
+from .scoreboard import energy_lines, scoreboard
 
 QUALITY_BAR = 0.95  # "the task score users need": within 5 % of LoRA's best
 
@@ -124,6 +124,7 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
             if samples[model, task].get("rank", 16) == 16
         ]
     )
+    lines += energy_lines(rows)
     for (model, task), by_init in panels:
         sample = samples[model, task]
         lines += [

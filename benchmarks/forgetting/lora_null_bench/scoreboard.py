@@ -6,6 +6,7 @@ lifts the task by at least MIN_LIFT over the base model."""
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,3 +73,31 @@ def _verdict(checks: list[bool | None]) -> str:
     if False in checks:
         return "fails"
     return "open" if None in checks else "passes"
+
+
+def energy_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Why the inits stand where they do: each one's A right after init, its energy on the held-out facts (lower keeps
+    more) and on the task's examples (higher learns faster at a given rate), the mean over its seeds at rank 16."""
+    seeds: dict[tuple[str, str, str], dict[int, tuple[float, float]]] = {}
+    for row in rows:
+        if row.get("rank", 16) == 16 and row["init"] in (DEFAULT, PLAIN, KEY_ALONE) and "energy_task" in row:
+            energies = (row["energy_knowledge"], row["energy_task"])
+            seeds.setdefault((row["model"], row["task"], row["init"]), {})[row["seed"]] = energies
+    pairs = sorted({(model, task) for model, task, _ in seeds})
+    if not pairs:
+        return []
+    lines = [
+        "Each init's A right after init: energy on the held-out facts / on the task's examples (a random A reads "
+        "about 1; lower knowledge energy keeps more, higher task energy learns faster), the mean over its seeds (n).",
+        "",
+        "| pair | default | plain null space | key alone |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for model, task in pairs:
+        cells = []
+        for init in (DEFAULT, PLAIN, KEY_ALONE):
+            values = list(seeds.get((model, task, init), {}).values())
+            knowledge, learning = (statistics.fmean(v[i] for v in values) for i in (0, 1)) if values else (0.0, 0.0)
+            cells.append(f"{knowledge:.3f} / {learning:.3f} ({len(values)})" if values else "–")
+        lines.append(f"| {model} × {task} | {' | '.join(cells)} |")
+    return [*lines, ""]
