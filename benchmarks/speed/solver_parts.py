@@ -3,6 +3,7 @@ right-hand sides, what the earlier 12-step subspace iteration ran), 12 QRs of th
 `subspace_null_basis` of the checked-out code.
 
     python benchmarks/speed/solver_parts.py 4096 11008 28672
+    python benchmarks/speed/solver_parts.py --batched 3 4096   # a block's three 4,096-wide covariances at once
 
 The covariances are synthetic (random tokens with a spectrum over three decades): the times depend on the width,
 not on the values. Run it at an older commit (PYTHONPATH=<checkout>) for that commit's whole-solver time.
@@ -45,6 +46,29 @@ def parts(d: int, rank: int = 16, steps: int = 12) -> tuple[float, float, float,
     return cholesky, solves, qrs, whole
 
 
+def batched(d: int, count: int, rank: int = 16, steps: int = 4) -> tuple[float, float]:
+    """Seconds of the block Krylov solver's GPU work (Cholesky, `steps` solves, `steps` + 1 QRs) for `count`
+    same-width covariances, one after another and as one batch: whether a block's covariances of one width (a
+    Llama's attention, output and MLP inputs: three of 4,096) should be solved together. On an H100 (2026-12-07)
+    they should not: 43.7 ms one by one, 43.3 ms batched."""
+    shifted = torch.stack([covariance(d) for _ in range(count)]).double()
+    shifted.diagonal(dim1=-2, dim2=-1).add_(1e-6 * float(shifted.diagonal(dim1=-2, dim2=-1).max()))
+    start = torch.randn(count, d, rank + 16, dtype=torch.float64, device="cuda")
+
+    def krylov(matrices: torch.Tensor, block: torch.Tensor) -> None:
+        factor = torch.linalg.cholesky(matrices)
+        block = torch.linalg.qr(block)[0]
+        for _ in range(steps):
+            block = torch.linalg.qr(torch.cholesky_solve(block, factor))[0]
+
+    def one_by_one() -> None:
+        for i in range(count):
+            krylov(shifted[i], start[i])
+
+    one_by_one(), krylov(shifted, start)  # warm-up
+    return timed(one_by_one), timed(lambda: krylov(shifted, start))
+
+
 def main(widths: list[int]) -> None:
     print(
         "| width | Cholesky (float64) | 12 × cholesky_solve | 12 × QR | whole solver |\n"
@@ -60,4 +84,10 @@ def main(widths: list[int]) -> None:
 
 
 if __name__ == "__main__":
-    main([int(w) for w in sys.argv[1:]] or [4096, 11008, 28672])
+    if sys.argv[1:2] == ["--batched"]:
+        count, *widths = (int(w) for w in sys.argv[2:])
+        for d in widths or [4096]:
+            apart, together = batched(d, count)
+            print(f"{count} × {d}: one by one {apart * 1e3:.1f} ms, batched {together * 1e3:.1f} ms", flush=True)
+    else:
+        main([int(w) for w in sys.argv[1:]] or [4096, 11008, 28672])
