@@ -93,3 +93,16 @@ def test_qlora_with_the_key_alone_runs_end_to_end_on_layer_by_layer_nf4_weights(
     assert row["method"] == "lora_null_self_nf4" and row["blocks_timed"] == 2 and row["calibration"] == "24x16 own text"
     assert row["function_error"] < 1e-5 and row["adapter_mib"] > 0 and "own text" in row["calibration_used"]
     assert 0 < sum(row["phases"].values()) <= row["seconds"] and row["seconds_before_first_block"] > 0
+
+
+def test_the_init_trace_lists_the_ops_that_take_the_most_time(tmp_path):
+    """trace_init.py: a warm-up init, then one under the profiler; its row ranks ops by time (on the CPU, host time)."""
+    script = SCRIPT.with_name("trace_init.py")
+    spec = importlib.util.spec_from_file_location("trace_init", script)
+    trace = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trace)
+    out = tmp_path / "trace.json"
+    trace.main(["--shape", "tiny", "--num-samples", "16", "--seq-len", "32", "--top", "3", "--output", str(out)])
+    (row,) = json.loads(out.read_text())["runs"]
+    assert row["kernel_seconds"] > 0 and row["seconds_traced"] > 0 and len(row["top_kernels"]) == 3
+    assert row["top_kernels"][0]["ms"] >= row["top_kernels"][-1]["ms"] > 0
