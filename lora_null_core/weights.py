@@ -45,6 +45,8 @@ def _dequantized(base_layer: nn.Module) -> torch.Tensor:
     if kind == "Params4bit":
         import bitsandbytes as bnb
 
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            return _dequantized_cpu_packed(weight.data, weight.quant_state)
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
     if kind == "Int8Params":
         layer: Any = base_layer
@@ -53,6 +55,21 @@ def _dequantized(base_layer: nn.Module) -> torch.Tensor:
     if weight.dtype.is_floating_point:  # float8 and other float storage
         return weight
     raise TypeError(f"{type(base_layer).__name__}: no float reading of its {weight.dtype} weight is known.")
+
+
+def _dequantized_cpu_packed(packed: torch.Tensor, state: Any, block_n: int = 32) -> torch.Tensor:
+    """A 4-bit weight bitsandbytes repacked for the CPU: on a CPU with AVX512-BF16 its first inference forward
+    interleaves the codes by `block_n` output rows and keeps absmax in bfloat16, transposed, and from then on
+    `dequantize_4bit` reads the codes in the old order (relative error 1.5 measured). Read the codes back in the
+    layout `bitsandbytes.functional._convert_weight_packed_for_cpu` writes (without touching the layer), then
+    code × absmax: the weight that layer's forward now computes with."""
+    rows, half = packed.shape
+    pairs = packed.reshape(-1, 32)
+    codes = torch.cat([pairs & 0xF, pairs >> 4], dim=-1)  # each 32-byte run: 32 low nibbles, then 32 high
+    codes = codes.reshape(rows // block_n, half, block_n, 2).transpose(1, 2).reshape(rows, 2 * half)
+    absmax = state.absmax.float().T  # (rows, columns / blocksize)
+    scales = absmax.repeat_interleave(state.blocksize, dim=1)
+    return state.code.float()[codes.long()] * scales
 
 
 def is_zero3_partitioned(params: Iterable[torch.Tensor]) -> bool:

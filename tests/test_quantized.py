@@ -107,3 +107,32 @@ def test_the_models_own_text_is_sampled_from_the_4bit_model(saved_model, tokeniz
         initialize_lora_null_weights(peft_model, calibration, tokenizer, LoraNullConfig(**SMALL))
         results.append({k: v for k, v in peft_model.state_dict().items() if "lora_" in k})
     assert results[0].keys() == results[1].keys() and all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_a_4bit_weight_repacked_for_the_cpu_reads_as_the_weight_it_computes_with(saved_model, double_quant):
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight at its first inference forward (codes
+    interleaved, absmax in bfloat16); its own dequantize_4bit then reads the codes in the old order. The init must
+    read the weight the layer now computes with: the same as before, up to absmax rounded to bfloat16."""
+    from bitsandbytes import functional
+
+    repack = getattr(functional, "_convert_weight_packed_for_cpu", None)
+    if repack is None:
+        pytest.skip("this bitsandbytes has no CPU repacking")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    settings = {**QUANTIZATIONS["nf4"], "bnb_4bit_use_double_quant": double_quant}
+    model = AutoModelForCausalLM.from_pretrained(
+        saved_model, quantization_config=BitsAndBytesConfig(**settings), device_map="cpu"
+    )
+    layer = model.model.layers[0].mlp.down_proj
+    before = float_weight(layer).clone()
+    if not getattr(layer.weight.quant_state, "packing_format_for_cpu", False):  # this CPU did not repack it yet
+        layer.weight.data, layer.weight.quant_state = repack(layer.weight.data, layer.weight.quant_state)
+    assert relative_error(float_weight(layer), before) < 5e-3
+    misread = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    assert relative_error(misread.reshape(before.shape).float(), before) > 0.1  # what the fix avoids
+    if functional.has_avx512bf16():  # the repacked forward runs only where bitsandbytes would repack
+        x = torch.randn(5, layer.in_features)
+        with torch.no_grad():  # the weight read is the one the layer's forward uses
+            assert relative_error(x @ float_weight(layer).T, layer(x).float()) < 1e-2
