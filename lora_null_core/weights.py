@@ -72,6 +72,23 @@ def _dequantized_cpu_packed(packed: torch.Tensor, state: Any, block_n: int = 32)
     return state.code.float()[codes.long()] * scales
 
 
+@contextlib.contextmanager
+def no_cpu_repacking(model: nn.Module) -> Iterator[None]:
+    """Keep bitsandbytes from repacking 4-bit weights for the CPU while lora-null runs the model. On a CPU with
+    AVX512-BF16 a 4-bit layer's first inference forward repacks its weight, and the repacked forward has no backward:
+    a QLoRA run trained afterwards passes no gradient through the base layers (measured: the input's gradient None,
+    torch warning of silently incorrect results). Layers repacked before are left as they are."""
+    layers: list[Any] = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", None)]
+    saved = [layer.support_avx512bf16_for_cpu for layer in layers]  # bitsandbytes sets it to 1 or 0
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    try:
+        yield
+    finally:
+        for layer, value in zip(layers, saved, strict=True):
+            layer.support_avx512bf16_for_cpu = value
+
+
 def is_zero3_partitioned(params: Iterable[torch.Tensor]) -> bool:
     """Parameters that DeepSpeed ZeRO-3 has split over the ranks (each holds a slice, the module an empty tensor)."""
     return any(hasattr(p, "ds_id") for p in params)

@@ -136,3 +136,26 @@ def test_a_4bit_weight_repacked_for_the_cpu_reads_as_the_weight_it_computes_with
         x = torch.randn(5, layer.in_features)
         with torch.no_grad():  # the weight read is the one the layer's forward uses
             assert relative_error(x @ float_weight(layer).T, layer(x).float()) < 1e-2
+
+
+def test_the_init_and_the_meter_leave_4bit_layers_trainable_on_the_cpu(saved_model, tokenizer, knowledge):
+    """bitsandbytes repacks a 4-bit weight at its first inference forward on an AVX512-BF16 CPU, and the repacked
+    forward passes no gradient to its input: QLoRA trained after an init or a meter reading would train wrong. The
+    repacking is asked for on every layer here (as such a CPU would), whatever this CPU is."""
+    from lora_null_core import forgetting, forgetting_reference
+
+    model = load_quantized(saved_model, "nf4")
+    four_bit = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    for layer in four_bit:
+        layer.support_avx512bf16_for_cpu = 1
+    peft_model = get_peft_model(model, LoraConfig(r=4, init_lora_weights=False))
+    initialize_lora_null_weights(peft_model, knowledge, tokenizer, LoraNullConfig(**SMALL))
+    reference = forgetting_reference(peft_model, tokenizer, samples=4, length=8)
+    forgetting(peft_model, reference)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in four_bit)
+    assert all(m.support_avx512bf16_for_cpu == 1 for m in four_bit)  # the user's setting is back
+    layer = four_bit[0]
+    layer.train()
+    x = torch.randn(3, layer.in_features, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and x.grad.norm() > 0

@@ -24,7 +24,7 @@ from ..config import LoraNullConfig
 from ..console import progress_bar, quiet_libraries
 from ..distributed import least_on_any_rank, rank_and_world
 from ..errors import CalibrationDataError, LoraNullError
-from ..weights import is_zero3_partitioned
+from ..weights import is_zero3_partitioned, no_cpu_repacking
 from . import graphed_decoding
 from .graphed_decoding import DrawBatch
 from .sources import CalibrationRows
@@ -95,7 +95,13 @@ def own_samples(
     in_step = world > 1 and is_zero3_partitioned(base.parameters())
     drawn = -(-count // world) if in_step else share
     adapter_off = peft_model.disable_adapter() if isinstance(peft_model, PeftModel) else contextlib.nullcontext()
-    with whole_on(base, device) as where, adapter_off, _seeded(config.seed + rank, where), quiet_libraries():
+    with (
+        whole_on(base, device) as where,
+        adapter_off,
+        no_cpu_repacking(base),  # a sampler before a QLoRA run on the CPU must leave its backward intact
+        _seeded(config.seed + rank, where),
+        quiet_libraries(),
+    ):
         prompts = _prompts(tokenizer, config, first=rank, count=drawn)
         generated = _generate(base, tokenizer, prompts, config, where, in_step, what)
     samples = list(zip(prompts, generated, strict=True))[:share]

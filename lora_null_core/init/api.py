@@ -28,7 +28,7 @@ from ..errors import ConfigError, UnsupportedModelError
 from ..layout import RESIDUAL_MARKER
 from ..model_parts import keep_on, model_device
 from ..report import InitReport, LayerReport
-from ..weights import is_zero3_partitioned
+from ..weights import is_zero3_partitioned, no_cpu_repacking
 from .adapter_scope import chosen_adapter, only_adapter, restored_on_failure
 from .block_loaders import BlockLoader
 from .inputs import InitInputs, prepare_inputs
@@ -106,13 +106,13 @@ def lora_null_init(
                 "load the weights before initializing."
             )
         device = execution_device or str(execution_device_for(peft_model))  # this rank's GPU, found before alone()
-        with alone():
+        with alone(), no_cpu_repacking(peft_model):
             return _initialize(replace(request, execution_device=device))
     # In memory, a refused init leaves the adapter as it was (blocks a loader brings in are written where they live;
     # ZeRO-3 partitions are not held whole).
     in_memory = block_loader is None and not is_zero3_partitioned(peft_model.parameters())
     restored = restored_on_failure(layers, adapter_name, config.residual) if in_memory else contextlib.nullcontext()
-    with only_adapter(peft_model, adapter_name), restored:
+    with only_adapter(peft_model, adapter_name), restored, no_cpu_repacking(peft_model):
         return _initialize(request)
 
 

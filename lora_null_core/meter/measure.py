@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..distributed import all_reduce_sum_, collective_device, rank_and_world
+from ..weights import no_cpu_repacking
 from .answers import given
 from .reference import ForgettingReference
 from .scoring import token_logprobs, token_scores
@@ -20,6 +21,11 @@ def forgetting(model: Any, reference: ForgettingReference, batch_size: int = 16)
     reference's knowledge text (None without), "answers_kept": the share of the answers the original gave that the
     tuned model still gives (None without), "tokens": sampled tokens scored}. `model` as it trains: a PeftModel with
     its adapter on, or whatever wraps it for the framework."""
+    with no_cpu_repacking(model):  # a reading inside a QLoRA run on the CPU must leave its backward intact
+        return _forgetting(model, reference, batch_size)
+
+
+def _forgetting(model: Any, reference: ForgettingReference, batch_size: int) -> dict[str, float | None]:
     rows, kept = _share(len(reference.ids))
     sampled = reference.sampled[rows] & kept[:, None]
     tuned = token_logprobs(model, reference.ids[rows], reference.mask[rows], sampled, batch_size)

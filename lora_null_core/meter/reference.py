@@ -25,6 +25,7 @@ from ..calibration.whole_model import whole_on
 from ..config import LoraNullConfig
 from ..errors import LoraNullError
 from ..model_parts import model_device
+from ..weights import no_cpu_repacking
 from .answers import answer_rows, given
 from .scoring import padded, token_logprobs, token_scores
 
@@ -158,7 +159,7 @@ def forgetting_reference(
     }
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     adapter_off = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
-    with whole_on(base, where), adapter_off:
+    with whole_on(base, where), adapter_off, no_cpu_repacking(model):  # (own_samples guards its own draws)
         started = time.perf_counter()
         reference = ForgettingReference(
             ids, mask, sampled, token_logprobs(model, ids, mask, sampled, batch_size), settings
