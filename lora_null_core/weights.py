@@ -64,8 +64,8 @@ def _dequantized_cpu_packed(packed: torch.Tensor, state: Any, block_n: int = 32)
     layout `bitsandbytes.functional._convert_weight_packed_for_cpu` writes (without touching the layer), then
     code × absmax: the weight that layer's forward now computes with."""
     rows, half = packed.shape
-    pairs = packed.reshape(-1, 32)
-    codes = torch.cat([pairs & 0xF, pairs >> 4], dim=-1)  # each 32-byte run: 32 low nibbles, then 32 high
+    pairs = packed.reshape(-1, 32)  # runs of 32 bytes: 32 codes in the low nibbles, then 32 in the high ones
+    codes = torch.cat([pairs & 0xF, pairs >> 4], dim=-1)
     codes = codes.reshape(rows // block_n, half, block_n, 2).transpose(1, 2).reshape(rows, 2 * half)
     absmax = state.absmax.float().T  # (rows, columns / blocksize)
     scales = absmax.repeat_interleave(state.blocksize, dim=1)
@@ -78,7 +78,8 @@ def no_cpu_repacking(model: nn.Module) -> Iterator[None]:
     AVX512-BF16 a 4-bit layer's first inference forward repacks its weight, and the repacked forward has no backward:
     a QLoRA run trained afterwards passes no gradient through the base layers (measured: the input's gradient None,
     torch warning of silently incorrect results). Layers repacked before are left as they are."""
-    layers: list[Any] = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", None)]
+    modules = model.modules() if isinstance(model, nn.Module) else ()  # a framework's wrapper may be no module
+    layers: list[Any] = [m for m in modules if getattr(m, "support_avx512bf16_for_cpu", None)]
     saved = [layer.support_avx512bf16_for_cpu for layer in layers]  # bitsandbytes sets it to 1 or 0
     for layer in layers:
         layer.support_avx512bf16_for_cpu = False

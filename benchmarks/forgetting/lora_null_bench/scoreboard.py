@@ -97,7 +97,7 @@ def energy_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
         cells = []
         for init in (DEFAULT, PLAIN, KEY_ALONE):
             values = list(seeds.get((model, task, init), {}).values())
-            knowledge, learning = (statistics.fmean(v[i] for v in values) for i in (0, 1)) if values else (0.0, 0.0)
+            knowledge, learning = (statistics.fmean(kind) for kind in zip(*values, strict=True)) if values else (0, 0)
             cells.append(f"{knowledge:.3f} / {learning:.3f} ({len(values)})" if values else "–")
         lines.append(f"| {model} × {task} | {' | '.join(cells)} |")
     return [*lines, ""]
