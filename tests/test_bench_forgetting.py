@@ -274,3 +274,32 @@ def test_the_meter_is_read_in_training_at_its_pace_and_its_time_kept_apart(token
     trained = fine_tune(model, tokenizer, examples, settings, seed=0, meter=meter, meter_every=2)
     assert trained.meter_curve == [(2, 1.0), (4, 2.0)] and modes == [False, False] and trained.meter_seconds > 0
     assert fine_tune(model, tokenizer, examples, settings, seed=0).meter_curve == []
+
+
+def test_the_meters_overhead_run_trains_with_and_without_it_and_prices_its_readings(tokenizer, knowledge):
+    """meter-overhead: Hugging Face's Trainer trains the same adapter with the callback at its default pace and
+    without it; the meter's logged time over the training's is the fraction, and the run with it reads at the end."""
+    from lora_null_bench.overhead import meter_overhead
+    from lora_null_bench.suites import Suite
+    from lora_null_bench.train import TrainSettings
+    from lora_null_bench.world import Example
+
+    from lora_null_core.frontends.toy_world import tiny_model
+
+    examples = [Example(" ".join(text.split()[:3]), (text.split()[3],)) for text in knowledge[:8]]
+    suite = Suite(
+        model="tiny",
+        load_base=lambda: tiny_model("llama", len(tokenizer), seed=0),
+        tokenizer=tokenizer,
+        calibration=[],
+        knowledge=[],
+        heldout_text=knowledge[:4],
+        task_train=examples,
+        task_eval=examples,
+        train=TrainSettings(steps=30, batch_size=2, learning_rate=1e-3, max_length=16),
+        rank=4,
+    )
+    row = meter_overhead(suite, "toy", suite.train, 0, "lora-null bench meter-overhead", "cpu")
+    assert row["readings"][-1] == 30 and row["reference_texts"] == 4 and row["meter_seconds"] > 0
+    expected = row["meter_seconds"] / (row["seconds_with_meter"] - row["meter_seconds"])
+    assert row["fraction"] == pytest.approx(expected, rel=0.01) and row["seconds_without"] > 0

@@ -261,6 +261,10 @@ def test_a_measured_overhead_and_the_meters_curve_at_loras_own_rate(tmp_path):
     framework_row = {"framework": "trl", "setup": "bf16", "model": "m", "meter_seconds": 2.0, "train_runtime": 80.0}
     last = meter_summary(rows, [framework_row, {"framework": "trl", "setup": "qlora4"}])["overhead"]
     assert len(last) == 2 and last[-1]["fraction"] == pytest.approx(2.0 / 80) and last[-1]["pace"] == "default"
+    alone = {"model": "m", "task": "t", "steps": 600, "batch_size": 32, "fraction": 0.03, "device": "d"}
+    alone.update(pace="default", runtime_rise=0.04, command="lora-null bench meter-overhead")
+    (entry,) = meter_summary([], [], [alone])["overhead"]
+    assert entry["setup"] == "m × t, Trainer, 600 steps, batch 32" and entry["fraction"] == 0.03
     path = plot_meter_curves(rows, "m", "t", tmp_path / "meter.png")
     assert path.stat().st_size > 1000
     from lora_null_core.errors import ConfigError

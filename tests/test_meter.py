@@ -215,38 +215,42 @@ def test_the_callback_scores_the_rows_an_init_holds_out_of_the_knowledge_file(ma
 
 
 def test_the_default_pace_keeps_the_meter_within_a_twentieth_of_training_time(monkeypatch):
-    """Every 50 steps, except where the training since the last reading took less than 20 times that reading: a
-    reading of 2 s after 50 steps of 0.1 s (5 s) waits until 40 s of training have passed. A pace given is kept."""
+    """Every 50 steps, except where the readings so far, this one and the last would not fit in 5 % of the training
+    so far: with 2 s readings nothing is read before 80 s of training, and a run's readings, the one at its end
+    included, cost at most 5 % of its training once it trains for 20 readings' time. A pace given is kept."""
     from types import SimpleNamespace
 
     from lora_null_core.frontends import ForgettingCallback, meter_callback
 
     clock = {"now": 0.0}
     monkeypatch.setattr(meter_callback, "perf_counter", lambda: clock["now"])
+    drawn = SimpleNamespace(settings={"scoring_seconds": 2.0})  # the reference's scoring prices the first reading
 
     def readings(callback, step_seconds, reading_seconds, steps=600):
         read = []
 
         def measure(state, model):  # a reading: its time passes on the clock, as _measure's would
-            started = clock["now"]
             clock["now"] += reading_seconds
             read.append(state.global_step)
-            callback._since, callback._reading_seconds = clock["now"], clock["now"] - started
+            callback._reading_seconds = reading_seconds
+            callback._meter_seconds += reading_seconds
+            callback._measured_at = state.global_step
 
         callback._measure = measure
         callback.on_train_begin(SimpleNamespace(output_dir="unused"), SimpleNamespace(global_step=1), None)
         for step in range(1, steps + 1):
             clock["now"] += step_seconds
             callback.on_step_end(None, SimpleNamespace(global_step=step), None)
+        callback.on_train_end(None, SimpleNamespace(global_step=steps), None)
         return read
 
-    assert readings(ForgettingCallback(), 0.1, 2.0) == [50, 450]  # 2 s a reading: 40 s of training between two
-    assert readings(ForgettingCallback(), 1.0, 2.0) == list(range(50, 601, 50))  # 50 s of training pays for 2 s
-    assert readings(ForgettingCallback(every=50), 0.1, 2.0) == list(range(50, 601, 50))  # the pace the user gave
-    # a reference whose scoring took 2 s prices the first reading too: 40 s of training first (step 320 of 0.125 s)
-    drawn = SimpleNamespace(settings={"scoring_seconds": 2.0})
-    assert readings(ForgettingCallback(reference=drawn), 0.125, 2.0) == [350]
-    assert readings(ForgettingCallback(), 0.125, 2.0) == [50, 400]
+    assert readings(ForgettingCallback(reference=drawn), 0.1, 2.0) == [600]  # 60 s of training: the last alone
+    assert readings(ForgettingCallback(reference=drawn), 0.125, 2.0, 2000) == [650, 1000, 1300, 1600, 1950, 2000]
+    assert readings(ForgettingCallback(reference=drawn), 1.0, 2.0) == list(range(100, 601, 50))
+    assert readings(ForgettingCallback(every=50, reference=drawn), 0.1, 2.0) == list(range(50, 601, 50))
+    for step_seconds, reading_seconds, steps in [(0.05, 0.4, 400), (0.3, 1.5, 900), (2.0, 0.5, 300), (0.2, 3.0, 300)]:
+        read = readings(ForgettingCallback(reference=drawn), step_seconds, reading_seconds, steps)
+        assert read[-1] == steps and len(read) * reading_seconds <= 0.05 * step_seconds * steps
 
 
 def own_answers(model, tokenizer, questions):

@@ -32,10 +32,12 @@ class ForgettingCallback(TrainerCallback):
     """Measures the model the trainer trains against its reference every `every` steps and after the last step. The
     reference is drawn (`draw`) where the plugin holds the model before training, before any init rewrites it.
 
-    `every` None (the default): every 50 steps, but a reading is skipped while the training since the last one has
-    not taken 20 times as long as that reading did, so the meter costs at most 5 % of training time (the last reading
-    aside). A small model's short steps would otherwise pay 16-42 % (frontier runs, 2026-12-06). Every rank takes the
-    same decision, since a reading is collective. A number of steps given is kept to exactly."""
+    `every` None (the default): every 50 steps, but a reading is skipped unless the readings so far, this one and the
+    one at the end (each priced at what the last took) fit in 5 % of the training time so far: the whole run's
+    readings, the last included, then cost at most 5 % of its training time once it trains for 20 readings' time (a
+    few tens of seconds on a 1.5B). A small model's short steps would otherwise pay 16-42 % (frontier runs,
+    2026-12-06). Every rank takes the same decision, since a reading is collective. A number of steps given is kept
+    to exactly."""
 
     def __init__(self, every: int | None = None, reference: ForgettingReference | None = None) -> None:
         self.reference, self.every = reference, every or DEFAULT_STEPS
@@ -44,7 +46,7 @@ class ForgettingCallback(TrainerCallback):
         self._measured_at = -1
         self._reading_seconds = _scoring_seconds(reference)  # what the last reading took (before one: an estimate)
         self._meter_seconds = 0.0  # what every reading so far took: logged, so a run shows what the meter cost
-        self._since = perf_counter()  # when it ended (or training began)
+        self._began = perf_counter()  # when training began
 
     def draw(
         self,
@@ -76,7 +78,7 @@ class ForgettingCallback(TrainerCallback):
         return self
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._since = perf_counter()
+        self._began = perf_counter()
         if self.reference is not None and rank_and_world()[0] == 0 and state.global_step == 0:
             self.reference.save(Path(args.output_dir) / FORGETTING_REFERENCE)
 
@@ -87,8 +89,8 @@ class ForgettingCallback(TrainerCallback):
     def _within_time_share(self) -> bool:
         if self.time_share is None:
             return True
-        trained = perf_counter() - self._since
-        return any_rank(self.time_share * trained >= self._reading_seconds)
+        trained = perf_counter() - self._began - self._meter_seconds
+        return any_rank(self._meter_seconds + 2 * self._reading_seconds <= self.time_share * trained)
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if state.global_step != self._measured_at:
@@ -105,8 +107,7 @@ class ForgettingCallback(TrainerCallback):
         metrics = {
             f"forgetting/{key}": float(value) for key, value in result.items() if key != "tokens" and value is not None
         }
-        self._since = perf_counter()
-        self._reading_seconds = self._since - started
+        self._reading_seconds = perf_counter() - started
         self._meter_seconds += self._reading_seconds
         metrics["forgetting/seconds"] = round(self._meter_seconds, 3)
         # Trainer's own log, not a subclass's: TRL's would flush its step metrics early

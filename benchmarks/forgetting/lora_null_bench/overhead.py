@@ -1,0 +1,104 @@
+"""The forgetting meter's cost in a training run as users run one (issue #48: "default cost <= 5 % of training time").
+
+Hugging Face's Trainer, which TRL, Axolotl and LLaMA-Factory build on, fine-tunes plain LoRA on a task three times
+in one process: a few steps to warm the device up, then with the meter's callback at its default pace (64 own-text
+samples, and the held-out knowledge rows a knowledge file gives: as many as an init holds out), then without it.
+The row gives the meter's own logged time over the training's (`fraction`) and the two runtimes; the frontier's
+runs read the meter every 50 steps instead, a pace a user would have to ask for.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from lora_null_core import LoraNullConfig, forgetting_reference
+from lora_null_core.frontends import ForgettingCallback
+
+from .inits import lora_config
+from .suites import Suite
+from .train import TrainSettings, collate, encode
+
+WARM_UP_STEPS = 20
+
+
+def meter_overhead(suite: Suite, task: str, settings: TrainSettings, seed: int, command: str, device: str) -> dict:
+    """One row: the run with the meter at its default pace beside the same run without it."""
+    from peft import get_peft_model
+
+    base = suite.load_base()
+    model = get_peft_model(base, lora_config(suite, base))
+    texts = suite.heldout_text[: LoraNullConfig().holdout_samples]
+    reference = forgetting_reference(model, suite.tokenizer, seed=seed, texts=texts)
+    initial = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    def train(steps: int, meter: ForgettingCallback | None) -> float:
+        with torch.no_grad():  # every run starts from the same adapter
+            for name, p in model.named_parameters():
+                if name in initial:
+                    p.copy_(initial[name])
+        trainer = _trainer(model, suite, replace(settings, steps=steps), seed, [meter] if meter else [])
+        if meter is not None:
+            meter.attach(trainer)
+        started = time.perf_counter()
+        trainer.train()
+        return time.perf_counter() - started
+
+    train(WARM_UP_STEPS, None)
+    meter = ForgettingCallback(reference=reference)
+    with_meter = train(settings.steps, meter)
+    without = train(settings.steps, None)
+    logged = [entry for entry in meter.trainer.state.log_history if "forgetting/kl" in entry]
+    meter_seconds = logged[-1]["forgetting/seconds"]
+    return {
+        "model": suite.model,
+        "task": task,
+        "steps": settings.steps,
+        "batch_size": settings.batch_size,
+        "lr": settings.learning_rate,
+        "readings": [entry["step"] for entry in logged],
+        "meter_seconds": meter_seconds,
+        "seconds_with_meter": round(with_meter, 2),
+        "seconds_without": round(without, 2),
+        "fraction": meter_seconds / (with_meter - meter_seconds),
+        "runtime_rise": with_meter / without - 1,
+        "reference_texts": len(texts),
+        "pace": "default",
+        "command": command,
+        "device": device,
+    }
+
+
+def _trainer(model: Any, suite: Suite, settings: TrainSettings, seed: int, callbacks: list) -> Any:
+    from transformers import Trainer, TrainingArguments
+
+    rows = [encode(suite.tokenizer, e, suite.separator, settings.max_length) for e in suite.task_train]
+    cuda = next(model.parameters()).device.type == "cuda"
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="meter-overhead-"),
+        max_steps=settings.steps,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=max(1, int(settings.warmup * settings.steps)),
+        max_grad_norm=1.0,
+        bf16=cuda,
+        use_cpu=not cuda,
+        seed=seed,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=max(1, settings.steps // 10),
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        data_collator=lambda batch: collate(batch, suite.tokenizer.pad_token_id, "cpu"),
+        callbacks=callbacks,
+    )
