@@ -303,3 +303,4 @@ def test_the_meters_overhead_run_trains_with_and_without_it_and_prices_its_readi
     assert row["readings"][-1] == 30 and row["reference_texts"] == 4 and row["meter_seconds"] > 0
     expected = row["meter_seconds"] / (row["seconds_with_meter"] - row["meter_seconds"])
     assert row["fraction"] == pytest.approx(expected, rel=0.01) and row["seconds_without"] > 0
+    assert row["warm_reading_seconds"] > 0 and row["scoring_seconds"] > 0

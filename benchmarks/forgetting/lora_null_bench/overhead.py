@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lora_null_core import LoraNullConfig, forgetting_reference
+from lora_null_core import LoraNullConfig, forgetting, forgetting_reference
 from lora_null_core.frontends import ForgettingCallback
 
 from .inits import lora_config
@@ -54,6 +54,9 @@ def meter_overhead(suite: Suite, task: str, settings: TrainSettings, seed: int, 
     without = train(settings.steps, None)
     logged = [entry for entry in meter.trainer.state.log_history if "forgetting/kl" in entry]
     meter_seconds = logged[-1]["forgetting/seconds"]
+    started = time.perf_counter()  # a reading outside the trainer, warm: what a reading costs once it has run
+    forgetting(model, reference)
+    warm_reading = time.perf_counter() - started
     return {
         "model": suite.model,
         "task": task,
@@ -67,6 +70,10 @@ def meter_overhead(suite: Suite, task: str, settings: TrainSettings, seed: int, 
         "fraction": meter_seconds / (with_meter - meter_seconds),
         "runtime_rise": with_meter / without - 1,
         "reference_texts": len(texts),
+        # what scoring the reference took when drawn (the default pace's price of a first reading), and a reading
+        # after both runs
+        "scoring_seconds": round(float(reference.settings.get("scoring_seconds", 0.0)), 3),
+        "warm_reading_seconds": round(warm_reading, 3),
         "pace": "default",
         "command": command,
         "device": device,
