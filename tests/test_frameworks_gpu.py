@@ -50,6 +50,8 @@ def test_the_key_alone_setups_leave_the_calibration_out(run, tmp_path):
     assert keys("bf16") == {"adapter_init": "lora_null", "lora_null_calibration": str(tmp_path / "calibration.jsonl")}
     assert keys("qlora4_onekey") == {"adapter_init": "lora_null"} and keys("bf16", "lora") == {}
     assert keys("bf16", "lora_null_plain") == {**keys("bf16"), "lora_null_task_data": "none"}  # the default before
+    graphed = {"adapter_init": "lora_null", "lora_null_generated_decoding": "graphed"}
+    assert keys("bf16_graphed_onekey") == graphed == keys("qlora4_graphed_onekey")
     # Qwen2.5-0.5B's down_proj takes 4,864 inputs: its file adds the held-out probes (756 rows), and the runs read
     # them all, not the default 256 (a GPU run refused at 2,422 tokens); 32 stay held out, as by default.
     (tmp_path / "calibration.jsonl").write_text('{"text": "a"}\n' * 756)
@@ -66,6 +68,7 @@ def test_axolotl_setups_turn_its_kernels_off_only_where_asked(run, tmp_path):
         (tmp_path / "runs" / f"axolotl-{setup}-lora").mkdir(parents=True)
         (tmp_path / "runs" / f"axolotl-{setup}-lora" / "row.json").write_text(f'{{"knowledge_kept": {kept}}}')
     assert run.base_setups_lora(tmp_path, "axolotl", "bf16_nokernels_onekey") == {"knowledge_kept": 0.5}
+    assert run.base_setups_lora(tmp_path, "axolotl", "bf16_graphed_onekey") == {"knowledge_kept": 0.4}  # bf16's LoRA
 
 
 def test_a_second_models_rows_sit_beside_the_firsts(run, tmp_path):

@@ -87,7 +87,7 @@ start() {  # every run of ROWS at once, detached (setsid) so that it outlives th
     framework=${row%%:*} row_setup=${row#*:}
     for init in ${INITS:-lora_null lora}; do
       # LoRA ignores the key alone: a _onekey row's LoRA is its base setup's, trained once (run.py base_setups_lora)
-      setup=$row_setup; [ $init = lora ] && setup=${row_setup%_onekey}
+      setup=$row_setup; [ $init = lora ] && setup=${row_setup%_onekey} && setup=${setup%_graphed}
       name=$framework-$setup-$init port=$((port + 1))
       [[ $started == *" $name "* ]] && continue; started+="$name "  # bf16 and bf16_onekey in one ROWS
       [ -f $WORK/runs/$name/train.json ] && continue  # trained in an earlier call on this machine

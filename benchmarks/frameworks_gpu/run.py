@@ -53,6 +53,10 @@ SETUPS = {  # setup → (how the base is loaded, processes)
     # Axolotl with its fused LoRA kernels off (on by default on a GPU): do they make the bf16 reload gap?
     "bf16_nokernels": ("bf16", 1),
     "bf16_nokernels_onekey": ("bf16", 1),
+    # the key alone with its own text drawn by the CUDA-graph decoder (`generated_decoding: graphed`, #50): what each
+    # front end makes of it before it may become the default
+    "bf16_graphed_onekey": ("bf16", 1),
+    "qlora4_graphed_onekey": ("nf4", 1),
 }
 FRAMEWORKS = ("trl", "peft", "axolotl", "llamafactory")
 # lora_null: the key and, beside the calibration file, nothing else (the default: task-aware where the trainer holds
@@ -238,6 +242,8 @@ def calibration_keys(args, work: Path) -> dict:
     keys = {"adapter_init": "lora_null"}
     if args.init == "lora_null_plain":
         keys["lora_null_task_data"] = "none"
+    if "_graphed" in args.setup:
+        keys["lora_null_generated_decoding"] = "graphed"
     if not args.setup.endswith("_onekey"):
         keys["lora_null_calibration"] = str(work / "calibration.jsonl")
         # every question when prepare added the held-out probes (a wider model), less the default 32 held out
@@ -642,6 +648,8 @@ REQUIRED = {
         "bf16_onekey",
         "qlora4_onekey",
         "zero3_1_onekey",
+        "bf16_graphed_onekey",
+        "qlora4_graphed_onekey",
     ],
     "axolotl": [
         "bf16",
@@ -654,8 +662,20 @@ REQUIRED = {
         "zero3_1_onekey",
         "bf16_nokernels",
         "bf16_nokernels_onekey",
+        "bf16_graphed_onekey",
+        "qlora4_graphed_onekey",
     ],
-    "llamafactory": ["bf16", "qlora4", "zero3_1", "ddp2", "bf16_onekey", "qlora4_onekey", "zero3_1_onekey"],
+    "llamafactory": [
+        "bf16",
+        "qlora4",
+        "zero3_1",
+        "ddp2",
+        "bf16_onekey",
+        "qlora4_onekey",
+        "zero3_1_onekey",
+        "bf16_graphed_onekey",
+        "qlora4_graphed_onekey",
+    ],
     "peft": ["qlora4"],
 }
 
@@ -791,8 +811,10 @@ def passes(ours, lora) -> bool:
 
 def base_setups_lora(work: Path, framework: str, setup: str):
     """The key alone changes nothing for plain LoRA, so a `_onekey` setup with no LoRA run of its own compares with
-    its base setup's (`bf16` for `bf16_onekey`): one LoRA training less (device.sh trains it once)."""
-    return _row(work, f"{framework}-{setup.removesuffix('_onekey')}-lora") if setup.endswith("_onekey") else None
+    its base setup's (`bf16` for `bf16_onekey` and `bf16_graphed_onekey`): one LoRA training less (device.sh trains
+    it once)."""
+    base = setup.removesuffix("_onekey").removesuffix("_graphed")
+    return _row(work, f"{framework}-{base}-lora") if setup.endswith("_onekey") else None
 
 
 def started(work: Path, framework: str, setup: str, init: str) -> bool:
