@@ -78,7 +78,7 @@ class ForgettingCallback(TrainerCallback):
         return self
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._began = perf_counter()
+        self._began, self._meter_seconds = perf_counter(), 0.0  # a second train() budgets its own readings
         if self.reference is not None and rank_and_world()[0] == 0 and state.global_step == 0:
             self.reference.save(Path(args.output_dir) / FORGETTING_REFERENCE)
 
