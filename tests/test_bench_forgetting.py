@@ -299,7 +299,9 @@ def test_the_meters_overhead_run_trains_with_and_without_it_and_prices_its_readi
         train=TrainSettings(steps=30, batch_size=2, learning_rate=1e-3, max_length=16),
         rank=4,
     )
-    row = meter_overhead(suite, "toy", suite.train, 0, "lora-null bench meter-overhead", "cpu")
+    row = meter_overhead(suite, "toy", suite.train, 0, "lora-null bench meter-overhead", "cpu", profile=True)
+    assert row["weights"] == "float32" and row["reading_profile"][0]["ms"] >= row["reading_profile"][-1]["ms"] > 0
+    assert any("linear" in entry["op"] or "mm" in entry["op"] for entry in row["reading_profile"])
     assert row["readings"][-1] == 30 and row["reference_texts"] == 4 and row["meter_seconds"] > 0
     expected = row["meter_seconds"] / (row["seconds_with_meter"] - row["meter_seconds"])
     assert row["fraction"] == pytest.approx(expected, rel=0.01) and row["seconds_without"] > 0

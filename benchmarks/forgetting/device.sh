@@ -6,7 +6,8 @@
 #     detached; "missing": only the points no row holds yet (lora_null_bench/plan_lines.py)
 #     (Gemma-3 processes take up to 8 GiB each, a 4,096-sample init more: on an 80 GB H100, 6 at a time)
 #   bash benchmarks/forgetting/device.sh finish [WAIT]             # wait ≤ WAIT s, merge every row into $OUT
-#   bash benchmarks/forgetting/device.sh overhead MODEL TASK [STEPS]  # the meter's cost, alone on the GPU
+#   bash benchmarks/forgetting/device.sh overhead MODEL TASK [STEPS [ARGS]]  # the meter's cost, alone on the GPU
+#     (ARGS: more of `lora-null bench meter-overhead`'s, e.g. --weights float32 --profile)
 # PLAN: one process per line, "model task inits lrs seeds [rank]" (plans/*.txt); model is smollm2, gemma, qwen or
 # qwen15 (Qwen2.5-Coder-0.5B/1.5B-Instruct: the framework matrix's `stage.py --model qwen|qwen15` parts, with the
 # loaders staged too).
@@ -85,12 +86,12 @@ print(_local_model(sys.argv[1], Path(sys.argv[2])))" $gguf $WORK/cache || return
   sleep 1; echo "$model: $(wc -l < $WORK/$model.jobs) processes, $jobs at a time"
 }
 
-overhead() {  # overhead MODEL TASK [STEPS]: the meter's cost at its default pace (lora_null_bench/overhead.py), in
+overhead() {  # overhead MODEL TASK [STEPS [ARGS]]: the meter's cost at its default pace (lora_null_bench/overhead.py), in
   # the foreground and alone on the GPU, since it times a training run; its row lands in $OUT
-  local gguf; gguf=$(gguf_of $1) || return 1
+  local gguf tag=$(echo "${*:4}" | tr -dc 'a-z0-9'); gguf=$(gguf_of $1) || return 1
   mkdir -p $OUT $WORK/cache
   python3 -m lora_null_bench.cli meter-overhead --task $2 --model $gguf --name ${NAME[$1]} --steps ${3:-600} \
-    --cache $WORK/cache --output $OUT/meter_overhead-$1-$2.json
+    --cache $WORK/cache --output $OUT/meter_overhead-$1-$2${tag:+-$tag}.json "${@:4}"
 }
 
 finish() {  # finish [WAIT]: wait for the runs, merge their rows (frontier_gpu.json), and bring back the logs
@@ -119,6 +120,6 @@ case $1 in
   stage)  stage "$2" ;;
   start)  start "$2" "$3" "${4:-12}" "${5:-}" ;;
   finish) finish "${2:-540}" ;;
-  overhead) overhead "$2" "$3" "${4:-600}" ;;
-  *)      echo "usage: device.sh stage DIR | start PLAN MODEL [JOBS] [missing] | overhead MODEL TASK [STEPS] | finish [WAIT]"; exit 2 ;;
+  overhead) overhead "$2" "$3" "${4:-600}" "${@:5}" ;;
+  *)      echo "usage: device.sh stage DIR | start PLAN MODEL [JOBS] [missing] | overhead MODEL TASK [STEPS [ARGS]] | finish [WAIT]"; exit 2 ;;
 esac

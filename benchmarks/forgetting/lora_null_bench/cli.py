@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     overhead.add_argument("--rank", type=int, default=16)
     overhead.add_argument("--batch-size", type=int, default=32)
     overhead.add_argument("--size", choices=("cpu", "gpu"), default="gpu", help="cpu: a few items, for tests.")
+    overhead.add_argument(
+        "--weights",
+        choices=("auto", "bfloat16", "float32"),
+        default="auto",
+        help="The base's weights: auto is bfloat16 on a GPU, as the front ends' bf16 runs hold them.",
+    )
+    overhead.add_argument("--profile", action="store_true", help="Add one warm reading's heaviest operations.")
     overhead.add_argument("--output", default="runs/meter_overhead.json")
     overhead.add_argument("--data-dir", default=str(SHIPPED_DATA), help="Holds bigbench_qa_wikidata/ and tasks/.")
     overhead.add_argument("--cache", default=".cache/lora-null-bench")
@@ -299,14 +306,17 @@ def _meter_overhead(args, command: str) -> int:
 
     suite = _task_suite(args, args.device or default_device())
     settings = replace(suite.train, learning_rate=args.lr)
-    row = meter_overhead(suite, args.task, settings, args.seed, command, device_name())
+    row = meter_overhead(
+        suite, args.task, settings, args.seed, command, device_name(), weights=args.weights, profile=args.profile
+    )
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_suffix(".tmp")
     tmp.write_text(json.dumps({"runs": [row]}, indent=1) + "\n")
     tmp.replace(output)
     print(
-        f"{row['model']} x {row['task']}, {row['steps']} steps: the meter took {row['meter_seconds']:.2f} s "
+        f"{row['model']} x {row['task']}, {row['steps']} steps, {row['weights']} weights: "
+        f"the meter took {row['meter_seconds']:.2f} s "
         f"({100 * row['fraction']:.2f} % of training; readings at steps {row['readings']}); "
         f"{row['seconds_with_meter']} s with it, {row['seconds_without']} s without"
     )
