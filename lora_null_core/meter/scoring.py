@@ -36,14 +36,15 @@ def token_logprobs(
 ) -> torch.Tensor:
     """log p(x_t | x_<t) at the `scored` positions (0 elsewhere; position 0 has no prediction), in float32, on the
     CPU. The model runs in eval mode and is left as it was."""
-    return token_scores(model, ids, mask, scored, batch_size)[0]
+    return token_scores(model, ids, mask, scored, batch_size, hits_too=False)[0]
 
 
 def token_scores(
-    model: Any, ids: torch.Tensor, mask: torch.Tensor, scored: torch.Tensor, batch_size: int = 16
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, scored: torch.Tensor, batch_size: int = 16, hits_too: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(token_logprobs, hits) from the same forwards: hits marks the `scored` positions whose token is the model's
-    most likely one there, so a row whose scored positions all hit is what greedy decoding would produce."""
+    most likely one there, so a row whose scored positions all hit is what greedy decoding would produce (all False
+    unless `hits_too`: the argmax is another pass over the logits)."""
     device = input_device(model)
     out = torch.zeros(ids.shape, dtype=torch.float32)
     hits = torch.zeros(ids.shape, dtype=torch.bool)
@@ -56,7 +57,8 @@ def token_scores(
                 batch_ids, batch_mask = ids[rows].to(device), mask[rows].to(device)
                 logits = model(input_ids=batch_ids, attention_mask=batch_mask.long(), use_cache=False).logits
                 out[rows, 1:] = -_nll(logits[:, :-1], batch_ids[:, 1:]).cpu()
-                hits[rows, 1:] = (logits[:, :-1].argmax(-1) == batch_ids[:, 1:]).cpu()
+                if hits_too:
+                    hits[rows, 1:] = (logits[:, :-1].argmax(-1) == batch_ids[:, 1:]).cpu()
     finally:
         model.train(was_training)
     return out * scored, hits & scored
