@@ -129,3 +129,36 @@ def test_at_top_p_one_no_token_is_cut_by_rounding(monkeypatch):
     assert logits.softmax(-1)[0, 0] == 1.0
     monkeypatch.setattr(torch.Tensor, "exponential_", lambda self, *a, **k: self.copy_(torch.tensor([1.0, 1.0, 1e-30])))
     assert graphed_decoding.draw(logits, temperature=1.0, top_p=1.0).tolist() == [2]
+
+
+def test_a_failed_capture_is_not_tried_again_and_gives_the_generator_back(make_model, tokenizer, monkeypatch):
+    """After one batch could not be captured, own_text's later batches run step by step without trying again; and a
+    failed capture's generator gets a fresh copy of its state (on a GPU the old one stays marked as capturing, and
+    Axolotl's run stopped at its next draw: "Offset increment outside graph capture encountered unexpectedly")."""
+    monkeypatch.setattr(graphed_decoding, "why_not", lambda *args: None)
+    asked: list[bool] = []
+
+    def decode(model, batch, length, start_id, temperature, top_p, graphed=True):
+        asked.append(graphed)
+        return torch.full((batch, length), start_id), False, None
+
+    monkeypatch.setattr(graphed_decoding, "decode", decode)
+    config = LoraNullConfig(generated_decoding="graphed", generated_length=4)
+    draw = graphed_decoding.drawer(make_model(), [[2]] * 8, config, torch.device("cpu"), in_step=False)
+    for _ in range(3):
+        draw([[2]] * 4, torch.device("cpu"))
+    assert asked == [True, False, False]
+
+    class Generator:
+        def __init__(self):
+            self.state = "capturing"
+
+        def clone_state(self):
+            return "fresh copy"
+
+        def graphsafe_set_state(self, state):
+            self.state = state
+
+    generator = Generator()
+    graphed_decoding.release_generator(generator)
+    assert generator.state == "fresh copy"

@@ -40,16 +40,22 @@ def drawer(
     if why is not None:
         logger.info("generated_decoding 'graphed' is not used (%s): sampling with generate.", why)
         return None
-    start_id, told = prompts[0][0], False
+    start_id, capturable = prompts[0][0], True
 
     def draw_batch(chunk: list[list[int]], device: torch.device) -> torch.Tensor:
-        nonlocal told
+        nonlocal capturable
         del device  # decode runs where the model is, which own_samples made the execution device (whole_on)
         tokens, graphed, _ = decode(
-            model, len(chunk), config.generated_length, start_id, config.generated_temperature, config.generated_top_p
+            model,
+            len(chunk),
+            config.generated_length,
+            start_id,
+            config.generated_temperature,
+            config.generated_top_p,
+            graphed=capturable,
         )
-        if not graphed and not told:
-            told = True
+        if capturable and not graphed:  # told once; later batches would fail the same way
+            capturable = False
             logger.info("The decoding step could not be captured as a CUDA graph: it runs step by step instead.")
         return tokens
 
@@ -65,15 +71,16 @@ def why_not(prompts: list[list[int]], device: torch.device, in_step: bool) -> st
     if in_step:
         return "every rank must step through generate together under ZeRO-3"
     if not supported():
-        return "it needs transformers 5 or later"
+        return "it needs transformers 5 and torch 2.5 or later"
     return None
 
 
 def supported() -> bool:
-    """Whether the installed transformers has the static cache this is written against (major version 5 or later)."""
+    """Whether the installed transformers has the static cache this is written against (major version 5 or later),
+    and torch can give a generator back after a failed capture (`graphsafe_set_state`, torch 2.5 and later)."""
     import transformers
 
-    return int(transformers.__version__.split(".")[0]) >= 5
+    return int(transformers.__version__.split(".")[0]) >= 5 and hasattr(torch.Generator, "graphsafe_set_state")
 
 
 def decode(
@@ -133,7 +140,9 @@ def graph_safe(cache: Any) -> bool:
 
 def _captured(step: Any, position: torch.Tensor, cache: Any) -> Any:
     """`step` captured as a CUDA graph, returned as a function that replays it (and returns its output buffer); None
-    when capturing fails (an op that synchronizes with the host, say), so the caller runs eagerly."""
+    when capturing fails (an op that synchronizes with the host, say: Axolotl's patched SDPA under a 1.5B on an
+    H100, 2026-12-07), so the caller runs eagerly, on the stream and with the random state it had."""
+    stream = torch.cuda.current_stream()
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -146,7 +155,11 @@ def _captured(step: Any, position: torch.Tensor, cache: Any) -> Any:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = step()
-    except RuntimeError:
+    except RuntimeError as error:
+        torch.cuda.set_stream(stream)  # a failed capture_end leaves the capture's stream current
+        release_generator(torch.cuda.default_generators[stream.device.index or 0])
+        cause = error.__context__ or error  # the capture's own error, before the graph's exit raised its own
+        logger.info("Capturing the decoding step failed: %s", (str(cause).strip().splitlines() or ["?"])[0])
         return None
 
     def replay() -> torch.Tensor:
@@ -154,6 +167,13 @@ def _captured(step: Any, position: torch.Tensor, cache: Any) -> Any:
         return out
 
     return replay
+
+
+def release_generator(generator: torch.Generator) -> None:
+    """Give a generator a fresh copy of its state (same seed and offset). A capture that fails never ends its
+    generators' capture, so the next eager draw (the sampler's, or the training's dropout) would stop on "Offset
+    increment outside graph capture encountered unexpectedly"."""
+    generator.graphsafe_set_state(generator.clone_state())
 
 
 def _rewind(cache: Any, length: int) -> None:
