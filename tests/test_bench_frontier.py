@@ -263,8 +263,9 @@ def test_a_measured_overhead_and_the_meters_curve_at_loras_own_rate(tmp_path):
     assert len(last) == 2 and last[-1]["fraction"] == pytest.approx(2.0 / 80) and last[-1]["pace"] == "default"
     alone = {"model": "m", "task": "t", "steps": 600, "batch_size": 32, "fraction": 0.03, "device": "d"}
     alone.update(pace="default", runtime_rise=0.04, command="lora-null bench meter-overhead")
-    (entry,) = meter_summary([], [], [alone])["overhead"]
-    assert entry["setup"] == "m × t, Trainer, 600 steps, batch 32" and entry["fraction"] == 0.03
+    older, entry = meter_summary([], [], [alone, {**alone, "weights": "bfloat16"}])["overhead"]
+    assert entry["setup"] == "m × t, Trainer, 600 steps, batch 32, bfloat16 weights" and entry["fraction"] == 0.03
+    assert older["setup"].endswith("float32 weights")  # rows from before the bench held bf16 weights
     path = plot_meter_curves(rows, "m", "t", tmp_path / "meter.png")
     assert path.stat().st_size > 1000
     from lora_null_core.errors import ConfigError

@@ -117,7 +117,8 @@ def meter_summary(
     for row in overhead_rows:
         overhead.append(
             {
-                "setup": f"{row['model']} × {row['task']}, Trainer, {row['steps']} steps, batch {row['batch_size']}",
+                "setup": f"{row['model']} × {row['task']}, Trainer, {row['steps']} steps, batch {row['batch_size']}, "
+                f"{row.get('weights', 'float32')} weights",
                 "fraction": row["fraction"],
                 "device": row["device"],
                 "measured": True,
