@@ -259,6 +259,9 @@ def test_a_measured_overhead_and_the_meters_curve_at_loras_own_rate(tmp_path):
     overhead = meter_summary(rows)["overhead"][0]
     assert overhead["measured"] and overhead["fraction"] == pytest.approx(2.0 / 50)
     framework_row = {"framework": "trl", "setup": "bf16", "model": "m", "meter_seconds": 2.0, "train_runtime": 80.0}
+    older = meter_summary(rows, [framework_row])["overhead"][-1]  # a row from before the pace budgeted the whole run
+    assert older["pace"] == "default before the whole-run budget"
+    framework_row["meter_pace"] = "default"  # collect's rows since
     last = meter_summary(rows, [framework_row, {"framework": "trl", "setup": "qlora4"}])["overhead"]
     assert len(last) == 2 and last[-1]["fraction"] == pytest.approx(2.0 / 80) and last[-1]["pace"] == "default"
     alone = {"model": "m", "task": "t", "steps": 600, "batch_size": 32, "fraction": 0.03, "device": "d"}

@@ -221,7 +221,8 @@ def test_the_meters_cost_is_read_from_the_log_the_trainer_printed(run, tmp_path)
     (tmp_path / "runs" / "llamafactory-bf16-lora_null" / "framework.log").write_text(
         "{'train_runtime': 42.7, 'epoch': 1.2}\n"
     )
-    assert run.meter_cost(tmp_path, "trl-bf16-lora_null") == {"meter_seconds": 2.122, "train_runtime": 54.36}
+    cost = run.meter_cost(tmp_path, "trl-bf16-lora_null")
+    assert cost == {"meter_seconds": 2.122, "train_runtime": 54.36, "meter_pace": "default"}
     assert run.meter_cost(tmp_path, "llamafactory-bf16-lora_null") == {}  # no reading logged
     assert run.meter_cost(tmp_path, "axolotl-bf16-lora_null") == {}  # no log
 

@@ -747,18 +747,19 @@ def collect(args) -> None:
         )
 
 
-def meter_cost(work: Path, name: str) -> dict[str, float]:
+def meter_cost(work: Path, name: str) -> dict[str, float | str]:
     """What the forgetting meter's readings took in a run (its last `forgetting/seconds`, the running total) and the
     trainer's `train_runtime`, from the log the trainer printed (TRL's run log; Axolotl's and LLaMA-Factory's
-    framework.log): the meter's cost on a real model and step, in the framework's own run."""
-    found: dict[str, float] = {}
+    framework.log): the meter's cost on a real model and step, in the framework's own run, at the default pace (which
+    since 2026-12-07 budgets the whole run, the last reading included: `meter_pace`)."""
+    found: dict[str, float | str] = {}
     for log in (work / "logs" / f"{name}.log", work / "runs" / name / "framework.log"):
         text = log.read_text(errors="replace") if log.is_file() else ""
         for key, field in (("forgetting/seconds", "meter_seconds"), ("train_runtime", "train_runtime")):
             values = re.findall(rf"'{key}': '?([0-9.]+)", text)
             if values:
                 found[field] = float(values[-1])
-    return found if len(found) == 2 else {}
+    return {**found, "meter_pace": "default"} if len(found) == 2 else {}
 
 
 def init_task_data(run: Path) -> dict | str | None:

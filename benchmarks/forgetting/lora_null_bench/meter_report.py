@@ -111,7 +111,8 @@ def meter_summary(
                     "fraction": row["meter_seconds"] / row["train_runtime"],
                     "device": row.get("device"),
                     "measured": True,
-                    "pace": "default",
+                    # rows from before 2026-12-07's pace, which capped each interval but read the end on top
+                    "pace": row.get("meter_pace", "default before the whole-run budget"),
                 }
             )
     for row in overhead_rows:
