@@ -4,6 +4,7 @@ right-hand sides, what the earlier 12-step subspace iteration ran), 12 QRs of th
 
     python benchmarks/speed/solver_parts.py 4096 11008 28672
     python benchmarks/speed/solver_parts.py --batched 3 4096   # a block's three 4,096-wide covariances at once
+    python benchmarks/speed/solver_parts.py --inverse 4096 11008   # 4 narrow solves against an explicit inverse
 
 The covariances are synthetic (random tokens with a spectrum over three decades): the times depend on the width,
 not on the values. Run it at an older commit (PYTHONPATH=<checkout>) for that commit's whole-solver time.
@@ -69,6 +70,35 @@ def batched(d: int, count: int, rank: int = 16, steps: int = 4) -> tuple[float, 
     return timed(one_by_one), timed(lambda: krylov(shifted, start))
 
 
+def through_inverse(d: int, rank: int = 16, steps: int = 4) -> tuple[float, float, float]:
+    """Seconds of the block Krylov solver's `steps` solves as it runs them (narrow `cholesky_solve`s, latency-bound
+    at about 1 TFLOP/s on an H100), and of the same through an explicit L⁻¹ (one wide triangular solve, compute-bound,
+    then two matrix products a step), with the largest difference between the two results relative to their size:
+    whether the inverse pays where d is small (it costs d³ against the narrow solves' latency, and a second d × d
+    float64 matrix)."""
+    factor = covariance(d).double()
+    factor.diagonal().add_(1e-6 * float(factor.diagonal().max()))
+    torch.linalg.cholesky(factor, out=factor)
+    block = torch.randn(d, rank + 16, dtype=torch.float64, device="cuda")
+    eye = torch.eye(d, dtype=torch.float64, device="cuda")
+
+    def narrow() -> torch.Tensor:
+        out = block
+        for _ in range(steps):
+            out = torch.cholesky_solve(out, factor)
+        return out
+
+    def inverse() -> torch.Tensor:
+        inverse_factor = torch.linalg.solve_triangular(factor, eye, upper=False)
+        out = block
+        for _ in range(steps):
+            out = inverse_factor.T @ (inverse_factor @ out)
+        return out
+
+    gap = float((narrow() - inverse()).abs().max() / narrow().abs().max())  # also the warm-up
+    return timed(narrow), timed(inverse), gap
+
+
 def main(widths: list[int]) -> None:
     print(
         "| width | Cholesky (float64) | 12 × cholesky_solve | 12 × QR | whole solver |\n"
@@ -89,5 +119,9 @@ if __name__ == "__main__":
         for d in widths or [4096]:
             apart, together = batched(d, count)
             print(f"{count} × {d}: one by one {apart * 1e3:.1f} ms, batched {together * 1e3:.1f} ms", flush=True)
+    elif sys.argv[1:2] == ["--inverse"]:
+        for d in [int(w) for w in sys.argv[2:]] or [4096, 11008]:
+            narrow, inverse, gap = through_inverse(d)
+            print(f"{d}: 4 narrow solves {narrow * 1e3:.1f} ms, through L⁻¹ {inverse * 1e3:.1f} ms (gap {gap:.1e})")
     else:
         main([int(w) for w in sys.argv[1:]] or [4096, 11008, 28672])
