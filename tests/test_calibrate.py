@@ -5,6 +5,7 @@ import torch
 
 from lora_null_core.calibration.batches import tokenize_batches
 from lora_null_core.calibration.covariances import collect_covariances
+from lora_null_core.calibration.taps import LayerInput, batch_counts
 from lora_null_core.frontends.inspection import linear_layers
 
 
@@ -24,6 +25,15 @@ def independent_covariances(model, tokenizer, texts):
     for h in handles:
         h.remove()
     return sums
+
+
+def test_masked_input_is_the_input_itself_without_padding_and_zeroed_with_it():
+    raw = torch.randn(2, 3, 4)
+    full, padded = torch.ones(2, 3), torch.tensor([[1, 1, 1], [1, 0, 0]])
+    unpadded = LayerInput(raw, full.bool(), *batch_counts(full), "layer").masked
+    assert unpadded.data_ptr() == raw.data_ptr() and torch.equal(unpadded, raw.reshape(6, 4))  # no copy made
+    zeroed = LayerInput(raw, padded.bool(), *batch_counts(padded), "layer").masked
+    assert not zeroed[4:].any() and torch.equal(zeroed[:4], raw.reshape(6, 4)[:4])
 
 
 @pytest.mark.parametrize("architecture", ["llama", "gpt2"])

@@ -75,6 +75,17 @@ def test_fast_solvers_reach_the_exact_bottom_energy(solver, monkeypatch):
     assert energy(fast) <= 1.1 * energy(exact)
 
 
+def test_subspace_through_the_explicit_inverse_finds_the_same_space():
+    # The GPU default forms (C + δI)⁻¹ once; the narrow solves it replaces must give the same Krylov space.
+    covariance, used_basis = float32_rank_deficient_covariance()
+    solved, inverted = (
+        null_space.subspace_null_basis(covariance, 16, explicit_inverse=explicit) for explicit in (False, True)
+    )
+    assert torch.allclose(inverted.T @ inverted, torch.eye(16, dtype=torch.float64), atol=1e-8)
+    assert torch.linalg.norm(solved - inverted @ (inverted.T @ solved)) < 1e-6  # one span
+    assert float((used_basis.T @ inverted).norm()) < 0.1
+
+
 @pytest.mark.parametrize("solver", ["eigh64", "eigh32", "subspace"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_solvers_leave_the_callers_covariance_untouched(solver, dtype):

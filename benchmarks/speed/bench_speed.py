@@ -229,7 +229,7 @@ def time_lora_null(
         solver=solver,
         streaming="on",
         covariance_cache=cache,
-        generated_length=args.seq_len,
+        generated_length=args.generated_length or args.seq_len,
         **batching(args),
         **({"generated_decoding": "graphed"} if method == "lora_null_self_graphed" else {}),
     )
@@ -473,6 +473,12 @@ def main(argv=None) -> int:
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument(
+        "--generated-length",
+        type=int,
+        default=None,
+        help="Tokens of each own-text sample for lora_null_self (default: --seq-len; users' default is 128).",
+    )
+    parser.add_argument(
         "--batch-size", type=int, default=None, help="Rows per calibration pass (default: the config's)."
     )
     parser.add_argument(
@@ -608,6 +614,11 @@ def record_profile(args, rows: list[dict], device_name: str, command: str) -> No
     out.write_text(json.dumps(existing, indent=1) + "\n")
 
 
+def calibration_length(args, method: str) -> int:
+    """Tokens a calibration sample holds: own-text samples are as long as they are drawn."""
+    return (args.generated_length or args.seq_len) if method.startswith("lora_null_self") else args.seq_len
+
+
 def record(args, rows: list[dict], solver_rows: list[dict], device_name: str, command: str) -> None:
     """Append to the results JSON as each measurement finishes, so a cut-off run keeps what it measured."""
     if not is_main():
@@ -626,7 +637,7 @@ def record(args, rows: list[dict], solver_rows: list[dict], device_name: str, co
                 "device": device_name,
                 "seconds": round(row["seconds"], 2),
                 "peak_gpu_gib": None if math.isnan(row["peak_gpu_gib"]) else round(row["peak_gpu_gib"], 2),
-                "calibration": f"{args.num_samples}x{args.seq_len}",
+                "calibration": f"{args.num_samples}x{calibration_length(args, row['method'])}",
                 "rank": args.rank,
                 "command": command,
                 **({"note": row["note"]} if "note" in row else {}),

@@ -4,12 +4,13 @@ right-hand sides, what the earlier 12-step subspace iteration ran), 12 QRs of th
 
     python benchmarks/speed/solver_parts.py 4096 11008 28672
     python benchmarks/speed/solver_parts.py --batched 3 4096   # a block's three 4,096-wide covariances at once
-    python benchmarks/speed/solver_parts.py --inverse 4096 11008   # 4 narrow solves against an explicit inverse
+    python benchmarks/speed/solver_parts.py --inverse 4096 11008 28672   # narrow solves against explicit inverses
 
 The covariances are synthetic (random tokens with a spectrum over three decades): the times depend on the width,
 not on the values. Run it at an older commit (PYTHONPATH=<checkout>) for that commit's whole-solver time.
 """
 
+import json
 import sys
 import time
 
@@ -70,13 +71,13 @@ def batched(d: int, count: int, rank: int = 16, steps: int = 4) -> tuple[float, 
     return timed(one_by_one), timed(lambda: krylov(shifted, start))
 
 
-def through_inverse(d: int, rank: int = 16, steps: int = 4) -> tuple[float, float, float]:
-    """Seconds of the block Krylov solver's `steps` solves as it runs them (narrow `cholesky_solve`s, latency-bound
-    at about 1 TFLOP/s on an H100), and of the same through an explicit L⁻¹ (one wide triangular solve, compute-bound,
-    then two matrix products a step), with the largest difference between the two results relative to their size:
-    whether the inverse pays where d is small (it costs d³ against the narrow solves' latency, and a second d × d
-    float64 matrix)."""
-    factor = covariance(d).double()
+def through_inverse(d: int, rank: int = 16, steps: int = 4) -> dict[str, float]:
+    """Milliseconds of the block Krylov solver's `steps` solves run as narrow `cholesky_solve`s (latency-bound at
+    about 1 TFLOP/s on an H100), through L⁻¹ (one wide triangular solve, then two products a step) and through
+    (C + δI)⁻¹ from `cholesky_inverse` (one product a step); of the whole solver both ways; and, up to 11,008 wide,
+    each way's bottom-`rank` energy over eigh64's (1.0 is exact) and the relative gap of the inverse's solves."""
+    c = covariance(d)
+    factor = c.double()
     factor.diagonal().add_(1e-6 * float(factor.diagonal().max()))
     torch.linalg.cholesky(factor, out=factor)
     block = torch.randn(d, rank + 16, dtype=torch.float64, device="cuda")
@@ -88,15 +89,39 @@ def through_inverse(d: int, rank: int = 16, steps: int = 4) -> tuple[float, floa
             out = torch.cholesky_solve(out, factor)
         return out
 
-    def inverse() -> torch.Tensor:
+    def triangular_inverse() -> torch.Tensor:
         inverse_factor = torch.linalg.solve_triangular(factor, eye, upper=False)
         out = block
         for _ in range(steps):
             out = inverse_factor.T @ (inverse_factor @ out)
         return out
 
-    gap = float((narrow() - inverse()).abs().max() / narrow().abs().max())  # also the warm-up
-    return timed(narrow), timed(inverse), gap
+    def full_inverse() -> torch.Tensor:
+        inverse = torch.cholesky_inverse(factor)
+        out = block
+        for _ in range(steps):
+            out = inverse @ out
+        return out
+
+    reference = narrow()  # also the warm-up
+    gap = max(
+        float((way() - reference).abs().max() / reference.abs().max()) for way in (triangular_inverse, full_inverse)
+    )
+    row = {"narrow_ms": timed(narrow), "triangular_inverse_ms": timed(triangular_inverse)}
+    row["cholesky_inverse_ms"] = timed(full_inverse)
+    for explicit in (False, True):
+        subspace_null_basis(c, rank, explicit_inverse=explicit)  # warm-up
+        row[f"whole_explicit_{explicit}_ms"] = timed(
+            lambda e=explicit: subspace_null_basis(c, rank, explicit_inverse=e)
+        )
+    row = {k: v * 1e3 for k, v in row.items()}
+    row["solve_gap"] = gap
+    if d <= 11008:
+        exact = float(torch.linalg.eigvalsh(c.double())[:rank].sum())
+        for explicit in (False, True):
+            basis = subspace_null_basis(c, rank, explicit_inverse=explicit).to(c.dtype)
+            row[f"energy_explicit_{explicit}"] = float(torch.trace(basis.T @ c @ basis)) / exact
+    return row
 
 
 def main(widths: list[int]) -> None:
@@ -121,7 +146,7 @@ if __name__ == "__main__":
             print(f"{count} × {d}: one by one {apart * 1e3:.1f} ms, batched {together * 1e3:.1f} ms", flush=True)
     elif sys.argv[1:2] == ["--inverse"]:
         for d in [int(w) for w in sys.argv[2:]] or [4096, 11008]:
-            narrow, inverse, gap = through_inverse(d)
-            print(f"{d}: 4 narrow solves {narrow * 1e3:.1f} ms, through L⁻¹ {inverse * 1e3:.1f} ms (gap {gap:.1e})")
+            print(json.dumps({"width": d, "device": torch.cuda.get_device_name(), **through_inverse(d)}), flush=True)
+            torch.cuda.empty_cache()
     else:
         main([int(w) for w in sys.argv[1:]] or [4096, 11008, 28672])

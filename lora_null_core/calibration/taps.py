@@ -20,7 +20,8 @@ class LayerInput:
     """One layer's input for one batch, as visitors read it.
 
     `masked` holds every position with padding rows zeroed: sums over it (x xᵀ, ‖A x‖²) equal the sums over the
-    real tokens, and it needs no host synchronisation, so the GPU never waits inside a hook. `tokens` and
+    real tokens, and it needs no host synchronisation, so the GPU never waits inside a hook (a batch without
+    padding is the input itself, not a copy). `tokens` and
     `sample_ids` hold the real tokens alone (boolean indexing: one host sync), for visitors that need rows.
     `num_tokens` and `num_samples` come from the batch on the host.
     """
@@ -35,7 +36,10 @@ class LayerInput:
     def masked(self) -> torch.Tensor:
         if self._masked is None:
             flat = _rows_by_position(self.raw, self.mask, self.name)
-            self._masked = flat * self.mask.reshape(-1, 1).to(flat.dtype)
+            if self.num_tokens == self.mask.numel():  # no padding (known on the host): no copy to zero it
+                self._masked = flat
+            else:
+                self._masked = flat * self.mask.reshape(-1, 1).to(flat.dtype)
         return self._masked
 
     @property

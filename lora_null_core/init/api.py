@@ -29,11 +29,13 @@ from ..layout import RESIDUAL_MARKER
 from ..model_parts import keep_on, model_device
 from ..report import InitReport, LayerReport
 from ..weights import is_zero3_partitioned, no_cpu_repacking
+from . import phases
 from .adapter_scope import chosen_adapter, only_adapter, restored_on_failure
 from .block_loaders import BlockLoader
 from .inputs import InitInputs, prepare_inputs
 from .loop import BlockByBlock, LoopSettings, StepData, WholeModel, run_steps, should_overlap
 from .peft_layers import apply_variant, as_peft_model, check_finite_weights, check_layers, lora_layers, lora_summary
+from .phases import phase
 from .safeguards import check_function_preserved
 from .streaming import StreamingPlan, decoder_blocks, layers_by_block
 
@@ -83,7 +85,8 @@ def lora_null_init(
     """
     config = (config or LoraNullConfig()).replace(**overrides)
     adapter_name = chosen_adapter(model, adapter_name)
-    peft_model = as_peft_model(model, lora_config, adapter_name)
+    with phase(phases.WRAP):
+        peft_model = as_peft_model(model, lora_config, adapter_name)
     layers = lora_layers(peft_model, adapter_name)
     check_layers(layers, adapter_name, config, peft_model.get_base_model())
     request = InitRequest(
@@ -119,9 +122,10 @@ def lora_null_init(
 def _initialize(request: InitRequest) -> PeftModel:
     peft_model, layers, config = request.peft_model, request.layers, request.config
     device = torch.device(request.execution_device) if request.execution_device else execution_device_for(peft_model)
-    inputs = prepare_inputs(
-        peft_model, layers, request.calibration, request.task_data, request.tokenizer, config, device
-    )
+    with phase(phases.DATA):
+        inputs = prepare_inputs(
+            peft_model, layers, request.calibration, request.task_data, request.tokenizer, config, device
+        )
     config = config.replace(a_scale=config.applied_a_scale(task_aware=inputs.task is not None))
     plan = streaming_plan(peft_model, layers, config)
     if plan is None:  # block by block, each block's weights are checked on arrival, where they are computed on

@@ -113,7 +113,8 @@ def run_steps(steps: Iterator[InitStep], settings: LoopSettings) -> list[LayerRe
             if cache is not None and cached:
                 covariances = cache.load(modules, settings.device)
             else:
-                covariances = finalize_covariances(collector.result, modules, config.covariance_weighting)
+                with phase(phases.FINALIZE):
+                    covariances = finalize_covariances(collector.result, modules, config.covariance_weighting)
                 if writer is not None:
                     writer.add(step.key, covariances)
             check_token_counts(covariances, config.min_tokens_per_dim)

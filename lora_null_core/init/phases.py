@@ -7,12 +7,15 @@ import contextlib
 from collections.abc import Iterator
 from typing import Protocol
 
+WRAP = "PEFT wrapping"
+DATA = "calibration data (the model's own text drawn here)"
 CAPTURE = "capture block-0 inputs"
 FORWARD = "block forward passes (with input taps)"
 SOLVE = "null bases (decompositions)"
 WRITE = "factors and residual"
+FINALIZE = "covariances finalized (mirrored, checked)"
 REPORT = "leakage figures"
-ALL = (CAPTURE, FORWARD, SOLVE, WRITE, REPORT)  # disjoint: none runs inside another
+ALL = (WRAP, DATA, CAPTURE, FORWARD, FINALIZE, SOLVE, WRITE, REPORT)  # disjoint: none runs inside another
 
 
 class PhaseObserver(Protocol):
