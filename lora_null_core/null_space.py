@@ -83,7 +83,8 @@ def unit_trace(matrix: torch.Tensor) -> torch.Tensor:
     return matrix * (matrix.shape[0] / trace) if trace > 0 else matrix
 
 
-# On an H100 the inverse took a 4,096-wide solve from 24.8 to 16.6 ms and an 11,008-wide one from 72 to 106 ms.
+# H100, whole solver through (C + δI)⁻¹: 24.8 → 16.6 ms at 4,096 wide, 72 → 106 ms at 11,008. L⁻¹, formed now, took
+# 4.8 ms at 4,096 against (C + δI)⁻¹'s 7.5 and the 4 narrow solves' 11.5 (benchmarks/results/solver_inverse.json).
 EXPLICIT_INVERSE_MAX_WIDTH = 6144
 
 

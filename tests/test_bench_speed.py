@@ -44,7 +44,7 @@ def test_speed_benchmark_writes_rows_for_every_method(tmp_path):
     # The wrapped phases must not nest (a phase timed inside another would be counted twice): together they fit
     # inside the total, and each ran.
     timed = [p for name, p in profile.items() if name != "total" and not name.startswith("other")]
-    assert all(p["seconds"] > 0 and p["calls"] > 0 for p in timed), timed
+    assert all(p["seconds"] >= 0 and p["calls"] > 0 for p in timed), timed  # a tiny phase may round to 0.000 s
     assert sum(p["seconds"] for p in timed) <= profile["total"]["seconds"] + 0.01
 
 

@@ -376,7 +376,7 @@ def profile_lora_null(args, texts, tokenizer, solver: str, offload: bool, device
         },
         *rows,
         {
-            "phase": "other (block moves, covariance finalizing, data, PEFT wrapping)",
+            "phase": "other (block moves, the function check, the report)",
             "seconds": other,
             "peak_gpu_gib": float("nan"),
             "calls": 0,
