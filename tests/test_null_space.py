@@ -76,7 +76,8 @@ def test_fast_solvers_reach_the_exact_bottom_energy(solver, monkeypatch):
 
 
 def test_subspace_through_the_explicit_inverse_finds_the_same_space():
-    # The GPU default forms (C + δI)⁻¹ once; the narrow solves it replaces must give the same Krylov space.
+    # On a GPU, narrow covariances' steps go through L⁻¹, formed once; the narrow solves it replaces must give the
+    # same Krylov space.
     covariance, used_basis = float32_rank_deficient_covariance()
     solved, inverted = (
         null_space.subspace_null_basis(covariance, 16, explicit_inverse=explicit) for explicit in (False, True)

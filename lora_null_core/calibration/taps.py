@@ -21,8 +21,8 @@ class LayerInput:
 
     `masked` holds every position with padding rows zeroed: sums over it (x xᵀ, ‖A x‖²) equal the sums over the
     real tokens, and it needs no host synchronisation, so the GPU never waits inside a hook (a batch without
-    padding is the input itself, not a copy). `tokens` and
-    `sample_ids` hold the real tokens alone (boolean indexing: one host sync), for visitors that need rows.
+    padding is the input itself, not a copy). `tokens` and `sample_ids` hold the real tokens alone (boolean
+    indexing: one host sync), for visitors that need rows.
     `num_tokens` and `num_samples` come from the batch on the host.
     """
 
