@@ -32,8 +32,7 @@ def null_basis(covariance: torch.Tensor, rank: int, solver: str = "auto") -> tor
     eigh64 dominates the run (68 s against 12 s for a Llama-2-7B shape on an H100, energy within 1.06× of
     eigh64 there), eigh64 on the CPU.
     """
-    if solver == "auto":
-        solver = "subspace" if covariance.is_cuda and covariance.shape[0] >= 1024 else "eigh64"
+    solver = resolved_solver(solver, covariance)
     d_in = covariance.shape[0]
     if not 0 < rank < d_in:
         raise InvalidRankError(f"rank {rank} must be between 1 and d_in - 1 = {d_in - 1} to leave a null space.")
@@ -45,22 +44,40 @@ def null_basis(covariance: torch.Tensor, rank: int, solver: str = "auto") -> tor
     return eigendecompose(covariance)[1][:, :rank].contiguous()
 
 
-def task_aware_basis(knowledge: torch.Tensor, task: torch.Tensor, rank: int, mix: float) -> torch.Tensor:
+def resolved_solver(solver: str, covariance: torch.Tensor) -> str:
+    """auto: the subspace solver on a GPU for inputs at least 1,024 wide, eigh64 elsewhere (see null_basis)."""
+    if solver != "auto":
+        return solver
+    return "subspace" if covariance.is_cuda and covariance.shape[0] >= 1024 else "eigh64"
+
+
+def task_aware_basis(
+    knowledge: torch.Tensor, task: torch.Tensor, rank: int, mix: float, solver: str = "auto"
+) -> torch.Tensor:
     """(d_in, rank) orthonormal basis of the directions knowledge inputs use least *relative to* task inputs: the
     `rank` generalized eigenvectors of C_k u = λ (C_t + mix·I) u with the smallest λ, each covariance normalized
     to trace d_in first, so `mix` means the same in every layer. As mix → ∞ this is the plain null basis; a small
-    mix favours directions the fine-tuning data uses. Solved in float64 by a Cholesky factor L of C_t + mix·I
-    (C_t's negative eigenvalues, which are rounding, set to zero first when they make it fail): the eigenvectors Y of
-    L⁻¹ C_k L⁻ᵀ give u = L⁻ᵀ Y."""
+    mix favours directions the fine-tuning data uses. Solved by a float64 Cholesky factor L of C_t + mix·I (C_t's
+    negative eigenvalues, which are rounding, set to zero first when they make it fail): the bottom eigenvectors Y
+    of the whitened L⁻¹ C_k L⁻ᵀ give u = L⁻ᵀ Y. Y comes from `null_basis` with `solver`; for the subspace solver
+    the whitened matrix is handed over in C_k's own precision, so its shift stays at the rounding level of C_k's
+    sums."""
     d_in = knowledge.shape[0]
     if not 0 < rank < d_in:
         raise InvalidRankError(f"rank {rank} must be between 1 and d_in - 1 = {d_in - 1} to leave a null space.")
     eye = torch.eye(d_in, dtype=torch.float64, device=knowledge.device)
     k, t = (unit_trace(m.to(torch.float64)) for m in (knowledge, task))
     factor = _cholesky_of_shifted((t + t.T) / 2, mix, eye)
+    del eye, t
     half = torch.linalg.solve_triangular(factor, (k + k.T) / 2, upper=False)  # L⁻¹ C_k
+    del k
     whitened = torch.linalg.solve_triangular(factor, half.T, upper=False)  # L⁻¹ C_k L⁻ᵀ (C_k symmetric)
-    vectors = torch.linalg.eigh((whitened + whitened.T) / 2)[1][:, :rank]
+    del half
+    whitened = (whitened + whitened.T) / 2
+    solver = resolved_solver(solver, whitened)
+    if solver == "subspace":
+        whitened = whitened.to(knowledge.dtype)
+    vectors = null_basis(whitened, rank, solver).to(torch.float64)
     directions = torch.linalg.solve_triangular(factor.T, vectors, upper=True)
     return torch.linalg.qr(directions).Q.contiguous()
 

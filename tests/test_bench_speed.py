@@ -15,7 +15,7 @@ def test_speed_benchmark_writes_rows_for_every_method(tmp_path):
     spec.loader.exec_module(bench)
     out = tmp_path / "speed.json"
     common = ["--shape", "tiny", "--num-samples", "24", "--seq-len", "32", "--out", str(out)]
-    bench.main([*common, "--methods", "lora_null,peft_corda_kpm,solvers", "--solver", "eigh64,subspace"])
+    bench.main([*common, "--methods", "lora_null,lora_null_task,peft_corda_kpm,solvers", "--solver", "eigh64,subspace"])
     bench.main([*common, "--methods", "lora_null_offload", "--max-blocks", "1"])
     methods = "lora_null_cache,lora_null_disk,lora_null_self,lora_null_self_graphed"
     bench.main([*common, "--methods", methods, "--cache-root", str(tmp_path)])
@@ -25,6 +25,8 @@ def test_speed_benchmark_writes_rows_for_every_method(tmp_path):
     assert methods == [
         ("lora_null", "eigh64"),
         ("lora_null", "subspace"),
+        ("lora_null_task", "eigh64"),  # beside task data: A task-aware
+        ("lora_null_task", "subspace"),
         ("peft_corda_kpm", "peft"),
         ("lora_null_offload", "auto"),
         ("lora_null_cache_write", "auto"),
@@ -35,7 +37,7 @@ def test_speed_benchmark_writes_rows_for_every_method(tmp_path):
     ]
     assert "host RSS grew" in results["runs"][-3]["note"]
     assert all(r["seconds"] > 0 and r["calibration"] == "24x32" and r["command"] for r in results["runs"])
-    assert "1 of 2 blocks" in results["runs"][3]["note"]
+    assert "1 of 2 blocks" in results["runs"][5]["note"]
     assert {s["solver"] for s in results["solvers"]} == {"eigh64", "eigh32", "subspace"}
     assert all(s["energy_vs_eigh64"] <= 1.1 for s in results["solvers"])
     profile = {p["phase"]: p for p in results["profiles"]}

@@ -45,6 +45,32 @@ def test_a_task_covariance_left_slightly_indefinite_by_rounding_is_solved_not_re
     assert float((rotation.T @ basis)[8:12].pow(2).sum()) / 4 > 0.99  # knowledge's weakest, where the task is
 
 
+def summed_covariance(d, scales, seed, tokens=3000):
+    """Σ xᵀx summed in float32, as calibration sums it, over activations with the given spread of scales."""
+    g = torch.Generator().manual_seed(seed)
+    rotation = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    x = ((torch.randn(tokens, d, generator=g, dtype=torch.float64) * scales) @ rotation.T).float()
+    return sum((chunk.T @ chunk for chunk in x.split(64)), torch.zeros(d, d))
+
+
+def test_the_subspace_solver_reaches_the_exact_task_aware_quotient():
+    # The GPU's default (subspace) solves the whitened matrix in C_k's float32: its generalized Rayleigh quotient
+    # Σλ, trace((Uᵀ(C_t + mix·I)U)⁻¹ UᵀC_kU) in the unit-trace scale, must come near the exact basis's.
+    d = 512
+    knowledge = summed_covariance(d, torch.logspace(0, -3, d, dtype=torch.float64), seed=0)
+    task = summed_covariance(d, torch.logspace(-2, 0, d, dtype=torch.float64), seed=1)
+    k, t = (m.double() * d / torch.trace(m.double()) for m in (knowledge, task))
+    t = t + 0.01 * torch.eye(d, dtype=torch.float64)
+
+    def quotient(basis):
+        return float(torch.trace(torch.linalg.solve(basis.T @ t @ basis, basis.T @ k @ basis)))
+
+    exact = task_aware_basis(knowledge, task, 16, 0.01, "eigh64")
+    fast = task_aware_basis(knowledge, task, 16, 0.01, "subspace")
+    assert torch.allclose(fast.T @ fast, torch.eye(16, dtype=torch.float64), atol=1e-8)
+    assert quotient(exact) <= quotient(fast) <= 1.1 * quotient(exact)
+
+
 def energies(model, tokenizer, texts, layers):
     """Per layer: energy per direction of A's rows in a covariance, relative to an average direction."""
     own = dict(model.named_modules())

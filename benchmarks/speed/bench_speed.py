@@ -12,7 +12,8 @@ Prints a table, a ratio against CorDA when both ran, and appends rows to the res
 `lora_null_offload` keeps the weights in CPU memory and streams one block at a time to the GPU;
 `lora_null_self` gives no calibration text, so the model first samples its own (as many samples and tokens as
 the given set: compare with `lora_null` at the same --seq-len; `lora_null_self_graphed` draws them with
-`generated_decoding: graphed`); `lora_null_cache` runs twice with a covariance
+`generated_decoding: graphed`); `lora_null_task` gives task data beside the calibration text (as many samples,
+as long), so A is task-aware; `lora_null_cache` runs twice with a covariance
 cache (the first run writes it, the second skips calibration);
 `lora_null_disk` saves the model first and times `--offload disk` (blocks read from the shards);
 `profile`/`profile_offload` split one run's time and peak GPU memory by phase; with
@@ -216,6 +217,7 @@ def time_lora_null(
     cache: str | None = None,
     method: str | None = None,
     own_text: bool = False,
+    task: bool = False,
 ) -> dict:
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     blocks = SHAPES[args.shape]["num_hidden_layers"]
@@ -234,12 +236,21 @@ def time_lora_null(
         **({"generated_decoding": "graphed"} if method == "lora_null_self_graphed" else {}),
     )
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS)
+    # Task data as long as the calibration text, drawn apart from it: A is then task-aware.
+    task_data = random_texts(args.num_samples, args.seq_len, SHAPES[args.shape]["vocab_size"], seed=1) if task else None
     reset_peak()
     gpu_sync()
     start = time.perf_counter()
     try:
         lora_null_init(
-            model, lora, None if own_text else texts, tokenizer, config, execution_device=device, block_loader=loader
+            model,
+            lora,
+            None if own_text else texts,
+            tokenizer,
+            config,
+            execution_device=device,
+            block_loader=loader,
+            **({"task_data": task_data} if task else {}),
         )
         done = blocks
     except _Done:
@@ -465,8 +476,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--methods",
         default="lora_null,peft_corda_kpm",
-        help="Comma list of lora_null, lora_null_self, lora_null_self_graphed, lora_null_offload, lora_null_disk, "
-        "lora_null_cache, peft_corda_kpm, solvers, profile, profile_offload.",
+        help="Comma list of lora_null, lora_null_task, lora_null_self, lora_null_self_graphed, lora_null_offload, "
+        "lora_null_disk, lora_null_cache, peft_corda_kpm, solvers, profile, profile_offload.",
     )
     parser.add_argument("--cache-root", default=None, help="Temporary folder for lora_null_cache and lora_null_disk.")
     parser.add_argument("--solver", default="auto", help="Comma list of solvers for the lora_null runs.")
@@ -520,6 +531,10 @@ def main(argv=None) -> int:
                 )
             )
             record(args, rows[-1:], [], device_name, command)
+        elif method == "lora_null_task":  # beside the calibration text, task data: a task-aware A
+            for solver in args.solver.split(","):
+                rows.append(time_lora_null(args, texts, tokenizer, solver, False, device, method=method, task=True))
+                record(args, rows[-1:], [], device_name, command)
         elif method in ("lora_null", "lora_null_offload"):
             for solver in args.solver.split(","):
                 rows.append(time_lora_null(args, texts, tokenizer, solver, method == "lora_null_offload", device))

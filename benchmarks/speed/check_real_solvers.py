@@ -8,6 +8,8 @@ indefinite; the subspace solver, what `solver="auto"` picks on GPUs, once failed
 
 `save` calibrates on 256 BIG-bench qa_wikidata questions (benchmarks/data) and keeps the covariances of four
 down_proj inputs plus the held-out tokens of 32 further questions, so `run` needs neither the model nor the data.
+It also keeps the covariances of 256 addition-task questions (benchmarks/data/tasks), for the task-aware solve:
+`run` compares its subspace form with the exact one by held-out leakage and by the task energy A carries.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora_null_core.calibration.leakage import leakage_from_covariance
-from lora_null_core.null_space import null_basis
+from lora_null_core.null_space import null_basis, task_aware_basis
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "bigbench_qa_wikidata" / "task.json"
+TASK = Path(__file__).resolve().parents[1] / "data" / "tasks" / "addition.train.jsonl"
 LAYERS = (0, 1, 15, 29)
 
 
@@ -48,12 +51,16 @@ def save(output: Path, model_path: str | None) -> None:
     collector = CovarianceCollector()
     run_activation_pass(model, modules, tokenize_batches(questions[:256], tokenizer, 512, 8), collector)
     tensors = {f"covariance.{name}": matrix for name, matrix in collector.result.matrices.items()}
+    task_questions = [json.loads(line)["question"] for line in TASK.read_text().splitlines()[:256]]
+    task_collector = CovarianceCollector()
+    run_activation_pass(model, modules, tokenize_batches(task_questions, tokenizer, 512, 8), task_collector)
+    tensors.update({f"task.{name}": matrix for name, matrix in task_collector.result.matrices.items()})
     held_out: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
     run_activation_pass(
         model,
         modules,
         tokenize_batches(questions[256:], tokenizer, 512, 8),
-        lambda name, tokens, _ids, _same: held_out[name].append(tokens),
+        lambda name, inputs, _same: held_out[name].append(inputs.tokens),
     )
     tensors.update({f"heldout.{name}": torch.cat(parts) for name, parts in held_out.items()})
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(output))
@@ -89,6 +96,33 @@ def run(path: Path, rank: int) -> None:
                 f"| {name} | {solver} | {seconds:.3f} | {leakage_from_covariance(basis.T, covariance):.4f} | "
                 f"{held_out:.4f} | {held_out / exact:.3f} | "
                 f"{leakage_from_covariance(random_a.to(device), held_out_covariance):.3f} |"
+            )
+    if any(k.startswith("task.") for k in tensors):
+        run_task_aware(tensors, names, rank)
+
+
+def run_task_aware(tensors: dict[str, torch.Tensor], names: list[str], rank: int, mix: float = 0.01) -> None:
+    """The task-aware basis solved exactly (eigh64) and by the subspace solver (auto's on a GPU): held-out
+    knowledge leakage, and the task energy of A's rows relative to an average direction (higher: A reads more of
+    the task's inputs)."""
+    print("\n| layer | task-aware solve | seconds | held-out leakage | / eigh64 | task energy | / eigh64 |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for name in names:
+        knowledge, task = tensors[f"covariance.{name}"], tensors[f"task.{name}"]
+        tokens = tensors[f"heldout.{name}"].double()
+        held_out_covariance = tokens.T @ tokens
+        task64 = task.double()
+        exact = None
+        for solver in ("eigh64", "subspace"):
+            start = time.perf_counter()
+            basis = task_aware_basis(knowledge, task, rank, mix, solver)
+            seconds = time.perf_counter() - start
+            held_out = leakage_from_covariance(basis.T, held_out_covariance)
+            energy = float(torch.trace(basis.T @ task64 @ basis) / torch.trace(task64)) * basis.shape[0] / rank
+            exact = exact or (held_out, energy)
+            print(
+                f"| {name} | {solver} | {seconds:.3f} | {held_out:.4f} | {held_out / exact[0]:.3f} | "
+                f"{energy:.3f} | {energy / exact[1]:.3f} |"
             )
 
 

@@ -116,7 +116,7 @@ def solve_owned_bases(
     def basis(group: str, rank: int) -> torch.Tensor:
         if task is None:
             return null_basis(covariances.matrices[group], rank, solver)
-        return task_aware_basis(covariances.matrices[group], task.matrices[group], rank, task_mix)
+        return task_aware_basis(covariances.matrices[group], task.matrices[group], rank, task_mix, solver)
 
     return {
         (group, rank): basis(group, rank)
