@@ -21,16 +21,15 @@ from .taps import LayerInput, run_activation_pass
 
 def random_like(lora_a: torch.Tensor, seed: int) -> torch.Tensor:
     """A Gaussian matrix with the Frobenius norm of `lora_a`: the baseline leakage is measured against."""
-    return unit_noise(tuple(lora_a.shape), seed).to(lora_a.device) * lora_a.double().norm()  # no host sync
+    return unit_noise(tuple(lora_a.shape), seed, lora_a.device) * lora_a.double().norm()  # no host sync
 
 
 @functools.lru_cache(maxsize=16)
-def unit_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+def unit_noise(shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:
     """One seed's Gaussian matrix of unit Frobenius norm, drawn on the CPU (the same on every device) once per shape:
-    a model's layers share a few shapes, and drawing it for each of a 7B's 224 layers took 0.5 s on the host. Kept
-    on the CPU: a cached CUDA tensor would be read from both the solver's stream and the caller's."""
+    a model's layers share a few shapes, and drawing it for each of a 7B's 224 layers took 0.5 s on the host."""
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return noise / noise.norm()
+    return (noise / noise.norm()).to(device)
 
 
 def leakage_from_covariance(lora_a: torch.Tensor, covariance: torch.Tensor) -> float:

@@ -8,7 +8,6 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
@@ -22,7 +21,6 @@ from ..calibration.covariances import CovarianceCollector, Covariances, check_to
 from ..calibration.leakage import LeakageCollector
 from ..calibration.taps import InputTaps, Visitor, run_activation_pass
 from ..config import LoraNullConfig
-from ..distributed import rank_and_world
 from ..report import LayerReport
 from ..weights import gathered
 from . import phases
@@ -78,25 +76,20 @@ class InitStep:
 
 @dataclass
 class _Solving:
-    """A step whose null bases are being solved: what finishing it needs. `bases` will hold this rank's own bases
-    (the others arrive by broadcast when the step finishes) or, if `written`, the layers' reports and A matrices:
-    the worker wrote the layers itself."""
+    """A step whose null bases are being solved: what finishing it needs."""
 
     step: InitStep
     modules: Mapping[str, nn.Module]
     covariances: Covariances
     ranks: Mapping[str, int]
-    bases: Future
-    written: bool = False
+    bases: Future  # this rank's own bases; the others arrive by broadcast when the step finishes
 
 
 def run_steps(steps: Iterator[InitStep], settings: LoopSettings) -> list[LayerReport]:
     """The one init loop: calibrate (or read the cache) → solve → write → held-out leakage, step by step.
 
     With `overlap`, step i's null bases are solved on a worker thread (its own CUDA stream) while step i+1
-    calibrates: the init keeps each block's function, so block i+1's inputs do not wait for block i's factors. In
-    one process the worker also writes step i's layers, whose SVDs and leakage figures synchronize with the host:
-    on the caller's stream they would drain the GPU's queue of block i+1's forward.
+    calibrates: the init keeps each block's function, so block i+1's inputs do not wait for block i's factors.
     Step i is finished (written, held out) before step i+1, so every pass sees the blocks before it initialized.
     With `task_aware` the bases are task-aware (solve.solve_owned_bases)."""
     config, adapter_name, cache, cached = settings.config, settings.adapter_name, settings.cache, settings.cached
@@ -135,21 +128,12 @@ def run_steps(steps: Iterator[InitStep], settings: LoopSettings) -> list[LayerRe
             solve_from = (
                 with_weight_prior(covariances, step.layers, config.weight_prior) if config.weight_prior else covariances
             )
-            # Overlapped in one process, the worker writes the layers too (no bases to share first).
-            written = settings.overlap and rank_and_world()[1] == 1
-            then = partial(write_layers, step.layers, covariances, config=config, adapter_name=adapter_name)
             bases = solver.submit(
-                solve_from,
-                ranks,
-                config.solver,
-                step.solve_progress,
-                task_covariances,
-                config.task_mix,
-                then=then if written else None,
+                solve_from, ranks, config.solver, step.solve_progress, task_covariances, config.task_mix
             )
             if solving is not None:
                 reports += _finish(solving, config, adapter_name)
-            solving = _Solving(step, modules, covariances, ranks, bases, written)
+            solving = _Solving(step, modules, covariances, ranks, bases)
             if not settings.overlap:  # finished at once: only one step's block and covariances are ever held
                 reports += _finish(solving, config, adapter_name)
                 solving = None
@@ -160,11 +144,8 @@ def run_steps(steps: Iterator[InitStep], settings: LoopSettings) -> list[LayerRe
 
 def _finish(solving: _Solving, config: LoraNullConfig, adapter_name: str) -> list[LayerReport]:
     step = solving.step
-    if solving.written:
-        reports, lora_as = solving.bases.result()
-    else:
-        bases = share_null_bases(solving.covariances, solving.ranks, solving.bases.result())
-        reports, lora_as = write_layers(step.layers, solving.covariances, bases, config, adapter_name)
+    bases = share_null_bases(solving.covariances, solving.ranks, solving.bases.result())
+    reports, lora_as = write_layers(step.layers, solving.covariances, bases, config, adapter_name)
     if config.holdout_samples:
         leakage = LeakageCollector(lora_as, config.seed)
         step.hold_out(solving.modules, leakage)

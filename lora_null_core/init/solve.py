@@ -4,7 +4,7 @@ the knowledge covariance, or, with task covariances, the task-aware one (null_sp
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -47,50 +47,33 @@ class NullBasisSolver:
         show_progress: bool,
         task: Covariances | None = None,
         task_mix: float = 0.0,
-        then: Callable[[dict[tuple[str, int], torch.Tensor]], Any] | None = None,
     ) -> Future:
-        """A future of this rank's bases, or of `then(bases)` where given: on the worker, what uses the bases
-        (writing the layers) runs there too, so its host synchronizations never stall the caller's stream."""
         if self._pool is None:
             done: Future = Future()
             with phase(phases.SOLVE):
-                bases = solve_owned_bases(covariances, ranks, solver, show_progress, task, task_mix)
-            done.set_result(then(bases) if then is not None else bases)
+                done.set_result(solve_owned_bases(covariances, ranks, solver, show_progress, task, task_mix))
             return done
         ready = None
         if self.cuda:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))
         caller = torch.cuda.current_stream(self.device) if self.cuda else None
-        return self._pool.submit(self._solve, covariances, ranks, solver, ready, caller, task, task_mix, then)
+        return self._pool.submit(self._solve, covariances, ranks, solver, ready, caller, task, task_mix)
 
-    def _solve(self, covariances, ranks, solver, ready, caller, task, task_mix, then) -> Any:
+    def _solve(self, covariances, ranks, solver, ready, caller, task, task_mix) -> dict[tuple[str, int], torch.Tensor]:
         with torch.no_grad():
             if not self.cuda:
-                bases = solve_owned_bases(covariances, ranks, solver, False, task, task_mix)
-                return then(bases) if then is not None else bases
+                return solve_owned_bases(covariances, ranks, solver, False, task, task_mix)
             stream = self._stream
             assert stream is not None  # made in __enter__ whenever the worker runs on a GPU
             with torch.cuda.stream(stream):
                 stream.wait_event(ready)
                 bases = solve_owned_bases(covariances, ranks, solver, False, task, task_mix)
-                result = then(bases) if then is not None else bases
             stream.synchronize()
-            for tensor in _tensors_in(result):
-                if tensor.is_cuda:
-                    tensor.record_stream(caller)
-            return result
-
-
-def _tensors_in(value: Any) -> list[torch.Tensor]:
-    """The tensors in a worker's result (nested dicts, lists and tuples), to mark as used by the caller's stream."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        return [t for item in value for t in _tensors_in(item)]
-    return []
+            for basis in bases.values():
+                if basis.is_cuda:
+                    basis.record_stream(caller)
+            return bases
 
 
 def _owners(covariances: Covariances, ranks: Mapping[str, int]) -> dict[tuple[str, int], int]:
