@@ -1,5 +1,5 @@
 """The pass over calibration data: forward pre-hooks on the targeted layers that show a *visitor* each layer's
-input. The pass knows nothing of the method: the covariance sums (calibrate.py) are one visitor, held-out
+input. The pass knows nothing of the method: the covariance sums (covariances.py) are one visitor, held-out
 leakage (leakage.py) is another.
 """
 

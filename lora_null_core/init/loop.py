@@ -1,6 +1,6 @@
 """The init loop: each step calibrates its layers (or reads their cached covariances), solves their null
 bases, writes the factors, and measures held-out leakage. The whole model is one step (`WholeModel`); block
-streaming is one step per decoder block (`BlockByBlock`). `lora_null_init` (initialize.py) sets the loop up."""
+streaming is one step per decoder block (`BlockByBlock`). `lora_null_init` (api.py) sets the loop up."""
 
 from __future__ import annotations
 
