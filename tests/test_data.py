@@ -136,3 +136,33 @@ def test_a_tokenized_training_set_reads_back_as_the_text_the_model_will_see(toke
     assert TokenizedRows(tokenized, tokenizer)[3] == rows[3]
     with pytest.raises(CalibrationDataError, match="no 'input_ids' column"):
         TokenizedRows(Dataset.from_dict({"text": ["a"]}), tokenizer)
+
+
+def test_distinct_contexts_count_every_prefix_once_in_bulk_and_one_by_one():
+    # Shared prefixes, exact and prefix-of-another duplicates, an empty sequence: against the set of all prefixes.
+    import random
+
+    from lora_null_core.calibration.contexts import Contexts
+
+    rng = random.Random(0)
+    stems = [[rng.randrange(5) for _ in range(rng.randrange(1, 6))] for _ in range(8)]
+    sequences = [stem + [rng.randrange(5) for _ in range(rng.randrange(0, 4))] for stem in stems * 5]
+    sequences += [sequences[3], sequences[3][:2], []]
+
+    def prefixes(seqs):
+        return len({tuple(s[:k]) for s in seqs for k in range(1, len(s) + 1)})
+
+    bulk = Contexts()
+    assert bulk.add(sequences[:30]) == len(bulk) == prefixes(sequences[:30])
+    for end in range(31, len(sequences) + 1):  # then one at a time, as the reading past num_samples adds them
+        assert bulk.add([sequences[end - 1]]) == prefixes(sequences[:end])
+    assert Contexts().add(sequences) == prefixes(sequences)
+    assert Contexts().add([[7] * 9] * 200) == 9  # 200 copies of one text count once
+
+
+def test_token_ids_of_many_texts_equal_each_texts_own(tokenizer, knowledge):
+    from lora_null_core.calibration.batches import token_ids, token_ids_of
+
+    texts = [*knowledge[:20], f"{tokenizer.bos_token}already has its special token", ""]
+    assert token_ids_of(texts, tokenizer, 16) == [token_ids(text, tokenizer, 16) for text in texts]
+    assert token_ids_of(texts, tokenizer, 16)[-2][0] == tokenizer.bos_token_id  # not doubled

@@ -30,17 +30,27 @@ def tokenize_batches(
     batch_tokens: int | None = None,
     min_batches: int = 1,
 ) -> list[TokenBatch]:
-    """Tokenize, sort by length, right-pad into batches with an attention mask.
+    """Tokenize, sort by length, right-pad into batches with an attention mask (`padded_batches`)."""
+    return padded_batches(token_ids_of(texts, tokenizer, max_length), tokenizer, batch_size, batch_tokens, min_batches)
+
+
+def padded_batches(
+    sequences: Sequence[Sequence[int]],
+    tokenizer: Any,
+    batch_size: int | None = None,
+    batch_tokens: int | None = None,
+    min_batches: int = 1,
+) -> list[TokenBatch]:
+    """Token sequences sorted by length and right-padded into batches with an attention mask.
 
     Batches are filled up to `batch_tokens` padded tokens (rows × the batch's longest row), so thousands of
     short prompts cost a few forward passes, not thousands; `batch_size` also caps the rows when given.
     `min_batches`: at least this many batches (one per process) when there are that many texts."""
-    sequences = [ids for ids in (token_ids(text, tokenizer, max_length) for text in texts) if ids]
+    sequences = sorted((ids for ids in sequences if ids), key=len, reverse=True)
     if not sequences:
         raise CalibrationDataError("Every calibration text tokenized to zero tokens.")
     if not batch_size and not batch_tokens:
-        raise ValueError("tokenize_batches needs batch_size or batch_tokens")
-    sequences.sort(key=len, reverse=True)
+        raise ValueError("padded_batches needs batch_size or batch_tokens")
     most_rows = -(-len(sequences) // max(1, min_batches))
     if batch_size:
         most_rows = min(most_rows, batch_size)
@@ -62,9 +72,24 @@ def tokenize_batches(
 
 def token_ids(text: str, tokenizer: Any, max_length: int) -> list[int]:
     """A text's tokens as calibration reads them: cut at max_length, with the tokenizer's special tokens."""
+    return token_ids_of([text], tokenizer, max_length)[0]
+
+
+def token_ids_of(texts: Sequence[str], tokenizer: Any, max_length: int) -> list[list[int]]:
+    """`token_ids` of each text, in order, from one tokenizer call per kind of text: a fast tokenizer encodes a
+    batch in parallel, where a call per text costs more in the call than in its tokens (thousands of short
+    questions are how users calibrate)."""
+    ids: list[list[int]] = [[] for _ in texts]
     # A rendered chat template already carries its special tokens; adding them again would double BOS.
-    special = not _starts_with_special(text, tokenizer)
-    return list(tokenizer(text, truncation=True, max_length=max_length, add_special_tokens=special)["input_ids"])
+    for special in (True, False):
+        chosen = [i for i, text in enumerate(texts) if _starts_with_special(text, tokenizer) != special]
+        if chosen:
+            encoded = tokenizer(
+                [texts[i] for i in chosen], truncation=True, max_length=max_length, add_special_tokens=special
+            )["input_ids"]
+            for i, row in zip(chosen, encoded, strict=True):
+                ids[i] = list(row)
+    return ids
 
 
 def _starts_with_special(text: str, tokenizer: Any) -> bool:

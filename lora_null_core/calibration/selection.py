@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import LoraNullConfig
 from ..errors import OwnTextUnavailableError
-from .batches import token_ids
+from .batches import token_ids_of
 from .contexts import Contexts
 from .own_text import own_text
 from .sources import CalibrationSource
@@ -30,12 +30,16 @@ TOP_UP_ROUNDS = 3
 @dataclass(frozen=True)
 class CalibrationSet:
     """The chosen texts and what they are: `used` says it in one line ("256 rows of questions.jsonl (2,093
-    tokens) + 40 samples of the model's own text (5,120 tokens)"); `top_up` is None when nothing was added."""
+    tokens) + 40 samples of the model's own text (5,120 tokens)"); `top_up` is None when nothing was added.
+    `token_ids` are the calibration texts' tokens, in order, and `contexts` their distinct prefixes (Contexts):
+    counted here once, so the batches and the safeguards need not tokenize or count again."""
 
     texts: CalibrationTexts
     used: str
     knowledge_samples: int
     knowledge_tokens: int
+    token_ids: list[list[int]]
+    contexts: int
     top_up: dict[str, Any] | None = None
 
 
@@ -52,20 +56,20 @@ def select_calibration(
     if calibration is None:
         calibration = own_text(model, tokenizer, config, device)
     floor = math.ceil(config.min_tokens_per_dim * widest) if config.short_calibration == "top_up" else 0
-    contexts, tokens = Contexts(), [0]
+    contexts, ids = Contexts(), []
 
-    def enough(text: str) -> bool:
-        ids = token_ids(text, tokenizer, config.max_length)
-        tokens[0] += len(ids)
-        return contexts.add(ids) >= floor
+    def enough(texts: list[str]) -> bool:
+        new = token_ids_of(texts, tokenizer, config.max_length)
+        ids.extend(new)
+        return contexts.add(new) >= floor
 
     texts = choose_texts(
         calibration, tokenizer, config.num_samples, config.holdout_samples, config.seed, config.text_field, until=enough
     )
-    knowledge = (len(texts.calibration), tokens[0])
+    knowledge = (len(texts.calibration), sum(map(len, ids)))
     used = f"{knowledge[0]} rows of {texts.source} ({knowledge[1]:,} tokens)"
     if len(contexts) >= floor:
-        return CalibrationSet(texts, used, *knowledge)
+        return CalibrationSet(texts, used, *knowledge, ids, len(contexts))
     short = len(contexts)
     added: list[str] = []
     for attempt in range(TOP_UP_ROUNDS):
@@ -78,12 +82,10 @@ def select_calibration(
                 f"input takes, and the model's own text that would top it up cannot be drawn. {error.cause}",
                 f"give calibration text with at least {floor} distinct contexts (more rows, or longer ones)",
             ) from None
-        for text in drawn.rows:
-            added.append(text)
-            enough(text)
-        if len(contexts) >= floor:
+        added += drawn.rows
+        if enough(list(drawn.rows)):
             break
-    top_up = {"samples": len(added), "tokens": tokens[0] - knowledge[1], "source": drawn.source}
+    top_up = {"samples": len(added), "tokens": sum(map(len, ids)) - knowledge[1], "source": drawn.source}
     used += f" + {top_up['samples']} samples of the model's own text ({top_up['tokens']:,} tokens)"
     # Under a quarter of the floor (the old refusal's bar: one text repeated, say) the own text is nearly all of it.
     logger.log(
@@ -95,4 +97,4 @@ def select_calibration(
         used,
     )
     texts = CalibrationTexts([*texts.calibration, *added], texts.holdout, texts.source)
-    return CalibrationSet(texts, used, *knowledge, top_up=top_up)
+    return CalibrationSet(texts, used, *knowledge, ids, len(contexts), top_up=top_up)

@@ -61,12 +61,12 @@ def choose_texts(
     holdout_samples: int,
     seed: int,
     text_field: str,
-    until: Callable[[str], bool] | None = None,
+    until: Callable[[list[str]], bool] | None = None,
 ) -> CalibrationTexts:
     """Draw `num_samples` calibration texts and up to `holdout_samples` disjoint held-out texts. `until` is told of
-    each calibration text in turn and says whether there are enough: when it has not said so after `num_samples`,
-    more calibration texts are drawn (after the held-out ones, which stay the same) until it does or the source
-    runs out."""
+    the calibration texts, the first `num_samples` at once, and says whether there are enough: when it has not,
+    more calibration texts are drawn one by one (after the held-out ones, which stay the same) until it does or the
+    source runs out."""
     rows = load_rows(source)
     if len(rows) == 0:
         raise CalibrationDataError(f"Calibration source {describe(source)} is empty; it needs at least one text.")
@@ -75,10 +75,10 @@ def choose_texts(
     holdout = list(itertools.islice(order, holdout_samples))
     if not calibration:
         raise CalibrationDataError(f"Calibration source {describe(source)} holds only empty texts.")
-    if until is not None and not [until(text) for text in calibration][-1]:  # every text told, in turn
+    if until is not None and not until(list(calibration)):
         for text in order:
             calibration.append(text)
-            if until(text):
+            if until([text]):
                 break
     if len(calibration) < num_samples:
         logger.info("Calibration source has %d non-empty texts; asked for %d.", len(calibration), num_samples)

@@ -12,7 +12,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from ..calibration.batches import TokenBatch, tokenize_batches
+from ..calibration.batches import TokenBatch, padded_batches, token_ids_of
 from ..calibration.selection import CalibrationSet, select_calibration
 from ..calibration.sources import CalibrationSource, reading_task_data
 from ..calibration.texts import CalibrationTexts, choose_texts
@@ -59,27 +59,32 @@ def prepare_inputs(
     )
     logger.info("Calibrating on %s.", chosen.used)
     texts = chosen.texts
-    batches = _batches(texts.calibration, tokenizer, config, "calibration samples")
-    holdout = _batches(texts.holdout, tokenizer, config) if texts.holdout else []
-    check_distinct_contexts(batches, layers, config)
-    task = None
+    # The calibration texts were tokenized and their contexts counted while they were chosen.
+    batches = _batches(chosen.token_ids, tokenizer, config, "calibration samples")
+    check_distinct_contexts(chosen.contexts, sum(map(len, chosen.token_ids)), layers, config)
+    holdout = _batches(token_ids_of(texts.holdout, tokenizer, config.max_length), tokenizer, config)
+    task: CalibrationTexts | None = None
+    task_batches: tuple[TokenBatch, ...] = ()
     if task_data is not None:
         with reading_task_data():
             task = choose_texts(task_data, tokenizer, config.task_samples, 0, config.seed, config.text_field)
-    task_batches = tuple(_batches(task.calibration, tokenizer, config, "task examples")) if task else ()
+        task_ids = token_ids_of(task.calibration, tokenizer, config.max_length)
+        task_batches = tuple(_batches(task_ids, tokenizer, config, "task examples"))
     return InitInputs(chosen, batches, holdout, probe_batch(batches), task, task_batches)
 
 
-def _batches(texts: list[str], tokenizer: Any, config: LoraNullConfig, what: str = "") -> list[TokenBatch]:
+def _batches(ids: list[list[int]], tokenizer: Any, config: LoraNullConfig, what: str = "") -> list[TokenBatch]:
+    """Padded batches of token ids, at least one a process; none for no ids (no held-out texts)."""
+    if not ids and not what:
+        return []
     world = rank_and_world()[1]
-    batches = tokenize_batches(
-        texts,
+    batches = padded_batches(
+        ids,
         tokenizer,
-        config.max_length,
         batch_size=config.batch_size,
         batch_tokens=config.batch_tokens,
         min_batches=world,
     )
     if what and len(batches) < world:
-        raise InsufficientCalibrationError(f"{len(texts)} {what} cannot feed {world} processes.")
+        raise InsufficientCalibrationError(f"{len(ids)} {what} cannot feed {world} processes.")
     return batches

@@ -12,7 +12,6 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from ..calibration.batches import TokenBatch
-from ..calibration.contexts import distinct_contexts
 from ..config import LoraNullConfig
 from ..errors import FunctionNotPreservedError, InsufficientCalibrationError
 from ..model_parts import model_device
@@ -22,20 +21,20 @@ from .peft_layers import layer_widths
 logger = logging.getLogger(__name__)
 
 
-def check_distinct_contexts(batches: list[TokenBatch], layers: Mapping[str, LoraLayer], config: LoraNullConfig) -> None:
-    """Before any forward pass: calibration text too repetitive or short to span the layers' inputs is refused
-    (under a quarter of the widest input: 200 copies of one question, max_length 1); below the full width it
-    is only a warning, since short real questions share prefixes ("The capital of …") and the null space then
-    still generalizes (held-out leakage a fraction of a random A's: the CPU-size benchmark's 200 qa_wikidata
-    questions give 1,361 distinct contexts for SmolLM2's 1,536-wide down_proj inputs)."""
+def check_distinct_contexts(
+    contexts: int, tokens: int, layers: Mapping[str, LoraLayer], config: LoraNullConfig
+) -> None:
+    """Before any forward pass: calibration text whose `tokens` hold too few distinct `contexts` (Contexts) to span
+    the layers' inputs is refused (under a quarter of the widest input: 200 copies of one question, max_length 1);
+    below the full width it is only a warning, since short real questions share prefixes ("The capital of …") and
+    the null space then still generalizes (held-out leakage a fraction of a random A's: the CPU-size benchmark's
+    200 qa_wikidata questions give 1,361 distinct contexts for SmolLM2's 1,536-wide down_proj inputs)."""
     if not config.min_tokens_per_dim:
         return
     widest = max(layer_widths(layer)[0] for layer in layers.values())
     wanted = int(config.min_tokens_per_dim * widest)
-    contexts = distinct_contexts(batches)
     if contexts >= wanted:
         return
-    tokens = sum(batch.num_tokens for batch in batches)
     found = (
         f"The calibration text holds {tokens} tokens but only {contexts} distinct contexts (a token's "
         f"activations depend only on its prefix), so the activations span at most {contexts} of the {widest} "
