@@ -100,21 +100,15 @@ def unit_trace(matrix: torch.Tensor) -> torch.Tensor:
     return matrix * (matrix.shape[0] / trace) if trace > 0 else matrix
 
 
-# H100, whole solver through (C + δI)⁻¹: 24.8 → 16.6 ms at 4,096 wide, 72 → 106 ms at 11,008. L⁻¹, formed now, took
-# 4.8 ms at 4,096 against (C + δI)⁻¹'s 7.5 and the 4 narrow solves' 11.5 (benchmarks/results/solver_inverse.json).
-EXPLICIT_INVERSE_MAX_WIDTH = 6144
-
-
 def subspace_null_basis(
-    covariance: torch.Tensor, rank: int, oversample: int = 16, steps: int = 4, explicit_inverse: bool | None = None
+    covariance: torch.Tensor, rank: int, oversample: int = 16, steps: int = 4, solves: str | None = None
 ) -> torch.Tensor:
     """Bottom-`rank` eigenvectors by Rayleigh–Ritz on a block Krylov space of (C + δI)⁻¹, from a Cholesky factor.
 
     One Cholesky of C + δI costs d³/3; each step is two triangular solves with rank + oversample right-hand
-    sides, and those narrow solves, not the factorization, dominate on GPUs (they are latency-bound). A block
-    Krylov space keeps every step's block, so 4 solves are enough (bottom-r energy 1.03–1.06× of eigh64 on the
-    Llama-2-7B shape's covariances; held-out leakage 0.98–1.00× of eigh64's on SmolLM2's; benchmarks/speed). Real
-    covariances are rank-deficient, and summed in float32 their null
+    sides. A block Krylov space keeps every step's block, so 4 solves are enough (bottom-r energy 1.03–1.06× of
+    eigh64 on the Llama-2-7B shape's covariances; held-out leakage 0.98–1.00× of eigh64's on SmolLM2's;
+    benchmarks/speed). Real covariances are rank-deficient, and summed in float32 their null
     directions come out slightly negative (SmolLM2's down_proj inputs: about 50 eigenvalues down to
     −3e-9·λ_max). δ is therefore set at the rounding level of the sums, eps(dtype)·λ_max (λ_max from a few power
     steps), not of the mean diagonal; δ moves no eigenvector, and eigenvalues below it are rounding anyway.
@@ -122,10 +116,8 @@ def subspace_null_basis(
     over. Memory: one d×d float64 copy, factorized with out= itself. Fixed seed: every process computes the
     same basis.
 
-    explicit_inverse (default: on a GPU, up to EXPLICIT_INVERSE_MAX_WIDTH inputs) forms L⁻¹ once, so each step
-    is two matrix products instead of two narrow triangular solves: one compute-bound d³/3 pass replaces
-    latency-bound ones where d is small, for a second d×d float64 matrix (benchmarks/speed/solver_parts.py
-    --inverse).
+    `solves` says how the triangular solves run (TriangularSolves; default blocked on a GPU, where a plain
+    triangular solve of a few columns is latency-bound, narrow elsewhere).
     """
     d, width = covariance.shape[0], rank + oversample
     if (steps + 1) * width >= d:  # the space would be the whole space: solve exactly, it is small
@@ -151,17 +143,11 @@ def subspace_null_basis(
         logger.info("Covariance too indefinite for the subspace solver (d=%d): solving it with eigh64.", d)
         del factor
         return eigendecompose(covariance)[1][:, :rank].contiguous()
-    if explicit_inverse is None:
-        explicit_inverse = factor.is_cuda and d <= EXPLICIT_INVERSE_MAX_WIDTH
-    inverse = None
-    if explicit_inverse:
-        identity = torch.eye(d, dtype=torch.float64, device=factor.device)
-        inverse = torch.linalg.solve_triangular(factor, identity, upper=False)  # L⁻¹
+    inverse = TriangularSolves(factor, solves or ("blocked" if factor.is_cuda else "narrow"))
     start = torch.randn(d, width, generator=generator, dtype=torch.float64).to(factor.device)
     blocks = [torch.linalg.qr(start)[0]]
     for _ in range(steps):
-        last = blocks[-1]  # (C + δI)⁻¹ · the last block = L⁻ᵀ L⁻¹ · the last block
-        step = torch.cholesky_solve(last, factor) if inverse is None else inverse.T @ (inverse @ last)
+        step = inverse(blocks[-1])  # (C + δI)⁻¹ · the last block
         for known in blocks:  # block Gram–Schmidt against the space so far keeps the columns from aligning
             step -= known @ (known.T @ step)
         blocks.append(torch.linalg.qr(step)[0])
@@ -173,6 +159,56 @@ def subspace_null_basis(
     # The small eigh on the CPU: on a GPU it is launch-bound (about 11 ms for 160 × 160 on an H200).
     vectors = torch.linalg.eigh(projected.cpu())[1][:, :rank].to(space.device)
     return (space @ vectors).contiguous()
+
+
+class TriangularSolves:
+    """(L Lᵀ)⁻¹ · a few columns, for a lower Cholesky factor L (upper triangle zero), three ways:
+
+    narrow: `cholesky_solve`. On a GPU its two triangular solves walk the diagonal 32 rows at a time, one
+    dependent kernel after another: latency-bound (37 ms for 4 steps of 32 columns at 11,008 wide on an H100,
+    where reading L takes 0.3 ms). blocked: L's diagonal blocks of `block` rows are inverted once (one batched
+    solve), then each solve is d/block steps of two matrix products, reading L once. inverse: L⁻¹ formed whole
+    (d³/3 more work), two products a step. The solver's 4 steps on an H100 (`solver_parts.py --inverse`,
+    2026-12-08): narrow 11.4 / 35.6 / 118 ms at 4,096 / 11,008 / 28,672 wide, blocked 3.1 / 5.7 / 19 ms, inverse
+    4.8 / 44 / 508 ms; the blocked results within 3e-14 of the narrow ones.
+    """
+
+    def __init__(self, factor: torch.Tensor, how: str = "blocked", block: int = 1024) -> None:
+        if how not in ("narrow", "blocked", "inverse"):
+            raise ValueError(f"triangular solves {how!r}: narrow, blocked or inverse")
+        self.factor, self.how = factor, how
+        d = factor.shape[0]
+        self.bounds = [(start, min(start + block, d)) for start in range(0, d, block)]
+        if how == "inverse":
+            eye = torch.eye(d, dtype=factor.dtype, device=factor.device)
+            self.inverse = torch.linalg.solve_triangular(factor, eye, upper=False)
+        elif how == "blocked":
+            size = min(block, d)
+            diagonal = torch.eye(size, dtype=factor.dtype, device=factor.device).repeat(len(self.bounds), 1, 1)
+            for i, (start, stop) in enumerate(self.bounds):  # the last block padded with the identity
+                diagonal[i, : stop - start, : stop - start] = factor[start:stop, start:stop]
+            eye = torch.eye(size, dtype=factor.dtype, device=factor.device).expand_as(diagonal)
+            self.diagonal_inverses = torch.linalg.solve_triangular(diagonal, eye, upper=False)
+
+    def __call__(self, rhs: torch.Tensor) -> torch.Tensor:
+        if self.how == "narrow":
+            return torch.cholesky_solve(rhs, self.factor)
+        if self.how == "inverse":
+            return self.inverse.T @ (self.inverse @ rhs)
+        factor, inverses, d = self.factor, self.diagonal_inverses, self.factor.shape[0]
+        forward = torch.empty_like(rhs)  # L⁻¹ rhs, block row by block row
+        for i, (start, stop) in enumerate(self.bounds):
+            part = rhs[start:stop]
+            if start:
+                part = torch.addmm(part, factor[start:stop, :start], forward[:start], alpha=-1)
+            torch.mm(inverses[i, : stop - start, : stop - start], part, out=forward[start:stop])
+        result = torch.empty_like(rhs)  # L⁻ᵀ of that, from the last block row up
+        for i, (start, stop) in reversed(list(enumerate(self.bounds))):
+            part = forward[start:stop]
+            if stop < d:
+                part = torch.addmm(part, factor[stop:, start:stop].T, result[stop:], alpha=-1)
+            torch.mm(inverses[i, : stop - start, : stop - start].T, part, out=result[start:stop])
+        return result
 
 
 def largest_eigenvalue(covariance: torch.Tensor, generator: torch.Generator, steps: int = 8) -> float:

@@ -75,16 +75,33 @@ def test_fast_solvers_reach_the_exact_bottom_energy(solver, monkeypatch):
     assert energy(fast) <= 1.1 * energy(exact)
 
 
-def test_subspace_through_the_explicit_inverse_finds_the_same_space():
-    # On a GPU, narrow covariances' steps go through L⁻¹, formed once; the narrow solves it replaces must give the
-    # same Krylov space.
+@pytest.mark.parametrize("how", ["blocked", "inverse"])
+@pytest.mark.parametrize("block", [64, 1024])
+def test_triangular_solves_agree_with_cholesky_solve(how, block):
+    # 300 rows: blocks of 64 leave a partial last block (padded with the identity); 1024 is one block.
+    x = torch.randn(900, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = x * torch.logspace(0, -3, 300, dtype=torch.float64)  # three decades, as activations span
+    factor = torch.linalg.cholesky(x.T @ x)
+    rhs = torch.randn(300, 20, dtype=torch.float64)
+    expected = torch.cholesky_solve(rhs, factor)
+    solved = null_space.TriangularSolves(factor, how, block)(rhs)
+    assert float((solved - expected).abs().max() / expected.abs().max()) < 1e-12
+
+
+@pytest.mark.parametrize("solves", ["blocked", "inverse"])
+def test_subspace_through_other_triangular_solves_finds_the_same_space(solves):
+    # On a GPU the steps go through L's inverted diagonal blocks (blocked); they must give the narrow solves'
+    # Krylov space.
     covariance, used_basis = float32_rank_deficient_covariance()
-    solved, inverted = (
-        null_space.subspace_null_basis(covariance, 16, explicit_inverse=explicit) for explicit in (False, True)
-    )
-    assert torch.allclose(inverted.T @ inverted, torch.eye(16, dtype=torch.float64), atol=1e-8)
-    assert torch.linalg.norm(solved - inverted @ (inverted.T @ solved)) < 1e-6  # one span
-    assert float((used_basis.T @ inverted).norm()) < 0.1
+    solved, other = (null_space.subspace_null_basis(covariance, 16, solves=how) for how in ("narrow", solves))
+    assert torch.allclose(other.T @ other, torch.eye(16, dtype=torch.float64), atol=1e-8)
+    assert torch.linalg.norm(solved - other @ (other.T @ solved)) < 1e-6  # one span
+    assert float((used_basis.T @ other).norm()) < 0.1
+
+
+def test_triangular_solves_refuse_an_unknown_way():
+    with pytest.raises(ValueError, match="narrow, blocked or inverse"):
+        null_space.TriangularSolves(torch.eye(3, dtype=torch.float64), "qr")
 
 
 @pytest.mark.parametrize("solver", ["eigh64", "eigh32", "subspace"])

@@ -250,12 +250,16 @@ def test_without_overlap_a_block_is_done_before_the_next_one_loads(make_model, t
             super().unload(index, block)
 
     for overlap, expected in (
-        ("off", [("load", 0), ("unload", 0), ("load", 1), ("unload", 1)]),
-        ("on", [("load", 0), ("load", 1), ("unload", 0), ("unload", 1)]),
+        ("off", [(event, i) for i in range(4) for event in ("load", "unload")]),
+        # overlapped, block i is finished once block i+2 has calibrated (OVERLAP_DEPTH)
+        (
+            "on",
+            [("load", 0), ("load", 1), ("load", 2), ("unload", 0), ("load", 3), *[("unload", i) for i in (1, 2, 3)]],
+        ),
     ):
         events.clear()
         lora_null_init(
-            make_model("llama"),
+            make_model("llama", layers=4),
             LoraConfig(r=4),
             knowledge[:200],
             tokenizer,

@@ -4,7 +4,7 @@ right-hand sides, what the earlier 12-step subspace iteration ran), 12 QRs of th
 
     python benchmarks/speed/solver_parts.py 4096 11008 28672
     python benchmarks/speed/solver_parts.py --batched 3 4096   # a block's three 4,096-wide covariances at once
-    python benchmarks/speed/solver_parts.py --inverse 4096 11008 28672   # narrow solves against explicit inverses
+    python benchmarks/speed/solver_parts.py --inverse 4096 11008 28672   # the ways of TriangularSolves
 
 The covariances are synthetic (random tokens with a spectrum over three decades): the times depend on the width,
 not on the values. Run it at an older commit (PYTHONPATH=<checkout>) for that commit's whole-solver time.
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from lora_null_core.null_space import subspace_null_basis
+from lora_null_core.null_space import TriangularSolves, subspace_null_basis
 
 
 def timed(fn) -> float:
@@ -72,55 +72,38 @@ def batched(d: int, count: int, rank: int = 16, steps: int = 4) -> tuple[float, 
 
 
 def through_inverse(d: int, rank: int = 16, steps: int = 4) -> dict[str, float]:
-    """Milliseconds of the block Krylov solver's `steps` solves run as narrow `cholesky_solve`s (latency-bound at
-    about 1 TFLOP/s on an H100), through L⁻¹ (one wide triangular solve, then two products a step) and through
-    (C + δI)⁻¹ from `cholesky_inverse` (one product a step); of the whole solver both ways; and, up to 11,008 wide,
-    each way's bottom-`rank` energy over eigh64's (1.0 is exact) and the relative gap of the inverse's solves."""
+    """Milliseconds of the block Krylov solver's `steps` solves each way of `TriangularSolves` (narrow
+    `cholesky_solve`s, L's inverted diagonal blocks, L⁻¹ whole), setup included; of the whole solver each way; the
+    largest relative gap of the other ways' solves to the narrow ones; and, up to 11,008 wide, each way's
+    bottom-`rank` energy over eigh64's (1.0 is exact)."""
     c = covariance(d)
     factor = c.double()
     factor.diagonal().add_(1e-6 * float(factor.diagonal().max()))
     torch.linalg.cholesky(factor, out=factor)
     block = torch.randn(d, rank + 16, dtype=torch.float64, device="cuda")
-    eye = torch.eye(d, dtype=torch.float64, device="cuda")
+    ways = ("narrow", "blocked", "inverse")
 
-    def narrow() -> torch.Tensor:
-        out = block
+    def solved(how: str) -> torch.Tensor:
+        solve, out = TriangularSolves(factor, how), block
         for _ in range(steps):
-            out = torch.cholesky_solve(out, factor)
+            out = solve(out)
         return out
 
-    def triangular_inverse() -> torch.Tensor:
-        inverse_factor = torch.linalg.solve_triangular(factor, eye, upper=False)
-        out = block
-        for _ in range(steps):
-            out = inverse_factor.T @ (inverse_factor @ out)
-        return out
-
-    def full_inverse() -> torch.Tensor:
-        inverse = torch.cholesky_inverse(factor)
-        out = block
-        for _ in range(steps):
-            out = inverse @ out
-        return out
-
-    reference = narrow()  # also the warm-up
+    reference = {how: solved(how) for how in ways}  # also the warm-up
     gap = max(
-        float((way() - reference).abs().max() / reference.abs().max()) for way in (triangular_inverse, full_inverse)
+        float((reference[how] - reference["narrow"]).abs().max() / reference["narrow"].abs().max()) for how in ways
     )
-    row = {"narrow_ms": timed(narrow), "triangular_inverse_ms": timed(triangular_inverse)}
-    row["cholesky_inverse_ms"] = timed(full_inverse)
-    for explicit in (False, True):
-        subspace_null_basis(c, rank, explicit_inverse=explicit)  # warm-up
-        row[f"whole_explicit_{explicit}_ms"] = timed(
-            lambda e=explicit: subspace_null_basis(c, rank, explicit_inverse=e)
-        )
+    row = {f"{how}_ms": timed(lambda h=how: solved(h)) for how in ways}
+    for how in ways:
+        subspace_null_basis(c, rank, solves=how)  # warm-up
+        row[f"whole_{how}_ms"] = timed(lambda h=how: subspace_null_basis(c, rank, solves=h))
     row = {k: v * 1e3 for k, v in row.items()}
     row["solve_gap"] = gap
     if d <= 11008:
         exact = float(torch.linalg.eigvalsh(c.double())[:rank].sum())
-        for explicit in (False, True):
-            basis = subspace_null_basis(c, rank, explicit_inverse=explicit).to(c.dtype)
-            row[f"energy_explicit_{explicit}"] = float(torch.trace(basis.T @ c @ basis)) / exact
+        for how in ways:
+            basis = subspace_null_basis(c, rank, solves=how).to(c.dtype)
+            row[f"energy_{how}"] = float(torch.trace(basis.T @ c @ basis)) / exact
     return row
 
 

@@ -5,6 +5,7 @@ streaming is one step per decoder block (`BlockByBlock`). `lora_null_init` (api.
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -32,6 +33,13 @@ from .safeguards import model_logits, relative_error
 from .solve import NullBasisSolver, share_null_bases
 from .streaming import StreamingPlan, capture_block_inputs, run_block, stream_blocks
 from .weight_prior import with_weight_prior
+
+# Steps in flight while solves overlap: step i is finished after step i + OVERLAP_DEPTH calibrated. At 1 the caller
+# waited on block i's solve before queueing block i+2's forward, and the GPU's forward stream stood idle whenever a
+# solve outlasted a forward. Each step more holds one more block's covariances: the Llama-2-7B shape's peak went
+# from 18.3 to 19.0 GiB, its init (with the blocked solves and the worker's high-priority stream) from 8.9–9.1 s to
+# 7.4–7.6 s on an H100 (benchmarks/results/speed.md).
+OVERLAP_DEPTH = 2
 
 
 @dataclass(frozen=True)
@@ -88,25 +96,27 @@ class _Solving:
 def run_steps(steps: Iterator[InitStep], settings: LoopSettings) -> list[LayerReport]:
     """The one init loop: calibrate (or read the cache) → solve → write → held-out leakage, step by step.
 
-    With `overlap`, step i's null bases are solved on a worker thread (its own CUDA stream) while step i+1
-    calibrates: the init keeps each block's function, so block i+1's inputs do not wait for block i's factors.
-    Step i is finished (written, held out) before step i+1, so every pass sees the blocks before it initialized.
-    With `task_aware` the bases are task-aware (solve.solve_owned_bases)."""
+    With `overlap`, step i's null bases are solved on a worker thread (its own CUDA stream) while steps i+1 and
+    i+2 calibrate: the init keeps each block's function, so later blocks' inputs do not wait for block i's
+    factors, and the caller finishes step i only after step i+2's forward is queued, so the GPU always has a
+    forward to run while the worker solves (`OVERLAP_DEPTH`). Steps are finished (written, held out) in order, so
+    every held-out pass sees the blocks before it initialized. With `task_aware` the bases are task-aware
+    (solve.solve_owned_bases)."""
     config, adapter_name, cache, cached = settings.config, settings.adapter_name, settings.cache, settings.cached
     dtype = getattr(torch, config.accumulate_dtype)
     reports: list[LayerReport] = []
     writing = cache.writing() if cache is not None and not cached else contextlib.nullcontext()
+    depth = OVERLAP_DEPTH if settings.overlap else 0
     with torch.no_grad(), writing as writer, NullBasisSolver(settings.device, settings.overlap) as solver:
-        solving: _Solving | None = None
+        solving: deque[_Solving] = deque()  # submitted, not yet finished, oldest first
         for step in steps:
             modules = {name: layer.get_base_layer() for name, layer in step.layers.items()}
             collector = CovarianceCollector(dtype, config.covariance_weighting)
             task_collector = CovarianceCollector(dtype, config.covariance_weighting)
             step.calibrate(modules, collector, task_collector)
             if not step.layers:
-                if solving is not None:
-                    reports += _finish(solving, config, adapter_name)
-                    solving = None
+                while solving:
+                    reports += _finish(solving.popleft(), config, adapter_name)
                 step.hold_out(modules, _ignore)
                 step.finish()
                 continue
@@ -131,14 +141,11 @@ def run_steps(steps: Iterator[InitStep], settings: LoopSettings) -> list[LayerRe
             bases = solver.submit(
                 solve_from, ranks, config.solver, step.solve_progress, task_covariances, config.task_mix
             )
-            if solving is not None:
-                reports += _finish(solving, config, adapter_name)
-            solving = _Solving(step, modules, covariances, ranks, bases)
-            if not settings.overlap:  # finished at once: only one step's block and covariances are ever held
-                reports += _finish(solving, config, adapter_name)
-                solving = None
-        if solving is not None:
-            reports += _finish(solving, config, adapter_name)
+            solving.append(_Solving(step, modules, covariances, ranks, bases))
+            while len(solving) > depth:  # without overlap at once: one step's block and covariances are ever held
+                reports += _finish(solving.popleft(), config, adapter_name)
+        while solving:
+            reports += _finish(solving.popleft(), config, adapter_name)
     return reports
 
 

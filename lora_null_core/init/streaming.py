@@ -121,8 +121,8 @@ def stream_blocks(
     loader: BlockLoader | None = None,
 ) -> Iterator[StreamStep]:
     """Yield each block on `device`; the caller releases it (`step.release()`), possibly after asking for the next
-    one (the init solves block i while block i+1 runs), so up to two blocks are held, plus one being prefetched.
-    Should the stream stop early (an error), the blocks still held go back then."""
+    ones (the init solves block i while blocks i+1 and i+2 run: loop.OVERLAP_DEPTH), so up to three blocks are
+    held, plus one being prefetched. Should the stream stop early (an error), the blocks still held go back then."""
     loader = loader or default_loader(blocks, device)
     prefetch, close = getattr(loader, "prefetch", None), getattr(loader, "close", lambda: None)
     held: dict[int, nn.Module] = {}
